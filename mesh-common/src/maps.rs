@@ -1,0 +1,66 @@
+//! Map names (at most 15 bytes: `BPF_OBJ_NAME_LEN`) and sizes, used by both sides.
+
+/// `Array<MeshConfig>` with one slot: ABI version, ports, daemon mark, flags.
+pub const CONFIG: &str = "SM_CONFIG";
+/// `HashMap<u64 cgroup id, PodInfo>`: the enrolled pods.
+pub const PODS: &str = "SM_PODS";
+/// `LpmTrie<[u32; 4], u32>`: bypassed destination CIDRs (IPv4 stored IPv4-mapped).
+pub const BYPASS_CIDRS: &str = "SM_BYPASS_CIDR";
+/// `HashMap<u32 port (host order), u32>`: bypassed destination ports.
+pub const BYPASS_PORTS: &str = "SM_BYPASS_PORT";
+/// `LruHashMap<u64 socket cookie, OrigDst>`: written at connect, read at sockops/getpeername.
+pub const ORIG_BY_COOKIE: &str = "SM_ORIG";
+/// `LruHashMap<ConnTuple, OrigDst>`: the app side of a captured connection → its original
+/// destination; read by `cgroup/getsockopt` for the proxy side.
+pub const FLOWS: &str = "SM_FLOWS";
+/// `SockHash<ConnTuple>`: local app↔proxy sockets eligible for the sk_msg short-circuit.
+pub const SOCKS: &str = "SM_SOCKS";
+/// `LruHashMap<ConnTuple, FlowState>`: per-socket short-circuit budget.
+pub const FLOW_STATE: &str = "SM_FLOW_STATE";
+/// `PerCpuArray<u64>` indexed by [`crate::stats::Reason`].
+pub const STATS: &str = "SM_STATS";
+
+pub const PODS_MAX: u32 = 4096;
+pub const BYPASS_CIDRS_MAX: u32 = 1024;
+pub const BYPASS_PORTS_MAX: u32 = 256;
+pub const ORIG_BY_COOKIE_MAX: u32 = 65536;
+pub const FLOWS_MAX: u32 = 65536;
+pub const SOCKS_MAX: u32 = 65536;
+pub const FLOW_STATE_MAX: u32 = 65536;
+
+/// Program names (the Rust function names in `mesh-ebpf`, which become the ELF symbols).
+pub mod progs {
+    pub const CONNECT4: &str = "sm_connect4";
+    pub const CONNECT6: &str = "sm_connect6";
+    pub const SOCKOPS: &str = "sm_sockops";
+    pub const SK_MSG: &str = "sm_sk_msg";
+    pub const SK_SKB_VERDICT: &str = "sm_sk_skb_verdict";
+    pub const GETSOCKOPT: &str = "sm_getsockopt";
+    pub const GETPEERNAME4: &str = "sm_getpeername4";
+    pub const GETPEERNAME6: &str = "sm_getpeername6";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in [
+            CONFIG,
+            PODS,
+            BYPASS_CIDRS,
+            BYPASS_PORTS,
+            ORIG_BY_COOKIE,
+            FLOWS,
+            SOCKS,
+            FLOW_STATE,
+            STATS,
+        ] {
+            assert!(
+                name.len() <= 15,
+                "{name} is longer than BPF_OBJ_NAME_LEN - 1"
+            );
+        }
+    }
+}
