@@ -1,1 +1,388 @@
-fn main() {}
+//! `sockmesh`: the node daemon and its command line.
+//!
+//! - `sockmesh run --config FILE`: load and attach the kernel programs at the configured cgroup
+//!   root, open each enrolled pod's outbound listener inside its netns, proxy opaque TCP.
+//! - `sockmesh enroll|unenroll|status`: talk to a running daemon over its admin socket.
+//! - `sockmesh default-config`: print the embedded default policy.
+
+mod admin;
+mod config;
+mod daemon;
+mod ebpf;
+mod metrics;
+mod proxy;
+mod selftest;
+mod status;
+mod sys;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracing::{error, info, warn};
+
+/// Exit status for an invalid config (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+/// Oldest kernel with everything the hooks use (netns cookies in sockops/sk_msg/sockopt,
+/// sk_lookup, bpf links for cgroups).
+const KERNEL_FLOOR: (u32, u32) = (5, 15);
+
+#[derive(Parser)]
+#[command(
+    name = "sockmesh",
+    version,
+    about = "eBPF service-mesh data plane for a Linux node"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the node daemon.
+    Run {
+        /// Node config (TOML). Without it the embedded default policy is used.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+        #[arg(long)]
+        metrics_addr: Option<String>,
+        /// Attach point; overrides `cgroup_root` in the config.
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+    },
+    /// Capture a running pod's new connections.
+    Enroll {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// Another proxy listens on the outbound port in this pod; only capture.
+        #[arg(long)]
+        external_proxy: bool,
+        #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Stop capturing a pod's new connections (open ones finish undisturbed).
+    Unenroll {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Enrolled pods, live connections with their original destinations, kernel counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Print the embedded default config.
+    DefaultConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            config,
+            admin_socket,
+            metrics_addr,
+            cgroup_root,
+        } => {
+            init_tracing();
+            run(config.as_deref(), admin_socket, metrics_addr, cgroup_root)
+        }
+        Cmd::Enroll {
+            name,
+            netns,
+            cgroup,
+            external_proxy,
+            admin_socket,
+        } => client(
+            &admin_socket,
+            admin::Request::Enroll {
+                name,
+                netns: netns.display().to_string(),
+                cgroup: cgroup.display().to_string(),
+                external_proxy,
+            },
+            false,
+        ),
+        Cmd::Unenroll { name, admin_socket } => {
+            client(&admin_socket, admin::Request::Unenroll { name }, false)
+        }
+        Cmd::Status { json, admin_socket } => client(&admin_socket, admin::Request::Status, json),
+        Cmd::DefaultConfig => {
+            print!("{}", config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SOCKMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn client(socket: &Path, req: admin::Request, json: bool) -> ExitCode {
+    let is_status = matches!(req, admin::Request::Status);
+    match admin::call(socket, &req) {
+        Ok(resp) if resp.ok => {
+            if let Some(st) = resp.status {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+                } else {
+                    print!("{}", status::render(&st));
+                }
+            } else if !is_status {
+                println!("ok");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(resp) => {
+            eprintln!(
+                "error: {}",
+                resp.error.unwrap_or_else(|| "unknown error".into())
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(
+    config_path: Option<&Path>,
+    admin_socket: Option<PathBuf>,
+    metrics_addr: Option<String>,
+    cgroup_root: Option<PathBuf>,
+) -> ExitCode {
+    // Config first: an invalid one exits 64 and attaches nothing.
+    let text = match config_path {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("invalid config: {}: {e}", p.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => config::DEFAULT_CONFIG.to_string(),
+    };
+    let mut cfg = match config::parse(&text) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(a) = admin_socket {
+        cfg.admin_socket = a;
+    }
+    if let Some(m) = metrics_addr {
+        match m.parse() {
+            Ok(a) => cfg.metrics_addr = a,
+            Err(_) => {
+                eprintln!("invalid config: --metrics-addr: `{m}` is not IP:PORT");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    if let Some(r) = cgroup_root {
+        cfg.cgroup_root = Some(r);
+    }
+    let mount = match sys::cgroup2_mount() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let root = match config::check_system(&cfg, &mount) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match serve(cfg, root, mount) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Checks that the node can run the daemon; each names what is missing.
+fn preflight(root: &Path, mount: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let mut checks = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("sockmesh run needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN to enter pod namespaces)");
+    }
+    let release = sys::kernel_release();
+    match sys::parse_release(&release) {
+        Some(v) if v >= KERNEL_FLOOR => checks.push(("kernel".into(), format!("{release} >= {}.{}", KERNEL_FLOOR.0, KERNEL_FLOOR.1))),
+        Some(_) => anyhow::bail!(
+            "kernel {release} is older than {}.{}: netns cookies in sockops/sk_msg/getsockopt programs are missing",
+            KERNEL_FLOOR.0,
+            KERNEL_FLOOR.1
+        ),
+        None => checks.push(("kernel".into(), format!("{release}: version not parsed, trying anyway"))),
+    }
+    checks.push((
+        "cgroup v2".into(),
+        format!("mounted at {}", mount.display()),
+    ));
+    let own = sys::own_cgroup(mount).context("failed to read this process's cgroup")?;
+    if !own.starts_with(root) {
+        anyhow::bail!(
+            "the daemon runs in cgroup {} which is outside cgroup_root {}: sockops must see the daemon's accepted sockets, so start the daemon inside the attach root",
+            own.display(),
+            root.display()
+        );
+    }
+    checks.push((
+        "daemon cgroup".into(),
+        format!("{} (inside the attach root)", own.display()),
+    ));
+    let probe =
+        std::net::TcpListener::bind("127.0.0.1:0").context("failed to open a probe socket")?;
+    match sys::netns_cookie(std::os::fd::AsRawFd::as_raw_fd(&probe)) {
+        Ok(_) => checks.push(("SO_NETNS_COOKIE".into(), "supported".into())),
+        Err(e) => anyhow::bail!(
+            "SO_NETNS_COOKIE is not supported by this kernel ({e}): needs 5.14 or later"
+        ),
+    }
+    Ok(checks)
+}
+
+fn serve(cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Result<()> {
+    let mut checks = preflight(&root, &mount)?;
+    let bpffs = Path::new("/sys/fs/bpf");
+    let mounted_bpffs = sys::ensure_bpffs(bpffs)?;
+    checks.push((
+        "bpffs".into(),
+        if mounted_bpffs {
+            "mounted by sockmesh".into()
+        } else {
+            "present".into()
+        },
+    ));
+    let result = serve_loaded(cfg, root, checks);
+    if mounted_bpffs {
+        sys::umount(bpffs);
+    }
+    result
+}
+
+fn serve_loaded(
+    cfg: config::Config,
+    root: PathBuf,
+    mut checks: Vec<(String, String)>,
+) -> anyhow::Result<()> {
+    let opts = ebpf::KernelOptions {
+        cgroup_root: &root,
+        outbound_port: cfg.outbound_port,
+        daemon_mark: cfg.daemon_mark,
+        accelerate: cfg.acceleration.enabled,
+        accel_max_msg: cfg.acceleration.max_msg_bytes,
+        accel_flow_budget: cfg.acceleration.flow_budget_bytes,
+        bpf_log: cfg.bpf_log,
+    };
+    let mut kernel = ebpf::Kernel::load(&opts)?;
+    checks.push((
+        "hooks".into(),
+        "connect4/6, getpeername4/6, getsockopt, sockops loaded and attached".into(),
+    ));
+    kernel.set_bypass(&cfg.bypass_cidrs, &cfg.bypass_ports)?;
+    let accel = if cfg.acceleration.enabled {
+        match selftest::run(&mut kernel) {
+            Ok(s) => {
+                info!("acceleration on: {s}");
+                daemon::AccelState {
+                    enabled: true,
+                    detail: s,
+                }
+            }
+            Err(why) => {
+                warn!("acceleration self-test failed, short-circuit disabled: {why}");
+                kernel.disable_acceleration()?;
+                daemon::AccelState {
+                    enabled: false,
+                    detail: format!("self-test failed: {why}"),
+                }
+            }
+        }
+    } else {
+        daemon::AccelState {
+            enabled: false,
+            detail: "off in config".into(),
+        }
+    };
+    let pods = cfg.pods.clone();
+    let metrics_addr = cfg.metrics_addr;
+    let admin_path = cfg.admin_socket.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sockmesh")
+        .build()
+        .context("failed to start the runtime")?;
+    let daemon = Arc::new(daemon::Daemon::new(
+        cfg,
+        root.clone(),
+        kernel,
+        accel,
+        checks,
+    ));
+    let result = rt.block_on(async {
+        let admin = admin::bind(&admin_path)
+            .with_context(|| format!("failed to bind the admin socket {}", admin_path.display()))?;
+        let metrics = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("failed to bind the metrics endpoint {metrics_addr}"))?;
+        info!(admin = %admin_path.display(), metrics = %metrics.local_addr()?, root = %root.display(), "sockmesh running");
+        for p in pods {
+            daemon.enroll(p).context("failed to enrol a pod from the config")?;
+        }
+        tokio::spawn(admin::serve(admin, daemon.clone()));
+        tokio::spawn(metrics::serve(metrics, daemon.clone()));
+        wait_for_signal().await?;
+        info!("shutting down: capture off, draining");
+        daemon.shutdown().await;
+        anyhow::Ok(())
+    });
+    let _ = std::fs::remove_file(daemon.admin_socket());
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    // Dropping the daemon drops the kernel handle, which detaches every hook.
+    drop(daemon);
+    info!("detached; bye");
+    result
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}

@@ -1,1 +1,92 @@
-fn main() {}
+//! `cargo xtask`: sockmesh's build, test and demo orchestration.
+//!
+//! A thin CLI over external commands (apt, rustup, cargo): one module per subcommand, each with
+//! `Options` and `run()`. Every subcommand first runs [`bootstrap`], which makes a fresh Debian 12
+//! machine ready. No sockmesh logic lives here.
+//!
+//! - `cargo xtask bootstrap`: install missing apt packages, nightly's rust-src and bpf-linker.
+//! - `cargo xtask build-ebpf`: build the kernel object into
+//!   `target/bpfel-unknown-none/bpf/mesh-ebpf`.
+//! - `cargo xtask test [--host-only | --no-host] [-- <test args>]`: host unit tests, then (as
+//!   root) the privileged end-to-end suite.
+//! - `cargo xtask demo`: build everything and run the demo (as root).
+
+mod bootstrap;
+mod build_ebpf;
+mod daemon;
+mod demo;
+mod exec;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Build, test and demo sockmesh",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what a fresh Debian 12 machine lacks (apt packages, rust-src, bpf-linker)
+    Bootstrap(bootstrap::Options),
+    /// Build the eBPF object (nightly, bpf-linker) into target/bpfel-unknown-none/bpf/mesh-ebpf
+    BuildEbpf(build_ebpf::Options),
+    /// Run the host unit tests, then (as root) the privileged end-to-end suite
+    Test(test::Options),
+    /// Build everything and run the demo (as root)
+    Demo(demo::Options),
+}
+
+/// The workspace root: the parent of this crate's directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_owned()
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Bootstrap(opts) => bootstrap::run(opts).map(|()| ExitCode::SUCCESS),
+        Command::BuildEbpf(opts) => build_ebpf::run(opts).map(|()| ExitCode::SUCCESS),
+        Command::Test(opts) => test::run(opts),
+        Command::Demo(opts) => demo::run(opts).map(|()| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|err| {
+        // The chain without a backtrace: the failing command line is in the message.
+        eprintln!("error: {err}");
+        for cause in err.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn workspace_root_holds_the_workspace_manifest() {
+        let manifest = std::fs::read_to_string(workspace_root().join("Cargo.toml")).unwrap();
+        assert!(manifest.contains("[workspace]"));
+    }
+}

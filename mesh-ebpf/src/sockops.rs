@@ -1,0 +1,119 @@
+//! `sockops`: when a captured app socket reaches ESTABLISHED, move its original destination from
+//! the cookie-keyed record to one keyed by the connection (netns cookie + 4-tuple), where
+//! `cgroup/getsockopt` finds it for the proxy's accepted socket. With acceleration on, both ends
+//! of a local app↔proxy pair (and only those) go into `SM_SOCKS`.
+//!
+//! Attached at the configured cgroup root, so both the pod's app socket and the daemon's
+//! accepted socket (which belongs to the daemon's cgroup) are seen.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use mesh_common::{addr, flow::ConnTuple, stats::reason, AF_INET, AF_INET6};
+
+use crate::{
+    ctx_ip6, ctx_u32,
+    maps::{config, count, FLOWS, FLOW_STATE, ORIG_BY_COOKIE, SOCKS},
+};
+
+#[sock_ops]
+pub fn sm_sockops(ctx: SockOpsContext) -> u32 {
+    let _ = handle(&ctx);
+    1
+}
+
+/// This socket's tuple (`None` for non-IP families).
+#[inline(always)]
+fn tuple(ctx: &SockOpsContext) -> Option<ConnTuple> {
+    let ops = ctx.ops;
+    let family = ctx_u32!(ops, family);
+    let (local, remote) = match family {
+        AF_INET => (
+            [ctx_u32!(ops, local_ip4), 0, 0, 0],
+            [ctx_u32!(ops, remote_ip4), 0, 0, 0],
+        ),
+        AF_INET6 => (ctx_ip6!(ops, local_ip6), ctx_ip6!(ops, remote_ip6)),
+        _ => return None,
+    };
+    let local_port = ctx_u32!(ops, local_port) as u16;
+    let remote_port = addr::port_from_shifted_be(ctx_u32!(ops, remote_port));
+    let netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
+    Some(ConnTuple::new(
+        netns,
+        family,
+        local,
+        local_port,
+        remote,
+        remote_port,
+    ))
+}
+
+fn handle(ctx: &SockOpsContext) -> Option<()> {
+    let op = ctx_u32!(ctx.ops, op);
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_STATE_CB
+    {
+        return None;
+    }
+    let cfg = config()?;
+    if !cfg.active() {
+        return None;
+    }
+    match op {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // An app socket we redirected at connect time?
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            let orig = *unsafe { ORIG_BY_COOKIE.get(&cookie) }?;
+            let t = tuple(ctx)?;
+            if FLOWS.insert(&t, &orig, BPF_ANY as u64).is_err() {
+                count(reason::SOCKOPS_FLOW_MAP_FULL);
+                return None;
+            }
+            count(reason::SOCKOPS_FLOW_RECORDED);
+            // Clean the records up when the app socket closes.
+            let flags = ctx_u32!(ctx.ops, bpf_sock_ops_cb_flags);
+            let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            if cfg.accelerate() {
+                add_to_sockhash(ctx, t);
+            }
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            if !cfg.accelerate() || ctx_u32!(ctx.ops, local_port) as u16 != cfg.outbound_port {
+                return None;
+            }
+            // The proxy side of a pair whose app side was recorded a moment ago.
+            let t = tuple(ctx)?;
+            unsafe { FLOWS.get(&t.reversed()) }?;
+            add_to_sockhash(ctx, t);
+        }
+        _ => {
+            // BPF_SOCK_OPS_STATE_CB: args[1] is the new state.
+            if ctx_u32!(ctx.ops, __bindgen_anon_1.args[1]) != BPF_TCP_CLOSE {
+                return None;
+            }
+            let t = tuple(ctx)?;
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            let _ = ORIG_BY_COOKIE.remove(&cookie);
+            let _ = FLOWS.remove(&t);
+            let _ = FLOW_STATE.remove(&t);
+            count(reason::SOCKOPS_FLOW_CLOSED);
+        }
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn add_to_sockhash(ctx: &SockOpsContext, mut t: ConnTuple) {
+    let ops = unsafe { &mut *ctx.ops };
+    match SOCKS.update(&mut t, ops, BPF_ANY as u64) {
+        Ok(()) => count(reason::SOCKOPS_SOCKHASH_ADDED),
+        Err(_) => count(reason::SOCKOPS_SOCKHASH_FAILED),
+    }
+}

@@ -1,0 +1,191 @@
+//! The admin API: newline-delimited JSON over a Unix socket (mode 0600). One request per line,
+//! one response per line. The CLI's `enroll`, `unenroll` and `status` are its clients.
+
+use std::{
+    io::{self, BufRead, BufReader, Write},
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt},
+    net::UnixListener,
+};
+use tracing::warn;
+
+use crate::daemon::Daemon;
+
+/// Longest request line accepted (a pod spec is a few hundred bytes).
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Enroll {
+        name: String,
+        netns: String,
+        cgroup: String,
+        #[serde(default)]
+        external_proxy: bool,
+    },
+    Unenroll {
+        name: String,
+    },
+    Status,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+impl Response {
+    fn ok() -> Self {
+        Self {
+            ok: true,
+            error: None,
+            status: None,
+        }
+    }
+    fn err(e: impl ToString) -> Self {
+        Self {
+            ok: false,
+            error: Some(e.to_string()),
+            status: None,
+        }
+    }
+}
+
+/// Bind the socket (replacing a stale one), mode 0600.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        // A live daemon answers; a stale socket file does not.
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another daemon is serving {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+pub async fn serve(l: UnixListener, daemon: Arc<Daemon>) {
+    loop {
+        let Ok((s, _)) = l.accept().await else {
+            continue;
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = s.into_split();
+            // One connection carries a few requests; cap what a client may send in all.
+            let mut lines = tokio::io::BufReader::new(r.take(MAX_REQUEST as u64)).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let resp = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => handle(&daemon, req).await,
+                    Err(e) => Response::err(format!("bad request: {e}")),
+                };
+                let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+                out.push(b'\n');
+                if w.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
+    match req {
+        Request::Enroll {
+            name,
+            netns,
+            cgroup,
+            external_proxy,
+        } => {
+            let spec = crate::config::PodSpec {
+                name,
+                netns: netns.into(),
+                cgroup: cgroup.into(),
+                external_proxy,
+            };
+            match daemon.enroll(spec) {
+                Ok(()) => Response::ok(),
+                Err(e) => {
+                    warn!("enroll refused: {e}");
+                    Response::err(e)
+                }
+            }
+        }
+        Request::Unenroll { name } => match daemon.unenroll(&name).await {
+            Ok(()) => Response::ok(),
+            Err(e) => Response::err(e),
+        },
+        Request::Status => Response {
+            ok: true,
+            error: None,
+            status: Some(daemon.status()),
+        },
+    }
+}
+
+/// Client side: send one request, read one response.
+pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
+    let s = UnixStream::connect(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the daemon at {}: {e} (is `sockmesh run` up?)",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut w = &s;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line)?;
+    let mut r = BufReader::new(&s);
+    let mut resp = String::new();
+    r.read_line(&mut resp)?;
+    if resp.is_empty() {
+        anyhow::bail!("the daemon closed the admin connection without answering");
+    }
+    Ok(serde_json::from_str(&resp)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let r: Request =
+            serde_json::from_str(r#"{"op":"enroll","name":"a","netns":"/n","cgroup":"/c"}"#)
+                .unwrap();
+        assert_eq!(
+            r,
+            Request::Enroll {
+                name: "a".into(),
+                netns: "/n".into(),
+                cgroup: "/c".into(),
+                external_proxy: false
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"op":"status"}"#
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+    }
+}

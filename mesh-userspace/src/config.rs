@@ -1,0 +1,479 @@
+//! The node config file (TOML). Parsing and validation are pure functions; the checks that touch
+//! the filesystem (paths exist, cgroups sit under the attach root) are separate so tests can
+//! call both. Every error names the field it is about.
+
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sockmesh/admin.sock";
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:15020";
+pub const DEFAULT_DRAIN_SECS: u64 = 5;
+/// Most pods a node config may list (the kernel map holds `mesh_common::maps::PODS_MAX`).
+pub const MAX_PODS: usize = mesh_common::maps::PODS_MAX as usize;
+
+/// The embedded default policy: what `sockmesh default-config` prints and what the demo runs.
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted path of the offending field, e.g. `pods[1].netns`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config: {}: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    cgroup_root: Option<PathBuf>,
+    outbound_port: Option<u16>,
+    admin_socket: Option<PathBuf>,
+    metrics_addr: Option<String>,
+    daemon_mark: Option<u32>,
+    drain_timeout_secs: Option<u64>,
+    bpf_log: Option<bool>,
+    #[serde(default)]
+    acceleration: RawAccel,
+    #[serde(default)]
+    bypass: RawBypass,
+    #[serde(default)]
+    pods: Vec<RawPod>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccel {
+    enabled: Option<bool>,
+    max_msg_bytes: Option<u32>,
+    flow_budget_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBypass {
+    #[serde(default)]
+    cidrs: Vec<String>,
+    #[serde(default)]
+    ports: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPod {
+    name: Option<String>,
+    netns: Option<PathBuf>,
+    cgroup: Option<PathBuf>,
+    #[serde(default)]
+    external_proxy: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not ADDR/PREFIX"))?;
+        let addr: IpAddr = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{a}` is not an IP address"))?;
+        let prefix: u8 = p
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{p}` is not a prefix length"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(format!("prefix /{prefix} is longer than {max}"));
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSpec {
+    pub name: String,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    /// Another proxy (Envoy, MOSN) owns the outbound port in this pod: capture only.
+    pub external_proxy: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acceleration {
+    pub enabled: bool,
+    pub max_msg_bytes: u32,
+    pub flow_budget_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub cgroup_root: Option<PathBuf>,
+    pub outbound_port: u16,
+    pub admin_socket: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub daemon_mark: u32,
+    pub drain_timeout_secs: u64,
+    pub bpf_log: bool,
+    pub acceleration: Acceleration,
+    pub bypass_cidrs: Vec<Cidr>,
+    pub bypass_ports: Vec<u16>,
+    pub pods: Vec<PodSpec>,
+}
+
+/// Validate a pod name: what `enroll` and the config accept.
+pub fn check_pod_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err("must be 1 to 63 characters".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(format!(
+            "`{name}` may only hold letters, digits, `-`, `_` and `.`"
+        ));
+    }
+    Ok(())
+}
+
+/// Parse and validate the config text (no filesystem access).
+pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        // toml names the key in its message; keep it, and point at the spot.
+        let field = e
+            .span()
+            .map(|s| format!("at byte {}", s.start))
+            .unwrap_or_else(|| "file".into());
+        err(field, e.message().to_string())
+    })?;
+    let outbound_port = raw
+        .outbound_port
+        .unwrap_or(mesh_common::DEFAULT_OUTBOUND_PORT);
+    if outbound_port == 0 {
+        return Err(err("outbound_port", "must not be 0"));
+    }
+    if outbound_port == mesh_common::DEFAULT_INBOUND_PORT {
+        return Err(err("outbound_port", "collides with the inbound port 15006"));
+    }
+    let metrics_addr = raw.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR);
+    let metrics_addr: SocketAddr = metrics_addr
+        .parse()
+        .map_err(|_| err("metrics_addr", format!("`{metrics_addr}` is not IP:PORT")))?;
+    let daemon_mark = raw.daemon_mark.unwrap_or(mesh_common::DEFAULT_DAEMON_MARK);
+    if daemon_mark == 0 {
+        return Err(err(
+            "daemon_mark",
+            "must not be 0 (unmarked sockets would look like the daemon's)",
+        ));
+    }
+    if let Some(root) = &raw.cgroup_root {
+        if !root.is_absolute() {
+            return Err(err("cgroup_root", "must be an absolute path"));
+        }
+    }
+    let acc = Acceleration {
+        enabled: raw.acceleration.enabled.unwrap_or(false),
+        max_msg_bytes: raw
+            .acceleration
+            .max_msg_bytes
+            .unwrap_or(mesh_common::config::DEFAULT_ACCEL_MAX_MSG),
+        flow_budget_bytes: raw
+            .acceleration
+            .flow_budget_bytes
+            .unwrap_or(mesh_common::config::DEFAULT_ACCEL_FLOW_BUDGET),
+    };
+    if acc.max_msg_bytes == 0 || acc.max_msg_bytes > 1 << 20 {
+        return Err(err(
+            "acceleration.max_msg_bytes",
+            "must be between 1 and 1048576",
+        ));
+    }
+    if acc.flow_budget_bytes < acc.max_msg_bytes as u64 {
+        return Err(err(
+            "acceleration.flow_budget_bytes",
+            "must be at least max_msg_bytes",
+        ));
+    }
+    let mut bypass_cidrs = Vec::new();
+    for (i, c) in raw.bypass.cidrs.iter().enumerate() {
+        bypass_cidrs.push(Cidr::parse(c).map_err(|r| err(format!("bypass.cidrs[{i}]"), r))?);
+    }
+    if bypass_cidrs.len() > mesh_common::maps::BYPASS_CIDRS_MAX as usize {
+        return Err(err("bypass.cidrs", "too many entries"));
+    }
+    let mut bypass_ports = Vec::new();
+    for (i, p) in raw.bypass.ports.iter().enumerate() {
+        match u16::try_from(*p) {
+            Ok(p) if p != 0 => bypass_ports.push(p),
+            _ => {
+                return Err(err(
+                    format!("bypass.ports[{i}]"),
+                    format!("{p} is not a port (1-65535)"),
+                ))
+            }
+        }
+    }
+    if bypass_ports.len() > mesh_common::maps::BYPASS_PORTS_MAX as usize {
+        return Err(err("bypass.ports", "too many entries"));
+    }
+    if raw.pods.len() > MAX_PODS {
+        return Err(err("pods", format!("at most {MAX_PODS} pods")));
+    }
+    let mut pods: Vec<PodSpec> = Vec::new();
+    for (i, p) in raw.pods.into_iter().enumerate() {
+        let name = p
+            .name
+            .ok_or_else(|| err(format!("pods[{i}].name"), "missing"))?;
+        check_pod_name(&name).map_err(|r| err(format!("pods[{i}].name"), r))?;
+        if pods.iter().any(|q| q.name == name) {
+            return Err(err(
+                format!("pods[{i}].name"),
+                format!("`{name}` is listed twice"),
+            ));
+        }
+        let netns = p
+            .netns
+            .ok_or_else(|| err(format!("pods[{i}].netns"), "missing"))?;
+        let cgroup = p
+            .cgroup
+            .ok_or_else(|| err(format!("pods[{i}].cgroup"), "missing"))?;
+        if !netns.is_absolute() {
+            return Err(err(format!("pods[{i}].netns"), "must be an absolute path"));
+        }
+        if !cgroup.is_absolute() {
+            return Err(err(format!("pods[{i}].cgroup"), "must be an absolute path"));
+        }
+        if pods.iter().any(|q| q.cgroup == cgroup) {
+            return Err(err(
+                format!("pods[{i}].cgroup"),
+                "another pod already uses this cgroup",
+            ));
+        }
+        pods.push(PodSpec {
+            name,
+            netns,
+            cgroup,
+            external_proxy: p.external_proxy,
+        });
+    }
+    Ok(Config {
+        cgroup_root: raw.cgroup_root,
+        outbound_port,
+        admin_socket: raw
+            .admin_socket
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET)),
+        metrics_addr,
+        daemon_mark,
+        drain_timeout_secs: raw.drain_timeout_secs.unwrap_or(DEFAULT_DRAIN_SECS),
+        bpf_log: raw.bpf_log.unwrap_or(false),
+        acceleration: acc,
+        bypass_cidrs,
+        bypass_ports,
+        pods,
+    })
+}
+
+/// Checks against the running system: the attach root is a cgroup v2 directory, and every pod's
+/// netns and cgroup exist, with the cgroup inside the root.
+pub fn check_system(cfg: &Config, cgroup2_mount: &Path) -> Result<PathBuf, ConfigError> {
+    let root = cfg.cgroup_root.clone().ok_or_else(|| {
+        err(
+            "cgroup_root",
+            "missing (set it in the file or pass --cgroup-root)",
+        )
+    })?;
+    let root = root
+        .canonicalize()
+        .map_err(|e| err("cgroup_root", format!("{}: {e}", root.display())))?;
+    if !root.starts_with(cgroup2_mount) {
+        return Err(err(
+            "cgroup_root",
+            format!(
+                "{} is not under the cgroup v2 mount {}",
+                root.display(),
+                cgroup2_mount.display()
+            ),
+        ));
+    }
+    for (i, p) in cfg.pods.iter().enumerate() {
+        check_pod_paths(p, &root).map_err(|(f, r)| err(format!("pods[{i}].{f}"), r))?;
+    }
+    Ok(root)
+}
+
+/// Filesystem checks for one pod; the error names the field (`netns` or `cgroup`).
+pub fn check_pod_paths(p: &PodSpec, root: &Path) -> Result<(), (&'static str, String)> {
+    if let Err(e) = std::fs::File::open(&p.netns) {
+        return Err(("netns", format!("{}: {e}", p.netns.display())));
+    }
+    let cg = p
+        .cgroup
+        .canonicalize()
+        .map_err(|e| ("cgroup", format!("{}: {e}", p.cgroup.display())))?;
+    if !cg.join("cgroup.procs").exists() {
+        return Err((
+            "cgroup",
+            format!("{} is not a cgroup directory", cg.display()),
+        ));
+    }
+    if !cg.starts_with(root) {
+        return Err((
+            "cgroup",
+            format!(
+                "{} is not inside cgroup_root {}",
+                cg.display(),
+                root.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_config_parses() {
+        let c = parse(DEFAULT_CONFIG).expect("default config");
+        assert_eq!(c.outbound_port, 15001);
+        assert!(!c.acceleration.enabled, "acceleration is off by default");
+        assert!(c.pods.is_empty());
+    }
+
+    #[test]
+    fn full_config_round_trip() {
+        let c = parse(
+            r#"
+            cgroup_root = "/sys/fs/cgroup/x"
+            outbound_port = 16001
+            metrics_addr = "127.0.0.1:9999"
+            [acceleration]
+            enabled = true
+            max_msg_bytes = 4096
+            [bypass]
+            cidrs = ["203.0.113.0/24", "2001:db8::/32"]
+            ports = [22, 53]
+            [[pods]]
+            name = "a"
+            netns = "/run/netns/a"
+            cgroup = "/sys/fs/cgroup/x/a"
+            [[pods]]
+            name = "b"
+            netns = "/run/netns/b"
+            cgroup = "/sys/fs/cgroup/x/b"
+            external_proxy = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.outbound_port, 16001);
+        assert_eq!(c.bypass_ports, vec![22, 53]);
+        assert_eq!(c.bypass_cidrs[1].prefix, 32);
+        assert_eq!(c.pods.len(), 2);
+        assert!(c.pods[1].external_proxy);
+        assert!(c.acceleration.enabled);
+        assert_eq!(c.acceleration.max_msg_bytes, 4096);
+    }
+
+    fn field_of(text: &str) -> String {
+        parse(text).unwrap_err().field
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(field_of("outbound_port = 0"), "outbound_port");
+        assert_eq!(field_of("metrics_addr = \"nope\""), "metrics_addr");
+        assert_eq!(
+            field_of("[bypass]\ncidrs = [\"10.0.0.0/8\", \"10.0.0.0/40\"]"),
+            "bypass.cidrs[1]"
+        );
+        assert_eq!(field_of("[bypass]\nports = [22, 70000]"), "bypass.ports[1]");
+        assert_eq!(
+            field_of("[[pods]]\nnetns = \"/a\"\ncgroup = \"/b\""),
+            "pods[0].name"
+        );
+        assert_eq!(
+            field_of("[[pods]]\nname = \"a\"\nnetns = \"/a\"\ncgroup = \"/b\"\n[[pods]]\nname = \"a\"\nnetns = \"/c\"\ncgroup = \"/d\""),
+            "pods[1].name"
+        );
+        assert_eq!(
+            field_of("[[pods]]\nname = \"a b\"\nnetns = \"/a\"\ncgroup = \"/b\""),
+            "pods[0].name"
+        );
+        assert_eq!(
+            field_of("[[pods]]\nname = \"a\"\nnetns = \"rel\"\ncgroup = \"/b\""),
+            "pods[0].netns"
+        );
+        assert_eq!(field_of("daemon_mark = 0"), "daemon_mark");
+        assert_eq!(
+            field_of("[acceleration]\nmax_msg_bytes = 0"),
+            "acceleration.max_msg_bytes"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_toml_are_rejected_with_a_location() {
+        let e = parse("cgroup_rot = \"/x\"").unwrap_err();
+        assert!(e.reason.contains("cgroup_rot"), "{e}");
+        let e = parse("[[pods]\n").unwrap_err();
+        assert!(e.field.starts_with("at byte"), "{e}");
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        assert_eq!(Cidr::parse("10.0.0.0/8").unwrap().prefix, 8);
+        assert!(Cidr::parse("10.0.0.0").is_err());
+        assert!(Cidr::parse("::/129").is_err());
+        assert!(Cidr::parse("x/1").is_err());
+    }
+
+    #[test]
+    fn system_checks_name_the_field() {
+        let dir = std::env::temp_dir().join(format!("sockmesh-cfg-test-{}", std::process::id()));
+        let root = dir.join("root");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::write(root.join("a/cgroup.procs"), "").unwrap();
+        std::fs::write(dir.join("ns"), "").unwrap();
+        let text = format!(
+            "cgroup_root = \"{r}\"\n[[pods]]\nname = \"a\"\nnetns = \"{d}/ns\"\ncgroup = \"{r}/a\"\n[[pods]]\nname = \"b\"\nnetns = \"{d}/missing\"\ncgroup = \"{r}/a2\"\n",
+            r = root.display(),
+            d = dir.display()
+        );
+        let c = parse(&text).unwrap();
+        let e = check_system(&c, &dir).unwrap_err();
+        assert_eq!(e.field, "pods[1].netns");
+        let e = check_system(&c, Path::new("/nonexistent-mount")).unwrap_err();
+        assert_eq!(e.field, "cgroup_root");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,398 @@
+//! The node daemon: owns the kernel side and the per-pod proxies, reconciles enrolment into both,
+//! and shuts down in two phases (stop capturing and accepting, drain with a deadline, detach).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use mesh_common::pods::{PodInfo, POD_FLAG_NONE};
+use serde_json::json;
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::{
+    config::{self, Config, PodSpec},
+    ebpf::{Kernel, KernelError},
+    proxy::{self, PodCtx, PodProxy, PodStats, Shared},
+    sys::{self, NetNs},
+};
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("pod `{0}` is already enrolled with a different spec (unenroll it first)")]
+    AlreadyEnrolled(String),
+    #[error("pod `{0}` is not enrolled")]
+    NotEnrolled(String),
+    #[error("invalid pod name: {0}")]
+    BadName(String),
+    #[error("pod `{name}`: {field}: {reason}")]
+    BadPath {
+        name: String,
+        field: &'static str,
+        reason: String,
+    },
+    #[error("cgroup {path} is already enrolled as pod `{other}`")]
+    CgroupTaken { path: String, other: String },
+    #[error("pod `{name}`: {source}")]
+    Sys { name: String, source: sys::SysError },
+    #[error("pod `{name}`: {source}")]
+    Io {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("pod `{name}`: {source}")]
+    Kernel { name: String, source: KernelError },
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+impl DaemonError {
+    /// The metric label for a refused admin request.
+    fn reason(&self) -> &'static str {
+        match self {
+            DaemonError::AlreadyEnrolled(_) => "already_enrolled",
+            DaemonError::NotEnrolled(_) => "not_enrolled",
+            DaemonError::BadName(_) => "bad_name",
+            DaemonError::BadPath { .. } => "bad_path",
+            DaemonError::CgroupTaken { .. } => "cgroup_taken",
+            DaemonError::Sys { .. } | DaemonError::Io { .. } => "system",
+            DaemonError::Kernel {
+                source: KernelError::Full { .. },
+                ..
+            } => "map_full",
+            DaemonError::Kernel { .. } => "kernel",
+            DaemonError::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+struct EnrolledPod {
+    spec: PodSpec,
+    pod_id: u32,
+    cgroup_id: u64,
+    netns_cookie: u64,
+    stats: Arc<PodStats>,
+    proxy: Option<PodProxy>,
+}
+
+/// How the short-circuit stands, for status.
+#[derive(Debug, Clone)]
+pub struct AccelState {
+    pub enabled: bool,
+    pub detail: String,
+}
+
+pub struct Daemon {
+    cfg: Config,
+    cgroup_root: PathBuf,
+    kernel: Mutex<Kernel>,
+    pods: Mutex<BTreeMap<String, EnrolledPod>>,
+    shared: Arc<Shared>,
+    next_pod_id: AtomicU32,
+    accel: Mutex<AccelState>,
+    checks: Vec<(String, String)>,
+    admin_errors: Mutex<BTreeMap<&'static str, u64>>,
+    shutting_down: std::sync::atomic::AtomicBool,
+    started: Instant,
+    enrolments: AtomicU64,
+}
+
+pub struct PodMetrics {
+    pub name: String,
+    pub connections_total: u64,
+    pub connections_active: u64,
+    pub bytes_upstream: u64,
+    pub bytes_downstream: u64,
+}
+
+pub struct MetricsSnapshot {
+    pub pods: Vec<PodMetrics>,
+    pub kernel: Vec<(&'static str, u64)>,
+    pub errors: Vec<(&'static str, u64)>,
+    pub admin_errors: Vec<(&'static str, u64)>,
+}
+
+impl Daemon {
+    pub fn new(
+        cfg: Config,
+        cgroup_root: PathBuf,
+        kernel: Kernel,
+        accel: AccelState,
+        checks: Vec<(String, String)>,
+    ) -> Self {
+        Self {
+            cfg,
+            cgroup_root,
+            kernel: Mutex::new(kernel),
+            pods: Mutex::new(BTreeMap::new()),
+            shared: Arc::new(Shared {
+                registry: proxy::Registry::default(),
+                errors: proxy::ProxyErrors::default(),
+                orig: Box::new(proxy::KernelOrigDst),
+            }),
+            next_pod_id: AtomicU32::new(1),
+            accel: Mutex::new(accel),
+            checks,
+            admin_errors: Mutex::new(BTreeMap::new()),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
+            started: Instant::now(),
+            enrolments: AtomicU64::new(0),
+        }
+    }
+
+    fn count_refusal(&self, e: &DaemonError) {
+        *self
+            .admin_errors
+            .lock()
+            .expect("lock")
+            .entry(e.reason())
+            .or_default() += 1;
+    }
+
+    /// Enrol a pod: open its listeners (unless an external proxy owns the port), then tell the
+    /// kernel. The order matters: the hook captures only when the listener is there.
+    /// Enrolling the same spec twice is a no-op.
+    pub fn enroll(&self, spec: PodSpec) -> Result<(), DaemonError> {
+        let r = self.enroll_inner(spec);
+        if let Err(e) = &r {
+            self.count_refusal(e);
+        }
+        r
+    }
+
+    fn enroll_inner(&self, spec: PodSpec) -> Result<(), DaemonError> {
+        if self.shutting_down.load(Relaxed) {
+            return Err(DaemonError::ShuttingDown);
+        }
+        config::check_pod_name(&spec.name).map_err(DaemonError::BadName)?;
+        let name = spec.name.clone();
+        config::check_pod_paths(&spec, &self.cgroup_root).map_err(|(field, reason)| {
+            DaemonError::BadPath {
+                name: name.clone(),
+                field,
+                reason,
+            }
+        })?;
+        let cgroup_id = sys::cgroup_id(&spec.cgroup).map_err(|source| DaemonError::Io {
+            name: name.clone(),
+            source,
+        })?;
+        let mut pods = self.pods.lock().expect("pods lock");
+        if let Some(p) = pods.get(&name) {
+            if p.spec == spec {
+                return Ok(());
+            }
+            return Err(DaemonError::AlreadyEnrolled(name));
+        }
+        if let Some(other) = pods.values().find(|p| p.cgroup_id == cgroup_id) {
+            return Err(DaemonError::CgroupTaken {
+                path: spec.cgroup.display().to_string(),
+                other: other.spec.name.clone(),
+            });
+        }
+        let netns = NetNs::open(&spec.netns).map_err(|source| DaemonError::Sys {
+            name: name.clone(),
+            source,
+        })?;
+        let netns_cookie = sys::netns_cookie_of(&netns).map_err(|source| DaemonError::Io {
+            name: name.clone(),
+            source,
+        })?;
+        let stats = Arc::new(PodStats::default());
+        let proxy = if spec.external_proxy {
+            None
+        } else {
+            let ctx = Arc::new(PodCtx {
+                name: name.clone(),
+                netns,
+                stats: stats.clone(),
+                outbound_port: self.cfg.outbound_port,
+                mark: self.cfg.daemon_mark,
+            });
+            Some(
+                proxy::start_pod(ctx, self.shared.clone()).map_err(|source| DaemonError::Io {
+                    name: name.clone(),
+                    source,
+                })?,
+            )
+        };
+        let pod_id = self.next_pod_id.fetch_add(1, Relaxed);
+        self.kernel
+            .lock()
+            .expect("kernel lock")
+            .add_pod(cgroup_id, PodInfo::new(pod_id, POD_FLAG_NONE, netns_cookie))
+            .map_err(|source| DaemonError::Kernel {
+                name: name.clone(),
+                source,
+            })?;
+        info!(pod = %name, cgroup_id, netns_cookie, external_proxy = spec.external_proxy, "enrolled");
+        self.enrolments.fetch_add(1, Relaxed);
+        pods.insert(
+            name,
+            EnrolledPod {
+                spec,
+                pod_id,
+                cgroup_id,
+                netns_cookie,
+                stats,
+                proxy,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stop capturing the pod's new connections; connections already proxied run to their end.
+    pub async fn unenroll(&self, name: &str) -> Result<(), DaemonError> {
+        let pod = {
+            let mut pods = self.pods.lock().expect("pods lock");
+            let Some(pod) = pods.remove(name) else {
+                let e = DaemonError::NotEnrolled(name.to_string());
+                drop(pods);
+                self.count_refusal(&e);
+                return Err(e);
+            };
+            if let Err(source) = self
+                .kernel
+                .lock()
+                .expect("kernel lock")
+                .remove_pod(pod.cgroup_id)
+            {
+                pods.insert(name.to_string(), pod);
+                return Err(DaemonError::Kernel {
+                    name: name.to_string(),
+                    source,
+                });
+            }
+            pod
+        };
+        info!(pod = %name, "unenrolled");
+        if let Some(p) = pod.proxy {
+            p.stop().await;
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let pods = self.pods.lock().expect("pods lock");
+        let conns = self.shared.registry.snapshot();
+        let pods_json: Vec<_> = pods
+            .values()
+            .map(|p| {
+                json!({
+                    "name": p.spec.name,
+                    "pod_id": p.pod_id,
+                    "netns": p.spec.netns,
+                    "cgroup": p.spec.cgroup,
+                    "cgroup_id": p.cgroup_id,
+                    "netns_cookie": p.netns_cookie,
+                    "external_proxy": p.spec.external_proxy,
+                    "listeners": p.proxy.as_ref().map(|x| x.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
+                    "connections_active": p.stats.connections_active.load(Relaxed),
+                    "connections_total": p.stats.connections_total.load(Relaxed),
+                    "bytes_upstream": p.stats.bytes_upstream.load(Relaxed),
+                    "bytes_downstream": p.stats.bytes_downstream.load(Relaxed),
+                })
+            })
+            .collect();
+        let kernel = self.kernel.lock().expect("kernel lock");
+        let counters: serde_json::Map<String, serde_json::Value> = kernel
+            .counters()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into()))
+            .collect();
+        let errors: serde_json::Map<String, serde_json::Value> = self
+            .shared
+            .errors
+            .snapshot()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into()))
+            .collect();
+        let accel = self.accel.lock().expect("lock").clone();
+        json!({
+            "pods": pods_json,
+            "connections": conns,
+            "counters": counters,
+            "proxy_errors": errors,
+            "acceleration": { "enabled": accel.enabled, "detail": accel.detail },
+            "kernel": {
+                "release": sys::kernel_release(),
+                "checks": self.checks.iter().map(|(k, v)| json!({"check": k, "result": v})).collect::<Vec<_>>(),
+                "attached": kernel.attached,
+            },
+            "cgroup_root": self.cgroup_root,
+            "uptime_s": self.started.elapsed().as_secs(),
+        })
+    }
+
+    pub fn metrics_snapshot(&self) -> MetricsSnapshot {
+        let pods = self
+            .pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .map(|p| PodMetrics {
+                name: p.spec.name.clone(),
+                connections_total: p.stats.connections_total.load(Relaxed),
+                connections_active: p.stats.connections_active.load(Relaxed),
+                bytes_upstream: p.stats.bytes_upstream.load(Relaxed),
+                bytes_downstream: p.stats.bytes_downstream.load(Relaxed),
+            })
+            .collect();
+        MetricsSnapshot {
+            pods,
+            kernel: self.kernel.lock().expect("kernel lock").counters(),
+            errors: self.shared.errors.snapshot(),
+            admin_errors: self
+                .admin_errors
+                .lock()
+                .expect("lock")
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect(),
+        }
+    }
+
+    /// Phase one: new connects go direct, listeners stop after serving their queue.
+    /// Phase two: wait for live connections up to the deadline.
+    pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Relaxed);
+        if let Err(e) = self.kernel.lock().expect("kernel lock").disable() {
+            warn!("failed to switch capture off before detaching: {e}");
+        }
+        let pods: Vec<EnrolledPod> = std::mem::take(&mut *self.pods.lock().expect("pods lock"))
+            .into_values()
+            .collect();
+        {
+            let mut k = self.kernel.lock().expect("kernel lock");
+            for p in &pods {
+                let _ = k.remove_pod(p.cgroup_id);
+            }
+        }
+        for p in pods {
+            if let Some(proxy) = p.proxy {
+                proxy.stop().await;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(self.cfg.drain_timeout_secs);
+        while !self.shared.registry.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.shared.registry.len();
+        if left > 0 {
+            warn!(
+                connections = left,
+                "drain deadline passed; closing remaining connections"
+            );
+        }
+    }
+
+    pub fn admin_socket(&self) -> &Path {
+        &self.cfg.admin_socket
+    }
+}

@@ -1,0 +1,542 @@
+//! The node proxy's data plane: per-pod outbound listeners opened inside the pod's network
+//! namespace, and opaque TCP relaying to the original destination, connecting from inside the
+//! same namespace so the server sees the pod's address. The original destination comes through
+//! an [`OrigDstSource`], so the relaying logic can be tested without a kernel.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
+    task::JoinHandle,
+};
+use tracing::{debug, warn, Instrument};
+
+use crate::sys::{self, NetNs};
+
+/// Bytes moved per read/write in each direction.
+const RELAY_BUF: usize = 64 * 1024;
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const LISTEN_BACKLOG: i32 = 4096;
+/// After a pod's listener is told to stop, keep accepting what is already queued until the
+/// queue has been quiet this long, so connects captured just before unenroll are not lost.
+const ACCEPT_DRAIN_QUIET: Duration = Duration::from_millis(200);
+
+/// Where did the app mean to go? (The kernel answers through `SO_ORIGINAL_DST`.)
+pub trait OrigDstSource: Send + Sync + 'static {
+    fn orig_dst(&self, accepted: &TcpStream) -> io::Result<SocketAddr>;
+}
+
+/// The real source: `getsockopt(SO_ORIGINAL_DST)` answered by the `cgroup/getsockopt` hook.
+pub struct KernelOrigDst;
+
+impl OrigDstSource for KernelOrigDst {
+    fn orig_dst(&self, accepted: &TcpStream) -> io::Result<SocketAddr> {
+        let v6 = accepted.local_addr()?.is_ipv6();
+        sys::original_dst(accepted.as_raw_fd(), v6)
+    }
+}
+
+/// Per-pod counters (also the Prometheus labels).
+#[derive(Debug, Default)]
+pub struct PodStats {
+    pub connections_total: AtomicU64,
+    pub connections_active: AtomicU64,
+    pub bytes_upstream: AtomicU64,
+    pub bytes_downstream: AtomicU64,
+}
+
+/// Why a proxied connection was dropped; each has a metric.
+#[derive(Debug, Default)]
+pub struct ProxyErrors {
+    pub accept_failed: AtomicU64,
+    pub orig_dst_unknown: AtomicU64,
+    pub orig_dst_is_proxy: AtomicU64,
+    pub upstream_socket_failed: AtomicU64,
+    pub upstream_connect_failed: AtomicU64,
+    pub relay_reset: AtomicU64,
+}
+
+impl ProxyErrors {
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("accept_failed", self.accept_failed.load(Relaxed)),
+            ("orig_dst_unknown", self.orig_dst_unknown.load(Relaxed)),
+            ("orig_dst_is_proxy", self.orig_dst_is_proxy.load(Relaxed)),
+            (
+                "upstream_socket_failed",
+                self.upstream_socket_failed.load(Relaxed),
+            ),
+            (
+                "upstream_connect_failed",
+                self.upstream_connect_failed.load(Relaxed),
+            ),
+            ("relay_reset", self.relay_reset.load(Relaxed)),
+        ]
+    }
+}
+
+/// One live proxied connection, as `status` shows it.
+#[derive(Debug)]
+pub struct ConnEntry {
+    pub id: u64,
+    pub pod: String,
+    pub client: SocketAddr,
+    pub original_dst: SocketAddr,
+    pub upstream_local: Mutex<Option<SocketAddr>>,
+    pub bytes_to_upstream: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+    pub started: Instant,
+}
+
+#[derive(Debug, Serialize, Clone)]
+pub struct ConnView {
+    pub id: u64,
+    pub pod: String,
+    pub client: String,
+    pub original_dst: String,
+    pub upstream_local: Option<String>,
+    pub bytes_to_upstream: u64,
+    pub bytes_to_client: u64,
+    pub age_ms: u64,
+}
+
+/// Live connections, for status.
+#[derive(Debug, Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    conns: Mutex<BTreeMap<u64, Arc<ConnEntry>>>,
+}
+
+impl Registry {
+    fn add(&self, pod: &str, client: SocketAddr, original_dst: SocketAddr) -> Arc<ConnEntry> {
+        let id = self.next_id.fetch_add(1, Relaxed) + 1;
+        let e = Arc::new(ConnEntry {
+            id,
+            pod: pod.to_string(),
+            client,
+            original_dst,
+            upstream_local: Mutex::new(None),
+            bytes_to_upstream: AtomicU64::new(0),
+            bytes_to_client: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        self.conns
+            .lock()
+            .expect("registry lock")
+            .insert(id, e.clone());
+        e
+    }
+
+    fn remove(&self, id: u64) {
+        self.conns.lock().expect("registry lock").remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.lock().expect("registry lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn snapshot(&self) -> Vec<ConnView> {
+        self.conns
+            .lock()
+            .expect("registry lock")
+            .values()
+            .map(|e| ConnView {
+                id: e.id,
+                pod: e.pod.clone(),
+                client: e.client.to_string(),
+                original_dst: e.original_dst.to_string(),
+                upstream_local: e
+                    .upstream_local
+                    .lock()
+                    .expect("conn lock")
+                    .map(|a| a.to_string()),
+                bytes_to_upstream: e.bytes_to_upstream.load(Relaxed),
+                bytes_to_client: e.bytes_to_client.load(Relaxed),
+                age_ms: e.started.elapsed().as_millis() as u64,
+            })
+            .collect()
+    }
+}
+
+/// What the relay needs to know about the pod and the node.
+pub struct PodCtx {
+    pub name: String,
+    pub netns: NetNs,
+    pub stats: Arc<PodStats>,
+    pub outbound_port: u16,
+    pub mark: u32,
+}
+
+/// Shared by every pod's listeners.
+pub struct Shared {
+    pub registry: Registry,
+    pub errors: ProxyErrors,
+    pub orig: Box<dyn OrigDstSource>,
+}
+
+/// A pod's running listeners. Dropping it without [`PodProxy::stop`] aborts them at once.
+pub struct PodProxy {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    pub listeners: Vec<SocketAddr>,
+}
+
+impl PodProxy {
+    /// Stop accepting; what is already queued is still served. Live connections continue.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for PodProxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Create a listening socket inside `ns`.
+pub fn bind_in(ns: &NetNs, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    ns.run(|| -> io::Result<std::net::TcpListener> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(LISTEN_BACKLOG)?;
+        s.set_nonblocking(true)?;
+        Ok(s.into())
+    })
+    .map_err(|e| io::Error::other(e.to_string()))?
+}
+
+/// Open the pod's outbound listeners (127.0.0.1 and, when the pod has IPv6, ::1) and serve them.
+pub fn start_pod(pod: Arc<PodCtx>, shared: Arc<Shared>) -> io::Result<PodProxy> {
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut listeners = Vec::new();
+    let v4: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, pod.outbound_port).into();
+    let v6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, pod.outbound_port).into();
+    for (addr, required) in [(v4, true), (v6, false)] {
+        match bind_in(&pod.netns, addr) {
+            Ok(l) => {
+                let l = TcpListener::from_std(l)?;
+                listeners.push(addr);
+                tasks.push(tokio::spawn(accept_loop(
+                    l,
+                    pod.clone(),
+                    shared.clone(),
+                    stop_rx.clone(),
+                )));
+            }
+            Err(e) if !required => {
+                // No IPv6 in this pod: IPv6 connects are simply not captured (the hook finds
+                // no listener and lets them go direct).
+                warn!(pod = %pod.name, "no IPv6 outbound listener: {e}");
+            }
+            Err(e) => {
+                for t in &tasks {
+                    t.abort();
+                }
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("failed to listen on {addr} in pod `{}`: {e}", pod.name),
+                ));
+            }
+        }
+    }
+    Ok(PodProxy {
+        stop,
+        tasks,
+        listeners,
+    })
+}
+
+async fn accept_loop(
+    l: TcpListener,
+    pod: Arc<PodCtx>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            r = l.accept() => match r {
+                Ok((s, peer)) => spawn_conn(s, peer, &pod, &shared),
+                Err(e) => {
+                    shared.errors.accept_failed.fetch_add(1, Relaxed);
+                    warn!(pod = %pod.name, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+            _ = stop.changed() => break,
+        }
+    }
+    // Serve what the kernel already queued, then close.
+    while let Ok(Ok((s, peer))) = tokio::time::timeout(ACCEPT_DRAIN_QUIET, l.accept()).await {
+        spawn_conn(s, peer, &pod, &shared);
+    }
+}
+
+fn spawn_conn(s: TcpStream, peer: SocketAddr, pod: &Arc<PodCtx>, shared: &Arc<Shared>) {
+    let pod = pod.clone();
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let orig = match shared.orig.orig_dst(&s) {
+            Ok(a) => a,
+            Err(e) => {
+                shared.errors.orig_dst_unknown.fetch_add(1, Relaxed);
+                warn!(pod = %pod.name, client = %peer, "no original destination, closing: {e}");
+                reset(s);
+                return;
+            }
+        };
+        let span = tracing::debug_span!("conn", pod = %pod.name, client = %peer, orig = %orig);
+        relay(s, peer, orig, pod, shared).instrument(span).await;
+    });
+}
+
+/// Close with RST, so the app sees a refused/reset connection rather than a clean EOF.
+fn reset(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    drop(s);
+}
+
+/// An unconnected upstream socket created inside the pod's netns, marked as the daemon's.
+fn upstream_socket(pod: &PodCtx, dst: SocketAddr) -> io::Result<TcpSocket> {
+    let s = pod
+        .netns
+        .run(|| Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)))
+        .map_err(|e| io::Error::other(e.to_string()))??;
+    if pod.mark != 0 {
+        s.set_mark(pod.mark)?;
+    }
+    s.set_nonblocking(true)?;
+    s.set_nodelay(true)?;
+    Ok(TcpSocket::from_std_stream(s.into()))
+}
+
+async fn relay(
+    client: TcpStream,
+    peer: SocketAddr,
+    orig: SocketAddr,
+    pod: Arc<PodCtx>,
+    shared: Arc<Shared>,
+) {
+    if orig.ip().is_loopback() && orig.port() == pod.outbound_port {
+        // Would connect to ourselves.
+        shared.errors.orig_dst_is_proxy.fetch_add(1, Relaxed);
+        reset(client);
+        return;
+    }
+    let sock = match upstream_socket(&pod, orig) {
+        Ok(s) => s,
+        Err(e) => {
+            shared.errors.upstream_socket_failed.fetch_add(1, Relaxed);
+            warn!("failed to create upstream socket: {e}");
+            reset(client);
+            return;
+        }
+    };
+    let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, sock.connect(orig)).await {
+        Ok(Ok(u)) => u,
+        Ok(Err(e)) => {
+            shared.errors.upstream_connect_failed.fetch_add(1, Relaxed);
+            debug!("upstream connect failed: {e}");
+            reset(client);
+            return;
+        }
+        Err(_) => {
+            shared.errors.upstream_connect_failed.fetch_add(1, Relaxed);
+            debug!("upstream connect timed out");
+            reset(client);
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let entry = shared.registry.add(&pod.name, peer, orig);
+    *entry.upstream_local.lock().expect("conn lock") = upstream.local_addr().ok();
+    pod.stats.connections_total.fetch_add(1, Relaxed);
+    pod.stats.connections_active.fetch_add(1, Relaxed);
+    debug!("relaying");
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = upstream.into_split();
+    let up = pump(cr, uw, &entry.bytes_to_upstream, &pod.stats.bytes_upstream);
+    let down = pump(ur, cw, &entry.bytes_to_client, &pod.stats.bytes_downstream);
+    tokio::pin!(up, down);
+    // Half-close travels through; an error in either direction ends both.
+    let failed = tokio::select! {
+        r = &mut up => r.is_err() || down.await.is_err(),
+        r = &mut down => r.is_err() || up.await.is_err(),
+    };
+    if failed {
+        shared.errors.relay_reset.fetch_add(1, Relaxed);
+    }
+    pod.stats.connections_active.fetch_sub(1, Relaxed);
+    shared.registry.remove(entry.id);
+    debug!("closed");
+}
+
+/// Copy until EOF, then half-close the writer. Counts as it goes so status is live.
+async fn pump<R, W>(mut r: R, mut w: W, conn: &AtomicU64, pod: &AtomicU64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUF];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            w.shutdown().await?;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        conn.fetch_add(n as u64, Relaxed);
+        pod.fetch_add(n as u64, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The test source: every accepted connection "was going to" one fixed address.
+    struct FixedOrigDst(SocketAddr);
+
+    impl OrigDstSource for FixedOrigDst {
+        fn orig_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
+            Ok(self.0)
+        }
+    }
+
+    struct NoOrigDst;
+
+    impl OrigDstSource for NoOrigDst {
+        fn orig_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
+            Err(io::Error::from_raw_os_error(libc::ENOENT))
+        }
+    }
+
+    fn pod() -> Arc<PodCtx> {
+        Arc::new(PodCtx {
+            name: "t".into(),
+            netns: NetNs::current().unwrap(),
+            stats: Arc::default(),
+            outbound_port: 0,
+            mark: 0,
+        })
+    }
+
+    async fn serve_one(l: TcpListener, pod: Arc<PodCtx>, shared: Arc<Shared>) {
+        let (s, peer) = l.accept().await.unwrap();
+        spawn_conn(s, peer, &pod, &shared);
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close_and_counts_bytes() {
+        // Upstream: echo the request reversed after the client half-closes.
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut v = Vec::new();
+            s.read_to_end(&mut v).await.unwrap();
+            v.reverse();
+            s.write_all(&v).await.unwrap();
+        });
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            registry: Registry::default(),
+            errors: ProxyErrors::default(),
+            orig: Box::new(FixedOrigDst(server_addr)),
+        });
+        let p = pod();
+        tokio::spawn(serve_one(proxy, p.clone(), shared.clone()));
+        let mut c = TcpStream::connect(proxy_addr).await.unwrap();
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        c.write_all(&payload).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).await.unwrap();
+        let mut want = payload.clone();
+        want.reverse();
+        assert_eq!(back, want);
+        // Counters settle once the relay task finishes.
+        for _ in 0..100 {
+            if p.stats.connections_active.load(Relaxed) == 0 && shared.registry.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(p.stats.connections_total.load(Relaxed), 1);
+        assert_eq!(p.stats.connections_active.load(Relaxed), 0);
+        assert_eq!(p.stats.bytes_upstream.load(Relaxed), 300_000);
+        assert_eq!(p.stats.bytes_downstream.load(Relaxed), 300_000);
+        assert!(shared.registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn unknown_original_destination_resets_and_counts() {
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            registry: Registry::default(),
+            errors: ProxyErrors::default(),
+            orig: Box::new(NoOrigDst),
+        });
+        tokio::spawn(serve_one(proxy, pod(), shared.clone()));
+        let mut c = TcpStream::connect(proxy_addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let r = c.read(&mut buf).await;
+        assert!(
+            matches!(r, Err(ref e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+        assert_eq!(shared.errors.orig_dst_unknown.load(Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn refused_upstream_resets_the_client() {
+        // A port with nothing listening.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            registry: Registry::default(),
+            errors: ProxyErrors::default(),
+            orig: Box::new(FixedOrigDst(dead)),
+        });
+        tokio::spawn(serve_one(proxy, pod(), shared.clone()));
+        let mut c = TcpStream::connect(proxy_addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let r = c.read(&mut buf).await;
+        assert!(r.is_err(), "{r:?}");
+        assert_eq!(shared.errors.upstream_connect_failed.load(Relaxed), 1);
+    }
+}

@@ -1,0 +1,303 @@
+//! Small system facts and operations: the cgroup v2 mount, cgroup ids, bpffs, network
+//! namespaces (enter, create a socket, return), socket options the daemon needs.
+
+use std::{
+    fs::File,
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::{
+        fd::{AsFd, AsRawFd, RawFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
+};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum SysError {
+    #[error("no cgroup v2 mount found in /proc/self/mountinfo")]
+    NoCgroup2,
+    #[error("failed to read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("failed to open network namespace `{path}`: {source}")]
+    OpenNetns { path: PathBuf, source: io::Error },
+    #[error("failed to enter network namespace `{path}`: {source}")]
+    EnterNetns { path: PathBuf, source: io::Error },
+    #[error("failed to mount bpffs at {path}: {source}")]
+    MountBpffs { path: PathBuf, source: io::Error },
+}
+
+/// The cgroup v2 mount point, from `/proc/self/mountinfo` (`/sys/fs/cgroup` on most nodes,
+/// `/sys/fs/cgroup/unified` on hybrid hosts).
+pub fn cgroup2_mount() -> Result<PathBuf, SysError> {
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| SysError::Read {
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
+    parse_mountinfo(&text, "cgroup2").ok_or(SysError::NoCgroup2)
+}
+
+/// First mount point of `fstype` in mountinfo text.
+pub fn parse_mountinfo(text: &str, fstype: &str) -> Option<PathBuf> {
+    for line in text.lines() {
+        // id parent maj:min root mountpoint opts [optional...] - fstype source superopts
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        if right.split_whitespace().next() == Some(fstype) {
+            if let Some(mp) = left.split_whitespace().nth(4) {
+                return Some(PathBuf::from(mp.replace("\\040", " ")));
+            }
+        }
+    }
+    None
+}
+
+/// A cgroup v2 directory's id is its inode number (what `bpf_get_current_cgroup_id` returns).
+pub fn cgroup_id(path: &Path) -> io::Result<u64> {
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+/// The cgroup v2 path of this process, under `mount`.
+pub fn own_cgroup(mount: &Path) -> io::Result<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup")?;
+    for line in text.lines() {
+        if let Some(rel) = line.strip_prefix("0::") {
+            return Ok(mount.join(rel.trim_start_matches('/')));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        "no cgroup v2 entry in /proc/self/cgroup",
+    ))
+}
+
+/// Mount bpffs at `path` unless one is there. Returns true when this call mounted it.
+pub fn ensure_bpffs(path: &Path) -> Result<bool, SysError> {
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| SysError::Read {
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        if right.split_whitespace().next() == Some("bpf")
+            && left.split_whitespace().nth(4).map(Path::new) == Some(path)
+        {
+            return Ok(false);
+        }
+    }
+    std::fs::create_dir_all(path).map_err(|source| SysError::MountBpffs {
+        path: path.into(),
+        source,
+    })?;
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let target = c(path.to_str().unwrap_or("/sys/fs/bpf"));
+    // SAFETY: plain mount(2) with valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            c("bpf").as_ptr(),
+            target.as_ptr(),
+            c("bpf").as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(SysError::MountBpffs {
+            path: path.into(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(true)
+}
+
+pub fn umount(path: &Path) {
+    if let Ok(p) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: valid C string.
+        unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// `(major, minor)` of a release string like `6.18.44-foo`.
+pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// A network namespace the daemon can step into to create sockets.
+#[derive(Debug)]
+pub struct NetNs {
+    path: PathBuf,
+    file: File,
+}
+
+impl NetNs {
+    pub fn open(path: &Path) -> Result<Self, SysError> {
+        let file = File::open(path).map_err(|source| SysError::OpenNetns {
+            path: path.into(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.into(),
+            file,
+        })
+    }
+
+    /// This thread's current network namespace.
+    pub fn current() -> Result<Self, SysError> {
+        Self::open(Path::new("/proc/thread-self/ns/net"))
+    }
+
+    /// Run `f` with this thread inside the namespace, then return. `f` must not block or yield:
+    /// it creates sockets, which keep their namespace after we leave. Failing to come back would
+    /// leave a runtime thread in a pod's namespace, so that aborts the process.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, SysError> {
+        let home = NetNs::current()?;
+        setns(self.file.as_fd().as_raw_fd()).map_err(|source| SysError::EnterNetns {
+            path: self.path.clone(),
+            source,
+        })?;
+        let out = f();
+        if let Err(e) = setns(home.file.as_raw_fd()) {
+            eprintln!("fatal: failed to return to the daemon's network namespace: {e}");
+            std::process::abort();
+        }
+        Ok(out)
+    }
+}
+
+fn setns(fd: RawFd) -> io::Result<()> {
+    // SAFETY: setns(2) on a valid namespace fd.
+    if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// `SO_NETNS_COOKIE` of a socket: the id the kernel programs see for its namespace.
+pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// The cookie of a namespace, measured with a throwaway socket created inside it.
+pub fn netns_cookie_of(ns: &NetNs) -> io::Result<u64> {
+    let sock = ns
+        .run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None))
+        .map_err(|e| io::Error::other(e.to_string()))??;
+    netns_cookie(sock.as_raw_fd())
+}
+
+/// `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` of an accepted socket, as the kernel hook answers.
+pub fn original_dst(fd: RawFd, v6: bool) -> io::Result<SocketAddr> {
+    // SAFETY: sockaddr_storage is plain old data; the kernel fills at most `len` bytes.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let level = if v6 { libc::SOL_IPV6 } else { libc::SOL_IP };
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            mesh_common::SO_ORIGINAL_DST,
+            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    sockaddr_to_std(&ss, len)
+}
+
+fn sockaddr_to_std(ss: &libc::sockaddr_storage, len: libc::socklen_t) -> io::Result<SocketAddr> {
+    match ss.ss_family as i32 {
+        libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: family says sockaddr_in and the length covers it.
+            let sin = unsafe { &*(ss as *const _ as *const libc::sockaddr_in) };
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above.
+            let sin6 = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        f => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected address family {f} (len {len})"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_finds_cgroup2_and_bpf() {
+        let text = "\
+25 30 0:22 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs ro,mode=755
+35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate
+40 22 0:33 / /sys/fs/bpf rw - bpf bpf rw,mode=700
+";
+        assert_eq!(
+            parse_mountinfo(text, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            parse_mountinfo(text, "bpf"),
+            Some(PathBuf::from("/sys/fs/bpf"))
+        );
+        assert_eq!(parse_mountinfo(text, "xfs"), None);
+    }
+
+    #[test]
+    fn release_parsing() {
+        assert_eq!(parse_release("6.18.44-fc-v657"), Some((6, 18)));
+        assert_eq!(parse_release("5.15.0-91-generic"), Some((5, 15)));
+        assert_eq!(parse_release("garbage"), None);
+    }
+
+    #[test]
+    fn original_dst_on_a_plain_socket_is_an_error_not_garbage() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        // No hook attached in host tests: the kernel says no (ENOPROTOOPT or ENOENT).
+        assert!(original_dst(c.as_raw_fd(), false).is_err());
+    }
+}

@@ -1,0 +1,123 @@
+//! `cargo xtask test`: the single test command (README, CI's `.ci/run`).
+//!
+//! Host unit tests first (no root, no nightly), then, as root, bootstrap, the eBPF object, the
+//! release daemon and the privileged end-to-end suite, one test at a time. Child output streams
+//! straight through: CI judges the run by cargo test's own summary lines.
+
+use std::{
+    path::Path,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::{bootstrap, build_ebpf, daemon, exec, workspace_root};
+
+/// Crates whose unit tests run on the host without root or nightly.
+const HOST_PACKAGES: &[&str] = &["mesh-common", "mesh-userspace", "xtask"];
+/// The crate holding the privileged end-to-end tests.
+const PRIVILEGED_PACKAGE: &str = "sockmesh-tests";
+/// Exit status when the privileged suite could not run because the caller is not root.
+const NOT_ROOT_EXIT: u8 = 2;
+const SKIPPED_BANNER: &str = "PRIVILEGED SUITE SKIPPED: cargo xtask test must run as root to run \
+                              the privileged end-to-end tests";
+
+/// `cargo xtask test [--host-only | --no-host] [-- <test args>]`
+#[derive(Debug, Args)]
+pub struct Options {
+    /// Run only the host unit tests (no root or nightly needed)
+    #[arg(long, conflicts_with_all = ["no_host", "args"])]
+    host_only: bool,
+    /// Skip the host unit tests
+    #[arg(long)]
+    no_host: bool,
+    /// Passed to the privileged suite's test binaries, e.g. a test name filter
+    #[arg(last = true, value_name = "TEST_ARGS")]
+    args: Vec<String>,
+}
+
+pub fn run(opts: Options) -> Result<ExitCode> {
+    let root = workspace_root();
+    if !opts.no_host {
+        step("host unit tests", || host_tests(&root))?;
+    }
+    if opts.host_only {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !bootstrap::is_root()? {
+        let rule = "=".repeat(SKIPPED_BANNER.len());
+        eprintln!("\n{rule}\n{SKIPPED_BANNER}\n{rule}\n");
+        return Ok(ExitCode::from(NOT_ROOT_EXIT));
+    }
+    step("bootstrap", bootstrap::ensure)?;
+    step("build-ebpf", || build_ebpf::build(&root))?;
+    step("build sockmesh (release)", || daemon::build(&root))?;
+    step("privileged suite", || privileged_tests(&root, &opts.args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn host_tests(root: &Path) -> Result<()> {
+    let mut cmd = exec::cargo(root);
+    cmd.arg("test");
+    for package in HOST_PACKAGES {
+        cmd.args(["-p", package]);
+    }
+    exec::run(&mut cmd)
+}
+
+fn privileged_tests(root: &Path, args: &[String]) -> Result<()> {
+    exec::run(
+        exec::cargo(root)
+            .env("SOCKMESH_BIN", daemon::sockmesh_bin_path(root))
+            .env("SOCKMESH_REQUIRE_PRIVILEGED", "1")
+            .args(["test", "-p", PRIVILEGED_PACKAGE, "--", "--test-threads=1"])
+            .args(args),
+    )
+}
+
+/// Runs one step and prints `== name: 41.2s` (or `failed after`) when it ends.
+fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let start = Instant::now();
+    let result = f();
+    let outcome = if result.is_ok() { "" } else { "failed after " };
+    println!("== {name}: {outcome}{}", seconds(start.elapsed()));
+    result
+}
+
+fn seconds(elapsed: Duration) -> String {
+    format!("{:.1}s", elapsed.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: Options,
+    }
+
+    #[test]
+    fn args_after_double_dash_reach_the_suite() {
+        let cli =
+            Cli::try_parse_from(["test", "--no-host", "--", "capture", "--nocapture"]).unwrap();
+        assert!(cli.opts.no_host && !cli.opts.host_only);
+        assert_eq!(cli.opts.args, ["capture", "--nocapture"]);
+    }
+
+    #[test]
+    fn host_only_conflicts() {
+        assert!(Cli::try_parse_from(["test", "--host-only", "--no-host"]).is_err());
+        assert!(Cli::try_parse_from(["test", "--host-only", "--", "x"]).is_err());
+        assert!(Cli::try_parse_from(["test", "--host-only"]).is_ok());
+    }
+
+    #[test]
+    fn timing_format() {
+        assert_eq!(seconds(Duration::from_millis(41_234)), "41.2s");
+    }
+}
