@@ -16,6 +16,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::debug;
 use mesh_common::{
     addr,
     config::MeshConfig,
@@ -161,6 +162,12 @@ fn on_connect(ctx: &SockAddrContext, dst: Dst, port: u16) -> Option<u32> {
     let listener_v4 = matches!(dst, Dst::V4 { .. });
     if !listener_alive(sa, &cfg, listener_v4) {
         count(reason::CONNECT_NO_LISTENER);
+        if cfg.log() {
+            debug!(
+                ctx,
+                "pod {} connect to port {}: no listener, going direct", pod.pod_id, port
+            );
+        }
         return None;
     }
     let orig = match dst {
@@ -177,6 +184,9 @@ fn on_connect(ctx: &SockAddrContext, dst: Dst, port: u16) -> Option<u32> {
         // Without the record the proxy could not know where to go: leave the connect alone.
         count(reason::CONNECT_ORIG_MAP_FULL);
         return None;
+    }
+    if cfg.log() {
+        debug!(ctx, "pod {} connect to port {}: captured", pod.pod_id, port);
     }
     Some(addr::user_port_from_port(cfg.outbound_port))
 }

@@ -77,7 +77,7 @@ fn handle(ctx: &SockOpsContext) -> Option<()> {
                 return None;
             }
             count(reason::SOCKOPS_FLOW_RECORDED);
-            // Clean the records up when the app socket closes.
+            // The cookie record serves getpeername() until the app socket closes.
             let flags = ctx_u32!(ctx.ops, bpf_sock_ops_cb_flags);
             let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             if cfg.accelerate() {
@@ -85,25 +85,35 @@ fn handle(ctx: &SockOpsContext) -> Option<()> {
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            if !cfg.accelerate() || ctx_u32!(ctx.ops, local_port) as u16 != cfg.outbound_port {
+            if ctx_u32!(ctx.ops, local_port) as u16 != cfg.outbound_port {
                 return None;
             }
             // The proxy side of a pair whose app side was recorded a moment ago.
             let t = tuple(ctx)?;
             unsafe { FLOWS.get(&t.reversed()) }?;
-            add_to_sockhash(ctx, t);
+            // The flow record lives until this (proxy) socket closes: the app may close first,
+            // even before the proxy has accepted and asked for the original destination.
+            let flags = ctx_u32!(ctx.ops, bpf_sock_ops_cb_flags);
+            let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            if cfg.accelerate() {
+                add_to_sockhash(ctx, t);
+            }
         }
         _ => {
-            // BPF_SOCK_OPS_STATE_CB: args[1] is the new state.
+            // BPF_SOCK_OPS_STATE_CB (only captured sockets ask for it): args[1] is the new state.
             if ctx_u32!(ctx.ops, __bindgen_anon_1.args[1]) != BPF_TCP_CLOSE {
                 return None;
             }
             let t = tuple(ctx)?;
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-            let _ = ORIG_BY_COOKIE.remove(&cookie);
-            let _ = FLOWS.remove(&t);
             let _ = FLOW_STATE.remove(&t);
-            count(reason::SOCKOPS_FLOW_CLOSED);
+            if t.local_port == cfg.outbound_port {
+                // Proxy side: the flow record is no longer needed by anyone.
+                let _ = FLOWS.remove(&t.reversed());
+                count(reason::SOCKOPS_FLOW_CLOSED);
+            } else {
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+                let _ = ORIG_BY_COOKIE.remove(&cookie);
+            }
         }
     }
     Some(())

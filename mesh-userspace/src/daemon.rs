@@ -392,6 +392,18 @@ impl Daemon {
         }
     }
 
+    /// Forward kernel-side log records every 100 ms (`bpf_log = true` only).
+    pub async fn forward_bpf_logs(self: Arc<Self>) {
+        if !self.cfg.bpf_log {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            self.kernel.lock().expect("kernel lock").flush_logs();
+        }
+    }
+
     pub fn admin_socket(&self) -> &Path {
         &self.cfg.admin_socket
     }

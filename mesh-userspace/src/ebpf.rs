@@ -80,6 +80,7 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, u64>,
     socks: SockHash<MapData, ConnTuple>,
     config: MeshConfig,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Hooks attached, for status ("connect4 -> /sys/fs/cgroup/...").
     pub attached: Vec<String>,
 }
@@ -136,7 +137,14 @@ impl Kernel {
             stats,
             socks,
             config,
+            logger: None,
             attached: Vec::new(),
+        };
+        // Take the log ring before anything runs, so records are never lost to a full ring.
+        k.logger = if opts.bpf_log {
+            aya_log::EbpfLogger::init(&mut k.bpf).ok()
+        } else {
+            None
         };
         k.write_config()?;
         k.attach_cgroup_hooks(opts.cgroup_root)?;
@@ -255,6 +263,13 @@ impl Kernel {
             .program_mut(name)
             .ok_or(KernelError::MissingProgram(name))?;
         p.try_into().map_err(|_| KernelError::MissingProgram(name))
+    }
+
+    /// Forward the programs' aya-log records (only with `bpf_log`; a no-op otherwise).
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = &mut self.logger {
+            l.flush();
+        }
     }
 
     pub fn add_pod(&mut self, cgroup_id: u64, info: PodInfo) -> Result<(), KernelError> {

@@ -363,6 +363,7 @@ fn serve_loaded(
         }
         tokio::spawn(admin::serve(admin, daemon.clone()));
         tokio::spawn(metrics::serve(metrics, daemon.clone()));
+        tokio::spawn(daemon.clone().forward_bpf_logs());
         wait_for_signal().await?;
         info!("shutting down: capture off, draining");
         daemon.shutdown().await;
