@@ -4,8 +4,7 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() {
-    let manifest =
-        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let object = env::var_os("SOCKMESH_EBPF_OBJECT")
         .map(PathBuf::from)
         .unwrap_or_else(|| manifest.join("../target/bpfel-unknown-none/bpf/mesh-ebpf"));

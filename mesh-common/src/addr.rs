@@ -90,9 +90,7 @@ mod tests {
         assert!(is_unspecified(&map_v4(0)));
         assert!(!is_unspecified(&m));
         // std agrees on the mapped form.
-        let std_m = std::net::Ipv4Addr::new(198, 18, 0, 3)
-            .to_ipv6_mapped()
-            .octets();
+        let std_m = std::net::Ipv4Addr::new(198, 18, 0, 3).to_ipv6_mapped().octets();
         let mut words = [0u32; 4];
         for (i, w) in words.iter_mut().enumerate() {
             *w = u32::from_ne_bytes(std_m[i * 4..i * 4 + 4].try_into().unwrap());

@@ -101,10 +101,7 @@ mod tests {
                 |f| f.dst_ip6 = addr::map_v4(addr::LOOPBACK_V4),
                 reason::CONNECT_BYPASS_LOOPBACK,
             ),
-            (
-                |f| f.dst_ip6 = addr::LOOPBACK_V6,
-                reason::CONNECT_BYPASS_LOOPBACK,
-            ),
+            (|f| f.dst_ip6 = addr::LOOPBACK_V6, reason::CONNECT_BYPASS_LOOPBACK),
             (|f| f.dst_ip6 = [0; 4], reason::CONNECT_UNSPECIFIED_DST),
             (|f| f.bypass_port = true, reason::CONNECT_BYPASS_PORT),
             (|f| f.bypass_cidr = true, reason::CONNECT_BYPASS_CIDR),

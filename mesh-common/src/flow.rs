@@ -51,10 +51,7 @@ impl ConnTuple {
             remote_ip_be,
         };
         if family == AF_INET6 {
-            if let (Some(l), Some(r)) = (
-                addr::v4_mapped(&local_ip_be),
-                addr::v4_mapped(&remote_ip_be),
-            ) {
+            if let (Some(l), Some(r)) = (addr::v4_mapped(&local_ip_be), addr::v4_mapped(&remote_ip_be)) {
                 t.family = AF_INET;
                 t.local_ip_be = [l, 0, 0, 0];
                 t.remote_ip_be = [r, 0, 0, 0];
@@ -231,22 +228,8 @@ mod tests {
 
     #[test]
     fn netns_cookie_separates_pods() {
-        let a = ConnTuple::new(
-            1,
-            AF_INET,
-            [LOOPBACK_V4, 0, 0, 0],
-            1,
-            [LOOPBACK_V4, 0, 0, 0],
-            2,
-        );
-        let b = ConnTuple::new(
-            2,
-            AF_INET,
-            [LOOPBACK_V4, 0, 0, 0],
-            1,
-            [LOOPBACK_V4, 0, 0, 0],
-            2,
-        );
+        let a = ConnTuple::new(1, AF_INET, [LOOPBACK_V4, 0, 0, 0], 1, [LOOPBACK_V4, 0, 0, 0], 2);
+        let b = ConnTuple::new(2, AF_INET, [LOOPBACK_V4, 0, 0, 0], 1, [LOOPBACK_V4, 0, 0, 0], 2);
         assert_ne!(a, b);
     }
 

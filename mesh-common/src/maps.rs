@@ -57,10 +57,7 @@ mod tests {
             FLOW_STATE,
             STATS,
         ] {
-            assert!(
-                name.len() <= 15,
-                "{name} is longer than BPF_OBJ_NAME_LEN - 1"
-            );
+            assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN - 1");
         }
     }
 }

@@ -171,12 +171,9 @@ fn on_connect(ctx: &SockAddrContext, dst: Dst, port: u16) -> Option<u32> {
         return None;
     }
     let orig = match dst {
-        Dst::V4 { ip, mapped } => OrigDst::v4(
-            ip,
-            port,
-            pod.pod_id,
-            if mapped { ORIG_FLAG_V4_MAPPED } else { 0 },
-        ),
+        Dst::V4 { ip, mapped } => {
+            OrigDst::v4(ip, port, pod.pod_id, if mapped { ORIG_FLAG_V4_MAPPED } else { 0 })
+        }
         Dst::V6(ip6) => OrigDst::v6(ip6, port, pod.pod_id),
     };
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
@@ -205,15 +202,7 @@ fn listener_alive(sa: *mut bpf_sock_addr, cfg: &MeshConfig, v4: bool) -> bool {
         tuple.__bindgen_anon_1.ipv6.dport = dport;
         core::mem::size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
     };
-    let sk = unsafe {
-        bpf_sk_lookup_tcp(
-            sa.cast(),
-            &mut tuple,
-            size as u32,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        )
-    };
+    let sk = unsafe { bpf_sk_lookup_tcp(sa.cast(), &mut tuple, size as u32, BPF_F_CURRENT_NETNS as u64, 0) };
     if sk.is_null() {
         return false;
     }

@@ -45,10 +45,7 @@ fn handle(so: *mut bpf_sockopt) -> Option<()> {
     }
     let family = ctx_u32!(sk, family);
     let (local, remote) = match family {
-        AF_INET => (
-            [ctx_u32!(sk, src_ip4), 0, 0, 0],
-            [ctx_u32!(sk, dst_ip4), 0, 0, 0],
-        ),
+        AF_INET => ([ctx_u32!(sk, src_ip4), 0, 0, 0], [ctx_u32!(sk, dst_ip4), 0, 0, 0]),
         AF_INET6 => (ctx_ip6!(sk, src_ip6), ctx_ip6!(sk, dst_ip6)),
         _ => return None,
     };

@@ -30,8 +30,7 @@ pub static BYPASS_CIDRS: LpmTrie<[u32; 4], u32> =
 pub static BYPASS_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(m::BYPASS_PORTS_MAX, 0);
 
 #[map(name = "SM_ORIG")]
-pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(m::ORIG_BY_COOKIE_MAX, 0);
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::with_max_entries(m::ORIG_BY_COOKIE_MAX, 0);
 
 #[map(name = "SM_FLOWS")]
 pub static FLOWS: LruHashMap<ConnTuple, OrigDst> = LruHashMap::with_max_entries(m::FLOWS_MAX, 0);
@@ -40,8 +39,7 @@ pub static FLOWS: LruHashMap<ConnTuple, OrigDst> = LruHashMap::with_max_entries(
 pub static SOCKS: SockHash<ConnTuple> = SockHash::with_max_entries(m::SOCKS_MAX, 0);
 
 #[map(name = "SM_FLOW_STATE")]
-pub static FLOW_STATE: LruHashMap<ConnTuple, FlowState> =
-    LruHashMap::with_max_entries(m::FLOW_STATE_MAX, 0);
+pub static FLOW_STATE: LruHashMap<ConnTuple, FlowState> = LruHashMap::with_max_entries(m::FLOW_STATE_MAX, 0);
 
 #[map(name = "SM_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);

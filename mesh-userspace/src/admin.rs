@@ -30,11 +30,17 @@ pub enum Request {
         cgroup: String,
         #[serde(default)]
         external_proxy: bool,
+        #[serde(default = "yes")]
+        capture: bool,
     },
     Unenroll {
         name: String,
     },
     Status,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -115,8 +121,10 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             netns,
             cgroup,
             external_proxy,
+            capture,
         } => {
             let spec = crate::config::PodSpec {
+                capture,
                 name,
                 netns: netns.into(),
                 cgroup: cgroup.into(),
@@ -171,15 +179,15 @@ mod tests {
     #[test]
     fn requests_have_a_stable_wire_form() {
         let r: Request =
-            serde_json::from_str(r#"{"op":"enroll","name":"a","netns":"/n","cgroup":"/c"}"#)
-                .unwrap();
+            serde_json::from_str(r#"{"op":"enroll","name":"a","netns":"/n","cgroup":"/c"}"#).unwrap();
         assert_eq!(
             r,
             Request::Enroll {
                 name: "a".into(),
                 netns: "/n".into(),
                 cgroup: "/c".into(),
-                external_proxy: false
+                external_proxy: false,
+                capture: true,
             }
         );
         assert_eq!(

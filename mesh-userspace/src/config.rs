@@ -84,6 +84,7 @@ struct RawPod {
     cgroup: Option<PathBuf>,
     #[serde(default)]
     external_proxy: bool,
+    capture: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +127,9 @@ pub struct PodSpec {
     pub cgroup: PathBuf,
     /// Another proxy (Envoy, MOSN) owns the outbound port in this pod: capture only.
     pub external_proxy: bool,
+    /// Capture with the eBPF hooks (default). `false`: only open the listeners, for nodes where
+    /// something else (iptables REDIRECT, for the benchmark) sends traffic to them.
+    pub capture: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,9 +180,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
             .unwrap_or_else(|| "file".into());
         err(field, e.message().to_string())
     })?;
-    let outbound_port = raw
-        .outbound_port
-        .unwrap_or(mesh_common::DEFAULT_OUTBOUND_PORT);
+    let outbound_port = raw.outbound_port.unwrap_or(mesh_common::DEFAULT_OUTBOUND_PORT);
     if outbound_port == 0 {
         return Err(err("outbound_port", "must not be 0"));
     }
@@ -213,10 +215,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
             .unwrap_or(mesh_common::config::DEFAULT_ACCEL_FLOW_BUDGET),
     };
     if acc.max_msg_bytes == 0 || acc.max_msg_bytes > 1 << 20 {
-        return Err(err(
-            "acceleration.max_msg_bytes",
-            "must be between 1 and 1048576",
-        ));
+        return Err(err("acceleration.max_msg_bytes", "must be between 1 and 1048576"));
     }
     if acc.flow_budget_bytes < acc.max_msg_bytes as u64 {
         return Err(err(
@@ -251,9 +250,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
     }
     let mut pods: Vec<PodSpec> = Vec::new();
     for (i, p) in raw.pods.into_iter().enumerate() {
-        let name = p
-            .name
-            .ok_or_else(|| err(format!("pods[{i}].name"), "missing"))?;
+        let name = p.name.ok_or_else(|| err(format!("pods[{i}].name"), "missing"))?;
         check_pod_name(&name).map_err(|r| err(format!("pods[{i}].name"), r))?;
         if pods.iter().any(|q| q.name == name) {
             return Err(err(
@@ -279,11 +276,18 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
                 "another pod already uses this cgroup",
             ));
         }
+        if p.external_proxy && p.capture == Some(false) {
+            return Err(err(
+                format!("pods[{i}].capture"),
+                "an external-proxy pod with capture off would do nothing",
+            ));
+        }
         pods.push(PodSpec {
             name,
             netns,
             cgroup,
             external_proxy: p.external_proxy,
+            capture: p.capture.unwrap_or(true),
         });
     }
     Ok(Config {
@@ -341,19 +345,12 @@ pub fn check_pod_paths(p: &PodSpec, root: &Path) -> Result<(), (&'static str, St
         .canonicalize()
         .map_err(|e| ("cgroup", format!("{}: {e}", p.cgroup.display())))?;
     if !cg.join("cgroup.procs").exists() {
-        return Err((
-            "cgroup",
-            format!("{} is not a cgroup directory", cg.display()),
-        ));
+        return Err(("cgroup", format!("{} is not a cgroup directory", cg.display())));
     }
     if !cg.starts_with(root) {
         return Err((
             "cgroup",
-            format!(
-                "{} is not inside cgroup_root {}",
-                cg.display(),
-                root.display()
-            ),
+            format!("{} is not inside cgroup_root {}", cg.display(), root.display()),
         ));
     }
     Ok(())

@@ -42,10 +42,7 @@ pub enum DaemonError {
     #[error("pod `{name}`: {source}")]
     Sys { name: String, source: sys::SysError },
     #[error("pod `{name}`: {source}")]
-    Io {
-        name: String,
-        source: std::io::Error,
-    },
+    Io { name: String, source: std::io::Error },
     #[error("pod `{name}`: {source}")]
     Kernel { name: String, source: KernelError },
     #[error("the daemon is shutting down")]
@@ -257,12 +254,7 @@ impl Daemon {
                 self.count_refusal(&e);
                 return Err(e);
             };
-            if let Err(source) = self
-                .kernel
-                .lock()
-                .expect("kernel lock")
-                .remove_pod(pod.cgroup_id)
-            {
+            if let Err(source) = self.kernel.lock().expect("kernel lock").remove_pod(pod.cgroup_id) {
                 pods.insert(name.to_string(), pod);
                 return Err(DaemonError::Kernel {
                     name: name.to_string(),
@@ -292,6 +284,7 @@ impl Daemon {
                     "cgroup_id": p.cgroup_id,
                     "netns_cookie": p.netns_cookie,
                     "external_proxy": p.spec.external_proxy,
+                    "capture": p.spec.capture,
                     "listeners": p.proxy.as_ref().map(|x| x.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
                     "connections_active": p.stats.connections_active.load(Relaxed),
                     "connections_total": p.stats.connections_total.load(Relaxed),

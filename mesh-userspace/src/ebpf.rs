@@ -24,7 +24,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/me
 
 #[derive(Debug, Error)]
 pub enum KernelError {
-    #[error("the eBPF object is not embedded in this build: run `cargo xtask build-ebpf`, then rebuild sockmesh")]
+    #[error(
+        "the eBPF object is not embedded in this build: run `cargo xtask build-ebpf`, then rebuild sockmesh"
+    )]
     NoObject,
     #[error("failed to load the eBPF object: {0}")]
     Load(#[source] aya::EbpfError),
@@ -37,9 +39,7 @@ pub enum KernelError {
     },
     #[error("the eBPF object has no program `{0}`")]
     MissingProgram(&'static str),
-    #[error(
-        "failed to load `{hook}` into the kernel (kernel too old or feature missing?): {source}"
-    )]
+    #[error("failed to load `{hook}` into the kernel (kernel too old or feature missing?): {source}")]
     ProgramLoad {
         hook: &'static str,
         source: aya::programs::ProgramError,
@@ -51,10 +51,7 @@ pub enum KernelError {
         source: aya::programs::ProgramError,
     },
     #[error("failed to open cgroup {path}: {source}")]
-    Cgroup {
-        path: String,
-        source: std::io::Error,
-    },
+    Cgroup { path: String, source: std::io::Error },
     #[error("map `{name}` is full ({max} entries)")]
     Full { name: &'static str, max: u32 },
 }
@@ -88,10 +85,7 @@ pub struct Kernel {
 macro_rules! take_map {
     ($bpf:expr, $name:expr, $ty:ty) => {{
         let map = $bpf.take_map($name).ok_or(KernelError::MissingMap($name))?;
-        <$ty>::try_from(map).map_err(|source| KernelError::Map {
-            name: $name,
-            source,
-        })?
+        <$ty>::try_from(map).map_err(|source| KernelError::Map { name: $name, source })?
     }};
 }
 
@@ -332,29 +326,18 @@ impl Kernel {
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         (0..reason::COUNT)
             .map(|i| {
-                let v = self
-                    .stats
-                    .get(&i, 0)
-                    .map(|vals| vals.iter().sum())
-                    .unwrap_or(0);
+                let v = self.stats.get(&i, 0).map(|vals| vals.iter().sum()).unwrap_or(0);
                 (REASON_NAMES[i as usize], v)
             })
             .collect()
     }
 
     pub fn counter(&self, r: u32) -> u64 {
-        self.stats
-            .get(&r, 0)
-            .map(|vals| vals.iter().sum())
-            .unwrap_or(0)
+        self.stats.get(&r, 0).map(|vals| vals.iter().sum()).unwrap_or(0)
     }
 
     /// Put a connected socket in `SM_SOCKS` under its own tuple (the self-test does this).
-    pub fn sockhash_insert(
-        &mut self,
-        key: ConnTuple,
-        sock: &impl AsRawFd,
-    ) -> Result<(), KernelError> {
+    pub fn sockhash_insert(&mut self, key: ConnTuple, sock: &impl AsRawFd) -> Result<(), KernelError> {
         self.socks
             .insert(key, sock.as_raw_fd(), 0)
             .map_err(|source| KernelError::Map {

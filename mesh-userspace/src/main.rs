@@ -68,6 +68,9 @@ enum Cmd {
         /// Another proxy listens on the outbound port in this pod; only capture.
         #[arg(long)]
         external_proxy: bool,
+        /// Open the listeners but do not capture (something else redirects to them).
+        #[arg(long)]
+        no_capture: bool,
         #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
             netns,
             cgroup,
             external_proxy,
+            no_capture,
             admin_socket,
         } => client(
             &admin_socket,
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
                 netns: netns.display().to_string(),
                 cgroup: cgroup.display().to_string(),
                 external_proxy,
+                capture: !no_capture,
             },
             false,
         ),
@@ -153,10 +158,7 @@ fn client(socket: &Path, req: admin::Request, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(resp) => {
-            eprintln!(
-                "error: {}",
-                resp.error.unwrap_or_else(|| "unknown error".into())
-            );
+            eprintln!("error: {}", resp.error.unwrap_or_else(|| "unknown error".into()));
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -234,7 +236,9 @@ fn preflight(root: &Path, mount: &Path) -> anyhow::Result<Vec<(String, String)>>
     let mut checks = Vec::new();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        anyhow::bail!("sockmesh run needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN to enter pod namespaces)");
+        anyhow::bail!(
+            "sockmesh run needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN to enter pod namespaces)"
+        );
     }
     let release = sys::kernel_release();
     match sys::parse_release(&release) {
@@ -246,10 +250,7 @@ fn preflight(root: &Path, mount: &Path) -> anyhow::Result<Vec<(String, String)>>
         ),
         None => checks.push(("kernel".into(), format!("{release}: version not parsed, trying anyway"))),
     }
-    checks.push((
-        "cgroup v2".into(),
-        format!("mounted at {}", mount.display()),
-    ));
+    checks.push(("cgroup v2".into(), format!("mounted at {}", mount.display())));
     let own = sys::own_cgroup(mount).context("failed to read this process's cgroup")?;
     if !own.starts_with(root) {
         anyhow::bail!(
@@ -262,13 +263,10 @@ fn preflight(root: &Path, mount: &Path) -> anyhow::Result<Vec<(String, String)>>
         "daemon cgroup".into(),
         format!("{} (inside the attach root)", own.display()),
     ));
-    let probe =
-        std::net::TcpListener::bind("127.0.0.1:0").context("failed to open a probe socket")?;
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").context("failed to open a probe socket")?;
     match sys::netns_cookie(std::os::fd::AsRawFd::as_raw_fd(&probe)) {
         Ok(_) => checks.push(("SO_NETNS_COOKIE".into(), "supported".into())),
-        Err(e) => anyhow::bail!(
-            "SO_NETNS_COOKIE is not supported by this kernel ({e}): needs 5.14 or later"
-        ),
+        Err(e) => anyhow::bail!("SO_NETNS_COOKIE is not supported by this kernel ({e}): needs 5.14 or later"),
     }
     Ok(checks)
 }
@@ -292,11 +290,7 @@ fn serve(cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Result<(
     result
 }
 
-fn serve_loaded(
-    cfg: config::Config,
-    root: PathBuf,
-    mut checks: Vec<(String, String)>,
-) -> anyhow::Result<()> {
+fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, String)>) -> anyhow::Result<()> {
     let opts = ebpf::KernelOptions {
         cgroup_root: &root,
         outbound_port: cfg.outbound_port,
@@ -344,13 +338,7 @@ fn serve_loaded(
         .thread_name("sockmesh")
         .build()
         .context("failed to start the runtime")?;
-    let daemon = Arc::new(daemon::Daemon::new(
-        cfg,
-        root.clone(),
-        kernel,
-        accel,
-        checks,
-    ));
+    let daemon = Arc::new(daemon::Daemon::new(cfg, root.clone(), kernel, accel, checks));
     let result = rt.block_on(async {
         let admin = admin::bind(&admin_path)
             .with_context(|| format!("failed to bind the admin socket {}", admin_path.display()))?;

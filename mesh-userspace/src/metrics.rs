@@ -29,9 +29,7 @@ pub async fn serve(l: TcpListener, daemon: Arc<Daemon>) {
                         return None;
                     }
                     head.extend_from_slice(&buf[..n]);
-                    if head.windows(4).any(|w| w == b"\r\n\r\n")
-                        || head.windows(2).any(|w| w == b"\n\n")
-                    {
+                    if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
                         return Some(());
                     }
                     if head.len() > MAX_REQUEST_HEAD {
@@ -68,15 +66,16 @@ fn route(head: &[u8], daemon: &Daemon) -> (&'static str, String) {
 
 /// Escape a label value per the exposition format.
 fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 pub fn render(daemon: &Daemon) -> String {
     let m = daemon.metrics_snapshot();
     let mut o = String::new();
-    let _ = writeln!(o, "# HELP sockmesh_pods_enrolled Pods currently enrolled.\n# TYPE sockmesh_pods_enrolled gauge");
+    let _ = writeln!(
+        o,
+        "# HELP sockmesh_pods_enrolled Pods currently enrolled.\n# TYPE sockmesh_pods_enrolled gauge"
+    );
     let _ = writeln!(o, "sockmesh_pods_enrolled {}", m.pods.len());
     let _ = writeln!(o, "# HELP sockmesh_connections_total Connections proxied, per pod.\n# TYPE sockmesh_connections_total counter");
     for p in &m.pods {

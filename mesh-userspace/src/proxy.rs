@@ -134,10 +134,7 @@ impl Registry {
             bytes_to_client: AtomicU64::new(0),
             started: Instant::now(),
         });
-        self.conns
-            .lock()
-            .expect("registry lock")
-            .insert(id, e.clone());
+        self.conns.lock().expect("registry lock").insert(id, e.clone());
         e
     }
 
@@ -163,11 +160,7 @@ impl Registry {
                 pod: e.pod.clone(),
                 client: e.client.to_string(),
                 original_dst: e.original_dst.to_string(),
-                upstream_local: e
-                    .upstream_local
-                    .lock()
-                    .expect("conn lock")
-                    .map(|a| a.to_string()),
+                upstream_local: e.upstream_local.lock().expect("conn lock").map(|a| a.to_string()),
                 bytes_to_upstream: e.bytes_to_upstream.load(Relaxed),
                 bytes_to_client: e.bytes_to_client.load(Relaxed),
                 age_ms: e.started.elapsed().as_millis() as u64,
@@ -275,12 +268,7 @@ pub fn start_pod(pod: Arc<PodCtx>, shared: Arc<Shared>) -> io::Result<PodProxy> 
     })
 }
 
-async fn accept_loop(
-    l: TcpListener,
-    pod: Arc<PodCtx>,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn accept_loop(l: TcpListener, pod: Arc<PodCtx>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             r = l.accept() => match r {
@@ -338,13 +326,7 @@ fn upstream_socket(pod: &PodCtx, dst: SocketAddr) -> io::Result<TcpSocket> {
     Ok(TcpSocket::from_std_stream(s.into()))
 }
 
-async fn relay(
-    client: TcpStream,
-    peer: SocketAddr,
-    orig: SocketAddr,
-    pod: Arc<PodCtx>,
-    shared: Arc<Shared>,
-) {
+async fn relay(client: TcpStream, peer: SocketAddr, orig: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>) {
     if orig.ip().is_loopback() && orig.port() == pod.outbound_port {
         // Would connect to ourselves.
         shared.errors.orig_dst_is_proxy.fetch_add(1, Relaxed);

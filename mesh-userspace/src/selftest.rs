@@ -25,23 +25,17 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Run the test; `Ok(summary)` or `Err(what failed)`.
 pub fn run(kernel: &mut Kernel) -> Result<String, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
-    let client =
-        TcpStream::connect(l.local_addr().unwrap()).map_err(|e| format!("connect: {e}"))?;
+    let client = TcpStream::connect(l.local_addr().unwrap()).map_err(|e| format!("connect: {e}"))?;
     let (server, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
-    let cookie =
-        sys::netns_cookie(client.as_raw_fd()).map_err(|e| format!("SO_NETNS_COOKIE: {e}"))?;
+    let cookie = sys::netns_cookie(client.as_raw_fd()).map_err(|e| format!("SO_NETNS_COOKIE: {e}"))?;
     let key = |s: &TcpStream| -> Result<ConnTuple, String> {
         let local: SocketAddr = s.local_addr().map_err(|e| e.to_string())?;
         let peer: SocketAddr = s.peer_addr().map_err(|e| e.to_string())?;
         Ok(ConnTuple::from_addrs(cookie, local, peer))
     };
     let (ck, sk) = (key(&client)?, key(&server)?);
-    kernel
-        .sockhash_insert(ck, &client)
-        .map_err(|e| e.to_string())?;
-    kernel
-        .sockhash_insert(sk, &server)
-        .map_err(|e| e.to_string())?;
+    kernel.sockhash_insert(ck, &client).map_err(|e| e.to_string())?;
+    kernel.sockhash_insert(sk, &server).map_err(|e| e.to_string())?;
     let result = checks(kernel, client, server);
     kernel.sockhash_remove(&ck);
     kernel.sockhash_remove(&sk);
@@ -88,9 +82,7 @@ fn checks(kernel: &Kernel, mut client: TcpStream, mut server: TcpStream) -> Resu
             if start.elapsed() > STEP_TIMEOUT * 4 {
                 return Err(format!("bulk read stalled at {seen} bytes"));
             }
-            let n = server
-                .read(&mut buf)
-                .map_err(|e| format!("bulk read: {e}"))?;
+            let n = server.read(&mut buf).map_err(|e| format!("bulk read: {e}"))?;
             if n == 0 {
                 break;
             }
@@ -115,13 +107,9 @@ fn checks(kernel: &Kernel, mut client: TcpStream, mut server: TcpStream) -> Resu
         sent += BULK_WRITE;
     }
     client.shutdown(std::net::Shutdown::Write).ok();
-    let seen = reader
-        .join()
-        .map_err(|_| "bulk reader panicked".to_string())??;
+    let seen = reader.join().map_err(|_| "bulk reader panicked".to_string())??;
     if seen != BULK_TOTAL {
-        return Err(format!(
-            "bulk stream delivered {seen} of {BULK_TOTAL} bytes"
-        ));
+        return Err(format!("bulk stream delivered {seen} of {BULK_TOTAL} bytes"));
     }
     Ok(format!(
         "self-test passed: redirect, epoll, FIONREAD, and a {} MiB stream of 64 KiB writes",

@@ -31,11 +31,10 @@ pub enum SysError {
 /// The cgroup v2 mount point, from `/proc/self/mountinfo` (`/sys/fs/cgroup` on most nodes,
 /// `/sys/fs/cgroup/unified` on hybrid hosts).
 pub fn cgroup2_mount() -> Result<PathBuf, SysError> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| SysError::Read {
-            path: "/proc/self/mountinfo".into(),
-            source,
-        })?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| SysError::Read {
+        path: "/proc/self/mountinfo".into(),
+        source,
+    })?;
     parse_mountinfo(&text, "cgroup2").ok_or(SysError::NoCgroup2)
 }
 
@@ -76,11 +75,10 @@ pub fn own_cgroup(mount: &Path) -> io::Result<PathBuf> {
 
 /// Mount bpffs at `path` unless one is there. Returns true when this call mounted it.
 pub fn ensure_bpffs(path: &Path) -> Result<bool, SysError> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| SysError::Read {
-            path: "/proc/self/mountinfo".into(),
-            source,
-        })?;
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| SysError::Read {
+        path: "/proc/self/mountinfo".into(),
+        source,
+    })?;
     for line in text.lines() {
         let Some((left, right)) = line.split_once(" - ") else {
             continue;
@@ -279,10 +277,7 @@ mod tests {
             parse_mountinfo(text, "cgroup2"),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        assert_eq!(
-            parse_mountinfo(text, "bpf"),
-            Some(PathBuf::from("/sys/fs/bpf"))
-        );
+        assert_eq!(parse_mountinfo(text, "bpf"), Some(PathBuf::from("/sys/fs/bpf")));
         assert_eq!(parse_mountinfo(text, "xfs"), None);
     }
 

@@ -14,20 +14,11 @@ use crate::exec;
 /// installed. Append test peers here (name, why).
 pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("llvm-22-dev", "LLVM 22 that bpf-linker links against"),
-    (
-        "libpolly-22-dev",
-        "needed to link bpf-linker against LLVM 22",
-    ),
+    ("libpolly-22-dev", "needed to link bpf-linker against LLVM 22"),
     ("libzstd-dev", "needed to link bpf-linker against LLVM 22"),
     ("zlib1g-dev", "needed to link bpf-linker against LLVM 22"),
-    (
-        "bpftool",
-        "inspects loaded programs, maps and cgroup attachments",
-    ),
-    (
-        "iproute2",
-        "`ip netns` for the privileged tests' virtual nodes",
-    ),
+    ("bpftool", "inspects loaded programs, maps and cgroup attachments"),
+    ("iproute2", "`ip netns` for the privileged tests' virtual nodes"),
     ("curl", "HTTP client for the tests and the demo"),
     (
         "util-linux",
@@ -70,8 +61,7 @@ pub fn ensure() -> Result<usize> {
 
 /// Whether this process runs as root (effective uid 0).
 pub fn is_root() -> Result<bool> {
-    let status =
-        fs::read_to_string("/proc/self/status").context("failed to read /proc/self/status")?;
+    let status = fs::read_to_string("/proc/self/status").context("failed to read /proc/self/status")?;
     effective_uid(&status)
         .map(|uid| uid == 0)
         .context("no `Uid:` line in /proc/self/status")
@@ -125,10 +115,7 @@ fn apt_packages() -> Result<usize> {
 /// "want error state" (e.g. `install ok installed`); a package with several architectures
 /// prints one such triple per architecture, concatenated.
 pub fn dpkg_installed(status: &str) -> bool {
-    let words: Vec<&str> = status
-        .split_whitespace()
-        .flat_map(split_glued_triples)
-        .collect();
+    let words: Vec<&str> = status.split_whitespace().flat_map(split_glued_triples).collect();
     words
         .chunks(3)
         .any(|t| matches!(t, ["install" | "hold", "ok", "installed"]))
@@ -178,13 +165,7 @@ fn rust_src() -> Result<usize> {
         return Ok(0);
     }
     println!("installing rust-src for nightly: `-Z build-std=core` for bpfel-unknown-none");
-    exec::run(exec::command("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        "nightly",
-    ]))?;
+    exec::run(exec::command("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
     Ok(1)
 }
 
@@ -281,9 +262,7 @@ mod tests {
                     nightly-x86_64-unknown-linux-gnu\n1.95.0-x86_64-unknown-linux-gnu\n";
         assert!(has_nightly(list));
         assert!(!has_nightly("stable-x86_64-unknown-linux-gnu (default)\n"));
-        assert!(!has_nightly(
-            "nightly-2026-05-19-x86_64-unknown-linux-gnu\n"
-        ));
+        assert!(!has_nightly("nightly-2026-05-19-x86_64-unknown-linux-gnu\n"));
         assert!(has_nightly("nightly-x86_64-unknown-linux-gnu (active)\n"));
     }
 

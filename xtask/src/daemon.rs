@@ -14,13 +14,6 @@ pub fn sockmesh_bin_path(root: &Path) -> PathBuf {
 /// Builds the daemon in release mode. Its build.rs embeds the object from `build-ebpf` and
 /// reruns when that object changes, so call this after [`crate::build_ebpf::build`].
 pub fn build(root: &Path) -> Result<PathBuf> {
-    exec::run(exec::cargo(root).args([
-        "build",
-        "--release",
-        "-p",
-        "mesh-userspace",
-        "--bin",
-        "sockmesh",
-    ]))?;
+    exec::run(exec::cargo(root).args(["build", "--release", "-p", "mesh-userspace", "--bin", "sockmesh"]))?;
     Ok(sockmesh_bin_path(root))
 }

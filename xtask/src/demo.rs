@@ -21,13 +21,7 @@ pub fn run(opts: Options) -> Result<()> {
     let root = workspace_root();
     build_ebpf::build(&root)?;
     let sockmesh = daemon::build(&root)?;
-    exec::run(exec::cargo(&root).args([
-        "build",
-        "-p",
-        "sockmesh-tests",
-        "--bin",
-        "sockmesh-demo",
-    ]))?;
+    exec::run(exec::cargo(&root).args(["build", "-p", "sockmesh-tests", "--bin", "sockmesh-demo"]))?;
 
     let demo = root.join("target").join("debug").join("sockmesh-demo");
     let mut cmd = exec::command(&demo);

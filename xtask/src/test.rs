@@ -103,8 +103,7 @@ mod tests {
 
     #[test]
     fn args_after_double_dash_reach_the_suite() {
-        let cli =
-            Cli::try_parse_from(["test", "--no-host", "--", "capture", "--nocapture"]).unwrap();
+        let cli = Cli::try_parse_from(["test", "--no-host", "--", "capture", "--nocapture"]).unwrap();
         assert!(cli.opts.no_host && !cli.opts.host_only);
         assert_eq!(cli.opts.args, ["capture", "--nocapture"]);
     }
