@@ -20,6 +20,23 @@ pub const FLOW_STATE: &str = "SM_FLOW_STATE";
 /// `PerCpuArray<u64>` indexed by [`crate::stats::Reason`].
 pub const STATS: &str = "SM_STATS";
 
+/// aya-log's ring buffer (pinned with the others so a restarted daemon reads the old programs' logs).
+pub const AYA_LOGS: &str = "AYA_LOGS";
+
+/// Every map the daemon pins under `<pin_dir>/maps/`.
+pub const PINNED: [&str; 10] = [
+    CONFIG,
+    PODS,
+    BYPASS_CIDRS,
+    BYPASS_PORTS,
+    ORIG_BY_COOKIE,
+    FLOWS,
+    SOCKS,
+    FLOW_STATE,
+    STATS,
+    AYA_LOGS,
+];
+
 pub const PODS_MAX: u32 = 4096;
 pub const BYPASS_CIDRS_MAX: u32 = 1024;
 pub const BYPASS_PORTS_MAX: u32 = 256;
@@ -38,6 +55,16 @@ pub mod progs {
     pub const GETSOCKOPT: &str = "sm_getsockopt";
     pub const GETPEERNAME4: &str = "sm_getpeername4";
     pub const GETPEERNAME6: &str = "sm_getpeername6";
+
+    /// The hooks attached to the cgroup root through pinned bpf links.
+    pub const CGROUP_LINKED: [&str; 6] = [
+        CONNECT4,
+        CONNECT6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+        GETSOCKOPT,
+        SOCKOPS,
+    ];
 }
 
 #[cfg(test)]

@@ -36,6 +36,11 @@ pub enum Request {
     Unenroll {
         name: String,
     },
+    /// Stop the daemon; `keep_state` leaves links, maps and enrolment pinned for a successor.
+    Stop {
+        #[serde(default)]
+        keep_state: bool,
+    },
     Status,
 }
 
@@ -142,6 +147,10 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             Ok(()) => Response::ok(),
             Err(e) => Response::err(e),
         },
+        Request::Stop { keep_state } => {
+            daemon.request_stop(keep_state);
+            Response::ok()
+        }
         Request::Status => Response {
             ok: true,
             error: None,

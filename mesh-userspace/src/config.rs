@@ -13,6 +13,10 @@ use serde::Deserialize;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sockmesh/admin.sock";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:15020";
 pub const DEFAULT_DRAIN_SECS: u64 = 5;
+/// Where links and maps are pinned (on bpffs), so capture outlives a daemon restart.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sockmesh";
+/// Enrolment state (pod names and paths) a restarted daemon re-adopts.
+pub const DEFAULT_STATE_FILE: &str = "/run/sockmesh/state.json";
 /// Most pods a node config may list (the kernel map holds `mesh_common::maps::PODS_MAX`).
 pub const MAX_PODS: usize = mesh_common::maps::PODS_MAX as usize;
 
@@ -51,6 +55,8 @@ struct RawConfig {
     daemon_mark: Option<u32>,
     drain_timeout_secs: Option<u64>,
     bpf_log: Option<bool>,
+    pin_dir: Option<PathBuf>,
+    state_file: Option<PathBuf>,
     #[serde(default)]
     acceleration: RawAccel,
     #[serde(default)]
@@ -148,6 +154,8 @@ pub struct Config {
     pub daemon_mark: u32,
     pub drain_timeout_secs: u64,
     pub bpf_log: bool,
+    pub pin_dir: PathBuf,
+    pub state_file: PathBuf,
     pub acceleration: Acceleration,
     pub bypass_cidrs: Vec<Cidr>,
     pub bypass_ports: Vec<u16>,
@@ -197,6 +205,16 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
             "daemon_mark",
             "must not be 0 (unmarked sockets would look like the daemon's)",
         ));
+    }
+    let pin_dir = raw.pin_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+    if !pin_dir.is_absolute() {
+        return Err(err("pin_dir", "must be an absolute path on bpffs"));
+    }
+    let state_file = raw
+        .state_file
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_FILE));
+    if !state_file.is_absolute() {
+        return Err(err("state_file", "must be an absolute path"));
     }
     if let Some(root) = &raw.cgroup_root {
         if !root.is_absolute() {
@@ -300,6 +318,8 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         daemon_mark,
         drain_timeout_secs: raw.drain_timeout_secs.unwrap_or(DEFAULT_DRAIN_SECS),
         bpf_log: raw.bpf_log.unwrap_or(false),
+        pin_dir,
+        state_file,
         acceleration: acc,
         bypass_cidrs,
         bypass_ports,
@@ -432,6 +452,8 @@ mod tests {
             "pods[0].netns"
         );
         assert_eq!(field_of("daemon_mark = 0"), "daemon_mark");
+        assert_eq!(field_of("pin_dir = \"rel/x\""), "pin_dir");
+        assert_eq!(field_of("state_file = \"s.json\""), "state_file");
         assert_eq!(
             field_of("[acceleration]\nmax_msg_bytes = 0"),
             "acceleration.max_msg_bytes"

@@ -20,6 +20,7 @@ use crate::{
     config::{self, Config, PodSpec},
     ebpf::{Kernel, KernelError},
     proxy::{self, PodCtx, PodProxy, PodStats, Shared},
+    state,
     sys::{self, NetNs},
 };
 
@@ -98,6 +99,8 @@ pub struct Daemon {
     shutting_down: std::sync::atomic::AtomicBool,
     started: Instant,
     enrolments: AtomicU64,
+    /// Set by the admin `stop` request: `Some(keep_state)`.
+    stop: tokio::sync::watch::Sender<Option<bool>>,
 }
 
 pub struct PodMetrics {
@@ -140,6 +143,7 @@ impl Daemon {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
             enrolments: AtomicU64::new(0),
+            stop: tokio::sync::watch::channel(None).0,
         }
     }
 
@@ -220,14 +224,16 @@ impl Daemon {
             )
         };
         let pod_id = self.next_pod_id.fetch_add(1, Relaxed);
-        self.kernel
-            .lock()
-            .expect("kernel lock")
-            .add_pod(cgroup_id, PodInfo::new(pod_id, POD_FLAG_NONE, netns_cookie))
-            .map_err(|source| DaemonError::Kernel {
-                name: name.clone(),
-                source,
-            })?;
+        if spec.capture {
+            self.kernel
+                .lock()
+                .expect("kernel lock")
+                .add_pod(cgroup_id, PodInfo::new(pod_id, POD_FLAG_NONE, netns_cookie))
+                .map_err(|source| DaemonError::Kernel {
+                    name: name.clone(),
+                    source,
+                })?;
+        }
         info!(pod = %name, cgroup_id, netns_cookie, external_proxy = spec.external_proxy, "enrolled");
         self.enrolments.fetch_add(1, Relaxed);
         pods.insert(
@@ -241,7 +247,72 @@ impl Daemon {
                 proxy,
             },
         );
+        self.persist(&pods);
         Ok(())
+    }
+
+    /// Write the enrolment state for a successor daemon. A failure is logged, not fatal: the
+    /// kernel state is pinned anyway, only names and paths would be missing after a restart.
+    fn persist(&self, pods: &BTreeMap<String, EnrolledPod>) {
+        let st = state::State {
+            abi_version: mesh_common::ABI_VERSION,
+            cgroup_root: self.cgroup_root.clone(),
+            pods: pods.values().map(|p| state::PodState::from(&p.spec)).collect(),
+        };
+        if let Err(e) = state::save(&self.cfg.state_file, &st) {
+            warn!(path = %self.cfg.state_file.display(), "failed to save enrolment state: {e}");
+        }
+    }
+
+    /// After a restart: enrol `desired` (config pods and the previous daemon's state), then drop
+    /// kernel entries nobody wants any more. Pods whose netns or cgroup vanished meanwhile are
+    /// skipped with a warning.
+    pub fn adopt(&self, desired: Vec<PodSpec>) -> Vec<String> {
+        let mut skipped = Vec::new();
+        for spec in desired {
+            let name = spec.name.clone();
+            if let Err(e) = self.enroll(spec) {
+                warn!(pod = %name, "not re-adopted: {e}");
+                skipped.push(format!("{name}: {e}"));
+            }
+        }
+        let wanted: Vec<u64> = self
+            .pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .filter(|p| p.spec.capture)
+            .map(|p| p.cgroup_id)
+            .collect();
+        let mut k = self.kernel.lock().expect("kernel lock");
+        for (cg, _) in k.pod_entries() {
+            if !wanted.contains(&cg) {
+                info!(
+                    cgroup_id = cg,
+                    "removing a stale pod entry left by the previous daemon"
+                );
+                let _ = k.remove_pod(cg);
+            }
+        }
+        skipped
+    }
+
+    /// Ask the daemon to stop (admin `stop`).
+    pub fn request_stop(&self, keep_state: bool) {
+        let _ = self.stop.send(Some(keep_state));
+    }
+
+    /// Resolves with `keep_state` when a stop was requested.
+    pub async fn stop_requested(&self) -> bool {
+        let mut rx = self.stop.subscribe();
+        loop {
+            if let Some(keep) = *rx.borrow_and_update() {
+                return keep;
+            }
+            if rx.changed().await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Stop capturing the pod's new connections; connections already proxied run to their end.
@@ -261,6 +332,7 @@ impl Daemon {
                     source,
                 });
             }
+            self.persist(&pods);
             pod
         };
         info!(pod = %name, "unenrolled");
@@ -352,17 +424,20 @@ impl Daemon {
     }
 
     /// Phase one: new connects go direct, listeners stop after serving their queue.
-    /// Phase two: wait for live connections up to the deadline.
-    pub async fn shutdown(&self) {
+    /// Phase two: wait for live connections up to the deadline. Then, unless `keep_state`,
+    /// remove the pins and the state file (the links detach when the kernel handle drops).
+    /// With `keep_state` the pinned links, maps and enrolment stay for the next daemon; until
+    /// it comes, the hooks find no listener and every connect goes direct.
+    pub async fn shutdown(&self, keep_state: bool) {
         self.shutting_down.store(true, Relaxed);
-        if let Err(e) = self.kernel.lock().expect("kernel lock").disable() {
-            warn!("failed to switch capture off before detaching: {e}");
-        }
         let pods: Vec<EnrolledPod> = std::mem::take(&mut *self.pods.lock().expect("pods lock"))
             .into_values()
             .collect();
-        {
+        if !keep_state {
             let mut k = self.kernel.lock().expect("kernel lock");
+            if let Err(e) = k.disable() {
+                warn!("failed to switch capture off before detaching: {e}");
+            }
             for p in &pods {
                 let _ = k.remove_pod(p.cgroup_id);
             }
@@ -382,6 +457,17 @@ impl Daemon {
                 connections = left,
                 "drain deadline passed; closing remaining connections"
             );
+        }
+        if keep_state {
+            info!(pin_dir = %self.cfg.pin_dir.display(), "keeping pinned state for the next daemon");
+            return;
+        }
+        match self.kernel.lock().expect("kernel lock").remove_pins() {
+            Ok(removed) => info!(count = removed.len(), "removed pinned links and maps"),
+            Err(e) => warn!("failed to remove pins under {}: {e}", self.cfg.pin_dir.display()),
+        }
+        if let Err(e) = state::remove(&self.cfg.state_file) {
+            warn!("failed to remove {}: {e}", self.cfg.state_file.display());
         }
     }
 

@@ -2,11 +2,19 @@
 //! root with bpf links (multi-attach, so a CNI's programs keep working), and give the rest of the
 //! daemon typed access to the maps. Dropping [`Kernel`] detaches everything it attached.
 
-use std::{fs::File, net::IpAddr, os::fd::AsRawFd, path::Path};
+use std::{
+    fs::File,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SkSkb, SockOps},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SkSkb, SockOps,
+    },
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
@@ -54,11 +62,34 @@ pub enum KernelError {
     Cgroup { path: String, source: std::io::Error },
     #[error("map `{name}` is full ({max} entries)")]
     Full { name: &'static str, max: u32 },
+    #[error("failed to create pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: std::io::Error },
+    #[error("failed to pin {path}: {source}")]
+    Pin {
+        path: String,
+        source: aya::pin::PinError,
+    },
+    #[error("failed to adopt the pinned link {path}: {source}")]
+    Adopt {
+        path: String,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("failed to attach `{hook}` with a pinned bpf link: {source}")]
+    RawLink {
+        hook: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the attachment is not a bpf link (kernel without cgroup bpf links?): {0}")]
+    NotALink(aya::programs::links::LinkError),
+    #[error("pinned state in {pin_dir} has ABI version {found}, this daemon speaks {}: run `sockmesh uninstall` first", mesh_common::ABI_VERSION)]
+    AbiMismatch { pin_dir: String, found: u32 },
 }
 
 /// What the daemon asks of the kernel side.
 pub struct KernelOptions<'a> {
     pub cgroup_root: &'a Path,
+    /// bpffs directory holding `maps/` and `links/`.
+    pub pin_dir: &'a Path,
     pub outbound_port: u16,
     pub daemon_mark: u32,
     pub accelerate: bool,
@@ -67,8 +98,17 @@ pub struct KernelOptions<'a> {
     pub bpf_log: bool,
 }
 
+/// How the kernel state was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Nothing was pinned: programs loaded, attached and pinned now.
+    Fresh,
+    /// A previous daemon's pinned links and maps were re-adopted (no detach, no new programs).
+    Adopted,
+}
+
 pub struct Kernel {
-    /// Owns the programs and their links; dropped last.
+    /// Owns the programs this daemon loaded (none when every link was adopted).
     bpf: Ebpf,
     config_map: Array<MapData, MeshConfig>,
     pods: HashMap<MapData, u64, PodInfo>,
@@ -78,7 +118,10 @@ pub struct Kernel {
     socks: SockHash<MapData, ConnTuple>,
     config: MeshConfig,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    /// Hooks attached, for status ("connect4 -> /sys/fs/cgroup/...").
+    links: Vec<(PathBuf, PinnedLink)>,
+    pin_dir: PathBuf,
+    pub origin: Origin,
+    /// Hooks attached, for status ("sm_connect4 -> /sys/fs/cgroup/...").
     pub attached: Vec<String>,
 }
 
@@ -89,19 +132,81 @@ macro_rules! take_map {
     }};
 }
 
+/// `<pin_dir>/maps` and `<pin_dir>/links`.
+pub fn pin_paths(pin_dir: &Path) -> (PathBuf, PathBuf) {
+    (pin_dir.join("maps"), pin_dir.join("links"))
+}
+
+/// True when a previous daemon left pinned links in `pin_dir`.
+pub fn has_pinned_state(pin_dir: &Path) -> bool {
+    let (_, links) = pin_paths(pin_dir);
+    std::fs::read_dir(links)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+}
+
+/// Remove everything under `pin_dir`: dropping the last reference to a link detaches it, and
+/// maps go with their last user. Returns what was removed. Works without the object.
+pub fn remove_pins(pin_dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let (maps, links) = pin_paths(pin_dir);
+    for dir in [&links, &maps] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                std::fs::remove_file(e.path())?;
+                removed.push(e.path().display().to_string());
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Ok(()) => removed.push(pin_dir.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(removed)
+}
+
 impl Kernel {
-    /// Load the object and attach every hook at `opts.cgroup_root`.
+    /// Load the object with every map pinned under `pin_dir` (reusing pinned maps), and make
+    /// sure every cgroup hook is attached at `opts.cgroup_root` through a pinned link: links a
+    /// previous daemon pinned are adopted as they are, missing ones are attached and pinned.
     pub fn load(opts: &KernelOptions<'_>) -> Result<Self, KernelError> {
         if OBJECT.is_empty() {
             return Err(KernelError::NoObject);
         }
+        let (maps_dir, links_dir) = pin_paths(opts.pin_dir);
+        for d in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(d).map_err(|source| KernelError::PinDir {
+                path: d.clone(),
+                source,
+            })?;
+        }
+        let origin = if has_pinned_state(opts.pin_dir) {
+            Origin::Adopted
+        } else {
+            Origin::Fresh
+        };
         // aya-log's level: 0 turns every log statement in the programs into one skipped branch.
         let log_level: u8 = if opts.bpf_log { 0xff } else { 0 };
-        let mut bpf = EbpfLoader::new()
-            .override_global("AYA_LOG_LEVEL", &log_level, false)
-            .load(OBJECT)
-            .map_err(KernelError::Load)?;
+        let map_paths: Vec<(&'static str, PathBuf)> =
+            m::PINNED.iter().map(|n| (*n, maps_dir.join(n))).collect();
+        let mut loader = EbpfLoader::new();
+        loader.override_global("AYA_LOG_LEVEL", &log_level, false);
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut bpf = loader.load(OBJECT).map_err(KernelError::Load)?;
         let config_map = take_map!(bpf, m::CONFIG, Array<MapData, MeshConfig>);
+        // A pinned config from another ABI means maps of another shape: refuse to mix them.
+        if let Ok(old) = config_map.get(&0, 0) {
+            if old.abi_version != 0 && old.abi_version != mesh_common::ABI_VERSION {
+                return Err(KernelError::AbiMismatch {
+                    pin_dir: opts.pin_dir.display().to_string(),
+                    found: old.abi_version,
+                });
+            }
+        }
         let pods = take_map!(bpf, m::PODS, HashMap<MapData, u64, PodInfo>);
         let bypass_cidrs = take_map!(bpf, m::BYPASS_CIDRS, LpmTrie<MapData, [u32; 4], u32>);
         let bypass_ports = take_map!(bpf, m::BYPASS_PORTS, HashMap<MapData, u32, u32>);
@@ -132,6 +237,9 @@ impl Kernel {
             socks,
             config,
             logger: None,
+            links: Vec::new(),
+            pin_dir: opts.pin_dir.to_path_buf(),
+            origin,
             attached: Vec::new(),
         };
         // Take the log ring before anything runs, so records are never lost to a full ring.
@@ -141,11 +249,26 @@ impl Kernel {
             None
         };
         k.write_config()?;
-        k.attach_cgroup_hooks(opts.cgroup_root)?;
+        k.attach_cgroup_hooks(opts.cgroup_root, &links_dir)?;
         if opts.accelerate {
             k.attach_accel()?;
         }
         Ok(k)
+    }
+
+    /// Enrolled cgroup ids as the kernel has them (after a restart: what the last daemon left).
+    pub fn pod_entries(&self) -> Vec<(u64, PodInfo)> {
+        self.pods.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Remove every pin (a full stop): the links detach when this handle drops, the maps go
+    /// with their last user.
+    pub fn remove_pins(&mut self) -> std::io::Result<Vec<String>> {
+        for (_, l) in std::mem::take(&mut self.links) {
+            // Unpinning removes the pin file; dropping the fd then detaches the link.
+            let _ = l.unpin();
+        }
+        remove_pins(&self.pin_dir)
     }
 
     fn write_config(&mut self) -> Result<(), KernelError> {
@@ -172,51 +295,79 @@ impl Kernel {
     /// Cgroup hooks attach through bpf links (kernel 5.7+). A cgroup bpf link always joins the
     /// cgroup's multi-program list (the kernel rejects link flags, so aya's `Single` mode, flags
     /// 0, is the right call): a CNI's programs on the same cgroup keep running next to ours.
-    fn attach_cgroup_hooks(&mut self, root: &Path) -> Result<(), KernelError> {
-        let cgroup = File::open(root).map_err(|source| KernelError::Cgroup {
-            path: root.display().to_string(),
-            source,
-        })?;
+    /// Each link is pinned, so it survives this process; a pinned link is adopted, not redone.
+    fn attach_cgroup_hooks(&mut self, root: &Path, links_dir: &Path) -> Result<(), KernelError> {
         let target = root.display().to_string();
-        for name in [
-            progs::CONNECT4,
-            progs::CONNECT6,
-            progs::GETPEERNAME4,
-            progs::GETPEERNAME6,
-        ] {
-            let prog: &mut CgroupSockAddr = self.program(name)?;
-            prog.load()
-                .map_err(|source| KernelError::ProgramLoad { hook: name, source })?;
-            prog.attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| KernelError::Attach {
-                    hook: name,
-                    target: target.clone(),
+        let mut cgroup: Option<File> = None;
+        for name in progs::CGROUP_LINKED {
+            let pin = links_dir.join(name);
+            if pin.exists() {
+                let link = PinnedLink::from_pin(&pin).map_err(|source| KernelError::Adopt {
+                    path: pin.display().to_string(),
                     source,
                 })?;
+                self.links.push((pin, link));
+                self.attached.push(format!("{name} -> {target} (adopted)"));
+                continue;
+            }
+            if cgroup.is_none() {
+                cgroup = Some(File::open(root).map_err(|source| KernelError::Cgroup {
+                    path: target.clone(),
+                    source,
+                })?);
+            }
+            let cg = cgroup.as_ref().expect("opened above");
+            let attach_err = |source| KernelError::Attach {
+                hook: name,
+                target: target.clone(),
+                source,
+            };
+            let fd_link: FdLink = match name {
+                progs::GETSOCKOPT => {
+                    // aya 0.14 cannot turn a sockopt link into an `FdLink`, so this one is
+                    // created and pinned with the raw syscalls, then adopted like the others.
+                    let prog: &mut CgroupSockopt = self.program(name)?;
+                    prog.load()
+                        .map_err(|source| KernelError::ProgramLoad { hook: name, source })?;
+                    let prog_fd = prog.fd().map_err(attach_err)?.as_fd().as_raw_fd();
+                    raw_link_pin(prog_fd, cg.as_raw_fd(), BPF_CGROUP_GETSOCKOPT, &pin)
+                        .map_err(|source| KernelError::RawLink { hook: name, source })?;
+                    let link = PinnedLink::from_pin(&pin).map_err(|source| KernelError::Adopt {
+                        path: pin.display().to_string(),
+                        source,
+                    })?;
+                    self.links.push((pin, link));
+                    self.attached.push(format!("{name} -> {target}"));
+                    continue;
+                }
+                progs::SOCKOPS => {
+                    let prog: &mut SockOps = self.program(name)?;
+                    prog.load()
+                        .map_err(|source| KernelError::ProgramLoad { hook: name, source })?;
+                    let id = prog.attach(cg, CgroupAttachMode::Single).map_err(attach_err)?;
+                    prog.take_link(id)
+                        .map_err(attach_err)?
+                        .try_into()
+                        .map_err(KernelError::NotALink)?
+                }
+                _ => {
+                    let prog: &mut CgroupSockAddr = self.program(name)?;
+                    prog.load()
+                        .map_err(|source| KernelError::ProgramLoad { hook: name, source })?;
+                    let id = prog.attach(cg, CgroupAttachMode::Single).map_err(attach_err)?;
+                    prog.take_link(id)
+                        .map_err(attach_err)?
+                        .try_into()
+                        .map_err(KernelError::NotALink)?
+                }
+            };
+            let link = fd_link.pin(&pin).map_err(|source| KernelError::Pin {
+                path: pin.display().to_string(),
+                source,
+            })?;
+            self.links.push((pin, link));
             self.attached.push(format!("{name} -> {target}"));
         }
-        let name = progs::GETSOCKOPT;
-        let prog: &mut CgroupSockopt = self.program(name)?;
-        prog.load()
-            .map_err(|source| KernelError::ProgramLoad { hook: name, source })?;
-        prog.attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| KernelError::Attach {
-                hook: name,
-                target: target.clone(),
-                source,
-            })?;
-        self.attached.push(format!("{name} -> {target}"));
-        let name = progs::SOCKOPS;
-        let prog: &mut SockOps = self.program(name)?;
-        prog.load()
-            .map_err(|source| KernelError::ProgramLoad { hook: name, source })?;
-        prog.attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(|source| KernelError::Attach {
-                hook: name,
-                target: target.clone(),
-                source,
-            })?;
-        self.attached.push(format!("{name} -> {target}"));
         Ok(())
     }
 
@@ -349,4 +500,53 @@ impl Kernel {
     pub fn sockhash_remove(&mut self, key: &ConnTuple) {
         let _ = self.socks.remove(key);
     }
+}
+
+/// `enum bpf_attach_type`: BPF_CGROUP_GETSOCKOPT.
+const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// `bpf(BPF_LINK_CREATE)` for a cgroup attach, then `bpf(BPF_OBJ_PIN)` at `pin`. The link's fd is
+/// closed on return; the pin keeps the link attached.
+fn raw_link_pin(prog_fd: i32, cgroup_fd: i32, attach_type: u32, pin: &Path) -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // union bpf_attr, link_create: prog_fd, target_fd, attach_type, flags (all u32), rest zero.
+    let mut attr = [0u32; 32];
+    attr[0] = prog_fd as u32;
+    attr[1] = cgroup_fd as u32;
+    attr[2] = attach_type;
+    // SAFETY: bpf(2) with a zero-padded attr larger than the kernel's link_create view.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just handed us this fd.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // obj_pin: pathname (u64), bpf_fd (u32), file_flags (u32).
+    let mut pin_attr = [0u64; 4];
+    pin_attr[0] = path.as_ptr() as u64;
+    pin_attr[1] = link.as_raw_fd() as u32 as u64;
+    // SAFETY: as above; `path` outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            pin_attr.as_mut_ptr(),
+            std::mem::size_of_val(&pin_attr),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -12,6 +12,7 @@ mod ebpf;
 mod metrics;
 mod proxy;
 mod selftest;
+mod state;
 mod status;
 mod sys;
 
@@ -88,6 +89,26 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Stop a running daemon. With `--keep-state` its pinned links, maps and enrolment stay
+    /// for the next daemon (a restart or upgrade); without it everything is removed.
+    Stop {
+        #[arg(long)]
+        keep_state: bool,
+        #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Stop the daemon if it runs, then detach and unpin everything sockmesh left on this node.
+    Uninstall {
+        /// Read pin_dir, state_file and admin_socket from this config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        #[arg(long)]
+        state_file: Option<PathBuf>,
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
     /// Print the embedded default config.
     DefaultConfig,
 }
@@ -126,6 +147,16 @@ fn main() -> ExitCode {
             client(&admin_socket, admin::Request::Unenroll { name }, false)
         }
         Cmd::Status { json, admin_socket } => client(&admin_socket, admin::Request::Status, json),
+        Cmd::Stop {
+            keep_state,
+            admin_socket,
+        } => client(&admin_socket, admin::Request::Stop { keep_state }, false),
+        Cmd::Uninstall {
+            config,
+            pin_dir,
+            state_file,
+            admin_socket,
+        } => uninstall(config.as_deref(), pin_dir, state_file, admin_socket),
         Cmd::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
@@ -284,7 +315,12 @@ fn serve(cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Result<(
         },
     ));
     let result = serve_loaded(cfg, root, checks);
-    if mounted_bpffs {
+    // Leave the mount if anything is pinned in it (our kept state, or anybody else's).
+    if mounted_bpffs
+        && std::fs::read_dir(bpffs)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false)
+    {
         sys::umount(bpffs);
     }
     result
@@ -293,6 +329,7 @@ fn serve(cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Result<(
 fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, String)>) -> anyhow::Result<()> {
     let opts = ebpf::KernelOptions {
         cgroup_root: &root,
+        pin_dir: &cfg.pin_dir,
         outbound_port: cfg.outbound_port,
         daemon_mark: cfg.daemon_mark,
         accelerate: cfg.acceleration.enabled,
@@ -301,6 +338,14 @@ fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, Str
         bpf_log: cfg.bpf_log,
     };
     let mut kernel = ebpf::Kernel::load(&opts)?;
+    let origin = kernel.origin;
+    checks.push((
+        "pinned state".into(),
+        match origin {
+            ebpf::Origin::Fresh => format!("created under {}", cfg.pin_dir.display()),
+            ebpf::Origin::Adopted => format!("re-adopted from {}", cfg.pin_dir.display()),
+        },
+    ));
     checks.push((
         "hooks".into(),
         "connect4/6, getpeername4/6, getsockopt, sockops loaded and attached".into(),
@@ -330,7 +375,29 @@ fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, Str
             detail: "off in config".into(),
         }
     };
-    let pods = cfg.pods.clone();
+    let mut pods = cfg.pods.clone();
+    if origin == ebpf::Origin::Adopted {
+        // The previous daemon's enrolment, unless the config says otherwise for the same name.
+        match state::load(&cfg.state_file) {
+            Ok(Some(st)) if st.cgroup_root == root => {
+                for p in st.pods {
+                    if !pods.iter().any(|q| q.name == p.name) {
+                        pods.push(p.into());
+                    }
+                }
+            }
+            Ok(Some(st)) => warn!(
+                "ignoring {}: it belongs to cgroup root {}",
+                cfg.state_file.display(),
+                st.cgroup_root.display()
+            ),
+            Ok(None) => warn!(
+                "pinned state without {}: only config pods are enrolled",
+                cfg.state_file.display()
+            ),
+            Err(e) => warn!("ignoring unreadable enrolment state: {e}"),
+        }
+    }
     let metrics_addr = cfg.metrics_addr;
     let admin_path = cfg.admin_socket.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -346,23 +413,105 @@ fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, Str
             .await
             .with_context(|| format!("failed to bind the metrics endpoint {metrics_addr}"))?;
         info!(admin = %admin_path.display(), metrics = %metrics.local_addr()?, root = %root.display(), "sockmesh running");
-        for p in pods {
-            daemon.enroll(p).context("failed to enrol a pod from the config")?;
+        if origin == ebpf::Origin::Adopted {
+            let skipped = daemon.adopt(pods);
+            info!(skipped = skipped.len(), "re-adopted the previous daemon's state");
+        } else {
+            for p in pods {
+                daemon.enroll(p).context("failed to enrol a pod from the config")?;
+            }
         }
         tokio::spawn(admin::serve(admin, daemon.clone()));
         tokio::spawn(metrics::serve(metrics, daemon.clone()));
         tokio::spawn(daemon.clone().forward_bpf_logs());
-        wait_for_signal().await?;
-        info!("shutting down: capture off, draining");
-        daemon.shutdown().await;
+        let keep_state = tokio::select! {
+            r = wait_for_signal() => { r?; false }
+            keep = daemon.stop_requested() => keep,
+        };
+        if keep_state {
+            info!("stopping, keeping pinned state for the next daemon");
+        } else {
+            info!("shutting down: capture off, draining, then detaching");
+        }
+        daemon.shutdown(keep_state).await;
         anyhow::Ok(())
     });
     let _ = std::fs::remove_file(daemon.admin_socket());
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
-    // Dropping the daemon drops the kernel handle, which detaches every hook.
+    // Dropping the daemon drops the kernel handle: unpinned links detach now.
     drop(daemon);
-    info!("detached; bye");
+    info!("bye");
     result
+}
+
+/// `sockmesh uninstall`: stop the daemon if it answers, then remove every pin and the state file.
+fn uninstall(
+    config_path: Option<&Path>,
+    pin_dir: Option<PathBuf>,
+    state_file: Option<PathBuf>,
+    admin_socket: Option<PathBuf>,
+) -> ExitCode {
+    let cfg = match config_path.map(std::fs::read_to_string) {
+        None => config::parse(""),
+        Some(Ok(text)) => config::parse(&text),
+        Some(Err(e)) => {
+            eprintln!("invalid config: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let cfg = match cfg {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let pin_dir = pin_dir.unwrap_or(cfg.pin_dir);
+    let state_file = state_file.unwrap_or(cfg.state_file);
+    let admin_socket = admin_socket.unwrap_or(cfg.admin_socket);
+    if admin_socket.exists() {
+        match admin::call(&admin_socket, &admin::Request::Stop { keep_state: false }) {
+            Ok(_) => {
+                println!("stopping the running daemon ({})", admin_socket.display());
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                while admin_socket.exists() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                if admin_socket.exists() {
+                    eprintln!("error: the daemon did not stop within 60s");
+                    return ExitCode::FAILURE;
+                }
+            }
+            Err(_) => {
+                println!(
+                    "no daemon answers on {}; removing its socket",
+                    admin_socket.display()
+                );
+                let _ = std::fs::remove_file(&admin_socket);
+            }
+        }
+    }
+    match ebpf::remove_pins(&pin_dir) {
+        Ok(removed) => {
+            for r in &removed {
+                println!("removed {r}");
+            }
+        }
+        Err(e) => {
+            eprintln!("error: failed to remove pins under {}: {e}", pin_dir.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    match state::remove(&state_file) {
+        Ok(true) => println!("removed {}", state_file.display()),
+        Ok(false) => {}
+        Err(e) => {
+            eprintln!("error: failed to remove {}: {e}", state_file.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    println!("sockmesh uninstalled: no program, map, pin or attachment of it remains");
+    ExitCode::SUCCESS
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
