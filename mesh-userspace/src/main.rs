@@ -57,6 +57,12 @@ enum Cmd {
         /// Attach point; overrides `cgroup_root` in the config.
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
+        /// bpffs directory for pinned links and maps; overrides `pin_dir`.
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// Enrolment state file; overrides `state_file`.
+        #[arg(long)]
+        state_file: Option<PathBuf>,
     },
     /// Capture a running pod's new connections.
     Enroll {
@@ -121,9 +127,18 @@ fn main() -> ExitCode {
             admin_socket,
             metrics_addr,
             cgroup_root,
+            pin_dir,
+            state_file,
         } => {
             init_tracing();
-            run(config.as_deref(), admin_socket, metrics_addr, cgroup_root)
+            let overrides = Overrides {
+                admin_socket,
+                metrics_addr,
+                cgroup_root,
+                pin_dir,
+                state_file,
+            };
+            run(config.as_deref(), overrides)
         }
         Cmd::Enroll {
             name,
@@ -199,12 +214,23 @@ fn client(socket: &Path, req: admin::Request, json: bool) -> ExitCode {
     }
 }
 
-fn run(
-    config_path: Option<&Path>,
+/// `sockmesh run` flags that override the config file.
+struct Overrides {
     admin_socket: Option<PathBuf>,
     metrics_addr: Option<String>,
     cgroup_root: Option<PathBuf>,
-) -> ExitCode {
+    pin_dir: Option<PathBuf>,
+    state_file: Option<PathBuf>,
+}
+
+fn run(config_path: Option<&Path>, o: Overrides) -> ExitCode {
+    let Overrides {
+        admin_socket,
+        metrics_addr,
+        cgroup_root,
+        pin_dir,
+        state_file,
+    } = o;
     // Config first: an invalid one exits 64 and attaches nothing.
     let text = match config_path {
         Some(p) => match std::fs::read_to_string(p) {
@@ -237,6 +263,12 @@ fn run(
     }
     if let Some(r) = cgroup_root {
         cfg.cgroup_root = Some(r);
+    }
+    if let Some(p) = pin_dir {
+        cfg.pin_dir = p;
+    }
+    if let Some(p) = state_file {
+        cfg.state_file = p;
     }
     let mount = match sys::cgroup2_mount() {
         Ok(m) => m,
@@ -304,6 +336,31 @@ fn preflight(root: &Path, mount: &Path) -> anyhow::Result<Vec<(String, String)>>
 
 fn serve(cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Result<()> {
     let mut checks = preflight(&root, &mount)?;
+    // One daemon per pinned state: a second one would adopt the first one's links.
+    let _lock = sys::lock_file(&cfg.state_file.with_extension("lock")).with_context(|| {
+        format!(
+            "another sockmesh daemon owns {} (or its lock cannot be taken)",
+            cfg.pin_dir.display()
+        )
+    })?;
+    if ebpf::has_pinned_state(&cfg.pin_dir) {
+        match state::load(&cfg.state_file) {
+            Ok(Some(st)) if st.cgroup_root == root => {}
+            Ok(Some(st)) => anyhow::bail!(
+                "the pinned state in {} is attached to cgroup root {}, not {}: run `sockmesh uninstall --pin-dir {}` first",
+                cfg.pin_dir.display(),
+                st.cgroup_root.display(),
+                root.display(),
+                cfg.pin_dir.display()
+            ),
+            Ok(None) | Err(_) => anyhow::bail!(
+                "{} holds pinned links but {} does not say where they are attached: run `sockmesh uninstall --pin-dir {}` first",
+                cfg.pin_dir.display(),
+                cfg.state_file.display(),
+                cfg.pin_dir.display()
+            ),
+        }
+    }
     let bpffs = Path::new("/sys/fs/bpf");
     let mounted_bpffs = sys::ensure_bpffs(bpffs)?;
     checks.push((
@@ -502,6 +559,7 @@ fn uninstall(
             return ExitCode::FAILURE;
         }
     }
+    let _ = std::fs::remove_file(state_file.with_extension("lock"));
     match state::remove(&state_file) {
         Ok(true) => println!("removed {}", state_file.display()),
         Ok(false) => {}

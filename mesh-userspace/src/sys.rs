@@ -121,6 +121,25 @@ pub fn umount(path: &Path) {
     }
 }
 
+/// Take an exclusive, non-blocking `flock` on `path` (created if needed). The lock lasts as long
+/// as the returned file is open, and dies with the process.
+pub fn lock_file(path: &Path) -> io::Result<File> {
+    use std::os::fd::AsRawFd as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
 /// `uname -r`.
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")

@@ -1,0 +1,455 @@
+//! [`Daemon`]: a `sockmesh run` inside a node's `daemon` cgroup, stopped (SIGTERM, then SIGKILL)
+//! when the guard drops.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use crate::node::{Pod, VirtualNode};
+use crate::process::{describe, run_host, spawn_in_with, status_text, GuardedChild};
+use crate::util::{eventually, free_tcp_port, sockmesh_bin, TempDir};
+
+/// How long the daemon gets to answer `status` after start.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the daemon gets to exit after SIGTERM.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Bound for every CLI call (`status`, `enroll`, ...).
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug)]
+pub struct Daemon {
+    bin: PathBuf,
+    admin_socket: PathBuf,
+    metrics_addr: SocketAddr,
+    log_path: PathBuf,
+    config_path: PathBuf,
+    /// This daemon's pinned state; `sockmesh uninstall` removes it on drop.
+    pin_dir: PathBuf,
+    state_file: PathBuf,
+    /// False once the state was handed to a successor: drop then leaves it alone.
+    owns_state: bool,
+    child: Option<GuardedChild>,
+    /// Dropped last: holds the config, the log and the admin socket.
+    dir: TempDir,
+}
+
+impl Daemon {
+    /// Writes `config_toml` to a temp dir and starts `$SOCKMESH_BIN run` in the node's `daemon`
+    /// cgroup (host netns), then waits until `status` answers.
+    pub fn start(node: &VirtualNode, config_toml: &str) -> Result<Daemon> {
+        Self::start_in(node.daemon_cgroup(), config_toml)
+    }
+
+    /// Like [`Daemon::start`] with an explicit cgroup (it must be inside the config's
+    /// `cgroup_root`).
+    pub fn start_in(cgroup: &Path, config_toml: &str) -> Result<Daemon> {
+        Self::start_with_state(cgroup, config_toml, None)
+    }
+
+    /// Like [`Daemon::start_in`], re-using the pinned state `(pin_dir, state_file)` that an
+    /// earlier daemon handed over with [`Daemon::hand_over_state`] (a restart).
+    pub fn start_with_state(
+        cgroup: &Path,
+        config_toml: &str,
+        state: Option<(PathBuf, PathBuf)>,
+    ) -> Result<Daemon> {
+        let bin = sockmesh_bin();
+        let dir = TempDir::new("daemon")?;
+        let config_path = dir.join("sockmesh.toml");
+        std::fs::write(&config_path, config_toml)
+            .with_context(|| format!("failed to write {}", config_path.display()))?;
+        let admin_socket = dir.join("admin.sock");
+        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
+        let log_path = dir.join("daemon.log");
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("failed to create {}", log_path.display()))?;
+
+        // Each daemon gets its own pinned state (bpffs) and state file, removed on drop, so
+        // daemons never adopt each other's links, whatever the config says.
+        let (pin_dir, state_file) = state.unwrap_or_else(|| {
+            (
+                PathBuf::from(format!(
+                    "/sys/fs/bpf/sockmesh-test-{}-{}",
+                    std::process::id(),
+                    crate::util::unique()
+                )),
+                dir.join("state.json"),
+            )
+        });
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .arg("--state-file")
+            .arg(&state_file)
+            .arg("--admin-socket")
+            .arg(&admin_socket)
+            .arg("--metrics-addr")
+            .arg(metrics_addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let what = describe(&cmd);
+        let child = spawn_in_with(cgroup, None, cmd, libc::SIGTERM)?.with_term_grace(STOP_GRACE);
+        let mut daemon = Daemon {
+            bin,
+            admin_socket,
+            metrics_addr,
+            log_path,
+            config_path,
+            pin_dir,
+            state_file,
+            owns_state: true,
+            child: Some(child),
+            dir,
+        };
+        let ready = eventually(READY_TIMEOUT, || {
+            if let Some(s) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                // Not worth polling further: report at once.
+                return Ok(Err(anyhow!("daemon exited during start-up ({})", status_text(s))));
+            }
+            daemon.status().map(|_| Ok(()))
+        });
+        match ready.and_then(|r| r) {
+            Ok(()) => Ok(daemon),
+            Err(e) => {
+                daemon.print_log("daemon failed to start");
+                Err(e.context(format!("`{what}` did not become ready")))
+            }
+        }
+    }
+
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+
+    /// The bpffs directory holding this daemon's pinned links and maps.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn state_file(&self) -> &Path {
+        &self.state_file
+    }
+
+    /// Give this daemon's pinned state to a successor ([`Daemon::start_with_state`]): dropping
+    /// this guard will no longer uninstall it. The state file is copied out of this guard's
+    /// temp dir, which goes away with it.
+    pub fn hand_over_state(&mut self) -> Result<(PathBuf, PathBuf)> {
+        self.owns_state = false;
+        let keep = std::env::temp_dir().join(format!(
+            "sockmesh-test-state-{}-{}.json",
+            std::process::id(),
+            crate::util::unique()
+        ));
+        if self.state_file.exists() {
+            std::fs::copy(&self.state_file, &keep)?;
+        }
+        Ok((self.pin_dir.clone(), keep))
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The daemon's pid (0 once stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.pid()).unwrap_or(0)
+    }
+
+    /// Everything the daemon wrote to stdout/stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn print_log(&self, why: &str) {
+        eprintln!("==================== sockmesh log ({why}) ====================");
+        eprintln!("{}", self.log());
+        eprintln!("==================== end of sockmesh log ====================");
+    }
+
+    /// Runs `sockmesh <args> --admin-socket <ours>` with a time-out and returns its output,
+    /// whatever the exit status.
+    pub fn cli_raw(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).arg("--admin-socket").arg(&self.admin_socket);
+        run_host(cmd, CLI_TIMEOUT)
+    }
+
+    /// Like [`Daemon::cli_raw`] but fails unless the command exits 0.
+    pub fn cli(&self, args: &[&str]) -> Result<Output> {
+        let out = self.cli_raw(args)?;
+        if !out.status.success() {
+            bail!(
+                "`sockmesh {}` failed ({}): {}{}",
+                args.join(" "),
+                status_text(out.status),
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        Ok(out)
+    }
+
+    /// `sockmesh status --json`, parsed.
+    pub fn status(&self) -> Result<Value> {
+        let out = self.cli(&["status", "--json"])?;
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "`sockmesh status --json` printed invalid JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// `sockmesh status` (human form).
+    pub fn status_text(&self) -> Result<String> {
+        let out = self.cli(&["status"])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `counters.<name>` from `status` (missing counts as an error, so typos show).
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let st = self.status()?;
+        st["counters"][name]
+            .as_u64()
+            .ok_or_else(|| anyhow!("status has no counters.{name}: {}", st["counters"]))
+    }
+
+    /// `sockmesh enroll` for `pod`.
+    pub fn enroll(&self, pod: &Pod) -> Result<()> {
+        self.enroll_with(pod, false)
+    }
+
+    /// `sockmesh enroll`, with `--external-proxy` when asked.
+    pub fn enroll_with(&self, pod: &Pod, external_proxy: bool) -> Result<()> {
+        let netns = pod.netns.to_string_lossy();
+        let cgroup = pod.cgroup.to_string_lossy();
+        let mut args = vec![
+            "enroll", "--name", &pod.name, "--netns", &netns, "--cgroup", &cgroup,
+        ];
+        if external_proxy {
+            args.push("--external-proxy");
+        }
+        self.cli(&args).map(drop)
+    }
+
+    /// `sockmesh unenroll --name <name>`.
+    pub fn unenroll(&self, name: &str) -> Result<()> {
+        self.cli(&["unenroll", "--name", name]).map(drop)
+    }
+
+    /// `GET /metrics` from the metrics address; returns the body.
+    pub fn metrics(&self) -> Result<String> {
+        http_get(self.metrics_addr, "/metrics")
+    }
+
+    /// SIGKILLs the daemon (a crash: no clean-up runs) and reaps it.
+    pub fn kill(&mut self) -> Result<()> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("daemon already stopped"))?;
+        child.signal(libc::SIGKILL)?;
+        match child.wait_timeout(STOP_GRACE)? {
+            Some(_) => Ok(()),
+            None => bail!("daemon pid {} survived SIGKILL", child.pid()),
+        }
+    }
+
+    /// Stops the daemon now (SIGTERM, up to [`STOP_GRACE`], then SIGKILL) and returns how it
+    /// exited. The log is printed when it did not exit 0.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let st = child.stop();
+        if !matches!(st, Some(s) if s.success()) {
+            self.print_log(&format!(
+                "daemon exited with {}",
+                st.map(status_text).unwrap_or_else(|| "unknown status".into())
+            ));
+        }
+        st
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let st = self.stop();
+            if panicking && matches!(st, Some(s) if s.success()) {
+                self.print_log("test failed");
+            }
+            // Whatever happened to the daemon (even kill -9), leave no pinned link or map.
+            if !self.owns_state {
+                return;
+            }
+            let mut cmd = Command::new(&self.bin);
+            cmd.arg("uninstall")
+                .arg("--pin-dir")
+                .arg(&self.pin_dir)
+                .arg("--state-file")
+                .arg(&self.state_file)
+                .arg("--admin-socket")
+                .arg(&self.admin_socket);
+            match run_host(cmd, CLI_TIMEOUT) {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => eprintln!(
+                    "warning: `sockmesh uninstall --pin-dir {}` failed ({}): {}",
+                    self.pin_dir.display(),
+                    status_text(out.status),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                Err(e) => eprintln!("warning: sockmesh uninstall: {e:#}"),
+            }
+            if self.pin_dir.exists() {
+                eprintln!(
+                    "warning: pinned state {} survived `sockmesh uninstall`",
+                    self.pin_dir.display()
+                );
+            }
+        }));
+    }
+}
+
+/// A minimal HTTP/1.0 GET over a std `TcpStream`, bounded by 10 s.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let timeout = Duration::from_secs(10);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect to {addr}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)
+        .with_context(|| format!("read response from {addr}{path}"))?;
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP response from {addr}{path}: {resp:?}"))?;
+    let status_line = head.lines().next().unwrap_or_default();
+    if status_line.split_whitespace().nth(1) != Some("200") {
+        bail!("GET {addr}{path}: {status_line}");
+    }
+    Ok(body.to_owned())
+}
+
+/// The value of the first Prometheus sample `name{labels}` whose label set contains every pair in
+/// `labels` (order-independent).
+pub fn prom_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (label_part, value_part) = if let Some(r) = rest.strip_prefix('{') {
+            let Some((l, v)) = r.split_once('}') else {
+                continue;
+            };
+            (l, v)
+        } else if rest.starts_with(' ') {
+            ("", rest)
+        } else {
+            continue;
+        };
+        let ok = labels.iter().all(|(k, v)| {
+            label_part
+                .split(',')
+                .any(|pair| pair.trim() == format!("{k}=\"{v}\""))
+        });
+        if ok {
+            if let Some(v) = value_part.split_whitespace().next() {
+                if let Ok(v) = v.parse() {
+                    return Some(v);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A config for `node`: `cgroup_root` plus `extra` TOML appended verbatim.
+pub fn basic_config(node: &VirtualNode, extra: &str) -> String {
+    format!(
+        "cgroup_root = {}\n{extra}",
+        toml_str(&node.cgroup_root().to_string_lossy())
+    )
+}
+
+/// A TOML basic string.
+pub fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| format!("{s:?}"))
+}
+
+/// `[[pods]]` entries for `pods`.
+pub fn pods_toml(pods: &[&Pod]) -> String {
+    let mut s = String::new();
+    for p in pods {
+        s.push_str(&format!(
+            "\n[[pods]]\nname = {}\nnetns = {}\ncgroup = {}\n",
+            toml_str(&p.name),
+            toml_str(&p.netns.to_string_lossy()),
+            toml_str(&p.cgroup.to_string_lossy())
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prom_values_are_found_by_labels() {
+        let text = "# HELP x\n\
+sockmesh_connections_total{pod=\"frontend\"} 3\n\
+sockmesh_bytes_total{direction=\"upstream\",pod=\"frontend\"} 120\n\
+sockmesh_kernel_events_total{reason=\"connect_captured\"} 7\n\
+sockmesh_up 1\n";
+        assert_eq!(
+            prom_value(text, "sockmesh_connections_total", &[("pod", "frontend")]),
+            Some(3.0)
+        );
+        assert_eq!(
+            prom_value(
+                text,
+                "sockmesh_bytes_total",
+                &[("pod", "frontend"), ("direction", "upstream")]
+            ),
+            Some(120.0)
+        );
+        assert_eq!(
+            prom_value(text, "sockmesh_connections_total", &[("pod", "x")]),
+            None
+        );
+        assert_eq!(prom_value(text, "sockmesh_up", &[]), Some(1.0));
+        assert_eq!(prom_value(text, "sockmesh_kernel_events", &[]), None);
+    }
+
+    #[test]
+    fn toml_strings_escape() {
+        assert_eq!(toml_str("a\"b\\c"), "\"a\\\"b\\\\c\"");
+    }
+}
