@@ -85,7 +85,9 @@ fn tcp_mem_bytes() -> u64 {
         .find(|l| l.starts_with("TCP:"))
         .and_then(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            f.iter().position(|w| *w == "mem").and_then(|i| f.get(i + 1)?.parse().ok())
+            f.iter()
+                .position(|w| *w == "mem")
+                .and_then(|i| f.get(i + 1)?.parse().ok())
         })
         .expect("TCP mem in /proc/net/sockstat");
     // SAFETY: sysconf has no preconditions.
@@ -109,7 +111,10 @@ fn a_1_gib_stream_of_64_kib_writes_completes_with_acceleration_on_and_tcp_memory
     let (client, server) = (node.pod("client"), node.pod("server"));
     let sink = Server::peer(server, 9000, "sink").expect("sink server");
     let echo = Server::peer(server, 9001, "echo").expect("echo server");
-    let cfg = basic_config(&node, &format!("[acceleration]\nenabled = true\n{}", pods_toml(&[client])));
+    let cfg = basic_config(
+        &node,
+        &format!("[acceleration]\nenabled = true\n{}", pods_toml(&[client])),
+    );
     let daemon = Daemon::start(&node, &cfg).expect("daemon");
     let st = daemon.status().expect("status");
     assert_eq!(
@@ -120,7 +125,10 @@ fn a_1_gib_stream_of_64_kib_writes_completes_with_acceleration_on_and_tcp_memory
     let base_captured = daemon.counter("connect_captured").unwrap();
     let base_fallback = daemon.counter("msg_fallback_size").unwrap();
     let total = STREAM_BYTES.to_string();
-    let want_reply = format!("bytes={STREAM_BYTES} fnv1a64={:016x}", fnv1a64_of_stream(STREAM_BYTES));
+    let want_reply = format!(
+        "bytes={STREAM_BYTES} fnv1a64={:016x}",
+        fnv1a64_of_stream(STREAM_BYTES)
+    );
     let mut report = Vec::new();
     for run in 0..RUNS {
         let baseline = tcp_mem_bytes();
