@@ -16,13 +16,14 @@ pub mod addr;
 pub mod config;
 pub mod connect;
 pub mod flow;
+pub mod inbound;
 pub mod maps;
 pub mod pods;
 pub mod stats;
 
 /// Bumped whenever a shared type or map changes shape. The daemon writes it into
 /// [`config::MeshConfig::abi_version`]; hooks that see another value do nothing (fail open).
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// `AF_INET` / `AF_INET6` as the kernel defines them on Linux.
 pub const AF_INET: u32 = 2;
@@ -55,4 +56,6 @@ mod user {
     unsafe impl aya::Pod for flow::ConnTuple {}
     unsafe impl aya::Pod for flow::OrigDst {}
     unsafe impl aya::Pod for accel::FlowState {}
+    unsafe impl aya::Pod for inbound::InboundKey {}
+    unsafe impl aya::Pod for inbound::InboundTarget {}
 }

@@ -17,8 +17,12 @@ pub const FLOWS: &str = "SM_FLOWS";
 pub const SOCKS: &str = "SM_SOCKS";
 /// `LruHashMap<ConnTuple, FlowState>`: per-socket short-circuit budget.
 pub const FLOW_STATE: &str = "SM_FLOW_STATE";
-/// `PerCpuArray<u64>` indexed by [`crate::stats::Reason`].
+/// `PerCpuArray<u64>` indexed by [`crate::stats::reason`].
 pub const STATS: &str = "SM_STATS";
+/// `HashMap<InboundKey, InboundTarget>`: a pod address and meshed port → its listener slot.
+pub const INBOUND: &str = "SM_INBOUND";
+/// `SockMap`: listener slot → the daemon's inbound listener inside that pod's netns.
+pub const LISTENERS: &str = "SM_LISTENERS";
 
 /// aya-log's ring buffer (pinned with the others so a restarted daemon reads the old programs' logs).
 pub const AYA_LOGS: &str = "AYA_LOGS";
@@ -44,6 +48,9 @@ pub const ORIG_BY_COOKIE_MAX: u32 = 65536;
 pub const FLOWS_MAX: u32 = 65536;
 pub const SOCKS_MAX: u32 = 65536;
 pub const FLOW_STATE_MAX: u32 = 65536;
+pub const INBOUND_MAX: u32 = 16384;
+/// Two listener slots per pod id (IPv4, IPv6): see [`crate::inbound::listener_slot`].
+pub const LISTENERS_MAX: u32 = 2 * (PODS_MAX + 1);
 
 /// Program names (the Rust function names in `mesh-ebpf`, which become the ELF symbols).
 pub mod progs {
@@ -55,6 +62,7 @@ pub mod progs {
     pub const GETSOCKOPT: &str = "sm_getsockopt";
     pub const GETPEERNAME4: &str = "sm_getpeername4";
     pub const GETPEERNAME6: &str = "sm_getpeername6";
+    pub const SK_LOOKUP: &str = "sm_sk_lookup";
 
     /// The hooks attached to the cgroup root through pinned bpf links.
     pub const CGROUP_LINKED: [&str; 6] = [
@@ -83,6 +91,8 @@ mod tests {
             SOCKS,
             FLOW_STATE,
             STATS,
+            INBOUND,
+            LISTENERS,
         ] {
             assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN - 1");
         }

@@ -29,7 +29,10 @@ pub mod reason {
     pub const CONNECT_UNSPECIFIED_DST: u32 = 23;
     pub const SOCKOPS_FLOW_CLOSED: u32 = 24;
     pub const MSG_REDIRECT_FAILED: u32 = 25;
-    pub const COUNT: u32 = 26;
+    pub const LOOKUP_ASSIGNED: u32 = 26;
+    pub const LOOKUP_NO_LISTENER: u32 = 27;
+    pub const LOOKUP_ASSIGN_FAILED: u32 = 28;
+    pub const COUNT: u32 = 29;
 }
 
 /// Metric names, indexed like [`reason`].
@@ -60,6 +63,9 @@ pub const REASON_NAMES: [&str; reason::COUNT as usize] = [
     "connect_unspecified_dst",
     "sockops_flow_closed",
     "msg_redirect_failed",
+    "lookup_assigned",
+    "lookup_no_listener",
+    "lookup_assign_failed",
 ];
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod connect;
 mod getpeername;
 mod getsockopt;
 mod maps;
+mod sk_lookup;
 mod sk_msg;
 mod sockops;
 

@@ -2,12 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
 use mesh_common::{
     accel::FlowState,
     config::MeshConfig,
     flow::{ConnTuple, OrigDst},
+    inbound::{InboundKey, InboundTarget},
     maps as m,
     pods::PodInfo,
     stats::reason,
@@ -43,6 +44,12 @@ pub static FLOW_STATE: LruHashMap<ConnTuple, FlowState> = LruHashMap::with_max_e
 
 #[map(name = "SM_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+
+#[map(name = "SM_INBOUND")]
+pub static INBOUND: HashMap<InboundKey, InboundTarget> = HashMap::with_max_entries(m::INBOUND_MAX, 0);
+
+#[map(name = "SM_LISTENERS")]
+pub static LISTENERS: SockMap = SockMap::with_max_entries(m::LISTENERS_MAX, 0);
 
 /// The daemon's configuration, if it wrote one.
 #[inline(always)]

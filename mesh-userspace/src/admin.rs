@@ -32,6 +32,8 @@ pub enum Request {
         external_proxy: bool,
         #[serde(default = "yes")]
         capture: bool,
+        #[serde(default)]
+        inbound_ports: Vec<u32>,
     },
     Unenroll {
         name: String,
@@ -127,9 +129,16 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             cgroup,
             external_proxy,
             capture,
+            inbound_ports,
         } => {
+            let inbound_ports =
+                match crate::config::check_inbound_ports(&inbound_ports, daemon.outbound_port()) {
+                    Ok(p) => p,
+                    Err(e) => return Response::err(format!("inbound_ports: {e}")),
+                };
             let spec = crate::config::PodSpec {
                 capture,
+                inbound_ports,
                 name,
                 netns: netns.into(),
                 cgroup: cgroup.into(),
@@ -197,6 +206,7 @@ mod tests {
                 cgroup: "/c".into(),
                 external_proxy: false,
                 capture: true,
+                inbound_ports: vec![],
             }
         );
         assert_eq!(

@@ -91,6 +91,8 @@ struct RawPod {
     #[serde(default)]
     external_proxy: bool,
     capture: Option<bool>,
+    #[serde(default)]
+    inbound_ports: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +138,8 @@ pub struct PodSpec {
     /// Capture with the eBPF hooks (default). `false`: only open the listeners, for nodes where
     /// something else (iptables REDIRECT, for the benchmark) sends traffic to them.
     pub capture: bool,
+    /// Ports of the pod captured inbound (`sk_lookup`); empty: no inbound capture.
+    pub inbound_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +164,31 @@ pub struct Config {
     pub bypass_cidrs: Vec<Cidr>,
     pub bypass_ports: Vec<u16>,
     pub pods: Vec<PodSpec>,
+}
+
+/// Most meshed inbound ports per pod.
+pub const MAX_INBOUND_PORTS: usize = 64;
+
+/// Inbound ports: real ports, not ours, no duplicates.
+pub fn check_inbound_ports(ports: &[u32], outbound_port: u16) -> Result<Vec<u16>, String> {
+    if ports.len() > MAX_INBOUND_PORTS {
+        return Err(format!("at most {MAX_INBOUND_PORTS} ports"));
+    }
+    let mut out: Vec<u16> = Vec::new();
+    for p in ports {
+        let port = u16::try_from(*p)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{p} is not a port (1-65535)"))?;
+        if port == outbound_port || port == mesh_common::DEFAULT_INBOUND_PORT {
+            return Err(format!("{port} is one of sockmesh's own listener ports"));
+        }
+        if out.contains(&port) {
+            return Err(format!("{port} is listed twice"));
+        }
+        out.push(port);
+    }
+    Ok(out)
 }
 
 /// Validate a pod name: what `enroll` and the config accept.
@@ -294,6 +323,8 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
                 "another pod already uses this cgroup",
             ));
         }
+        let inbound_ports = check_inbound_ports(&p.inbound_ports, outbound_port)
+            .map_err(|r| err(format!("pods[{i}].inbound_ports"), r))?;
         if p.external_proxy && p.capture == Some(false) {
             return Err(err(
                 format!("pods[{i}].capture"),
@@ -306,6 +337,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
             cgroup,
             external_proxy: p.external_proxy,
             capture: p.capture.unwrap_or(true),
+            inbound_ports,
         });
     }
     Ok(Config {
@@ -452,6 +484,12 @@ mod tests {
             "pods[0].netns"
         );
         assert_eq!(field_of("daemon_mark = 0"), "daemon_mark");
+        assert_eq!(
+            field_of(
+                "[[pods]]\nname = \"a\"\nnetns = \"/a\"\ncgroup = \"/b\"\ninbound_ports = [8080, 15006]"
+            ),
+            "pods[0].inbound_ports"
+        );
         assert_eq!(field_of("pin_dir = \"rel/x\""), "pin_dir");
         assert_eq!(field_of("state_file = \"s.json\""), "state_file");
         assert_eq!(

@@ -5,13 +5,16 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicU64, Ordering::Relaxed},
         Arc, Mutex,
     },
     time::{Duration, Instant},
 };
 
-use mesh_common::pods::{PodInfo, POD_FLAG_NONE};
+use mesh_common::{
+    inbound::{listener_slot, InboundKey, InboundTarget},
+    pods::{PodInfo, POD_FLAG_NONE},
+};
 use serde_json::json;
 use thiserror::Error;
 use tracing::{info, warn};
@@ -19,7 +22,7 @@ use tracing::{info, warn};
 use crate::{
     config::{self, Config, PodSpec},
     ebpf::{Kernel, KernelError},
-    proxy::{self, PodCtx, PodProxy, PodStats, Shared},
+    proxy::{self, Direction, PodCtx, PodProxy, PodStats, Shared},
     state,
     sys::{self, NetNs},
 };
@@ -77,6 +80,8 @@ struct EnrolledPod {
     netns_cookie: u64,
     stats: Arc<PodStats>,
     proxy: Option<PodProxy>,
+    /// Pod address × meshed port entries this pod put in the inbound map.
+    inbound_keys: Vec<InboundKey>,
 }
 
 /// How the short-circuit stands, for status.
@@ -92,7 +97,6 @@ pub struct Daemon {
     kernel: Mutex<Kernel>,
     pods: Mutex<BTreeMap<String, EnrolledPod>>,
     shared: Arc<Shared>,
-    next_pod_id: AtomicU32,
     accel: Mutex<AccelState>,
     checks: Vec<(String, String)>,
     admin_errors: Mutex<BTreeMap<&'static str, u64>>,
@@ -136,7 +140,6 @@ impl Daemon {
                 errors: proxy::ProxyErrors::default(),
                 orig: Box::new(proxy::KernelOrigDst),
             }),
-            next_pod_id: AtomicU32::new(1),
             accel: Mutex::new(accel),
             checks,
             admin_errors: Mutex::new(BTreeMap::new()),
@@ -206,33 +209,98 @@ impl Daemon {
             source,
         })?;
         let stats = Arc::new(PodStats::default());
-        let proxy = if spec.external_proxy {
-            None
-        } else {
-            let ctx = Arc::new(PodCtx {
+        // The smallest free id: it also picks the pod's listener slots in the kernel.
+        let pod_id = (1..=mesh_common::maps::PODS_MAX)
+            .find(|id| !pods.values().any(|p| p.pod_id == *id))
+            .ok_or(DaemonError::Kernel {
                 name: name.clone(),
-                netns,
-                stats: stats.clone(),
-                outbound_port: self.cfg.outbound_port,
-                mark: self.cfg.daemon_mark,
-            });
-            Some(
-                proxy::start_pod(ctx, self.shared.clone()).map_err(|source| DaemonError::Io {
+                source: KernelError::Full {
+                    name: mesh_common::maps::PODS,
+                    max: mesh_common::maps::PODS_MAX,
+                },
+            })?;
+        let ctx = Arc::new(PodCtx {
+            name: name.clone(),
+            netns,
+            stats: stats.clone(),
+            outbound_port: self.cfg.outbound_port,
+            inbound_port: mesh_common::DEFAULT_INBOUND_PORT,
+            mark: self.cfg.daemon_mark,
+        });
+        let io_err = |source| DaemonError::Io {
+            name: name.clone(),
+            source,
+        };
+        let mut listeners = Vec::new();
+        if !spec.external_proxy {
+            for l in proxy::outbound_listeners(&ctx).map_err(io_err)? {
+                listeners.push((l, Direction::Outbound));
+            }
+        }
+        // Inbound: listeners in the sockmap and the pod's addresses × ports in the inbound map
+        // first, the sk_lookup link last, so the hook never sees half a setup.
+        let mut inbound_keys = Vec::new();
+        if !spec.inbound_ports.is_empty() {
+            let addrs = sys::local_addrs_in(&ctx.netns).map_err(io_err)?;
+            let mut k = self.kernel.lock().expect("kernel lock");
+            let r = (|| -> Result<(), DaemonError> {
+                let kerr = |source| DaemonError::Kernel {
                     name: name.clone(),
                     source,
-                })?,
-            )
+                };
+                for v6 in [false, true] {
+                    let fam: Vec<_> = addrs.iter().filter(|a| a.is_ipv6() == v6).collect();
+                    if fam.is_empty() {
+                        continue;
+                    }
+                    let l = proxy::inbound_listener(&ctx, ctx.inbound_port, v6).map_err(io_err)?;
+                    let slot = listener_slot(pod_id, v6);
+                    k.set_listener(slot, &l).map_err(kerr)?;
+                    listeners.push((l, Direction::Inbound));
+                    for a in fam {
+                        for port in &spec.inbound_ports {
+                            let key = match a {
+                                std::net::IpAddr::V4(v4) => {
+                                    InboundKey::v4(u32::from_ne_bytes(v4.octets()), *port)
+                                }
+                                std::net::IpAddr::V6(_) => {
+                                    InboundKey::v6(mesh_common::flow::ip_to_words(*a), *port)
+                                }
+                            };
+                            k.add_inbound(key, InboundTarget { slot, pod_id }).map_err(kerr)?;
+                            inbound_keys.push(key);
+                        }
+                    }
+                }
+                k.attach_netns(&name, &spec.netns).map_err(kerr)
+            })();
+            if let Err(e) = r {
+                for key in &inbound_keys {
+                    k.remove_inbound(key);
+                }
+                k.clear_listener(listener_slot(pod_id, false));
+                k.clear_listener(listener_slot(pod_id, true));
+                return Err(e);
+            }
+        }
+        let proxy = if listeners.is_empty() {
+            None
+        } else {
+            Some(proxy::serve(ctx.clone(), self.shared.clone(), listeners).map_err(io_err)?)
         };
-        let pod_id = self.next_pod_id.fetch_add(1, Relaxed);
         if spec.capture {
-            self.kernel
+            if let Err(source) = self
+                .kernel
                 .lock()
                 .expect("kernel lock")
                 .add_pod(cgroup_id, PodInfo::new(pod_id, POD_FLAG_NONE, netns_cookie))
-                .map_err(|source| DaemonError::Kernel {
+            {
+                self.undo_inbound(&name, pod_id, &inbound_keys);
+                return Err(DaemonError::Kernel {
                     name: name.clone(),
                     source,
-                })?;
+                });
+            }
         }
         info!(pod = %name, cgroup_id, netns_cookie, external_proxy = spec.external_proxy, "enrolled");
         self.enrolments.fetch_add(1, Relaxed);
@@ -245,10 +313,27 @@ impl Daemon {
                 netns_cookie,
                 stats,
                 proxy,
+                inbound_keys,
             },
         );
         self.persist(&pods);
         Ok(())
+    }
+
+    /// Take a pod's inbound capture out of the kernel: the sk_lookup link first (no new
+    /// captures), then its map entries and listener slots.
+    fn undo_inbound(&self, name: &str, pod_id: u32, keys: &[InboundKey]) {
+        let mut k = self.kernel.lock().expect("kernel lock");
+        k.detach_netns(name);
+        for key in keys {
+            k.remove_inbound(key);
+        }
+        k.clear_listener(listener_slot(pod_id, false));
+        k.clear_listener(listener_slot(pod_id, true));
+    }
+
+    pub fn outbound_port(&self) -> u16 {
+        self.cfg.outbound_port
     }
 
     /// Write the enrolment state for a successor daemon. A failure is logged, not fatal: the
@@ -284,7 +369,19 @@ impl Daemon {
             .filter(|p| p.spec.capture)
             .map(|p| p.cgroup_id)
             .collect();
+        let wanted_keys: Vec<InboundKey> = self
+            .pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .flat_map(|p| p.inbound_keys.clone())
+            .collect();
         let mut k = self.kernel.lock().expect("kernel lock");
+        for (key, _) in k.inbound_entries() {
+            if !wanted_keys.contains(&key) {
+                k.remove_inbound(&key);
+            }
+        }
         for (cg, _) in k.pod_entries() {
             if !wanted.contains(&cg) {
                 info!(
@@ -335,6 +432,7 @@ impl Daemon {
             self.persist(&pods);
             pod
         };
+        self.undo_inbound(name, pod.pod_id, &pod.inbound_keys);
         info!(pod = %name, "unenrolled");
         if let Some(p) = pod.proxy {
             p.stop().await;
@@ -357,6 +455,7 @@ impl Daemon {
                     "netns_cookie": p.netns_cookie,
                     "external_proxy": p.spec.external_proxy,
                     "capture": p.spec.capture,
+                    "inbound_ports": p.spec.inbound_ports,
                     "listeners": p.proxy.as_ref().map(|x| x.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
                     "connections_active": p.stats.connections_active.load(Relaxed),
                     "connections_total": p.stats.connections_total.load(Relaxed),

@@ -10,16 +10,17 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, SockMap},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SkSkb, SockOps,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SkSkb, SockOps,
     },
     Ebpf, EbpfLoader,
 };
 use mesh_common::{
     config::{MeshConfig, FLAG_ACCELERATE, FLAG_ENABLED, FLAG_LOG},
     flow::{ip_to_words, ConnTuple},
+    inbound::{InboundKey, InboundTarget},
     maps::{self as m, progs},
     pods::PodInfo,
     stats::{reason, REASON_NAMES},
@@ -116,6 +117,11 @@ pub struct Kernel {
     bypass_ports: HashMap<MapData, u32, u32>,
     stats: PerCpuArray<MapData, u64>,
     socks: SockHash<MapData, ConnTuple>,
+    inbound: HashMap<MapData, InboundKey, InboundTarget>,
+    listeners: SockMap<MapData>,
+    /// `sk_lookup` links per pod netns, by pod name.
+    netns_links: std::collections::BTreeMap<String, (PathBuf, PinnedLink)>,
+    sk_lookup_loaded: bool,
     config: MeshConfig,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     links: Vec<(PathBuf, PinnedLink)>,
@@ -212,6 +218,8 @@ impl Kernel {
         let bypass_ports = take_map!(bpf, m::BYPASS_PORTS, HashMap<MapData, u32, u32>);
         let stats = take_map!(bpf, m::STATS, PerCpuArray<MapData, u64>);
         let socks = take_map!(bpf, m::SOCKS, SockHash<MapData, ConnTuple>);
+        let inbound = take_map!(bpf, m::INBOUND, HashMap<MapData, InboundKey, InboundTarget>);
+        let listeners = take_map!(bpf, m::LISTENERS, SockMap<MapData>);
         let mut flags = FLAG_ENABLED;
         if opts.accelerate {
             flags |= FLAG_ACCELERATE;
@@ -235,6 +243,10 @@ impl Kernel {
             bypass_ports,
             stats,
             socks,
+            inbound,
+            listeners,
+            netns_links: Default::default(),
+            sk_lookup_loaded: false,
             config,
             logger: None,
             links: Vec::new(),
@@ -264,6 +276,9 @@ impl Kernel {
     /// Remove every pin (a full stop): the links detach when this handle drops, the maps go
     /// with their last user.
     pub fn remove_pins(&mut self) -> std::io::Result<Vec<String>> {
+        for (_, (_, l)) in std::mem::take(&mut self.netns_links) {
+            let _ = l.unpin();
+        }
         for (_, l) in std::mem::take(&mut self.links) {
             // Unpinning removes the pin file; dropping the fd then detaches the link.
             let _ = l.unpin();
@@ -446,6 +461,100 @@ impl Kernel {
         }
     }
 
+    /// Attach `sk_lookup` to a pod's netns through a pinned link (`links/sk_lookup-<pod>`),
+    /// adopting the pin a previous daemon left.
+    pub fn attach_netns(&mut self, pod: &str, netns: &Path) -> Result<(), KernelError> {
+        if self.netns_links.contains_key(pod) {
+            return Ok(());
+        }
+        let (_, links_dir) = pin_paths(&self.pin_dir);
+        let pin = links_dir.join(format!("sk_lookup-{pod}"));
+        if !pin.exists() {
+            let name = progs::SK_LOOKUP;
+            if !self.sk_lookup_loaded {
+                let prog: &mut SkLookup = self.program(name)?;
+                prog.load()
+                    .map_err(|source| KernelError::ProgramLoad { hook: name, source })?;
+                self.sk_lookup_loaded = true;
+            }
+            let prog: &mut SkLookup = self.program(name)?;
+            let prog_fd = prog
+                .fd()
+                .map_err(|source| KernelError::Attach {
+                    hook: name,
+                    target: pod.into(),
+                    source,
+                })?
+                .as_fd()
+                .as_raw_fd();
+            let ns = File::open(netns).map_err(|source| KernelError::Cgroup {
+                path: netns.display().to_string(),
+                source,
+            })?;
+            raw_link_pin(prog_fd, ns.as_raw_fd(), BPF_SK_LOOKUP, &pin)
+                .map_err(|source| KernelError::RawLink { hook: name, source })?;
+        }
+        let link = PinnedLink::from_pin(&pin).map_err(|source| KernelError::Adopt {
+            path: pin.display().to_string(),
+            source,
+        })?;
+        self.attached
+            .push(format!("{} -> netns of pod {pod}", progs::SK_LOOKUP));
+        self.netns_links.insert(pod.to_string(), (pin, link));
+        Ok(())
+    }
+
+    /// Detach a pod's `sk_lookup` (unenrol).
+    pub fn detach_netns(&mut self, pod: &str) {
+        if let Some((_, link)) = self.netns_links.remove(pod) {
+            let _ = link.unpin();
+        }
+        let tag = format!("{} -> netns of pod {pod}", progs::SK_LOOKUP);
+        self.attached.retain(|a| *a != tag);
+    }
+
+    /// Put a pod's inbound listener in its slot.
+    pub fn set_listener(&mut self, slot: u32, sock: &impl AsRawFd) -> Result<(), KernelError> {
+        self.listeners
+            .set(slot, sock, 0)
+            .map_err(|source| KernelError::Map {
+                name: m::LISTENERS,
+                source,
+            })
+    }
+
+    pub fn clear_listener(&mut self, slot: u32) {
+        let _ = self.listeners.clear_index(&slot);
+    }
+
+    pub fn add_inbound(&mut self, key: InboundKey, target: InboundTarget) -> Result<(), KernelError> {
+        self.inbound
+            .insert(key, target, 0)
+            .map_err(|source| match source {
+                aya::maps::MapError::SyscallError(ref e)
+                    if e.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    KernelError::Full {
+                        name: m::INBOUND,
+                        max: m::INBOUND_MAX,
+                    }
+                }
+                source => KernelError::Map {
+                    name: m::INBOUND,
+                    source,
+                },
+            })
+    }
+
+    pub fn remove_inbound(&mut self, key: &InboundKey) {
+        let _ = self.inbound.remove(key);
+    }
+
+    /// Inbound entries as the kernel has them (after a restart: what the last daemon left).
+    pub fn inbound_entries(&self) -> Vec<(InboundKey, InboundTarget)> {
+        self.inbound.iter().filter_map(Result::ok).collect()
+    }
+
     pub fn set_bypass(&mut self, cidrs: &[Cidr], ports: &[u16]) -> Result<(), KernelError> {
         for c in cidrs {
             let (words, prefix) = match c.addr {
@@ -504,6 +613,8 @@ impl Kernel {
 
 /// `enum bpf_attach_type`: BPF_CGROUP_GETSOCKOPT.
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+/// `enum bpf_attach_type`: BPF_SK_LOOKUP.
+const BPF_SK_LOOKUP: u32 = 36;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_LINK_CREATE: libc::c_long = 28;
 

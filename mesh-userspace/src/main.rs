@@ -78,6 +78,9 @@ enum Cmd {
         /// Open the listeners but do not capture (something else redirects to them).
         #[arg(long)]
         no_capture: bool,
+        /// Capture this port of the pod inbound (repeatable).
+        #[arg(long = "inbound-port")]
+        inbound_ports: Vec<u32>,
         #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
@@ -146,6 +149,7 @@ fn main() -> ExitCode {
             cgroup,
             external_proxy,
             no_capture,
+            inbound_ports,
             admin_socket,
         } => client(
             &admin_socket,
@@ -155,6 +159,7 @@ fn main() -> ExitCode {
                 cgroup: cgroup.display().to_string(),
                 external_proxy,
                 capture: !no_capture,
+                inbound_ports,
             },
             false,
         ),

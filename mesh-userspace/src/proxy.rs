@@ -50,6 +50,18 @@ impl OrigDstSource for KernelOrigDst {
     }
 }
 
+/// Which way a proxied connection goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// From the pod's app out (captured by connect4/6): the original destination comes from
+    /// `SO_ORIGINAL_DST`.
+    Outbound,
+    /// Into the pod (captured by sk_lookup): the accepted socket's local address is the
+    /// original destination.
+    Inbound,
+}
+
 /// Per-pod counters (also the Prometheus labels).
 #[derive(Debug, Default)]
 pub struct PodStats {
@@ -94,6 +106,7 @@ impl ProxyErrors {
 pub struct ConnEntry {
     pub id: u64,
     pub pod: String,
+    pub direction: Direction,
     pub client: SocketAddr,
     pub original_dst: SocketAddr,
     pub upstream_local: Mutex<Option<SocketAddr>>,
@@ -106,6 +119,7 @@ pub struct ConnEntry {
 pub struct ConnView {
     pub id: u64,
     pub pod: String,
+    pub direction: Direction,
     pub client: String,
     pub original_dst: String,
     pub upstream_local: Option<String>,
@@ -122,11 +136,18 @@ pub struct Registry {
 }
 
 impl Registry {
-    fn add(&self, pod: &str, client: SocketAddr, original_dst: SocketAddr) -> Arc<ConnEntry> {
+    fn add(
+        &self,
+        pod: &str,
+        direction: Direction,
+        client: SocketAddr,
+        original_dst: SocketAddr,
+    ) -> Arc<ConnEntry> {
         let id = self.next_id.fetch_add(1, Relaxed) + 1;
         let e = Arc::new(ConnEntry {
             id,
             pod: pod.to_string(),
+            direction,
             client,
             original_dst,
             upstream_local: Mutex::new(None),
@@ -158,6 +179,7 @@ impl Registry {
             .map(|e| ConnView {
                 id: e.id,
                 pod: e.pod.clone(),
+                direction: e.direction,
                 client: e.client.to_string(),
                 original_dst: e.original_dst.to_string(),
                 upstream_local: e.upstream_local.lock().expect("conn lock").map(|a| a.to_string()),
@@ -175,6 +197,7 @@ pub struct PodCtx {
     pub netns: NetNs,
     pub stats: Arc<PodStats>,
     pub outbound_port: u16,
+    pub inbound_port: u16,
     pub mark: u32,
 }
 
@@ -226,53 +249,78 @@ pub fn bind_in(ns: &NetNs, addr: SocketAddr) -> io::Result<std::net::TcpListener
     .map_err(|e| io::Error::other(e.to_string()))?
 }
 
-/// Open the pod's outbound listeners (127.0.0.1 and, when the pod has IPv6, ::1) and serve them.
-pub fn start_pod(pod: Arc<PodCtx>, shared: Arc<Shared>) -> io::Result<PodProxy> {
-    let (stop, stop_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
-    let mut listeners = Vec::new();
+/// The pod's outbound listeners: 127.0.0.1 (required) and ::1 (when the pod has IPv6; without
+/// it IPv6 connects are simply not captured: the hook finds no listener and lets them go).
+pub fn outbound_listeners(pod: &PodCtx) -> io::Result<Vec<std::net::TcpListener>> {
     let v4: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, pod.outbound_port).into();
     let v6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, pod.outbound_port).into();
-    for (addr, required) in [(v4, true), (v6, false)] {
-        match bind_in(&pod.netns, addr) {
-            Ok(l) => {
-                let l = TcpListener::from_std(l)?;
-                listeners.push(addr);
-                tasks.push(tokio::spawn(accept_loop(
-                    l,
-                    pod.clone(),
-                    shared.clone(),
-                    stop_rx.clone(),
-                )));
-            }
-            Err(e) if !required => {
-                // No IPv6 in this pod: IPv6 connects are simply not captured (the hook finds
-                // no listener and lets them go direct).
-                warn!(pod = %pod.name, "no IPv6 outbound listener: {e}");
-            }
-            Err(e) => {
-                for t in &tasks {
-                    t.abort();
-                }
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("failed to listen on {addr} in pod `{}`: {e}", pod.name),
-                ));
-            }
-        }
+    let mut out = vec![bind_in(&pod.netns, v4).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("failed to listen on {v4} in pod `{}`: {e}", pod.name),
+        )
+    })?];
+    match bind_in(&pod.netns, v6) {
+        Ok(l) => out.push(l),
+        Err(e) => warn!(pod = %pod.name, "no IPv6 outbound listener: {e}"),
+    }
+    Ok(out)
+}
+
+/// The pod's inbound listener for one family, on loopback: it is only ever reached through
+/// `sk_lookup`, which hands it connections for the pod's own addresses.
+pub fn inbound_listener(pod: &PodCtx, port: u16, v6: bool) -> io::Result<std::net::TcpListener> {
+    let addr: SocketAddr = if v6 {
+        (std::net::Ipv6Addr::LOCALHOST, port).into()
+    } else {
+        (std::net::Ipv4Addr::LOCALHOST, port).into()
+    };
+    bind_in(&pod.netns, addr).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("failed to listen on {addr} in pod `{}`: {e}", pod.name),
+        )
+    })
+}
+
+/// Serve a pod's listeners until [`PodProxy::stop`].
+pub fn serve(
+    pod: Arc<PodCtx>,
+    shared: Arc<Shared>,
+    listeners: Vec<(std::net::TcpListener, Direction)>,
+) -> io::Result<PodProxy> {
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut addrs = Vec::new();
+    for (l, dir) in listeners {
+        addrs.push(l.local_addr()?);
+        let l = TcpListener::from_std(l)?;
+        tasks.push(tokio::spawn(accept_loop(
+            l,
+            dir,
+            pod.clone(),
+            shared.clone(),
+            stop_rx.clone(),
+        )));
     }
     Ok(PodProxy {
         stop,
         tasks,
-        listeners,
+        listeners: addrs,
     })
 }
 
-async fn accept_loop(l: TcpListener, pod: Arc<PodCtx>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    l: TcpListener,
+    dir: Direction,
+    pod: Arc<PodCtx>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             r = l.accept() => match r {
-                Ok((s, peer)) => spawn_conn(s, peer, &pod, &shared),
+                Ok((s, peer)) => spawn_conn(s, peer, dir, &pod, &shared),
                 Err(e) => {
                     shared.errors.accept_failed.fetch_add(1, Relaxed);
                     warn!(pod = %pod.name, "accept failed: {e}");
@@ -284,15 +332,19 @@ async fn accept_loop(l: TcpListener, pod: Arc<PodCtx>, shared: Arc<Shared>, mut 
     }
     // Serve what the kernel already queued, then close.
     while let Ok(Ok((s, peer))) = tokio::time::timeout(ACCEPT_DRAIN_QUIET, l.accept()).await {
-        spawn_conn(s, peer, &pod, &shared);
+        spawn_conn(s, peer, dir, &pod, &shared);
     }
 }
 
-fn spawn_conn(s: TcpStream, peer: SocketAddr, pod: &Arc<PodCtx>, shared: &Arc<Shared>) {
+fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>, shared: &Arc<Shared>) {
     let pod = pod.clone();
     let shared = shared.clone();
     tokio::spawn(async move {
-        let orig = match shared.orig.orig_dst(&s) {
+        let orig = match dir {
+            Direction::Outbound => shared.orig.orig_dst(&s),
+            Direction::Inbound => s.local_addr(),
+        };
+        let orig = match orig {
             Ok(a) => a,
             Err(e) => {
                 shared.errors.orig_dst_unknown.fetch_add(1, Relaxed);
@@ -301,8 +353,8 @@ fn spawn_conn(s: TcpStream, peer: SocketAddr, pod: &Arc<PodCtx>, shared: &Arc<Sh
                 return;
             }
         };
-        let span = tracing::debug_span!("conn", pod = %pod.name, client = %peer, orig = %orig);
-        relay(s, peer, orig, pod, shared).instrument(span).await;
+        let span = tracing::debug_span!("conn", pod = %pod.name, ?dir, client = %peer, orig = %orig);
+        relay(s, peer, orig, dir, pod, shared).instrument(span).await;
     });
 }
 
@@ -326,8 +378,15 @@ fn upstream_socket(pod: &PodCtx, dst: SocketAddr) -> io::Result<TcpSocket> {
     Ok(TcpSocket::from_std_stream(s.into()))
 }
 
-async fn relay(client: TcpStream, peer: SocketAddr, orig: SocketAddr, pod: Arc<PodCtx>, shared: Arc<Shared>) {
-    if orig.ip().is_loopback() && orig.port() == pod.outbound_port {
+async fn relay(
+    client: TcpStream,
+    peer: SocketAddr,
+    orig: SocketAddr,
+    dir: Direction,
+    pod: Arc<PodCtx>,
+    shared: Arc<Shared>,
+) {
+    if orig.ip().is_loopback() && (orig.port() == pod.outbound_port || orig.port() == pod.inbound_port) {
         // Would connect to ourselves.
         shared.errors.orig_dst_is_proxy.fetch_add(1, Relaxed);
         reset(client);
@@ -358,7 +417,7 @@ async fn relay(client: TcpStream, peer: SocketAddr, orig: SocketAddr, pod: Arc<P
         }
     };
     let _ = client.set_nodelay(true);
-    let entry = shared.registry.add(&pod.name, peer, orig);
+    let entry = shared.registry.add(&pod.name, dir, peer, orig);
     *entry.upstream_local.lock().expect("conn lock") = upstream.local_addr().ok();
     pod.stats.connections_total.fetch_add(1, Relaxed);
     pod.stats.connections_active.fetch_add(1, Relaxed);
@@ -427,13 +486,14 @@ mod tests {
             netns: NetNs::current().unwrap(),
             stats: Arc::default(),
             outbound_port: 0,
+            inbound_port: 0,
             mark: 0,
         })
     }
 
     async fn serve_one(l: TcpListener, pod: Arc<PodCtx>, shared: Arc<Shared>) {
         let (s, peer) = l.accept().await.unwrap();
-        spawn_conn(s, peer, &pod, &shared);
+        spawn_conn(s, peer, Direction::Outbound, &pod, &shared);
     }
 
     #[tokio::test]

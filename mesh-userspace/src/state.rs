@@ -19,6 +19,8 @@ pub struct PodState {
     pub external_proxy: bool,
     #[serde(default = "yes")]
     pub capture: bool,
+    #[serde(default)]
+    pub inbound_ports: Vec<u16>,
 }
 
 fn yes() -> bool {
@@ -33,6 +35,7 @@ impl From<&PodSpec> for PodState {
             cgroup: p.cgroup.clone(),
             external_proxy: p.external_proxy,
             capture: p.capture,
+            inbound_ports: p.inbound_ports.clone(),
         }
     }
 }
@@ -45,6 +48,7 @@ impl From<PodState> for PodSpec {
             cgroup: p.cgroup,
             external_proxy: p.external_proxy,
             capture: p.capture,
+            inbound_ports: p.inbound_ports,
         }
     }
 }
@@ -102,6 +106,7 @@ mod tests {
                 cgroup: "/sys/fs/cgroup/x/a".into(),
                 external_proxy: false,
                 capture: true,
+                inbound_ports: vec![8080],
             }],
         };
         save(&path, &st).unwrap();

@@ -90,6 +90,7 @@ pub fn render(st: &Value) -> String {
             vec![
                 s(&c["id"]),
                 s(&c["pod"]),
+                s(&c["direction"]),
                 s(&c["client"]),
                 s(&c["original_dst"]),
                 s(&c["upstream_local"]),
@@ -104,7 +105,8 @@ pub fn render(st: &Value) -> String {
         &[
             "ID",
             "POD",
-            "APP SOCKET",
+            "DIR",
+            "PEER",
             "ORIGINAL DST",
             "UPSTREAM FROM",
             "BYTES UP",

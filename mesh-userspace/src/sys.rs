@@ -203,6 +203,52 @@ fn setns(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// The pod's own addresses: every address on a non-loopback interface of `ns`, IPv6
+/// link-local excluded.
+pub fn local_addrs_in(ns: &NetNs) -> io::Result<Vec<std::net::IpAddr>> {
+    ns.run(|| -> io::Result<Vec<std::net::IpAddr>> {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: getifaddrs allocates a list we free below.
+        if unsafe { libc::getifaddrs(&mut head) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut cur = head;
+        while !cur.is_null() {
+            // SAFETY: cur walks the list getifaddrs returned.
+            let ifa = unsafe { &*cur };
+            cur = ifa.ifa_next;
+            if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0 {
+                continue;
+            }
+            // SAFETY: ifa_addr is non-null and its family says which sockaddr it is.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+            let ip = match family {
+                libc::AF_INET => {
+                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    std::net::IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+                }
+                libc::AF_INET6 => {
+                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    let v6 = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                    if v6.segments()[0] & 0xffc0 == 0xfe80 {
+                        continue;
+                    }
+                    std::net::IpAddr::V6(v6)
+                }
+                _ => continue,
+            };
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+        // SAFETY: the list from getifaddrs, freed once.
+        unsafe { libc::freeifaddrs(head) };
+        Ok(out)
+    })
+    .map_err(|e| io::Error::other(e.to_string()))?
+}
+
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 /// `SO_NETNS_COOKIE` of a socket: the id the kernel programs see for its namespace.
