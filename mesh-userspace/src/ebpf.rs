@@ -661,3 +661,75 @@ fn raw_link_pin(prog_fd: i32, cgroup_fd: i32, attach_type: u32, pin: &Path) -> s
     }
     Ok(())
 }
+
+/// One kernel feature the daemon needs, and what for.
+pub struct Feature {
+    pub name: &'static str,
+    pub needed_for: &'static str,
+    /// Without it the daemon refuses to start; otherwise only `needed_for` is switched off.
+    pub required: bool,
+    pub present: bool,
+}
+
+/// Probe the program types, map types and helpers the hooks use (the way libbpf does: load a
+/// minimal program or map and read the verifier's verdict), so a missing one is named at start
+/// instead of surfacing as a verifier log.
+pub fn probe_features() -> Vec<Feature> {
+    use aya::{
+        maps::MapType,
+        programs::ProgramType as P,
+        sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper as H},
+    };
+    let prog = |t| is_program_supported(t).unwrap_or(false);
+    let map = |t| is_map_supported(t).unwrap_or(false);
+    let helper = |t, h| is_helper_supported(t, h).unwrap_or(false);
+    let f = |name, needed_for, required, present| Feature { name, needed_for, required, present };
+    vec![
+        f("cgroup/connect4|6 programs", "outbound capture", true, prog(P::CgroupSockAddr)),
+        f("sockops programs", "original destinations", true, prog(P::SockOps)),
+        f("cgroup/getsockopt programs", "SO_ORIGINAL_DST", true, prog(P::CgroupSockopt)),
+        f("LRU hash maps", "flow records", true, map(MapType::LruHash)),
+        f("LPM trie maps", "bypass CIDRs", true, map(MapType::LpmTrie)),
+        f("per-CPU arrays", "counters", true, map(MapType::PerCpuArray)),
+        f(
+            "bpf_sk_lookup_tcp in cgroup/connect",
+            "listener liveness (fail safe)",
+            true,
+            helper(P::CgroupSockAddr, H::BPF_FUNC_sk_lookup_tcp),
+        ),
+        f(
+            "bpf_get_netns_cookie in cgroup/connect",
+            "per-pod netns check",
+            true,
+            helper(P::CgroupSockAddr, H::BPF_FUNC_get_netns_cookie),
+        ),
+        f(
+            "bpf_get_netns_cookie in sockops",
+            "flow keys",
+            true,
+            helper(P::SockOps, H::BPF_FUNC_get_netns_cookie),
+        ),
+        f(
+            "bpf_get_netns_cookie in cgroup/getsockopt",
+            "SO_ORIGINAL_DST",
+            true,
+            helper(P::CgroupSockopt, H::BPF_FUNC_get_netns_cookie),
+        ),
+        f("sk_lookup programs", "inbound capture", false, prog(P::SkLookup)),
+        f("sockmaps", "inbound capture", false, map(MapType::SockMap)),
+        f(
+            "bpf_sk_assign in sk_lookup",
+            "inbound capture",
+            false,
+            helper(P::SkLookup, H::BPF_FUNC_sk_assign),
+        ),
+        f("sk_msg programs", "acceleration", false, prog(P::SkMsg)),
+        f("sockhash maps", "acceleration", true, map(MapType::SockHash)),
+        f(
+            "bpf_get_netns_cookie in sk_msg",
+            "acceleration",
+            false,
+            helper(P::SkMsg, H::BPF_FUNC_get_netns_cookie),
+        ),
+    ]
+}

@@ -299,8 +299,9 @@ fn run(config_path: Option<&Path>, o: Overrides) -> ExitCode {
     }
 }
 
-/// Checks that the node can run the daemon; each names what is missing.
-fn preflight(root: &Path, mount: &Path) -> anyhow::Result<Vec<(String, String)>> {
+/// Checks that the node can run the daemon; returns the check lines for status and the
+/// features of optional parts (`needed_for` names) that this kernel lacks.
+fn preflight(root: &Path, mount: &Path) -> anyhow::Result<(Vec<(String, String)>, Vec<&'static str>)> {
     let mut checks = Vec::new();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -331,16 +332,36 @@ fn preflight(root: &Path, mount: &Path) -> anyhow::Result<Vec<(String, String)>>
         "daemon cgroup".into(),
         format!("{} (inside the attach root)", own.display()),
     ));
+    let mut missing = Vec::new();
+    let mut optional_off = Vec::new();
+    for f in ebpf::probe_features() {
+        if !f.present && !f.required && !optional_off.contains(&f.needed_for) {
+            optional_off.push(f.needed_for);
+        }
+        let verdict = if f.present { "ok" } else if f.required { "MISSING" } else { "missing (feature off)" };
+        checks.push((f.name.to_string(), format!("{verdict}: needed for {}", f.needed_for)));
+        if !f.present && f.required {
+            missing.push(format!("{} (needed for {})", f.name, f.needed_for));
+        }
+    }
+    if !missing.is_empty() {
+        anyhow::bail!("this kernel lacks what sockmesh needs: {}", missing.join(", "));
+    }
     let probe = std::net::TcpListener::bind("127.0.0.1:0").context("failed to open a probe socket")?;
     match sys::netns_cookie(std::os::fd::AsRawFd::as_raw_fd(&probe)) {
         Ok(_) => checks.push(("SO_NETNS_COOKIE".into(), "supported".into())),
         Err(e) => anyhow::bail!("SO_NETNS_COOKIE is not supported by this kernel ({e}): needs 5.14 or later"),
     }
-    Ok(checks)
+    Ok((checks, optional_off))
 }
 
-fn serve(cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Result<()> {
-    let mut checks = preflight(&root, &mount)?;
+fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Result<()> {
+    let (mut checks, optional_off) = preflight(&root, &mount)?;
+    if cfg.acceleration.enabled && optional_off.contains(&"acceleration") {
+        warn!("acceleration requested but this kernel lacks sk_msg support: off");
+        cfg.acceleration.enabled = false;
+        checks.push(("acceleration".into(), "off: kernel lacks sk_msg support".into()));
+    }
     // One daemon per pinned state: a second one would adopt the first one's links.
     let _lock = sys::lock_file(&cfg.state_file.with_extension("lock")).with_context(|| {
         format!(
