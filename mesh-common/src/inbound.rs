@@ -12,6 +12,10 @@ use crate::{AF_INET, AF_INET6};
 /// itself) without being captured again.
 pub const LOOPBACK_IFINDEX: u32 = 1;
 
+/// The port of an [`InboundKey`] that stands for every port of the address (all ports meshed,
+/// minus the exclusions in `SM_INBOUND_EXCL`).
+pub const ANY_PORT: u16 = 0;
+
 /// A pod address and a meshed port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -43,6 +47,15 @@ impl InboundKey {
             family: AF_INET6,
             port: port as u32,
             ip_be,
+        }
+    }
+
+    /// The same address with another port.
+    pub const fn with_port(&self, port: u16) -> Self {
+        Self {
+            family: self.family,
+            port: port as u32,
+            ip_be: self.ip_be,
         }
     }
 }

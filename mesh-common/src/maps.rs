@@ -21,6 +21,8 @@ pub const FLOW_STATE: &str = "SM_FLOW_STATE";
 pub const STATS: &str = "SM_STATS";
 /// `HashMap<InboundKey, InboundTarget>`: a pod address and meshed port → its listener slot.
 pub const INBOUND: &str = "SM_INBOUND";
+/// `HashMap<InboundKey, u32>`: pod address and port never captured inbound (with all ports meshed).
+pub const INBOUND_EXCLUDE: &str = "SM_INBOUND_EXCL";
 /// `SockMap`: listener slot → the daemon's inbound listener inside that pod's netns.
 pub const LISTENERS: &str = "SM_LISTENERS";
 
@@ -28,7 +30,7 @@ pub const LISTENERS: &str = "SM_LISTENERS";
 pub const AYA_LOGS: &str = "AYA_LOGS";
 
 /// Every map the daemon pins under `<pin_dir>/maps/`.
-pub const PINNED: [&str; 10] = [
+pub const PINNED: [&str; 13] = [
     CONFIG,
     PODS,
     BYPASS_CIDRS,
@@ -38,6 +40,9 @@ pub const PINNED: [&str; 10] = [
     SOCKS,
     FLOW_STATE,
     STATS,
+    INBOUND,
+    INBOUND_EXCLUDE,
+    LISTENERS,
     AYA_LOGS,
 ];
 
@@ -92,9 +97,38 @@ mod tests {
             FLOW_STATE,
             STATS,
             INBOUND,
+            INBOUND_EXCLUDE,
             LISTENERS,
         ] {
             assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN - 1");
+        }
+    }
+}
+
+#[cfg(test)]
+mod pin_tests {
+    use super::*;
+
+    #[test]
+    fn every_map_is_pinned() {
+        for name in [
+            CONFIG,
+            PODS,
+            BYPASS_CIDRS,
+            BYPASS_PORTS,
+            ORIG_BY_COOKIE,
+            FLOWS,
+            SOCKS,
+            FLOW_STATE,
+            STATS,
+            INBOUND,
+            INBOUND_EXCLUDE,
+            LISTENERS,
+        ] {
+            assert!(
+                PINNED.contains(&name),
+                "{name} is not pinned: a restart would lose it"
+            );
         }
     }
 }

@@ -32,7 +32,8 @@ pub mod reason {
     pub const LOOKUP_ASSIGNED: u32 = 26;
     pub const LOOKUP_NO_LISTENER: u32 = 27;
     pub const LOOKUP_ASSIGN_FAILED: u32 = 28;
-    pub const COUNT: u32 = 29;
+    pub const LOOKUP_EXCLUDED: u32 = 29;
+    pub const COUNT: u32 = 30;
 }
 
 /// Metric names, indexed like [`reason`].
@@ -66,6 +67,7 @@ pub const REASON_NAMES: [&str; reason::COUNT as usize] = [
     "lookup_assigned",
     "lookup_no_listener",
     "lookup_assign_failed",
+    "lookup_excluded",
 ];
 
 #[cfg(test)]

@@ -48,6 +48,9 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT
 #[map(name = "SM_INBOUND")]
 pub static INBOUND: HashMap<InboundKey, InboundTarget> = HashMap::with_max_entries(m::INBOUND_MAX, 0);
 
+#[map(name = "SM_INBOUND_EXCL")]
+pub static INBOUND_EXCLUDE: HashMap<InboundKey, u32> = HashMap::with_max_entries(m::INBOUND_MAX, 0);
+
 #[map(name = "SM_LISTENERS")]
 pub static LISTENERS: SockMap = SockMap::with_max_entries(m::LISTENERS_MAX, 0);
 

@@ -6,14 +6,14 @@
 
 use aya_ebpf::{bindings::sk_action::SK_PASS, macros::sk_lookup, programs::SkLookupContext};
 use mesh_common::{
-    inbound::{InboundKey, LOOPBACK_IFINDEX},
+    inbound::{InboundKey, ANY_PORT, LOOPBACK_IFINDEX},
     stats::reason,
     AF_INET, AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
     ctx_ip6, ctx_u32,
-    maps::{config, count, INBOUND, LISTENERS},
+    maps::{config, count, INBOUND, INBOUND_EXCLUDE, LISTENERS},
 };
 
 const ENOENT: i32 = 2;
@@ -53,7 +53,21 @@ fn handle(ctx: &SkLookupContext) -> Option<()> {
         }
         _ => return None,
     };
-    let target = *unsafe { INBOUND.get(&key) }?;
+    if port == cfg.outbound_port || port == cfg.inbound_port {
+        return None;
+    }
+    let target = match unsafe { INBOUND.get(&key) } {
+        Some(t) => *t,
+        None => {
+            // All ports of the address meshed, minus the exclusions?
+            let t = *unsafe { INBOUND.get(&key.with_port(ANY_PORT)) }?;
+            if unsafe { INBOUND_EXCLUDE.get(&key) }.is_some() {
+                count(reason::LOOKUP_EXCLUDED);
+                return None;
+            }
+            t
+        }
+    };
     match LISTENERS.redirect_sk_lookup(ctx, target.slot, 0) {
         Ok(()) => count(reason::LOOKUP_ASSIGNED),
         Err(e) if e == -ENOENT => count(reason::LOOKUP_NO_LISTENER),

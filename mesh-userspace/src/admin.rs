@@ -34,6 +34,10 @@ pub enum Request {
         capture: bool,
         #[serde(default)]
         inbound_ports: Vec<u32>,
+        #[serde(default)]
+        inbound_all_ports: bool,
+        #[serde(default)]
+        inbound_exclude_ports: Vec<u32>,
     },
     Unenroll {
         name: String,
@@ -130,7 +134,14 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             external_proxy,
             capture,
             inbound_ports,
+            inbound_all_ports,
+            inbound_exclude_ports,
         } => {
+            let inbound_exclude_ports =
+                match crate::config::check_inbound_ports(&inbound_exclude_ports, daemon.outbound_port()) {
+                    Ok(p) => p,
+                    Err(e) => return Response::err(format!("inbound_exclude_ports: {e}")),
+                };
             let inbound_ports =
                 match crate::config::check_inbound_ports(&inbound_ports, daemon.outbound_port()) {
                     Ok(p) => p,
@@ -139,6 +150,8 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             let spec = crate::config::PodSpec {
                 capture,
                 inbound_ports,
+                inbound_all_ports,
+                inbound_exclude_ports,
                 name,
                 netns: netns.into(),
                 cgroup: cgroup.into(),
@@ -207,6 +220,8 @@ mod tests {
                 external_proxy: false,
                 capture: true,
                 inbound_ports: vec![],
+                inbound_all_ports: false,
+                inbound_exclude_ports: vec![],
             }
         );
         assert_eq!(

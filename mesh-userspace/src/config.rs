@@ -93,6 +93,10 @@ struct RawPod {
     capture: Option<bool>,
     #[serde(default)]
     inbound_ports: Vec<u32>,
+    #[serde(default)]
+    inbound_all_ports: bool,
+    #[serde(default)]
+    inbound_exclude_ports: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +144,9 @@ pub struct PodSpec {
     pub capture: bool,
     /// Ports of the pod captured inbound (`sk_lookup`); empty: no inbound capture.
     pub inbound_ports: Vec<u16>,
+    /// Capture every inbound port except `inbound_exclude_ports` (and sockmesh's own).
+    pub inbound_all_ports: bool,
+    pub inbound_exclude_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +196,23 @@ pub fn check_inbound_ports(ports: &[u32], outbound_port: u16) -> Result<Vec<u16>
         out.push(port);
     }
     Ok(out)
+}
+
+/// Either a list of ports, or all ports minus exclusions; exclusions only make sense with all.
+pub fn check_inbound_choice(all: bool, ports: &[u16], exclude: &[u16]) -> Result<(), (&'static str, String)> {
+    if all && !ports.is_empty() {
+        return Err((
+            "inbound_ports",
+            "give either inbound_ports or inbound_all_ports, not both".into(),
+        ));
+    }
+    if !all && !exclude.is_empty() {
+        return Err((
+            "inbound_exclude_ports",
+            "only meaningful with inbound_all_ports = true".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Validate a pod name: what `enroll` and the config accept.
@@ -325,6 +349,10 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         }
         let inbound_ports = check_inbound_ports(&p.inbound_ports, outbound_port)
             .map_err(|r| err(format!("pods[{i}].inbound_ports"), r))?;
+        let inbound_exclude_ports = check_inbound_ports(&p.inbound_exclude_ports, outbound_port)
+            .map_err(|r| err(format!("pods[{i}].inbound_exclude_ports"), r))?;
+        check_inbound_choice(p.inbound_all_ports, &inbound_ports, &inbound_exclude_ports)
+            .map_err(|(f, r)| err(format!("pods[{i}].{f}"), r))?;
         if p.external_proxy && p.capture == Some(false) {
             return Err(err(
                 format!("pods[{i}].capture"),
@@ -338,6 +366,8 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
             external_proxy: p.external_proxy,
             capture: p.capture.unwrap_or(true),
             inbound_ports,
+            inbound_all_ports: p.inbound_all_ports,
+            inbound_exclude_ports,
         });
     }
     Ok(Config {

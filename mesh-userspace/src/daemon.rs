@@ -12,7 +12,7 @@ use std::{
 };
 
 use mesh_common::{
-    inbound::{listener_slot, InboundKey, InboundTarget},
+    inbound::{listener_slot, InboundKey, InboundTarget, ANY_PORT},
     pods::{PodInfo, POD_FLAG_NONE},
 };
 use serde_json::json;
@@ -82,6 +82,13 @@ struct EnrolledPod {
     proxy: Option<PodProxy>,
     /// Pod address × meshed port entries this pod put in the inbound map.
     inbound_keys: Vec<InboundKey>,
+}
+
+fn inbound_key(a: std::net::IpAddr, port: u16) -> InboundKey {
+    match a {
+        std::net::IpAddr::V4(v4) => InboundKey::v4(u32::from_ne_bytes(v4.octets()), port),
+        std::net::IpAddr::V6(_) => InboundKey::v6(mesh_common::flow::ip_to_words(a), port),
+    }
 }
 
 /// How the short-circuit stands, for status.
@@ -240,7 +247,12 @@ impl Daemon {
         // Inbound: listeners in the sockmap and the pod's addresses × ports in the inbound map
         // first, the sk_lookup link last, so the hook never sees half a setup.
         let mut inbound_keys = Vec::new();
-        if !spec.inbound_ports.is_empty() {
+        if !spec.inbound_ports.is_empty() || spec.inbound_all_ports {
+            let ports: Vec<u16> = if spec.inbound_all_ports {
+                vec![ANY_PORT]
+            } else {
+                spec.inbound_ports.clone()
+            };
             let addrs = sys::local_addrs_in(&ctx.netns).map_err(io_err)?;
             let mut k = self.kernel.lock().expect("kernel lock");
             let r = (|| -> Result<(), DaemonError> {
@@ -258,16 +270,14 @@ impl Daemon {
                     k.set_listener(slot, &l).map_err(kerr)?;
                     listeners.push((l, Direction::Inbound));
                     for a in fam {
-                        for port in &spec.inbound_ports {
-                            let key = match a {
-                                std::net::IpAddr::V4(v4) => {
-                                    InboundKey::v4(u32::from_ne_bytes(v4.octets()), *port)
-                                }
-                                std::net::IpAddr::V6(_) => {
-                                    InboundKey::v6(mesh_common::flow::ip_to_words(*a), *port)
-                                }
-                            };
+                        for port in &ports {
+                            let key = inbound_key(*a, *port);
                             k.add_inbound(key, InboundTarget { slot, pod_id }).map_err(kerr)?;
+                            inbound_keys.push(key);
+                        }
+                        for port in &spec.inbound_exclude_ports {
+                            let key = inbound_key(*a, *port);
+                            k.add_inbound_exclude(key).map_err(kerr)?;
                             inbound_keys.push(key);
                         }
                     }
@@ -456,6 +466,8 @@ impl Daemon {
                     "external_proxy": p.spec.external_proxy,
                     "capture": p.spec.capture,
                     "inbound_ports": p.spec.inbound_ports,
+                    "inbound_all_ports": p.spec.inbound_all_ports,
+                    "inbound_exclude_ports": p.spec.inbound_exclude_ports,
                     "listeners": p.proxy.as_ref().map(|x| x.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
                     "connections_active": p.stats.connections_active.load(Relaxed),
                     "connections_total": p.stats.connections_total.load(Relaxed),

@@ -118,6 +118,7 @@ pub struct Kernel {
     stats: PerCpuArray<MapData, u64>,
     socks: SockHash<MapData, ConnTuple>,
     inbound: HashMap<MapData, InboundKey, InboundTarget>,
+    inbound_exclude: HashMap<MapData, InboundKey, u32>,
     listeners: SockMap<MapData>,
     /// `sk_lookup` links per pod netns, by pod name.
     netns_links: std::collections::BTreeMap<String, (PathBuf, PinnedLink)>,
@@ -220,6 +221,7 @@ impl Kernel {
         let socks = take_map!(bpf, m::SOCKS, SockHash<MapData, ConnTuple>);
         let inbound = take_map!(bpf, m::INBOUND, HashMap<MapData, InboundKey, InboundTarget>);
         let listeners = take_map!(bpf, m::LISTENERS, SockMap<MapData>);
+        let inbound_exclude = take_map!(bpf, m::INBOUND_EXCLUDE, HashMap<MapData, InboundKey, u32>);
         let mut flags = FLAG_ENABLED;
         if opts.accelerate {
             flags |= FLAG_ACCELERATE;
@@ -244,6 +246,7 @@ impl Kernel {
             stats,
             socks,
             inbound,
+            inbound_exclude,
             listeners,
             netns_links: Default::default(),
             sk_lookup_loaded: false,
@@ -548,6 +551,17 @@ impl Kernel {
 
     pub fn remove_inbound(&mut self, key: &InboundKey) {
         let _ = self.inbound.remove(key);
+        let _ = self.inbound_exclude.remove(key);
+    }
+
+    /// A pod address and port never captured inbound (all ports meshed otherwise).
+    pub fn add_inbound_exclude(&mut self, key: InboundKey) -> Result<(), KernelError> {
+        self.inbound_exclude
+            .insert(key, 1, 0)
+            .map_err(|source| KernelError::Map {
+                name: m::INBOUND_EXCLUDE,
+                source,
+            })
     }
 
     /// Inbound entries as the kernel has them (after a restart: what the last daemon left).
@@ -683,11 +697,31 @@ pub fn probe_features() -> Vec<Feature> {
     let prog = |t| is_program_supported(t).unwrap_or(false);
     let map = |t| is_map_supported(t).unwrap_or(false);
     let helper = |t, h| is_helper_supported(t, h).unwrap_or(false);
-    let f = |name, needed_for, required, present| Feature { name, needed_for, required, present };
+    let f = |name, needed_for, required, present| Feature {
+        name,
+        needed_for,
+        required,
+        present,
+    };
     vec![
-        f("cgroup/connect4|6 programs", "outbound capture", true, prog(P::CgroupSockAddr)),
-        f("sockops programs", "original destinations", true, prog(P::SockOps)),
-        f("cgroup/getsockopt programs", "SO_ORIGINAL_DST", true, prog(P::CgroupSockopt)),
+        f(
+            "cgroup/connect4|6 programs",
+            "outbound capture",
+            true,
+            prog(P::CgroupSockAddr),
+        ),
+        f(
+            "sockops programs",
+            "original destinations",
+            true,
+            prog(P::SockOps),
+        ),
+        f(
+            "cgroup/getsockopt programs",
+            "SO_ORIGINAL_DST",
+            true,
+            prog(P::CgroupSockopt),
+        ),
         f("LRU hash maps", "flow records", true, map(MapType::LruHash)),
         f("LPM trie maps", "bypass CIDRs", true, map(MapType::LpmTrie)),
         f("per-CPU arrays", "counters", true, map(MapType::PerCpuArray)),
@@ -732,4 +766,41 @@ pub fn probe_features() -> Vec<Feature> {
             helper(P::SkMsg, H::BPF_FUNC_get_netns_cookie),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    //! The two sides must agree on names: a map or program the loader asks for that the kernel
+    //! crate does not define (or defines under another name) fails here, not on a node.
+    use super::*;
+
+    fn ebpf_source(file: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mesh-ebpf/src").join(file);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn every_kernel_map_is_known_and_pinned() {
+        let src = ebpf_source("maps.rs");
+        let defined: Vec<&str> =
+            src.split("#[map(name = \"").skip(1).filter_map(|s| s.split('"').next()).collect();
+        assert!(defined.len() >= 12, "{defined:?}");
+        for name in &defined {
+            assert!(m::PINNED.contains(name), "kernel map {name} is not in mesh_common::maps::PINNED");
+        }
+        for name in m::PINNED.iter().filter(|n| **n != m::AYA_LOGS) {
+            assert!(defined.contains(name), "{name} is pinned but the kernel crate does not define it");
+        }
+    }
+
+    #[test]
+    fn every_program_the_loader_uses_exists() {
+        let all: String = ["connect.rs", "sockops.rs", "sk_msg.rs", "getsockopt.rs", "getpeername.rs", "sk_lookup.rs"]
+            .iter()
+            .map(|f| ebpf_source(f))
+            .collect();
+        for name in progs::CGROUP_LINKED.iter().chain(&[progs::SK_MSG, progs::SK_SKB_VERDICT, progs::SK_LOOKUP]) {
+            assert!(all.contains(&format!("pub fn {name}(")), "no program `{name}` in mesh-ebpf");
+        }
+    }
 }

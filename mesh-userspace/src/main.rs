@@ -81,6 +81,12 @@ enum Cmd {
         /// Capture this port of the pod inbound (repeatable).
         #[arg(long = "inbound-port")]
         inbound_ports: Vec<u32>,
+        /// Capture every inbound port of the pod (but excluded ones and sockmesh's own).
+        #[arg(long)]
+        inbound_all_ports: bool,
+        /// With --inbound-all-ports: never capture this port (repeatable).
+        #[arg(long = "inbound-exclude-port")]
+        inbound_exclude_ports: Vec<u32>,
         #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
@@ -150,6 +156,8 @@ fn main() -> ExitCode {
             external_proxy,
             no_capture,
             inbound_ports,
+            inbound_all_ports,
+            inbound_exclude_ports,
             admin_socket,
         } => client(
             &admin_socket,
@@ -160,6 +168,8 @@ fn main() -> ExitCode {
                 external_proxy,
                 capture: !no_capture,
                 inbound_ports,
+                inbound_all_ports,
+                inbound_exclude_ports,
             },
             false,
         ),
@@ -338,8 +348,17 @@ fn preflight(root: &Path, mount: &Path) -> anyhow::Result<(Vec<(String, String)>
         if !f.present && !f.required && !optional_off.contains(&f.needed_for) {
             optional_off.push(f.needed_for);
         }
-        let verdict = if f.present { "ok" } else if f.required { "MISSING" } else { "missing (feature off)" };
-        checks.push((f.name.to_string(), format!("{verdict}: needed for {}", f.needed_for)));
+        let verdict = if f.present {
+            "ok"
+        } else if f.required {
+            "MISSING"
+        } else {
+            "missing (feature off)"
+        };
+        checks.push((
+            f.name.to_string(),
+            format!("{verdict}: needed for {}", f.needed_for),
+        ));
         if !f.present && f.required {
             missing.push(format!("{} (needed for {})", f.name, f.needed_for));
         }

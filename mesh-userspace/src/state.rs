@@ -21,6 +21,10 @@ pub struct PodState {
     pub capture: bool,
     #[serde(default)]
     pub inbound_ports: Vec<u16>,
+    #[serde(default)]
+    pub inbound_all_ports: bool,
+    #[serde(default)]
+    pub inbound_exclude_ports: Vec<u16>,
 }
 
 fn yes() -> bool {
@@ -36,6 +40,8 @@ impl From<&PodSpec> for PodState {
             external_proxy: p.external_proxy,
             capture: p.capture,
             inbound_ports: p.inbound_ports.clone(),
+            inbound_all_ports: p.inbound_all_ports,
+            inbound_exclude_ports: p.inbound_exclude_ports.clone(),
         }
     }
 }
@@ -49,6 +55,8 @@ impl From<PodState> for PodSpec {
             external_proxy: p.external_proxy,
             capture: p.capture,
             inbound_ports: p.inbound_ports,
+            inbound_all_ports: p.inbound_all_ports,
+            inbound_exclude_ports: p.inbound_exclude_ports,
         }
     }
 }
@@ -107,6 +115,8 @@ mod tests {
                 external_proxy: false,
                 capture: true,
                 inbound_ports: vec![8080],
+                inbound_all_ports: false,
+                inbound_exclude_ports: vec![],
             }],
         };
         save(&path, &st).unwrap();
