@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod cgroup;
+pub mod cluster;
 pub mod daemon;
 pub mod node;
 pub mod peer;

@@ -1,6 +1,6 @@
 //! [`VirtualNode`]: pod network namespaces on a bridge plus a test-owned cgroup subtree.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -23,6 +23,58 @@ pub const MAX_POD_NAME: usize = 32;
 /// Most pods per node (the /24 and interface name budget).
 pub const MAX_PODS: usize = 200;
 
+/// The pods' IPv6 prefix (documentation range) when [`NodeOptions::ipv6`] is set: pod `i` of node
+/// `index` gets `2001:db8:0:<index>::(FIRST_POD_HOST + i)/64`.
+pub const POD_PREFIX6_LEN: u8 = 64;
+/// Highest node index ([`NodeOptions::index`]); `198.18.255.0/24` is left for inter-node links.
+pub const MAX_NODE_INDEX: u8 = 254;
+
+/// How [`VirtualNode::with_options`] builds a node. The default is what [`VirtualNode::new`]
+/// builds: index 0 (`198.18.0.0/24`), IPv4 only, no gateway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeOptions {
+    /// Pods get `198.18.<index>.(2+i)/24` (and `2001:db8:0:<index>::(2+i)/64`), so nodes with
+    /// different indexes can be routed to each other.
+    pub index: u8,
+    /// Also give every pod's `eth0` an IPv6 address (added `nodad`: usable at once).
+    pub ipv6: bool,
+    /// The bridge holds the gateway address `198.18.<index>.1` (and `2001:db8:0:<index>::1`) and
+    /// every pod has a default route through it (needed to leave the node).
+    pub gateway: bool,
+}
+
+impl NodeOptions {
+    /// Pod `host` of this node, IPv4.
+    pub fn pod_ip(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.index, host)
+    }
+
+    /// Pod `host` of this node, IPv6 (`2001:db8:0:<index>::<host>`).
+    pub fn pod_ip6(&self, host: u8) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, 0, self.index as u16, 0, 0, 0, host as u16)
+    }
+
+    /// The gateway (bridge) address, IPv4 (`198.18.<index>.1`).
+    pub fn gateway_ip(&self) -> Ipv4Addr {
+        self.pod_ip(1)
+    }
+
+    /// The gateway (bridge) address, IPv6 (`2001:db8:0:<index>::1`).
+    pub fn gateway_ip6(&self) -> Ipv6Addr {
+        self.pod_ip6(1)
+    }
+
+    /// `198.18.<index>.0/24`.
+    pub fn pod_subnet(&self) -> String {
+        format!("{}/{POD_PREFIX_LEN}", self.pod_ip(0))
+    }
+
+    /// `2001:db8:0:<index>::/64`.
+    pub fn pod_subnet6(&self) -> String {
+        format!("{}/{POD_PREFIX6_LEN}", self.pod_ip6(0))
+    }
+}
+
 const IP_TIMEOUT: Duration = Duration::from_secs(30);
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 const RMDIR_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,12 +90,23 @@ pub struct Pod {
     /// `<node cgroup root>/pod-<name>`.
     pub cgroup: PathBuf,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address on `eth0`, when the node was built with [`NodeOptions::ipv6`].
+    pub ip6: Option<Ipv6Addr>,
 }
 
 impl Pod {
     /// `ip:port` as a string.
     pub fn addr(&self, port: u16) -> String {
         format!("{}:{port}", self.ip)
+    }
+
+    /// `[ip6]:port` as a string. Panics when the pod has no IPv6 address (a test bug: build the
+    /// node with [`NodeOptions::ipv6`]).
+    pub fn addr6(&self, port: u16) -> String {
+        let ip6 = self
+            .ip6
+            .unwrap_or_else(|| panic!("pod {} has no IPv6 address (NodeOptions::ipv6)", self.name));
+        format!("[{ip6}]:{port}")
     }
 }
 
@@ -59,9 +122,11 @@ pub struct VirtualNode {
     cgroup_root: Option<PathBuf>,
     daemon_cgroup: PathBuf,
     pods: Vec<Pod>,
+    options: NodeOptions,
+    bridge: String,
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+pub(crate) fn ip(args: &[&str]) -> Result<()> {
     let mut cmd = Command::new("ip");
     cmd.args(args);
     run_host_ok(cmd, IP_TIMEOUT).map(drop)
@@ -92,7 +157,16 @@ impl VirtualNode {
     /// Builds the node: netns `<prefix>-node` with a bridge, one netns + veth + IP per pod, and the
     /// cgroup subtree. On error everything created so far is torn down.
     pub fn new(pods: &[&str]) -> Result<VirtualNode> {
+        Self::with_options(pods, NodeOptions::default())
+    }
+
+    /// Like [`VirtualNode::new`] with a node index (its own pod subnet), optional IPv6 pod
+    /// addresses and an optional gateway on the bridge (see [`NodeOptions`]).
+    pub fn with_options(pods: &[&str], options: NodeOptions) -> Result<VirtualNode> {
         validate_pod_names(pods)?;
+        if options.index > MAX_NODE_INDEX {
+            bail!("node index {} > {MAX_NODE_INDEX}", options.index);
+        }
         let pid = std::process::id();
         let n = unique();
         let prefix = format!("sockmesh-test-{pid}-{n}");
@@ -107,6 +181,8 @@ impl VirtualNode {
             netns_names: Vec::new(),
             cgroup_root: None,
             pods: Vec::new(),
+            options,
+            bridge: String::new(),
         };
         node.build(&cg2, pods)
             .with_context(|| format!("failed to build virtual node {}", node.prefix))?;
@@ -133,6 +209,16 @@ impl VirtualNode {
         let bridge = format!("{}br", self.ifprefix);
         ip(&["-n", &node_ns, "link", "add", &bridge, "type", "bridge"])?;
         ip(&["-n", &node_ns, "link", "set", &bridge, "up"])?;
+        self.bridge = bridge.clone();
+        let opts = self.options;
+        if opts.gateway {
+            let gw = format!("{}/{POD_PREFIX_LEN}", opts.gateway_ip());
+            ip(&["-n", &node_ns, "addr", "add", &gw, "dev", &bridge])?;
+            if opts.ipv6 {
+                let gw6 = format!("{}/{POD_PREFIX6_LEN}", opts.gateway_ip6());
+                ip(&["-n", &node_ns, "addr", "add", &gw6, "dev", &bridge, "nodad"])?;
+            }
+        }
 
         for (i, name) in pods.iter().enumerate() {
             let netns_name = format!("{}-{name}", self.prefix);
@@ -156,10 +242,24 @@ impl VirtualNode {
             ])?;
             ip(&["-n", &node_ns, "link", "set", &host_if, "master", &bridge])?;
             ip(&["-n", &node_ns, "link", "set", &host_if, "up"])?;
-            let ip4 = Ipv4Addr::new(198, 18, 0, FIRST_POD_HOST + i as u8);
+            let ip4 = opts.pod_ip(FIRST_POD_HOST + i as u8);
             let cidr = format!("{ip4}/{POD_PREFIX_LEN}");
             ip(&["-n", &netns_name, "addr", "add", &cidr, "dev", "eth0"])?;
+            let ip6 = opts.ipv6.then(|| opts.pod_ip6(FIRST_POD_HOST + i as u8));
+            if let Some(ip6) = ip6 {
+                // nodad: usable at once (no tentative state), and the test owns the link.
+                let cidr6 = format!("{ip6}/{POD_PREFIX6_LEN}");
+                ip(&["-n", &netns_name, "addr", "add", &cidr6, "dev", "eth0", "nodad"])?;
+            }
             ip(&["-n", &netns_name, "link", "set", "eth0", "up"])?;
+            if opts.gateway {
+                let gw = opts.gateway_ip().to_string();
+                ip(&["-n", &netns_name, "route", "add", "default", "via", &gw])?;
+                if opts.ipv6 {
+                    let gw6 = opts.gateway_ip6().to_string();
+                    ip(&["-n", &netns_name, "-6", "route", "add", "default", "via", &gw6])?;
+                }
+            }
 
             let cg = root.join(format!("pod-{name}"));
             std::fs::create_dir(&cg).with_context(|| format!("failed to create cgroup {}", cg.display()))?;
@@ -169,6 +269,7 @@ impl VirtualNode {
                 netns_name,
                 cgroup: cg,
                 ip: ip4,
+                ip6,
             });
         }
         Ok(())
@@ -192,6 +293,21 @@ impl VirtualNode {
 
     pub fn pods(&self) -> &[Pod] {
         &self.pods
+    }
+
+    /// How this node was built (index, IPv6, gateway).
+    pub fn options(&self) -> NodeOptions {
+        self.options
+    }
+
+    /// The bridge's interface name (in the node netns).
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    /// The node netns name (for `ip -n`).
+    pub fn node_netns_name(&self) -> &str {
+        self.node_netns_name.as_deref().unwrap_or_default()
     }
 
     /// `<cgroup2>/sockmesh-test-<pid>-<n>`: the attach point for the daemon's config.
