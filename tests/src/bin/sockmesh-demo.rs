@@ -381,6 +381,34 @@ fn curl_row(d: &Daemon, pod: &Pod, dst: &str) -> Result<Row> {
     })
 }
 
+/// `curl` from a pod that is not enrolled into a pod enrolled with `--inbound-port 8080`.
+fn inbound_row(d: &Daemon, from: &Pod, to: &Pod) -> Result<Row> {
+    let before = d.counter("lookup_assigned")?;
+    let url = format!("http://{}/demo", to.addr(8080));
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "15", &url]).stdin(Stdio::null());
+    let out =
+        sockmesh_tests::process::exec_in(&from.cgroup, Some(&from.netns), cmd, Duration::from_secs(30))?;
+    check_output(&format!("curl {url} from {}", from.name), &out)?;
+    let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let delta = d.counter("lookup_assigned")? - before;
+    Ok(Row {
+        from: from.name.clone(),
+        request: format!("curl {url} (orders enrolled inbound)"),
+        captured: if delta > 0 {
+            format!("inbound (+{delta})")
+        } else {
+            "no".into()
+        },
+        original_dst: format!("{} (sk_lookup, no NAT)", to.addr(8080)),
+        server_saw: format!(
+            "{} (orders' own IP: sockmesh delivered it)",
+            body.strip_prefix("client=").unwrap_or(&body)
+        ),
+        result: "HTTP 200".into(),
+    })
+}
+
 /// The captured counter may be summed a moment later: give it a short bounded settle.
 fn eventually_delta(d: &Daemon, before: u64) -> Result<u64> {
     let now = eventually(Duration::from_millis(600), || {
@@ -567,6 +595,25 @@ fn tour(
 
     // legacy is not enrolled: goes direct.
     rows.push(curl_row(daemon, legacy, &orders.addr(8080))?);
+
+    // Inbound: enrol `orders` for its port 8080; legacy's call is now captured on arrival.
+    println!(
+        "      $ sockmesh enroll --name orders --netns {} --cgroup {} --inbound-port 8080",
+        orders.netns.display(),
+        orders.cgroup.display()
+    );
+    daemon.cli(&[
+        "enroll",
+        "--name",
+        "orders",
+        "--netns",
+        &orders.netns.to_string_lossy(),
+        "--cgroup",
+        &orders.cgroup.to_string_lossy(),
+        "--inbound-port",
+        "8080",
+    ])?;
+    rows.push(inbound_row(daemon, legacy, orders)?);
 
     let _ = (http, who);
     step(7, "results");
