@@ -26,6 +26,15 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("python3", "simple test servers"),
     ("procps", "`ps`, `sysctl` for the tests"),
+    ("wrk", "HTTP load generator for `cargo xtask bench`"),
+    ("haproxy", "reference proxy for `cargo xtask bench`"),
+    (
+        "iptables",
+        "the istio-init style capture `cargo xtask bench` compares with",
+    ),
+    ("fonts-dejavu-core", "the font of the bench chart"),
+    ("python3-venv", "the venv `cargo xtask bench` installs Envoy into"),
+    ("linux-perf", "`cargo xtask bench --profile`"),
 ];
 
 /// The bpf-linker release that works with the pinned aya and Debian's LLVM 22.

