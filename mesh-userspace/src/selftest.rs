@@ -4,7 +4,7 @@
 //! 2. the reader's epoll sees it readable, and FIONREAD reports its length (the sockmap FIONREAD
 //!    change broke both for nginx, Java NIO and others);
 //! 3. a fast writer of 64 KiB writes never gets an error (ENOMEM was the failure mode) and every
-//!    byte arrives in order, because the flow falls back to TCP.
+//!    byte arrives in order, because the flow falls back to TCP; and its half-close arrives as EOF.
 
 use std::{
     io::{Read, Write},
@@ -93,7 +93,13 @@ fn checks(kernel: &Kernel, mut client: TcpStream, mut server: TcpStream) -> Resu
             }
             seen += n;
         }
-        Ok(seen)
+        // The writer half-closes after the stream: the reader must see EOF, not hang.
+        server.set_read_timeout(Some(STEP_TIMEOUT)).ok();
+        match server.read(&mut buf) {
+            Ok(0) => Ok(seen),
+            Ok(n) => Err(format!("{n} bytes past the end of the bulk stream")),
+            Err(e) => Err(format!("no EOF after the half-close of a fallen-back flow: {e}")),
+        }
     });
     let mut chunk = vec![0u8; BULK_WRITE];
     let mut sent = 0usize;
