@@ -775,32 +775,57 @@ mod tests {
     use super::*;
 
     fn ebpf_source(file: &str) -> String {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mesh-ebpf/src").join(file);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../mesh-ebpf/src")
+            .join(file);
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     #[test]
     fn every_kernel_map_is_known_and_pinned() {
         let src = ebpf_source("maps.rs");
-        let defined: Vec<&str> =
-            src.split("#[map(name = \"").skip(1).filter_map(|s| s.split('"').next()).collect();
+        let defined: Vec<&str> = src
+            .split("#[map(name = \"")
+            .skip(1)
+            .filter_map(|s| s.split('"').next())
+            .collect();
         assert!(defined.len() >= 12, "{defined:?}");
         for name in &defined {
-            assert!(m::PINNED.contains(name), "kernel map {name} is not in mesh_common::maps::PINNED");
+            assert!(
+                m::PINNED.contains(name),
+                "kernel map {name} is not in mesh_common::maps::PINNED"
+            );
         }
         for name in m::PINNED.iter().filter(|n| **n != m::AYA_LOGS) {
-            assert!(defined.contains(name), "{name} is pinned but the kernel crate does not define it");
+            assert!(
+                defined.contains(name),
+                "{name} is pinned but the kernel crate does not define it"
+            );
         }
     }
 
     #[test]
     fn every_program_the_loader_uses_exists() {
-        let all: String = ["connect.rs", "sockops.rs", "sk_msg.rs", "getsockopt.rs", "getpeername.rs", "sk_lookup.rs"]
-            .iter()
-            .map(|f| ebpf_source(f))
-            .collect();
-        for name in progs::CGROUP_LINKED.iter().chain(&[progs::SK_MSG, progs::SK_SKB_VERDICT, progs::SK_LOOKUP]) {
-            assert!(all.contains(&format!("pub fn {name}(")), "no program `{name}` in mesh-ebpf");
+        let all: String = [
+            "connect.rs",
+            "sockops.rs",
+            "sk_msg.rs",
+            "getsockopt.rs",
+            "getpeername.rs",
+            "sk_lookup.rs",
+        ]
+        .iter()
+        .map(|f| ebpf_source(f))
+        .collect();
+        for name in
+            progs::CGROUP_LINKED
+                .iter()
+                .chain(&[progs::SK_MSG, progs::SK_SKB_VERDICT, progs::SK_LOOKUP])
+        {
+            assert!(
+                all.contains(&format!("pub fn {name}(")),
+                "no program `{name}` in mesh-ebpf"
+            );
         }
     }
 }

@@ -35,6 +35,21 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("fonts-dejavu-core", "the font of the bench chart"),
     ("python3-venv", "the venv `cargo xtask bench` installs Envoy into"),
     ("linux-perf", "`cargo xtask bench --profile`"),
+    (
+        "qemu-system-x86",
+        "boots the kernel matrix (`cargo xtask vm-test`)",
+    ),
+    ("busybox-static", "the kernel matrix guests' initramfs"),
+    ("cpio", "packs the kernel matrix guests' initramfs"),
+    (
+        "kmod",
+        "`depmod` for the kernel matrix's module trees, `modprobe` inside the guests",
+    ),
+    (
+        "xz-utils",
+        "unpacks the 6.1 kernel image and 6.12's modules for the kernel matrix",
+    ),
+    ("zstd", "unpacks the 6.12 kernel image for the kernel matrix"),
 ];
 
 /// The bpf-linker release that works with the pinned aya and Debian's LLVM 22.

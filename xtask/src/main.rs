@@ -9,6 +9,8 @@
 //!   `target/bpfel-unknown-none/bpf/mesh-ebpf`.
 //! - `cargo xtask test [--host-only | --no-host] [-- <test args>]`: host unit tests, then (as
 //!   root) the privileged end-to-end suite.
+//! - `cargo xtask vm-test [--kernel 6.1|6.12|all] [-- <test args>]`: the privileged suite inside
+//!   QEMU on Debian's 6.1 and 6.12 kernels (as root); `test` runs it too when /dev/kvm exists.
 //! - `cargo xtask demo`: build everything and run the demo (as root).
 //! - `cargo xtask bench [--quick]`: build everything and run the benchmark (as root); writes
 //!   BENCHMARKS.md and docs/bench.png.
@@ -23,6 +25,7 @@ mod demo;
 mod exec;
 mod fuzz;
 mod test;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -57,6 +60,8 @@ enum Command {
     Bench(bench::Options),
     /// Run the protocol codec fuzz targets for a bounded time each (nightly, cargo-fuzz)
     Fuzz(fuzz::Options),
+    /// Run the privileged suite inside QEMU on Debian's 6.1 and 6.12 kernels (as root)
+    VmTest(vm::Options),
 }
 
 /// The workspace root: the parent of this crate's directory.
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
         Command::BuildEbpf(opts) => build_ebpf::run(opts).map(|()| ExitCode::SUCCESS),
         Command::Test(opts) => test::run(opts),
         Command::Demo(opts) => demo::run(opts).map(|()| ExitCode::SUCCESS),
+        Command::VmTest(opts) => vm::run(opts),
         Command::Bench(opts) => bench::run(opts).map(|()| ExitCode::SUCCESS),
         Command::Fuzz(opts) => fuzz::run(opts).map(|()| ExitCode::SUCCESS),
     };

@@ -1,8 +1,9 @@
 //! `cargo xtask test`: the single test command (README, CI's `.ci/run`).
 //!
 //! Host unit tests first (no root, no nightly), then, as root, bootstrap, the eBPF object, the
-//! release daemon and the privileged end-to-end suite, one test at a time. Child output streams
-//! straight through: CI judges the run by cargo test's own summary lines.
+//! release daemon and the privileged end-to-end suite, one test at a time, then the kernel matrix
+//! ([`crate::vm`]) when /dev/kvm exists (`--no-vm` skips it). Child output streams straight
+//! through: CI judges the run by cargo test's own summary lines.
 
 use std::{
     path::Path,
@@ -13,7 +14,7 @@ use std::{
 use anyhow::Result;
 use clap::Args;
 
-use crate::{bootstrap, build_ebpf, daemon, exec, workspace_root};
+use crate::{bootstrap, build_ebpf, daemon, exec, vm, workspace_root};
 
 /// Crates whose unit tests run on the host without root or nightly.
 const HOST_PACKAGES: &[&str] = &["mesh-common", "mesh-userspace", "xtask"];
@@ -24,7 +25,7 @@ const NOT_ROOT_EXIT: u8 = 2;
 const SKIPPED_BANNER: &str = "PRIVILEGED SUITE SKIPPED: cargo xtask test must run as root to run \
                               the privileged end-to-end tests";
 
-/// `cargo xtask test [--host-only | --no-host] [-- <test args>]`
+/// `cargo xtask test [--host-only | --no-host] [--no-vm] [-- <test args>]`
 #[derive(Debug, Args)]
 pub struct Options {
     /// Run only the host unit tests (no root or nightly needed)
@@ -33,6 +34,9 @@ pub struct Options {
     /// Skip the host unit tests
     #[arg(long)]
     no_host: bool,
+    /// Skip the kernel matrix (`cargo xtask vm-test`) after the privileged suite
+    #[arg(long)]
+    no_vm: bool,
     /// Passed to the privileged suite's test binaries, e.g. a test name filter
     #[arg(last = true, value_name = "TEST_ARGS")]
     args: Vec<String>,
@@ -54,8 +58,22 @@ pub fn run(opts: Options) -> Result<ExitCode> {
     step("bootstrap", bootstrap::ensure)?;
     step("build-ebpf", || build_ebpf::build(&root))?;
     step("build sockmesh (release)", || daemon::build(&root))?;
-    step("privileged suite", || privileged_tests(&root, &opts.args))?;
-    Ok(ExitCode::SUCCESS)
+    let start = Instant::now();
+    let host = step("privileged suite", || privileged_tests(&root, &opts.args));
+    if opts.no_vm {
+        return host.map(|()| ExitCode::SUCCESS);
+    }
+    if !Path::new("/dev/kvm").exists() {
+        println!("kernel matrix skipped: /dev/kvm not available");
+        return host.map(|()| ExitCode::SUCCESS);
+    }
+    // The matrix runs even when the host suite failed: its table puts the host's line first.
+    let host_row = vm::Row::host(host.is_ok(), start.elapsed());
+    let matrix = step("kernel matrix", || {
+        vm::matrix(&root, &vm::Options::for_test_suite(opts.args), Some(host_row))
+    });
+    host?;
+    matrix
 }
 
 fn host_tests(root: &Path) -> Result<()> {
@@ -106,6 +124,13 @@ mod tests {
         let cli = Cli::try_parse_from(["test", "--no-host", "--", "capture", "--nocapture"]).unwrap();
         assert!(cli.opts.no_host && !cli.opts.host_only);
         assert_eq!(cli.opts.args, ["capture", "--nocapture"]);
+    }
+
+    #[test]
+    fn no_vm_flag_parses() {
+        let cli = Cli::try_parse_from(["test", "--no-vm", "--", "capture"]).unwrap();
+        assert!(cli.opts.no_vm);
+        assert_eq!(cli.opts.args, ["capture"]);
     }
 
     #[test]

@@ -436,7 +436,10 @@ mod tests {
             assert_eq!(f.status, 0);
         }
         // The body alone is kept as a seed for the hessian2 fuzz target.
-        assert_eq!(&frames[0].body[..], include_bytes!("testdata/dubbo_echo.body.bin"));
+        assert_eq!(
+            &frames[0].body[..],
+            include_bytes!("testdata/dubbo_echo.body.bin")
+        );
         assert_eq!(frames[0].request_id, 4);
         assert_eq!(frames[1].request_id, 5);
         assert_eq!(encode_all(&frames), C2S);
