@@ -359,9 +359,14 @@ fn prepare_kernel(root: &Path, series: Series) -> Result<Kernel> {
             deb.display(),
             kernel.dir.display()
         );
-        let partial = kernel.dir.with_extension("partial");
+        // `with_extension` would cut the version at its first dot ("6.1.0-56" -> "6.1.partial").
+        let mut partial = kernel.dir.clone().into_os_string();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
         remove_dir(&partial)?;
         remove_dir(&kernel.dir)?;
+        // dpkg-deb -x creates only the last component: a fresh checkout has no target/vm/kernels.
+        fs::create_dir_all(&partial).with_context(|| format!("failed to create {}", partial.display()))?;
         exec::run(exec::command("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
         exec::run(
             exec::command("depmod")
