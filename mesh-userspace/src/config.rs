@@ -63,6 +63,9 @@ struct RawConfig {
     bypass: RawBypass,
     #[serde(default)]
     pods: Vec<RawPod>,
+    detect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    services: Vec<crate::routing::policy::RawService>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -171,6 +174,8 @@ pub struct Config {
     pub bypass_cidrs: Vec<Cidr>,
     pub bypass_ports: Vec<u16>,
     pub pods: Vec<PodSpec>,
+    /// `detect_timeout_ms` and `[[services]]`: the routing policy (validated).
+    pub routing: crate::routing::RawPolicy,
 }
 
 /// Most meshed inbound ports per pod.
@@ -241,6 +246,11 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
             .unwrap_or_else(|| "file".into());
         err(field, e.message().to_string())
     })?;
+    let routing = crate::routing::RawPolicy {
+        detect_timeout_ms: raw.detect_timeout_ms,
+        services: raw.services.clone(),
+    };
+    crate::routing::compile(routing.clone()).map_err(|e| err(e.field, e.reason))?;
     let outbound_port = raw.outbound_port.unwrap_or(mesh_common::DEFAULT_OUTBOUND_PORT);
     if outbound_port == 0 {
         return Err(err("outbound_port", "must not be 0"));
@@ -386,6 +396,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         bypass_cidrs,
         bypass_ports,
         pods,
+        routing,
     })
 }
 

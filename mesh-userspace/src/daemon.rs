@@ -23,6 +23,7 @@ use crate::{
     config::{self, Config, PodSpec},
     ebpf::{Kernel, KernelError},
     proxy::{self, Direction, PodCtx, PodProxy, PodStats, Shared},
+    routing::Router,
     state,
     sys::{self, NetNs},
 };
@@ -137,16 +138,14 @@ impl Daemon {
         accel: AccelState,
         checks: Vec<(String, String)>,
     ) -> Self {
+        let router =
+            Router::new(crate::routing::compile(cfg.routing.clone()).expect("validated by config::parse"));
         Self {
             cfg,
             cgroup_root,
             kernel: Mutex::new(kernel),
             pods: Mutex::new(BTreeMap::new()),
-            shared: Arc::new(Shared {
-                registry: proxy::Registry::default(),
-                errors: proxy::ProxyErrors::default(),
-                orig: Box::new(proxy::KernelOrigDst),
-            }),
+            shared: Arc::new(Shared::new(Box::new(proxy::KernelOrigDst), router)),
             accel: Mutex::new(accel),
             checks,
             admin_errors: Mutex::new(BTreeMap::new()),

@@ -12,8 +12,10 @@ mod ebpf;
 mod metrics;
 mod proxy;
 // Protocol detection and codecs; not wired into the proxy yet (issue 4).
+mod l7;
 #[allow(dead_code)]
 mod protocol;
+mod routing;
 mod selftest;
 mod state;
 mod status;

@@ -25,7 +25,12 @@ use tokio::{
 };
 use tracing::{debug, warn, Instrument};
 
-use crate::sys::{self, NetNs};
+use crate::{
+    l7::{self, ConnCtx, L7Shared},
+    protocol::detect::{self, Detection},
+    routing::{ConnPlan, Outcome, ProtocolHint, Router},
+    sys::{self, NetNs},
+};
 
 /// Bytes moved per read/write in each direction.
 const RELAY_BUF: usize = 64 * 1024;
@@ -206,6 +211,22 @@ pub struct Shared {
     pub registry: Registry,
     pub errors: ProxyErrors,
     pub orig: Box<dyn OrigDstSource>,
+    /// The routing policy, protocol error counters and upstream pools.
+    pub l7: L7Shared,
+}
+
+impl Shared {
+    pub fn new(orig: Box<dyn OrigDstSource>, router: Router) -> Self {
+        Self {
+            registry: Registry::default(),
+            errors: ProxyErrors::default(),
+            orig,
+            l7: L7Shared {
+                router,
+                ..L7Shared::default()
+            },
+        }
+    }
 }
 
 /// A pod's running listeners. Dropping it without [`PodProxy::stop`] aborts them at once.
@@ -354,8 +375,110 @@ fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>,
             }
         };
         let span = tracing::debug_span!("conn", pod = %pod.name, ?dir, client = %peer, orig = %orig);
-        relay(s, peer, orig, dir, pod, shared).instrument(span).await;
+        if is_proxy_itself(&pod, orig) {
+            // Would connect to ourselves.
+            shared.errors.orig_dst_is_proxy.fetch_add(1, Relaxed);
+            reset(s);
+            return;
+        }
+        let plan = shared.l7.router.current().connection(orig);
+        match plan {
+            ConnPlan::Opaque => {
+                relay(s, peer, orig, orig, dir, pod, shared)
+                    .instrument(span)
+                    .await;
+            }
+            ConnPlan::L7 { hint, detect_timeout } => {
+                dispatch(s, peer, orig, dir, hint, detect_timeout, pod, shared)
+                    .instrument(span)
+                    .await
+            }
+        }
     });
+}
+
+fn is_proxy_itself(pod: &PodCtx, orig: SocketAddr) -> bool {
+    orig.ip().is_loopback() && (orig.port() == pod.outbound_port || orig.port() == pod.inbound_port)
+}
+
+/// A connection a routing policy cares about: find its protocol (hint or detection), then hand
+/// it to that protocol's handler; opaque TCP is routed once and relayed.
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    s: TcpStream,
+    peer: SocketAddr,
+    orig: SocketAddr,
+    dir: Direction,
+    hint: ProtocolHint,
+    detect_timeout: Duration,
+    pod: Arc<PodCtx>,
+    shared: Arc<Shared>,
+) {
+    let detected = match hint {
+        ProtocolHint::Auto => detect::peek_detect(&s, detect_timeout, None).await,
+        ProtocolHint::Http1 => Detection::Http1,
+        ProtocolHint::Http2 | ProtocolHint::Grpc => Detection::Http2,
+        ProtocolHint::Bolt => Detection::Bolt { version: None },
+        ProtocolHint::Dubbo => Detection::Dubbo,
+        ProtocolHint::Tcp => Detection::Opaque,
+    };
+    debug!(?detected, "protocol");
+    if matches!(detected, Detection::Opaque | Detection::NeedMore) {
+        let policy = shared.l7.router.current();
+        let decision = match policy.route_tcp(orig) {
+            Ok(d) => d,
+            Err(e) => {
+                shared.l7.errors.count("tcp", e.reason());
+                debug!("{e}");
+                reset(s);
+                return;
+            }
+        };
+        let started = Instant::now();
+        let ok = relay(s, peer, orig, decision.endpoint, dir, pod, shared).await;
+        decision.stats.record(
+            if ok {
+                Outcome::Answered
+            } else {
+                Outcome::Failed("upstream_connect")
+            },
+            started.elapsed(),
+        );
+        return;
+    }
+    let _ = s.set_nodelay(true);
+    let entry = shared.registry.add(&pod.name, dir, peer, orig);
+    pod.stats.connections_total.fetch_add(1, Relaxed);
+    pod.stats.connections_active.fetch_add(1, Relaxed);
+    let ctx = ConnCtx {
+        pod: pod.clone(),
+        shared: shared.clone(),
+        client: peer,
+        orig,
+        entry: entry.clone(),
+    };
+    match detected {
+        Detection::Http1 => l7::http::serve(s, l7::http::HttpVersion::Http1, ctx).await,
+        Detection::Http2 => l7::http::serve(s, l7::http::HttpVersion::Http2, ctx).await,
+        Detection::Bolt { .. } => l7::mux::serve_bolt(s, ctx).await,
+        Detection::Dubbo => l7::mux::serve_dubbo(s, ctx).await,
+        Detection::Opaque | Detection::NeedMore => unreachable!("relayed above"),
+    }
+    pod.stats.connections_active.fetch_sub(1, Relaxed);
+    shared.registry.remove(entry.id);
+}
+
+/// Connect to `dst` from inside the pod's netns with the daemon's mark (so the hooks never
+/// capture it again), bounded by `timeout`.
+pub async fn connect_upstream(pod: &PodCtx, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let sock = upstream_socket(pod, dst)?;
+    match tokio::time::timeout(timeout, sock.connect(dst)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {dst} timed out"),
+        )),
+    }
 }
 
 /// Close with RST, so the app sees a refused/reset connection rather than a clean EOF.
@@ -378,42 +501,39 @@ fn upstream_socket(pod: &PodCtx, dst: SocketAddr) -> io::Result<TcpSocket> {
     Ok(TcpSocket::from_std_stream(s.into()))
 }
 
+/// Relay a connection to `orig` byte for byte to `target` (the original destination, or the
+/// endpoint a TCP route chose). False when the upstream could not be reached.
 async fn relay(
     client: TcpStream,
     peer: SocketAddr,
     orig: SocketAddr,
+    target: SocketAddr,
     dir: Direction,
     pod: Arc<PodCtx>,
     shared: Arc<Shared>,
-) {
-    if orig.ip().is_loopback() && (orig.port() == pod.outbound_port || orig.port() == pod.inbound_port) {
-        // Would connect to ourselves.
-        shared.errors.orig_dst_is_proxy.fetch_add(1, Relaxed);
-        reset(client);
-        return;
-    }
-    let sock = match upstream_socket(&pod, orig) {
+) -> bool {
+    let sock = match upstream_socket(&pod, target) {
         Ok(s) => s,
         Err(e) => {
             shared.errors.upstream_socket_failed.fetch_add(1, Relaxed);
             warn!("failed to create upstream socket: {e}");
             reset(client);
-            return;
+            return false;
         }
     };
-    let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, sock.connect(orig)).await {
+    let upstream = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, sock.connect(target)).await {
         Ok(Ok(u)) => u,
         Ok(Err(e)) => {
             shared.errors.upstream_connect_failed.fetch_add(1, Relaxed);
-            debug!("upstream connect failed: {e}");
+            debug!("upstream connect to {target} failed: {e}");
             reset(client);
-            return;
+            return false;
         }
         Err(_) => {
             shared.errors.upstream_connect_failed.fetch_add(1, Relaxed);
-            debug!("upstream connect timed out");
+            debug!("upstream connect to {target} timed out");
             reset(client);
-            return;
+            return false;
         }
     };
     let _ = client.set_nodelay(true);
@@ -438,6 +558,7 @@ async fn relay(
     pod.stats.connections_active.fetch_sub(1, Relaxed);
     shared.registry.remove(entry.id);
     debug!("closed");
+    true
 }
 
 /// Copy until EOF, then half-close the writer. Counts as it goes so status is live.
@@ -510,11 +631,10 @@ mod tests {
         });
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = proxy.local_addr().unwrap();
-        let shared = Arc::new(Shared {
-            registry: Registry::default(),
-            errors: ProxyErrors::default(),
-            orig: Box::new(FixedOrigDst(server_addr)),
-        });
+        let shared = Arc::new(Shared::new(
+            Box::new(FixedOrigDst(server_addr)),
+            Router::default(),
+        ));
         let p = pod();
         tokio::spawn(serve_one(proxy, p.clone(), shared.clone()));
         let mut c = TcpStream::connect(proxy_addr).await.unwrap();
@@ -544,11 +664,7 @@ mod tests {
     async fn unknown_original_destination_resets_and_counts() {
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = proxy.local_addr().unwrap();
-        let shared = Arc::new(Shared {
-            registry: Registry::default(),
-            errors: ProxyErrors::default(),
-            orig: Box::new(NoOrigDst),
-        });
+        let shared = Arc::new(Shared::new(Box::new(NoOrigDst), Router::default()));
         tokio::spawn(serve_one(proxy, pod(), shared.clone()));
         let mut c = TcpStream::connect(proxy_addr).await.unwrap();
         let mut buf = [0u8; 1];
@@ -569,11 +685,7 @@ mod tests {
             .unwrap();
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = proxy.local_addr().unwrap();
-        let shared = Arc::new(Shared {
-            registry: Registry::default(),
-            errors: ProxyErrors::default(),
-            orig: Box::new(FixedOrigDst(dead)),
-        });
+        let shared = Arc::new(Shared::new(Box::new(FixedOrigDst(dead)), Router::default()));
         tokio::spawn(serve_one(proxy, pod(), shared.clone()));
         let mut c = TcpStream::connect(proxy_addr).await.unwrap();
         let mut buf = [0u8; 1];

@@ -1,0 +1,100 @@
+//! Layer-7 handling of a captured connection whose original destination a routing policy
+//! cares about (see [`crate::routing`]): protocol detection, then per-request routing.
+//!
+//! - [`http`]: HTTP/1.1, HTTP/2 and gRPC through hyper (server side on the app's connection,
+//!   pooled clients per endpoint upstream).
+//! - [`mux`]: SOFA Bolt and Dubbo 2: frames decoded with the codecs in [`crate::protocol`],
+//!   each request routed on its own, request ids remapped onto shared upstream connections
+//!   per endpoint.
+//! - opaque TCP (detected, hinted, or a detection timeout): routed once per connection and
+//!   relayed by [`crate::proxy`].
+//!
+//! Every handler counts protocol errors in [`L7Errors`] by (protocol, reason) and each request's
+//! outcome in the route's [`crate::routing::RouteStats`].
+
+pub mod http;
+pub mod mux;
+
+use std::{
+    collections::BTreeMap,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::net::TcpStream;
+
+use crate::{
+    proxy::{self, ConnEntry, PodCtx, Shared},
+    routing::Router,
+};
+
+/// Protocol errors by (protocol, reason): `sockmesh_protocol_errors_total`.
+#[derive(Debug, Default)]
+pub struct L7Errors {
+    counts: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl L7Errors {
+    pub fn count(&self, protocol: &'static str, reason: &'static str) {
+        *self
+            .counts
+            .lock()
+            .expect("l7 errors lock")
+            .entry((protocol, reason))
+            .or_default() += 1;
+    }
+
+    pub fn get(&self, protocol: &str, reason: &str) -> u64 {
+        self.counts
+            .lock()
+            .expect("l7 errors lock")
+            .iter()
+            .find(|((p, r), _)| *p == protocol && *r == reason)
+            .map_or(0, |(_, v)| *v)
+    }
+
+    pub fn snapshot(&self) -> Vec<((&'static str, &'static str), u64)> {
+        self.counts
+            .lock()
+            .expect("l7 errors lock")
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+}
+
+/// What the L7 layer shares across every pod and connection.
+#[derive(Default)]
+pub struct L7Shared {
+    pub router: Router,
+    pub errors: L7Errors,
+    pub http: http::HttpPools,
+    pub mux: mux::MuxPools,
+}
+
+/// Everything a protocol handler needs about the connection it serves.
+#[derive(Clone)]
+pub struct ConnCtx {
+    pub pod: Arc<PodCtx>,
+    pub shared: Arc<Shared>,
+    /// The app's address (outbound) or the remote client's (inbound).
+    pub client: SocketAddr,
+    /// Where the app meant to go: routing starts from it.
+    pub orig: SocketAddr,
+    /// The connection's `status` entry (byte counters).
+    pub entry: Arc<ConnEntry>,
+}
+
+impl ConnCtx {
+    pub fn l7(&self) -> &L7Shared {
+        &self.shared.l7
+    }
+
+    /// Open an upstream connection to `endpoint` from inside the pod's netns with the daemon's
+    /// mark (never captured again), bounded by `timeout`.
+    pub async fn connect(&self, endpoint: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        proxy::connect_upstream(&self.pod, endpoint, timeout).await
+    }
+}

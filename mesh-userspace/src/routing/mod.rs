@@ -1,0 +1,205 @@
+//! The routing model: services, endpoints with labels, subsets selected by labels, routes with
+//! matches, weighted splits, per-route timeouts and retries.
+//!
+//! A [`Policy`] is immutable once compiled; the [`Router`] holds the live one behind a lock and
+//! swaps it whole when the admin API applies a new policy. Handlers load the current policy per
+//! request (HTTP, Bolt, Dubbo) or per connection (opaque TCP), so a change applies to the next
+//! request on every existing connection and drops none.
+//!
+//! How a connection finds its service:
+//! - by original destination: a service lists `addresses` (VIP:port) and every connection to one
+//!   of them belongs to it;
+//! - by name: a service lists `hosts`; a connection to an address no service claims is sniffed
+//!   (when any service has hosts) and each request picks the service whose host matches its
+//!   HTTP `Host`/`:authority` (port stripped), Bolt `service` header (the interface, without the
+//!   `:version` suffix) or Dubbo service path. A request that matches no service goes to its
+//!   original destination ("passthrough").
+//!
+//! [`policy`] holds the config schema and its validation; [`stats`] the per-route counters.
+
+pub mod policy;
+pub mod stats;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+pub use policy::{compile, parse_toml, Policy, PolicyError, RawPolicy};
+pub use stats::{Outcome, RouteStats, RouteStatsView};
+
+/// The protocol a service speaks, as configured. `Auto` detects from the first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProtocolHint {
+    Auto,
+    Http1,
+    Http2,
+    Grpc,
+    Bolt,
+    Dubbo,
+    Tcp,
+}
+
+impl ProtocolHint {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Http1 => "http1",
+            Self::Http2 => "http2",
+            Self::Grpc => "grpc",
+            Self::Bolt => "bolt",
+            Self::Dubbo => "dubbo",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+/// What to do with a new connection before reading a byte of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnPlan {
+    /// No service claims it and nothing is routed by name: relay bytes to the original
+    /// destination, as before routing existed (no detection delay).
+    Opaque,
+    /// Read the first bytes (up to `detect_timeout`) unless `hint` names the protocol, then
+    /// route per request; opaque TCP (detected or hinted) is routed once per connection with
+    /// [`Policy::route_tcp`].
+    L7 {
+        hint: ProtocolHint,
+        detect_timeout: Duration,
+    },
+}
+
+/// Case-insensitive header/metadata/attachment lookup of one request.
+pub trait HeaderLookup {
+    /// The value of `name` (ASCII case-insensitive); the first one when repeated.
+    fn header(&self, name: &str) -> Option<&str>;
+}
+
+impl HeaderLookup for () {
+    fn header(&self, _: &str) -> Option<&str> {
+        None
+    }
+}
+
+/// What a route can match on, filled by each protocol's handler:
+/// - HTTP/1.1, HTTP/2: `host` (Host or :authority, port stripped), `path` (without query),
+///   `method` (GET, POST...), headers.
+/// - gRPC: as HTTP/2, plus `service` = `pkg.Service` and `method` = `Method` from the path
+///   `/pkg.Service/Method`; headers are the metadata.
+/// - Bolt: `service` = the `service` header without `:version` (the interface), `method` =
+///   the `sofa_head_method_name` header, headers are the Bolt header map.
+/// - Dubbo: `service` = the service path, `method` = the method name, `version` from the body,
+///   headers are the attachments.
+#[derive(Clone, Copy)]
+pub struct RequestInfo<'a> {
+    pub protocol: ProtocolHint,
+    pub host: Option<&'a str>,
+    pub path: Option<&'a str>,
+    pub service: Option<&'a str>,
+    pub method: Option<&'a str>,
+    pub version: Option<&'a str>,
+    pub headers: &'a dyn HeaderLookup,
+}
+
+impl<'a> RequestInfo<'a> {
+    /// A request with nothing to match on but the protocol (e.g. opaque TCP).
+    pub fn bare(protocol: ProtocolHint) -> Self {
+        Self {
+            protocol,
+            host: None,
+            path: None,
+            service: None,
+            method: None,
+            version: None,
+            headers: &(),
+        }
+    }
+}
+
+/// Where one request (or one opaque connection) goes.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// Service name, or `passthrough` when no service matched.
+    pub service: Arc<str>,
+    /// Route name (`default` when the service's routes did not name it), or `passthrough`.
+    pub route: Arc<str>,
+    /// Subset name, or `passthrough`.
+    pub subset: Arc<str>,
+    /// The endpoint chosen for the first attempt.
+    pub endpoint: SocketAddr,
+    /// The other endpoints of the same subset, in the order retries should use them (the first
+    /// attempt's endpoint again when it is alone).
+    pub retry_endpoints: Arc<[SocketAddr]>,
+    /// Per-request timeout (whole request: connect, send, response head or frame).
+    pub timeout: Duration,
+    /// Extra attempts allowed when the request is safe to retry (nothing was sent upstream,
+    /// or HTTP with an idempotent method and no body).
+    pub retries: u32,
+    /// Count the request's outcome here.
+    pub stats: Arc<RouteStats>,
+}
+
+impl Decision {
+    /// The endpoint for attempt `n` (0 = first).
+    pub fn endpoint_for_attempt(&self, n: u32) -> SocketAddr {
+        if n == 0 || self.retry_endpoints.is_empty() {
+            return self.endpoint;
+        }
+        self.retry_endpoints[(n as usize - 1) % self.retry_endpoints.len()]
+    }
+}
+
+/// Why a request could not be routed (each is a counted reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The service matched but no route did (and it has no catch-all route).
+    #[error("service `{0}` has no route for this request")]
+    NoRoute(Arc<str>),
+    /// The chosen subset has no endpoints.
+    #[error("subset `{subset}` of service `{service}` has no endpoints")]
+    NoEndpoint { service: Arc<str>, subset: Arc<str> },
+}
+
+impl RouteError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoRoute(_) => "no_route",
+            Self::NoEndpoint { .. } => "no_endpoint",
+        }
+    }
+}
+
+/// The live policy, swapped whole by the admin API.
+pub struct Router {
+    live: RwLock<Arc<Policy>>,
+}
+
+impl Router {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            live: RwLock::new(Arc::new(policy)),
+        }
+    }
+
+    /// The policy in force now. Cheap (an `Arc` clone); hold it for one request.
+    pub fn current(&self) -> Arc<Policy> {
+        self.live.read().expect("policy lock").clone()
+    }
+
+    /// Install a new policy. Counters of routes that keep their (service, route, subset) name
+    /// carry over, so a policy change does not reset what Prometheus scrapes.
+    pub fn replace(&self, mut next: Policy) {
+        let mut live = self.live.write().expect("policy lock");
+        next.adopt_stats(&live);
+        next.generation = live.generation + 1;
+        *live = Arc::new(next);
+    }
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new(Policy::empty())
+    }
+}

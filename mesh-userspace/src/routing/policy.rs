@@ -1,0 +1,791 @@
+//! The routing policy's schema (TOML in the daemon config, or a file applied with
+//! `sockmesh routes apply`), its validation and the compiled form requests are matched against.
+//!
+//! ```toml
+//! detect_timeout_ms = 300            # top level of the daemon config; default 300
+//!
+//! [[services]]
+//! name = "orders"
+//! addresses = ["10.96.0.10:8080"]    # original destinations (VIP:port) that select it
+//! hosts = ["orders.default.svc"]     # and/or names (HTTP host, Bolt interface, Dubbo service)
+//! protocol = "auto"                  # auto | http1 | http2 | grpc | bolt | dubbo | tcp
+//! timeout_ms = 15000                 # per request, unless the route says otherwise
+//! retries = 1                        # extra attempts for requests safe to retry
+//! endpoints = [
+//!   { address = "10.0.1.5:8080", labels = { version = "v1" } },
+//!   { address = "10.0.2.7:8080", labels = { version = "v2", colour = "blue" } },
+//! ]
+//! subsets = [
+//!   { name = "v1", labels = { version = "v1" } },
+//!   { name = "v2", labels = { version = "v2" } },
+//! ]
+//! [[services.routes]]
+//! name = "canary-by-header"
+//! match = { headers = { x-canary = "true" } }
+//! split = [{ subset = "v2", weight = 100 }]
+//! [[services.routes]]
+//! name = "default"                   # no match: catch-all
+//! split = [{ subset = "v1", weight = 90 }, { subset = "v2", weight = 10 }]
+//! ```
+//!
+//! Without `subsets`, one subset `all` holds every endpoint; without `routes`, one route
+//! `default` sends everything to the first subset. Routes are tried in order; the first whose
+//! every given field matches wins.
+
+use std::{
+    cell::Cell,
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicUsize, Ordering::Relaxed},
+        Arc,
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConnPlan, Decision, ProtocolHint, RequestInfo, RouteError, RouteStats, RouteStatsView};
+
+pub const DEFAULT_DETECT_TIMEOUT_MS: u64 = 300;
+pub const MAX_DETECT_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_TIMEOUT_MS: u64 = 15_000;
+pub const MAX_TIMEOUT_MS: u64 = 600_000;
+pub const DEFAULT_RETRIES: u32 = 1;
+pub const MAX_RETRIES: u32 = 5;
+pub const MAX_SERVICES: usize = 1024;
+pub const MAX_ENDPOINTS: usize = 1024;
+pub const MAX_SUBSETS: usize = 64;
+pub const MAX_ROUTES: usize = 128;
+pub const MAX_SPLIT: usize = 16;
+pub const MAX_WEIGHT: u32 = 1_000_000;
+pub const MAX_NAME: usize = 253;
+
+/// The policy as written (also what `sockmesh routes` shows and `routes apply` takes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub services: Vec<RawService>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub name: String,
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default = "auto")]
+    pub protocol: ProtocolHint,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    #[serde(default)]
+    pub endpoints: Vec<RawEndpoint>,
+    #[serde(default)]
+    pub subsets: Vec<RawSubset>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+fn auto() -> ProtocolHint {
+    ProtocolHint::Auto
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpoint {
+    pub address: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSubset {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matches: RawMatch,
+    pub split: Vec<RawSplit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+}
+
+/// Every given field must match (exact, except `path_prefix`); header names are
+/// case-insensitive, values exact.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+impl RawMatch {
+    fn is_catch_all(&self) -> bool {
+        self == &RawMatch::default()
+    }
+
+    fn matches(&self, req: &RequestInfo<'_>) -> bool {
+        fn eq(want: &Option<String>, got: Option<&str>) -> bool {
+            want.as_deref().is_none_or(|w| got == Some(w))
+        }
+        let host = req.host.map(strip_port);
+        eq(&self.host, host.as_deref())
+            && eq(&self.path_exact, req.path)
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|p| req.path.is_some_and(|path| path.starts_with(p)))
+            && eq(&self.method, req.method)
+            && eq(&self.service, req.service)
+            && eq(&self.version, req.version)
+            && self
+                .headers
+                .iter()
+                .all(|(k, v)| req.headers.header(k) == Some(v.as_str()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSplit {
+    pub subset: String,
+    pub weight: u32,
+}
+
+/// A policy that failed validation: where and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct PolicyError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn perr(field: impl Into<String>, reason: impl Into<String>) -> PolicyError {
+    PolicyError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Parse a policy file (`detect_timeout_ms` and `[[services]]`, nothing else).
+pub fn parse_toml(text: &str) -> Result<RawPolicy, PolicyError> {
+    toml::from_str(text).map_err(|e| perr("policy", e.message().to_owned()))
+}
+
+/// A host name compared case-insensitively and without a port.
+fn strip_port(host: &str) -> std::borrow::Cow<'_, str> {
+    let h = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or(rest)
+    } else if host.matches(':').count() == 1 {
+        host.split(':').next().unwrap_or(host)
+    } else {
+        host
+    };
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(h)
+    }
+}
+
+/// `::ffff:a.b.c.d` is the IPv4 address it maps (the hooks record it that way too).
+pub fn normalise(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        IpAddr::V4(_) => a,
+    }
+}
+
+struct Subset {
+    name: Arc<str>,
+    endpoints: Arc<[SocketAddr]>,
+    next: AtomicUsize,
+}
+
+struct Split {
+    subset: usize,
+    /// Cumulative weight up to and including this entry.
+    upto: u64,
+    stats: Arc<RouteStats>,
+}
+
+struct Route {
+    name: Arc<str>,
+    matches: RawMatch,
+    split: Vec<Split>,
+    total: u64,
+    timeout: Duration,
+    retries: u32,
+}
+
+struct Service {
+    name: Arc<str>,
+    protocol: ProtocolHint,
+    subsets: Vec<Subset>,
+    routes: Vec<Route>,
+}
+
+/// A validated policy, ready to route with.
+pub struct Policy {
+    raw: RawPolicy,
+    detect_timeout: Duration,
+    services: Vec<Service>,
+    by_addr: HashMap<SocketAddr, usize>,
+    by_host: HashMap<String, usize>,
+    passthrough: Arc<RouteStats>,
+    pub(super) generation: u64,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("generation", &self.generation)
+            .field("services", &self.services.len())
+            .finish()
+    }
+}
+
+fn check_name(field: &str, name: &str) -> Result<Arc<str>, PolicyError> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(perr(field, format!("must be 1 to {MAX_NAME} characters")));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(perr(
+            field,
+            format!("`{name}` may only use letters, digits, `-`, `_` and `.`"),
+        ));
+    }
+    Ok(name.into())
+}
+
+fn check_timeout(field: &str, ms: Option<u64>, default: u64) -> Result<Duration, PolicyError> {
+    let ms = ms.unwrap_or(default);
+    if ms == 0 || ms > MAX_TIMEOUT_MS {
+        return Err(perr(field, format!("must be 1 to {MAX_TIMEOUT_MS} ms")));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn check_retries(field: &str, r: Option<u32>, default: u32) -> Result<u32, PolicyError> {
+    let r = r.unwrap_or(default);
+    if r > MAX_RETRIES {
+        return Err(perr(field, format!("at most {MAX_RETRIES}")));
+    }
+    Ok(r)
+}
+
+fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, PolicyError> {
+    let a: SocketAddr = s
+        .parse()
+        .map_err(|_| perr(field, format!("`{s}` is not an IP:port (IPv6 as [addr]:port)")))?;
+    if a.port() == 0 {
+        return Err(perr(field, "port 0"));
+    }
+    Ok(normalise(a))
+}
+
+/// Validate and compile. Every error names the field (`services[1].routes[0].split`).
+pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
+    let detect_ms = raw.detect_timeout_ms.unwrap_or(DEFAULT_DETECT_TIMEOUT_MS);
+    if detect_ms == 0 || detect_ms > MAX_DETECT_TIMEOUT_MS {
+        return Err(perr(
+            "detect_timeout_ms",
+            format!("must be 1 to {MAX_DETECT_TIMEOUT_MS} ms"),
+        ));
+    }
+    if raw.services.len() > MAX_SERVICES {
+        return Err(perr("services", format!("at most {MAX_SERVICES}")));
+    }
+    let mut services = Vec::new();
+    let mut by_addr = HashMap::new();
+    let mut by_host = HashMap::new();
+    let mut names = HashSet::new();
+    for (si, s) in raw.services.iter().enumerate() {
+        let f = format!("services[{si}]");
+        let name = check_name(&format!("{f}.name"), &s.name)?;
+        if &*name == "passthrough" {
+            return Err(perr(format!("{f}.name"), "`passthrough` is reserved"));
+        }
+        if !names.insert(name.clone()) {
+            return Err(perr(
+                format!("{f}.name"),
+                format!("service `{name}` is defined twice"),
+            ));
+        }
+        if s.addresses.is_empty() && s.hosts.is_empty() {
+            return Err(perr(
+                &f,
+                "a service needs `addresses` or `hosts` (how else would traffic reach it?)",
+            ));
+        }
+        for (ai, a) in s.addresses.iter().enumerate() {
+            let field = format!("{f}.addresses[{ai}]");
+            let addr = parse_addr(&field, a)?;
+            if let Some(prev) = by_addr.insert(addr, si) {
+                return Err(perr(
+                    field,
+                    format!("{addr} already belongs to service `{}`", raw.services[prev].name),
+                ));
+            }
+        }
+        for (hi, h) in s.hosts.iter().enumerate() {
+            let field = format!("{f}.hosts[{hi}]");
+            if h.is_empty() || h.len() > MAX_NAME || h.bytes().any(|b| b.is_ascii_whitespace() || b == b':') {
+                return Err(perr(field, format!("`{h}` is not a host name")));
+            }
+            if let Some(prev) = by_host.insert(h.to_ascii_lowercase(), si) {
+                return Err(perr(
+                    field,
+                    format!("`{h}` already belongs to service `{}`", raw.services[prev].name),
+                ));
+            }
+        }
+        let timeout = check_timeout(&format!("{f}.timeout_ms"), s.timeout_ms, DEFAULT_TIMEOUT_MS)?;
+        let retries = check_retries(&format!("{f}.retries"), s.retries, DEFAULT_RETRIES)?;
+        if s.endpoints.is_empty() {
+            return Err(perr(
+                format!("{f}.endpoints"),
+                "a service needs at least one endpoint",
+            ));
+        }
+        if s.endpoints.len() > MAX_ENDPOINTS {
+            return Err(perr(format!("{f}.endpoints"), format!("at most {MAX_ENDPOINTS}")));
+        }
+        let mut endpoints = Vec::new();
+        for (ei, e) in s.endpoints.iter().enumerate() {
+            let addr = parse_addr(&format!("{f}.endpoints[{ei}].address"), &e.address)?;
+            if endpoints.iter().any(|(a, _)| *a == addr) {
+                return Err(perr(
+                    format!("{f}.endpoints[{ei}].address"),
+                    format!("{addr} is listed twice"),
+                ));
+            }
+            endpoints.push((addr, &e.labels));
+        }
+        let raw_subsets = if s.subsets.is_empty() {
+            vec![RawSubset {
+                name: "all".into(),
+                labels: BTreeMap::new(),
+            }]
+        } else {
+            s.subsets.clone()
+        };
+        if raw_subsets.len() > MAX_SUBSETS {
+            return Err(perr(format!("{f}.subsets"), format!("at most {MAX_SUBSETS}")));
+        }
+        let mut subsets: Vec<Subset> = Vec::new();
+        for (ki, k) in raw_subsets.iter().enumerate() {
+            let field = format!("{f}.subsets[{ki}]");
+            let sname = check_name(&format!("{field}.name"), &k.name)?;
+            if subsets.iter().any(|x| x.name == sname) {
+                return Err(perr(
+                    format!("{field}.name"),
+                    format!("subset `{sname}` is defined twice"),
+                ));
+            }
+            let members: Vec<SocketAddr> = endpoints
+                .iter()
+                .filter(|(_, labels)| k.labels.iter().all(|(lk, lv)| labels.get(lk) == Some(lv)))
+                .map(|(a, _)| *a)
+                .collect();
+            if members.is_empty() {
+                return Err(perr(
+                    format!("{field}.labels"),
+                    format!("subset `{sname}` selects no endpoint"),
+                ));
+            }
+            subsets.push(Subset {
+                name: sname,
+                endpoints: members.into(),
+                next: AtomicUsize::new(0),
+            });
+        }
+        let raw_routes = if s.routes.is_empty() {
+            vec![RawRoute {
+                name: Some("default".into()),
+                matches: RawMatch::default(),
+                split: vec![RawSplit {
+                    subset: subsets[0].name.to_string(),
+                    weight: 1,
+                }],
+                timeout_ms: None,
+                retries: None,
+            }]
+        } else {
+            s.routes.clone()
+        };
+        if raw_routes.len() > MAX_ROUTES {
+            return Err(perr(format!("{f}.routes"), format!("at most {MAX_ROUTES}")));
+        }
+        let mut routes: Vec<Route> = Vec::new();
+        for (ri, r) in raw_routes.iter().enumerate() {
+            let field = format!("{f}.routes[{ri}]");
+            let rname = match &r.name {
+                Some(n) => check_name(&format!("{field}.name"), n)?,
+                None if r.matches.is_catch_all() => "default".into(),
+                None => format!("route{ri}").into(),
+            };
+            if routes.iter().any(|x| x.name == rname) {
+                return Err(perr(
+                    format!("{field}.name"),
+                    format!("route `{rname}` is defined twice"),
+                ));
+            }
+            if r.split.is_empty() || r.split.len() > MAX_SPLIT {
+                return Err(perr(
+                    format!("{field}.split"),
+                    format!("needs 1 to {MAX_SPLIT} entries"),
+                ));
+            }
+            let mut split = Vec::new();
+            let mut total = 0u64;
+            for (pi, p) in r.split.iter().enumerate() {
+                let pf = format!("{field}.split[{pi}]");
+                let idx = subsets.iter().position(|x| *x.name == *p.subset).ok_or_else(|| {
+                    perr(
+                        format!("{pf}.subset"),
+                        format!("no subset `{}` in this service", p.subset),
+                    )
+                })?;
+                if p.weight > MAX_WEIGHT {
+                    return Err(perr(format!("{pf}.weight"), format!("at most {MAX_WEIGHT}")));
+                }
+                if split.iter().any(|x: &Split| x.subset == idx) {
+                    return Err(perr(
+                        format!("{pf}.subset"),
+                        format!("`{}` listed twice", p.subset),
+                    ));
+                }
+                total += u64::from(p.weight);
+                split.push(Split {
+                    subset: idx,
+                    upto: total,
+                    stats: Arc::new(RouteStats::new(&name, &rname, &subsets[idx].name)),
+                });
+            }
+            if total == 0 {
+                return Err(perr(format!("{field}.split"), "weights add up to 0"));
+            }
+            for (hk, _) in &r.matches.headers {
+                if hk.is_empty() || !hk.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(perr(
+                        format!("{field}.match.headers"),
+                        format!("`{hk}` is not a header name"),
+                    ));
+                }
+            }
+            let mut matches = r.matches.clone();
+            matches.headers = matches
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect();
+            matches.host = matches.host.map(|h| h.to_ascii_lowercase());
+            routes.push(Route {
+                name: rname,
+                matches,
+                split,
+                total,
+                timeout: check_timeout(
+                    &format!("{field}.timeout_ms"),
+                    r.timeout_ms,
+                    timeout.as_millis() as u64,
+                )?,
+                retries: check_retries(&format!("{field}.retries"), r.retries, retries)?,
+            });
+        }
+        services.push(Service {
+            name,
+            protocol: s.protocol,
+            subsets,
+            routes,
+        });
+    }
+    Ok(Policy {
+        raw,
+        detect_timeout: Duration::from_millis(detect_ms),
+        services,
+        by_addr,
+        by_host,
+        passthrough: Arc::new(RouteStats::new("passthrough", "passthrough", "passthrough")),
+        generation: 0,
+    })
+}
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new({
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let local = 0u8;
+        (t ^ (&local as *const u8 as u64).rotate_left(32)) | 1
+    });
+}
+
+/// A uniform number in `0..n` (xorshift64*; per thread, no locks).
+fn random_below(n: u64) -> u64 {
+    RNG.with(|c| {
+        let mut x = c.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        c.set(x);
+        let r = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        ((u128::from(r) * u128::from(n)) >> 64) as u64
+    })
+}
+
+impl Policy {
+    /// No services: every connection is opaque TCP to its original destination.
+    pub fn empty() -> Self {
+        compile(RawPolicy::default()).expect("the empty policy is valid")
+    }
+
+    pub fn raw(&self) -> &RawPolicy {
+        &self.raw
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// Per connection, before reading: relay untouched, or look at the bytes.
+    pub fn connection(&self, orig: SocketAddr) -> ConnPlan {
+        match self.by_addr.get(&normalise(orig)) {
+            Some(&i) => ConnPlan::L7 {
+                hint: self.services[i].protocol,
+                detect_timeout: self.detect_timeout,
+            },
+            None if !self.by_host.is_empty() => ConnPlan::L7 {
+                hint: ProtocolHint::Auto,
+                detect_timeout: self.detect_timeout,
+            },
+            None => ConnPlan::Opaque,
+        }
+    }
+
+    /// The service a request belongs to: by original destination, else by name.
+    fn service_for(&self, orig: SocketAddr, req: &RequestInfo<'_>) -> Option<&Service> {
+        if let Some(&i) = self.by_addr.get(&normalise(orig)) {
+            return Some(&self.services[i]);
+        }
+        let name = match req.protocol {
+            ProtocolHint::Bolt | ProtocolHint::Dubbo => req.service.map(|s| s.to_ascii_lowercase().into()),
+            _ => req.host.map(strip_port),
+        }?;
+        self.by_host.get(&*name).map(|&i| &self.services[i])
+    }
+
+    fn passthrough(&self, orig: SocketAddr) -> Decision {
+        Decision {
+            service: "passthrough".into(),
+            route: "passthrough".into(),
+            subset: "passthrough".into(),
+            endpoint: orig,
+            retry_endpoints: Arc::new([]),
+            timeout: Duration::from_millis(DEFAULT_TIMEOUT_MS),
+            retries: DEFAULT_RETRIES,
+            stats: self.passthrough.clone(),
+        }
+    }
+
+    /// Route one request that arrived on a connection to `orig`.
+    pub fn route(&self, orig: SocketAddr, req: &RequestInfo<'_>) -> Result<Decision, RouteError> {
+        let Some(svc) = self.service_for(orig, req) else {
+            return Ok(self.passthrough(orig));
+        };
+        let Some(route) = svc.routes.iter().find(|r| r.matches.matches(req)) else {
+            return Err(RouteError::NoRoute(svc.name.clone()));
+        };
+        let pick = random_below(route.total);
+        let split = route
+            .split
+            .iter()
+            .find(|s| pick < s.upto)
+            .expect("pick is below the total weight");
+        let subset = &svc.subsets[split.subset];
+        let n = subset.endpoints.len();
+        if n == 0 {
+            return Err(RouteError::NoEndpoint {
+                service: svc.name.clone(),
+                subset: subset.name.clone(),
+            });
+        }
+        let first = subset.next.fetch_add(1, Relaxed) % n;
+        let retry_endpoints: Arc<[SocketAddr]> =
+            (1..n.max(2)).map(|k| subset.endpoints[(first + k) % n]).collect();
+        Ok(Decision {
+            service: svc.name.clone(),
+            route: route.name.clone(),
+            subset: subset.name.clone(),
+            endpoint: subset.endpoints[first],
+            retry_endpoints,
+            timeout: route.timeout,
+            retries: route.retries,
+            stats: split.stats.clone(),
+        })
+    }
+
+    /// Route an opaque TCP connection (one decision for its whole life).
+    pub fn route_tcp(&self, orig: SocketAddr) -> Result<Decision, RouteError> {
+        self.route(orig, &RequestInfo::bare(ProtocolHint::Tcp))
+    }
+
+    /// Every route's counters (passthrough last).
+    pub fn stats(&self) -> Vec<Arc<RouteStats>> {
+        let mut out: Vec<Arc<RouteStats>> = self
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.routes
+                    .iter()
+                    .flat_map(|r| r.split.iter().map(|p| p.stats.clone()))
+            })
+            .collect();
+        out.push(self.passthrough.clone());
+        out
+    }
+
+    /// Take over the counters of `old` for every (service, route, subset) that still exists.
+    pub(super) fn adopt_stats(&mut self, old: &Policy) {
+        let old_stats: HashMap<(String, String, String), Arc<RouteStats>> = old
+            .stats()
+            .into_iter()
+            .map(|s| ((s.service.clone(), s.route.clone(), s.subset.clone()), s))
+            .collect();
+        for s in self.stats() {
+            if let Some(o) = old_stats.get(&(s.service.clone(), s.route.clone(), s.subset.clone())) {
+                s.absorb(o);
+            }
+        }
+    }
+
+    /// The live policy for `sockmesh routes`: what was written, each subset's endpoints, and
+    /// every route's counters.
+    pub fn view(&self) -> PolicyView {
+        PolicyView {
+            generation: self.generation,
+            detect_timeout_ms: self.detect_timeout.as_millis() as u64,
+            services: self
+                .services
+                .iter()
+                .map(|s| ServiceView {
+                    name: s.name.to_string(),
+                    protocol: s.protocol,
+                    subsets: s
+                        .subsets
+                        .iter()
+                        .map(|k| {
+                            (
+                                k.name.to_string(),
+                                k.endpoints.iter().map(|a| a.to_string()).collect(),
+                            )
+                        })
+                        .collect(),
+                    routes: s
+                        .routes
+                        .iter()
+                        .map(|r| RouteView {
+                            name: r.name.to_string(),
+                            matches: r.matches.clone(),
+                            timeout_ms: r.timeout.as_millis() as u64,
+                            retries: r.retries,
+                            split: r
+                                .split
+                                .iter()
+                                .map(|p| SplitView {
+                                    subset: s.subsets[p.subset].name.to_string(),
+                                    weight: p.upto
+                                        - r.split
+                                            .iter()
+                                            .take_while(|q| !Arc::ptr_eq(&q.stats, &p.stats))
+                                            .last()
+                                            .map_or(0, |q| q.upto),
+                                    stats: p.stats.view(),
+                                })
+                                .collect(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            passthrough: self.passthrough.view(),
+            policy: self.raw.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyView {
+    pub generation: u64,
+    pub detect_timeout_ms: u64,
+    pub services: Vec<ServiceView>,
+    pub passthrough: RouteStatsView,
+    /// The policy as written, ready to edit and apply again.
+    pub policy: RawPolicy,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub protocol: ProtocolHint,
+    pub subsets: BTreeMap<String, Vec<String>>,
+    pub routes: Vec<RouteView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteView {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matches: RawMatch,
+    pub timeout_ms: u64,
+    pub retries: u32,
+    pub split: Vec<SplitView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitView {
+    pub subset: String,
+    pub weight: u64,
+    pub stats: RouteStatsView,
+}
