@@ -750,7 +750,9 @@ fn boot(
         ])
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 loglevel=4 sockmesh_job={} sockmesh_modules={} sockmesh_timeout={}",
+            "console=ttyS0 panic=-1 loglevel=4 sockmesh_root={} sockmesh_job={} sockmesh_modules={} \
+             sockmesh_timeout={}",
+            root.display(),
             job.display(),
             kernel.modules().display(),
             timeout
