@@ -18,8 +18,9 @@ use tracing::warn;
 
 use crate::daemon::Daemon;
 
-/// Longest request line accepted (a pod spec is a few hundred bytes).
-pub const MAX_REQUEST: usize = 64 * 1024;
+/// Longest request line accepted (a pod spec is a few hundred bytes; a routing policy of a
+/// thousand services fits easily).
+pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -48,6 +49,12 @@ pub enum Request {
         keep_state: bool,
     },
     Status,
+    /// The live routing policy with per-route counters.
+    Routes,
+    /// Replace the whole routing policy.
+    RoutesApply {
+        policy: crate::routing::RawPolicy,
+    },
 }
 
 fn yes() -> bool {
@@ -177,6 +184,22 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             ok: true,
             error: None,
             status: Some(daemon.status()),
+        },
+        Request::Routes => Response {
+            ok: true,
+            error: None,
+            status: Some(daemon.routes()),
+        },
+        Request::RoutesApply { policy } => match daemon.apply_routes(policy) {
+            Ok(generation) => Response {
+                ok: true,
+                error: None,
+                status: Some(serde_json::json!({ "generation": generation })),
+            },
+            Err(e) => {
+                warn!("routing policy refused: {e}");
+                Response::err(format!("invalid policy: {e}"))
+            }
         },
     }
 }

@@ -156,6 +156,27 @@ impl Daemon {
         }
     }
 
+    /// The routing policy, protocol errors and pools.
+    pub fn l7(&self) -> &crate::l7::L7Shared {
+        &self.shared.l7
+    }
+
+    /// `sockmesh routes`: the live policy with its counters.
+    pub fn routes(&self) -> serde_json::Value {
+        serde_json::to_value(self.l7().router.current().view()).unwrap_or_default()
+    }
+
+    /// `sockmesh routes apply`: validate and swap the whole policy; existing connections keep
+    /// going and their next request uses it. Returns the new generation.
+    pub fn apply_routes(&self, raw: crate::routing::RawPolicy) -> Result<u64, crate::routing::PolicyError> {
+        let policy = crate::routing::compile(raw)?;
+        let services = policy.raw().services.len();
+        self.l7().router.replace(policy);
+        let generation = self.l7().router.current().generation();
+        tracing::info!(generation, services, "routing policy applied");
+        Ok(generation)
+    }
+
     fn count_refusal(&self, e: &DaemonError) {
         *self
             .admin_errors

@@ -129,8 +129,25 @@ enum Cmd {
         #[arg(long)]
         admin_socket: Option<PathBuf>,
     },
+    /// The live routing policy and its per-route counters; `routes apply FILE` replaces it.
+    Routes {
+        #[command(subcommand)]
+        action: Option<RoutesCmd>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET, global = true)]
+        admin_socket: PathBuf,
+    },
     /// Print the embedded default config.
     DefaultConfig,
+}
+
+#[derive(Debug, Subcommand)]
+enum RoutesCmd {
+    /// Replace the running daemon's whole routing policy with FILE (TOML with
+    /// `detect_timeout_ms` and `[[services]]`, as in the config). Open connections are kept;
+    /// their next request follows the new policy. Invalid: exit 64, the daemon is unchanged.
+    Apply { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -192,6 +209,16 @@ fn main() -> ExitCode {
             state_file,
             admin_socket,
         } => uninstall(config.as_deref(), pin_dir, state_file, admin_socket),
+        Cmd::Routes {
+            action: None,
+            json,
+            admin_socket,
+        } => client(&admin_socket, admin::Request::Routes, json),
+        Cmd::Routes {
+            action: Some(RoutesCmd::Apply { file }),
+            admin_socket,
+            ..
+        } => routes_apply(&admin_socket, &file),
         Cmd::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
@@ -208,13 +235,54 @@ fn init_tracing() {
         .init();
 }
 
+/// `sockmesh routes apply FILE`: validate here (exit 64 naming the field), then send.
+fn routes_apply(socket: &Path, file: &Path) -> ExitCode {
+    let policy = std::fs::read_to_string(file)
+        .map_err(|e| format!("{}: {e}", file.display()))
+        .and_then(|text| routing::parse_toml(&text).map_err(|e| e.to_string()))
+        .and_then(|raw| {
+            routing::compile(raw.clone())
+                .map(|_| raw)
+                .map_err(|e| e.to_string())
+        });
+    let policy = match policy {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: invalid policy {}: {e}", file.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match admin::call(socket, &admin::Request::RoutesApply { policy }) {
+        Ok(resp) if resp.ok => {
+            let generation = resp
+                .status
+                .as_ref()
+                .and_then(|s| s["generation"].as_u64())
+                .unwrap_or(0);
+            println!("applied: policy generation {generation}");
+            ExitCode::SUCCESS
+        }
+        Ok(resp) => {
+            eprintln!("error: {}", resp.error.unwrap_or_else(|| "unknown error".into()));
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn client(socket: &Path, req: admin::Request, json: bool) -> ExitCode {
     let is_status = matches!(req, admin::Request::Status);
+    let is_routes = matches!(req, admin::Request::Routes);
     match admin::call(socket, &req) {
         Ok(resp) if resp.ok => {
             if let Some(st) = resp.status {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+                } else if is_routes {
+                    print!("{}", status::render_routes(&st));
                 } else {
                     print!("{}", status::render(&st));
                 }

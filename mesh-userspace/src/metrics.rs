@@ -8,7 +8,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::daemon::Daemon;
+use crate::{daemon::Daemon, l7::L7Shared, routing::stats::LATENCY_BUCKETS};
 
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -121,12 +121,117 @@ pub fn render(daemon: &Daemon) -> String {
     for (r, v) in &m.admin_errors {
         let _ = writeln!(o, "sockmesh_admin_errors_total{{reason=\"{r}\"}} {v}");
     }
+    render_l7(&mut o, daemon.l7());
     o
+}
+
+/// Per-route request metrics of the live policy and protocol errors.
+fn render_l7(o: &mut String, l7: &L7Shared) {
+    let policy = l7.router.current();
+    let stats: Vec<_> = policy.stats().iter().map(|s| s.view()).collect();
+    let labels = |s: &crate::routing::RouteStatsView| {
+        format!(
+            "service=\"{}\",route=\"{}\",subset=\"{}\"",
+            label(&s.service),
+            label(&s.route),
+            label(&s.subset)
+        )
+    };
+    let _ = writeln!(o, "# HELP sockmesh_routing_policy_generation Policies applied since start (0: the config file's).\n# TYPE sockmesh_routing_policy_generation gauge");
+    let _ = writeln!(o, "sockmesh_routing_policy_generation {}", policy.generation());
+    let _ = writeln!(o, "# HELP sockmesh_requests_total Requests routed (opaque TCP: connections), per service, route and subset.\n# TYPE sockmesh_requests_total counter");
+    for s in &stats {
+        let _ = writeln!(o, "sockmesh_requests_total{{{}}} {}", labels(s), s.requests);
+    }
+    let _ = writeln!(o, "# HELP sockmesh_request_failures_total Requests the proxy answered for or closed, by reason.\n# TYPE sockmesh_request_failures_total counter");
+    for s in &stats {
+        for (r, v) in &s.failures {
+            let _ = writeln!(
+                o,
+                "sockmesh_request_failures_total{{{},reason=\"{}\"}} {v}",
+                labels(s),
+                label(r)
+            );
+        }
+    }
+    let _ = writeln!(o, "# HELP sockmesh_request_retries_total Extra attempts made for requests.\n# TYPE sockmesh_request_retries_total counter");
+    for s in &stats {
+        let _ = writeln!(o, "sockmesh_request_retries_total{{{}}} {}", labels(s), s.retries);
+    }
+    let _ = writeln!(o, "# HELP sockmesh_request_duration_seconds Time from request to response (opaque TCP: connection lifetime).\n# TYPE sockmesh_request_duration_seconds histogram");
+    for s in &stats {
+        let l = labels(s);
+        for (le, n) in LATENCY_BUCKETS.iter().zip(&s.latency_buckets) {
+            let _ = writeln!(
+                o,
+                "sockmesh_request_duration_seconds_bucket{{{l},le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            o,
+            "sockmesh_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}",
+            s.requests
+        );
+        let _ = writeln!(
+            o,
+            "sockmesh_request_duration_seconds_sum{{{l}}} {}",
+            s.latency_sum_seconds
+        );
+        let _ = writeln!(o, "sockmesh_request_duration_seconds_count{{{l}}} {}", s.requests);
+    }
+    let _ = writeln!(o, "# HELP sockmesh_protocol_errors_total Bad input and routing failures per protocol, by reason.\n# TYPE sockmesh_protocol_errors_total counter");
+    for ((p, r), v) in l7.errors.snapshot() {
+        let _ = writeln!(
+            o,
+            "sockmesh_protocol_errors_total{{protocol=\"{p}\",reason=\"{r}\"}} {v}"
+        );
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_metrics_are_labelled_and_cumulative() {
+        use crate::routing::{compile, parse_toml, Outcome, Router};
+        let raw = parse_toml(
+            r#"
+            [[services]]
+            name = "orders"
+            addresses = ["10.96.0.10:80"]
+            endpoints = [{ address = "10.0.0.1:80", labels = { version = "v1" } }]
+            "#,
+        )
+        .unwrap();
+        let l7 = L7Shared {
+            router: Router::new(compile(raw).unwrap()),
+            ..Default::default()
+        };
+        let d = l7
+            .router
+            .current()
+            .route_tcp("10.96.0.10:80".parse().unwrap())
+            .unwrap();
+        d.stats.record(Outcome::Answered, Duration::from_millis(2));
+        d.stats.record(Outcome::Failed("timeout"), Duration::from_secs(1));
+        l7.errors.count("bolt", "bad_magic");
+        let mut o = String::new();
+        render_l7(&mut o, &l7);
+        let l = r#"service="orders",route="default",subset="all""#;
+        for want in [
+            format!("sockmesh_requests_total{{{l}}} 2"),
+            format!("sockmesh_request_failures_total{{{l},reason=\"timeout\"}} 1"),
+            format!("sockmesh_request_duration_seconds_bucket{{{l},le=\"0.0025\"}} 1"),
+            format!("sockmesh_request_duration_seconds_bucket{{{l},le=\"1\"}} 2"),
+            format!("sockmesh_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} 2"),
+            format!("sockmesh_request_duration_seconds_count{{{l}}} 2"),
+            "sockmesh_protocol_errors_total{protocol=\"bolt\",reason=\"bad_magic\"} 1".to_string(),
+            "sockmesh_routing_policy_generation 0".to_string(),
+        ] {
+            assert!(o.lines().any(|x| x == want), "missing `{want}` in\n{o}");
+        }
+    }
 
     #[test]
     fn label_values_are_escaped() {

@@ -168,3 +168,75 @@ mod tests {
         assert!(out.contains("web"), "{out}");
     }
 }
+
+/// `sockmesh routes` as text: per service its subsets, then each route with its match, split
+/// and counters (requests, failures, p50-ish from the histogram is left to Prometheus).
+pub fn render_routes(v: &Value) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "routing policy generation {} (detect timeout {} ms)",
+        v["generation"].as_u64().unwrap_or(0),
+        v["detect_timeout_ms"].as_u64().unwrap_or(0)
+    );
+    let services = v["services"].as_array().cloned().unwrap_or_default();
+    if services.is_empty() {
+        let _ = writeln!(
+            o,
+            "no services: every connection is relayed to its original destination"
+        );
+    }
+    for s in &services {
+        let _ = writeln!(
+            o,
+            "\nservice {} ({})",
+            s["name"].as_str().unwrap_or("?"),
+            s["protocol"].as_str().unwrap_or("?")
+        );
+        if let Some(subsets) = s["subsets"].as_object() {
+            for (name, eps) in subsets {
+                let eps: Vec<&str> = eps
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|e| e.as_str()).collect())
+                    .unwrap_or_default();
+                let _ = writeln!(o, "  subset {name}: {}", eps.join(", "));
+            }
+        }
+        for r in s["routes"].as_array().cloned().unwrap_or_default() {
+            let m = match r["match"].as_object() {
+                Some(m) if !m.is_empty() => serde_json::to_string(m).unwrap_or_default(),
+                _ => "any".into(),
+            };
+            let _ = writeln!(
+                o,
+                "  route {} match {m} timeout {} ms retries {}",
+                r["name"].as_str().unwrap_or("?"),
+                r["timeout_ms"].as_u64().unwrap_or(0),
+                r["retries"].as_u64().unwrap_or(0)
+            );
+            for p in r["split"].as_array().cloned().unwrap_or_default() {
+                let st = &p["stats"];
+                let failures: u64 = st["failures"]
+                    .as_object()
+                    .map(|f| f.values().filter_map(|x| x.as_u64()).sum())
+                    .unwrap_or(0);
+                let _ = writeln!(
+                    o,
+                    "    -> {:<12} weight {:>7}  requests {:>9}  failures {:>7}  retries {:>6}",
+                    p["subset"].as_str().unwrap_or("?"),
+                    p["weight"].as_u64().unwrap_or(0),
+                    st["requests"].as_u64().unwrap_or(0),
+                    failures,
+                    st["retries"].as_u64().unwrap_or(0)
+                );
+            }
+        }
+    }
+    let pt = &v["passthrough"];
+    let _ = writeln!(
+        o,
+        "\npassthrough (no service matched): requests {}",
+        pt["requests"].as_u64().unwrap_or(0)
+    );
+    o
+}

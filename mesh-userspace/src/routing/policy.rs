@@ -237,6 +237,7 @@ struct Subset {
 
 struct Split {
     subset: usize,
+    weight: u32,
     /// Cumulative weight up to and including this entry.
     upto: u64,
     stats: Arc<RouteStats>,
@@ -495,6 +496,7 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
                 total += u64::from(p.weight);
                 split.push(Split {
                     subset: idx,
+                    weight: p.weight,
                     upto: total,
                     stats: Arc::new(RouteStats::new(&name, &rname, &subsets[idx].name)),
                 });
@@ -736,12 +738,7 @@ impl Policy {
                                 .iter()
                                 .map(|p| SplitView {
                                     subset: s.subsets[p.subset].name.to_string(),
-                                    weight: p.upto
-                                        - r.split
-                                            .iter()
-                                            .take_while(|q| !Arc::ptr_eq(&q.stats, &p.stats))
-                                            .last()
-                                            .map_or(0, |q| q.upto),
+                                    weight: p.weight,
                                     stats: p.stats.view(),
                                 })
                                 .collect(),
@@ -786,6 +783,303 @@ pub struct RouteView {
 #[derive(Debug, Clone, Serialize)]
 pub struct SplitView {
     pub subset: String,
-    pub weight: u64,
+    pub weight: u32,
     pub stats: RouteStatsView,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::{HeaderLookup, Outcome, Router};
+
+    const ORDERS: &str = r#"
+        [[services]]
+        name = "orders"
+        addresses = ["10.96.0.10:8080"]
+        hosts = ["orders.default.svc"]
+        endpoints = [
+          { address = "10.0.1.1:8080", labels = { version = "v1" } },
+          { address = "10.0.1.2:8080", labels = { version = "v1" } },
+          { address = "10.0.2.1:8080", labels = { version = "v2", colour = "blue" } },
+        ]
+        subsets = [
+          { name = "v1", labels = { version = "v1" } },
+          { name = "v2", labels = { version = "v2" } },
+        ]
+        [[services.routes]]
+        name = "canary"
+        match = { headers = { X-Canary = "true" } }
+        split = [{ subset = "v2", weight = 1 }]
+        timeout_ms = 250
+        retries = 3
+        [[services.routes]]
+        name = "pay"
+        match = { service = "com.example.Pay", method = "charge" }
+        split = [{ subset = "v2", weight = 1 }]
+        [[services.routes]]
+        split = [{ subset = "v1", weight = 90 }, { subset = "v2", weight = 10 }]
+    "#;
+
+    struct Headers(&'static [(&'static str, &'static str)]);
+
+    impl HeaderLookup for Headers {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.0
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v)
+        }
+    }
+
+    fn policy(text: &str) -> Policy {
+        compile(parse_toml(text).unwrap()).unwrap()
+    }
+
+    fn error(text: &str) -> PolicyError {
+        compile(parse_toml(text).unwrap()).unwrap_err()
+    }
+
+    fn vip() -> SocketAddr {
+        "10.96.0.10:8080".parse().unwrap()
+    }
+
+    #[test]
+    fn weighted_split_is_within_a_point_over_20000_requests() {
+        let p = policy(ORDERS);
+        let mut v2 = 0;
+        for _ in 0..20_000 {
+            let d = p.route(vip(), &RequestInfo::bare(ProtocolHint::Http1)).unwrap();
+            assert_eq!(&*d.route, "default");
+            if &*d.subset == "v2" {
+                assert_eq!(d.endpoint, "10.0.2.1:8080".parse().unwrap());
+                v2 += 1;
+            }
+        }
+        let share = f64::from(v2) / 200.0;
+        assert!((9.0..=11.0).contains(&share), "v2 got {share}%");
+    }
+
+    #[test]
+    fn endpoints_of_a_subset_take_turns_and_retries_use_the_others() {
+        let p = policy(ORDERS);
+        let headers = Headers(&[]);
+        let req = RequestInfo {
+            headers: &headers,
+            ..RequestInfo::bare(ProtocolHint::Http1)
+        };
+        let mut seen = HashSet::new();
+        for _ in 0..200 {
+            let d = p.route(vip(), &req).unwrap();
+            if &*d.subset == "v1" {
+                seen.insert(d.endpoint);
+                assert_ne!(d.endpoint_for_attempt(1), d.endpoint, "a retry goes elsewhere");
+            }
+        }
+        assert_eq!(seen.len(), 2);
+    }
+
+    #[test]
+    fn header_match_overrides_the_split_case_insensitively() {
+        let p = policy(ORDERS);
+        let headers = Headers(&[("x-canary", "true")]);
+        let req = RequestInfo {
+            headers: &headers,
+            ..RequestInfo::bare(ProtocolHint::Http2)
+        };
+        for _ in 0..100 {
+            let d = p.route(vip(), &req).unwrap();
+            assert_eq!((&*d.route, &*d.subset), ("canary", "v2"));
+            assert_eq!(d.timeout, Duration::from_millis(250));
+            assert_eq!(d.retries, 3);
+            // Alone in its subset: retries go to the same endpoint again.
+            assert_eq!(d.endpoint_for_attempt(2), d.endpoint);
+        }
+        let wrong = Headers(&[("x-canary", "TRUE")]);
+        let req = RequestInfo {
+            headers: &wrong,
+            ..RequestInfo::bare(ProtocolHint::Http2)
+        };
+        assert_eq!(
+            &*p.route(vip(), &req).unwrap().route,
+            "default",
+            "values are exact"
+        );
+    }
+
+    #[test]
+    fn rpc_service_and_method_match() {
+        let p = policy(ORDERS);
+        let req = RequestInfo {
+            service: Some("com.example.Pay"),
+            method: Some("charge"),
+            ..RequestInfo::bare(ProtocolHint::Bolt)
+        };
+        assert_eq!(&*p.route(vip(), &req).unwrap().route, "pay");
+        let other = RequestInfo {
+            method: Some("refund"),
+            ..req
+        };
+        assert_eq!(&*p.route(vip(), &other).unwrap().route, "default");
+    }
+
+    #[test]
+    fn services_are_found_by_address_v4_mapped_address_or_host() {
+        let p = policy(ORDERS);
+        assert!(matches!(
+            p.connection(vip()),
+            ConnPlan::L7 {
+                hint: ProtocolHint::Auto,
+                ..
+            }
+        ));
+        let mapped: SocketAddr = "[::ffff:10.96.0.10]:8080".parse().unwrap();
+        assert_eq!(
+            &*p.route(mapped, &RequestInfo::bare(ProtocolHint::Tcp))
+                .unwrap()
+                .service,
+            "orders"
+        );
+        // Another address: sniffed, because a service is known by host name.
+        let other: SocketAddr = "10.0.9.9:80".parse().unwrap();
+        assert!(matches!(p.connection(other), ConnPlan::L7 { .. }));
+        let by_host = RequestInfo {
+            host: Some("Orders.Default.Svc:8080"),
+            ..RequestInfo::bare(ProtocolHint::Http1)
+        };
+        assert_eq!(&*p.route(other, &by_host).unwrap().service, "orders");
+        let unknown = RequestInfo {
+            host: Some("example.com"),
+            ..RequestInfo::bare(ProtocolHint::Http1)
+        };
+        let d = p.route(other, &unknown).unwrap();
+        assert_eq!((&*d.service, d.endpoint), ("passthrough", other));
+        // Without host names nothing else is even looked at.
+        let addr_only = policy(&ORDERS.replace(r#"hosts = ["orders.default.svc"]"#, ""));
+        assert_eq!(addr_only.connection(other), ConnPlan::Opaque);
+        assert_eq!(Policy::empty().connection(vip()), ConnPlan::Opaque);
+    }
+
+    #[test]
+    fn no_catch_all_means_no_route() {
+        let text = ORDERS.replace(
+            "split = [{ subset = \"v1\", weight = 90 }, { subset = \"v2\", weight = 10 }]",
+            "match = { path_prefix = \"/api\" }\n        split = [{ subset = \"v1\", weight = 1 }]",
+        );
+        let p = policy(&text);
+        let e = p.route_tcp(vip()).unwrap_err();
+        assert_eq!(e.reason(), "no_route");
+        let api = RequestInfo {
+            path: Some("/api/orders"),
+            ..RequestInfo::bare(ProtocolHint::Http1)
+        };
+        assert_eq!(&*p.route(vip(), &api).unwrap().subset, "v1");
+    }
+
+    #[test]
+    fn defaults_without_subsets_or_routes() {
+        let p = policy(
+            r#"
+            [[services]]
+            name = "db"
+            addresses = ["10.96.0.20:5432"]
+            protocol = "tcp"
+            endpoints = [{ address = "10.0.3.1:5432" }]
+            "#,
+        );
+        assert!(matches!(
+            p.connection("10.96.0.20:5432".parse().unwrap()),
+            ConnPlan::L7 {
+                hint: ProtocolHint::Tcp,
+                ..
+            }
+        ));
+        let d = p.route_tcp("10.96.0.20:5432".parse().unwrap()).unwrap();
+        assert_eq!((&*d.route, &*d.subset), ("default", "all"));
+        assert_eq!(d.timeout, Duration::from_millis(DEFAULT_TIMEOUT_MS));
+        assert_eq!(d.retries, DEFAULT_RETRIES);
+    }
+
+    #[test]
+    fn invalid_policies_name_the_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            (r#"name = "orders""#, r#"name = "or ders""#, "services[0].name"),
+            (
+                r#""10.96.0.10:8080""#,
+                r#""10.96.0.10""#,
+                "services[0].addresses[0]",
+            ),
+            (
+                r#"{ subset = "v1", weight = 90 }"#,
+                r#"{ subset = "v3", weight = 90 }"#,
+                "services[0].routes[2].split[0].subset",
+            ),
+            (
+                r#"labels = { version = "v2" } }"#,
+                r#"labels = { version = "v9" } }"#,
+                "services[0].subsets[1].labels",
+            ),
+            (
+                "timeout_ms = 250",
+                "timeout_ms = 0",
+                "services[0].routes[0].timeout_ms",
+            ),
+            ("retries = 3", "retries = 99", "services[0].routes[0].retries"),
+            (
+                "weight = 1 }]\n        timeout_ms",
+                "weight = 0 }]\n        timeout_ms",
+                "services[0].routes[0].split",
+            ),
+            (
+                r#"address = "10.0.1.2:8080""#,
+                r#"address = "10.0.1.1:8080""#,
+                "services[0].endpoints[1].address",
+            ),
+            (
+                r#"X-Canary = "true""#,
+                r#""X Canary" = "true""#,
+                "services[0].routes[0].match.headers",
+            ),
+        ];
+        for (from, to, field) in cases {
+            assert!(ORDERS.contains(from), "{from}");
+            let e = error(&ORDERS.replacen(from, to, 1));
+            assert_eq!(e.field, *field, "{from} -> {to}: {e}");
+        }
+        let twice = format!(
+            "{ORDERS}\n{}",
+            ORDERS.replace("name = \"orders\"", "name = \"orders2\"")
+        );
+        let e = error(&twice);
+        assert_eq!(e.field, "services[1].addresses[0]");
+        assert!(e.reason.contains("orders"), "{e}");
+        assert!(parse_toml("[[services]]\nname = \"x\"\nbogus = 1").is_err());
+        assert_eq!(error("detect_timeout_ms = 0").field, "detect_timeout_ms");
+    }
+
+    #[test]
+    fn replacing_keeps_counters_of_routes_that_stay_and_bumps_the_generation() {
+        let router = Router::new(policy(ORDERS));
+        let d = router.current().route_tcp(vip()).unwrap();
+        d.stats.record(Outcome::Answered, Duration::from_millis(1));
+        let old = router.current();
+        router.replace(policy(&ORDERS.replace("weight = 90", "weight = 0")));
+        let now = router.current();
+        assert_eq!(now.generation(), 1);
+        let carried: u64 = now
+            .stats()
+            .iter()
+            .filter(|s| s.route == "default")
+            .map(|s| s.requests.load(Relaxed))
+            .sum();
+        assert_eq!(carried, 1);
+        // Requests in flight on the old policy still count somewhere; the old Arc stays valid.
+        assert_eq!(old.generation(), 0);
+        for _ in 0..100 {
+            assert_eq!(&*now.route_tcp(vip()).unwrap().subset, "v2");
+        }
+        let view = serde_json::to_value(now.view()).unwrap();
+        assert_eq!(view["services"][0]["routes"][2]["split"][0]["weight"], 0);
+        assert_eq!(view["services"][0]["routes"][2]["split"][1]["weight"], 10);
+        assert_eq!(view["policy"]["services"][0]["name"], "orders");
+    }
 }
