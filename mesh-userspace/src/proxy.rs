@@ -660,6 +660,131 @@ mod tests {
         assert!(shared.registry.is_empty());
     }
 
+    /// A policy: `vip` is a service whose endpoints are labelled by version; one subset per
+    /// version, equal weights.
+    fn routed(vip: SocketAddr, endpoints: &[(SocketAddr, &str)], protocol: &str, detect_ms: u64) -> Router {
+        let eps: Vec<String> = endpoints
+            .iter()
+            .map(|(a, v)| format!("{{ address = \"{a}\", labels = {{ version = \"{v}\" }} }}"))
+            .collect();
+        let versions: std::collections::BTreeSet<&str> = endpoints.iter().map(|(_, v)| *v).collect();
+        let subsets: Vec<String> = versions
+            .iter()
+            .map(|v| format!("{{ name = \"{v}\", labels = {{ version = \"{v}\" }} }}"))
+            .collect();
+        let split: Vec<String> = versions
+            .iter()
+            .map(|v| format!("{{ subset = \"{v}\", weight = 50 }}"))
+            .collect();
+        let text = format!(
+            "detect_timeout_ms = {detect_ms}\n[[services]]\nname = \"svc\"\naddresses = [\"{vip}\"]\n\
+             protocol = \"{protocol}\"\nendpoints = [{}]\nsubsets = [{}]\n\
+             [[services.routes]]\nsplit = [{}]\n",
+            eps.join(", "),
+            subsets.join(", "),
+            split.join(", ")
+        );
+        Router::new(crate::routing::compile(crate::routing::parse_toml(&text).unwrap()).unwrap())
+    }
+
+    /// A server that writes `banner` first, then echoes.
+    async fn banner_server(banner: &'static str) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    s.write_all(banner.as_bytes()).await.unwrap();
+                    let mut b = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut b).await {
+                        if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        a
+    }
+
+    async fn accept_all(l: TcpListener, pod: Arc<PodCtx>, shared: Arc<Shared>) {
+        loop {
+            let (s, peer) = l.accept().await.unwrap();
+            spawn_conn(s, peer, Direction::Outbound, &pod, &shared);
+        }
+    }
+
+    #[tokio::test]
+    async fn opaque_tcp_is_routed_per_connection_and_counted() {
+        let vip: SocketAddr = "10.96.0.99:5432".parse().unwrap();
+        let v1 = banner_server("v1\n").await;
+        let v2 = banner_server("v2\n").await;
+        let shared = Arc::new(Shared::new(
+            Box::new(FixedOrigDst(vip)),
+            routed(vip, &[(v1, "v1"), (v2, "v2")], "tcp", 300),
+        ));
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        tokio::spawn(accept_all(proxy, pod(), shared.clone()));
+        let mut seen = std::collections::BTreeMap::<String, u32>::new();
+        for _ in 0..200 {
+            let mut c = TcpStream::connect(proxy_addr).await.unwrap();
+            let mut b = [0u8; 3];
+            tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut b))
+                .await
+                .unwrap()
+                .unwrap();
+            *seen.entry(String::from_utf8_lossy(&b).into_owned()).or_default() += 1;
+        }
+        assert_eq!(seen.values().sum::<u32>(), 200);
+        let v2_share = seen.get("v2\n").copied().unwrap_or(0);
+        assert!((60..=140).contains(&v2_share), "{seen:?}");
+        // Connections close after the client drops: counts are per connection.
+        let policy = shared.l7.router.current();
+        let mut total = 0;
+        for _ in 0..100 {
+            total = policy
+                .stats()
+                .iter()
+                .map(|s| s.requests.load(Relaxed))
+                .sum::<u64>();
+            if total >= 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(total, 200);
+    }
+
+    #[tokio::test]
+    async fn server_speaks_first_is_not_stalled_beyond_the_detection_timeout() {
+        let vip: SocketAddr = "10.96.0.98:3306".parse().unwrap();
+        let v1 = banner_server("hello\n").await;
+        let shared = Arc::new(Shared::new(
+            Box::new(FixedOrigDst(vip)),
+            routed(vip, &[(v1, "v1")], "auto", 100),
+        ));
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        tokio::spawn(accept_all(proxy, pod(), shared.clone()));
+        let start = Instant::now();
+        let mut c = TcpStream::connect(proxy_addr).await.unwrap();
+        let mut b = [0u8; 6];
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&b, b"hello\n");
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(90), "detection waited {waited:?}");
+        assert!(waited < Duration::from_secs(2), "stalled {waited:?}");
+        c.write_all(b"ping").await.unwrap();
+        let mut e = [0u8; 4];
+        c.read_exact(&mut e).await.unwrap();
+        assert_eq!(&e, b"ping");
+    }
+
     #[tokio::test]
     async fn unknown_original_destination_resets_and_counts() {
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
