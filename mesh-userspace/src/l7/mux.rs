@@ -1,23 +1,1058 @@
 //! SOFA Bolt and Dubbo 2, routed per request: frames from the app's connection are decoded,
 //! each request is routed with the live policy and sent on a shared upstream connection to the
 //! chosen endpoint under a fresh request id; responses are mapped back to the app's id.
+//!
+//! ```text
+//! app conn ──reader──▶ one task per request ──▶ MuxPools[(pod, endpoint)] ─▶ UpConn writer ─▶ server
+//!    ▲                    │ route, retry,            (CONNS_PER_ENDPOINT        │
+//!    └──writer◀── mpsc ◀──┘ timeout, stats            shared conns)    UpConn reader ◀┘ pending id → oneshot
+//! ```
+//!
+//! - **App side.** One reader decodes frames; every request runs in its own task (at most
+//!   [`MAX_IN_FLIGHT`] per connection, then the reader waits), so a slow request never holds
+//!   up the others. Responses go back through one writer task, in completion order, with the
+//!   app's own request id. Bytes read from the app count as `bytes_to_upstream`, bytes written
+//!   to it as `bytes_to_client` (and the pod's `bytes_upstream` / `bytes_downstream`).
+//! - **Upstream.** [`MuxPools`] keeps [`CONNS_PER_ENDPOINT`] lazily opened connections per
+//!   (pod, endpoint, protocol), shared by every app connection of the pod (requests take turns
+//!   between them). Each request gets a fresh upstream id (Bolt v2 CRCs are recomputed by the
+//!   encoder) and a pending entry; one reader task per upstream connection hands responses to
+//!   their requests. A connection that dies fails its pending requests and is replaced on next
+//!   use. Idle connections send heartbeats every [`UPSTREAM_HEARTBEAT`] (Bolt servers close
+//!   silent clients after 90 s, Dubbo providers after 180 s) and are closed after
+//!   [`UPSTREAM_IDLE_CLOSE`] without a request (a pooled socket would keep a deleted pod's
+//!   netns alive). Heartbeat requests from a server are answered.
+//! - **Per request.** The route's timeout covers everything (connect, queueing, the response);
+//!   when it fires the app gets Bolt `TIMEOUT` / Dubbo `SERVER_TIMEOUT` and a late response is
+//!   dropped. A connect failure (nothing was sent) is retried on `endpoint_for_attempt(n)` up
+//!   to the route's `retries`, each connect bounded by [`MAX_CONNECT_TIMEOUT`]; then Bolt
+//!   `ERROR_COMM` / Dubbo `SERVICE_ERROR`. An upstream connection that closes with the request
+//!   in flight gives Bolt `CONNECTION_CLOSED` / Dubbo `SERVER_ERROR` and is never retried (the
+//!   server may have acted on it). No route: Bolt `NO_PROCESSOR` / Dubbo `SERVICE_NOT_FOUND`.
+//!   Proxy-made Bolt error responses carry the reason in a `sockmesh-error` header; Dubbo ones
+//!   carry it as the message body. Every failure is counted in [`super::L7Errors`]
+//!   (`bolt`/`dubbo`, reason) and, once routed, in the route's stats. One-way requests are
+//!   forwarded without waiting and count as answered once queued on the upstream connection.
+//!   Heartbeats from the app are answered locally, never forwarded.
+//! - **Routing input.** Bolt: `service` = the `service` header up to the first `:`, `version` =
+//!   what follows it (up to the next `:`), `method` = `sofa_head_method_name`, headers = the
+//!   Bolt header map (`requestProps` inside the Hessian2 content are not looked at). Dubbo
+//!   (Hessian2 bodies): service path, method, service version and the string attachments.
+//!   Dubbo bodies in another serialization are routed with no service, method or attachments
+//!   (so only an address-selected service's catch-all route applies).
+//! - **Subset hint.** A forwarded request that a service routed (not passthrough) carries the
+//!   chosen subset in Bolt header / Dubbo attachment `sockmesh-subset`, so servers can see it.
+//! - **Bad input.** A framing error (bad magic or proto, lengths beyond the codec limits, an
+//!   oversized or malformed Bolt header map, a bad CRC, a frame truncated at EOF) is counted
+//!   with the codec's `reason()`; when the request id is known the app gets Bolt
+//!   `CODEC_EXCEPTION` / Dubbo `BAD_REQUEST`. The stream can no longer be trusted, so that
+//!   connection stops reading and closes once the requests already in flight are answered.
+//!   A Dubbo frame whose Hessian2 body does not decode is different: its framing is intact, so
+//!   only that request gets `BAD_REQUEST` (counted with the Hessian2 reason) and the connection
+//!   carries on, since closing it would fail every unrelated request multiplexed on it.
 
-use tokio::net::TcpStream;
+use std::{
+    collections::HashMap,
+    fmt::Debug,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
+    sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore},
+    task::AbortHandle,
+};
+use tokio_util::codec::{Decoder, Encoder};
+use tracing::debug;
 
 use super::ConnCtx;
+use crate::{
+    protocol::{
+        bolt::{self, BoltCodec, BoltError, BoltFrame},
+        dubbo::{self, DubboCodec, DubboError, DubboFrame},
+    },
+    routing::{Decision, HeaderLookup, Outcome, Policy, ProtocolHint, RequestInfo},
+};
+
+/// Upstream connections per (pod, endpoint, protocol).
+pub const CONNS_PER_ENDPOINT: usize = 2;
+/// Requests of one app connection in flight at once; past it the reader waits.
+pub const MAX_IN_FLIGHT: usize = 4096;
+/// Frames queued towards one connection (app or upstream) before senders wait.
+const QUEUE: usize = 1024;
+/// Encode up to this much before one write.
+const WRITE_BATCH: usize = 64 * 1024;
+/// Each upstream connect is bounded by this (and by what is left of the request's timeout),
+/// so a black-holed endpoint leaves time to retry another.
+pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// An upstream connection that wrote nothing for this long sends a heartbeat.
+pub const UPSTREAM_HEARTBEAT: Duration = Duration::from_secs(15);
+/// An upstream connection with no request for this long (and none pending) is closed.
+pub const UPSTREAM_IDLE_CLOSE: Duration = Duration::from_secs(120);
+/// Bolt header / Dubbo attachment naming the subset the mesh chose.
+pub const SUBSET_KEY: &str = "sockmesh-subset";
+/// Bolt header carrying the reason of an error response the proxy made.
+pub const ERROR_HEADER: &str = "sockmesh-error";
+/// Bolt header with the method name (SOFA RPC clients set it).
+pub const BOLT_METHOD_HEADER: &str = "sofa_head_method_name";
+
+/// Why a forwarded request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fail {
+    /// The route's timeout fired.
+    Timeout,
+    /// No upstream connection could be opened (nothing was sent).
+    Connect,
+    /// The upstream connection closed with the request in flight.
+    Closed,
+}
+
+impl Fail {
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Connect => "upstream_connect",
+            Self::Closed => "upstream_closed",
+        }
+    }
+}
+
+/// What to do with one frame from the app.
+enum Plan<F> {
+    /// Answer it locally (heartbeat, or an error already counted).
+    Reply(F),
+    /// Nothing to send back.
+    Ignore,
+    Forward {
+        frame: F,
+        decision: Decision,
+        oneway: bool,
+    },
+}
+
+/// What the generic machinery needs from a protocol.
+trait MuxProto: Send + Sync + 'static {
+    type Frame: Clone + Debug + Send + Sync + 'static;
+    type Codec: Decoder<Item = Self::Frame, Error = Self::Error>
+        + Encoder<Self::Frame, Error = Self::Error>
+        + Default
+        + Send
+        + 'static;
+    type Error: std::error::Error + From<std::io::Error> + Send + 'static;
+    const NAME: &'static str;
+    /// The largest request id the wire carries.
+    const MAX_ID: u64;
+
+    fn pool(pools: &MuxPools) -> &Pool<Self>
+    where
+        Self: Sized;
+    fn id(f: &Self::Frame) -> u64;
+    fn set_id(f: &mut Self::Frame, id: u64);
+    fn is_response(f: &Self::Frame) -> bool;
+    /// A heartbeat request to keep an idle upstream connection open.
+    fn heartbeat(id: u64) -> Self::Frame;
+    /// The answer to `f` when it is a heartbeat request.
+    fn heartbeat_reply(f: &Self::Frame) -> Option<Self::Frame>;
+    /// Route one frame from the app (counting what it rejects).
+    fn plan(ctx: &ConnCtx, policy: &Policy, f: Self::Frame) -> Plan<Self::Frame>;
+    /// The proxy's error response to `req` (which carries the app's id).
+    fn fail_reply(req: &Self::Frame, why: Fail, msg: &str) -> Self::Frame;
+    fn error_reason(e: &Self::Error) -> &'static str;
+    fn error_id(e: &Self::Error) -> Option<u64>;
+    /// The response to a request whose framing was bad; `prefix` is the start of the buffer as
+    /// it was before decoding (the frame's fixed header, when it was there).
+    fn bad_input_reply(prefix: &[u8], id: u64, msg: &str) -> Self::Frame;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bolt
+
+struct Bolt;
+
+/// Case-insensitive lookup in a Bolt header map.
+struct BoltHeaders<'a>(&'a BoltFrame);
+
+impl HeaderLookup for BoltHeaders<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0
+            .headers
+            .iter()
+            .find(|h| h.key.eq_ignore_ascii_case(name.as_bytes()))
+            .and_then(|h| h.value.as_deref())
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+}
+
+fn bolt_heartbeat_ack(req: &BoltFrame) -> BoltFrame {
+    BoltFrame {
+        cmd_code: bolt::CMD_HEARTBEAT,
+        ..req.error_response_to(bolt::status::SUCCESS)
+    }
+}
+
+impl MuxProto for Bolt {
+    type Frame = BoltFrame;
+    type Codec = BoltCodec;
+    type Error = BoltError;
+    const NAME: &'static str = "bolt";
+    const MAX_ID: u64 = u32::MAX as u64;
+
+    fn pool(pools: &MuxPools) -> &Pool<Self> {
+        &pools.bolt
+    }
+
+    fn id(f: &BoltFrame) -> u64 {
+        u64::from(f.request_id)
+    }
+
+    fn set_id(f: &mut BoltFrame, id: u64) {
+        f.request_id = id as u32;
+    }
+
+    fn is_response(f: &BoltFrame) -> bool {
+        f.is_response()
+    }
+
+    fn heartbeat(id: u64) -> BoltFrame {
+        BoltFrame {
+            cmd_type: bolt::TYPE_REQUEST,
+            cmd_code: bolt::CMD_HEARTBEAT,
+            timeout: 1000,
+            status: 0,
+            ..bolt::error_response(id as u32, 0)
+        }
+    }
+
+    fn heartbeat_reply(f: &BoltFrame) -> Option<BoltFrame> {
+        (f.is_heartbeat() && f.cmd_type == bolt::TYPE_REQUEST).then(|| bolt_heartbeat_ack(f))
+    }
+
+    fn plan(ctx: &ConnCtx, policy: &Policy, mut f: BoltFrame) -> Plan<BoltFrame> {
+        if f.is_response() {
+            ctx.l7().errors.count(Self::NAME, "unexpected_response");
+            return Plan::Ignore;
+        }
+        if f.is_heartbeat() {
+            return Self::heartbeat_reply(&f).map_or(Plan::Ignore, Plan::Reply);
+        }
+        let oneway = f.cmd_type == bolt::TYPE_REQUEST_ONEWAY;
+        let routed = {
+            let mut target = f.header_str(bolt::HEADER_SERVICE).unwrap_or("").split(':');
+            let service = target.next().filter(|s| !s.is_empty());
+            let version = target.next().filter(|s| !s.is_empty());
+            let info = RequestInfo {
+                protocol: ProtocolHint::Bolt,
+                host: None,
+                path: None,
+                service,
+                method: f.header_str(BOLT_METHOD_HEADER),
+                version,
+                headers: &BoltHeaders(&f),
+            };
+            policy.route(ctx.orig, &info)
+        };
+        match routed {
+            Ok(decision) => {
+                if &*decision.service != "passthrough" {
+                    f.set_header(SUBSET_KEY, &decision.subset);
+                }
+                Plan::Forward {
+                    frame: f,
+                    decision,
+                    oneway,
+                }
+            }
+            Err(e) => {
+                ctx.l7().errors.count(Self::NAME, e.reason());
+                debug!(id = f.request_id, "bolt: {e}");
+                if oneway {
+                    return Plan::Ignore;
+                }
+                let mut reply = f.error_response_to(bolt::status::NO_PROCESSOR);
+                reply.set_header(ERROR_HEADER, &format!("sockmesh: {e}"));
+                Plan::Reply(reply)
+            }
+        }
+    }
+
+    fn fail_reply(req: &BoltFrame, why: Fail, msg: &str) -> BoltFrame {
+        let status = match why {
+            Fail::Timeout => bolt::status::TIMEOUT,
+            Fail::Connect => bolt::status::ERROR_COMM,
+            Fail::Closed => bolt::status::CONNECTION_CLOSED,
+        };
+        let mut reply = req.error_response_to(status);
+        reply.set_header(ERROR_HEADER, msg);
+        reply
+    }
+
+    fn error_reason(e: &BoltError) -> &'static str {
+        e.reason()
+    }
+
+    fn error_id(e: &BoltError) -> Option<u64> {
+        e.request_id().map(u64::from)
+    }
+
+    fn bad_input_reply(prefix: &[u8], id: u64, msg: &str) -> BoltFrame {
+        // Answer in the frame's own version when its fixed header is still at hand.
+        let mut reply = bolt::error_response(id as u32, bolt::status::CODEC_EXCEPTION);
+        match prefix {
+            [bolt::PROTO_V2, ver1, _, _, _, _, _, _, _, _, codec, switch, ..] => {
+                reply.proto = bolt::PROTO_V2;
+                reply.ver1 = *ver1;
+                reply.codec = *codec;
+                reply.switch = *switch;
+            }
+            [bolt::PROTO_V1, _, _, _, _, _, _, _, _, codec, ..] => reply.codec = *codec,
+            _ => {}
+        }
+        reply.set_header(ERROR_HEADER, msg);
+        reply
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dubbo
+
+struct Dubbo;
+
+/// Case-insensitive lookup in a Dubbo request's string attachments (the last one wins, as in
+/// Java's map).
+struct DubboAttachments<'a>(&'a [(String, String)]);
+
+impl HeaderLookup for DubboAttachments<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Hessian2 `null`: the body of a heartbeat and of its response.
+const HESSIAN2_NULL: &[u8] = b"N";
+
+impl MuxProto for Dubbo {
+    type Frame = DubboFrame;
+    type Codec = DubboCodec;
+    type Error = DubboError;
+    const NAME: &'static str = "dubbo";
+    const MAX_ID: u64 = u64::MAX;
+
+    fn pool(pools: &MuxPools) -> &Pool<Self> {
+        &pools.dubbo
+    }
+
+    fn id(f: &DubboFrame) -> u64 {
+        f.request_id
+    }
+
+    fn set_id(f: &mut DubboFrame, id: u64) {
+        f.request_id = id;
+    }
+
+    fn is_response(f: &DubboFrame) -> bool {
+        !f.is_request()
+    }
+
+    fn heartbeat(id: u64) -> DubboFrame {
+        DubboFrame {
+            flag: dubbo::FLAG_REQUEST
+                | dubbo::FLAG_TWO_WAY
+                | dubbo::FLAG_EVENT
+                | dubbo::SERIALIZATION_HESSIAN2,
+            status: 0,
+            request_id: id,
+            body: Bytes::from_static(HESSIAN2_NULL),
+        }
+    }
+
+    fn heartbeat_reply(f: &DubboFrame) -> Option<DubboFrame> {
+        (f.is_request() && f.is_event() && f.is_two_way()).then(|| DubboFrame {
+            flag: dubbo::FLAG_EVENT | f.serialization_id(),
+            status: dubbo::status::OK,
+            request_id: f.request_id,
+            body: Bytes::from_static(HESSIAN2_NULL),
+        })
+    }
+
+    fn plan(ctx: &ConnCtx, policy: &Policy, mut f: DubboFrame) -> Plan<DubboFrame> {
+        if !f.is_request() {
+            ctx.l7().errors.count(Self::NAME, "unexpected_response");
+            return Plan::Ignore;
+        }
+        if f.is_event() {
+            // Heartbeats; one-way events (read-only notices) concern this hop only.
+            return Self::heartbeat_reply(&f).map_or(Plan::Ignore, Plan::Reply);
+        }
+        let oneway = !f.is_two_way();
+        let invocation = if f.serialization_id() == dubbo::SERIALIZATION_HESSIAN2 {
+            match dubbo::decode_request_body(&f.body) {
+                Ok(inv) => Some(inv),
+                Err(e) => {
+                    ctx.l7().errors.count(Self::NAME, e.reason());
+                    debug!(id = f.request_id, "dubbo: undecodable body: {e}");
+                    if oneway {
+                        return Plan::Ignore;
+                    }
+                    let msg = format!("sockmesh: cannot decode the request body: {e}");
+                    return Plan::Reply(dubbo::error_response(
+                        f.request_id,
+                        dubbo::status::BAD_REQUEST,
+                        &msg,
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        let routed = match &invocation {
+            Some(inv) => policy.route(
+                ctx.orig,
+                &RequestInfo {
+                    protocol: ProtocolHint::Dubbo,
+                    host: None,
+                    path: None,
+                    service: Some(&inv.service_path),
+                    method: Some(&inv.method),
+                    version: Some(&inv.service_version)
+                        .filter(|v| !v.is_empty())
+                        .map(|v| v.as_str()),
+                    headers: &DubboAttachments(&inv.attachments),
+                },
+            ),
+            None => policy.route(ctx.orig, &RequestInfo::bare(ProtocolHint::Dubbo)),
+        };
+        match routed {
+            Ok(decision) => {
+                if invocation.is_some() && &*decision.service != "passthrough" {
+                    // The body decoded above, so this cannot fail; forward it unchanged if it does.
+                    if let Ok(body) = dubbo::add_attachment(&f.body, SUBSET_KEY, &decision.subset) {
+                        f.body = body.into();
+                    }
+                }
+                Plan::Forward {
+                    frame: f,
+                    decision,
+                    oneway,
+                }
+            }
+            Err(e) => {
+                ctx.l7().errors.count(Self::NAME, e.reason());
+                debug!(id = f.request_id, "dubbo: {e}");
+                if oneway {
+                    return Plan::Ignore;
+                }
+                let msg = format!("sockmesh: {e}");
+                Plan::Reply(dubbo::error_response(
+                    f.request_id,
+                    dubbo::status::SERVICE_NOT_FOUND,
+                    &msg,
+                ))
+            }
+        }
+    }
+
+    fn fail_reply(req: &DubboFrame, why: Fail, msg: &str) -> DubboFrame {
+        let status = match why {
+            Fail::Timeout => dubbo::status::SERVER_TIMEOUT,
+            Fail::Connect => dubbo::status::SERVICE_ERROR,
+            Fail::Closed => dubbo::status::SERVER_ERROR,
+        };
+        dubbo::error_response(req.request_id, status, msg)
+    }
+
+    fn error_reason(e: &DubboError) -> &'static str {
+        e.reason()
+    }
+
+    fn error_id(e: &DubboError) -> Option<u64> {
+        e.request_id()
+    }
+
+    fn bad_input_reply(_prefix: &[u8], id: u64, msg: &str) -> DubboFrame {
+        dubbo::error_response(id, dubbo::status::BAD_REQUEST, msg)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream connections
+
+/// Why a request could not be handed to an upstream connection or got no response.
+#[derive(Debug)]
+enum CallError {
+    /// Nothing was written: safe to try again on a fresh connection.
+    NotSent,
+    /// The connection closed with the request in flight.
+    Closed,
+}
+
+struct UpState<F> {
+    alive: bool,
+    /// Upstream id → where its response goes (`None`: a one-way request not yet queued).
+    pending: HashMap<u64, Option<oneshot::Sender<F>>>,
+    last_used: Instant,
+}
+
+/// One shared upstream connection: a writer task fed by `tx`, a reader task that hands
+/// responses to `pending`.
+struct UpConn<P: MuxProto> {
+    endpoint: SocketAddr,
+    tx: mpsc::Sender<P::Frame>,
+    state: Mutex<UpState<P::Frame>>,
+    next_id: AtomicU64,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+impl<P: MuxProto> UpConn<P> {
+    fn start(stream: TcpStream, endpoint: SocketAddr) -> Arc<Self> {
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let conn = Arc::new(Self {
+            endpoint,
+            tx,
+            state: Mutex::new(UpState {
+                alive: true,
+                pending: HashMap::new(),
+                last_used: Instant::now(),
+            }),
+            next_id: AtomicU64::new(1),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let w = tokio::spawn(upstream_writer(conn.clone(), rx, wr));
+        let r = tokio::spawn(upstream_reader(conn.clone(), rd));
+        conn.tasks
+            .lock()
+            .expect("upconn lock")
+            .extend([w.abort_handle(), r.abort_handle()]);
+        conn
+    }
+
+    fn is_alive(&self) -> bool {
+        self.state.lock().expect("upconn lock").alive
+    }
+
+    /// A fresh id that no pending request uses (Bolt ids are 32 bits and wrap).
+    fn fresh_id(&self, state: &UpState<P::Frame>) -> u64 {
+        loop {
+            let id = self.next_id.fetch_add(1, Relaxed) & P::MAX_ID;
+            if id != 0 && !state.pending.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Mark dead, fail every pending request (their receivers see the sender dropped) and
+    /// stop both tasks.
+    fn kill(&self) {
+        {
+            let mut st = self.state.lock().expect("upconn lock");
+            st.alive = false;
+            st.pending.clear();
+        }
+        for t in self.tasks.lock().expect("upconn lock").drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Send one request; wait for its response unless it is one-way.
+    async fn call(
+        self: &Arc<Self>,
+        mut frame: P::Frame,
+        oneway: bool,
+    ) -> Result<Option<P::Frame>, CallError> {
+        let (id, rx) = {
+            let mut st = self.state.lock().expect("upconn lock");
+            if !st.alive {
+                return Err(CallError::NotSent);
+            }
+            let id = self.fresh_id(&st);
+            let (tx, rx) = if oneway {
+                (None, None)
+            } else {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            };
+            st.pending.insert(id, tx);
+            st.last_used = Instant::now();
+            (id, rx)
+        };
+        // Removes the entry however this ends (response, timeout, cancellation).
+        let _guard = PendingGuard { conn: self, id };
+        P::set_id(&mut frame, id);
+        if self.tx.send(frame).await.is_err() {
+            return Err(CallError::NotSent);
+        }
+        match rx {
+            None => Ok(None),
+            Some(rx) => rx.await.map(Some).map_err(|_| CallError::Closed),
+        }
+    }
+
+    /// Hand an upstream response to its request (dropped when it gave up).
+    fn on_frame(&self, frame: P::Frame) {
+        if P::is_response(&frame) {
+            let waiter = self
+                .state
+                .lock()
+                .expect("upconn lock")
+                .pending
+                .remove(&P::id(&frame));
+            match waiter {
+                Some(Some(tx)) => {
+                    let _ = tx.send(frame);
+                }
+                _ => {
+                    debug!(endpoint = %self.endpoint, id = P::id(&frame), "late or unknown upstream response dropped")
+                }
+            }
+        } else if let Some(reply) = P::heartbeat_reply(&frame) {
+            let _ = self.tx.try_send(reply);
+        } else {
+            debug!(endpoint = %self.endpoint, "request from an upstream server ignored");
+        }
+    }
+
+    /// Retire the connection when it has been idle long enough; only then is it unused.
+    fn try_retire(&self) -> bool {
+        let mut st = self.state.lock().expect("upconn lock");
+        if st.alive && st.pending.is_empty() && st.last_used.elapsed() >= UPSTREAM_IDLE_CLOSE {
+            st.alive = false;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct PendingGuard<'a, P: MuxProto> {
+    conn: &'a UpConn<P>,
+    id: u64,
+}
+
+impl<P: MuxProto> Drop for PendingGuard<'_, P> {
+    fn drop(&mut self) {
+        self.conn
+            .state
+            .lock()
+            .expect("upconn lock")
+            .pending
+            .remove(&self.id);
+    }
+}
+
+fn encode_into<P: MuxProto>(codec: &mut P::Codec, frame: P::Frame, buf: &mut BytesMut) {
+    if let Err(e) = codec.encode(frame, buf) {
+        debug!("{}: frame not encodable, dropped: {e}", P::NAME);
+    }
+}
+
+async fn upstream_writer<P: MuxProto>(
+    conn: Arc<UpConn<P>>,
+    mut rx: mpsc::Receiver<P::Frame>,
+    mut w: OwnedWriteHalf,
+) {
+    let mut codec = P::Codec::default();
+    let mut buf = BytesMut::new();
+    loop {
+        let first = tokio::select! {
+            f = rx.recv() => match f {
+                Some(f) => f,
+                None => break,
+            },
+            () = tokio::time::sleep(UPSTREAM_HEARTBEAT) => {
+                if conn.try_retire() {
+                    // Nobody can queue any more; write what one-way requests already queued.
+                    rx.close();
+                    while let Ok(f) = rx.try_recv() {
+                        encode_into::<P>(&mut codec, f, &mut buf);
+                    }
+                    let _ = w.write_all(&buf).await;
+                    let _ = w.shutdown().await;
+                    debug!(endpoint = %conn.endpoint, "idle upstream connection closed");
+                    conn.kill();
+                    return;
+                }
+                let id = conn.fresh_id(&conn.state.lock().expect("upconn lock"));
+                P::heartbeat(id)
+            }
+        };
+        encode_into::<P>(&mut codec, first, &mut buf);
+        while buf.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(f) => encode_into::<P>(&mut codec, f, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = w.write_all(&buf).await {
+            debug!(endpoint = %conn.endpoint, "upstream write failed: {e}");
+            break;
+        }
+        buf.clear();
+    }
+    conn.kill();
+}
+
+async fn upstream_reader<P: MuxProto>(conn: Arc<UpConn<P>>, mut r: OwnedReadHalf) {
+    let mut codec = P::Codec::default();
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    'read: loop {
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(f)) => conn.on_frame(f),
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(endpoint = %conn.endpoint, "bad {} frame from upstream: {e}", P::NAME);
+                    break 'read;
+                }
+            }
+        }
+        match r.read_buf(&mut buf).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                debug!(endpoint = %conn.endpoint, "upstream read failed: {e}");
+                break;
+            }
+        }
+    }
+    conn.kill();
+}
+
+struct SlotState<P: MuxProto> {
+    conn: Option<Arc<UpConn<P>>>,
+    /// The last failed connect: (attempt number, message).
+    failed: Option<(u64, String)>,
+}
+
+/// One upstream connection, opened on first use and replaced when it dies.
+struct Slot<P: MuxProto> {
+    state: tokio::sync::Mutex<SlotState<P>>,
+    attempts: AtomicU64,
+}
+
+impl<P: MuxProto> Slot<P> {
+    fn new() -> Self {
+        Self {
+            state: tokio::sync::Mutex::new(SlotState {
+                conn: None,
+                failed: None,
+            }),
+            attempts: AtomicU64::new(0),
+        }
+    }
+
+    /// The live connection, or a new one. Requests that queued behind a connect attempt that
+    /// failed share its failure instead of trying again one after another.
+    async fn get(
+        &self,
+        ctx: &ConnCtx,
+        endpoint: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Arc<UpConn<P>>, String> {
+        let seen = self.attempts.load(Relaxed);
+        let mut st = self.state.lock().await;
+        if let Some(c) = &st.conn {
+            if c.is_alive() {
+                return Ok(c.clone());
+            }
+        }
+        st.conn = None;
+        if let Some((attempt, msg)) = &st.failed {
+            if *attempt > seen {
+                return Err(msg.clone());
+            }
+        }
+        let attempt = self.attempts.fetch_add(1, Relaxed) + 1;
+        match ctx.connect(endpoint, timeout).await {
+            Ok(s) => {
+                let c = UpConn::start(s, endpoint);
+                st.conn = Some(c.clone());
+                st.failed = None;
+                Ok(c)
+            }
+            Err(e) => {
+                let msg = format!("sockmesh: cannot connect to {endpoint}: {e}");
+                st.failed = Some((attempt, msg.clone()));
+                Err(msg)
+            }
+        }
+    }
+
+    fn live(&self) -> usize {
+        self.state
+            .try_lock()
+            .map_or(0, |st| st.conn.as_ref().map_or(0, |c| usize::from(c.is_alive())))
+    }
+}
+
+/// The upstream connections of one protocol.
+struct Pool<P: MuxProto> {
+    endpoints: Mutex<HashMap<(String, SocketAddr), Arc<[Slot<P>]>>>,
+    turn: AtomicUsize,
+}
+
+impl<P: MuxProto> Default for Pool<P> {
+    fn default() -> Self {
+        Self {
+            endpoints: Mutex::new(HashMap::new()),
+            turn: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl<P: MuxProto> Pool<P> {
+    async fn get(
+        &self,
+        ctx: &ConnCtx,
+        endpoint: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Arc<UpConn<P>>, String> {
+        let slots = self
+            .endpoints
+            .lock()
+            .expect("pool lock")
+            .entry((ctx.pod.name.clone(), endpoint))
+            .or_insert_with(|| (0..CONNS_PER_ENDPOINT).map(|_| Slot::new()).collect())
+            .clone();
+        let slot = &slots[self.turn.fetch_add(1, Relaxed) % slots.len()];
+        slot.get(ctx, endpoint, timeout).await
+    }
+
+    fn live(&self) -> usize {
+        let all: Vec<_> = self
+            .endpoints
+            .lock()
+            .expect("pool lock")
+            .values()
+            .cloned()
+            .collect();
+        all.iter().flat_map(|s| s.iter()).map(Slot::live).sum()
+    }
+}
 
 /// Shared upstream connections, per (pod, endpoint, protocol).
 #[derive(Default)]
-pub struct MuxPools {}
+pub struct MuxPools {
+    bolt: Pool<Bolt>,
+    dubbo: Pool<Dubbo>,
+}
+
+impl MuxPools {
+    /// Live upstream connections: (Bolt, Dubbo). Approximate while connects are under way.
+    #[allow(dead_code)] // for status and tests
+    pub fn live_connections(&self) -> (usize, usize) {
+        (self.bolt.live(), self.dubbo.live())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The app's connection
 
 /// Serve one Bolt connection until it closes.
 pub async fn serve_bolt(client: TcpStream, ctx: ConnCtx) {
-    let _ = (client, ctx);
-    todo!("helper: Bolt handler")
+    serve::<Bolt>(client, ctx).await
 }
 
 /// Serve one Dubbo connection until it closes.
 pub async fn serve_dubbo(client: TcpStream, ctx: ConnCtx) {
-    let _ = (client, ctx);
-    todo!("helper: Dubbo handler")
+    serve::<Dubbo>(client, ctx).await
+}
+
+async fn serve<P: MuxProto>(client: TcpStream, ctx: ConnCtx) {
+    let (mut rd, wr) = client.into_split();
+    let (tx, rx) = mpsc::channel::<P::Frame>(QUEUE);
+    let writer = tokio::spawn(app_writer::<P>(wr, rx, ctx.clone()));
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut codec = P::Codec::default();
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut eof = false;
+    loop {
+        let mut prefix = [0u8; 16];
+        let plen = buf.len().min(prefix.len());
+        prefix[..plen].copy_from_slice(&buf[..plen]);
+        let decoded = if eof {
+            codec.decode_eof(&mut buf)
+        } else {
+            codec.decode(&mut buf)
+        };
+        match decoded {
+            Ok(Some(frame)) => {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                tokio::spawn(request::<P>(ctx.clone(), frame, tx.clone(), permit));
+                continue;
+            }
+            Ok(None) if eof => break,
+            Ok(None) => {}
+            Err(e) => {
+                let reason = P::error_reason(&e);
+                ctx.l7().errors.count(P::NAME, reason);
+                debug!(client = %ctx.client, "bad {} input, closing: {e}", P::NAME);
+                if let Some(id) = P::error_id(&e) {
+                    let msg = format!("sockmesh: {e}");
+                    let _ = tx.send(P::bad_input_reply(&prefix[..plen], id, &msg)).await;
+                }
+                break;
+            }
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => eof = true,
+            Ok(n) => {
+                ctx.entry.bytes_to_upstream.fetch_add(n as u64, Relaxed);
+                ctx.pod.stats.bytes_upstream.fetch_add(n as u64, Relaxed);
+            }
+            Err(e) => {
+                debug!(client = %ctx.client, "read from the app failed: {e}");
+                break;
+            }
+        }
+    }
+    // The writer ends once every request task has sent its response.
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn app_writer<P: MuxProto>(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<P::Frame>, ctx: ConnCtx) {
+    let mut codec = P::Codec::default();
+    let mut buf = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        encode_into::<P>(&mut codec, first, &mut buf);
+        while buf.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(f) => encode_into::<P>(&mut codec, f, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = w.write_all(&buf).await {
+            debug!(client = %ctx.client, "write to the app failed: {e}");
+            return;
+        }
+        ctx.entry.bytes_to_client.fetch_add(buf.len() as u64, Relaxed);
+        ctx.pod
+            .stats
+            .bytes_downstream
+            .fetch_add(buf.len() as u64, Relaxed);
+        buf.clear();
+    }
+    let _ = w.shutdown().await;
+}
+
+/// One request from the app, start to finish.
+async fn request<P: MuxProto>(
+    ctx: ConnCtx,
+    frame: P::Frame,
+    out: mpsc::Sender<P::Frame>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let started = Instant::now();
+    let policy = ctx.l7().router.current();
+    let (frame, decision, oneway) = match P::plan(&ctx, &policy, frame) {
+        Plan::Reply(f) => {
+            let _ = out.send(f).await;
+            return;
+        }
+        Plan::Ignore => return,
+        Plan::Forward {
+            frame,
+            decision,
+            oneway,
+        } => (frame, decision, oneway),
+    };
+    drop(policy);
+    let app_id = P::id(&frame);
+    let deadline = started + decision.timeout;
+    let mut last = decision.endpoint;
+    let result = tokio::time::timeout_at(
+        deadline.into(),
+        forward::<P>(&ctx, &decision, &frame, oneway, deadline, &mut last),
+    )
+    .await;
+    let (reply, outcome) = match result {
+        Ok(Ok(Some(mut response))) => {
+            P::set_id(&mut response, app_id);
+            (Some(response), Outcome::Answered)
+        }
+        Ok(Ok(None)) => (None, Outcome::Answered),
+        Ok(Err((why, msg))) => (
+            Some(P::fail_reply(&frame, why, &msg)),
+            Outcome::Failed(why.reason()),
+        ),
+        Err(_) => {
+            let msg = format!(
+                "sockmesh: no response from {last} within {} ms",
+                decision.timeout.as_millis()
+            );
+            (
+                Some(P::fail_reply(&frame, Fail::Timeout, &msg)),
+                Outcome::Failed(Fail::Timeout.reason()),
+            )
+        }
+    };
+    if let Outcome::Failed(reason) = outcome {
+        ctx.l7().errors.count(P::NAME, reason);
+        debug!(id = app_id, endpoint = %last, "{} request failed: {reason}", P::NAME);
+    }
+    decision.stats.record(outcome, started.elapsed());
+    if let (Some(reply), false) = (reply, oneway) {
+        let _ = out.send(reply).await;
+    }
+}
+
+/// Try the decision's endpoints: a connect failure (nothing sent) moves on to the next
+/// attempt; anything after sending is final.
+async fn forward<P: MuxProto>(
+    ctx: &ConnCtx,
+    decision: &Decision,
+    frame: &P::Frame,
+    oneway: bool,
+    deadline: Instant,
+    last: &mut SocketAddr,
+) -> Result<Option<P::Frame>, (Fail, String)> {
+    let pool = P::pool(&ctx.l7().mux);
+    let mut error = String::new();
+    for attempt in 0..=decision.retries {
+        let endpoint = decision.endpoint_for_attempt(attempt);
+        *last = endpoint;
+        if attempt > 0 {
+            decision.stats.record_retry();
+        }
+        let timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .min(MAX_CONNECT_TIMEOUT);
+        let conn = match pool.get(ctx, endpoint, timeout).await {
+            Ok(c) => c,
+            Err(msg) => {
+                error = msg;
+                continue;
+            }
+        };
+        match conn.call(frame.clone(), oneway).await {
+            Ok(response) => return Ok(response),
+            Err(CallError::NotSent) => {
+                error = format!("sockmesh: the connection to {endpoint} closed before the request was sent");
+            }
+            Err(CallError::Closed) => {
+                return Err((
+                    Fail::Closed,
+                    format!("sockmesh: the connection to {endpoint} closed with the request in flight"),
+                ));
+            }
+        }
+    }
+    Err((Fail::Connect, error))
 }
