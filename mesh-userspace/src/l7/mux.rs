@@ -1056,3 +1056,418 @@ async fn forward<P: MuxProto>(
     }
     Err((Fail::Connect, error))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::{
+        protocol::hessian2,
+        proxy::{ConnEntry, Direction, OrigDstSource, PodCtx, Shared},
+        routing::{compile, parse_toml, Router},
+        sys::NetNs,
+    };
+
+    const BOLT_V1: &[u8] = include_bytes!("../protocol/testdata/bolt_v1.c2s.bin");
+    const BOLT_V2: &[u8] = include_bytes!("../protocol/testdata/bolt_v2_crc.c2s.bin");
+    const DUBBO: &[u8] = include_bytes!("../protocol/testdata/dubbo.c2s.bin");
+    const VIP: &str = "10.96.0.50:12200";
+    const WAIT: Duration = Duration::from_secs(20);
+
+    struct NoOrigDst;
+
+    impl OrigDstSource for NoOrigDst {
+        fn orig_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
+            Err(io::Error::from_raw_os_error(libc::ENOENT))
+        }
+    }
+
+    fn frames<P: MuxProto>(bytes: &[u8]) -> Vec<P::Frame> {
+        let mut codec = P::Codec::default();
+        let mut buf = BytesMut::from(bytes);
+        let mut out = Vec::new();
+        while let Some(f) = codec.decode_eof(&mut buf).unwrap() {
+            out.push(f);
+        }
+        out
+    }
+
+    /// Read one frame; `None` at EOF or on a reset.
+    async fn read_frame<P: MuxProto>(r: &mut OwnedReadHalf, buf: &mut BytesMut) -> Option<P::Frame> {
+        let mut codec = P::Codec::default();
+        loop {
+            if let Some(f) = codec.decode(buf).unwrap() {
+                return Some(f);
+            }
+            match r.read_buf(buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    enum Reply<F> {
+        Send(F),
+        Crash,
+        Nothing,
+    }
+
+    struct TestServer {
+        addr: SocketAddr,
+        accepts: Arc<AtomicUsize>,
+    }
+
+    /// A server that answers every request with `answer` after `delay` (heartbeats at once).
+    async fn server<P: MuxProto>(
+        name: &'static str,
+        delay: Duration,
+        answer: fn(&P::Frame, &str) -> Reply<P::Frame>,
+    ) -> TestServer {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let counter = accepts.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                counter.fetch_add(1, Relaxed);
+                tokio::spawn(async move {
+                    let (mut rd, mut wr) = s.into_split();
+                    let (tx, mut rx) = mpsc::unbounded_channel::<P::Frame>();
+                    let writer = tokio::spawn(async move {
+                        let mut codec = P::Codec::default();
+                        while let Some(f) = rx.recv().await {
+                            let mut buf = BytesMut::new();
+                            codec.encode(f, &mut buf).unwrap();
+                            if wr.write_all(&buf).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let mut buf = BytesMut::new();
+                    while let Some(req) = read_frame::<P>(&mut rd, &mut buf).await {
+                        if let Some(ack) = P::heartbeat_reply(&req) {
+                            let _ = tx.send(ack);
+                            continue;
+                        }
+                        match answer(&req, name) {
+                            Reply::Send(res) => {
+                                let tx = tx.clone();
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(delay).await;
+                                    let _ = tx.send(res);
+                                });
+                            }
+                            Reply::Crash => break,
+                            Reply::Nothing => {}
+                        }
+                    }
+                    writer.abort();
+                });
+            }
+        });
+        TestServer { addr, accepts }
+    }
+
+    fn bolt_answer(req: &BoltFrame, name: &str) -> Reply<BoltFrame> {
+        if req.header("x-crash").is_some() {
+            return Reply::Crash;
+        }
+        if req.cmd_type == bolt::TYPE_REQUEST_ONEWAY {
+            return Reply::Nothing;
+        }
+        let subset = req.header_str(SUBSET_KEY).unwrap_or("-");
+        Reply::Send(BoltFrame {
+            cmd_code: bolt::CMD_RPC_RESPONSE,
+            class_name: Bytes::from_static(b"com.alipay.sofa.rpc.core.response.SofaResponse"),
+            content: format!("{name}|{subset}").into(),
+            ..req.error_response_to(bolt::status::SUCCESS)
+        })
+    }
+
+    fn dubbo_answer(req: &DubboFrame, name: &str) -> Reply<DubboFrame> {
+        let inv = dubbo::decode_request_body(&req.body).unwrap();
+        if inv.attachment("x-crash").is_some() {
+            return Reply::Crash;
+        }
+        if !req.is_two_way() {
+            return Reply::Nothing;
+        }
+        let mut body = Vec::new();
+        let subset = inv.attachment(SUBSET_KEY).unwrap_or("-");
+        hessian2::write_string(&mut body, &format!("{name}|{subset}"));
+        Reply::Send(DubboFrame {
+            flag: dubbo::SERIALIZATION_HESSIAN2,
+            status: dubbo::status::OK,
+            request_id: req.request_id,
+            body: body.into(),
+        })
+    }
+
+    fn bolt_content(f: &BoltFrame) -> String {
+        String::from_utf8(f.content.to_vec()).unwrap()
+    }
+
+    fn dubbo_content(f: &DubboFrame) -> String {
+        hessian2::Reader::new(&f.body).read_string().unwrap()
+    }
+
+    /// The policy: `VIP` is a service with subsets v1 and v2 (one endpoint each), a header
+    /// route `x-canary: true` → v2 and a 90/10 default split.
+    fn policy(protocol: &str, v1: SocketAddr, v2: SocketAddr, timeout_ms: u64, retries: u32) -> Router {
+        let text = format!(
+            r#"
+            [[services]]
+            name = "echo"
+            addresses = ["{VIP}"]
+            protocol = "{protocol}"
+            timeout_ms = {timeout_ms}
+            retries = {retries}
+            endpoints = [
+              {{ address = "{v1}", labels = {{ version = "v1" }} }},
+              {{ address = "{v2}", labels = {{ version = "v2" }} }},
+            ]
+            subsets = [
+              {{ name = "v1", labels = {{ version = "v1" }} }},
+              {{ name = "v2", labels = {{ version = "v2" }} }},
+            ]
+            [[services.routes]]
+            name = "canary"
+            match = {{ headers = {{ x-canary = "true" }} }}
+            split = [{{ subset = "v2", weight = 100 }}]
+            [[services.routes]]
+            name = "default"
+            split = [{{ subset = "v1", weight = 90 }}, {{ subset = "v2", weight = 10 }}]
+            "#
+        );
+        Router::new(compile(parse_toml(&text).unwrap()).unwrap())
+    }
+
+    /// The proxy side: a listener whose connections are served by `serve_bolt`/`serve_dubbo`
+    /// as if captured on their way to `VIP`.
+    struct Mesh {
+        addr: SocketAddr,
+        shared: Arc<Shared>,
+        pod: Arc<PodCtx>,
+    }
+
+    async fn mesh<P: MuxProto>(router: Router) -> Mesh {
+        let shared = Arc::new(Shared::new(Box::new(NoOrigDst), router));
+        let pod = Arc::new(PodCtx {
+            name: "t".into(),
+            netns: NetNs::current().unwrap(),
+            stats: Arc::default(),
+            outbound_port: 0,
+            inbound_port: 0,
+            mark: 0,
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (s2, p2) = (shared.clone(), pod.clone());
+        tokio::spawn(async move {
+            loop {
+                let (s, client) = l.accept().await.unwrap();
+                let ctx = ConnCtx {
+                    pod: p2.clone(),
+                    shared: s2.clone(),
+                    client,
+                    orig: VIP.parse().unwrap(),
+                    entry: Arc::new(ConnEntry {
+                        id: 1,
+                        pod: "t".into(),
+                        direction: Direction::Outbound,
+                        client,
+                        original_dst: VIP.parse().unwrap(),
+                        upstream_local: Mutex::new(None),
+                        bytes_to_upstream: AtomicU64::new(0),
+                        bytes_to_client: AtomicU64::new(0),
+                        started: Instant::now(),
+                    }),
+                };
+                tokio::spawn(serve::<P>(s, ctx));
+            }
+        });
+        Mesh { addr, shared, pod }
+    }
+
+    impl Mesh {
+        fn route_view(&self, route: &str, subset: &str) -> crate::routing::RouteStatsView {
+            let policy = self.shared.l7.router.current();
+            let s = policy
+                .stats()
+                .into_iter()
+                .find(|s| s.route == route && s.subset == subset)
+                .unwrap();
+            s.view()
+        }
+
+        fn errors(&self, protocol: &str, reason: &str) -> u64 {
+            self.shared.l7.errors.get(protocol, reason)
+        }
+    }
+
+    /// An app connection speaking `P`.
+    struct App<P: MuxProto> {
+        rd: OwnedReadHalf,
+        wr: OwnedWriteHalf,
+        buf: BytesMut,
+        codec: P::Codec,
+    }
+
+    impl<P: MuxProto> App<P> {
+        async fn connect(m: &Mesh) -> Self {
+            let (rd, wr) = TcpStream::connect(m.addr).await.unwrap().into_split();
+            Self {
+                rd,
+                wr,
+                buf: BytesMut::new(),
+                codec: P::Codec::default(),
+            }
+        }
+
+        async fn send(&mut self, frames: impl IntoIterator<Item = P::Frame>) {
+            let mut out = BytesMut::new();
+            for f in frames {
+                self.codec.encode(f, &mut out).unwrap();
+            }
+            self.wr.write_all(&out).await.unwrap();
+        }
+
+        async fn recv(&mut self) -> P::Frame {
+            tokio::time::timeout(WAIT, read_frame::<P>(&mut self.rd, &mut self.buf))
+                .await
+                .expect("a response in time")
+                .expect("a response, not EOF")
+        }
+
+        async fn call(&mut self, f: P::Frame) -> P::Frame {
+            self.send([f]).await;
+            self.recv().await
+        }
+
+        /// The proxy closes the connection (after whatever it still had to say).
+        async fn expect_closed(&mut self) -> Vec<P::Frame> {
+            let mut got = Vec::new();
+            let read = async {
+                while let Some(f) = read_frame::<P>(&mut self.rd, &mut self.buf).await {
+                    got.push(f);
+                }
+            };
+            tokio::time::timeout(WAIT, read)
+                .await
+                .expect("the proxy closes the connection");
+            got
+        }
+    }
+
+    fn bolt_request(template: &BoltFrame, id: u32, headers: &[(&str, &str)]) -> BoltFrame {
+        let mut f = template.clone();
+        f.request_id = id;
+        for (k, v) in headers {
+            f.set_header(k, v);
+        }
+        f
+    }
+
+    fn dubbo_request(template: &DubboFrame, id: u64, attachments: &[(&str, &str)]) -> DubboFrame {
+        let mut f = template.clone();
+        f.request_id = id;
+        for (k, v) in attachments {
+            f.body = dubbo::add_attachment(&f.body, k, v).unwrap().into();
+        }
+        f
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bolt_2000_multiplexed_requests_split_90_10_with_the_apps_ids() {
+        let delay = Duration::from_millis(20);
+        let v1 = server::<Bolt>("v1", delay, bolt_answer).await;
+        let v2 = server::<Bolt>("v2", delay, bolt_answer).await;
+        let m = mesh::<Bolt>(policy("bolt", v1.addr, v2.addr, 10_000, 1)).await;
+        let t1 = frames::<Bolt>(BOLT_V1).remove(0);
+        let t2 = frames::<Bolt>(BOLT_V2).remove(0);
+        let mut app = App::<Bolt>::connect(&m).await;
+        let n = 2000u32;
+        // v1 frames for even ids, v2 frames with a CRC for odd ones, all written at once.
+        let reqs: Vec<BoltFrame> = (1..=n)
+            .map(|id| bolt_request(if id % 2 == 0 { &t1 } else { &t2 }, id, &[]))
+            .collect();
+        let started = Instant::now();
+        app.send(reqs).await;
+        let mut seen = std::collections::HashSet::new();
+        let mut v2_count = 0;
+        for _ in 0..n {
+            let r = app.recv().await;
+            assert_eq!(r.status, bolt::status::SUCCESS);
+            assert!(seen.insert(r.request_id), "duplicate id {}", r.request_id);
+            assert_eq!(
+                r.proto,
+                if r.request_id % 2 == 0 {
+                    bolt::PROTO_V1
+                } else {
+                    bolt::PROTO_V2
+                }
+            );
+            match bolt_content(&r).as_str() {
+                "v1|v1" => {}
+                "v2|v2" => v2_count += 1,
+                other => panic!("unexpected content {other:?}"),
+            }
+        }
+        assert_eq!(seen, (1..=n).collect());
+        // 2000 × 20 ms one after another would take 40 s.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let share = f64::from(v2_count) / f64::from(n);
+        assert!((0.07..=0.13).contains(&share), "v2 share {share}");
+        let (s1, s2) = (m.route_view("default", "v1"), m.route_view("default", "v2"));
+        assert_eq!(s1.requests + s2.requests, u64::from(n));
+        assert!(s1.failures.is_empty() && s2.failures.is_empty());
+        assert!(v1.accepts.load(Relaxed) <= CONNS_PER_ENDPOINT);
+        assert!(v2.accepts.load(Relaxed) <= CONNS_PER_ENDPOINT);
+        assert!(m.pod.stats.bytes_upstream.load(Relaxed) >= (BOLT_V1.len() / 2) as u64 * u64::from(n));
+        assert!(m.pod.stats.bytes_downstream.load(Relaxed) > 20 * u64::from(n));
+    }
+
+    #[tokio::test]
+    async fn bolt_header_match_overrides_the_split_and_connections_are_shared() {
+        let v1 = server::<Bolt>("v1", Duration::ZERO, bolt_answer).await;
+        let v2 = server::<Bolt>("v2", Duration::ZERO, bolt_answer).await;
+        let m = mesh::<Bolt>(policy("bolt", v1.addr, v2.addr, 10_000, 1)).await;
+        let t = frames::<Bolt>(BOLT_V1).remove(0);
+        let mut a = App::<Bolt>::connect(&m).await;
+        let mut b = App::<Bolt>::connect(&m).await;
+        a.send((1..=200).map(|id| bolt_request(&t, id, &[("X-Canary", "true")])))
+            .await;
+        b.send((1..=200).map(|id| bolt_request(&t, id, &[]))).await;
+        for _ in 0..200 {
+            assert_eq!(bolt_content(&a.recv().await), "v2|v2");
+            assert_eq!(b.recv().await.status, bolt::status::SUCCESS);
+        }
+        assert_eq!(m.route_view("canary", "v2").requests, 200);
+        // A third app connection later: still the same upstream connections.
+        let mut c = App::<Bolt>::connect(&m).await;
+        c.send((1..=100).map(|id| bolt_request(&t, id, &[("x-canary", "true")])))
+            .await;
+        for _ in 0..100 {
+            assert_eq!(c.recv().await.status, bolt::status::SUCCESS);
+        }
+        assert!(
+            v2.accepts.load(Relaxed) <= CONNS_PER_ENDPOINT,
+            "{}",
+            v2.accepts.load(Relaxed)
+        );
+        assert!(v1.accepts.load(Relaxed) <= CONNS_PER_ENDPOINT);
+        let (bolt_live, _) = m.shared.l7.mux.live_connections();
+        assert!(
+            bolt_live >= 1 && bolt_live <= 2 * CONNS_PER_ENDPOINT,
+            "{bolt_live}"
+        );
+    }
+}
