@@ -417,6 +417,17 @@ fn conn_error_reason(e: &hyper::Error, version: HttpVersion) -> &'static str {
     }
 }
 
+/// The size of an HTTP/1.1 request head as sent (request line, headers, CRLFs).
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    line + headers + 2
+}
+
 /// Case-insensitive lookup over an `http::HeaderMap` (its `&str` lookup ignores ASCII case).
 struct Headers<'a>(&'a HeaderMap);
 
@@ -557,6 +568,19 @@ async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
     let guard = st.inflight.enter();
     let grpc = is_grpc(req.headers());
     let proto = if grpc { "grpc" } else { st.version.label() };
+    // hyper's buffer limit is approximate (a read may carry the head past it): check exactly.
+    if st.version == HttpVersion::Http1 && head_size(&req) > MAX_HTTP1_HEAD_BYTES {
+        st.ctx.l7().errors.count(proto, "header_too_large");
+        let mut resp = local_reply(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            8,
+            false,
+            &format!("request head over {MAX_HTTP1_HEAD_BYTES} bytes"),
+        );
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     let policy = st.ctx.l7().router.current();
     let routed = {
         let path = req.uri().path();
@@ -971,4 +995,731 @@ async fn forward_upgrade(
         strip_hop_by_hop(resp.headers_mut());
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::BTreeMap,
+        sync::atomic::{AtomicU64, Ordering::Relaxed},
+    };
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+        task::JoinSet,
+    };
+
+    use super::*;
+    use crate::{
+        proxy::{ConnEntry, Direction, OrigDstSource, Shared},
+        routing::{compile, parse_toml, Policy, Router},
+        sys::NetNs,
+    };
+
+    /// Every test is bounded by this.
+    const BOUND: Duration = Duration::from_secs(20);
+    /// The app's original destination the test services claim.
+    const VIP: &str = "10.255.0.1:80";
+
+    struct NoOrigDst;
+
+    impl OrigDstSource for NoOrigDst {
+        fn orig_dst(&self, _: &TcpStream) -> io::Result<SocketAddr> {
+            Err(io::Error::from_raw_os_error(libc::ENOENT))
+        }
+    }
+
+    /// A plain upstream (HTTP/1.1 and prior-knowledge HTTP/2) answering its own name. It
+    /// echoes what it saw in `x-seen-*` headers, sleeps `x-delay-ms`, and answers gRPC with
+    /// the request body and `grpc-status: 0` trailers.
+    async fn upstream(name: &'static str) -> (SocketAddr, Arc<AtomicU64>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let h = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        h.fetch_add(1, Relaxed);
+                        upstream_answer(name, req)
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, hits)
+    }
+
+    async fn upstream_answer(
+        name: &'static str,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
+        let (parts, body) = req.into_parts();
+        if let Some(ms) = parts
+            .headers
+            .get("x-delay-ms")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+        {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or(parts.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("")
+            .to_owned();
+        let mut b = Response::builder()
+            .header("x-name", name)
+            .header("x-seen-host", host)
+            .header("x-seen-foo", parts.headers.contains_key("x-foo").to_string())
+            .header(
+                "x-seen-keep-alive",
+                parts.headers.contains_key("keep-alive").to_string(),
+            )
+            .header("x-seen-path", parts.uri.path());
+        if is_grpc(&parts.headers) {
+            let data = body.collect().await.unwrap().to_bytes();
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            trailers.insert("x-upstream", HeaderValue::from_static(name));
+            let body = Frames(
+                vec![
+                    hyper::body::Frame::data(data),
+                    hyper::body::Frame::trailers(trailers),
+                ]
+                .into(),
+            );
+            b = b.header(header::CONTENT_TYPE, "application/grpc");
+            return Ok(b.body(body.boxed()).unwrap());
+        }
+        let _ = body.collect().await;
+        Ok(b.body(full(name)).unwrap())
+    }
+
+    fn full(s: &str) -> Body {
+        Full::new(Bytes::from(s.to_owned()))
+            .map_err(|never| match never {})
+            .boxed()
+    }
+
+    fn empty() -> Body {
+        Empty::new().map_err(|never| match never {}).boxed()
+    }
+
+    /// A body made of given frames (data, then trailers).
+    struct Frames(std::collections::VecDeque<hyper::body::Frame<Bytes>>);
+
+    impl hyper::body::Body for Frames {
+        type Data = Bytes;
+        type Error = hyper::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    fn policy(text: &str) -> Policy {
+        compile(parse_toml(text).unwrap()).unwrap()
+    }
+
+    /// The canonical two-version service at [`VIP`] with `routes` appended.
+    fn two_versions(v1: SocketAddr, v2: SocketAddr, extra: &str, routes: &str) -> Policy {
+        policy(&format!(
+            r#"
+[[services]]
+name = "web"
+addresses = ["{VIP}"]
+{extra}
+endpoints = [
+  {{ address = "{v1}", labels = {{ version = "v1" }} }},
+  {{ address = "{v2}", labels = {{ version = "v2" }} }},
+]
+subsets = [
+  {{ name = "v1", labels = {{ version = "v1" }} }},
+  {{ name = "v2", labels = {{ version = "v2" }} }},
+]
+{routes}
+"#
+        ))
+    }
+
+    const CANARY_90_10: &str = r#"
+[[services.routes]]
+name = "canary"
+match = { headers = { x-canary = "true" } }
+split = [{ subset = "v2", weight = 100 }]
+[[services.routes]]
+name = "default"
+split = [{ subset = "v1", weight = 90 }, { subset = "v2", weight = 10 }]
+"#;
+
+    struct Proxy {
+        addr: SocketAddr,
+        shared: Arc<Shared>,
+        pod: Arc<PodCtx>,
+        entries: Arc<Mutex<Vec<Arc<ConnEntry>>>>,
+    }
+
+    /// A proxy listener serving every accepted connection as `version`, as if the app had
+    /// connected to `orig`.
+    async fn proxy(policy: Policy, version: HttpVersion, orig: &str) -> Proxy {
+        let orig: SocketAddr = orig.parse().unwrap();
+        let shared = Arc::new(Shared::new(Box::new(NoOrigDst), Router::new(policy)));
+        let pod = Arc::new(PodCtx {
+            name: "t".into(),
+            netns: NetNs::current().unwrap(),
+            stats: Arc::default(),
+            outbound_port: 0,
+            inbound_port: 0,
+            mark: 0,
+        });
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let entries = Arc::new(Mutex::new(Vec::new()));
+        let (s, p, e) = (shared.clone(), pod.clone(), entries.clone());
+        tokio::spawn(async move {
+            let mut id = 0;
+            loop {
+                let (c, peer) = l.accept().await.unwrap();
+                id += 1;
+                let entry = Arc::new(ConnEntry {
+                    id,
+                    pod: "t".into(),
+                    direction: Direction::Outbound,
+                    client: peer,
+                    original_dst: orig,
+                    upstream_local: Mutex::new(None),
+                    bytes_to_upstream: AtomicU64::new(0),
+                    bytes_to_client: AtomicU64::new(0),
+                    started: std::time::Instant::now(),
+                });
+                e.lock().unwrap().push(entry.clone());
+                let ctx = ConnCtx {
+                    pod: p.clone(),
+                    shared: s.clone(),
+                    client: peer,
+                    orig,
+                    entry,
+                };
+                tokio::spawn(serve(c, version, ctx));
+            }
+        });
+        Proxy {
+            addr,
+            shared,
+            pod,
+            entries,
+        }
+    }
+
+    async fn h1_client(addr: SocketAddr) -> hc::http1::SendRequest<Body> {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hc::http1::handshake(TokioIo::new(s)).await.unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    async fn h2_client(addr: SocketAddr) -> hc::http2::SendRequest<Body> {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hc::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    fn get(path: &str) -> http::request::Builder {
+        Request::get(path).header(header::HOST, "web.test")
+    }
+
+    /// Send on a keep-alive HTTP/1.1 connection; (status, x-name or body, response).
+    async fn send1(
+        c: &mut hc::http1::SendRequest<Body>,
+        req: Request<Body>,
+    ) -> (StatusCode, HeaderMap, String) {
+        c.ready().await.unwrap();
+        let resp = c.send_request(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    fn name(h: &HeaderMap) -> &str {
+        h.get("x-name").and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        let end = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn dead_addr() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn http1_split_90_10_over_keepalive_and_bytes_counted() {
+        tokio::time::timeout(BOUND, async {
+            let (v1, _) = upstream("v1").await;
+            let (v2, _) = upstream("v2").await;
+            let p = proxy(two_versions(v1, v2, "", CANARY_90_10), HttpVersion::Http1, VIP).await;
+            let mut tasks = JoinSet::new();
+            for _ in 0..4 {
+                let addr = p.addr;
+                tasks.spawn(async move {
+                    let mut c = h1_client(addr).await;
+                    let mut v2 = 0u32;
+                    for _ in 0..500 {
+                        let (st, h, body) = send1(&mut c, get("/x?q=1").body(empty()).unwrap()).await;
+                        assert_eq!(st, StatusCode::OK);
+                        assert_eq!(name(&h), body);
+                        v2 += (body == "v2") as u32;
+                    }
+                    v2
+                });
+            }
+            let mut v2 = 0;
+            while let Some(r) = tasks.join_next().await {
+                v2 += r.unwrap();
+            }
+            let share = f64::from(v2) / 2000.0;
+            assert!((0.07..=0.13).contains(&share), "v2 share {share}");
+            // Four app connections, each kept alive for 500 requests.
+            assert_eq!(p.entries.lock().unwrap().len(), 4);
+            // Upstream connections are reused: a handful, not one per request.
+            let pooled = p.shared.l7.http.connections();
+            assert!((2..=8).contains(&pooled), "pooled {pooled}");
+            let up: u64 = p
+                .entries
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|e| e.bytes_to_upstream.load(Relaxed))
+                .sum();
+            let down: u64 = p
+                .entries
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|e| e.bytes_to_client.load(Relaxed))
+                .sum();
+            assert!(up > 2000 * 20 && down > 2000 * 20, "up {up} down {down}");
+            assert_eq!(p.pod.stats.bytes_upstream.load(Relaxed), up);
+            assert_eq!(p.pod.stats.bytes_downstream.load(Relaxed), down);
+            let stats: BTreeMap<String, u64> = p
+                .shared
+                .l7
+                .router
+                .current()
+                .stats()
+                .iter()
+                .map(|s| (format!("{}/{}", s.route, s.subset), s.requests.load(Relaxed)))
+                .collect();
+            assert_eq!(stats["default/v1"] + stats["default/v2"], 2000);
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn header_match_sends_all_to_v2_keeping_host_and_stripping_hop_by_hop() {
+        tokio::time::timeout(BOUND, async {
+            let (v1, _) = upstream("v1").await;
+            let (v2, _) = upstream("v2").await;
+            let p = proxy(two_versions(v1, v2, "", CANARY_90_10), HttpVersion::Http1, VIP).await;
+            let mut c = h1_client(p.addr).await;
+            for _ in 0..100 {
+                let req = get("/canary")
+                    .header("X-Canary", "true")
+                    .header(header::CONNECTION, "x-foo")
+                    .header("x-foo", "1")
+                    .header("keep-alive", "timeout=5")
+                    .body(empty())
+                    .unwrap();
+                let (st, h, body) = send1(&mut c, req).await;
+                assert_eq!((st, body.as_str()), (StatusCode::OK, "v2"));
+                assert_eq!(h["x-seen-host"], "web.test");
+                assert_eq!(h["x-seen-foo"], "false");
+                assert_eq!(h["x-seen-keep-alive"], "false");
+                assert_eq!(h["x-seen-path"], "/canary");
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn http2_requests_on_one_connection_are_routed_individually() {
+        tokio::time::timeout(BOUND, async {
+            let (v1, hits1) = upstream("v1").await;
+            let (v2, hits2) = upstream("v2").await;
+            let routes = r#"
+[[services.routes]]
+split = [{ subset = "v1", weight = 50 }, { subset = "v2", weight = 50 }]
+"#;
+            let p = proxy(two_versions(v1, v2, "", routes), HttpVersion::Http2, VIP).await;
+            let c = h2_client(p.addr).await;
+            let mut tasks = JoinSet::new();
+            for _ in 0..200 {
+                let mut c = c.clone();
+                tasks.spawn(async move {
+                    c.ready().await.unwrap();
+                    let req = Request::get("http://web.test/h2").body(empty()).unwrap();
+                    let resp = c.send_request(req).await.unwrap();
+                    assert_eq!(resp.status(), StatusCode::OK);
+                    assert_eq!(resp.headers()["x-seen-host"], "web.test");
+                    String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+                });
+            }
+            let mut names = BTreeMap::new();
+            while let Some(r) = tasks.join_next().await {
+                *names.entry(r.unwrap()).or_insert(0) += 1;
+            }
+            assert_eq!(p.entries.lock().unwrap().len(), 1, "one app connection");
+            assert!(names["v1"] > 20 && names["v2"] > 20, "{names:?}");
+            assert_eq!(hits1.load(Relaxed) + hits2.load(Relaxed), 200);
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn grpc_is_routed_by_service_and_trailers_pass() {
+        tokio::time::timeout(BOUND, async {
+            let (v1, _) = upstream("v1").await;
+            let (v2, _) = upstream("v2").await;
+            let routes = r#"
+[[services.routes]]
+name = "echo"
+match = { service = "pkg.Echo", method = "Say" }
+split = [{ subset = "v2", weight = 1 }]
+[[services.routes]]
+name = "default"
+split = [{ subset = "v1", weight = 1 }]
+"#;
+            let p = proxy(two_versions(v1, v2, "", routes), HttpVersion::Http2, VIP).await;
+            let mut c = h2_client(p.addr).await;
+            for (path, want) in [("/pkg.Echo/Say", "v2"), ("/pkg.Echo/Other", "v1")] {
+                let req = Request::post(format!("http://web.test{path}"))
+                    .header(header::CONTENT_TYPE, "application/grpc+proto")
+                    .header(header::TE, "trailers")
+                    .body(full("\0\0\0\0\x05hello"))
+                    .unwrap();
+                c.ready().await.unwrap();
+                let resp = c.send_request(req).await.unwrap();
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert_eq!(name(resp.headers()), want);
+                let collected = resp.into_body().collect().await.unwrap();
+                let trailers = collected.trailers().cloned().expect("trailers");
+                assert_eq!(trailers["grpc-status"], "0");
+                assert_eq!(trailers["x-upstream"], want);
+                assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x05hello");
+            }
+            // No route for gRPC: trailers-only UNIMPLEMENTED.
+            let only_echo = two_versions(
+                v1,
+                v2,
+                "",
+                r#"
+[[services.routes]]
+match = { service = "pkg.Echo" }
+split = [{ subset = "v2", weight = 1 }]
+"#,
+            );
+            p.shared.l7.router.replace(only_echo);
+            let req = Request::post("http://web.test/pkg.Nope/Call")
+                .header(header::CONTENT_TYPE, "application/grpc")
+                .body(empty())
+                .unwrap();
+            c.ready().await.unwrap();
+            let resp = c.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(resp.headers()["grpc-status"], "12");
+            assert_eq!(resp.headers()["server"], "sockmesh");
+            assert_eq!(p.shared.l7.errors.get("grpc", "no_route"), 1);
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn unreachable_endpoint_gives_502_and_a_retry_reaches_a_live_one() {
+        tokio::time::timeout(BOUND, async {
+            let (live, hits) = upstream("live").await;
+            let dead = dead_addr();
+            let text = format!(
+                r#"
+[[services]]
+name = "dead"
+addresses = ["10.255.0.2:80"]
+retries = 0
+endpoints = [{{ address = "{dead}" }}]
+[[services]]
+name = "mixed"
+addresses = ["10.255.0.3:80"]
+retries = 1
+endpoints = [{{ address = "{dead}" }}, {{ address = "{live}" }}]
+"#
+            );
+            let p = proxy(policy(&text), HttpVersion::Http1, "10.255.0.2:80").await;
+            let mut c = h1_client(p.addr).await;
+            let (st, h, body) = send1(
+                &mut c,
+                Request::post("/").header("host", "d").body(full("x")).unwrap(),
+            )
+            .await;
+            assert_eq!(st, StatusCode::BAD_GATEWAY);
+            assert_eq!(h["server"], "sockmesh");
+            assert!(body.contains("unreachable"), "{body}");
+            assert_eq!(p.shared.l7.errors.get("http1", "upstream_connect"), 1);
+            let pol = p.shared.l7.router.current();
+            let dead_stats = pol.stats().into_iter().find(|s| s.service == "dead").unwrap();
+            assert_eq!(dead_stats.view().failures.get("upstream_connect"), Some(&1));
+            // The same connection still works for the next request.
+            let (st, _, _) = send1(&mut c, get("/").body(empty()).unwrap()).await;
+            assert_eq!(st, StatusCode::BAD_GATEWAY);
+
+            let p = proxy(policy(&text), HttpVersion::Http1, "10.255.0.3:80").await;
+            let mut c = h1_client(p.addr).await;
+            for _ in 0..6 {
+                // A body too: nothing was sent to the dead endpoint, so it is safe to retry.
+                let (st, _, body) = send1(
+                    &mut c,
+                    Request::post("/")
+                        .header("host", "m")
+                        .body(full("payload"))
+                        .unwrap(),
+                )
+                .await;
+                assert_eq!((st, body.as_str()), (StatusCode::OK, "live"));
+            }
+            assert_eq!(hits.load(Relaxed), 6);
+            let mixed = p
+                .shared
+                .l7
+                .router
+                .current()
+                .stats()
+                .into_iter()
+                .find(|s| s.service == "mixed")
+                .unwrap();
+            let v = mixed.view();
+            assert_eq!(v.requests, 6);
+            assert!(
+                v.retries >= 3,
+                "round robin starts half of them on the dead endpoint: {v:?}"
+            );
+            assert!(v.failures.is_empty(), "{v:?}");
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn slow_upstream_gives_504_after_the_route_timeout() {
+        tokio::time::timeout(BOUND, async {
+            let (v1, _) = upstream("v1").await;
+            let (v2, _) = upstream("v2").await;
+            let routes = r#"
+[[services.routes]]
+timeout_ms = 200
+retries = 0
+split = [{ subset = "v1", weight = 1 }]
+"#;
+            let p = proxy(two_versions(v1, v2, "", routes), HttpVersion::Http1, VIP).await;
+            let mut c = h1_client(p.addr).await;
+            let t = Instant::now();
+            let (st, h, _) = send1(
+                &mut c,
+                get("/").header("x-delay-ms", "3000").body(empty()).unwrap(),
+            )
+            .await;
+            let took = t.elapsed();
+            assert_eq!(st, StatusCode::GATEWAY_TIMEOUT);
+            assert_eq!(h["server"], "sockmesh");
+            assert!(
+                took >= Duration::from_millis(200) && took < Duration::from_millis(1500),
+                "{took:?}"
+            );
+            assert_eq!(p.shared.l7.errors.get("http1", "timeout"), 1);
+            // A fast request on the same connection still works.
+            let (st, _, body) = send1(&mut c, get("/").body(empty()).unwrap()).await;
+            assert_eq!((st, body.as_str()), (StatusCode::OK, "v1"));
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn oversized_and_malformed_heads_are_answered_and_counted_others_unaffected() {
+        tokio::time::timeout(BOUND, async {
+            let (v1, _) = upstream("v1").await;
+            let (v2, _) = upstream("v2").await;
+            let p = proxy(two_versions(v1, v2, "", CANARY_90_10), HttpVersion::Http1, VIP).await;
+            let mut good = h1_client(p.addr).await;
+            let (st, _, _) = send1(&mut good, get("/").body(empty()).unwrap()).await;
+            assert_eq!(st, StatusCode::OK);
+
+            let mut raw = TcpStream::connect(p.addr).await.unwrap();
+            let big = "a".repeat(MAX_HTTP1_HEAD_BYTES + 1024);
+            let head = format!("GET / HTTP/1.1\r\nHost: web.test\r\nX-Big: {big}\r\n\r\n");
+            // The proxy may answer and close before it read everything.
+            let _ = raw.write_all(head.as_bytes()).await;
+            let mut answer = Vec::new();
+            let _ = raw.read_to_end(&mut answer).await;
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+            let errors = &p.shared.l7.errors;
+            eventually("header_too_large counted", || {
+                errors.get("http1", "header_too_large") == 1
+            })
+            .await;
+
+            let mut raw = TcpStream::connect(p.addr).await.unwrap();
+            raw.write_all(b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            let _ = raw.read_to_end(&mut answer).await;
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+            eventually("malformed counted", || errors.get("http1", "malformed") == 1).await;
+
+            // The other keep-alive connection is untouched.
+            let (st, _, _) = send1(&mut good, get("/").body(empty()).unwrap()).await;
+            assert_eq!(st, StatusCode::OK);
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn policy_swap_applies_to_the_next_request_on_the_same_connection() {
+        tokio::time::timeout(BOUND, async {
+            let (v1, _) = upstream("v1").await;
+            let (v2, _) = upstream("v2").await;
+            let to = |subset: &str| {
+                two_versions(
+                    v1,
+                    v2,
+                    "",
+                    &format!("[[services.routes]]\nsplit = [{{ subset = \"{subset}\", weight = 1 }}]\n"),
+                )
+            };
+            let p = proxy(to("v1"), HttpVersion::Http1, VIP).await;
+            let mut c = h1_client(p.addr).await;
+            for _ in 0..3 {
+                let (_, _, body) = send1(&mut c, get("/").body(empty()).unwrap()).await;
+                assert_eq!(body, "v1");
+            }
+            p.shared.l7.router.replace(to("v2"));
+            for _ in 0..3 {
+                let (_, _, body) = send1(&mut c, get("/").body(empty()).unwrap()).await;
+                assert_eq!(body, "v2");
+            }
+            assert_eq!(
+                p.entries.lock().unwrap().len(),
+                1,
+                "the same keep-alive connection"
+            );
+            // The new policy's route (subset v2) counted the 3 requests it routed.
+            let total: u64 = p
+                .shared
+                .l7
+                .router
+                .current()
+                .stats()
+                .iter()
+                .map(|s| s.requests.load(Relaxed))
+                .sum();
+            assert_eq!(total, 3);
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_route_answers_404_and_query_is_not_part_of_the_path() {
+        // (`no_endpoint` cannot be built: the policy refuses a subset without endpoints.)
+        tokio::time::timeout(BOUND, async {
+            let (v1, _) = upstream("v1").await;
+            let text = format!(
+                r#"
+[[services]]
+name = "web"
+addresses = ["{VIP}"]
+endpoints = [{{ address = "{v1}" }}]
+[[services.routes]]
+match = {{ path_exact = "/api" }}
+split = [{{ subset = "all", weight = 1 }}]
+"#
+            );
+            let p = proxy(policy(&text), HttpVersion::Http1, VIP).await;
+            let mut c = h1_client(p.addr).await;
+            let (st, h, body) = send1(&mut c, get("/other").body(empty()).unwrap()).await;
+            assert_eq!(st, StatusCode::NOT_FOUND);
+            assert_eq!(h["server"], "sockmesh");
+            assert!(body.starts_with("sockmesh: "), "{body}");
+            let (st, h, body) = send1(&mut c, get("/api?x=1").body(empty()).unwrap()).await;
+            assert_eq!((st, body.as_str()), (StatusCode::OK, "v1"));
+            assert_eq!(h["x-seen-path"], "/api");
+            assert_eq!(p.shared.l7.errors.get("http1", "no_route"), 1);
+        })
+        .await
+        .unwrap();
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Thing"));
+        h.insert("x-thing", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-authorization", HeaderValue::from_static("x"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers;q=1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.to_str().unwrap()))
+            .collect();
+        assert_eq!(left, ["host=a", "te=trailers"]);
+    }
+
+    #[test]
+    fn request_info_helpers() {
+        assert_eq!(
+            grpc_service_method("/pkg.Svc/Method"),
+            Some(("pkg.Svc", "Method"))
+        );
+        assert_eq!(grpc_service_method("/pkg.Svc"), None);
+        assert_eq!(grpc_service_method("/a/b/c"), None);
+        let mut h = HeaderMap::new();
+        h.insert("x-canary", HeaderValue::from_static("true"));
+        assert_eq!(Headers(&h).header("X-Canary"), Some("true"));
+        assert_eq!(Headers(&h).header("x-other"), None);
+        assert_eq!(grpc_message("50% off\n"), "50%25 off%0A");
+    }
 }
