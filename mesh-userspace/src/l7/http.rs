@@ -1058,8 +1058,29 @@ mod tests {
 
     async fn upstream_answer(
         name: &'static str,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Result<Response<Body>, Infallible> {
+        if req.headers().contains_key(header::UPGRADE) {
+            // Echo whatever comes after the switch.
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let mut io = TokioIo::new(on.await.unwrap());
+                let mut buf = [0u8; 64];
+                loop {
+                    match io.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => io.write_all(&buf[..n]).await.unwrap(),
+                    }
+                }
+            });
+            return Ok(Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header(header::CONNECTION, "upgrade")
+                .header(header::UPGRADE, "echo")
+                .header("x-name", name)
+                .body(empty())
+                .unwrap());
+        }
         let (parts, body) = req.into_parts();
         if let Some(ms) = parts
             .headers
@@ -1684,6 +1705,99 @@ split = [{{ subset = "all", weight = 1 }}]
             assert_eq!((st, body.as_str()), (StatusCode::OK, "v1"));
             assert_eq!(h["x-seen-path"], "/api");
             assert_eq!(p.shared.l7.errors.get("http1", "no_route"), 1);
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Accepts, reads a request head, then resets the connection.
+    async fn resetter() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn reset_after_send_is_retried_only_when_idempotent_without_body() {
+        tokio::time::timeout(BOUND, async {
+            let bad = resetter().await;
+            let (live, _) = upstream("live").await;
+            let text = format!(
+                r#"
+[[services]]
+name = "web"
+addresses = ["{VIP}"]
+retries = 1
+endpoints = [{{ address = "{bad}" }}, {{ address = "{live}" }}]
+"#
+            );
+            let p = proxy(policy(&text), HttpVersion::Http1, VIP).await;
+            let mut c = h1_client(p.addr).await;
+            // Round robin: requests 1 and 3 start on the resetting endpoint.
+            let (st, _, body) = send1(&mut c, get("/").body(empty()).unwrap()).await;
+            assert_eq!((st, body.as_str()), (StatusCode::OK, "live"));
+            let (st, _, body) = send1(&mut c, get("/").body(empty()).unwrap()).await;
+            assert_eq!((st, body.as_str()), (StatusCode::OK, "live"));
+            let post = Request::post("/")
+                .header(header::HOST, "web.test")
+                .body(full("data"))
+                .unwrap();
+            let (st, h, _) = send1(&mut c, post).await;
+            assert_eq!(st, StatusCode::BAD_GATEWAY);
+            assert_eq!(h["server"], "sockmesh");
+            assert_eq!(p.shared.l7.errors.get("http1", "upstream_reset"), 1);
+            let v = p.shared.l7.router.current().stats()[0].view();
+            assert_eq!((v.requests, v.retries), (3, 1), "{v:?}");
+            assert_eq!(v.failures.get("upstream_reset"), Some(&1));
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn http1_upgrade_is_spliced_after_101() {
+        tokio::time::timeout(BOUND, async {
+            let (v1, _) = upstream("v1").await;
+            let (v2, _) = upstream("v2").await;
+            let p = proxy(two_versions(v1, v2, "", CANARY_90_10), HttpVersion::Http1, VIP).await;
+            let mut raw = TcpStream::connect(p.addr).await.unwrap();
+            let req = "GET /ws HTTP/1.1\r\nHost: web.test\r\nx-canary: true\r\n\
+                       Connection: Upgrade\r\nUpgrade: echo\r\n\r\n";
+            raw.write_all(req.as_bytes()).await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                assert_eq!(raw.read(&mut byte).await.unwrap(), 1, "{head:?}");
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 101"), "{head}");
+            assert!(
+                head.contains("upgrade: echo") && head.contains("x-name: v2"),
+                "{head}"
+            );
+            for msg in [&b"ping"[..], b"second message"] {
+                raw.write_all(msg).await.unwrap();
+                let mut back = vec![0u8; msg.len()];
+                raw.read_exact(&mut back).await.unwrap();
+                assert_eq!(back, msg);
+            }
         })
         .await
         .unwrap();
