@@ -1470,4 +1470,311 @@ mod tests {
             "{bolt_live}"
         );
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dubbo_split_header_match_heartbeat_and_bad_body() {
+        let delay = Duration::from_millis(5);
+        let v1 = server::<Dubbo>("v1", delay, dubbo_answer).await;
+        let v2 = server::<Dubbo>("v2", delay, dubbo_answer).await;
+        let m = mesh::<Dubbo>(policy("dubbo", v1.addr, v2.addr, 10_000, 1)).await;
+        let t = frames::<Dubbo>(DUBBO).remove(0);
+        let mut app = App::<Dubbo>::connect(&m).await;
+        let n = 2000u64;
+        // Large ids: the app's ids are 64-bit and must come back unchanged.
+        let base = 1u64 << 40;
+        app.send((0..n).map(|i| dubbo_request(&t, base + i, &[]))).await;
+        let mut seen = std::collections::HashSet::new();
+        let mut v2_count = 0;
+        for _ in 0..n {
+            let r = app.recv().await;
+            assert_eq!(r.status, dubbo::status::OK);
+            assert!(seen.insert(r.request_id));
+            match dubbo_content(&r).as_str() {
+                "v1|v1" => {}
+                "v2|v2" => v2_count += 1,
+                other => panic!("unexpected content {other:?}"),
+            }
+        }
+        assert_eq!(seen, (base..base + n).collect());
+        let share = v2_count as f64 / n as f64;
+        assert!((0.07..=0.13).contains(&share), "v2 share {share}");
+
+        // The attachment overrides the split.
+        app.send((1..=100).map(|id| dubbo_request(&t, id, &[("x-canary", "true")])))
+            .await;
+        for _ in 0..100 {
+            assert_eq!(dubbo_content(&app.recv().await), "v2|v2");
+        }
+        assert_eq!(m.route_view("canary", "v2").requests, 100);
+
+        // A heartbeat is answered by the proxy.
+        let hb = Dubbo::heartbeat(77);
+        let r = app.call(hb).await;
+        assert_eq!(
+            (r.request_id, r.is_event(), r.is_request(), r.status),
+            (77, true, false, dubbo::status::OK)
+        );
+
+        // A body that is not Hessian2: BAD_REQUEST for that request, the connection carries on.
+        let mut bad = t.clone();
+        bad.request_id = 5000;
+        bad.body = Bytes::from_static(b"\x90not hessian");
+        let r = app.call(bad).await;
+        assert_eq!((r.request_id, r.status), (5000, dubbo::status::BAD_REQUEST));
+        assert_eq!(m.errors("dubbo", "hessian2_unexpected_tag"), 1);
+        let r = app.call(dubbo_request(&t, 5001, &[])).await;
+        assert_eq!((r.request_id, r.status), (5001, dubbo::status::OK));
+        assert!(v1.accepts.load(Relaxed) <= CONNS_PER_ENDPOINT);
+        assert!(v2.accepts.load(Relaxed) <= CONNS_PER_ENDPOINT);
+    }
+
+    /// A port nothing listens on.
+    async fn dead_port() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn dead_endpoint_is_retried_then_answered_with_an_error() {
+        let dead = dead_port().await;
+        let v2 = server::<Bolt>("v2", Duration::ZERO, bolt_answer).await;
+        let m = mesh::<Bolt>(policy("bolt", dead, v2.addr, 5_000, 1)).await;
+        let t = frames::<Bolt>(BOLT_V2).remove(0);
+        let mut app = App::<Bolt>::connect(&m).await;
+        // Until the split sends one to v1 (the dead endpoint).
+        let mut failed = 0;
+        for id in 1..=200 {
+            let r = app.call(bolt_request(&t, id, &[])).await;
+            assert_eq!(r.request_id, id);
+            if r.status != bolt::status::SUCCESS {
+                assert_eq!(r.status, bolt::status::ERROR_COMM);
+                assert_eq!(r.proto, bolt::PROTO_V2);
+                let msg = r.header_str(ERROR_HEADER).unwrap();
+                assert!(msg.contains(&dead.to_string()), "{msg}");
+                failed += 1;
+            }
+        }
+        assert!(failed > 0);
+        let s = m.route_view("default", "v1");
+        assert_eq!(s.requests, failed);
+        // One endpoint in the subset: the retry tries it again.
+        assert_eq!(s.retries, failed);
+        assert_eq!(s.failures.get("upstream_connect"), Some(&failed));
+        assert_eq!(m.errors("bolt", "upstream_connect"), failed);
+        assert_eq!(m.route_view("default", "v2").failures.len(), 0);
+
+        // Dubbo: SERVICE_ERROR with a message naming the endpoint.
+        let dead2 = dead_port().await;
+        let m = mesh::<Dubbo>(policy("dubbo", dead, dead2, 5_000, 2)).await;
+        let mut app = App::<Dubbo>::connect(&m).await;
+        let r = app.call(dubbo_request(&frames::<Dubbo>(DUBBO)[0], 9, &[])).await;
+        assert_eq!((r.request_id, r.status), (9, dubbo::status::SERVICE_ERROR));
+        let msg = dubbo_content(&r);
+        assert!(
+            msg.contains(&dead.to_string()) || msg.contains(&dead2.to_string()),
+            "{msg}"
+        );
+        assert_eq!(m.errors("dubbo", "upstream_connect"), 1);
+    }
+
+    #[tokio::test]
+    async fn retry_goes_to_the_other_endpoint_of_the_subset() {
+        let dead = dead_port().await;
+        let live = server::<Bolt>("live", Duration::ZERO, bolt_answer).await;
+        let text = format!(
+            r#"
+            [[services]]
+            name = "echo"
+            addresses = ["{VIP}"]
+            retries = 1
+            endpoints = [{{ address = "{dead}" }}, {{ address = "{}" }}]
+            "#,
+            live.addr
+        );
+        let m = mesh::<Bolt>(Router::new(compile(parse_toml(&text).unwrap()).unwrap())).await;
+        let t = frames::<Bolt>(BOLT_V1).remove(0);
+        let mut app = App::<Bolt>::connect(&m).await;
+        for id in 1..=10 {
+            let r = app.call(bolt_request(&t, id, &[])).await;
+            assert_eq!((r.request_id, r.status), (id, bolt::status::SUCCESS));
+            assert_eq!(bolt_content(&r), "live|all");
+        }
+        let s = m.route_view("default", "all");
+        assert_eq!((s.requests, s.retries), (10, 5));
+        assert!(s.failures.is_empty());
+    }
+
+    #[tokio::test]
+    async fn slow_upstream_times_out_and_the_connection_stays_usable() {
+        let slow = server::<Bolt>("v1", Duration::from_millis(600), bolt_answer).await;
+        let fast = server::<Bolt>("v2", Duration::ZERO, bolt_answer).await;
+        let m = mesh::<Bolt>(policy("bolt", slow.addr, fast.addr, 150, 1)).await;
+        let t = frames::<Bolt>(BOLT_V1).remove(0);
+        let mut app = App::<Bolt>::connect(&m).await;
+        // Until one goes to the slow subset.
+        let mut id = 0;
+        loop {
+            id += 1;
+            let started = Instant::now();
+            let r = app.call(bolt_request(&t, id, &[])).await;
+            assert_eq!(r.request_id, id);
+            if r.status == bolt::status::TIMEOUT {
+                let took = started.elapsed();
+                assert!(
+                    took >= Duration::from_millis(140) && took < Duration::from_millis(550),
+                    "{took:?}"
+                );
+                break;
+            }
+            assert_eq!(bolt_content(&r), "v2|v2");
+        }
+        assert_eq!(m.errors("bolt", "timeout"), 1);
+        assert_eq!(m.route_view("default", "v1").failures.get("timeout"), Some(&1));
+        // The late response arrives upstream and is dropped; the next answer is the next request's.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let r = app.call(bolt_request(&t, 9999, &[("x-canary", "true")])).await;
+        assert_eq!((r.request_id, r.status), (9999, bolt::status::SUCCESS));
+        assert_eq!(bolt_content(&r), "v2|v2");
+    }
+
+    #[tokio::test]
+    async fn upstream_dying_mid_request_fails_it_and_is_replaced() {
+        let v1 = server::<Bolt>("v1", Duration::ZERO, bolt_answer).await;
+        let v2 = server::<Bolt>("v2", Duration::ZERO, bolt_answer).await;
+        let m = mesh::<Bolt>(policy("bolt", v1.addr, v2.addr, 5_000, 1)).await;
+        let t = frames::<Bolt>(BOLT_V1).remove(0);
+        let mut app = App::<Bolt>::connect(&m).await;
+        let r = app
+            .call(bolt_request(&t, 1, &[("x-crash", "1"), ("x-canary", "true")]))
+            .await;
+        assert_eq!((r.request_id, r.status), (1, bolt::status::CONNECTION_CLOSED));
+        assert_eq!(m.errors("bolt", "upstream_closed"), 1);
+        for id in 2..=10 {
+            let r = app.call(bolt_request(&t, id, &[("x-canary", "true")])).await;
+            assert_eq!((r.request_id, r.status), (id, bolt::status::SUCCESS));
+        }
+        assert!(v2.accepts.load(Relaxed) >= 2);
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_counted_and_closes_only_that_connection() {
+        let v1 = server::<Bolt>("v1", Duration::ZERO, bolt_answer).await;
+        let v2 = server::<Bolt>("v2", Duration::ZERO, bolt_answer).await;
+        let m = mesh::<Bolt>(policy("bolt", v1.addr, v2.addr, 5_000, 1)).await;
+        let t = frames::<Bolt>(BOLT_V1).remove(0);
+        let mut good = App::<Bolt>::connect(&m).await;
+        assert_eq!(
+            good.call(bolt_request(&t, 1, &[])).await.status,
+            bolt::status::SUCCESS
+        );
+
+        // Garbage: no request id, so no response; counted and closed.
+        let mut garbage = App::<Bolt>::connect(&m).await;
+        garbage.wr.write_all(b"\x07GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(garbage.expect_closed().await.is_empty());
+        assert_eq!(m.errors("bolt", "bolt_bad_proto"), 1);
+
+        // A content length beyond the limit: the id is known, so CODEC_EXCEPTION, then close.
+        let mut big = App::<Bolt>::connect(&m).await;
+        let mut bytes = BytesMut::new();
+        BoltCodec::default()
+            .encode(bolt_request(&t, 42, &[]), &mut bytes)
+            .unwrap();
+        bytes[18..22].copy_from_slice(&0x7fff_ffffu32.to_be_bytes());
+        big.wr.write_all(&bytes[..22]).await.unwrap();
+        let got = big.expect_closed().await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].request_id, got[0].status),
+            (42, bolt::status::CODEC_EXCEPTION)
+        );
+        assert_eq!(m.errors("bolt", "bolt_frame_too_large"), 1);
+
+        // A frame cut short at EOF.
+        let mut cut = App::<Bolt>::connect(&m).await;
+        cut.wr.write_all(&BOLT_V1[..30]).await.unwrap();
+        cut.wr.shutdown().await.unwrap();
+        assert!(cut.expect_closed().await.is_empty());
+        assert_eq!(m.errors("bolt", "bolt_truncated"), 1);
+
+        // The first connection never noticed.
+        for id in 2..=5 {
+            let r = good.call(bolt_request(&t, id, &[])).await;
+            assert_eq!((r.request_id, r.status), (id, bolt::status::SUCCESS));
+        }
+
+        // Dubbo: bad magic closes; an oversized body with its id gets BAD_REQUEST first.
+        let d1 = server::<Dubbo>("v1", Duration::ZERO, dubbo_answer).await;
+        let d2 = server::<Dubbo>("v2", Duration::ZERO, dubbo_answer).await;
+        let m = mesh::<Dubbo>(policy("dubbo", d1.addr, d2.addr, 5_000, 1)).await;
+        let mut garbage = App::<Dubbo>::connect(&m).await;
+        garbage.wr.write_all(b"hello there").await.unwrap();
+        assert!(garbage.expect_closed().await.is_empty());
+        assert_eq!(m.errors("dubbo", "dubbo_bad_magic"), 1);
+        let mut big = App::<Dubbo>::connect(&m).await;
+        let mut header = DUBBO[..dubbo::HEADER_LEN].to_vec();
+        header[4..12].copy_from_slice(&77u64.to_be_bytes());
+        header[12..16].copy_from_slice(&(64u32 << 20).to_be_bytes());
+        big.wr.write_all(&header).await.unwrap();
+        let got = big.expect_closed().await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].request_id, got[0].status),
+            (77, dubbo::status::BAD_REQUEST)
+        );
+        assert_eq!(m.errors("dubbo", "dubbo_frame_too_large"), 1);
+    }
+
+    #[tokio::test]
+    async fn bolt_heartbeats_and_one_way_requests() {
+        let v1 = server::<Bolt>("v1", Duration::ZERO, bolt_answer).await;
+        let v2 = server::<Bolt>("v2", Duration::ZERO, bolt_answer).await;
+        let m = mesh::<Bolt>(policy("bolt", v1.addr, v2.addr, 5_000, 1)).await;
+        let mut app = App::<Bolt>::connect(&m).await;
+        let r = app.call(Bolt::heartbeat(31)).await;
+        assert_eq!(
+            (r.request_id, r.cmd_type, r.cmd_code),
+            (31, bolt::TYPE_RESPONSE, bolt::CMD_HEARTBEAT)
+        );
+        // Heartbeats are not forwarded: no upstream connection yet.
+        assert_eq!(v1.accepts.load(Relaxed) + v2.accepts.load(Relaxed), 0);
+        let mut oneway = frames::<Bolt>(BOLT_V1).remove(0);
+        oneway.cmd_type = bolt::TYPE_REQUEST_ONEWAY;
+        oneway.request_id = 32;
+        app.send([oneway]).await;
+        let t = frames::<Bolt>(BOLT_V1).remove(0);
+        // The next frame the app sees answers the next two-way request (nothing for the one-way).
+        let r = app.call(bolt_request(&t, 33, &[])).await;
+        assert_eq!((r.request_id, r.status), (33, bolt::status::SUCCESS));
+        let s = m.route_view("default", "v1");
+        assert_eq!(s.requests + m.route_view("default", "v2").requests, 2);
+    }
+
+    #[tokio::test]
+    async fn no_route_answers_no_processor_and_service_not_found() {
+        let v1 = server::<Bolt>("v1", Duration::ZERO, bolt_answer).await;
+        let text = format!(
+            r#"
+            [[services]]
+            name = "echo"
+            addresses = ["{VIP}"]
+            endpoints = [{{ address = "{}" }}]
+            [[services.routes]]
+            match = {{ method = "only-this" }}
+            split = [{{ subset = "all", weight = 1 }}]
+            "#,
+            v1.addr
+        );
+        let router = || Router::new(compile(parse_toml(&text).unwrap()).unwrap());
+        let m = mesh::<Bolt>(router()).await;
+        let mut app = App::<Bolt>::connect(&m).await;
+        let r = app.call(bolt_request(&frames::<Bolt>(BOLT_V1)[0], 5, &[])).await;
+        assert_eq!((r.request_id, r.status), (5, bolt::status::NO_PROCESSOR));
+        assert_eq!(m.errors("bolt", "no_route"), 1);
+        let m = mesh::<Dubbo>(router()).await;
+        let mut app = App::<Dubbo>::connect(&m).await;
+        let r = app.call(dubbo_request(&frames::<Dubbo>(DUBBO)[0], 6, &[])).await;
+        assert_eq!((r.request_id, r.status), (6, dubbo::status::SERVICE_NOT_FOUND));
+        assert_eq!(m.errors("dubbo", "no_route"), 1);
+    }
 }
