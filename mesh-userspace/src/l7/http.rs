@@ -206,7 +206,8 @@ async fn sweep(inner: Weak<PoolsInner>) {
             }
             let mut h1 = p.h1.lock().expect("h1 pool lock");
             h1.retain(|c| {
-                !c.sender.is_closed() && !(c.sender.is_ready() && c.since.elapsed() >= UPSTREAM_IDLE_TIMEOUT)
+                let idle_too_long = c.sender.is_ready() && c.since.elapsed() >= UPSTREAM_IDLE_TIMEOUT;
+                !c.sender.is_closed() && !idle_too_long
             });
             let h2_live = match p.h2.try_lock() {
                 Ok(mut s) => {
