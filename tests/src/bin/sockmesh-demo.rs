@@ -145,7 +145,7 @@ fn main() -> ExitCode {
 }
 
 fn step(n: u32, text: &str) {
-    println!("\n[{n}/7] {text}");
+    println!("\n[{n}/8] {text}");
 }
 
 fn default_config_with_root(root: &str) -> Result<String> {
@@ -615,8 +615,14 @@ fn tour(
     ])?;
     rows.push(inbound_row(daemon, legacy, orders)?);
 
-    let _ = (http, who);
-    step(7, "results");
+    let _ = who;
+    step(
+        7,
+        "protocol-aware routing: a canary release by weight and by header",
+    );
+    routing_tour(node, daemon, http)?;
+
+    step(8, "results");
     print_table(&rows);
     println!("\n  `captured` is the change of the kernel counter connect_captured during that request;");
     println!("  `original dst` is what `sockmesh status` reported for the live proxied connection;");
@@ -651,6 +657,123 @@ fn tour(
         for l in interesting {
             println!("{l}");
         }
+    }
+    Ok(())
+}
+
+/// Requests the HTTP server has logged so far.
+fn served(s: &Server) -> usize {
+    s.stdout().lines().filter(|l| l.starts_with("accepted")).count()
+}
+
+/// `curl` `n` times from `pod` to `url` over one keep-alive connection per batch of 100; returns
+/// the HTTP codes that were not 200.
+fn curl_batch(pod: &Pod, url: &str, n: usize, header: Option<&str>) -> Result<Vec<String>> {
+    let mut bad = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(100);
+        left -= k;
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "30", "-w", "%{http_code}\\n"]);
+        if let Some(h) = header {
+            cmd.args(["-H", h]);
+        }
+        for _ in 0..k {
+            cmd.args(["-o", "/dev/null", url]);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = spawn_in(&pod.cgroup, Some(&pod.netns), cmd)?.wait_output(Duration::from_secs(60))?;
+        check_output(&format!("curl x{k} {url} from {}", pod.name), &out)?;
+        bad.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|c| *c != "200")
+                .map(str::to_owned),
+        );
+    }
+    Ok(bad)
+}
+
+/// A service at a virtual IP nobody owns, two versions of it, 90/10 by weight, and a header
+/// that sends a request to the canary whatever the weights say. Applied to the running daemon.
+fn routing_tour(node: &VirtualNode, daemon: &Daemon, v1: &Server) -> Result<()> {
+    let (frontend, orders, legacy) = (node.pod("frontend"), node.pod("orders"), node.pod("legacy"));
+    let v2 = Server::http(legacy, 8080)?;
+    let vip = "10.96.0.10:80";
+    let policy = format!(
+        r#"[[services]]
+name = "orders"
+addresses = ["{vip}"]
+endpoints = [
+  {{ address = "{}", labels = {{ version = "v1" }} }},
+  {{ address = "{}", labels = {{ version = "v2" }} }},
+]
+subsets = [{{ name = "v1", labels = {{ version = "v1" }} }}, {{ name = "v2", labels = {{ version = "v2" }} }}]
+
+[[services.routes]]
+name = "canary"
+match = {{ headers = {{ x-canary = "true" }} }}
+split = [{{ subset = "v2", weight = 100 }}]
+
+[[services.routes]]
+name = "default"
+split = [{{ subset = "v1", weight = 90 }}, {{ subset = "v2", weight = 10 }}]
+"#,
+        orders.addr(8080),
+        legacy.addr(8080)
+    );
+    let file = daemon.dir().join("orders-policy.toml");
+    std::fs::write(&file, &policy)?;
+    println!(
+        "      v1 = orders {} , v2 = legacy {} ; the app calls http://{vip}/",
+        orders.addr(8080),
+        legacy.addr(8080)
+    );
+    println!("      $ sockmesh routes apply {}", file.display());
+    for l in policy.lines() {
+        println!("        | {l}");
+    }
+    let out = daemon.cli(&["routes", "apply", &file.to_string_lossy()])?;
+    println!("      {}", String::from_utf8_lossy(&out.stdout).trim());
+
+    let url = format!("http://{vip}/catalog");
+    let n = 1000;
+    let (a1, a2) = (served(v1), served(&v2));
+    let bad = curl_batch(frontend, &url, n, None)?;
+    let (b1, b2) = (served(v1), served(&v2));
+    let (d1, d2) = (b1 - a1, b2 - a2);
+    println!(
+        "      {n} x curl {url}: v1 served {d1} ({:.1}%), v2 served {d2} ({:.1}%), non-200: {}",
+        100.0 * d1 as f64 / n as f64,
+        100.0 * d2 as f64 / n as f64,
+        bad.len()
+    );
+    if !bad.is_empty() || d1 + d2 != n {
+        let codes: BTreeSet<&String> = bad.iter().collect();
+        bail!(
+            "routing lost requests: {} non-200 (codes {codes:?}), {} served of {n}",
+            bad.len(),
+            d1 + d2
+        );
+    }
+    let bad = curl_batch(frontend, &url, 100, Some("x-canary: true"))?;
+    let (c1, c2) = (served(v1), served(&v2));
+    println!(
+        "      100 x curl -H 'x-canary: true' {url}: v1 served {}, v2 served {}, non-200: {}",
+        c1 - b1,
+        c2 - b2,
+        bad.len()
+    );
+    if c2 - b2 != 100 {
+        bail!("the canary header was not honoured: v2 served {} of 100", c2 - b2);
+    }
+    println!("\n$ sockmesh routes");
+    let out = daemon.cli(&["routes"])?;
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("  {l}");
     }
     Ok(())
 }
