@@ -2,8 +2,16 @@
 //!
 //! Every other subcommand runs [`ensure`] first. It is idempotent: it prints one
 //! `installing X: reason` line for each thing it installs and nothing when all is present.
+//!
+//! Besides apt packages, the nightly `rust-src` and bpf-linker, it installs the routing tests'
+//! peers: the npm packages of `tests/peers/npm` (`npm ci` from the lockfile; `node_modules` is
+//! not in git) and a Python venv at [`TEST_VENV`] with grpcio. The tests look for both there.
 
-use std::{env, fs};
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
@@ -50,7 +58,34 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
         "unpacks the 6.1 kernel image and 6.12's modules for the kernel matrix",
     ),
     ("zstd", "unpacks the 6.12 kernel image for the kernel matrix"),
+    (
+        "nodejs",
+        "runs the SOFA Bolt, Dubbo and HTTP/HTTP2 test peers (tests/peers/npm)",
+    ),
+    (
+        "nghttp2-client",
+        "`h2load`, the HTTP/2 load generator of the routing tests",
+    ),
 ];
+
+/// Debian packages installed only when the command they provide is missing from `PATH`, as
+/// (command, package, reason): NodeSource's `nodejs` ships `npm` itself and conflicts with
+/// Debian's `npm` package.
+pub const APT_COMMANDS: &[(&str, &str, &str)] = &[(
+    "npm",
+    "npm",
+    "installs the npm test peers (`npm ci` in tests/peers/npm)",
+)];
+
+/// The npm test peers (sofa-rpc-node, sofa-bolt-node, dubbo-remoting, ...), relative to the
+/// workspace root.
+pub const NPM_PEERS_DIR: &str = "tests/peers/npm";
+/// The routing tests' Python venv, relative to the workspace root.
+pub const TEST_VENV: &str = "target/test-venv";
+/// What [`TEST_VENV`] holds (the gRPC peer: generic handlers on raw bytes, no codegen).
+pub const TEST_VENV_PIP: &[&str] = &["grpcio==1.85.3"];
+/// The check that [`TEST_VENV`] is complete: exits 0 only when the pinned grpcio imports.
+const TEST_VENV_CHECK: &str = "import grpc, sys; sys.exit(grpc.__version__ != '1.85.3')";
 
 /// The bpf-linker release that works with the pinned aya and Debian's LLVM 22.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -80,6 +115,9 @@ pub fn ensure() -> Result<usize> {
     let mut installed = apt_packages()?;
     installed += rust_src()?;
     installed += bpf_linker()?;
+    let root = crate::workspace_root();
+    installed += npm_peers(&root)?;
+    installed += test_venv(&root)?;
     Ok(installed)
 }
 
@@ -117,6 +155,12 @@ fn apt_packages() -> Result<usize> {
             missing.push((package, reason));
         }
     }
+    let path = exec::child_path();
+    for &(command, package, reason) in APT_COMMANDS {
+        if exec::find_in_path(command, &path).is_none() && !missing.iter().any(|&(p, _)| p == package) {
+            missing.push((package, reason));
+        }
+    }
     if missing.is_empty() {
         return Ok(0);
     }
@@ -133,6 +177,74 @@ fn apt_packages() -> Result<usize> {
             .args(&names),
     )?;
     Ok(missing.len())
+}
+
+/// `npm ci` in [`NPM_PEERS_DIR`] when its `node_modules` is missing or older than the lockfile.
+fn npm_peers(root: &Path) -> Result<usize> {
+    let dir = root.join(NPM_PEERS_DIR);
+    let lock = dir.join("package-lock.json");
+    if !lock.is_file() {
+        bail!(
+            "{} is missing: the npm test peers cannot be installed",
+            lock.display()
+        );
+    }
+    // npm records what it installed in `node_modules/.package-lock.json`.
+    let installed = dir.join("node_modules").join(".package-lock.json");
+    let reason = match modified(&installed) {
+        None => "no node_modules (it is not in git)".to_owned(),
+        Some(at) => {
+            let newer = [lock.clone(), dir.join("package.json")]
+                .into_iter()
+                .find(|f| modified(f).is_some_and(|m| m > at));
+            match newer {
+                None => return Ok(0),
+                Some(f) => format!("{} changed since the last install", f.display()),
+            }
+        }
+    };
+    println!("installing the npm test peers in {}: {reason}", dir.display());
+    let npm = exec::find_in_path("npm", &exec::child_path())
+        .context("`npm` is not on PATH (apt-get install npm, or NodeSource's nodejs)")?;
+    exec::run(
+        exec::command(npm)
+            .current_dir(&dir)
+            .args(["ci", "--no-audit", "--no-fund"]),
+    )?;
+    Ok(1)
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The Python of [`TEST_VENV`].
+pub fn test_venv_python(root: &Path) -> PathBuf {
+    root.join(TEST_VENV).join("bin").join("python")
+}
+
+/// A venv at [`TEST_VENV`] with [`TEST_VENV_PIP`], created or completed when the check fails.
+fn test_venv(root: &Path) -> Result<usize> {
+    let venv = root.join(TEST_VENV);
+    let python = test_venv_python(root);
+    if python.is_file() && exec::probe(exec::command(&python).args(["-c", TEST_VENV_CHECK]))?.is_some() {
+        return Ok(0);
+    }
+    println!(
+        "installing a Python venv at {} with {}: the gRPC peer of the routing tests",
+        venv.display(),
+        TEST_VENV_PIP.join(" ")
+    );
+    if !python.is_file() {
+        exec::run(exec::command("python3").arg("-m").arg("venv").arg(&venv))
+            .context("`python3 -m venv` failed (apt-get install python3-venv)")?;
+    }
+    exec::run(
+        exec::command(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args(TEST_VENV_PIP),
+    )?;
+    Ok(1)
 }
 
 /// Whether `dpkg-query -W -f='${Status}'` output says the package is installed. Status is
@@ -304,5 +416,8 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), APT_PACKAGES.len());
+        for &(_, package, _) in APT_COMMANDS {
+            assert!(!names.contains(&package), "{package} is in both lists");
+        }
     }
 }

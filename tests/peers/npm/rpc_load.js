@@ -1,0 +1,117 @@
+'use strict';
+
+// A SOFA Bolt or Dubbo 2 load client for the routing tests: the real sofa-rpc-node RpcClient in
+// direct mode (no registry) calling `whoami` on rpc_server.js's interface over ONE connection.
+//
+//   node rpc_load.js --protocol bolt|dubbo --connect HOST:PORT --requests N --concurrency C
+//                    [--header k=v]... [--seconds-limit S] [--progress-every K]
+//
+// At most C calls are in flight at once. `--header` adds a Bolt request header / Dubbo
+// attachment to every call. Prints one JSON line at the end:
+// `{"answered","errors","by_server":{"v1":..,"v2":..},"connections","first_error","elapsed_ms"}`
+// where `connections` counts the TCP connects this process made. With `--progress-every K`
+// it also prints `{"progress":n,"by_server":{..}}` every K answers. Exits 0 only when every call
+// was answered within the time limit (default 60 s).
+
+const net = require('net');
+const { RpcClient } = require('sofa-rpc-node').client;
+
+const INTERFACE = 'com.sockmesh.test.WhoService';
+const VERSION = '1.0';
+
+const quiet = { info() {}, warn() {}, debug() {}, error() {} };
+
+// Count every TCP connect this client makes (the RpcClient pools connections internally).
+let connects = 0;
+const originalConnect = net.Socket.prototype.connect;
+net.Socket.prototype.connect = function(...args) {
+  connects += 1;
+  return originalConnect.apply(this, args);
+};
+
+function parseArgs(argv) {
+  const args = {
+    protocol: 'bolt', connect: null, requests: 1, concurrency: 1, headers: {},
+    secondsLimit: 60, progressEvery: 0,
+  };
+  for (let i = 0; i < argv.length; i += 2) {
+    const [ key, value ] = [ argv[i], argv[i + 1] ];
+    if (value === undefined) throw new Error(`${key} needs a value`);
+    if (key === '--protocol') args.protocol = value;
+    else if (key === '--connect') args.connect = value;
+    else if (key === '--requests') args.requests = Number(value);
+    else if (key === '--concurrency') args.concurrency = Number(value);
+    else if (key === '--seconds-limit') args.secondsLimit = Number(value);
+    else if (key === '--progress-every') args.progressEvery = Number(value);
+    else if (key === '--header') {
+      const eq = value.indexOf('=');
+      if (eq <= 0) throw new Error(`--header k=v, not ${value}`);
+      args.headers[value.slice(0, eq)] = value.slice(eq + 1);
+    } else throw new Error(`unknown argument ${key}`);
+  }
+  if (!args.connect) throw new Error('--connect HOST:PORT is required');
+  if (!(args.requests > 0 && args.concurrency > 0 && args.secondsLimit > 0)) {
+    throw new Error('--requests, --concurrency and --seconds-limit must be positive');
+  }
+  return args;
+}
+
+function protocolModule(name) {
+  if (name === 'bolt') return require('sofa-bolt-node');
+  if (name === 'dubbo') return require('dubbo-remoting');
+  throw new Error(`--protocol bolt|dubbo, not ${name}`);
+}
+
+async function main() {
+  const args = parseArgs(process.argv.slice(2));
+  const start = Date.now();
+  const result = { answered: 0, errors: 0, by_server: {}, connections: 0, first_error: null, elapsed_ms: 0 };
+  const finish = code => {
+    result.connections = connects;
+    result.elapsed_ms = Date.now() - start;
+    console.log(JSON.stringify(result));
+    process.exit(code);
+  };
+  const deadline = setTimeout(() => {
+    result.first_error = result.first_error || `time limit of ${args.secondsLimit} s reached`;
+    finish(1);
+  }, args.secondsLimit * 1000);
+  deadline.unref();
+
+  const client = new RpcClient({ logger: quiet, protocol: protocolModule(args.protocol) });
+  client.on('error', err => { result.first_error = result.first_error || `client: ${err.message}`; });
+  const consumer = client.createConsumer({
+    interfaceName: INTERFACE,
+    version: VERSION,
+    serverHost: args.connect,
+  });
+  await consumer.ready();
+
+  // Bolt routes on the `service` header: keep it when adding headers of our own.
+  const requestProps = Object.keys(args.headers).length === 0 ? undefined :
+    Object.assign({ service: `${INTERFACE}:${VERSION}` }, args.headers);
+  let issued = 0;
+  const worker = async () => {
+    while (issued < args.requests) {
+      issued += 1;
+      try {
+        const name = await consumer.invoke('whoami', [], { responseTimeout: 10000, requestProps });
+        result.answered += 1;
+        result.by_server[name] = (result.by_server[name] || 0) + 1;
+        if (args.progressEvery > 0 && result.answered % args.progressEvery === 0) {
+          console.log(JSON.stringify({ progress: result.answered, by_server: result.by_server }));
+        }
+      } catch (err) {
+        result.errors += 1;
+        result.first_error = result.first_error || err.message.split('\n')[0];
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(args.concurrency, args.requests) }, worker));
+  finish(result.errors === 0 && result.answered === args.requests ? 0 : 1);
+}
+
+main().catch(err => {
+  console.error(`rpc_load: ${err.stack || err.message}`);
+  process.exit(1);
+});
