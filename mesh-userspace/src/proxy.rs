@@ -434,6 +434,13 @@ async fn dispatch(
                 return;
             }
         };
+        debug!(
+            service = %decision.service,
+            route = %decision.route,
+            subset = %decision.subset,
+            endpoint = %decision.endpoint,
+            "opaque TCP routed"
+        );
         let started = Instant::now();
         let ok = relay(s, peer, orig, decision.endpoint, dir, pod, shared).await;
         decision.stats.record(

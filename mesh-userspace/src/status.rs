@@ -142,33 +142,6 @@ pub fn render(st: &Value) -> String {
     o
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_pods_connections_and_nonzero_counters() {
-        let st = serde_json::json!({
-            "cgroup_root": "/sys/fs/cgroup/x",
-            "kernel": {"release": "6.18"},
-            "uptime_s": 3,
-            "acceleration": {"enabled": false, "detail": "off in config"},
-            "pods": [{"name": "web", "cgroup_id": 9, "netns": "/run/netns/web", "external_proxy": false,
-                       "listeners": ["127.0.0.1:15001"], "connections_active": 1, "connections_total": 2}],
-            "connections": [{"id": 1, "pod": "web", "client": "127.0.0.1:40000", "original_dst": "198.18.0.3:80",
-                              "upstream_local": "198.18.0.2:5000", "bytes_to_upstream": 10, "bytes_to_client": 20, "age_ms": 5}],
-            "counters": {"connect_captured": 2, "connect_not_enrolled": 0},
-            "proxy_errors": {"relay_reset": 0}
-        });
-        let out = render(&st);
-        assert!(out.contains("198.18.0.3:80"), "{out}");
-        assert!(out.contains("connect_captured"), "{out}");
-        assert!(!out.contains("connect_not_enrolled"), "{out}");
-        assert!(!out.contains("Proxy errors"), "{out}");
-        assert!(out.contains("web"), "{out}");
-    }
-}
-
 /// `sockmesh routes` as text: per service its subsets, then each route with its match, split
 /// and counters (requests, failures, p50-ish from the histogram is left to Prometheus).
 pub fn render_routes(v: &Value) -> String {
@@ -239,4 +212,31 @@ pub fn render_routes(v: &Value) -> String {
         pt["requests"].as_u64().unwrap_or(0)
     );
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_pods_connections_and_nonzero_counters() {
+        let st = serde_json::json!({
+            "cgroup_root": "/sys/fs/cgroup/x",
+            "kernel": {"release": "6.18"},
+            "uptime_s": 3,
+            "acceleration": {"enabled": false, "detail": "off in config"},
+            "pods": [{"name": "web", "cgroup_id": 9, "netns": "/run/netns/web", "external_proxy": false,
+                       "listeners": ["127.0.0.1:15001"], "connections_active": 1, "connections_total": 2}],
+            "connections": [{"id": 1, "pod": "web", "client": "127.0.0.1:40000", "original_dst": "198.18.0.3:80",
+                              "upstream_local": "198.18.0.2:5000", "bytes_to_upstream": 10, "bytes_to_client": 20, "age_ms": 5}],
+            "counters": {"connect_captured": 2, "connect_not_enrolled": 0},
+            "proxy_errors": {"relay_reset": 0}
+        });
+        let out = render(&st);
+        assert!(out.contains("198.18.0.3:80"), "{out}");
+        assert!(out.contains("connect_captured"), "{out}");
+        assert!(!out.contains("connect_not_enrolled"), "{out}");
+        assert!(!out.contains("Proxy errors"), "{out}");
+        assert!(out.contains("web"), "{out}");
+    }
 }

@@ -46,6 +46,7 @@ impl L7Errors {
             .or_default() += 1;
     }
 
+    #[cfg(test)]
     pub fn get(&self, protocol: &str, reason: &str) -> u64 {
         self.counts
             .lock()

@@ -42,20 +42,6 @@ pub enum ProtocolHint {
     Tcp,
 }
 
-impl ProtocolHint {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Http1 => "http1",
-            Self::Http2 => "http2",
-            Self::Grpc => "grpc",
-            Self::Bolt => "bolt",
-            Self::Dubbo => "dubbo",
-            Self::Tcp => "tcp",
-        }
-    }
-}
-
 /// What to do with a new connection before reading a byte of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnPlan {

@@ -504,7 +504,7 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
             if total == 0 {
                 return Err(perr(format!("{field}.split"), "weights add up to 0"));
             }
-            for (hk, _) in &r.matches.headers {
+            for hk in r.matches.headers.keys() {
                 if hk.is_empty() || !hk.bytes().all(|b| b.is_ascii_graphic()) {
                     return Err(perr(
                         format!("{field}.match.headers"),
@@ -586,10 +586,6 @@ impl Policy {
 
     pub fn generation(&self) -> u64 {
         self.generation
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
     }
 
     /// Per connection, before reading: relay untouched, or look at the bytes.
