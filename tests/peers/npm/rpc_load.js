@@ -2,6 +2,8 @@
 
 // A SOFA Bolt or Dubbo 2 load client for the routing tests: the real sofa-rpc-node RpcClient in
 // direct mode (no registry) calling `whoami` on rpc_server.js's interface over ONE connection.
+// Bolt requests carry their properties in the Bolt header map as SOFARPC's Java client does
+// (see javaStyleBoltHeaders).
 //
 //   node rpc_load.js --protocol bolt|dubbo --connect HOST:PORT --requests N --concurrency C
 //                    [--header k=v]... [--seconds-limit S] [--progress-every K]
@@ -20,6 +22,28 @@ const INTERFACE = 'com.sockmesh.test.WhoService';
 const VERSION = '1.0';
 
 const quiet = { info() {}, warn() {}, debug() {}, error() {} };
+
+// sofa-bolt-node writes the request properties (and the method) into the Bolt header map only
+// for protobuf; with hessian they travel in the body alone. SOFARPC's Java client writes
+// `service`, `sofa_head_method_name`, `sofa_head_target_service`, `sofa_head_target_app` and the
+// flattened request properties into the header map for every serialization, and that map is
+// what a mesh routes on: make this client do the same (the server skips the map for hessian).
+function javaStyleBoltHeaders() {
+  const RpcRequestCommand = require('sofa-bolt-node/lib/protocol/rpc_req_cmd');
+  const SimpleMapSerializer = require('sofa-bolt-node/lib/simple_map_serializer');
+  const boltUtils = require('sofa-bolt-node/lib/utils');
+  RpcRequestCommand.prototype.serializeHeader = function(byteBuffer) {
+    const signature = this.obj.serverSignature;
+    const headers = {
+      service: signature,
+      sofa_head_method_name: this.obj.methodName,
+      sofa_head_target_app: this.obj.targetAppName || '',
+      sofa_head_target_service: signature,
+    };
+    if (this.obj.requestProps) boltUtils.flatCopyTo('', this.obj.requestProps, headers);
+    byteBuffer.put(SimpleMapSerializer.encode(headers));
+  };
+}
 
 // Count every TCP connect this client makes (the RpcClient pools connections internally).
 let connects = 0;
@@ -57,7 +81,10 @@ function parseArgs(argv) {
 }
 
 function protocolModule(name) {
-  if (name === 'bolt') return require('sofa-bolt-node');
+  if (name === 'bolt') {
+    javaStyleBoltHeaders();
+    return require('sofa-bolt-node');
+  }
   if (name === 'dubbo') return require('dubbo-remoting');
   throw new Error(`--protocol bolt|dubbo, not ${name}`);
 }
