@@ -988,6 +988,12 @@ fn routes_apply_during_http1_load_drops_no_request_and_later_requests_follow_the
         );
     }
     let end = server_counts(&node, HTTP1_STATS);
+    let served: u64 = end.values().sum();
+    let answered = summary["requests"].as_u64().unwrap_or(0);
+    assert!(
+        served >= answered,
+        "servers saw {served} < {answered} answered by wrk"
+    );
     assert!(
         get(&end, "v1") <= get(&at_apply, "v1") + WRK_IN_FLIGHT,
         "v1 kept getting requests after 0/100: at apply {at_apply:?}, at the end {end:?}"
