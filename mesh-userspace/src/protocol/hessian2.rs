@@ -1,5 +1,10 @@
-//! The Hessian2 subset a Dubbo 2 request body needs: read strings and ints, skip any value
-//! (so arguments can be stepped over without being understood), and write strings.
+//! The Hessian2 subset a Dubbo 2 request body and a SOFA Bolt `SofaRequest` need: read strings
+//! and ints, class definitions, object and map starts, skip any value (so arguments can be
+//! stepped over without being understood), and write strings.
+//!
+//! Two grammars ([`Dialect`]): Hessian 2.0 as published, and the earlier 2.0 draft that
+//! Hessian 3.1 wrote and that the npm `hessian.js-1` encoder (`sofa-hessian-node`'s default,
+//! used by `sofa-bolt-node`) still writes.
 //!
 //! The reader works on a borrowed slice, never allocates in proportion to a length it read
 //! from the input, bounds nesting by [`MAX_DEPTH`], and reports every malformation as a
@@ -8,6 +13,8 @@
 //! String lengths in Hessian2 count UTF-16 code units. A 4-byte UTF-8 sequence counts as two
 //! (a surrogate pair), a 3-byte sequence as one (which also covers the CESU-8 surrogate halves
 //! Java writes); strings are returned with invalid sequences replaced (lossy).
+
+use std::borrow::Cow;
 
 use thiserror::Error;
 
@@ -52,6 +59,45 @@ pub mod tag {
     pub const DOUBLE_MILLS: u8 = 0x5f;
 }
 
+/// Wire tags of the 2.0 draft ([`Dialect::Draft`]) where they differ from 2.0.
+pub mod draft_tag {
+    pub const BINARY_CHUNK: u8 = b'b';
+    pub const DATE: u8 = b'd';
+    pub const DOUBLE_ZERO: u8 = b'g';
+    pub const DOUBLE_ONE: u8 = b'h';
+    pub const DOUBLE_BYTE: u8 = b'i';
+    pub const DOUBLE_SHORT: u8 = b'j';
+    pub const DOUBLE_FLOAT: u8 = b'k';
+    pub const LIST_LONG_LEN: u8 = b'l';
+    pub const LIST_SHORT_LEN: u8 = b'n';
+    /// Class definition: `O` int(name length) name fields(int) field-name strings.
+    pub const CLASS_DEF: u8 = b'O';
+    /// Instance: `o` int(class index) field values.
+    pub const OBJECT: u8 = b'o';
+    pub const REF_BYTE: u8 = b'J';
+    pub const REF_SHORT: u8 = b'K';
+    pub const REF: u8 = b'R';
+    pub const STRING_CHUNK: u8 = b's';
+    pub const TYPE_NAME: u8 = b't';
+    pub const TYPE_REF: u8 = b'u';
+    pub const LIST: u8 = b'V';
+    pub const LIST_TYPE_REF: u8 = b'v';
+    pub const LONG_INT: u8 = b'w';
+    pub const END: u8 = b'z';
+}
+
+/// Which Hessian 2 grammar a stream is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// Hessian 2.0 as published (Java hessian 4, hessian-lite, sofa-hessian): class
+    /// definitions `C`, instances `O`/`0x60..=0x6f`, maps `H`/`M` ending in `Z`, string chunks `R`.
+    V2,
+    /// The 2.0 draft: class definitions `O`, instances `o`, maps `M [type]` ending in `z`, lists
+    /// `V [type] n|l len` ending in `z` or `v type-ref len`, string chunks `s`, references
+    /// `R`/`J`/`K`, longs `w`, doubles `g h i j k`, dates `d`, binary chunks `b`.
+    Draft,
+}
+
 /// Malformed Hessian2 input.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum Hessian2Error {
@@ -73,6 +119,8 @@ pub enum Hessian2Error {
     BadClassRef { index: i32, defined: usize, at: usize },
     #[error("hessian2 type reference {index} at byte {at}, but {defined} types are defined")]
     BadTypeRef { index: i32, defined: usize, at: usize },
+    #[error("hessian2 list without its `z` end at byte {at}")]
+    MissingEnd { at: usize },
     #[error("invalid java type descriptor {descriptor:?}")]
     BadDescriptor { descriptor: String },
 }
@@ -88,6 +136,7 @@ impl Hessian2Error {
             Self::TooDeep { .. } => "hessian2_too_deep",
             Self::BadClassRef { .. } => "hessian2_bad_class_ref",
             Self::BadTypeRef { .. } => "hessian2_bad_type_ref",
+            Self::MissingEnd { .. } => "hessian2_missing_end",
             Self::BadDescriptor { .. } => "hessian2_bad_descriptor",
         }
     }
@@ -100,12 +149,23 @@ pub fn is_string_tag(tag: u8) -> bool {
     matches!(tag, 0x00..=0x1f | 0x30..=0x33 | tag::STRING_CHUNK | tag::STRING_FINAL)
 }
 
-/// A cursor over one Hessian2 stream (a Dubbo body): class definitions and types seen so far
-/// are remembered, since later values refer to them by index.
+/// A class definition read by [`Reader::read_class_def`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassDef<'a> {
+    /// The class name; `None` when it is longer than the limit the caller gave.
+    pub name: Option<Cow<'a, str>>,
+    /// The index instances use to refer to it.
+    pub index: usize,
+    pub fields: usize,
+}
+
+/// A cursor over one Hessian2 stream (a Dubbo body, a Bolt content): class definitions and
+/// types seen so far are remembered, since later values refer to them by index.
 #[derive(Debug)]
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    dialect: Dialect,
     /// Field count of each class definition, in definition order.
     class_fields: Vec<usize>,
     /// Number of type names defined so far (type references index them).
@@ -114,10 +174,16 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader of Hessian 2.0 ([`Dialect::V2`]).
     pub fn new(buf: &'a [u8]) -> Self {
+        Self::with_dialect(buf, Dialect::V2)
+    }
+
+    pub fn with_dialect(buf: &'a [u8], dialect: Dialect) -> Self {
         Self {
             buf,
             pos: 0,
+            dialect,
             class_fields: Vec::new(),
             types: 0,
             depth: 0,
@@ -127,6 +193,10 @@ impl<'a> Reader<'a> {
     /// Offset of the next unread byte.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// Whether everything has been read.
@@ -207,26 +277,153 @@ impl<'a> Reader<'a> {
         self.read_string().map(Some)
     }
 
+    /// Whether `t` starts a string in this reader's dialect.
+    pub fn is_string_start(&self, t: u8) -> bool {
+        match self.dialect {
+            Dialect::V2 => is_string_tag(t),
+            Dialect::Draft => matches!(t, 0x00..=0x1f | draft_tag::STRING_CHUNK | tag::STRING_FINAL),
+        }
+    }
+
+    /// Whether a string comes next.
+    pub fn at_string(&self) -> Result<bool> {
+        Ok(self.is_string_start(self.peek()?))
+    }
+
+    /// Consume a null if it is next; `false` (consuming nothing) otherwise.
+    pub fn read_null(&mut self) -> Result<bool> {
+        let null = self.peek()? == tag::NULL;
+        if null {
+            self.pos += 1;
+        }
+        Ok(null)
+    }
+
     /// Read the chunks of a string, appending their UTF-8 bytes to `out` when given.
     fn string_chunks(&mut self, mut out: Option<&mut Vec<u8>>) -> Result<()> {
+        self.string_spans(|span| {
+            if let Some(out) = out.as_deref_mut() {
+                out.extend_from_slice(span);
+            }
+        })
+    }
+
+    /// Read the chunks of a string, handing each chunk's UTF-8 bytes to `span`.
+    fn string_spans(&mut self, mut span: impl FnMut(&'a [u8])) -> Result<()> {
+        let chunk_tag = match self.dialect {
+            Dialect::V2 => tag::STRING_CHUNK,
+            Dialect::Draft => draft_tag::STRING_CHUNK,
+        };
         loop {
             let at = self.pos;
             let t = self.byte()?;
             let (units, last) = match t {
                 0x00..=0x1f => (usize::from(t), true),
-                0x30..=0x33 => ((usize::from(t - 0x30) << 8) | usize::from(self.byte()?), true),
-                tag::STRING_CHUNK => (self.u16()?, false),
+                0x30..=0x33 if self.dialect == Dialect::V2 => {
+                    ((usize::from(t - 0x30) << 8) | usize::from(self.byte()?), true)
+                }
+                t if t == chunk_tag => (self.u16()?, false),
                 tag::STRING_FINAL => (self.u16()?, true),
                 _ => return Err(self.unexpected(t, at, "a string")),
             };
             let start = self.pos;
             self.skip_utf16_units(units)?;
-            if let Some(out) = out.as_deref_mut() {
-                out.extend_from_slice(&self.buf[start..self.pos]);
-            }
+            span(&self.buf[start..self.pos]);
             if last {
                 return Ok(());
             }
+        }
+    }
+
+    /// Read a string of at most `max` UTF-8 bytes without copying it when it is one chunk of
+    /// valid UTF-8; `None` (the string consumed, nothing allocated) when it is longer.
+    pub fn read_str_max(&mut self, max: usize) -> Result<Option<Cow<'a, str>>> {
+        let start = self.pos;
+        let (mut len, mut chunks, mut first): (usize, usize, &'a [u8]) = (0, 0, &[]);
+        self.string_spans(|span| {
+            len += span.len();
+            chunks += 1;
+            if chunks == 1 {
+                first = span;
+            }
+        })?;
+        if len > max {
+            return Ok(None);
+        }
+        if chunks == 1 {
+            return Ok(Some(String::from_utf8_lossy(first)));
+        }
+        let end = self.pos;
+        self.pos = start;
+        let mut bytes = Vec::with_capacity(len);
+        self.string_chunks(Some(&mut bytes))?;
+        debug_assert_eq!(self.pos, end);
+        Ok(Some(match String::from_utf8(bytes) {
+            Ok(s) => Cow::Owned(s),
+            Err(e) => Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        }))
+    }
+
+    /// Read a class definition (`C` name fields names in 2.0; `O` name-length name fields names
+    /// in the draft) and remember it. `field(i, name)` sees each field name, `None` when it is
+    /// longer than `max_name` bytes, as is the class name then.
+    pub fn read_class_def(
+        &mut self,
+        max_name: usize,
+        mut field: impl FnMut(usize, Option<&str>),
+    ) -> Result<ClassDef<'a>> {
+        let at = self.pos;
+        let t = self.byte()?;
+        let name = match (self.dialect, t) {
+            (Dialect::V2, tag::CLASS_DEF) => self.read_str_max(max_name)?,
+            (Dialect::Draft, draft_tag::CLASS_DEF) => {
+                let units = self.read_len()?;
+                let start = self.pos;
+                self.skip_utf16_units(units)?;
+                let raw = &self.buf[start..self.pos];
+                (raw.len() <= max_name).then(|| String::from_utf8_lossy(raw))
+            }
+            _ => return Err(self.unexpected(t, at, "a class definition")),
+        };
+        let fields = self.read_len()?;
+        for i in 0..fields {
+            let name = self.read_str_max(max_name)?;
+            field(i, name.as_deref());
+        }
+        self.class_fields.push(fields);
+        Ok(ClassDef {
+            name,
+            index: self.class_fields.len() - 1,
+            fields,
+        })
+    }
+
+    /// Whether a class definition comes next.
+    pub fn at_class_def(&self) -> Result<bool> {
+        let t = self.peek()?;
+        Ok(match self.dialect {
+            Dialect::V2 => t == tag::CLASS_DEF,
+            Dialect::Draft => t == draft_tag::CLASS_DEF,
+        })
+    }
+
+    /// Read the start of an object instance (`O` index or `0x60..=0x6f` in 2.0, `o` index in
+    /// the draft): the index of its class, which is defined. Its field values follow.
+    pub fn read_instance_start(&mut self) -> Result<usize> {
+        let at = self.pos;
+        let t = self.byte()?;
+        let index = match (self.dialect, t) {
+            (Dialect::V2, tag::OBJECT) | (Dialect::Draft, draft_tag::OBJECT) => self.read_int()?,
+            (Dialect::V2, 0x60..=0x6f) => i32::from(t - 0x60),
+            _ => return Err(self.unexpected(t, at, "an object")),
+        };
+        match usize::try_from(index) {
+            Ok(i) if i < self.class_fields.len() => Ok(i),
+            _ => Err(Hessian2Error::BadClassRef {
+                index,
+                defined: self.class_fields.len(),
+                at,
+            }),
         }
     }
 
@@ -278,9 +475,137 @@ impl<'a> Reader<'a> {
             return Err(Hessian2Error::TooDeep { max: MAX_DEPTH });
         }
         self.depth += 1;
-        let result = self.skip_value_inner();
+        let result = match self.dialect {
+            Dialect::V2 => self.skip_value_inner(),
+            Dialect::Draft => self.skip_draft_value(),
+        };
         self.depth -= 1;
         result
+    }
+
+    /// Step over a draft type, when one is there: a name (`t`, defining a type) or a reference
+    /// (`u`).
+    fn skip_draft_type(&mut self) -> Result<()> {
+        match self.peek()? {
+            draft_tag::TYPE_NAME => {
+                self.pos += 1;
+                let units = self.u16()?;
+                self.skip_utf16_units(units)?;
+                self.types += 1;
+                Ok(())
+            }
+            draft_tag::TYPE_REF => {
+                self.pos += 1;
+                self.type_ref()
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Read a type reference: an int below the number of types defined.
+    fn type_ref(&mut self) -> Result<()> {
+        let at = self.pos;
+        let index = self.read_int()?;
+        match usize::try_from(index) {
+            Ok(i) if i < self.types => Ok(()),
+            _ => Err(Hessian2Error::BadTypeRef {
+                index,
+                defined: self.types,
+                at,
+            }),
+        }
+    }
+
+    fn skip_draft_value(&mut self) -> Result<()> {
+        // Class definitions precede the value that uses them (a loop: see skip_value_inner).
+        while self.at_class_def()? {
+            self.read_class_def(0, |_, _| {})?;
+        }
+        let at = self.pos;
+        let t = self.peek()?;
+        if self.is_string_start(t) {
+            return self.string_chunks(None);
+        }
+        self.pos += 1;
+        match t {
+            // Binary: direct, chunked.
+            0x20..=0x2f => self.take(usize::from(t - 0x20)).map(drop),
+            draft_tag::BINARY_CHUNK | tag::BINARY_FINAL => {
+                let mut last = t == tag::BINARY_FINAL;
+                loop {
+                    let len = self.u16()?;
+                    self.take(len)?;
+                    if last {
+                        return Ok(());
+                    }
+                    let at = self.pos;
+                    match self.byte()? {
+                        draft_tag::BINARY_CHUNK => {}
+                        tag::BINARY_FINAL => last = true,
+                        t @ 0x20..=0x2f => return self.take(usize::from(t - 0x20)).map(drop),
+                        t => return Err(self.unexpected(t, at, "a binary chunk")),
+                    }
+                }
+            }
+            tag::NULL | tag::TRUE | tag::FALSE | draft_tag::DOUBLE_ZERO | draft_tag::DOUBLE_ONE => Ok(()),
+            // Ints, longs, doubles, dates, references.
+            0x80..=0xbf | 0xd8..=0xef => Ok(()),
+            0xc0..=0xcf | 0xf0..=0xff | draft_tag::DOUBLE_BYTE | draft_tag::REF_BYTE => {
+                self.take(1).map(drop)
+            }
+            0xd0..=0xd7 | 0x38..=0x3f | draft_tag::DOUBLE_SHORT | draft_tag::REF_SHORT => {
+                self.take(2).map(drop)
+            }
+            tag::INT | draft_tag::LONG_INT | draft_tag::DOUBLE_FLOAT | draft_tag::REF => {
+                self.take(4).map(drop)
+            }
+            tag::LONG | tag::DOUBLE | draft_tag::DATE => self.take(8).map(drop),
+            draft_tag::OBJECT => {
+                let at = self.pos;
+                let index = self.read_int()?;
+                self.skip_object(index, at)
+            }
+            tag::TYPED_MAP => {
+                self.skip_draft_type()?;
+                self.skip_until_end(2)
+            }
+            tag::UNTYPED_MAP => self.skip_until_end(2),
+            draft_tag::LIST => {
+                self.skip_draft_type()?;
+                let len = match self.peek()? {
+                    draft_tag::LIST_SHORT_LEN => {
+                        self.pos += 1;
+                        Some(usize::from(self.byte()?))
+                    }
+                    draft_tag::LIST_LONG_LEN => {
+                        self.pos += 1;
+                        let b = self.take(4)?;
+                        let len = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                        let at = self.pos - 4;
+                        Some(usize::try_from(len).map_err(|_| Hessian2Error::NegativeLength { len, at })?)
+                    }
+                    _ => None,
+                };
+                match len {
+                    None => self.skip_until_end(1),
+                    Some(len) => {
+                        self.skip_values(len)?;
+                        let at = self.pos;
+                        if self.read_end()? {
+                            Ok(())
+                        } else {
+                            Err(Hessian2Error::MissingEnd { at })
+                        }
+                    }
+                }
+            }
+            draft_tag::LIST_TYPE_REF => {
+                self.type_ref()?;
+                let len = self.read_len()?;
+                self.skip_values(len)
+            }
+            _ => Err(self.unexpected(t, at, "a value")),
+        }
     }
 
     fn skip_value_inner(&mut self) -> Result<()> {
@@ -383,19 +708,34 @@ impl<'a> Reader<'a> {
         self.skip_values(fields)
     }
 
-    /// Read the start of a map: `H`, or `M` and its type.
+    /// Read the start of a map: `H`, or `M` and its type (optional in the draft).
     pub fn read_map_start(&mut self) -> Result<()> {
         let at = self.pos;
-        match self.byte()? {
-            tag::UNTYPED_MAP => Ok(()),
-            tag::TYPED_MAP => self.skip_type(),
-            t => Err(self.unexpected(t, at, "a map")),
+        match (self.dialect, self.byte()?) {
+            (_, tag::UNTYPED_MAP) => Ok(()),
+            (Dialect::V2, tag::TYPED_MAP) => self.skip_type(),
+            (Dialect::Draft, tag::TYPED_MAP) => self.skip_draft_type(),
+            (_, t) => Err(self.unexpected(t, at, "a map")),
         }
     }
 
-    /// Consume the `Z` end marker if it is next; `false` (consuming nothing) otherwise.
+    /// Whether a map comes next.
+    pub fn at_map(&self) -> Result<bool> {
+        Ok(matches!(self.peek()?, tag::UNTYPED_MAP | tag::TYPED_MAP))
+    }
+
+    /// The end marker of maps and lists: `Z`, or `z` in the draft.
+    fn end_tag(&self) -> u8 {
+        match self.dialect {
+            Dialect::V2 => tag::END,
+            Dialect::Draft => draft_tag::END,
+        }
+    }
+
+    /// Consume the end marker (`Z`; `z` in the draft) if it is next; `false` (consuming
+    /// nothing) otherwise.
     pub fn read_end(&mut self) -> Result<bool> {
-        let end = self.peek()? == tag::END;
+        let end = self.peek()? == self.end_tag();
         if end {
             self.pos += 1;
         }
@@ -414,8 +754,7 @@ impl<'a> Reader<'a> {
     /// Skip values in groups of `group` (1 for lists, 2 for maps) until the `Z` end marker.
     fn skip_until_end(&mut self, group: usize) -> Result<()> {
         loop {
-            if self.peek()? == tag::END {
-                self.pos += 1;
+            if self.read_end()? {
                 return Ok(());
             }
             self.skip_values(group)?;
@@ -634,6 +973,86 @@ mod tests {
             Reader::new(&deep).skip_value().unwrap_err(),
             Hessian2Error::TooDeep { max: MAX_DEPTH }
         );
+    }
+
+    #[test]
+    fn skips_every_kind_of_draft_value() {
+        let mut body = Vec::new();
+        // Scalars: null, booleans, ints, longs (w), doubles (g h i j k D), date (d), refs (J K R).
+        body.extend_from_slice(&[tag::NULL, tag::TRUE, tag::FALSE, 0x90, 0xc8, 0x30, 0xd4, 0, 0]);
+        body.extend_from_slice(&[
+            0xe0,
+            0xf8,
+            1,
+            0x3c,
+            0,
+            1,
+            b'w',
+            0,
+            0,
+            0,
+            1,
+            tag::LONG,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1,
+        ]);
+        body.extend_from_slice(&[b'g', b'h', b'i', 1, b'j', 0, 1, b'k', 0, 0, 0, 0]);
+        body.extend_from_slice(&[tag::DOUBLE, 0, 0, 0, 0, 0, 0, 0, 0, b'd', 0, 0, 0, 0, 0, 0, 0, 0]);
+        body.extend_from_slice(&[b'J', 1, b'K', 0, 1, b'R', 0, 0, 0, 1]);
+        // Strings (s chunk), binary (b chunk).
+        body.extend_from_slice(&[b's', 0, 1, b'a', 0x01, b'b', b'S', 0, 1, b'c']);
+        body.extend_from_slice(&[0x22, 1, 2, b'b', 0, 1, 7, tag::BINARY_FINAL, 0, 1, 8]);
+        // Lists: typed with a short length, typed by reference, untyped with a long length.
+        body.extend_from_slice(&[b'V', b't', 0, 2, b'[', b'x', b'n', 2, 0x91, 0x92, b'z']);
+        body.extend_from_slice(&[b'v', 0x90, 0x91, 0x93]);
+        body.extend_from_slice(&[b'V', b'l', 0, 0, 0, 1, 0x91, b'z', b'V', 0x91, b'z']);
+        // Maps: untyped, typed by reference; H.
+        body.extend_from_slice(&[b'M', 0x01, b'k', 0x01, b'v', b'z', b'M', b'u', 0x90, b'z']);
+        body.extend_from_slice(&[b'H', 0x91, tag::NULL, b'z']);
+        // A class definition with its instance, then another instance.
+        body.extend_from_slice(&[
+            b'O', 0x91, b'P', 0x92, 0x01, b'x', 0x01, b'y', b'o', 0x90, 0x91, 0x92,
+        ]);
+        body.extend_from_slice(&[b'o', 0x90, 0x93, 0x94]);
+        let mut r = Reader::with_dialect(&body, Dialect::Draft);
+        assert_eq!(r.skip_all().unwrap(), 34);
+
+        let cases: [(&[u8], &str); 6] = [
+            (&[b'o', 0x90], "hessian2_bad_class_ref"),
+            (&[b'v', 0x90, 0x90], "hessian2_bad_type_ref"),
+            (&[b'V', b'n', 1, 0x91, 0x91], "hessian2_missing_end"),
+            (&[b'V', b'l', 0xff, 0, 0, 0], "hessian2_negative_length"),
+            (&[b'C'], "hessian2_unexpected_tag"),
+            (&[0x30, 0x01, b'a'], "hessian2_unexpected_tag"),
+        ];
+        for (bytes, reason) in cases {
+            let err = Reader::with_dialect(bytes, Dialect::Draft)
+                .skip_value()
+                .unwrap_err();
+            assert_eq!(err.reason(), reason, "{bytes:02x?}: {err}");
+        }
+    }
+
+    #[test]
+    fn bounded_strings_borrow_one_chunk_and_copy_several() {
+        let mut bytes = string_bytes("hello");
+        bytes.extend_from_slice(&[tag::STRING_CHUNK, 0, 2, b'a', b'b', 0x01, b'c']);
+        bytes.extend(string_bytes("toolong"));
+        let mut r = Reader::new(&bytes);
+        assert!(matches!(r.read_str_max(5).unwrap(), Some(Cow::Borrowed("hello"))));
+        assert!(matches!(r.read_str_max(3).unwrap().as_deref(), Some("abc")));
+        assert_eq!(r.read_str_max(6).unwrap(), None);
+        assert!(r.is_at_end());
+        // `s` chunks in the draft.
+        let draft = [b's', 0, 1, b'a', 0x01, b'b'];
+        let mut r = Reader::with_dialect(&draft, Dialect::Draft);
+        assert_eq!(r.read_str_max(8).unwrap().as_deref(), Some("ab"));
     }
 
     #[test]

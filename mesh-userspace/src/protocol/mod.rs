@@ -10,8 +10,11 @@
 //! - [`bolt`]: Bolt v1/v2 frames, `BoltCodec`, header map helpers, error responses.
 //! - [`dubbo`]: Dubbo 2 frames, `DubboCodec`, request-body decoding, `add_attachment`, error
 //!   responses.
-//! - [`hessian2`]: a bounded Hessian2 reader (strings, ints, skipping any value) and the few
-//!   writers the Dubbo code needs.
+//! - [`hessian2`]: a bounded Hessian2 reader (strings, ints, class definitions, skipping any
+//!   value; Hessian 2.0 and the 2.0 draft the npm SOFA client writes) and the few writers the
+//!   Dubbo code needs.
+//! - [`sofa`]: the routing fields of a Bolt `SofaRequest` body (`methodName`,
+//!   `targetServiceUniqueName`, string `requestProps`), bounded, without reading the arguments.
 //!
 //! Every error type has a `reason()`: a short, stable label for the per-reason counters.
 
@@ -19,3 +22,4 @@ pub mod bolt;
 pub mod detect;
 pub mod dubbo;
 pub mod hessian2;
+pub mod sofa;
