@@ -36,7 +36,12 @@
 //!   Heartbeats from the app are answered locally, never forwarded.
 //! - **Routing input.** Bolt: `service` = the `service` header up to the first `:`, `version` =
 //!   what follows it (up to the next `:`), `method` = `sofa_head_method_name`, headers = the
-//!   Bolt header map (`requestProps` inside the Hessian2 content are not looked at). Dubbo
+//!   Bolt header map. The npm SOFA client puts only `service` in that map, so a Hessian2
+//!   `SofaRequest` content is read too ([`sofa::decode_request`], up to its fields, never the
+//!   arguments): `methodName` when the method header is absent, `targetServiceUniqueName`
+//!   (`iface:version`) when the `service` header is, and header lookups fall back to its string
+//!   `requestProps`. A content that does not decode, or is over the decoder's limits, is no
+//!   error: the request is routed on the header map alone. The content is forwarded as is. Dubbo
 //!   (Hessian2 bodies): service path, method, service version and the string attachments.
 //!   Dubbo bodies in another serialization are routed with no service, method or attachments
 //!   (so only an address-selected service's catch-all route applies).
@@ -86,6 +91,7 @@ use crate::{
     protocol::{
         bolt::{self, BoltCodec, BoltError, BoltFrame},
         dubbo::{self, DubboCodec, DubboError, DubboFrame},
+        sofa::{self, SofaRequestInfo},
     },
     routing::{Decision, HeaderLookup, Outcome, Policy, ProtocolHint, RequestInfo},
 };
@@ -185,17 +191,39 @@ trait MuxProto: Send + Sync + 'static {
 
 struct Bolt;
 
-/// Case-insensitive lookup in a Bolt header map.
-struct BoltHeaders<'a>(&'a BoltFrame);
+/// Case-insensitive lookup in a Bolt header map, then in the SofaRequest's `requestProps`.
+struct BoltHeaders<'a> {
+    frame: &'a BoltFrame,
+    body: Option<&'a SofaRequestInfo<'a>>,
+}
 
 impl HeaderLookup for BoltHeaders<'_> {
     fn header(&self, name: &str) -> Option<&str> {
-        self.0
+        let in_map = self
+            .frame
             .headers
             .iter()
             .find(|h| h.key.eq_ignore_ascii_case(name.as_bytes()))
             .and_then(|h| h.value.as_deref())
-            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| std::str::from_utf8(v).ok());
+        in_map.or_else(|| self.body?.prop(name))
+    }
+}
+
+/// The routing fields of a Bolt request's SofaRequest content, when it has one that decodes.
+/// Anything else (another class or codec, a malformed body, one over the decoder's limits) is
+/// `None`, and not an error: the request is routed on its header map.
+fn bolt_body(f: &BoltFrame) -> Option<SofaRequestInfo<'_>> {
+    match sofa::decode_request(&f.class_name, f.codec, &f.content) {
+        Ok(body) => body,
+        Err(e) => {
+            debug!(
+                id = f.request_id,
+                reason = e.reason(),
+                "bolt: routing on the header map only: {e}"
+            );
+            None
+        }
     }
 }
 
@@ -253,17 +281,28 @@ impl MuxProto for Bolt {
         }
         let oneway = f.cmd_type == bolt::TYPE_REQUEST_ONEWAY;
         let routed = {
+            let body = bolt_body(&f);
             let mut target = f.header_str(bolt::HEADER_SERVICE).unwrap_or("").split(':');
-            let service = target.next().filter(|s| !s.is_empty());
-            let version = target.next().filter(|s| !s.is_empty());
+            let (service, version) = match target.next().filter(|s| !s.is_empty()) {
+                Some(service) => (Some(service), target.next().filter(|s| !s.is_empty())),
+                None => body
+                    .as_ref()
+                    .map_or((None, None), SofaRequestInfo::service_version),
+            };
+            let method = f
+                .header_str(BOLT_METHOD_HEADER)
+                .or_else(|| body.as_ref()?.method.as_deref());
             let info = RequestInfo {
                 protocol: ProtocolHint::Bolt,
                 host: None,
                 path: None,
                 service,
-                method: f.header_str(BOLT_METHOD_HEADER),
+                method,
                 version,
-                headers: &BoltHeaders(&f),
+                headers: &BoltHeaders {
+                    frame: &f,
+                    body: body.as_ref(),
+                },
             };
             policy.route(ctx.orig, &info)
         };
@@ -1083,6 +1122,8 @@ mod tests {
     const BOLT_V1: &[u8] = include_bytes!("../protocol/testdata/bolt_v1.c2s.bin");
     const BOLT_V2: &[u8] = include_bytes!("../protocol/testdata/bolt_v2_crc.c2s.bin");
     const DUBBO: &[u8] = include_bytes!("../protocol/testdata/dubbo.c2s.bin");
+    /// The npm client's `echo` with requestProps `x-canary=true` (and others), default codec.
+    const BOLT_PROPS: &[u8] = include_bytes!("../protocol/testdata/bolt_props.c2s.bin");
     const VIP: &str = "10.96.0.50:12200";
     const WAIT: Duration = Duration::from_secs(20);
 
@@ -1475,6 +1516,121 @@ mod tests {
         assert!(v1.accepts.load(Relaxed) <= CONNS_PER_ENDPOINT);
         let (bolt_live, _) = m.shared.l7.mux.live_connections();
         assert!((1..=2 * CONNS_PER_ENDPOINT).contains(&bolt_live), "{bolt_live}");
+    }
+
+    /// Answers with the subset and the request's content as received.
+    fn bolt_echo_content(req: &BoltFrame, name: &str) -> Reply<BoltFrame> {
+        let subset = req.header_str(SUBSET_KEY).unwrap_or("-");
+        let mut content = format!("{name}|{subset}|").into_bytes();
+        content.extend_from_slice(&req.content);
+        Reply::Send(BoltFrame {
+            cmd_code: bolt::CMD_RPC_RESPONSE,
+            content: content.into(),
+            ..req.error_response_to(bolt::status::SUCCESS)
+        })
+    }
+
+    /// A service at `VIP` with subsets v1 and v2, `routes` (TOML) before a catch-all to v1.
+    fn bolt_policy(v1: SocketAddr, v2: SocketAddr, routes: &str) -> Policy {
+        let text = format!(
+            r#"
+            [[services]]
+            name = "echo"
+            addresses = ["{VIP}"]
+            protocol = "bolt"
+            endpoints = [
+              {{ address = "{v1}", labels = {{ version = "v1" }} }},
+              {{ address = "{v2}", labels = {{ version = "v2" }} }},
+            ]
+            subsets = [
+              {{ name = "v1", labels = {{ version = "v1" }} }},
+              {{ name = "v2", labels = {{ version = "v2" }} }},
+            ]
+            {routes}
+            [[services.routes]]
+            name = "default"
+            split = [{{ subset = "v1", weight = 100 }}]
+            "#
+        );
+        compile(parse_toml(&text).unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn bolt_routes_on_the_sofa_request_body_of_the_npm_client() {
+        let v1 = server::<Bolt>("v1", Duration::ZERO, bolt_echo_content).await;
+        let v2 = server::<Bolt>("v2", Duration::ZERO, bolt_echo_content).await;
+        let canary = r#"
+            [[services.routes]]
+            name = "canary"
+            match = { headers = { X-Canary = "true" } }
+            split = [{ subset = "v2", weight = 100 }]
+        "#;
+        let m = mesh::<Bolt>(Router::new(bolt_policy(v1.addr, v2.addr, canary))).await;
+        // The real client's frame: only `service` in the Bolt header map; `x-canary` and the
+        // method are only in the Hessian2 SofaRequest.
+        let props = frames::<Bolt>(BOLT_PROPS).remove(0);
+        assert_eq!(props.headers.len(), 1);
+        assert_eq!(props.header(BOLT_METHOD_HEADER), None);
+        let plain = frames::<Bolt>(BOLT_V1);
+        let answer = |f: &BoltFrame, want: &str| {
+            assert_eq!(f.status, bolt::status::SUCCESS);
+            let content = &f.content[..];
+            let (head, body) = content.split_at(want.len());
+            assert_eq!(head, want.as_bytes());
+            body.to_vec()
+        };
+        let mut app = App::<Bolt>::connect(&m).await;
+
+        // A headers match on requestProps; the content reaches the server byte for byte.
+        let got = app.call(bolt_request(&props, 1, &[])).await;
+        assert_eq!(answer(&got, "v2|v2|"), &props.content[..]);
+        assert_eq!(m.route_view("canary", "v2").requests, 1);
+        // No x-canary in the body: the catch-all.
+        let got = app.call(bolt_request(&plain[0], 2, &[])).await;
+        assert_eq!(answer(&got, "v1|v1|"), &plain[0].content[..]);
+        // The Bolt header map comes first.
+        let got = app.call(bolt_request(&props, 3, &[("x-canary", "false")])).await;
+        answer(&got, "v1|v1|");
+
+        // A method match (and a service match) on the same request, after a live policy change.
+        let by_method = r#"
+            [[services.routes]]
+            name = "echo-method"
+            match = { method = "echo", service = "com.sockmesh.test.EchoService" }
+            split = [{ subset = "v2", weight = 100 }]
+        "#;
+        m.shared
+            .l7
+            .router
+            .replace(bolt_policy(v1.addr, v2.addr, by_method));
+        let got = app.call(bolt_request(&props, 4, &[])).await;
+        assert_eq!(answer(&got, "v2|v2|"), &props.content[..]);
+        assert_eq!(m.route_view("echo-method", "v2").requests, 1);
+        // `fail` is another method: the catch-all.
+        answer(&app.call(bolt_request(&plain[1], 5, &[])).await, "v1|v1|");
+        // Without the `service` header, the service comes from targetServiceUniqueName.
+        let mut no_service = bolt_request(&props, 6, &[]);
+        assert!(no_service.remove_header(bolt::HEADER_SERVICE));
+        answer(&app.call(no_service).await, "v2|v2|");
+        // A method header wins over the body.
+        answer(
+            &app.call(bolt_request(&props, 7, &[(BOLT_METHOD_HEADER, "other")]))
+                .await,
+            "v1|v1|",
+        );
+        assert_eq!(m.route_view("echo-method", "v2").requests, 2);
+
+        // A content that is not a valid SofaRequest: routed on the header map, no error, and
+        // forwarded as is.
+        let mut bad = bolt_request(&props, 8, &[]);
+        let mut content = bad.content.to_vec();
+        content.truncate(60);
+        bad.content = content.into();
+        let got = app.call(bad.clone()).await;
+        assert_eq!(answer(&got, "v1|v1|"), &bad.content[..]);
+        let policy = m.shared.l7.router.current();
+        assert!(policy.stats().iter().all(|s| s.view().failures.is_empty()));
+        assert_eq!(m.errors("bolt", "hessian2_truncated"), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

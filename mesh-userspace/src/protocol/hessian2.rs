@@ -1028,7 +1028,7 @@ mod tests {
             (&[b'v', 0x90, 0x90], "hessian2_bad_type_ref"),
             (&[b'V', b'n', 1, 0x91, 0x91], "hessian2_missing_end"),
             (&[b'V', b'l', 0xff, 0, 0, 0], "hessian2_negative_length"),
-            (&[b'C'], "hessian2_unexpected_tag"),
+            (b"C", "hessian2_unexpected_tag"),
             (&[0x30, 0x01, b'a'], "hessian2_unexpected_tag"),
         ];
         for (bytes, reason) in cases {
