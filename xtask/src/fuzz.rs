@@ -23,7 +23,13 @@ pub const FUZZ_DIR: &str = "mesh-userspace/fuzz";
 /// Seed inputs: the real client and server captures.
 pub const SEED_DIR: &str = "mesh-userspace/src/protocol/testdata";
 /// Every target in the fuzz crate's Cargo.toml.
-pub const TARGETS: &[&str] = &["detect", "bolt_decode", "dubbo_decode", "hessian2_decode"];
+pub const TARGETS: &[&str] = &[
+    "detect",
+    "bolt_decode",
+    "dubbo_decode",
+    "hessian2_decode",
+    "sofa_decode",
+];
 
 #[derive(Debug, Args)]
 pub struct Options {
