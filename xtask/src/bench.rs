@@ -21,7 +21,7 @@ pub struct Options {
     /// About a minute instead of about five: fewer workloads, shorter runs
     #[arg(long)]
     quick: bool,
-    /// Also `perf record` the daemon for this many seconds under eBPF HTTP load
+    /// Also `perf record` the daemon for this many seconds under eBPF HTTP load it routes (L7)
     #[arg(long, value_name = "SECS")]
     profile: Option<u32>,
     /// Passed to `sockmesh-bench` (`--out-dir`, `--seconds-per-run`, `--rounds`)

@@ -25,13 +25,16 @@ const PALETTE: [RGBColor; 8] = [
 ];
 
 /// The proxied scenarios shown (direct is the 1.0 line).
-const SHOWN: [Scenario; 6] = [
+/// The L7 rows (HTTP only) come last so the TCP groups have no gaps.
+const SHOWN: [Scenario; 8] = [
     Scenario::IptSockmesh,
     Scenario::Ebpf,
     Scenario::EbpfAccel,
     Scenario::EnvoyEbpf,
     Scenario::EnvoyIpt,
     Scenario::Haproxy,
+    Scenario::IptSockmeshL7,
+    Scenario::EbpfL7,
 ];
 
 fn short(wl: Workload) -> String {

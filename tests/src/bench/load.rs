@@ -1,5 +1,5 @@
 //! The bench's own servers and load generators. They run as hidden subcommands of the
-//! `sockmesh-bench` binary (`__serve`, `__rr`, `__bulk`, `__connrate`) re-executed inside a pod's
+//! `sockmesh-bench` binary (`__serve`, `__rr`, `__bulk`, `__connrate`, `__http`) re-executed inside a pod's
 //! network namespace and cgroup, so the kernel hooks see them exactly as they see an application.
 //!
 //! Every loop is bounded by a deadline; every socket has read and write time-outs. A generator
@@ -78,6 +78,7 @@ pub fn dispatch(cmd: &str, args: &[String]) -> Option<Result<()>> {
         "__rr" => run(rr),
         "__bulk" => run(bulk),
         "__connrate" => run(connrate),
+        "__http" => run(http),
         _ => return None,
     })
 }
@@ -98,8 +99,10 @@ fn set_timeouts(s: &TcpStream) -> io::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // servers
 
-/// `__serve --bind IP --echo P --http P --sink P --accept P --seconds-limit S`: four listeners in
-/// one process, a thread per connection. Prints `listening` once all are bound.
+/// `__serve --bind IP --echo P --http P [--http-routed P] --sink P --accept P --seconds-limit S`:
+/// the listeners in one process, a thread per connection (`--http-routed`: a second, identical
+/// HTTP server, the port the bench's routing policy claims). Prints `listening` once all are
+/// bound.
 fn serve(o: &std::collections::HashMap<String, String>) -> Result<()> {
     let bind: String = get(o, "bind")?;
     let limit: u64 = get(o, "seconds-limit")?;
@@ -117,6 +120,11 @@ fn serve(o: &std::collections::HashMap<String, String>) -> Result<()> {
         let port: u16 = get(o, kind)?;
         let l = TcpListener::bind((bind.as_str(), port)).with_context(|| format!("bind {bind}:{port}"))?;
         listeners.push((l, Some(f)));
+    }
+    if o.contains_key("http-routed") {
+        let port: u16 = get(o, "http-routed")?;
+        let l = TcpListener::bind((bind.as_str(), port)).with_context(|| format!("bind {bind}:{port}"))?;
+        listeners.push((l, Some(serve_http as fn(TcpStream) -> io::Result<()>)));
     }
     let port: u16 = get(o, "accept")?;
     let l = TcpListener::bind((bind.as_str(), port)).with_context(|| format!("bind {bind}:{port}"))?;
@@ -235,6 +243,95 @@ pub fn find_head_end(b: &[u8]) -> Option<usize> {
 
 // ---------------------------------------------------------------------------------------------
 // generators
+
+/// `__http --connect ADDR --seconds S`: GET / over one keep-alive connection, one request at a
+/// time, for S seconds; every response must be a `200` with the server's [`HTTP_BODY`]-byte
+/// body (a response the proxy made itself, e.g. a 502 with `server: sockmesh`, is an error). The
+/// probe of the HTTP routing scenarios (wrk cannot run for less than a second).
+fn http(o: &std::collections::HashMap<String, String>) -> Result<()> {
+    let addr: SocketAddr = get(o, "connect")?;
+    let seconds: f64 = get(o, "seconds")?;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let mut hist = histogram();
+    let mut r = LoadResult::default();
+    let res = (|| -> Result<()> {
+        let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        set_timeouts(&s)?;
+        s.set_nodelay(true)?;
+        let req = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: sockmesh-bench\r\n\r\n");
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let t0 = Instant::now();
+            s.write_all(req.as_bytes())?;
+            read_http_response(&mut s, &mut buf)?;
+            let _ = hist.record(t0.elapsed().as_micros().max(1) as u64);
+            r.requests += 1;
+            if Instant::now() >= deadline {
+                return Ok(());
+            }
+        }
+    })();
+    if let Err(e) = res {
+        r.errors += 1;
+        r.first_error = Some(format!("{e:#}"));
+    }
+    r.total_requests = r.requests;
+    r.seconds = start.elapsed().as_secs_f64();
+    r.p50_us = hist.value_at_quantile(0.5) as f64;
+    r.p99_us = hist.value_at_quantile(0.99) as f64;
+    r.p999_us = hist.value_at_quantile(0.999) as f64;
+    print_result(&r)
+}
+
+/// Reads one response (head, then a `Content-Length` body) and checks it is the bench server's
+/// `200` with [`HTTP_BODY`] bytes.
+fn read_http_response(s: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
+    let mut have = 0usize;
+    let head_end = loop {
+        if let Some(end) = find_head_end(&buf[..have]) {
+            break end;
+        }
+        if have == buf.len() {
+            bail!("response head larger than {} bytes", buf.len());
+        }
+        let n = s.read(&mut buf[have..])?;
+        if n == 0 {
+            bail!("connection closed before a response head");
+        }
+        have += n;
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        bail!("status {status}: {}", head.trim());
+    }
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .ok_or_else(|| anyhow!("no content-length: {}", head.trim()))?;
+    if len != HTTP_BODY {
+        bail!("content-length {len}, expected {HTTP_BODY}");
+    }
+    let mut body = have - head_end;
+    if body > len {
+        bail!("more bytes than one response (one request in flight)");
+    }
+    while body < len {
+        let want = (len - body).min(buf.len());
+        let n = s.read(&mut buf[..want])?;
+        if n == 0 {
+            bail!("connection closed in a response body");
+        }
+        body += n;
+    }
+    Ok(())
+}
 
 /// Closes with RST (SO_LINGER 0): no TIME_WAIT on either side.
 fn reset_close(s: TcpStream) {

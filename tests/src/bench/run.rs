@@ -26,6 +26,12 @@ pub const PORTS: Ports = Ports {
     sink: 9002,
     accept: 9003,
 };
+/// The server pod's second HTTP port (the same server as [`PORTS`]`.http`): the only address the
+/// bench's routing policy claims, so sockmesh routes HTTP per request there (L7) and relays every
+/// other destination byte for byte (L4).
+pub const HTTP_ROUTED_PORT: u16 = 9081;
+/// The routing policy's service (`sockmesh_requests_total{service=...}`).
+pub const ROUTED_SERVICE: &str = "bench-http";
 /// HTTP load: connections wrk keeps open (one wrk thread).
 pub const HTTP_CONNS: u32 = 16;
 /// Upper bound on how long a single load process may run beyond its nominal duration.
@@ -44,6 +50,10 @@ pub enum Scenario {
     Ebpf,
     /// As `Ebpf` with the sk_msg short-circuit.
     EbpfAccel,
+    /// As `IptSockmesh`, to the address the routing policy claims: sockmesh routes HTTP (L7).
+    IptSockmeshL7,
+    /// As `Ebpf`, to the address the routing policy claims: sockmesh routes HTTP (L7).
+    EbpfL7,
     /// Envoy (one worker) behind the eBPF hooks (`external_proxy`).
     EnvoyEbpf,
     /// Envoy behind nat REDIRECT.
@@ -65,11 +75,13 @@ pub enum Phase {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::Direct,
         Scenario::IptSockmesh,
         Scenario::Ebpf,
         Scenario::EbpfAccel,
+        Scenario::IptSockmeshL7,
+        Scenario::EbpfL7,
         Scenario::EnvoyEbpf,
         Scenario::EnvoyIpt,
         Scenario::Haproxy,
@@ -83,6 +95,8 @@ impl Scenario {
             Scenario::IptSockmesh => "iptables + sockmesh",
             Scenario::Ebpf => "eBPF + sockmesh",
             Scenario::EbpfAccel => "eBPF + sk_msg + sockmesh",
+            Scenario::IptSockmeshL7 => "iptables + sockmesh L7",
+            Scenario::EbpfL7 => "eBPF + sockmesh L7",
             Scenario::EnvoyEbpf => "eBPF + Envoy",
             Scenario::EnvoyIpt => "iptables + Envoy",
             Scenario::Haproxy => "HAProxy (reverse proxy)",
@@ -102,8 +116,8 @@ impl Scenario {
     pub fn pod(self) -> &'static str {
         match self {
             Scenario::Direct | Scenario::Haproxy | Scenario::NotEnrolled => "direct",
-            Scenario::IptSockmesh => "ipt",
-            Scenario::Ebpf | Scenario::EbpfAccel | Scenario::EnrolledBypass => "ebpf",
+            Scenario::IptSockmesh | Scenario::IptSockmeshL7 => "ipt",
+            Scenario::Ebpf | Scenario::EbpfAccel | Scenario::EbpfL7 | Scenario::EnrolledBypass => "ebpf",
             Scenario::EnvoyEbpf => "envoy-ebpf",
             Scenario::EnvoyIpt => "envoy-ipt",
         }
@@ -113,9 +127,15 @@ impl Scenario {
     pub fn iptables_peer(self) -> Option<Scenario> {
         match self {
             Scenario::Ebpf | Scenario::EbpfAccel => Some(Scenario::IptSockmesh),
+            Scenario::EbpfL7 => Some(Scenario::IptSockmeshL7),
             Scenario::EnvoyEbpf => Some(Scenario::EnvoyIpt),
             _ => None,
         }
+    }
+
+    /// sockmesh routes this scenario's HTTP per request (the policy's service).
+    pub fn routed(self) -> bool {
+        matches!(self, Scenario::IptSockmeshL7 | Scenario::EbpfL7)
     }
 }
 
@@ -175,6 +195,8 @@ impl Workload {
         Scenario::ALL
             .into_iter()
             .filter(|s| !matches!(s, Scenario::NotEnrolled | Scenario::EnrolledBypass))
+            // The routing policy claims an HTTP port only: the TCP workloads stay L4.
+            .filter(|s| self == Workload::Http || !s.routed())
             .filter(|s| have_envoy || !matches!(s, Scenario::EnvoyEbpf | Scenario::EnvoyIpt))
             .collect()
     }
@@ -243,7 +265,7 @@ pub struct Options {
     pub envoy: Option<PathBuf>,
     pub haproxy: Option<PathBuf>,
     pub wrk: Option<PathBuf>,
-    /// Seconds of `perf record` on the daemon during eBPF HTTP load (0 = no profile).
+    /// Seconds of `perf record` on the daemon during eBPF HTTP load, routed (L7) (0 = no profile).
     pub profile_seconds: u32,
     pub data_dir: PathBuf,
 }
@@ -348,6 +370,7 @@ impl Bench {
             if self.envoy_ebpf.is_some() {
                 s.push_str(&pod_toml(self.pod("envoy-ebpf"), "external_proxy = true\n"));
             }
+            s.push_str(&routing_policy(&self.pod("server").addr(HTTP_ROUTED_PORT)));
         }
         s
     }
@@ -355,9 +378,11 @@ impl Bench {
     fn proxy_pid(&self, sc: Scenario) -> Option<u32> {
         match sc {
             Scenario::Direct | Scenario::NotEnrolled | Scenario::EnrolledBypass => None,
-            Scenario::IptSockmesh | Scenario::Ebpf | Scenario::EbpfAccel => {
-                self.daemon.as_ref().map(Daemon::pid)
-            }
+            Scenario::IptSockmesh
+            | Scenario::Ebpf
+            | Scenario::EbpfAccel
+            | Scenario::IptSockmeshL7
+            | Scenario::EbpfL7 => self.daemon.as_ref().map(Daemon::pid),
             Scenario::EnvoyEbpf => self.envoy_ebpf.as_ref().map(Proxy::pid),
             Scenario::EnvoyIpt => self.envoy_ipt.as_ref().map(Proxy::pid),
             Scenario::Haproxy => self.haproxy.as_ref().map(Proxy::pid),
@@ -373,16 +398,25 @@ impl Bench {
                 .unwrap_or(0);
             return format!("127.0.0.1:{port}");
         }
+        if sc.routed() && wl == Workload::Http {
+            return self.pod("server").addr(HTTP_ROUTED_PORT);
+        }
         self.pod("server").addr(wl.port())
     }
 
     /// Runs one load process inside the scenario's client pod; returns its result.
     fn load(&self, sc: Scenario, wl: Workload, seconds: f64) -> Result<LoadResult> {
+        self.load_with(sc, wl, seconds, false)
+    }
+
+    /// As [`Bench::load`]; `http_probe` drives HTTP with the bench's own one-connection client
+    /// (`__http`, which also checks every response) instead of wrk.
+    fn load_with(&self, sc: Scenario, wl: Workload, seconds: f64, http_probe: bool) -> Result<LoadResult> {
         let pod = self.pod(sc.pod());
         let target = self.target(sc, wl);
         let secs = format!("{seconds:.3}");
         let cmd = match wl {
-            Workload::Http => {
+            Workload::Http if !http_probe => {
                 let wrk = which_or(&None, "wrk")?;
                 let mut c = Command::new(wrk);
                 c.args(["-t1", "-c", &HTTP_CONNS.to_string(), "-d"])
@@ -401,6 +435,10 @@ impl Bench {
                     }
                     Workload::Bulk => {
                         c.arg("__bulk");
+                    }
+                    // The probe only: wrk drives the HTTP cells.
+                    Workload::Http => {
+                        c.arg("__http");
                     }
                     _ => {
                         c.arg("__connrate");
@@ -428,9 +466,14 @@ impl Bench {
 
     fn run_cell(&self, sc: Scenario, wl: Workload, seconds: f64, round: u32) -> Result<Sample> {
         let pid = self.proxy_pid(sc);
+        let check_routing = sc.routed() && wl == Workload::Http;
+        let routed0 = check_routing.then(|| self.routed_requests()).transpose()?;
         let cpu0 = pid.map(proxies::cpu_seconds).transpose()?;
         let result = self.load(sc, wl, seconds)?;
         let cpu1 = pid.map(proxies::cpu_seconds).transpose()?;
+        if let Some(before) = routed0 {
+            self.check_routed(sc, before, result.total_requests)?;
+        }
         Ok(Sample {
             scenario: sc,
             workload: wl,
@@ -441,15 +484,47 @@ impl Bench {
         })
     }
 
+    /// `sockmesh_requests_total{service=ROUTED_SERVICE}` of the running daemon (every route and
+    /// subset).
+    fn routed_requests(&self) -> Result<f64> {
+        let d = self.daemon.as_ref().ok_or_else(|| anyhow!("no daemon"))?;
+        Ok(prom_sum(&d.metrics()?, "sockmesh_requests_total", ROUTED_SERVICE))
+    }
+
+    /// Fails loudly unless the daemon routed about the `requests` the client completed since
+    /// `before` (see [`routed_ok`]): the L7 scenario must not quietly measure L4 relaying.
+    fn check_routed(&self, sc: Scenario, before: f64, requests: u64) -> Result<()> {
+        // The counter may trail the client's last responses by a moment.
+        let mut delta = 0.0;
+        for _ in 0..20 {
+            delta = self.routed_requests()? - before;
+            if routed_ok(delta, requests) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "{}: NOT ROUTED: sockmesh_requests_total{{service=\"{ROUTED_SERVICE}\"}} grew by {delta} \
+             while the client completed {requests} requests: sockmesh did not route this HTTP \
+             (check the routing policy)",
+            sc.label()
+        )
+    }
+
     /// A short request/response run that must succeed (retried while a listener comes up).
+    /// The routed scenarios are probed with HTTP requests and must show up in the daemon's
+    /// request counter.
     fn probe(&self, sc: Scenario) -> Result<()> {
         let wl = if matches!(sc, Scenario::NotEnrolled | Scenario::EnrolledBypass) {
             Workload::ConnRate
+        } else if sc.routed() {
+            Workload::Http
         } else {
             Workload::Rr { size: 64, conns: 1 }
         };
         eventually(Duration::from_secs(15), || {
-            let r = self.load(sc, wl, 0.1)?;
+            let before = sc.routed().then(|| self.routed_requests()).transpose()?;
+            let r = self.load_with(sc, wl, 0.1, true)?;
             if r.errors > 0 || r.requests == 0 {
                 bail!(
                     "probe of {} failed: {} requests, {} errors, first: {:?}",
@@ -458,6 +533,9 @@ impl Bench {
                     r.errors,
                     r.first_error
                 );
+            }
+            if let Some(before) = before {
+                self.check_routed(sc, before, r.total_requests)?;
             }
             Ok(())
         })
@@ -510,6 +588,43 @@ impl Bench {
         }
         set_cleanup(0, &self.node);
     }
+}
+
+/// The `[[services]]` policy of the non-accelerated daemon: one HTTP/1.1 service whose only
+/// address is `addr` (the server's [`HTTP_ROUTED_PORT`]) and whose only endpoint is that same
+/// server; default subset (`all`) and route (`default`). It has no `hosts`, so connections to
+/// any other address are relayed untouched, without protocol detection (docs/routing.md).
+pub fn routing_policy(addr: &str) -> String {
+    format!(
+        "\n[[services]]\nname = {}\naddresses = [{}]\nprotocol = \"http1\"\nendpoints = [{{ address = {} }}]\n",
+        toml_str(ROUTED_SERVICE),
+        toml_str(addr),
+        toml_str(addr)
+    )
+}
+
+/// Whether a routed-request counter delta matches `requests` completed by the client: at least
+/// 95 % of them, and no more than 5 % + two per wrk connection beyond (requests in flight when
+/// the client stopped).
+pub fn routed_ok(delta: f64, requests: u64) -> bool {
+    let n = requests as f64;
+    requests > 0 && delta >= 0.95 * n && delta <= 1.05 * n + 2.0 * HTTP_CONNS as f64
+}
+
+/// The sum of every sample of the Prometheus counter `name` with `service="<service>"`.
+pub fn prom_sum(text: &str, name: &str, service: &str) -> f64 {
+    let label = format!("service=\"{service}\"");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            let (labels, value) = rest.split_once('}')?;
+            labels
+                .split(',')
+                .any(|p| p.trim() == label)
+                .then(|| value.split_whitespace().next()?.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 fn counters(d: &Daemon) -> Result<BTreeMap<String, u64>> {
@@ -568,6 +683,8 @@ pub fn run(opts: &Options) -> Result<Results> {
         &PORTS.echo.to_string(),
         "--http",
         &PORTS.http.to_string(),
+        "--http-routed",
+        &HTTP_ROUTED_PORT.to_string(),
         "--sink",
         &PORTS.sink.to_string(),
         "--accept",
@@ -703,7 +820,7 @@ fn enter_phase(b: &mut Bench, phase: Phase, first: bool, res: &mut Results) -> R
         .collect();
     for sc in scenarios {
         let ipt_pod = match sc {
-            Scenario::IptSockmesh => Some("ipt"),
+            Scenario::IptSockmesh | Scenario::IptSockmeshL7 => Some("ipt"),
             Scenario::EnvoyIpt => Some("envoy-ipt"),
             _ => None,
         };
@@ -726,7 +843,10 @@ fn enter_phase(b: &mut Bench, phase: Phase, first: bool, res: &mut Results) -> R
                 );
             }
         }
-        if matches!(sc, Scenario::Ebpf | Scenario::EbpfAccel | Scenario::EnvoyEbpf) {
+        if matches!(
+            sc,
+            Scenario::Ebpf | Scenario::EbpfAccel | Scenario::EbpfL7 | Scenario::EnvoyEbpf
+        ) {
             let d = b.daemon.as_ref().ok_or_else(|| anyhow!("no daemon"))?;
             let after = d.counter("connect_captured")?;
             if after <= cap0.unwrap_or(0) {
@@ -814,14 +934,15 @@ pub fn rate(s: &Sample) -> f64 {
     }
 }
 
-/// `perf record -e cpu-clock -g` on the daemon while wrk drives HTTP through eBPF capture.
+/// `perf record -e cpu-clock -g` on the daemon while wrk drives HTTP through eBPF capture and
+/// sockmesh routes it (L7).
 fn profile(b: &mut Bench, opts: &Options, res: &mut Results) -> Result<String> {
     let secs = opts.profile_seconds;
     println!("bench: profiling the daemon for {secs} s under eBPF HTTP load");
     b.start_daemon(false, res)?;
     let before = b.daemon.as_ref().map(counters).transpose()?.unwrap_or_default();
     let result = (|| -> Result<String> {
-        b.probe(Scenario::Ebpf)?;
+        b.probe(Scenario::EbpfL7)?;
         let pid = b.daemon.as_ref().map(Daemon::pid).unwrap_or(0);
         std::fs::create_dir_all(&opts.data_dir)?;
         let data = opts.data_dir.join("perf.data");
@@ -845,7 +966,7 @@ fn profile(b: &mut Bench, opts: &Options, res: &mut Results) -> Result<String> {
             .spawn()
             .map(|c| crate::process::GuardedChild::new(c, "perf record"))
             .context("spawn perf (apt-get install linux-perf)")?;
-        b.load(Scenario::Ebpf, Workload::Http, secs as f64 + 1.0)?;
+        b.load(Scenario::EbpfL7, Workload::Http, secs as f64 + 1.0)?;
         let st = perf.wait_output(Duration::from_secs(30))?;
         if !st.status.success() {
             bail!("perf record failed: {}", String::from_utf8_lossy(&st.stderr));
@@ -935,6 +1056,45 @@ mod tests {
         assert_eq!(rotate(&[1, 2, 3], 1), vec![2, 3, 1]);
         assert_eq!(rotate(&[1, 2, 3], 5), vec![3, 1, 2]);
         assert!(rotate::<u8>(&[], 2).is_empty());
+    }
+
+    #[test]
+    fn only_http_runs_the_routed_scenarios() {
+        for wl in workloads(false) {
+            let scs = wl.scenarios(true);
+            for sc in [Scenario::EbpfL7, Scenario::IptSockmeshL7] {
+                assert_eq!(scs.contains(&sc), wl == Workload::Http, "{wl:?} {sc:?}");
+            }
+        }
+        assert_eq!(Scenario::EbpfL7.iptables_peer(), Some(Scenario::IptSockmeshL7));
+        assert_eq!(Scenario::EbpfL7.phase(), Phase::Mesh);
+        assert_eq!(Scenario::EbpfL7.pod(), "ebpf");
+        assert!(Scenario::ALL.iter().filter(|s| s.routed()).count() == 2);
+    }
+
+    #[test]
+    fn routing_policy_claims_the_routed_port_only() {
+        let p = routing_policy("10.0.0.2:9081");
+        assert!(p.contains("addresses = [\"10.0.0.2:9081\"]"), "{p}");
+        assert!(p.contains("protocol = \"http1\""), "{p}");
+        assert!(p.contains("endpoints = [{ address = \"10.0.0.2:9081\" }]"), "{p}");
+        assert!(!p.contains("hosts"), "{p}");
+        assert_ne!(HTTP_ROUTED_PORT, PORTS.http);
+    }
+
+    #[test]
+    fn routed_counts_are_checked() {
+        let m = "# TYPE sockmesh_requests_total counter\n\
+                 sockmesh_requests_total{service=\"bench-http\",route=\"default\",subset=\"all\"} 990\n\
+                 sockmesh_requests_total{service=\"passthrough\",route=\"passthrough\",subset=\"passthrough\"} 7\n\
+                 sockmesh_requests_total{service=\"bench-http\",route=\"other\",subset=\"all\"} 10\n";
+        assert_eq!(prom_sum(m, "sockmesh_requests_total", ROUTED_SERVICE), 1000.0);
+        assert!(routed_ok(1000.0, 1000));
+        assert!(routed_ok(1010.0, 1000));
+        assert!(!routed_ok(0.0, 1000), "not routed");
+        assert!(!routed_ok(500.0, 1000));
+        assert!(!routed_ok(0.0, 0), "no request at all");
+        assert!(!routed_ok(5000.0, 1000));
     }
 
     #[test]

@@ -105,7 +105,7 @@ fn main_bench(args: &[String]) -> Result<()> {
     std::fs::write(&json, serde_json::to_string_pretty(&res)?)?;
     println!("\n{}", report::text_report(&res));
     if let Some(p) = &res.profile {
-        println!("Profile of the daemon (eBPF HTTP load):\n{p}\n");
+        println!("Profile of the daemon (eBPF HTTP load, routed L7):\n{p}\n");
     }
     let cells = report::cells(&res);
     let png = out_dir.join("docs/bench.png");
