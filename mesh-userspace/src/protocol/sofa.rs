@@ -173,15 +173,23 @@ pub fn decode_sofa_request(content: &[u8]) -> Result<SofaRequestInfo<'_>, SofaEr
     Ok(info)
 }
 
+/// A string of at most `max` bytes as returned (invalid UTF-8 is replaced, which can make it
+/// longer than on the wire).
+fn read_bounded<'a>(r: &mut Reader<'a>, max: usize) -> Result<Cow<'a, str>, SofaError> {
+    r.read_str_max(max)?
+        .filter(|s| s.len() <= max)
+        .ok_or(SofaError::StringsTooLarge {
+            max: MAX_STRING_BYTES,
+        })
+}
+
 /// A field that should be a string: `None` for a null or any other kind of value (skipped).
 fn read_field_string<'a>(r: &mut Reader<'a>, budget: &mut usize) -> Result<Option<Cow<'a, str>>, SofaError> {
     if !r.at_string()? {
         r.skip_value()?;
         return Ok(None);
     }
-    let s = r.read_str_max(*budget)?.ok_or(SofaError::StringsTooLarge {
-        max: MAX_STRING_BYTES,
-    })?;
+    let s = read_bounded(r, *budget)?;
     *budget -= s.len();
     Ok(Some(s))
 }
@@ -198,19 +206,16 @@ fn read_props<'a>(
         return Ok(());
     }
     r.read_map_start()?;
-    let too_large = SofaError::StringsTooLarge {
-        max: MAX_STRING_BYTES,
-    };
     while !r.read_end()? {
         let key = if r.at_string()? {
-            Some(r.read_str_max(*budget)?.ok_or(too_large.clone())?)
+            Some(read_bounded(r, *budget)?)
         } else {
             r.skip_value()?;
             None
         };
         let left = *budget - key.as_ref().map_or(0, |k| k.len());
         let value = if key.is_some() && r.at_string()? {
-            Some(r.read_str_max(left)?.ok_or(too_large.clone())?)
+            Some(read_bounded(r, left)?)
         } else {
             r.skip_value()?;
             None
@@ -433,6 +438,22 @@ mod tests {
         assert_eq!(
             decode_sofa_request(&body).unwrap_err().reason(),
             "sofa_strings_too_large"
+        );
+        // Invalid UTF-8 is replaced (3 bytes per bad byte): the budget counts what is returned.
+        // 3000 overlong `c0 80` pairs: 6000 bytes on the wire, 18000 once replaced.
+        let units = 3000;
+        let mut map = vec![tag::UNTYPED_MAP, 0x01, b'k', tag::STRING_FINAL];
+        map.extend_from_slice(&(units as u16).to_be_bytes());
+        for _ in 0..units {
+            map.extend_from_slice(&[0xc0, 0x80]);
+        }
+        map.push(tag::END);
+        let body = h2_request(&[FIELD_PROPS], &map);
+        assert_eq!(
+            decode_sofa_request(&body).unwrap_err(),
+            SofaError::StringsTooLarge {
+                max: MAX_STRING_BYTES
+            }
         );
         // Skipped entries (non-string values) cost nothing.
         let mut map = vec![tag::UNTYPED_MAP];
