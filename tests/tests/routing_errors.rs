@@ -7,7 +7,7 @@
 //! sofa-rpc-node client (SOFA Bolt, Dubbo 2), a few lines of Python for raw bytes.
 //!
 //! A "dead" endpoint is a port in the `v2` pod where nothing listens (the connect is refused at
-//! once). Assertions are on what users see: status codes, gRPC codes, client-side errors and
+//! once); a "closing" one accepts, reads the request and closes without answering. Assertions are on what users see: status codes, gRPC codes, client-side errors and
 //! their latency, and the daemon's Prometheus counters.
 //!
 //! ```sh
@@ -424,6 +424,102 @@ endpoints = [
     );
 }
 
+/// Python slowloris: connects to `argv[1]`, sends a request head one byte every 250 ms (never
+/// finishing it) for at most 20 s and prints `{"closed", "after_ms", "received"}`: whether and
+/// when the server closed the connection.
+const SLOW_HEAD_CLIENT: &str = r#"
+import json, socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=5)
+head = b"GET / HTTP/1.1\r\nHost: slow\r\nx-slow: " + b"a" * 1000
+start, i, received, closed = time.monotonic(), 0, 0, False
+s.settimeout(0.25)
+while time.monotonic() - start < 20 and not closed:
+    try:
+        s.send(head[i:i + 1])
+        i += 1
+    except OSError:
+        closed = True
+        break
+    try:
+        chunk = s.recv(65536)
+        if not chunk:
+            closed = True
+        received += len(chunk)
+    except socket.timeout:
+        pass
+    except OSError:
+        closed = True
+print(json.dumps({"closed": closed, "after_ms": int((time.monotonic() - start) * 1000), "received": received, "sent": i}))
+"#;
+
+#[test]
+fn http1_slow_request_head_is_cut_at_10_s_and_counted_while_others_are_served() {
+    if !require(&[Tool::Node, Tool::Curl]) {
+        return;
+    }
+    let node = node();
+    let v1 = node.pod("v1");
+    let d = daemon(
+        &node,
+        &format!(
+            r#"
+[[services]]
+name = "web"
+addresses = ["{VIP}:{HTTP_VIP_PORT}"]
+protocol = "http1"
+endpoints = [{{ address = "{}" }}]
+"#,
+            v1.addr(HTTP_PORT)
+        ),
+    );
+    let _server = name_server(v1, HTTP_PORT, HTTP_STATS);
+    let before = protocol_errors(&d, "http1", "header_timeout");
+    let client = node.pod("client");
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", SLOW_HEAD_CLIENT, &format!("{VIP}:{HTTP_VIP_PORT}")]);
+    let mut slow = LineChild::spawn(&client.cgroup, Some(&client.netns), cmd).expect("slow client");
+
+    // Meanwhile other requests are served at once.
+    let out = curl(
+        &node,
+        &[
+            "--fail",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            &format!("http://{VIP}:{HTTP_VIP_PORT}/[1-50]"),
+        ],
+    );
+    assert!(out.status.success(), "curl: {}", stderr(&out));
+    assert_eq!(stdout(&out).lines().filter(|l| *l == "200").count(), 50);
+
+    let line = slow
+        .recv_line(Duration::from_secs(25))
+        .expect("slow client result");
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+    eprintln!("a request head trickling in: {v}");
+    assert_eq!(
+        v["closed"],
+        Value::Bool(true),
+        "the daemon must cut a slow head: {v}"
+    );
+    let after = v["after_ms"].as_u64().unwrap_or(0);
+    assert!(
+        (9_500..15_000).contains(&after),
+        "cut after {after} ms, expected about 10 s: {v}"
+    );
+    settle(&d, "protocol_errors{http1,header_timeout}", before + 1, || {
+        protocol_errors(&d, "http1", "header_timeout")
+    });
+    assert_eq!(
+        served(v1, HTTP_STATS),
+        50,
+        "the slow head never reached the endpoint"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. upstream failures
 
@@ -809,6 +905,140 @@ endpoints = [{{ address = "{dead}" }}]
         ],
     );
     assert_eq!(stdout(&out), "2 502 sockmesh", "{}", stderr(&out));
+}
+
+/// Python: a raw HTTP/2 (h2c prior knowledge) client to `argv[1]` that ignores the server's
+/// header list limit. Stream 1: GET / with 25 copies of a 2,900-byte header (one literal, then
+/// one-byte HPACK indexes: a 3 KB frame, a ~72 KiB decoded list); stream 3: a plain GET /.
+/// Prints `{"status": {"1": ..., "3": ...}, "rst": {...}, "goaway": code|null}` once both
+/// streams ended, the connection closed, or 5 s passed.
+const RAW_H2_CLIENT: &str = r#"
+import json, socket, struct, sys
+target = sys.argv[1]
+host, port = target.rsplit(":", 1)
+s = socket.create_connection((host, int(port)), timeout=5)
+def frame(t, flags, sid, payload):
+    return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", sid) + payload
+def hint(n, bits, first):
+    top = (1 << bits) - 1
+    if n < top:
+        return bytes([first | n])
+    out, n = [first | top], n - top
+    while n >= 128:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    return bytes(out + [n])
+def lit(b):
+    return hint(len(b), 7, 0) + b
+# :method GET, :scheme http, :path /, :authority (literal, not indexed)
+base = b"\x82\x86\x84" + b"\x01" + lit(target.encode())
+# x-a: a*2900 added to the dynamic table (index 62), then referenced 24 more times
+big = base + b"\x40" + lit(b"x-a") + lit(b"a" * 2900) + b"\xbe" * 24
+s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(1, 5, 1, big) + frame(1, 5, 3, base))
+# HPACK Huffman codes of the digits (a status is three of them), RFC 7541 appendix B
+DIGITS = {"00000": "0", "00001": "1", "00010": "2", "011001": "3", "011010": "4",
+          "011011": "5", "011100": "6", "011101": "7", "011110": "8", "011111": "9"}
+def huffman_digits(data):
+    bits, out, code = "".join(f"{b:08b}" for b in data), "", ""
+    for bit in bits:
+        code += bit
+        if code in DIGITS:
+            out, code = out + DIGITS[code], ""
+    return out if set(code) <= {"1"} else "huffman:" + data.hex()
+STATIC = {8: "200", 9: "204", 10: "206", 11: "304", 12: "400", 13: "404", 14: "500"}
+def status_of(block):
+    b0 = block[0]
+    if b0 & 0x80:
+        return STATIC.get(b0 & 0x7F, "index%d" % (b0 & 0x7F))
+    if b0 & 0x0F == 8 or b0 & 0x3F == 8:
+        n = block[1]
+        if n & 0x80:
+            return huffman_digits(block[2:2 + (n & 0x7F)])
+        return block[2:2 + n].decode()
+    return "?" + block[:4].hex()
+buf, status, rst, goaway, ended = b"", {}, {}, None, set()
+try:
+    while not ({1, 3} <= ended) and goaway is None:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+        while len(buf) >= 9:
+            n = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + n:
+                break
+            t, fl, sid = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            payload, buf = buf[9:9 + n], buf[9 + n:]
+            if t == 4 and not fl & 1:
+                s.sendall(frame(4, 1, 0, b""))
+            elif t == 1:
+                status.setdefault(str(sid), status_of(payload))
+            elif t == 3:
+                rst[str(sid)] = int.from_bytes(payload[:4], "big")
+                ended.add(sid)
+            elif t == 7:
+                goaway = int.from_bytes(payload[4:8], "big")
+            if t in (0, 1) and fl & 1:
+                ended.add(sid)
+except socket.timeout:
+    pass
+print(json.dumps({"status": status, "rst": rst, "goaway": goaway}))
+"#;
+
+#[test]
+fn http2_oversized_header_list_gets_431_on_that_stream_and_the_connection_keeps_working() {
+    if !require(&[Tool::Node, Tool::H2load, Tool::Curl]) {
+        return;
+    }
+    let node = node();
+    let v1 = node.pod("v1");
+    let _d = daemon(
+        &node,
+        &format!(
+            r#"
+[[services]]
+name = "web2"
+addresses = ["{VIP}:81"]
+protocol = "http2"
+endpoints = [{{ address = "{}" }}]
+"#,
+            v1.addr(H2_PORT)
+        ),
+    );
+    let _live = node_server(
+        v1,
+        "name_server.js",
+        &[
+            "--name",
+            "v1",
+            "--port",
+            &H2_PORT.to_string(),
+            "--proto",
+            "h2c",
+            "--stats-port",
+            &H2_STATS.to_string(),
+        ],
+    );
+    // A well-behaved client (nghttp2: curl, h2load) will not send a header list over the
+    // server's advertised SETTINGS_MAX_HEADER_LIST_SIZE, so a raw client does: stream 1 with
+    // ~72 KiB of headers, then stream 3, a plain GET, on the same connection.
+    let mut cmd = Command::new(python());
+    cmd.args(["-c", RAW_H2_CLIENT, &format!("{VIP}:81")]);
+    let v = last_json("raw h2 client", &run_in(node.pod("client"), cmd));
+    eprintln!("HTTP/2 ~72 KiB header list, then a plain GET: {v}");
+    assert_eq!(v["status"]["1"], "431", "the oversized stream gets 431: {v}");
+    assert_eq!(
+        v["status"]["3"], "200",
+        "the next stream on the same connection works: {v}"
+    );
+    assert_eq!(v["goaway"], Value::Null, "the connection is not torn down: {v}");
+    assert_eq!(
+        served(v1, H2_STATS),
+        1,
+        "the oversized request never reached the endpoint"
+    );
+    let codes = h2load_codes(&h2load(&node, 81, 1000));
+    assert!(codes.contains("1000 2xx, 0 3xx, 0 4xx, 0 5xx"), "{codes}");
 }
 
 const GRPC_PORT: u16 = 50051;
@@ -1233,10 +1463,11 @@ fn client_error(protocol: &str, v: &Value, dubbo_says: &str) {
     }
 }
 
-/// Three services on `port`, `port+1`, `port+2`: `<p>-ok` (the live server in v1), `<p>-dead`
-/// (the dead endpoint, one retry, 3 s timeout), `<p>-noroute` (only a route for another
-/// interface). Checks the live one answers, the dead one gives every call an error quickly
-/// (and the daemon counts them), and no route gives every call a clean error.
+/// Four services on `port` .. `port+3`: `<p>-ok` (the live server in v1), `<p>-dead` (the dead
+/// endpoint, one retry, 3 s timeout), `<p>-noroute` (only a route for another interface),
+/// `<p>-closing` ([`CLOSING_SERVER`]: closes with the request in flight). Checks the live one
+/// answers, and that each failure gives every call an error quickly (not a client time-out),
+/// counted by the daemon, with no retry of a request that was sent.
 fn rpc_failures(protocol: &str, port: u16) {
     let node = node();
     let v1 = node.pod("v1");
@@ -1394,7 +1625,7 @@ endpoints = [{{ address = "{closing}" }}]
 }
 
 #[test]
-fn bolt_dead_endpoint_and_missing_route_give_the_npm_client_prompt_errors() {
+fn bolt_dead_or_closing_endpoint_and_missing_route_give_the_npm_client_prompt_errors() {
     if !require(&[Tool::Node, Tool::NpmPeers, Tool::Curl]) {
         return;
     }
@@ -1402,7 +1633,7 @@ fn bolt_dead_endpoint_and_missing_route_give_the_npm_client_prompt_errors() {
 }
 
 #[test]
-fn dubbo_dead_endpoint_and_missing_route_give_the_npm_client_prompt_errors() {
+fn dubbo_dead_or_closing_endpoint_and_missing_route_give_the_npm_client_prompt_errors() {
     if !require(&[Tool::Node, Tool::NpmPeers, Tool::Curl]) {
         return;
     }
