@@ -700,37 +700,50 @@ timeout_ms = {TIMEOUT_MS}
     assert_eq!(metric(&d, "sockmesh_requests_total", &[("service", "slow")]), 2);
 }
 
-/// A port in the `v2` pod where [`CLOSING_SERVER`] listens.
+/// A port in the `v2` pod where [`BROKEN_SERVER`] `close` listens.
 const CLOSING_PORT: u16 = 8088;
+/// A port in the `v2` pod where [`BROKEN_SERVER`] `hold` listens.
+const SILENT_PORT: u16 = 8087;
 
-/// A server that accepts, reads what arrives first (the request), prints `accepted peer=...
-/// bytes=N` and closes without answering: an upstream that fails after the request was sent.
-const CLOSING_SERVER: &str = r#"
+/// A server that never answers: it accepts, reads what arrives first (the request) and prints
+/// `accepted peer=... bytes=N`; then `close` (argv[2]) closes the connection (an upstream that
+/// fails after the request was sent) and `hold` keeps reading until the peer closes (an
+/// upstream that hangs).
+const BROKEN_SERVER: &str = r#"
 import socket, sys, threading
-port = int(sys.argv[1])
+port, mode = int(sys.argv[1]), sys.argv[2]
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", port))
 s.listen(128)
 print(f"listening 0.0.0.0:{port}", flush=True)
 def handle(c, a):
-    c.settimeout(5)
+    c.settimeout(5 if mode == "close" else 120)
     n = 0
     try:
         n = len(c.recv(65536))
     except OSError:
         pass
     print(f"accepted peer={a[0]}:{a[1]} bytes={n}", flush=True)
+    try:
+        while mode == "hold" and c.recv(65536):
+            pass
+    except OSError:
+        pass
     c.close()
 while True:
     c, a = s.accept()
     threading.Thread(target=handle, args=(c, a), daemon=True).start()
 "#;
 
-fn closing_server(pod: &Pod) -> Server {
+fn broken_server(pod: &Pod, port: u16, mode: &str) -> Server {
     let mut cmd = Command::new(python());
-    cmd.args(["-u", "-c", CLOSING_SERVER, &CLOSING_PORT.to_string()]);
-    Server::start(&pod.cgroup, Some(&pod.netns), cmd).expect("closing server")
+    cmd.args(["-u", "-c", BROKEN_SERVER, &port.to_string(), mode]);
+    Server::start(&pod.cgroup, Some(&pod.netns), cmd).expect("broken server")
+}
+
+fn closing_server(pod: &Pod) -> Server {
+    broken_server(pod, CLOSING_PORT, "close")
 }
 
 #[test]
@@ -1463,9 +1476,10 @@ fn client_error(protocol: &str, v: &Value, dubbo_says: &str) {
     }
 }
 
-/// Four services on `port` .. `port+3`: `<p>-ok` (the live server in v1), `<p>-dead` (the dead
+/// Five services on `port` .. `port+4`: `<p>-ok` (the live server in v1), `<p>-dead` (the dead
 /// endpoint, one retry, 3 s timeout), `<p>-noroute` (only a route for another interface),
-/// `<p>-closing` ([`CLOSING_SERVER`]: closes with the request in flight). Checks the live one
+/// `<p>-closing` ([`BROKEN_SERVER`]: closes with the request in flight), `<p>-silent` (never
+/// answers, 500 ms timeout). Checks the live one
 /// answers, and that each failure gives every call an error quickly (not a client time-out),
 /// counted by the daemon, with no retry of a request that was sent.
 fn rpc_failures(protocol: &str, port: u16) {
@@ -1473,8 +1487,10 @@ fn rpc_failures(protocol: &str, port: u16) {
     let v1 = node.pod("v1");
     let dead = dead(&node);
     let live = v1.addr(port);
-    let (ok_port, dead_port, noroute_port, closing_port) = (port, port + 1, port + 2, port + 3);
+    let (ok_port, dead_port, noroute_port, closing_port, silent_port) =
+        (port, port + 1, port + 2, port + 3, port + 4);
     let closing = node.pod("v2").addr(CLOSING_PORT);
+    let silent = node.pod("v2").addr(SILENT_PORT);
     let d = daemon(
         &node,
         &format!(
@@ -1511,11 +1527,20 @@ protocol = "{protocol}"
 timeout_ms = 3000
 retries = 1
 endpoints = [{{ address = "{closing}" }}]
+
+[[services]]
+name = "{protocol}-silent"
+addresses = ["{VIP}:{silent_port}"]
+protocol = "{protocol}"
+timeout_ms = 500
+retries = 1
+endpoints = [{{ address = "{silent}" }}]
 "#
         ),
     );
     let _server = rpc_server(v1, protocol, port, RPC_STATS);
     let closer = closing_server(node.pod("v2"));
+    let _silent = broken_server(node.pod("v2"), SILENT_PORT, "hold");
     const N: u64 = 20;
 
     let (out, v) = rpc_load(&node, protocol, ok_port, N, 4);
@@ -1622,6 +1647,29 @@ endpoints = [{{ address = "{closing}" }}]
         )
     })
     .unwrap_or_else(|e| panic!("{e:#}"));
+
+    // An endpoint that never answers: the route's 500 ms timeout answers each call with an
+    // error (Bolt TIMEOUT, Dubbo SERVER_TIMEOUT), well before the client's own 10 s.
+    const S: u64 = 8;
+    let (out, v) = rpc_load(&node, protocol, silent_port, S, 4);
+    assert!(!out.status.success(), "rpc_load must fail: {v}");
+    assert_eq!(
+        (v["answered"].as_u64(), v["errors"].as_u64()),
+        (Some(0), Some(S)),
+        "every call to a silent endpoint is an error: {v} {}",
+        stderr(&out)
+    );
+    let ms = v["elapsed_ms"].as_u64().unwrap_or(0);
+    assert!(
+        (2 * 500..PROMPT.as_millis() as u64).contains(&ms),
+        "{S} calls, 4 at a time, each cut at 500 ms: {ms} ms ({v})"
+    );
+    client_error(protocol, &v, "within 500 ms");
+    let service = format!("{protocol}-silent");
+    settle(&d, &format!("request_failures{{{service},timeout}}"), S, || {
+        failures(&d, &service, "timeout")
+    });
+    assert_eq!(retries(&d, &service), 0, "a sent request is never retried");
 }
 
 #[test]
