@@ -1093,7 +1093,7 @@ fn grpc_calls(node: &VirtualNode, vip_port: u16, path: &str, n: u64) -> Value {
 }
 
 #[test]
-fn grpc_no_matching_route_is_unimplemented_and_a_dead_endpoint_is_unavailable() {
+fn grpc_no_route_is_unimplemented_a_dead_endpoint_unavailable_and_a_silent_one_deadline_exceeded() {
     if !require(&[Tool::GrpcPython]) {
         return;
     }
@@ -1101,9 +1101,11 @@ fn grpc_no_matching_route_is_unimplemented_and_a_dead_endpoint_is_unavailable() 
     let v1 = node.pod("v1");
     let dead = dead(&node);
     let live = v1.addr(GRPC_PORT);
+    let silent = node.pod("v2").addr(SILENT_PORT);
     // `greeter` on :50051 routes only `sockmesh.test.Other` (the live server answers
     // `sockmesh.test.Who/Name`, so an UNIMPLEMENTED can only be the proxy's); `greeter-dead`
-    // on :50052 has the dead endpoint; `greeter-ok` on :50053 shows the server is there.
+    // on :50052 has the dead endpoint; `greeter-ok` on :50053 shows the server is there;
+    // `greeter-silent` on :50054 has an endpoint that never answers.
     let d = daemon(
         &node,
         &format!(
@@ -1131,6 +1133,13 @@ name = "greeter-ok"
 addresses = ["{VIP}:50053"]
 protocol = "grpc"
 endpoints = [{{ address = "{live}" }}]
+
+[[services]]
+name = "greeter-silent"
+addresses = ["{VIP}:50054"]
+protocol = "grpc"
+timeout_ms = 500
+endpoints = [{{ address = "{silent}" }}]
 "#
         ),
     );
@@ -1143,6 +1152,7 @@ endpoints = [{{ address = "{live}" }}]
         &GRPC_PORT.to_string(),
     ]);
     let _server = Server::start(&v1.cgroup, Some(&v1.netns), cmd).expect("grpc server");
+    let _silent = broken_server(node.pod("v2"), SILENT_PORT, "hold");
     const N: u64 = 20;
     const PATH: &str = "/sockmesh.test.Who/Name";
 
@@ -1183,6 +1193,23 @@ endpoints = [{{ address = "{live}" }}]
         failures(&d, "greeter-dead", "upstream_connect")
     });
     assert_eq!(retries(&d, "greeter-dead"), N);
+
+    // An endpoint that never answers: DEADLINE_EXCEEDED (4) at the route's 500 ms, before the
+    // client's own 5 s deadline.
+    const S: u64 = 3;
+    let v = grpc_calls(&node, 50054, PATH, S);
+    assert_eq!(
+        v["codes"],
+        serde_json::json!({ "4": S }),
+        "a silent endpoint must be DEADLINE_EXCEEDED (4): {v}"
+    );
+    assert!(
+        (400..2000).contains(&v["max_ms"].as_u64().unwrap_or(0)),
+        "cut at the route's 500 ms: {v}"
+    );
+    settle(&d, "request_failures{greeter-silent,timeout}", S, || {
+        failures(&d, "greeter-silent", "timeout")
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
