@@ -74,8 +74,10 @@ impl HeaderLookup for () {
 ///   `method` (GET, POST...), headers.
 /// - gRPC: as HTTP/2, plus `service` = `pkg.Service` and `method` = `Method` from the path
 ///   `/pkg.Service/Method`; headers are the metadata.
-/// - Bolt: `service` = the `service` header without `:version` (the interface), `method` =
-///   the `sofa_head_method_name` header, headers are the Bolt header map.
+/// - Bolt: `service` = the `service` header without `:version` (the interface), `version` =
+///   what follows the `:`, `method` = the `sofa_head_method_name` header; each falls back to
+///   the SofaRequest body (`targetServiceUniqueName`, `methodName`), which is where the npm
+///   client puts them. Headers are the Bolt header map, then the body's string `requestProps`.
 /// - Dubbo: `service` = the service path, `method` = the method name, `version` from the body,
 ///   headers are the attachments.
 #[derive(Clone, Copy)]
