@@ -134,7 +134,7 @@ impl Fail {
         match self {
             Self::Timeout => "timeout",
             Self::Connect => "upstream_connect",
-            Self::Closed => "upstream_closed",
+            Self::Closed => "upstream_reset",
         }
     }
 }
@@ -1810,7 +1810,7 @@ mod tests {
             .call(bolt_request(&t, 1, &[("x-crash", "1"), ("x-canary", "true")]))
             .await;
         assert_eq!((r.request_id, r.status), (1, bolt::status::CONNECTION_CLOSED));
-        assert_eq!(m.errors("bolt", "upstream_closed"), 1);
+        assert_eq!(m.errors("bolt", "upstream_reset"), 1);
         for id in 2..=10 {
             let r = app.call(bolt_request(&t, id, &[("x-canary", "true")])).await;
             assert_eq!((r.request_id, r.status), (id, bolt::status::SUCCESS));

@@ -198,7 +198,18 @@ fn perr(field: impl Into<String>, reason: impl Into<String>) -> PolicyError {
 
 /// Parse a policy file (`detect_timeout_ms` and `[[services]]`, nothing else).
 pub fn parse_toml(text: &str) -> Result<RawPolicy, PolicyError> {
-    toml::from_str(text).map_err(|e| perr("policy", e.message().to_owned()))
+    toml::from_str(text).map_err(|e| {
+        let field = match e.span() {
+            Some(span) => {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("policy line {line} column {column}")
+            }
+            None => "policy".to_owned(),
+        };
+        perr(field, e.message().to_owned())
+    })
 }
 
 /// A host name compared case-insensitively and without a port.
@@ -1048,7 +1059,8 @@ mod tests {
         let e = error(&twice);
         assert_eq!(e.field, "services[1].addresses[0]");
         assert!(e.reason.contains("orders"), "{e}");
-        assert!(parse_toml("[[services]]\nname = \"x\"\nbogus = 1").is_err());
+        let e = parse_toml("[[services]]\nname = \"x\"\nbogus = 1").unwrap_err();
+        assert_eq!(e.field, "policy line 3 column 1", "{e}");
         assert_eq!(error("detect_timeout_ms = 0").field, "detect_timeout_ms");
     }
 

@@ -6,7 +6,7 @@
 // (see javaStyleBoltHeaders).
 //
 //   node rpc_load.js --protocol bolt|dubbo --connect HOST:PORT --requests N --concurrency C
-//                    [--header k=v]... [--seconds-limit S] [--progress-every K]
+//                    [--header k=v]... [--seconds-limit S] [--progress-every K] [--stock-bolt]
 //
 // At most C calls are in flight at once. `--header` adds a Bolt request header / Dubbo
 // attachment to every call. Prints one JSON line at the end:
@@ -60,6 +60,8 @@ function parseArgs(argv) {
   };
   for (let i = 0; i < argv.length; i += 2) {
     const [ key, value ] = [ argv[i], argv[i + 1] ];
+    // The stock client: request properties and the method stay in the hessian body.
+    if (key === '--stock-bolt') { args.stockBolt = true; i -= 1; continue; }
     if (value === undefined) throw new Error(`${key} needs a value`);
     if (key === '--protocol') args.protocol = value;
     else if (key === '--connect') args.connect = value;
@@ -80,9 +82,9 @@ function parseArgs(argv) {
   return args;
 }
 
-function protocolModule(name) {
+function protocolModule(name, stock) {
   if (name === 'bolt') {
-    javaStyleBoltHeaders();
+    if (!stock) javaStyleBoltHeaders();
     return require('sofa-bolt-node');
   }
   if (name === 'dubbo') return require('dubbo-remoting');
@@ -105,7 +107,7 @@ async function main() {
   }, args.secondsLimit * 1000);
   deadline.unref();
 
-  const client = new RpcClient({ logger: quiet, protocol: protocolModule(args.protocol) });
+  const client = new RpcClient({ logger: quiet, protocol: protocolModule(args.protocol, args.stockBolt) });
   client.on('error', err => { result.first_error = result.first_error || `client: ${err.message}`; });
   const consumer = client.createConsumer({
     interfaceName: INTERFACE,
