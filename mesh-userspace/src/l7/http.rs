@@ -69,7 +69,7 @@ use tracing::debug;
 use super::ConnCtx;
 use crate::{
     proxy::PodCtx,
-    routing::{Decision, HeaderLookup, Outcome, ProtocolHint, RequestInfo},
+    routing::{Decision, HeaderLookup, Outcome, ProtocolHint, RequestInfo, RouteStats},
 };
 
 /// Largest HTTP/1.1 request head (request line and headers) the proxy reads; larger gets 431
@@ -613,6 +613,13 @@ async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
             return failure_reply(e.reason(), grpc, &e.to_string());
         }
     };
+    // hyper drops this future when the app closes its connection before the answer: the
+    // request was routed (and maybe served), so it is still counted, as `client_closed`.
+    let mut pending = Pending {
+        stats: &decision.stats,
+        started,
+        done: false,
+    };
     let result = if req.method() == Method::CONNECT {
         Err(("connect_unsupported", "CONNECT is not proxied".to_owned()))
     } else if st.version == HttpVersion::Http1 && req.headers().contains_key(header::UPGRADE) {
@@ -620,6 +627,7 @@ async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
     } else {
         forward(&st, req, &decision, started).await
     };
+    pending.done = true;
     match result {
         Ok(resp) => {
             decision.stats.record(Outcome::Answered, started.elapsed());
@@ -641,6 +649,26 @@ async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
         }
     }
 }
+
+/// Counts a routed request whose handler was dropped before it finished.
+struct Pending<'a> {
+    stats: &'a RouteStats,
+    started: Instant,
+    done: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.stats
+                .record(Outcome::Failed(CLIENT_CLOSED), self.started.elapsed());
+        }
+    }
+}
+
+/// Failure reason of a request the app gave up on (closed or reset its connection, or an
+/// HTTP/2 stream reset) before the answer came.
+pub const CLIENT_CLOSED: &str = "client_closed";
 
 type Failure = (&'static str, String);
 
@@ -1552,6 +1580,36 @@ endpoints = [{{ address = "{dead}" }}, {{ address = "{live}" }}]
                 "round robin starts half of them on the dead endpoint: {v:?}"
             );
             assert!(v.failures.is_empty(), "{v:?}");
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_the_app_gives_up_on_is_counted_as_client_closed() {
+        tokio::time::timeout(BOUND, async {
+            let (v1, _) = upstream("v1").await;
+            let (v2, _) = upstream("v2").await;
+            let routes = r#"
+[[services.routes]]
+split = [{ subset = "v1", weight = 1 }]
+"#;
+            let p = proxy(two_versions(v1, v2, "", routes), HttpVersion::Http1, VIP).await;
+            let mut app = TcpStream::connect(p.addr).await.unwrap();
+            app.write_all(b"GET / HTTP/1.1\r\nhost: web.test\r\nx-delay-ms: 3000\r\n\r\n")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(app);
+            let stats = p.shared.l7.router.current().stats();
+            let v1_stats = stats.iter().find(|s| s.subset == "v1").unwrap().clone();
+            eventually("the abandoned request to be counted", || {
+                v1_stats.view().requests == 1
+            })
+            .await;
+            let v = v1_stats.view();
+            assert_eq!(v.failures.get(CLIENT_CLOSED), Some(&1), "{v:?}");
+            assert_eq!(v.latency_buckets.last(), Some(&1));
         })
         .await
         .unwrap();
