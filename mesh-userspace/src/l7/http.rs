@@ -1792,6 +1792,116 @@ split = [{{ subset = "all", weight = 1 }}]
         addr
     }
 
+    /// A hand-written HTTP/1.1 server: answers every request on a connection with `response`,
+    /// and closes the connection `close_after` after the first answer when set (without
+    /// `connection: close`, as an idle timeout would). Counts accepted connections.
+    async fn raw_upstream(
+        response: &'static [u8],
+        close_after: Option<Duration>,
+    ) -> (SocketAddr, Arc<AtomicU64>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                a.fetch_add(1, Relaxed);
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    loop {
+                        let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                        let body_len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        while seen.len() < end + 4 + body_len {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        seen.drain(..end + 4 + body_len);
+                        s.write_all(response).await.unwrap();
+                        if let Some(after) = close_after {
+                            tokio::time::sleep(after).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn one_endpoint(addr: SocketAddr) -> Policy {
+        policy(&format!(
+            r#"
+[[services]]
+name = "web"
+addresses = ["{VIP}"]
+endpoints = [{{ address = "{addr}", labels = {{ version = "v1" }} }}]
+subsets = [{{ name = "v1", labels = {{ version = "v1" }} }}]
+[[services.routes]]
+split = [{{ subset = "v1", weight = 1 }}]
+"#
+        ))
+    }
+
+    #[tokio::test]
+    async fn empty_responses_keep_the_upstream_connection_alive() {
+        tokio::time::timeout(BOUND, async {
+            let (up, accepted) = raw_upstream(b"HTTP/1.1 204 No Content\r\n\r\n", None).await;
+            let p = proxy(one_endpoint(up), HttpVersion::Http1, VIP).await;
+            let mut c = h1_client(p.addr).await;
+            for _ in 0..5 {
+                let (st, _, body) = send1(&mut c, get("/").body(empty()).unwrap()).await;
+                assert_eq!((st, body.as_str()), (StatusCode::NO_CONTENT, ""));
+            }
+            assert_eq!(accepted.load(Relaxed), 1, "one upstream connection for all five");
+            assert_eq!(p.shared.l7.http.connections(), 1);
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_server_closed_is_replaced_even_for_a_post() {
+        tokio::time::timeout(BOUND, async {
+            let (up, accepted) = raw_upstream(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                Some(Duration::from_millis(20)),
+            )
+            .await;
+            let p = proxy(one_endpoint(up), HttpVersion::Http1, VIP).await;
+            let mut c = h1_client(p.addr).await;
+            for i in 0..3 {
+                // Let the server close the idle pooled connection first.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let req = Request::post("/orders")
+                    .header(header::HOST, "web.test")
+                    .body(full(&format!("order {i}")))
+                    .unwrap();
+                let (st, _, body) = send1(&mut c, req).await;
+                assert_eq!((st, body.as_str()), (StatusCode::OK, "ok"), "POST {i}");
+            }
+            assert_eq!(accepted.load(Relaxed), 3);
+            let v = p.shared.l7.router.current().stats()[0].view();
+            assert_eq!((v.requests, v.retries), (3, 0), "{v:?}");
+            assert!(v.failures.is_empty(), "{v:?}");
+        })
+        .await
+        .unwrap();
+    }
+
     #[tokio::test]
     async fn reset_after_send_is_retried_only_when_idempotent_without_body() {
         tokio::time::timeout(BOUND, async {
