@@ -64,6 +64,7 @@ struct RawConfig {
     #[serde(default)]
     pods: Vec<RawPod>,
     detect_timeout_ms: Option<u64>,
+    workers: Option<u32>,
     #[serde(default)]
     services: Vec<crate::routing::policy::RawService>,
 }
@@ -176,6 +177,20 @@ pub struct Config {
     pub pods: Vec<PodSpec>,
     /// `detect_timeout_ms` and `[[services]]`: the routing policy (validated).
     pub routing: crate::routing::RawPolicy,
+    /// Proxy worker threads; `None`: one per CPU.
+    pub workers: Option<usize>,
+}
+
+/// Most proxy worker threads (`workers`).
+pub const MAX_WORKERS: u32 = 256;
+
+/// `workers`: 1 ..= [`MAX_WORKERS`].
+pub fn check_workers(n: u32) -> Result<usize, String> {
+    if (1..=MAX_WORKERS).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(format!("must be between 1 and {MAX_WORKERS}, got {n}"))
+    }
 }
 
 /// Most meshed inbound ports per pod.
@@ -251,6 +266,11 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         services: raw.services.clone(),
     };
     crate::routing::compile(routing.clone()).map_err(|e| err(e.field, e.reason))?;
+    let workers = raw
+        .workers
+        .map(check_workers)
+        .transpose()
+        .map_err(|e| err("workers", e))?;
     let outbound_port = raw.outbound_port.unwrap_or(mesh_common::DEFAULT_OUTBOUND_PORT);
     if outbound_port == 0 {
         return Err(err("outbound_port", "must not be 0"));
@@ -397,6 +417,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         bypass_ports,
         pods,
         routing,
+        workers,
     })
 }
 
@@ -459,6 +480,7 @@ mod tests {
         assert_eq!(c.outbound_port, 15001);
         assert!(!c.acceleration.enabled, "acceleration is off by default");
         assert!(c.pods.is_empty());
+        assert_eq!(c.workers, None, "one worker per CPU unless set");
     }
 
     #[test]
@@ -468,6 +490,7 @@ mod tests {
             cgroup_root = "/sys/fs/cgroup/x"
             outbound_port = 16001
             metrics_addr = "127.0.0.1:9999"
+            workers = 3
             [acceleration]
             enabled = true
             max_msg_bytes = 4096
@@ -487,6 +510,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.outbound_port, 16001);
+        assert_eq!(c.workers, Some(3));
         assert_eq!(c.bypass_ports, vec![22, 53]);
         assert_eq!(c.bypass_cidrs[1].prefix, 32);
         assert_eq!(c.pods.len(), 2);
@@ -525,6 +549,8 @@ mod tests {
             "pods[0].netns"
         );
         assert_eq!(field_of("daemon_mark = 0"), "daemon_mark");
+        assert_eq!(field_of("workers = 0"), "workers");
+        assert_eq!(field_of("workers = 257"), "workers");
         assert_eq!(
             field_of(
                 "[[pods]]\nname = \"a\"\nnetns = \"/a\"\ncgroup = \"/b\"\ninbound_ports = [8080, 15006]"

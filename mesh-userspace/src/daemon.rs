@@ -523,6 +523,7 @@ impl Daemon {
             },
             "cgroup_root": self.cgroup_root,
             "uptime_s": self.started.elapsed().as_secs(),
+            "workers": tokio::runtime::Handle::try_current().map(|h| h.metrics().num_workers()).ok(),
         })
     }
 

@@ -70,6 +70,9 @@ enum Cmd {
         /// Enrolment state file; overrides `state_file`.
         #[arg(long)]
         state_file: Option<PathBuf>,
+        /// Proxy worker threads; overrides `workers` (default: one per CPU).
+        #[arg(long)]
+        workers: Option<u32>,
     },
     /// Capture a running pod's new connections.
     Enroll {
@@ -162,6 +165,7 @@ fn main() -> ExitCode {
             cgroup_root,
             pin_dir,
             state_file,
+            workers,
         } => {
             init_tracing();
             let overrides = Overrides {
@@ -170,6 +174,7 @@ fn main() -> ExitCode {
                 cgroup_root,
                 pin_dir,
                 state_file,
+                workers,
             };
             run(config.as_deref(), overrides)
         }
@@ -312,6 +317,7 @@ struct Overrides {
     cgroup_root: Option<PathBuf>,
     pin_dir: Option<PathBuf>,
     state_file: Option<PathBuf>,
+    workers: Option<u32>,
 }
 
 fn run(config_path: Option<&Path>, o: Overrides) -> ExitCode {
@@ -321,6 +327,7 @@ fn run(config_path: Option<&Path>, o: Overrides) -> ExitCode {
         cgroup_root,
         pin_dir,
         state_file,
+        workers,
     } = o;
     // Config first: an invalid one exits 64 and attaches nothing.
     let text = match config_path {
@@ -360,6 +367,15 @@ fn run(config_path: Option<&Path>, o: Overrides) -> ExitCode {
     }
     if let Some(p) = state_file {
         cfg.state_file = p;
+    }
+    if let Some(n) = workers {
+        match config::check_workers(n) {
+            Ok(n) => cfg.workers = Some(n),
+            Err(e) => {
+                eprintln!("invalid config: --workers: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
     }
     let mount = match sys::cgroup2_mount() {
         Ok(m) => m,
@@ -578,11 +594,16 @@ fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, Str
     }
     let metrics_addr = cfg.metrics_addr;
     let admin_path = cfg.admin_socket.clone();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cfg.workers {
+        rt.worker_threads(n);
+    }
+    let rt = rt
         .enable_all()
         .thread_name("sockmesh")
         .build()
         .context("failed to start the runtime")?;
+    let workers = rt.metrics().num_workers();
     let daemon = Arc::new(daemon::Daemon::new(cfg, root.clone(), kernel, accel, checks));
     let result = rt.block_on(async {
         let admin = admin::bind(&admin_path)
@@ -590,7 +611,7 @@ fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, Str
         let metrics = tokio::net::TcpListener::bind(metrics_addr)
             .await
             .with_context(|| format!("failed to bind the metrics endpoint {metrics_addr}"))?;
-        info!(admin = %admin_path.display(), metrics = %metrics.local_addr()?, root = %root.display(), "sockmesh running");
+        info!(admin = %admin_path.display(), metrics = %metrics.local_addr()?, root = %root.display(), workers, "sockmesh running");
         if origin == ebpf::Origin::Adopted {
             let skipped = daemon.adopt(pods);
             info!(skipped = skipped.len(), "re-adopted the previous daemon's state");

@@ -43,10 +43,11 @@ pub fn render(st: &Value) -> String {
     let accel = &st["acceleration"];
     let _ = writeln!(
         o,
-        "sockmesh on {} (kernel {}), up {}s; acceleration: {} ({})",
+        "sockmesh on {} (kernel {}), up {}s, {} proxy workers; acceleration: {} ({})",
         s(&st["cgroup_root"]),
         s(&st["kernel"]["release"]),
         s(&st["uptime_s"]),
+        s(&st["workers"]),
         if accel["enabled"].as_bool() == Some(true) {
             "on"
         } else {
@@ -224,6 +225,7 @@ mod tests {
             "cgroup_root": "/sys/fs/cgroup/x",
             "kernel": {"release": "6.18"},
             "uptime_s": 3,
+            "workers": 2,
             "acceleration": {"enabled": false, "detail": "off in config"},
             "pods": [{"name": "web", "cgroup_id": 9, "netns": "/run/netns/web", "external_proxy": false,
                        "listeners": ["127.0.0.1:15001"], "connections_active": 1, "connections_total": 2}],
@@ -238,5 +240,6 @@ mod tests {
         assert!(!out.contains("connect_not_enrolled"), "{out}");
         assert!(!out.contains("Proxy errors"), "{out}");
         assert!(out.contains("web"), "{out}");
+        assert!(out.contains("up 3s, 2 proxy workers"), "{out}");
     }
 }

@@ -304,9 +304,11 @@ fn config_listed_pods_are_captured_from_start() {
     let node = VirtualNode::new(&["client", "server"]).unwrap();
     let (client, server) = (node.pod("client"), node.pod("server"));
     let _who = Server::peer(server, 7000, "whoami").unwrap();
-    let cfg = basic_config(&node, &pods_toml(&[client]));
+    // Every setting of the file is honoured: here the worker count as well.
+    let cfg = basic_config(&node, &format!("workers = 1\n{}", pods_toml(&[client])));
     let daemon = Daemon::start(&node, &cfg).unwrap();
     pod_status(&daemon, "client").unwrap();
+    assert_eq!(daemon.status().unwrap()["workers"], 1);
     let c0 = counter(&daemon, "connect_captured");
     let line = whoami(client, &server.addr(7000));
     assert_whoami(&line, client, &server.addr(7000));
@@ -867,6 +869,7 @@ fn an_invalid_config_exits_64_naming_the_field_and_attaches_nothing() {
         ),
         ("cgroup_root", "outbound_port = 15001\n".to_owned()),
         ("no_such_option", basic_config(&node, "no_such_option = 1\n")),
+        ("workers", basic_config(&node, "workers = 0\n")),
     ];
     let mut failures = Vec::new();
     for (field, config) in &cases {
