@@ -632,7 +632,8 @@ const SETUP: &str = r#"
 All traffic stays inside one virtual node the bench creates: a network namespace per pod on a
 bridge, under a cgroup subtree of its own (the daemon's `cgroup_root`). The server pod runs the
 bench's own echo, HTTP (1 KiB keep-alive responses), sink and accept-only servers, one thread
-per connection. The load runs inside a client pod's netns and cgroup.
+per connection. The load runs inside a client pod's netns and cgroup. Every proxy gets one
+worker thread: sockmesh `workers = 1`, Envoy `--concurrency 1`, HAProxy `nbthread 1`.
 
 - **direct**: client pod to the server pod's IP, no mesh (the floor).
 - **iptables + sockmesh**: the pod has `capture = false`; inside the client pod's netns only,

@@ -359,8 +359,9 @@ impl Bench {
     }
 
     fn daemon_config(&self, accel: bool) -> String {
+        // One worker, like Envoy (`--concurrency 1`) and HAProxy (`nbthread 1`).
         let mut s = format!(
-            "cgroup_root = {}\n\n[acceleration]\nenabled = {accel}\n\n[bypass]\nports = [{}]\n",
+            "cgroup_root = {}\nworkers = 1\n\n[acceleration]\nenabled = {accel}\n\n[bypass]\nports = [{}]\n",
             toml_str(&self.node.cgroup_root().to_string_lossy()),
             PORTS.accept
         );
