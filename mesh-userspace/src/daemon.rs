@@ -113,6 +113,9 @@ pub struct Daemon {
     enrolments: AtomicU64,
     /// Set by the admin `stop` request: `Some(keep_state)`.
     stop: tokio::sync::watch::Sender<Option<bool>>,
+    /// The policy `routes apply` installed (kept in the state file for a successor); `None`
+    /// while the config file's policy is in force.
+    applied_routing: Mutex<Option<state::AppliedRouting>>,
 }
 
 pub struct PodMetrics {
@@ -153,6 +156,31 @@ impl Daemon {
             started: Instant::now(),
             enrolments: AtomicU64::new(0),
             stop: tokio::sync::watch::channel(None).0,
+            applied_routing: Mutex::new(None),
+        }
+    }
+
+    /// After a restart: go on with the policy the previous daemon had applied at runtime, if
+    /// the config file's policy is still the one it replaced. Returns whether it did.
+    pub fn resume_routing(&self, r: state::AppliedRouting) -> bool {
+        if r.base != self.cfg.routing {
+            warn!("the config's routing policy changed since `routes apply`: using the config's");
+            return false;
+        }
+        match crate::routing::compile(r.applied.clone()) {
+            Ok(policy) => {
+                self.l7().router.replace(policy);
+                tracing::info!(
+                    services = r.applied.services.len(),
+                    "resumed the routing policy applied at runtime"
+                );
+                *self.applied_routing.lock().expect("routing lock") = Some(r);
+                true
+            }
+            Err(e) => {
+                warn!("the saved runtime routing policy is not valid ({e}): using the config's");
+                false
+            }
         }
     }
 
@@ -169,11 +197,16 @@ impl Daemon {
     /// `sockmesh routes apply`: validate and swap the whole policy; existing connections keep
     /// going and their next request uses it. Returns the new generation.
     pub fn apply_routes(&self, raw: crate::routing::RawPolicy) -> Result<u64, crate::routing::PolicyError> {
-        let policy = crate::routing::compile(raw)?;
+        let policy = crate::routing::compile(raw.clone())?;
         let services = policy.raw().services.len();
         self.l7().router.replace(policy);
         let generation = self.l7().router.current().generation();
         tracing::info!(generation, services, "routing policy applied");
+        *self.applied_routing.lock().expect("routing lock") = Some(state::AppliedRouting {
+            base: self.cfg.routing.clone(),
+            applied: raw,
+        });
+        self.persist(&self.pods.lock().expect("pods lock"));
         Ok(generation)
     }
 
@@ -373,6 +406,7 @@ impl Daemon {
             abi_version: mesh_common::ABI_VERSION,
             cgroup_root: self.cgroup_root.clone(),
             pods: pods.values().map(|p| state::PodState::from(&p.spec)).collect(),
+            routing: self.applied_routing.lock().expect("routing lock").clone(),
         };
         if let Err(e) = state::save(&self.cfg.state_file, &st) {
             warn!(path = %self.cfg.state_file.display(), "failed to save enrolment state: {e}");

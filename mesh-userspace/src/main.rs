@@ -570,10 +570,12 @@ fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, Str
         }
     };
     let mut pods = cfg.pods.clone();
+    let mut resumed_routing = None;
     if origin == ebpf::Origin::Adopted {
         // The previous daemon's enrolment, unless the config says otherwise for the same name.
         match state::load(&cfg.state_file) {
             Ok(Some(st)) if st.cgroup_root == root => {
+                resumed_routing = st.routing;
                 for p in st.pods {
                     if !pods.iter().any(|q| q.name == p.name) {
                         pods.push(p.into());
@@ -605,6 +607,10 @@ fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, Str
         .context("failed to start the runtime")?;
     let workers = rt.metrics().num_workers();
     let daemon = Arc::new(daemon::Daemon::new(cfg, root.clone(), kernel, accel, checks));
+    // Before any pod is adopted, so that no request sees the config's policy in between.
+    if let Some(r) = resumed_routing {
+        daemon.resume_routing(r);
+    }
     let result = rt.block_on(async {
         let admin = admin::bind(&admin_path)
             .with_context(|| format!("failed to bind the admin socket {}", admin_path.display()))?;

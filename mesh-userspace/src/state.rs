@@ -1,5 +1,6 @@
-//! Enrolment state on disk, so a restarted daemon re-adopts its pods. Written atomically
-//! (temp file + rename) after every enrol and unenrol.
+//! Enrolment state on disk, so a restarted daemon re-adopts its pods and the routing policy
+//! applied at runtime. Written atomically (temp file + rename) after every enrol, unenrol and
+//! `routes apply`.
 
 use std::{
     io,
@@ -8,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::PodSpec;
+use crate::{config::PodSpec, routing::RawPolicy};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodState {
@@ -61,11 +62,21 @@ impl From<PodState> for PodSpec {
     }
 }
 
+/// A policy applied with `sockmesh routes apply`, and the config file's policy it replaced. A
+/// successor resumes `applied` only while the config still says `base`: an edited config wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedRouting {
+    pub base: RawPolicy,
+    pub applied: RawPolicy,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     pub abi_version: u32,
     pub cgroup_root: PathBuf,
     pub pods: Vec<PodState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<AppliedRouting>,
 }
 
 /// `Ok(None)` when there is no state file.
@@ -118,6 +129,10 @@ mod tests {
                 inbound_all_ports: false,
                 inbound_exclude_ports: vec![],
             }],
+            routing: Some(AppliedRouting {
+                base: RawPolicy::default(),
+                applied: crate::routing::parse_toml("detect_timeout_ms = 50").unwrap(),
+            }),
         };
         save(&path, &st).unwrap();
         assert_eq!(load(&path).unwrap(), Some(st));
