@@ -1059,6 +1059,102 @@ fn routes_apply_during_http1_load_drops_no_request_and_later_requests_follow_the
 
 /// Python run in the client pod: connects to `addr`, sends the bytes of `file` then `garbage`,
 /// and prints `{"received": n, "closed": bool}` (read until EOF or 5 s of silence).
+/// Which endpoint answered each of `n` curl requests from the client pod to the HTTP/1.1 VIP.
+fn http1_answers(node: &VirtualNode, n: u32) -> BTreeMap<String, u64> {
+    let url = format!("http://{VIP}:{HTTP1_VIP_PORT}/[1-{n}]");
+    let out = pod_exec(
+        node.pod("client"),
+        "curl",
+        &["-sS", "--fail", "--max-time", "30", "-w", "\n", &url],
+    )
+    .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut by = BTreeMap::new();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        *by.entry(l.to_owned()).or_insert(0) += 1;
+    }
+    by
+}
+
+/// `sockmesh stop --keep-state`, then a successor on the same pinned state with `config`.
+fn restart(d: &mut Daemon, node: &VirtualNode, config: &str) -> Daemon {
+    let out = d.cli(&["stop", "--keep-state"]).expect("stop --keep-state");
+    assert!(out.status.success());
+    eventually(Duration::from_secs(15), || {
+        ensure!(d.status().is_err(), "daemon still answers");
+        Ok(())
+    })
+    .unwrap();
+    let state = d.hand_over_state().expect("hand over");
+    Daemon::start_with_state(node.daemon_cgroup(), config, Some(state)).expect("successor")
+}
+
+#[test]
+fn a_policy_applied_at_runtime_survives_a_restart_unless_the_config_changed() {
+    if !require(&[Tool::Node, Tool::Curl]) {
+        return;
+    }
+    let node = node();
+    let all_to = |w1, w2| service_toml(&node, "web", "http1", HTTP1_VIP_PORT, HTTP1_PORT, w1, w2);
+    let config = basic_config(&node, &all_to(100, 0));
+    let mut first = daemon(&node, &all_to(100, 0));
+    let port = HTTP1_PORT.to_string();
+    let stats_port = HTTP1_STATS.to_string();
+    let _servers = endpoints(&node, |pod, name| {
+        node_server(
+            pod,
+            "name_server.js",
+            &[
+                "--name",
+                name,
+                "--port",
+                &port,
+                "--proto",
+                "http1",
+                "--stats-port",
+                &stats_port,
+            ],
+        )
+    });
+    let only = |name: &str| BTreeMap::from([(name.to_owned(), 20u64)]);
+    assert_eq!(http1_answers(&node, 20), only("v1"), "the config's policy");
+
+    let dir = TempDir::new("routes").expect("temp dir");
+    let out = apply(&first, &dir, "all-v2.toml", &all_to(0, 100));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(http1_answers(&node, 20), only("v2"), "the applied policy");
+
+    // A successor with the same config goes on with the applied policy, from its first request.
+    let mut second = restart(&mut first, &node, &config);
+    assert_eq!(
+        http1_answers(&node, 20),
+        only("v2"),
+        "after a restart: {}",
+        second.log()
+    );
+    assert!(second
+        .log()
+        .contains("resumed the routing policy applied at runtime"));
+
+    // An edited config file is newer than the runtime policy: it wins.
+    let edited = config.replace("timeout_ms = 10000", "timeout_ms = 9000");
+    assert_ne!(edited, config);
+    let third = restart(&mut second, &node, &edited);
+    assert_eq!(
+        http1_answers(&node, 20),
+        only("v1"),
+        "after a restart with an edited config: {}",
+        third.log()
+    );
+    assert!(third
+        .log()
+        .contains("routing policy changed since `routes apply`"));
+}
+
 const RAW_CLIENT: &str = r#"
 import json, socket, sys
 host, port = sys.argv[1].rsplit(":", 1)
