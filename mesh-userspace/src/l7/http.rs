@@ -615,7 +615,7 @@ async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
     };
     // hyper drops this future when the app closes its connection before the answer: the
     // request was routed (and maybe served), so it is still counted, as `client_closed`.
-    let mut pending = Pending {
+    let pending = Pending {
         stats: &decision.stats,
         started,
         done: false,
@@ -627,10 +627,9 @@ async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
     } else {
         forward(&st, req, &decision, started).await
     };
-    pending.done = true;
     match result {
         Ok(resp) => {
-            decision.stats.record(Outcome::Answered, started.elapsed());
+            pending.finish(Outcome::Answered);
             // The request stays in flight until its response body is done.
             let (parts, body) = resp.into_parts();
             let body = body
@@ -643,18 +642,26 @@ async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
         }
         Err((reason, msg)) => {
             st.ctx.l7().errors.count(proto, reason);
-            decision.stats.record(Outcome::Failed(reason), started.elapsed());
+            pending.finish(Outcome::Failed(reason));
             debug!(reason, "{msg}");
             failure_reply(reason, grpc, &msg)
         }
     }
 }
 
-/// Counts a routed request whose handler was dropped before it finished.
+/// Counts a routed request once: by its outcome, or as [`CLIENT_CLOSED`] when its handler is
+/// dropped before it finished.
 struct Pending<'a> {
     stats: &'a RouteStats,
     started: Instant,
     done: bool,
+}
+
+impl Pending<'_> {
+    fn finish(mut self, outcome: Outcome) {
+        self.done = true;
+        self.stats.record(outcome, self.started.elapsed());
+    }
 }
 
 impl Drop for Pending<'_> {
