@@ -275,6 +275,20 @@ impl Daemon {
         }
     }
 
+    /// `sockmesh stop --keep-state`: waits until the daemon no longer answers, then hands its
+    /// pinned state over for [`Daemon::start_with_state`].
+    pub fn stop_keep_state(&mut self) -> Result<(PathBuf, PathBuf)> {
+        let out = self.cli(&["stop", "--keep-state"])?;
+        if !out.status.success() {
+            bail!("sockmesh stop --keep-state: {}", status_text(out.status));
+        }
+        eventually(Duration::from_secs(15), || {
+            anyhow::ensure!(self.status().is_err(), "daemon still answers");
+            Ok(())
+        })?;
+        self.hand_over_state()
+    }
+
     /// Stops the daemon now (SIGTERM, up to [`STOP_GRACE`], then SIGKILL) and returns how it
     /// exited. The log is printed when it did not exit 0.
     pub fn stop(&mut self) -> Option<ExitStatus> {

@@ -199,16 +199,7 @@ fn stop_keep_state_hands_over_and_plain_stop_removes_everything() {
     let _whoami = Server::peer(server, 7000, "whoami").expect("whoami server");
     let cfg = basic_config(&node, &pods_toml(&[client]));
     let mut first = Daemon::start(&node, &cfg).expect("first daemon");
-    let out = first
-        .cli(&["stop", "--keep-state"])
-        .expect("sockmesh stop --keep-state");
-    assert!(out.status.success());
-    eventually(Duration::from_secs(15), || {
-        anyhow::ensure!(first.status().is_err(), "daemon still answers");
-        Ok(())
-    })
-    .unwrap();
-    let state = first.hand_over_state().unwrap();
+    let state = first.stop_keep_state().expect("sockmesh stop --keep-state");
     assert_eq!(
         attached_ids(node.cgroup_root()).len(),
         6,

@@ -208,6 +208,28 @@ fn endpoints(node: &VirtualNode, start: impl Fn(&Pod, &str) -> Server) -> Vec<Se
     ["v1", "v2"].iter().map(|n| start(node.pod(n), n)).collect()
 }
 
+/// `name_server.js` in the endpoint pods, answering with its name over `proto` (`http1`,
+/// `h2c`) on `port`, with its request counts on `stats_port`.
+fn name_servers(node: &VirtualNode, proto: &str, port: u16, stats_port: u16) -> Vec<Server> {
+    let (port, stats_port) = (port.to_string(), stats_port.to_string());
+    endpoints(node, |pod, name| {
+        node_server(
+            pod,
+            "name_server.js",
+            &[
+                "--name",
+                name,
+                "--port",
+                &port,
+                "--proto",
+                proto,
+                "--stats-port",
+                &stats_port,
+            ],
+        )
+    })
+}
+
 /// `{"name","requests","connections","by_header"}` from a server's stats listener (127.0.0.1 in
 /// its own, not enrolled, pod).
 fn stats(pod: &Pod, stats_port: u16) -> Value {
@@ -510,24 +532,7 @@ fn http1_requests_split_90_10_and_a_header_sends_all_to_v2() {
             V2_WEIGHT,
         ),
     );
-    let port = HTTP1_PORT.to_string();
-    let stats_port = HTTP1_STATS.to_string();
-    let _servers = endpoints(&node, |pod, name| {
-        node_server(
-            pod,
-            "name_server.js",
-            &[
-                "--name",
-                name,
-                "--port",
-                &port,
-                "--proto",
-                "http1",
-                "--stats-port",
-                &stats_port,
-            ],
-        )
-    });
+    let _servers = name_servers(&node, "http1", HTTP1_PORT, HTTP1_STATS);
     let before = routed_per_subset(&d, "web", "default");
 
     // wrk runs for a duration, not a count: repeat short runs until 10,000 were answered.
@@ -563,34 +568,10 @@ fn http1_requests_split_90_10_and_a_header_sends_all_to_v2() {
 
     // The header match overrides the split: 200 requests over one curl connection, all to v2.
     let canary_before = routed_per_subset(&d, "web", "canary");
-    let url = format!("http://{VIP}:{HTTP1_VIP_PORT}/[1-200]");
-    let out = pod_exec(
-        node.pod("client"),
-        "curl",
-        &[
-            "-sS",
-            "--fail",
-            "--max-time",
-            "30",
-            "-H",
-            "x-canary: true",
-            "-w",
-            "\n",
-            &url,
-        ],
-    )
-    .expect("curl");
-    let bodies = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<&str> = bodies.lines().collect();
-    assert_eq!(lines.len(), 200, "{bodies}");
-    assert!(
-        lines.iter().all(|l| *l == "v2"),
-        "a canary request left v2: {bodies}"
+    assert_eq!(
+        http1_answers(&node, 200, Some("x-canary: true")),
+        BTreeMap::from([("v2".to_owned(), 200)]),
+        "200 answers, all from v2"
     );
     let after = server_counts(&node, HTTP1_STATS);
     assert_eq!(get(&after, "v1"), get(&counts, "v1"), "v1 got canary requests");
@@ -625,24 +606,7 @@ fn http2_requests_split_90_10_and_a_header_sends_all_to_v2() {
         &node,
         &service_toml(&node, "web2", "auto", H2_VIP_PORT, H2_PORT, V1_WEIGHT, V2_WEIGHT),
     );
-    let port = H2_PORT.to_string();
-    let stats_port = H2_STATS.to_string();
-    let _servers = endpoints(&node, |pod, name| {
-        node_server(
-            pod,
-            "name_server.js",
-            &[
-                "--name",
-                name,
-                "--port",
-                &port,
-                "--proto",
-                "h2c",
-                "--stats-port",
-                &stats_port,
-            ],
-        )
-    });
+    let _servers = name_servers(&node, "h2c", H2_PORT, H2_STATS);
     let before = routed_per_subset(&d, "web2", "default");
     h2load(&node, H2_VIP_PORT, REQUESTS, None);
     let counts = server_counts(&node, H2_STATS);
@@ -968,24 +932,7 @@ fn routes_apply_during_http1_load_drops_no_request_and_later_requests_follow_the
             V2_WEIGHT,
         ),
     );
-    let port = HTTP1_PORT.to_string();
-    let stats_port = HTTP1_STATS.to_string();
-    let _servers = endpoints(&node, |pod, name| {
-        node_server(
-            pod,
-            "name_server.js",
-            &[
-                "--name",
-                name,
-                "--port",
-                &port,
-                "--proto",
-                "http1",
-                "--stats-port",
-                &stats_port,
-            ],
-        )
-    });
+    let _servers = name_servers(&node, "http1", HTTP1_PORT, HTTP1_STATS);
     let dir = TempDir::new("routes").expect("temp dir");
     let client = node.pod("client");
     let mut cmd = Command::new("wrk");
@@ -1054,20 +1001,15 @@ fn routes_apply_during_http1_load_drops_no_request_and_later_requests_follow_the
     );
 }
 
-// ---------------------------------------------------------------------------------------------
-// bad input
-
-/// Python run in the client pod: connects to `addr`, sends the bytes of `file` then `garbage`,
-/// and prints `{"received": n, "closed": bool}` (read until EOF or 5 s of silence).
-/// Which endpoint answered each of `n` curl requests from the client pod to the HTTP/1.1 VIP.
-fn http1_answers(node: &VirtualNode, n: u32) -> BTreeMap<String, u64> {
+/// Which endpoint answered each of `n` curl requests (one connection, with `header` if given)
+/// from the client pod to the HTTP/1.1 VIP.
+fn http1_answers(node: &VirtualNode, n: u32, header: Option<&str>) -> BTreeMap<String, u64> {
     let url = format!("http://{VIP}:{HTTP1_VIP_PORT}/[1-{n}]");
-    let out = pod_exec(
-        node.pod("client"),
-        "curl",
-        &["-sS", "--fail", "--max-time", "30", "-w", "\n", &url],
-    )
-    .expect("curl");
+    let mut args = vec!["-sS", "--fail", "--max-time", "30", "-w", "\n", &url];
+    if let Some(h) = header {
+        args.extend(["-H", h]);
+    }
+    let out = pod_exec(node.pod("client"), "curl", &args).expect("curl");
     assert!(
         out.status.success(),
         "curl: {}",
@@ -1082,14 +1024,7 @@ fn http1_answers(node: &VirtualNode, n: u32) -> BTreeMap<String, u64> {
 
 /// `sockmesh stop --keep-state`, then a successor on the same pinned state with `config`.
 fn restart(d: &mut Daemon, node: &VirtualNode, config: &str) -> Daemon {
-    let out = d.cli(&["stop", "--keep-state"]).expect("stop --keep-state");
-    assert!(out.status.success());
-    eventually(Duration::from_secs(15), || {
-        ensure!(d.status().is_err(), "daemon still answers");
-        Ok(())
-    })
-    .unwrap();
-    let state = d.hand_over_state().expect("hand over");
+    let state = d.stop_keep_state().expect("sockmesh stop --keep-state");
     Daemon::start_with_state(node.daemon_cgroup(), config, Some(state)).expect("successor")
 }
 
@@ -1102,36 +1037,19 @@ fn a_policy_applied_at_runtime_survives_a_restart_unless_the_config_changed() {
     let all_to = |w1, w2| service_toml(&node, "web", "http1", HTTP1_VIP_PORT, HTTP1_PORT, w1, w2);
     let config = basic_config(&node, &all_to(100, 0));
     let mut first = daemon(&node, &all_to(100, 0));
-    let port = HTTP1_PORT.to_string();
-    let stats_port = HTTP1_STATS.to_string();
-    let _servers = endpoints(&node, |pod, name| {
-        node_server(
-            pod,
-            "name_server.js",
-            &[
-                "--name",
-                name,
-                "--port",
-                &port,
-                "--proto",
-                "http1",
-                "--stats-port",
-                &stats_port,
-            ],
-        )
-    });
+    let _servers = name_servers(&node, "http1", HTTP1_PORT, HTTP1_STATS);
     let only = |name: &str| BTreeMap::from([(name.to_owned(), 20u64)]);
-    assert_eq!(http1_answers(&node, 20), only("v1"), "the config's policy");
+    assert_eq!(http1_answers(&node, 20, None), only("v1"), "the config's policy");
 
     let dir = TempDir::new("routes").expect("temp dir");
     let out = apply(&first, &dir, "all-v2.toml", &all_to(0, 100));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(http1_answers(&node, 20), only("v2"), "the applied policy");
+    assert_eq!(http1_answers(&node, 20, None), only("v2"), "the applied policy");
 
     // A successor with the same config goes on with the applied policy, from its first request.
     let mut second = restart(&mut first, &node, &config);
     assert_eq!(
-        http1_answers(&node, 20),
+        http1_answers(&node, 20, None),
         only("v2"),
         "after a restart: {}",
         second.log()
@@ -1145,7 +1063,7 @@ fn a_policy_applied_at_runtime_survives_a_restart_unless_the_config_changed() {
     assert_ne!(edited, config);
     let third = restart(&mut second, &node, &edited);
     assert_eq!(
-        http1_answers(&node, 20),
+        http1_answers(&node, 20, None),
         only("v1"),
         "after a restart with an edited config: {}",
         third.log()
@@ -1155,6 +1073,11 @@ fn a_policy_applied_at_runtime_survives_a_restart_unless_the_config_changed() {
         .contains("routing policy changed since `routes apply`"));
 }
 
+// ---------------------------------------------------------------------------------------------
+// bad input
+
+/// Python run in the client pod: connects to `addr`, sends the bytes of `file` then `garbage`,
+/// and prints `{"received": n, "closed": bool}` (read until EOF or 5 s of silence).
 const RAW_CLIENT: &str = r#"
 import json, socket, sys
 host, port = sys.argv[1].rsplit(":", 1)
