@@ -39,6 +39,8 @@ pub enum Request {
         inbound_all_ports: bool,
         #[serde(default)]
         inbound_exclude_ports: Vec<u32>,
+        #[serde(default)]
+        colour: Option<String>,
     },
     Unenroll {
         name: String,
@@ -143,7 +145,13 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             inbound_ports,
             inbound_all_ports,
             inbound_exclude_ports,
+            colour,
         } => {
+            if let Some(c) = &colour {
+                if let Err(e) = crate::config::check_pod_colour(c, &daemon.policy()) {
+                    return Response::err(format!("colour: {e}"));
+                }
+            }
             let inbound_exclude_ports =
                 match crate::config::check_inbound_ports(&inbound_exclude_ports, daemon.outbound_port()) {
                     Ok(p) => p,
@@ -163,6 +171,7 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
                 netns: netns.into(),
                 cgroup: cgroup.into(),
                 external_proxy,
+                colour,
             };
             match daemon.enroll(spec) {
                 Ok(()) => Response::ok(),
@@ -245,6 +254,7 @@ mod tests {
                 inbound_ports: vec![],
                 inbound_all_ports: false,
                 inbound_exclude_ports: vec![],
+                colour: None,
             }
         );
         assert_eq!(

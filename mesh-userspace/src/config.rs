@@ -67,6 +67,12 @@ struct RawConfig {
     workers: Option<u32>,
     #[serde(default)]
     services: Vec<crate::routing::policy::RawService>,
+    #[serde(default)]
+    colours: Vec<crate::routing::colour::RawColour>,
+    #[serde(default)]
+    ingress: Vec<crate::routing::colour::RawIngress>,
+    #[serde(default)]
+    trusted_sources: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +107,7 @@ struct RawPod {
     inbound_all_ports: bool,
     #[serde(default)]
     inbound_exclude_ports: Vec<u32>,
+    colour: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +135,29 @@ impl Cidr {
         }
         Ok(Self { addr, prefix })
     }
+
+    /// Is `ip` inside (IPv4-mapped IPv6 counts as IPv4)?
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if ip.is_ipv4() != self.addr.is_ipv4() {
+            return false;
+        }
+        // IPv4 sits in the top 32 bits, so a prefix counts from the top for both families.
+        let bits = |a: IpAddr| -> u128 {
+            match a {
+                IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
+                IpAddr::V6(v6) => u128::from(v6),
+            }
+        };
+        let mask = match self.prefix {
+            0 => 0,
+            p => u128::MAX << (128 - u32::from(p)),
+        };
+        bits(ip) & mask == bits(self.addr) & mask
+    }
 }
 
 impl fmt::Display for Cidr {
@@ -151,6 +181,8 @@ pub struct PodSpec {
     /// Capture every inbound port except `inbound_exclude_ports` (and sockmesh's own).
     pub inbound_all_ports: bool,
     pub inbound_exclude_ports: Vec<u16>,
+    /// The pod's traffic colour (a `[[colours]]` name): every request it sends has it.
+    pub colour: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +222,21 @@ pub fn check_workers(n: u32) -> Result<usize, String> {
         Ok(n as usize)
     } else {
         Err(format!("must be between 1 and {MAX_WORKERS}, got {n}"))
+    }
+}
+
+/// A pod's colour must be one the policy defines (not `base`: that is no colour).
+pub fn check_pod_colour(colour: &str, policy: &crate::routing::Policy) -> Result<(), String> {
+    match policy.colours().id(colour) {
+        Some(c) if c != 0 => Ok(()),
+        _ => {
+            let defined = policy.colours().names();
+            Err(if defined.is_empty() {
+                format!("unknown colour `{colour}`: the policy defines no [[colours]]")
+            } else {
+                format!("unknown colour `{colour}` (defined: {})", defined.join(", "))
+            })
+        }
     }
 }
 
@@ -264,8 +311,11 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
     let routing = crate::routing::RawPolicy {
         detect_timeout_ms: raw.detect_timeout_ms,
         services: raw.services.clone(),
+        colours: raw.colours.clone(),
+        ingress: raw.ingress.clone(),
+        trusted_sources: raw.trusted_sources.clone(),
     };
-    crate::routing::compile(routing.clone()).map_err(|e| err(e.field, e.reason))?;
+    let policy = crate::routing::compile(routing.clone()).map_err(|e| err(e.field, e.reason))?;
     let workers = raw
         .workers
         .map(check_workers)
@@ -389,6 +439,9 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
                 "an external-proxy pod with capture off would do nothing",
             ));
         }
+        if let Some(c) = &p.colour {
+            check_pod_colour(c, &policy).map_err(|r| err(format!("pods[{i}].colour"), r))?;
+        }
         pods.push(PodSpec {
             name,
             netns,
@@ -398,6 +451,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
             inbound_ports,
             inbound_all_ports: p.inbound_all_ports,
             inbound_exclude_ports,
+            colour: p.colour.clone(),
         });
     }
     Ok(Config {

@@ -83,6 +83,8 @@ struct EnrolledPod {
     proxy: Option<PodProxy>,
     /// Pod address × meshed port entries this pod put in the inbound map.
     inbound_keys: Vec<InboundKey>,
+    /// The pod's addresses when it was enrolled (in [`proxy::MeshIps`]).
+    addrs: Vec<std::net::IpAddr>,
 }
 
 fn inbound_key(a: std::net::IpAddr, port: u16) -> InboundKey {
@@ -184,6 +186,11 @@ impl Daemon {
         }
     }
 
+    /// The routing policy in force now.
+    pub fn policy(&self) -> Arc<crate::routing::Policy> {
+        self.l7().router.current()
+    }
+
     /// The routing policy, protocol errors and pools.
     pub fn l7(&self) -> &crate::l7::L7Shared {
         &self.shared.l7
@@ -198,6 +205,17 @@ impl Daemon {
     /// going and their next request uses it. Returns the new generation.
     pub fn apply_routes(&self, raw: crate::routing::RawPolicy) -> Result<u64, crate::routing::PolicyError> {
         let policy = crate::routing::compile(raw.clone())?;
+        // A pod's colour must stay defined: its requests would silently turn base.
+        for p in self.pods.lock().expect("pods lock").values() {
+            if let Some(c) = &p.spec.colour {
+                crate::config::check_pod_colour(c, &policy).map_err(|reason| {
+                    crate::routing::PolicyError {
+                        field: "colours".into(),
+                        reason: format!("enrolled pod `{}` has colour `{c}`: {reason}", p.spec.name),
+                    }
+                })?;
+            }
+        }
         let services = policy.raw().services.len();
         self.l7().router.replace(policy);
         let generation = self.l7().router.current().generation();
@@ -286,11 +304,14 @@ impl Daemon {
             outbound_port: self.cfg.outbound_port,
             inbound_port: mesh_common::DEFAULT_INBOUND_PORT,
             mark: self.cfg.daemon_mark,
+            colour: spec.colour.clone(),
         });
         let io_err = |source| DaemonError::Io {
             name: name.clone(),
             source,
         };
+        // The pod's addresses: its requests to other pods come from inside the mesh.
+        let addrs = sys::local_addrs_in(&ctx.netns).map_err(io_err)?;
         let mut listeners = Vec::new();
         if !spec.external_proxy {
             for l in proxy::outbound_listeners(&ctx).map_err(io_err)? {
@@ -306,7 +327,7 @@ impl Daemon {
             } else {
                 spec.inbound_ports.clone()
             };
-            let addrs = sys::local_addrs_in(&ctx.netns).map_err(io_err)?;
+            let addrs = addrs.clone();
             let mut k = self.kernel.lock().expect("kernel lock");
             let r = (|| -> Result<(), DaemonError> {
                 let kerr = |source| DaemonError::Kernel {
@@ -365,6 +386,7 @@ impl Daemon {
                 });
             }
         }
+        self.shared.mesh_ips.add(&addrs);
         info!(pod = %name, cgroup_id, netns_cookie, external_proxy = spec.external_proxy, "enrolled");
         self.enrolments.fetch_add(1, Relaxed);
         pods.insert(
@@ -377,6 +399,7 @@ impl Daemon {
                 stats,
                 proxy,
                 inbound_keys,
+                addrs,
             },
         );
         self.persist(&pods);
@@ -497,6 +520,7 @@ impl Daemon {
             pod
         };
         self.undo_inbound(name, pod.pod_id, &pod.inbound_keys);
+        self.shared.mesh_ips.remove(&pod.addrs);
         info!(pod = %name, "unenrolled");
         if let Some(p) = pod.proxy {
             p.stop().await;
@@ -522,6 +546,7 @@ impl Daemon {
                     "inbound_ports": p.spec.inbound_ports,
                     "inbound_all_ports": p.spec.inbound_all_ports,
                     "inbound_exclude_ports": p.spec.inbound_exclude_ports,
+                    "colour": p.spec.colour,
                     "listeners": p.proxy.as_ref().map(|x| x.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
                     "connections_active": p.stats.connections_active.load(Relaxed),
                     "connections_total": p.stats.connections_total.load(Relaxed),

@@ -97,6 +97,10 @@ enum Cmd {
         /// With --inbound-all-ports: never capture this port (repeatable).
         #[arg(long = "inbound-exclude-port")]
         inbound_exclude_ports: Vec<u32>,
+        /// The pod's traffic colour (a `[[colours]]` name of the policy): every request it
+        /// sends has this colour unless the request carries its own.
+        #[arg(long)]
+        colour: Option<String>,
         #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
@@ -187,6 +191,7 @@ fn main() -> ExitCode {
             inbound_ports,
             inbound_all_ports,
             inbound_exclude_ports,
+            colour,
             admin_socket,
         } => client(
             &admin_socket,
@@ -199,6 +204,7 @@ fn main() -> ExitCode {
                 inbound_ports,
                 inbound_all_ports,
                 inbound_exclude_ports,
+                colour,
             },
             false,
         ),

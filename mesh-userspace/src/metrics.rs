@@ -179,6 +179,7 @@ fn render_l7(o: &mut String, l7: &L7Shared) {
         );
         let _ = writeln!(o, "sockmesh_request_duration_seconds_count{{{l}}} {}", s.requests);
     }
+    render_colours(o, &policy);
     let _ = writeln!(o, "# HELP sockmesh_protocol_errors_total Bad input and routing failures per protocol, by reason.\n# TYPE sockmesh_protocol_errors_total counter");
     for ((p, r), v) in l7.errors.snapshot() {
         let _ = writeln!(
@@ -186,6 +187,51 @@ fn render_l7(o: &mut String, l7: &L7Shared) {
             "sockmesh_protocol_errors_total{{protocol=\"{p}\",reason=\"{r}\"}} {v}"
         );
     }
+}
+
+/// Colour counters (only when the policy defines colours).
+fn render_colours(o: &mut String, policy: &crate::routing::Policy) {
+    if !policy.colouring() {
+        return;
+    }
+    let v = policy.colour_stats().view();
+    let per = [
+        (
+            "sockmesh_colour_requests_total",
+            "Requests routed, per service and colour.",
+            0,
+        ),
+        (
+            "sockmesh_colour_fallbacks_total",
+            "Coloured requests served by base endpoints (no endpoint of their colour, fallback = base).",
+            1,
+        ),
+        (
+            "sockmesh_colour_unavailable_total",
+            "Coloured requests refused: no endpoint of their colour and fallback = none.",
+            2,
+        ),
+    ];
+    for (name, help, which) in per {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+        for c in &v.per_service {
+            let n = [c.requests, c.fallbacks, c.unavailable][which];
+            let _ = writeln!(
+                o,
+                "{name}{{service=\"{}\",colour=\"{}\"}} {n}",
+                label(&c.service),
+                label(&c.colour)
+            );
+        }
+    }
+    let _ = writeln!(o, "# HELP sockmesh_colour_source_total Requests by where their colour came from (none: base).\n# TYPE sockmesh_colour_source_total counter");
+    for (src, n) in &v.by_source {
+        let _ = writeln!(o, "sockmesh_colour_source_total{{source=\"{src}\"}} {n}");
+    }
+    let _ = writeln!(o, "# HELP sockmesh_colour_stripped_total Colour headers dropped because the request came from outside the mesh.\n# TYPE sockmesh_colour_stripped_total counter");
+    let _ = writeln!(o, "sockmesh_colour_stripped_total {}", v.stripped);
+    let _ = writeln!(o, "# HELP sockmesh_colour_invalid_total Colour headers from inside the mesh that named no colour (ignored).\n# TYPE sockmesh_colour_invalid_total counter");
+    let _ = writeln!(o, "sockmesh_colour_invalid_total {}", v.invalid);
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use tracing::{debug, warn, Instrument};
 use crate::{
     l7::{self, ConnCtx, L7Shared},
     protocol::detect::{self, Detection},
-    routing::{ConnPlan, Outcome, ProtocolHint, Router},
+    routing::{ConnPlan, Outcome, ProtocolHint, RequestInfo, Router},
     sys::{self, NetNs},
 };
 
@@ -204,6 +204,44 @@ pub struct PodCtx {
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub mark: u32,
+    /// The pod's colour (`enroll --colour`): every request it sends has it unless the request
+    /// or the kernel says otherwise.
+    pub colour: Option<String>,
+}
+
+/// The addresses of this node's enrolled pods: requests from them come from inside the mesh.
+#[derive(Debug, Default)]
+pub struct MeshIps {
+    ips: std::sync::RwLock<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+impl MeshIps {
+    pub fn add(&self, ips: &[std::net::IpAddr]) {
+        let mut m = self.ips.write().expect("mesh ips lock");
+        for ip in ips {
+            *m.entry(*ip).or_default() += 1;
+        }
+    }
+
+    pub fn remove(&self, ips: &[std::net::IpAddr]) {
+        let mut m = self.ips.write().expect("mesh ips lock");
+        for ip in ips {
+            if let Some(n) = m.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(ip);
+                }
+            }
+        }
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        !ip.is_loopback() && self.ips.read().expect("mesh ips lock").contains_key(&ip)
+    }
 }
 
 /// Shared by every pod's listeners.
@@ -213,6 +251,8 @@ pub struct Shared {
     pub orig: Box<dyn OrigDstSource>,
     /// The routing policy, protocol error counters and upstream pools.
     pub l7: L7Shared,
+    /// Enrolled pods' addresses (who is inside the mesh).
+    pub mesh_ips: MeshIps,
 }
 
 impl Shared {
@@ -225,6 +265,7 @@ impl Shared {
                 router,
                 ..L7Shared::default()
             },
+            mesh_ips: MeshIps::default(),
         }
     }
 }
@@ -381,7 +422,11 @@ fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>,
             reset(s);
             return;
         }
-        let plan = shared.l7.router.current().connection(orig);
+        let plan = shared
+            .l7
+            .router
+            .current()
+            .connection_for(orig, dir == Direction::Inbound);
         match plan {
             ConnPlan::Opaque => {
                 relay(s, peer, orig, orig, dir, pod, shared)
@@ -425,7 +470,18 @@ async fn dispatch(
     debug!(?detected, "protocol");
     if matches!(detected, Detection::Opaque | Detection::NeedMore) {
         let policy = shared.l7.router.current();
-        let decision = match policy.route_tcp(orig) {
+        let routed = if dir == Direction::Inbound {
+            Ok(policy.deliver(orig))
+        } else {
+            // One colour for the whole connection: the pod's (a byte stream carries no header).
+            let colour = pod
+                .colour
+                .as_deref()
+                .and_then(|c| policy.colours().id(c))
+                .unwrap_or(0);
+            policy.route_coloured(orig, &RequestInfo::bare(ProtocolHint::Tcp), colour)
+        };
+        let decision = match routed {
             Ok(d) => d,
             Err(e) => {
                 shared.l7.errors.count("tcp", e.reason());
@@ -463,6 +519,7 @@ async fn dispatch(
         client: peer,
         orig,
         entry: entry.clone(),
+        inbound: dir == Direction::Inbound,
     };
     match detected {
         Detection::Http1 => l7::http::serve(s, l7::http::HttpVersion::Http1, ctx).await,
@@ -616,6 +673,7 @@ mod tests {
             outbound_port: 0,
             inbound_port: 0,
             mark: 0,
+            colour: None,
         })
     }
 

@@ -69,7 +69,9 @@ use tracing::debug;
 use super::ConnCtx;
 use crate::{
     proxy::PodCtx,
-    routing::{Decision, HeaderLookup, Outcome, ProtocolHint, RequestInfo, RouteStats},
+    routing::{
+        colour::COLOUR_HEADER, Decision, HeaderLookup, Outcome, ProtocolHint, RequestInfo, RouteStats,
+    },
 };
 
 /// Largest HTTP/1.1 request head (request line and headers) the proxy reads; larger gets 431
@@ -555,12 +557,16 @@ fn grpc_message(msg: &str) -> String {
 fn failure_reply(reason: &'static str, grpc: bool, msg: &str) -> Response<Body> {
     let (status, code) = match reason {
         "no_route" => (StatusCode::NOT_FOUND, 12),
-        "no_endpoint" => (StatusCode::SERVICE_UNAVAILABLE, 14),
+        "no_endpoint" | "colour_unavailable" => (StatusCode::SERVICE_UNAVAILABLE, 14),
         "timeout" => (StatusCode::GATEWAY_TIMEOUT, 4),
         "connect_unsupported" => (StatusCode::NOT_IMPLEMENTED, 12),
         _ => (StatusCode::BAD_GATEWAY, 14),
     };
-    local_reply(status, code, grpc, msg)
+    let mut resp = local_reply(status, code, grpc, msg);
+    // The reason, machine-readable (`colour_unavailable`, `timeout`, ...).
+    resp.headers_mut()
+        .insert("sockmesh-error", HeaderValue::from_static(reason));
+    resp
 }
 
 /// One request from the app: route it, forward it, answer.
@@ -602,8 +608,21 @@ async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
             version: None,
             headers: &Headers(req.headers()),
         };
-        policy.route(st.ctx.orig, &info)
+        st.ctx.route(&policy, &info, None)
     };
+    let (choice, routed) = routed;
+    let mut req = req;
+    if policy.colouring() {
+        // The colour travels with the request (the next hop's proxy reads it); one from outside
+        // the mesh, or garbage, never does.
+        let h = req.headers_mut();
+        h.remove(COLOUR_HEADER);
+        if choice.colour != 0 {
+            if let Ok(v) = HeaderValue::from_str(policy.colours().name(choice.colour)) {
+                h.insert(COLOUR_HEADER, v);
+            }
+        }
+    }
     drop(policy);
     let decision = match routed {
         Ok(d) => d,
@@ -1239,6 +1258,7 @@ split = [{ subset = "v1", weight = 90 }, { subset = "v2", weight = 10 }]
             outbound_port: 0,
             inbound_port: 0,
             mark: 0,
+            colour: None,
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -1267,6 +1287,7 @@ split = [{ subset = "v1", weight = 90 }, { subset = "v2", weight = 10 }]
                     client: peer,
                     orig,
                     entry,
+                    inbound: false,
                 };
                 tokio::spawn(serve(c, version, ctx));
             }

@@ -27,7 +27,10 @@ use tokio::net::TcpStream;
 
 use crate::{
     proxy::{self, ConnEntry, PodCtx, Shared},
-    routing::Router,
+    routing::{
+        colour::{Choice, ColourId, ColourInputs},
+        Decision, Policy, RequestInfo, RouteError, Router,
+    },
 };
 
 /// Protocol errors by (protocol, reason): `sockmesh_protocol_errors_total`.
@@ -86,6 +89,8 @@ pub struct ConnCtx {
     pub orig: SocketAddr,
     /// The connection's `status` entry (byte counters).
     pub entry: Arc<ConnEntry>,
+    /// Captured by the pod's inbound listener: requests go to the pod's own app.
+    pub inbound: bool,
 }
 
 impl ConnCtx {
@@ -97,5 +102,43 @@ impl ConnCtx {
     /// mark (never captured again), bounded by `timeout`.
     pub async fn connect(&self, endpoint: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
         proxy::connect_upstream(&self.pod, endpoint, timeout).await
+    }
+
+    /// Does a request on this connection come from inside the mesh, so that its colour header
+    /// is believed? Outbound: always (the app is an enrolled pod). Inbound: when the client is
+    /// an enrolled pod of this node or in the policy's `trusted_sources`.
+    pub fn trusted(&self, policy: &Policy) -> bool {
+        let ip = self.client.ip();
+        !self.inbound || self.shared.mesh_ips.contains(ip) || policy.colours().trusts(ip)
+    }
+
+    /// Colour one request and decide where it goes: outbound by the policy, within its colour;
+    /// inbound to the pod's own app (the sender's proxy already chose this pod).
+    /// `propagated` is the colour the kernel recorded for the bytes the request starts at.
+    pub fn route(
+        &self,
+        policy: &Policy,
+        info: &RequestInfo<'_>,
+        propagated: Option<ColourId>,
+    ) -> (Choice, Result<Decision, RouteError>) {
+        let pod = match (&self.pod.colour, self.inbound) {
+            (Some(c), false) => policy.colours().id(c),
+            _ => None,
+        };
+        let inputs = ColourInputs {
+            trusted: self.trusted(policy),
+            propagated,
+            pod,
+        };
+        let choice = policy.choose_colour(self.orig, info, inputs, self.inbound);
+        if policy.colouring() {
+            policy.colour_stats().chosen(&choice);
+        }
+        let routed = if self.inbound {
+            Ok(policy.deliver(self.orig))
+        } else {
+            policy.route_coloured(self.orig, info, choice.colour)
+        };
+        (choice, routed)
     }
 }

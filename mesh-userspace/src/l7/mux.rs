@@ -93,7 +93,10 @@ use crate::{
         dubbo::{self, DubboCodec, DubboError, DubboFrame},
         sofa::{self, SofaRequestInfo},
     },
-    routing::{Decision, HeaderLookup, Outcome, Policy, ProtocolHint, RequestInfo},
+    routing::{
+        colour::{self, Choice},
+        Decision, HeaderLookup, Outcome, Policy, ProtocolHint, RequestInfo,
+    },
 };
 
 /// Upstream connections per (pod, endpoint, protocol).
@@ -292,6 +295,11 @@ impl MuxProto for Bolt {
             let method = f
                 .header_str(BOLT_METHOD_HEADER)
                 .or_else(|| body.as_ref()?.method.as_deref());
+            let headers = BoltHeaders {
+                frame: &f,
+                body: body.as_ref(),
+            };
+            let had_colour = colour::header_of(&headers).is_some();
             let info = RequestInfo {
                 protocol: ProtocolHint::Bolt,
                 host: None,
@@ -299,13 +307,15 @@ impl MuxProto for Bolt {
                 service,
                 method,
                 version,
-                headers: &BoltHeaders {
-                    frame: &f,
-                    body: body.as_ref(),
-                },
+                headers: &headers,
             };
-            policy.route(ctx.orig, &info)
+            let (choice, routed) = ctx.route(policy, &info, None);
+            (colour_value(policy, &choice, had_colour), routed)
         };
+        let (colour_value, routed) = routed;
+        if let Some(v) = colour_value {
+            f.set_header(colour::COLOUR_HEADER, v);
+        }
         match routed {
             Ok(decision) => {
                 if &*decision.service != "passthrough" {
@@ -364,6 +374,20 @@ impl MuxProto for Bolt {
         }
         reply.set_header(ERROR_HEADER, msg);
         reply
+    }
+}
+
+/// The colour value a forwarded RPC request carries, if it must be written: its colour's name,
+/// or `base` over a colour that came from outside the mesh or named nothing (a Bolt body's
+/// requestProps and a Dubbo attachment cannot be removed in place, only overridden).
+fn colour_value<'p>(policy: &'p Policy, choice: &Choice, had_colour: bool) -> Option<&'p str> {
+    if !policy.colouring() {
+        return None;
+    }
+    if choice.colour != 0 {
+        Some(policy.colours().name(choice.colour))
+    } else {
+        had_colour.then_some(colour::BASE)
     }
 }
 
@@ -463,23 +487,38 @@ impl MuxProto for Dubbo {
         } else {
             None
         };
-        let routed = match &invocation {
-            Some(inv) => policy.route(
-                ctx.orig,
-                &RequestInfo {
-                    protocol: ProtocolHint::Dubbo,
-                    host: None,
-                    path: None,
-                    service: Some(&inv.service_path),
-                    method: Some(&inv.method),
-                    version: Some(&inv.service_version)
-                        .filter(|v| !v.is_empty())
-                        .map(|v| v.as_str()),
-                    headers: &DubboAttachments(&inv.attachments),
-                },
-            ),
-            None => policy.route(ctx.orig, &RequestInfo::bare(ProtocolHint::Dubbo)),
+        let (colour_value, routed) = match &invocation {
+            Some(inv) => {
+                let headers = DubboAttachments(&inv.attachments);
+                let (choice, routed) = ctx.route(
+                    policy,
+                    &RequestInfo {
+                        protocol: ProtocolHint::Dubbo,
+                        host: None,
+                        path: None,
+                        service: Some(&inv.service_path),
+                        method: Some(&inv.method),
+                        version: Some(&inv.service_version)
+                            .filter(|v| !v.is_empty())
+                            .map(|v| v.as_str()),
+                        headers: &headers,
+                    },
+                    None,
+                );
+                let had_colour = colour::header_of(&headers).is_some();
+                (colour_value(policy, &choice, had_colour), routed)
+            }
+            None => {
+                let (choice, routed) = ctx.route(policy, &RequestInfo::bare(ProtocolHint::Dubbo), None);
+                (colour_value(policy, &choice, false), routed)
+            }
         };
+        if let (Some(v), Some(_)) = (colour_value, &invocation) {
+            // The body decoded above, so this cannot fail; forward it unchanged if it does.
+            if let Ok(body) = dubbo::add_attachment(&f.body, colour::COLOUR_HEADER, v) {
+                f.body = body.into();
+            }
+        }
         match routed {
             Ok(decision) => {
                 if invocation.is_some() && &*decision.service != "passthrough" {
@@ -1313,6 +1352,7 @@ mod tests {
             outbound_port: 0,
             inbound_port: 0,
             mark: 0,
+            colour: None,
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -1336,6 +1376,7 @@ mod tests {
                         bytes_to_client: AtomicU64::new(0),
                         started: Instant::now(),
                     }),
+                    inbound: false,
                 };
                 tokio::spawn(serve::<P>(s, ctx));
             }

@@ -17,6 +17,7 @@
 //!
 //! [`policy`] holds the config schema and its validation; [`stats`] the per-route counters.
 
+pub mod colour;
 pub mod policy;
 pub mod stats;
 
@@ -50,7 +51,7 @@ pub enum ConnPlan {
     Opaque,
     /// Read the first bytes (up to `detect_timeout`) unless `hint` names the protocol, then
     /// route per request; opaque TCP (detected or hinted) is routed once per connection with
-    /// [`Policy::route_tcp`].
+    /// [`Policy::route_coloured`] with the pod's colour.
     L7 {
         hint: ProtocolHint,
         detect_timeout: Duration,
@@ -148,6 +149,9 @@ pub enum RouteError {
     /// The chosen subset has no endpoints.
     #[error("subset `{subset}` of service `{service}` has no endpoints")]
     NoEndpoint { service: Arc<str>, subset: Arc<str> },
+    /// The request's colour has no endpoint in this service and must not fall back to base.
+    #[error("service `{service}` has no `{colour}` endpoint and colour `{colour}` never falls back to base")]
+    ColourUnavailable { service: Arc<str>, colour: Arc<str> },
 }
 
 impl RouteError {
@@ -155,6 +159,7 @@ impl RouteError {
         match self {
             Self::NoRoute(_) => "no_route",
             Self::NoEndpoint { .. } => "no_endpoint",
+            Self::ColourUnavailable { .. } => "colour_unavailable",
         }
     }
 }

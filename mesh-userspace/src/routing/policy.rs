@@ -13,7 +13,7 @@
 //! retries = 1                        # extra attempts for requests safe to retry
 //! endpoints = [
 //!   { address = "10.0.1.5:8080", labels = { version = "v1" } },
-//!   { address = "10.0.2.7:8080", labels = { version = "v2", colour = "blue" } },
+//!   { address = "10.0.2.7:8080", labels = { version = "v2", colour = "gray" } },
 //! ]
 //! subsets = [
 //!   { name = "v1", labels = { version = "v1" } },
@@ -45,7 +45,13 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConnPlan, Decision, ProtocolHint, RequestInfo, RouteError, RouteStats, RouteStatsView};
+use super::{
+    colour::{
+        self, Choice, ColourId, ColourInputs, ColourOutcome, ColourStats, ColourStatsView, Colours, Fallback,
+        Ingress, RawColour, RawIngress, Source,
+    },
+    ConnPlan, Decision, ProtocolHint, RequestInfo, RouteError, RouteStats, RouteStatsView,
+};
 
 pub const DEFAULT_DETECT_TIMEOUT_MS: u64 = 300;
 pub const MAX_DETECT_TIMEOUT_MS: u64 = 10_000;
@@ -69,6 +75,16 @@ pub struct RawPolicy {
     pub detect_timeout_ms: Option<u64>,
     #[serde(default)]
     pub services: Vec<RawService>,
+    /// Traffic colours ([`super::colour`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub colours: Vec<RawColour>,
+    /// Rules that colour uncoloured requests entering a service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<RawIngress>,
+    /// Sources outside this node whose colour headers are believed (other mesh nodes' pod
+    /// ranges): CIDRs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_sources: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,7 +169,7 @@ impl RawMatch {
         self == &RawMatch::default()
     }
 
-    fn matches(&self, req: &RequestInfo<'_>) -> bool {
+    pub(super) fn matches(&self, req: &RequestInfo<'_>) -> bool {
         fn eq(want: &Option<String>, got: Option<&str>) -> bool {
             want.as_deref().is_none_or(|w| got == Some(w))
         }
@@ -243,14 +259,20 @@ pub fn normalise(a: SocketAddr) -> SocketAddr {
 struct Subset {
     name: Arc<str>,
     endpoints: Arc<[SocketAddr]>,
+    /// The subset's endpoints by colour (0 = base, the uncoloured ones); only colours present.
+    by_colour: Vec<(ColourId, Arc<[SocketAddr]>)>,
     next: AtomicUsize,
+}
+
+impl Subset {
+    fn of_colour(&self, c: ColourId) -> Option<&Arc<[SocketAddr]>> {
+        self.by_colour.iter().find(|(k, _)| *k == c).map(|(_, e)| e)
+    }
 }
 
 struct Split {
     subset: usize,
     weight: u32,
-    /// Cumulative weight up to and including this entry.
-    upto: u64,
     stats: Arc<RouteStats>,
 }
 
@@ -258,7 +280,6 @@ struct Route {
     name: Arc<str>,
     matches: RawMatch,
     split: Vec<Split>,
-    total: u64,
     timeout: Duration,
     retries: u32,
 }
@@ -277,7 +298,12 @@ pub struct Policy {
     services: Vec<Service>,
     by_addr: HashMap<SocketAddr, usize>,
     by_host: HashMap<String, usize>,
+    /// Endpoint address → service, to find the service of a pod's inbound request.
+    by_endpoint: HashMap<SocketAddr, usize>,
     passthrough: Arc<RouteStats>,
+    colours: Colours,
+    ingress: Vec<Ingress>,
+    colour_stats: Arc<ColourStats>,
     pub(super) generation: u64,
 }
 
@@ -344,7 +370,9 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
     if raw.services.len() > MAX_SERVICES {
         return Err(perr("services", format!("at most {MAX_SERVICES}")));
     }
+    let colours = compile_colours(&raw)?;
     let mut services = Vec::new();
+    let mut by_endpoint = HashMap::new();
     let mut by_addr = HashMap::new();
     let mut by_host = HashMap::new();
     let mut names = HashSet::new();
@@ -402,13 +430,23 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
         let mut endpoints = Vec::new();
         for (ei, e) in s.endpoints.iter().enumerate() {
             let addr = parse_addr(&format!("{f}.endpoints[{ei}].address"), &e.address)?;
-            if endpoints.iter().any(|(a, _)| *a == addr) {
+            if endpoints.iter().any(|(a, _, _)| *a == addr) {
                 return Err(perr(
                     format!("{f}.endpoints[{ei}].address"),
                     format!("{addr} is listed twice"),
                 ));
             }
-            endpoints.push((addr, &e.labels));
+            let colour = match e.labels.get(colour::LABEL) {
+                None => 0,
+                Some(c) => colours.id(c).ok_or_else(|| {
+                    perr(
+                        format!("{f}.endpoints[{ei}].labels.{}", colour::LABEL),
+                        format!("unknown colour `{c}` (defined: {})", defined(&colours)),
+                    )
+                })?,
+            };
+            by_endpoint.entry(addr).or_insert(si);
+            endpoints.push((addr, &e.labels, colour));
         }
         let raw_subsets = if s.subsets.is_empty() {
             vec![RawSubset {
@@ -431,10 +469,10 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
                     format!("subset `{sname}` is defined twice"),
                 ));
             }
-            let members: Vec<SocketAddr> = endpoints
+            let members: Vec<(SocketAddr, ColourId)> = endpoints
                 .iter()
-                .filter(|(_, labels)| k.labels.iter().all(|(lk, lv)| labels.get(lk) == Some(lv)))
-                .map(|(a, _)| *a)
+                .filter(|(_, labels, _)| k.labels.iter().all(|(lk, lv)| labels.get(lk) == Some(lv)))
+                .map(|(a, _, c)| (*a, *c))
                 .collect();
             if members.is_empty() {
                 return Err(perr(
@@ -442,9 +480,17 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
                     format!("subset `{sname}` selects no endpoint"),
                 ));
             }
+            let mut by_colour: Vec<(ColourId, Vec<SocketAddr>)> = Vec::new();
+            for (a, c) in &members {
+                match by_colour.iter_mut().find(|(k, _)| k == c) {
+                    Some((_, v)) => v.push(*a),
+                    None => by_colour.push((*c, vec![*a])),
+                }
+            }
             subsets.push(Subset {
                 name: sname,
-                endpoints: members.into(),
+                endpoints: members.iter().map(|(a, _)| *a).collect(),
+                by_colour: by_colour.into_iter().map(|(c, v)| (c, v.into())).collect(),
                 next: AtomicUsize::new(0),
             });
         }
@@ -508,7 +554,6 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
                 split.push(Split {
                     subset: idx,
                     weight: p.weight,
-                    upto: total,
                     stats: Arc::new(RouteStats::new(&name, &rname, &subsets[idx].name)),
                 });
             }
@@ -534,7 +579,6 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
                 name: rname,
                 matches,
                 split,
-                total,
                 timeout: check_timeout(
                     &format!("{field}.timeout_ms"),
                     r.timeout_ms,
@@ -550,15 +594,140 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
             routes,
         });
     }
+    let ingress = compile_ingress(&raw, &services, &colours)?;
     Ok(Policy {
         raw,
         detect_timeout: Duration::from_millis(detect_ms),
         services,
         by_addr,
         by_host,
+        by_endpoint,
         passthrough: Arc::new(RouteStats::new("passthrough", "passthrough", "passthrough")),
+        colours,
+        ingress,
+        colour_stats: Arc::new(ColourStats::default()),
         generation: 0,
     })
+}
+
+fn defined(c: &Colours) -> String {
+    let mut names = vec![colour::BASE.to_owned()];
+    names.extend(c.names());
+    names.join(", ")
+}
+
+/// `[[colours]]` and `trusted_sources`.
+fn compile_colours(raw: &RawPolicy) -> Result<Colours, PolicyError> {
+    let mut colours = Colours::default();
+    if raw.colours.len() > colour::MAX_COLOURS {
+        return Err(perr("colours", format!("at most {}", colour::MAX_COLOURS)));
+    }
+    for (i, c) in raw.colours.iter().enumerate() {
+        let f = format!("colours[{i}]");
+        let name = check_name(&format!("{f}.name"), &c.name)?;
+        if name.eq_ignore_ascii_case(colour::BASE) {
+            return Err(perr(format!("{f}.name"), "`base` is the name of no colour"));
+        }
+        if colours.id(&name).is_some() {
+            return Err(perr(
+                format!("{f}.name"),
+                format!("colour `{name}` is defined twice"),
+            ));
+        }
+        if c.id == 0 || c.id > 255 {
+            return Err(perr(format!("{f}.id"), "must be 1 to 255 (0 is base)"));
+        }
+        let id = c.id as ColourId;
+        if colours.name(id) != colour::BASE {
+            return Err(perr(
+                format!("{f}.id"),
+                format!("id {id} already belongs to colour `{}`", colours.name(id)),
+            ));
+        }
+        colours.insert(id, &name, c.fallback);
+    }
+    if raw.trusted_sources.len() > colour::MAX_TRUSTED {
+        return Err(perr(
+            "trusted_sources",
+            format!("at most {}", colour::MAX_TRUSTED),
+        ));
+    }
+    for (i, t) in raw.trusted_sources.iter().enumerate() {
+        let cidr = crate::config::Cidr::parse(t).map_err(|e| perr(format!("trusted_sources[{i}]"), e))?;
+        colours.trusted.push(cidr);
+    }
+    Ok(colours)
+}
+
+/// `[[ingress]]`, after the services (rules name them).
+fn compile_ingress(
+    raw: &RawPolicy,
+    services: &[Service],
+    colours: &Colours,
+) -> Result<Vec<Ingress>, PolicyError> {
+    if raw.ingress.len() > colour::MAX_INGRESS {
+        return Err(perr("ingress", format!("at most {}", colour::MAX_INGRESS)));
+    }
+    let mut out = Vec::new();
+    for (i, r) in raw.ingress.iter().enumerate() {
+        let f = format!("ingress[{i}]");
+        let service = services
+            .iter()
+            .position(|s| *s.name == *r.service)
+            .ok_or_else(|| perr(format!("{f}.service"), format!("no service `{}`", r.service)))?;
+        let c = colours.id(&r.colour).filter(|&c| c != 0).ok_or_else(|| {
+            perr(
+                format!("{f}.colour"),
+                format!(
+                    "unknown colour `{}` (defined: {})",
+                    r.colour,
+                    colours.names().join(", ")
+                ),
+            )
+        })?;
+        let basis_points = match r.percent {
+            None => None,
+            Some(p) if p.is_finite() && (0.0..=100.0).contains(&p) => Some((p * 100.0).round() as u32),
+            Some(p) => return Err(perr(format!("{f}.percent"), format!("{p} is not 0 to 100"))),
+        };
+        if r.hash_header.is_some() && basis_points.is_none() {
+            return Err(perr(
+                format!("{f}.hash_header"),
+                "needs `percent` (the share of user keys to colour)",
+            ));
+        }
+        if let Some(h) = &r.hash_header {
+            if h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(perr(
+                    format!("{f}.hash_header"),
+                    format!("`{h}` is not a header name"),
+                ));
+            }
+        }
+        if r.matches.is_none() && basis_points.is_none() {
+            return Err(perr(
+                &f,
+                "a rule needs `percent`, `match` or both (it would colour every request)",
+            ));
+        }
+        let matches = r.matches.clone().map(|mut m| {
+            m.headers = m
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect();
+            m.host = m.host.map(|h| h.to_ascii_lowercase());
+            m
+        });
+        out.push(Ingress {
+            service,
+            colour: c,
+            basis_points,
+            matches,
+            hash_header: r.hash_header.clone(),
+        });
+    }
+    Ok(out)
 }
 
 thread_local! {
@@ -585,6 +754,35 @@ fn random_below(n: u64) -> u64 {
     })
 }
 
+/// A split entry of `route` by weight among the subsets with endpoints of `colour`, and those
+/// endpoints. The weights are the route's own when every subset has some.
+fn pick_split<'a>(
+    svc: &'a Service,
+    route: &'a Route,
+    colour: ColourId,
+) -> Option<(&'a Split, &'a Arc<[SocketAddr]>)> {
+    let total: u64 = route
+        .split
+        .iter()
+        .filter(|s| svc.subsets[s.subset].of_colour(colour).is_some())
+        .map(|s| u64::from(s.weight))
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut pick = random_below(total);
+    for s in &route.split {
+        if let Some(eps) = svc.subsets[s.subset].of_colour(colour) {
+            let w = u64::from(s.weight);
+            if pick < w {
+                return Some((s, eps));
+            }
+            pick -= w;
+        }
+    }
+    None
+}
+
 impl Policy {
     /// No services: every connection is opaque TCP to its original destination.
     pub fn empty() -> Self {
@@ -597,6 +795,23 @@ impl Policy {
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Per connection, before reading: relay untouched, or look at the bytes. A pod's inbound
+    /// connections are parsed only when colours are defined (to strip, apply ingress rules and
+    /// hand the colour to the app); they are never routed elsewhere.
+    pub fn connection_for(&self, orig: SocketAddr, inbound: bool) -> ConnPlan {
+        if inbound {
+            return if self.colouring() {
+                ConnPlan::L7 {
+                    hint: ProtocolHint::Auto,
+                    detect_timeout: self.detect_timeout,
+                }
+            } else {
+                ConnPlan::Opaque
+            };
+        }
+        self.connection(orig)
     }
 
     /// Per connection, before reading: relay untouched, or look at the bytes.
@@ -639,36 +854,70 @@ impl Policy {
         }
     }
 
-    /// Route one request that arrived on a connection to `orig`.
+    /// Route one uncoloured (base) request that arrived on a connection to `orig`.
+    #[cfg(test)]
     pub fn route(&self, orig: SocketAddr, req: &RequestInfo<'_>) -> Result<Decision, RouteError> {
+        self.route_coloured(orig, req, 0)
+    }
+
+    /// Route one request of colour `colour` (0 = base). Closure: it goes only to endpoints of
+    /// its colour, chosen by the route's weights among the subsets that have some. Without
+    /// any, a `fallback = "base"` colour goes to base endpoints (counted) and a `fallback =
+    /// "none"` colour is refused ([`RouteError::ColourUnavailable`]). A base request never
+    /// reaches a coloured endpoint.
+    pub fn route_coloured(
+        &self,
+        orig: SocketAddr,
+        req: &RequestInfo<'_>,
+        colour: ColourId,
+    ) -> Result<Decision, RouteError> {
         let Some(svc) = self.service_for(orig, req) else {
             return Ok(self.passthrough(orig));
         };
         let Some(route) = svc.routes.iter().find(|r| r.matches.matches(req)) else {
             return Err(RouteError::NoRoute(svc.name.clone()));
         };
-        let pick = random_below(route.total);
-        let split = route
-            .split
-            .iter()
-            .find(|s| pick < s.upto)
-            .expect("pick is below the total weight");
-        let subset = &svc.subsets[split.subset];
-        let n = subset.endpoints.len();
-        if n == 0 {
+        let mut outcome = ColourOutcome::Routed;
+        let picked = match pick_split(svc, route, colour) {
+            Some(p) => Some(p),
+            None if colour != 0 => match self.colours.fallback(colour) {
+                Fallback::Base => {
+                    outcome = ColourOutcome::FellBack;
+                    pick_split(svc, route, 0)
+                }
+                Fallback::None => {
+                    let name = self.colours.name(colour);
+                    self.colour_stats
+                        .routed(&svc.name, name, ColourOutcome::Unavailable);
+                    return Err(RouteError::ColourUnavailable {
+                        service: svc.name.clone(),
+                        colour: name.into(),
+                    });
+                }
+            },
+            None => None,
+        };
+        let Some((split, endpoints)) = picked else {
+            // Every subset of the route lacks endpoints of this colour (and of base).
+            let subset = &svc.subsets[route.split[0].subset];
             return Err(RouteError::NoEndpoint {
                 service: svc.name.clone(),
                 subset: subset.name.clone(),
             });
+        };
+        if !self.colours.is_empty() {
+            self.colour_stats
+                .routed(&svc.name, self.colours.name(colour), outcome);
         }
+        let subset = &svc.subsets[split.subset];
+        let n = endpoints.len();
         let first = subset.next.fetch_add(1, Relaxed) % n;
-        let retry_endpoints: Arc<[SocketAddr]> =
-            (1..n.max(2)).map(|k| subset.endpoints[(first + k) % n]).collect();
+        let retry_endpoints: Arc<[SocketAddr]> = (1..n.max(2)).map(|k| endpoints[(first + k) % n]).collect();
         Ok(Decision {
             service: svc.name.clone(),
             route: route.name.clone(),
             subset: subset.name.clone(),
-            endpoint: subset.endpoints[first],
+            endpoint: endpoints[first],
             retry_endpoints,
             timeout: route.timeout,
             retries: route.retries,
@@ -676,7 +925,89 @@ impl Policy {
         })
     }
 
-    /// Route an opaque TCP connection (one decision for its whole life).
+    /// The colour table of this policy.
+    pub fn colours(&self) -> &Colours {
+        &self.colours
+    }
+
+    pub fn colour_stats(&self) -> &ColourStats {
+        &self.colour_stats
+    }
+
+    /// Does this policy colour anything? (Inbound connections are parsed only then.)
+    pub fn colouring(&self) -> bool {
+        !self.colours.is_empty()
+    }
+
+    /// A request's colour, first match wins: its own colour header (believed only from inside
+    /// the mesh, else stripped), the kernel's propagation ledger, the source pod's colour, an
+    /// ingress rule of the service it is for. `inbound` requests find their service by the
+    /// endpoint they arrived at (`orig` is the pod's own address).
+    pub fn choose_colour(
+        &self,
+        orig: SocketAddr,
+        req: &RequestInfo<'_>,
+        inputs: ColourInputs,
+        inbound: bool,
+    ) -> Choice {
+        let mut choice = Choice::BASE;
+        if self.colours.is_empty() {
+            // Nothing is coloured: headers pass untouched.
+            return choice;
+        }
+        if let Some(h) = colour::header_of(req.headers) {
+            if !inputs.trusted {
+                choice.stripped = true;
+            } else {
+                match self.colours.id(h.trim()) {
+                    Some(c) => {
+                        choice.colour = c;
+                        choice.source = Source::Header;
+                        return choice;
+                    }
+                    None => choice.invalid = true,
+                }
+            }
+        }
+        let known = |c: ColourId| c != 0 && self.colours.name(c) != colour::BASE;
+        if let Some(c) = inputs.propagated.filter(|&c| known(c)) {
+            choice.colour = c;
+            choice.source = Source::Kernel;
+            return choice;
+        }
+        if let Some(c) = inputs.pod.filter(|&c| known(c)) {
+            choice.colour = c;
+            choice.source = Source::Pod;
+            return choice;
+        }
+        if !self.ingress.is_empty() {
+            let svc = if inbound {
+                self.by_endpoint.get(&normalise(orig)).copied()
+            } else {
+                self.service_for(orig, req)
+                    .and_then(|s| self.services.iter().position(|x| std::ptr::eq(x, s)))
+            };
+            if let Some(si) = svc {
+                if let Some(rule) = self
+                    .ingress
+                    .iter()
+                    .find(|r| r.service == si && r.applies(req, || random_below(10_000) as u32))
+                {
+                    choice.colour = rule.colour;
+                    choice.source = Source::Ingress;
+                }
+            }
+        }
+        choice
+    }
+
+    /// A request that arrived on a pod's inbound side: it goes to the pod's own app.
+    pub fn deliver(&self, orig: SocketAddr) -> Decision {
+        self.passthrough(orig)
+    }
+
+    /// Route a base opaque TCP connection (one decision for its whole life).
+    #[cfg(test)]
     pub fn route_tcp(&self, orig: SocketAddr) -> Result<Decision, RouteError> {
         self.route(orig, &RequestInfo::bare(ProtocolHint::Tcp))
     }
@@ -708,6 +1039,7 @@ impl Policy {
                 s.absorb(o);
             }
         }
+        self.colour_stats.absorb(&old.colour_stats);
     }
 
     /// The live policy for `sockmesh routes`: what was written, each subset's endpoints, and
@@ -754,6 +1086,17 @@ impl Policy {
                 })
                 .collect(),
             passthrough: self.passthrough.view(),
+            colours: self
+                .raw
+                .colours
+                .iter()
+                .map(|c| ColourView {
+                    name: c.name.clone(),
+                    id: c.id,
+                    fallback: c.fallback,
+                })
+                .collect(),
+            colour_stats: self.colour_stats.view(),
             policy: self.raw.clone(),
         }
     }
@@ -765,8 +1108,17 @@ pub struct PolicyView {
     pub detect_timeout_ms: u64,
     pub services: Vec<ServiceView>,
     pub passthrough: RouteStatsView,
+    pub colours: Vec<ColourView>,
+    pub colour_stats: ColourStatsView,
     /// The policy as written, ready to edit and apply again.
     pub policy: RawPolicy,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ColourView {
+    pub name: String,
+    pub id: u32,
+    pub fallback: Fallback,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -807,7 +1159,7 @@ mod tests {
         endpoints = [
           { address = "10.0.1.1:8080", labels = { version = "v1" } },
           { address = "10.0.1.2:8080", labels = { version = "v1" } },
-          { address = "10.0.2.1:8080", labels = { version = "v2", colour = "blue" } },
+          { address = "10.0.2.1:8080", labels = { version = "v2" } },
         ]
         subsets = [
           { name = "v1", labels = { version = "v1" } },
@@ -1089,5 +1441,291 @@ mod tests {
         assert_eq!(view["services"][0]["routes"][2]["split"][0]["weight"], 0);
         assert_eq!(view["services"][0]["routes"][2]["split"][1]["weight"], 10);
         assert_eq!(view["policy"]["services"][0]["name"], "orders");
+    }
+
+    const COLOURED: &str = r#"
+        trusted_sources = ["10.244.0.0/16"]
+        [[colours]]
+        name = "gray"
+        id = 1
+        [[colours]]
+        name = "stress"
+        id = 2
+        fallback = "none"
+        [[services]]
+        name = "mid"
+        addresses = ["10.96.0.10:8080"]
+        endpoints = [
+          { address = "10.0.1.1:8080", labels = { version = "v1" } },
+          { address = "10.0.1.2:8080", labels = { version = "v1", colour = "gray" } },
+          { address = "10.0.2.1:8080", labels = { version = "v2" } },
+          { address = "10.0.2.2:8080", labels = { version = "v2", colour = "gray" } },
+          { address = "10.0.3.1:8080", labels = { version = "v1", colour = "stress" } },
+        ]
+        subsets = [
+          { name = "v1", labels = { version = "v1" } },
+          { name = "v2", labels = { version = "v2" } },
+        ]
+        [[services.routes]]
+        split = [{ subset = "v1", weight = 80 }, { subset = "v2", weight = 20 }]
+        [[services]]
+        name = "leaf"
+        addresses = ["10.96.0.11:8080"]
+        endpoints = [
+          { address = "10.0.4.1:8080" },
+          { address = "10.0.4.2:8080", labels = { colour = "gray" } },
+        ]
+        [[ingress]]
+        service = "mid"
+        colour = "gray"
+        match = { headers = { x-group = "beta" } }
+        [[ingress]]
+        service = "mid"
+        colour = "gray"
+        percent = 25
+        hash_header = "x-user"
+    "#;
+
+    fn endpoint_colour(a: SocketAddr) -> &'static str {
+        match a.to_string().as_str() {
+            "10.0.1.2:8080" | "10.0.2.2:8080" | "10.0.4.2:8080" => "gray",
+            "10.0.3.1:8080" => "stress",
+            _ => "base",
+        }
+    }
+
+    #[test]
+    fn each_colour_reaches_only_its_own_endpoints_and_splits_still_apply() {
+        let p = policy(COLOURED);
+        let req = RequestInfo::bare(ProtocolHint::Http1);
+        let gray = p.colours().id("gray").unwrap();
+        let mut v2 = [0u32; 2];
+        for (colour, name) in [(0, "base"), (gray, "gray")] {
+            for _ in 0..4000 {
+                let d = p.route_coloured(vip(), &req, colour).unwrap();
+                assert_eq!(endpoint_colour(d.endpoint), name, "{d:?}");
+                for r in d.retry_endpoints.iter() {
+                    assert_eq!(endpoint_colour(*r), name, "retry {r}");
+                }
+                if &*d.subset == "v2" {
+                    v2[usize::from(colour)] += 1;
+                }
+            }
+        }
+        for n in v2 {
+            assert!((600..1000).contains(&n), "v2 share within the colour: {n}/4000");
+        }
+        let stress = p.colours().id("stress").unwrap();
+        // Stress exists only in v1: the whole route's traffic goes there.
+        for _ in 0..100 {
+            let d = p.route_coloured(vip(), &req, stress).unwrap();
+            assert_eq!(d.endpoint, "10.0.3.1:8080".parse().unwrap());
+        }
+    }
+
+    #[test]
+    fn fallback_base_serves_from_base_and_fallback_none_refuses() {
+        let p = policy(COLOURED);
+        let req = RequestInfo::bare(ProtocolHint::Http1);
+        let leaf: SocketAddr = "10.96.0.11:8080".parse().unwrap();
+        let stress = p.colours().id("stress").unwrap();
+        let e = p.route_coloured(leaf, &req, stress).unwrap_err();
+        assert_eq!(e.reason(), "colour_unavailable");
+        assert!(e.to_string().contains("stress"), "{e}");
+        let raw = COLOURED.replace("fallback = \"none\"", "fallback = \"base\"");
+        let p2 = policy(&raw);
+        let d = p2.route_coloured(leaf, &req, stress).unwrap();
+        assert_eq!(d.endpoint, "10.0.4.1:8080".parse().unwrap());
+        let v = p2.colour_stats().view();
+        let c = v
+            .per_service
+            .iter()
+            .find(|c| c.service == "leaf" && c.colour == "stress")
+            .unwrap();
+        assert_eq!((c.requests, c.fallbacks, c.unavailable), (1, 1, 0));
+        let v = p.colour_stats().view();
+        let c = v
+            .per_service
+            .iter()
+            .find(|c| c.service == "leaf" && c.colour == "stress")
+            .unwrap();
+        assert_eq!((c.requests, c.unavailable), (1, 1));
+    }
+
+    #[test]
+    fn a_base_request_never_reaches_a_coloured_endpoint_even_when_only_those_exist() {
+        let raw = r#"
+            [[colours]]
+            name = "gray"
+            id = 1
+            [[services]]
+            name = "s"
+            addresses = ["10.96.0.10:8080"]
+            endpoints = [{ address = "10.0.1.2:8080", labels = { colour = "gray" } }]
+        "#;
+        let p = policy(raw);
+        let e = p
+            .route(vip(), &RequestInfo::bare(ProtocolHint::Http1))
+            .unwrap_err();
+        assert_eq!(e.reason(), "no_endpoint");
+    }
+
+    #[test]
+    fn colour_sources_in_order_and_trust() {
+        let p = policy(COLOURED);
+        let gray = p.colours().id("gray").unwrap();
+        let stress = p.colours().id("stress").unwrap();
+        let req = |h: &'static Headers| RequestInfo {
+            headers: h,
+            ..RequestInfo::bare(ProtocolHint::Http1)
+        };
+        let trusted = ColourInputs {
+            trusted: true,
+            propagated: Some(gray),
+            pod: Some(gray),
+        };
+        static H_STRESS: Headers = Headers(&[("X-Mesh-Colour", "stress")]);
+        static H_GARBAGE: Headers = Headers(&[("x-mesh-colour", "\u{1}purple; drop table")]);
+        static H_NONE: Headers = Headers(&[]);
+        let c = p.choose_colour(vip(), &req(&H_STRESS), trusted, false);
+        assert_eq!((c.colour, c.source), (stress, Source::Header));
+        // From outside the mesh the header is stripped and the next source decides.
+        let outside = ColourInputs {
+            trusted: false,
+            ..trusted
+        };
+        let c = p.choose_colour(vip(), &req(&H_STRESS), outside, false);
+        assert_eq!((c.colour, c.source, c.stripped), (gray, Source::Kernel, true));
+        // Garbage is ignored (counted), not fatal.
+        let c = p.choose_colour(vip(), &req(&H_GARBAGE), trusted, false);
+        assert_eq!((c.colour, c.source, c.invalid), (gray, Source::Kernel, true));
+        let pod_only = ColourInputs {
+            trusted: true,
+            propagated: None,
+            pod: Some(gray),
+        };
+        let c = p.choose_colour(vip(), &req(&H_NONE), pod_only, false);
+        assert_eq!((c.colour, c.source), (gray, Source::Pod));
+        // An id the policy no longer defines is base.
+        let stale = ColourInputs {
+            trusted: true,
+            propagated: Some(9),
+            pod: None,
+        };
+        let c = p.choose_colour(vip(), &req(&H_NONE), stale, false);
+        assert_eq!(c, Choice::BASE);
+        assert!(p.colours().trusts("10.244.7.1".parse().unwrap()));
+        assert!(!p.colours().trusts("10.245.7.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn ingress_rules_match_headers_or_hash_a_user_key() {
+        let p = policy(COLOURED);
+        let gray = p.colours().id("gray").unwrap();
+        let none = ColourInputs {
+            trusted: true,
+            propagated: None,
+            pod: None,
+        };
+        static BETA: Headers = Headers(&[("X-Group", "beta")]);
+        let req = RequestInfo {
+            headers: &BETA,
+            ..RequestInfo::bare(ProtocolHint::Http1)
+        };
+        let c = p.choose_colour(vip(), &req, none, false);
+        assert_eq!((c.colour, c.source), (gray, Source::Ingress));
+        // Inbound: the service is found by the endpoint the request arrived at.
+        let c = p.choose_colour("10.0.1.1:8080".parse().unwrap(), &req, none, true);
+        assert_eq!((c.colour, c.source), (gray, Source::Ingress));
+        // Not the leaf's endpoints: no rule names the leaf.
+        let c = p.choose_colour("10.0.4.1:8080".parse().unwrap(), &req, none, true);
+        assert_eq!(c, Choice::BASE);
+        // 25 % of user keys, and always the same ones.
+        let mut coloured = 0;
+        for u in 0..2000 {
+            let key: &'static str = Box::leak(format!("user-{u}").into_boxed_str());
+            let h: &'static Headers = Box::leak(Box::new(Headers(Box::leak(Box::new([("x-user", key)])))));
+            let r = RequestInfo {
+                headers: h,
+                ..RequestInfo::bare(ProtocolHint::Http1)
+            };
+            let first = p.choose_colour(vip(), &r, none, false);
+            for _ in 0..3 {
+                assert_eq!(p.choose_colour(vip(), &r, none, false), first, "{key}");
+            }
+            coloured += usize::from(first.colour == gray);
+        }
+        assert!((400..600).contains(&coloured), "{coloured}/2000 users coloured");
+        // No key: the hashed rule does not apply.
+        let c = p.choose_colour(vip(), &RequestInfo::bare(ProtocolHint::Http1), none, false);
+        assert_eq!(c, Choice::BASE);
+    }
+
+    #[test]
+    fn bad_colour_policies_name_the_field() {
+        let cases = [
+            (
+                COLOURED.replace("colour = \"gray\" }", "colour = \"grey\" }"),
+                "services[0].endpoints[1].labels.colour",
+            ),
+            (COLOURED.replace("id = 2", "id = 1"), "colours[1].id"),
+            (COLOURED.replace("id = 2", "id = 0"), "colours[1].id"),
+            (COLOURED.replace("id = 2", "id = 256"), "colours[1].id"),
+            (
+                COLOURED.replace("name = \"stress\"", "name = \"gray\""),
+                "colours[1].name",
+            ),
+            (
+                COLOURED.replace("name = \"stress\"", "name = \"base\""),
+                "colours[1].name",
+            ),
+            (
+                COLOURED.replace("percent = 25", "percent = 250"),
+                "ingress[1].percent",
+            ),
+            (
+                COLOURED.replace("percent = 25", "percent = -1"),
+                "ingress[1].percent",
+            ),
+            (COLOURED.replace("percent = 25\n", ""), "ingress[1].hash_header"),
+            (
+                COLOURED.replace(
+                    "service = \"mid\"\n        colour = \"gray\"\n        match",
+                    "service = \"nope\"\n        colour = \"gray\"\n        match",
+                ),
+                "ingress[0].service",
+            ),
+            (
+                COLOURED.replace(
+                    "colour = \"gray\"\n        percent",
+                    "colour = \"purple\"\n        percent",
+                ),
+                "ingress[1].colour",
+            ),
+            (
+                COLOURED.replace("10.244.0.0/16", "10.244.0.0/40"),
+                "trusted_sources[0]",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = compile(parse_toml(&text).unwrap()).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+        let e = parse_toml(&COLOURED.replace("fallback = \"none\"", "fallback = \"maybe\"")).unwrap_err();
+        assert!(e.to_string().contains("maybe"), "{e}");
+    }
+
+    #[test]
+    fn colour_counters_survive_a_policy_swap() {
+        let router = Router::new(policy(COLOURED));
+        let gray = router.current().colours().id("gray").unwrap();
+        router
+            .current()
+            .route_coloured(vip(), &RequestInfo::bare(ProtocolHint::Http1), gray)
+            .unwrap();
+        router.replace(policy(COLOURED));
+        let v = router.current().colour_stats().view();
+        let c = v.per_service.iter().find(|c| c.colour == "gray").unwrap();
+        assert_eq!(c.requests, 1);
     }
 }
