@@ -75,12 +75,21 @@ pub fn render(st: &Value) -> String {
                 },
                 s(&p["connections_active"]),
                 s(&p["connections_total"]),
+                p["colour"].as_str().unwrap_or("base").to_owned(),
             ]
         })
         .collect();
     table(
         &mut o,
-        &["POD", "CGROUP ID", "NETNS", "LISTENERS", "ACTIVE", "TOTAL"],
+        &[
+            "POD",
+            "CGROUP ID",
+            "NETNS",
+            "LISTENERS",
+            "ACTIVE",
+            "TOTAL",
+            "COLOUR",
+        ],
         &rows,
     );
     let conns = st["connections"].as_array().cloned().unwrap_or_default();
@@ -173,7 +182,14 @@ pub fn render_routes(v: &Value) -> String {
                     .as_array()
                     .map(|a| a.iter().filter_map(|e| e.as_str()).collect())
                     .unwrap_or_default();
-                let _ = writeln!(o, "  subset {name}: {}", eps.join(", "));
+                let coloured: Vec<String> = eps
+                    .iter()
+                    .map(|e| match s["endpoint_colours"][*e].as_str() {
+                        Some(c) => format!("{e} ({c})"),
+                        None => (*e).to_owned(),
+                    })
+                    .collect();
+                let _ = writeln!(o, "  subset {name}: {}", coloured.join(", "));
             }
         }
         for r in s["routes"].as_array().cloned().unwrap_or_default() {
@@ -212,7 +228,66 @@ pub fn render_routes(v: &Value) -> String {
         "\npassthrough (no service matched): requests {}",
         pt["requests"].as_u64().unwrap_or(0)
     );
+    render_colours(&mut o, v);
     o
+}
+
+/// The colour table and its counters, when the policy has colours.
+fn render_colours(o: &mut String, v: &Value) {
+    let colours = v["colours"].as_array().cloned().unwrap_or_default();
+    if colours.is_empty() {
+        return;
+    }
+    let names: Vec<String> = colours
+        .iter()
+        .map(|c| {
+            format!(
+                "{} (id {}, fallback {})",
+                s(&c["name"]),
+                s(&c["id"]),
+                s(&c["fallback"])
+            )
+        })
+        .collect();
+    let _ = writeln!(o, "\ncolours: {}", names.join(", "));
+    let cs = &v["colour_stats"];
+    let rows: Vec<Vec<String>> = cs["per_service"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            vec![
+                s(&c["service"]),
+                s(&c["colour"]),
+                s(&c["requests"]),
+                s(&c["fallbacks"]),
+                s(&c["unavailable"]),
+            ]
+        })
+        .collect();
+    if !rows.is_empty() {
+        table(
+            o,
+            &["SERVICE", "COLOUR", "REQUESTS", "FELL BACK", "UNAVAILABLE"],
+            &rows,
+        );
+    }
+    let sources: Vec<String> = cs["by_source"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, n)| format!("{k} {}", s(n))).collect())
+        .unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "colour sources: {}; stripped (from outside the mesh) {}; invalid {}",
+        if sources.is_empty() {
+            "-".into()
+        } else {
+            sources.join(", ")
+        },
+        s(&cs["stripped"]),
+        s(&cs["invalid"])
+    );
 }
 
 #[cfg(test)]

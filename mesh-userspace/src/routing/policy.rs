@@ -1054,6 +1054,16 @@ impl Policy {
                 .map(|s| ServiceView {
                     name: s.name.to_string(),
                     protocol: s.protocol,
+                    endpoint_colours: s
+                        .subsets
+                        .iter()
+                        .flat_map(|k| k.by_colour.iter())
+                        .filter(|(c, _)| *c != 0)
+                        .flat_map(|(c, eps)| {
+                            eps.iter()
+                                .map(|e| (e.to_string(), self.colours.name(*c).to_owned()))
+                        })
+                        .collect(),
                     subsets: s
                         .subsets
                         .iter()
@@ -1125,6 +1135,9 @@ pub struct ColourView {
 pub struct ServiceView {
     pub name: String,
     pub protocol: ProtocolHint,
+    /// Coloured endpoints' colours (base endpoints are not listed).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoint_colours: BTreeMap<String, String>,
     pub subsets: BTreeMap<String, Vec<String>>,
     pub routes: Vec<RouteView>,
 }
