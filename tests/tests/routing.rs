@@ -403,6 +403,24 @@ fn rpc_load_with(
     header: Option<&str>,
     extra: &[&str],
 ) -> Value {
+    let (out, v) = rpc_load_raw(node, protocol, vip_port, requests, header, extra);
+    assert!(
+        out.status.success() && v["answered"].as_u64() == Some(requests) && v["errors"].as_u64() == Some(0),
+        "{protocol}: not every call was answered: {v} stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    v
+}
+
+/// `rpc_load.js` whatever its outcome: the process output and its JSON summary.
+fn rpc_load_raw(
+    node: &VirtualNode,
+    protocol: &str,
+    vip_port: u16,
+    requests: u64,
+    header: Option<&str>,
+    extra: &[&str],
+) -> (Output, Value) {
     let mut cmd = Command::new("node");
     cmd.current_dir(npm_dir())
         .arg(npm_dir().join("rpc_load.js"))
@@ -424,12 +442,7 @@ fn rpc_load_with(
     cmd.args(extra);
     let out = run_in(node.pod("client"), cmd);
     let v = last_json("rpc_load.js", &out);
-    assert!(
-        out.status.success() && v["answered"].as_u64() == Some(requests) && v["errors"].as_u64() == Some(0),
-        "{protocol}: not every call was answered: {v} stderr {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    v
+    (out, v)
 }
 
 /// `grpc_peer.py call` from the client pod; its JSON summary.
@@ -779,6 +792,77 @@ fn rpc_split_over_one_connection(protocol: &str, port: u16) {
             &BTreeMap::from([("v1".into(), 0), ("v2".into(), 1000)]),
         );
     }
+}
+
+/// Colours over one RPC connection: v2 is the gray endpoint and the policy has a `stress` colour
+/// with no endpoint and no fallback. Base requests only reach v1 (the split's 10 % to v2 has no
+/// base endpoint there), gray ones only v2, stress ones get an error and reach nobody.
+fn rpc_colours_over_one_connection(protocol: &str, port: u16) {
+    let node = node();
+    let service = format!("{protocol}-svc");
+    let colours = "\n[[colours]]\nname = \"gray\"\nid = 1\n\n[[colours]]\nname = \"stress\"\nid = 2\nfallback = \"none\"\n";
+    let svc = service_toml(&node, &service, protocol, port, port, V1_WEIGHT, V2_WEIGHT).replace(
+        "version = \"v2\" } },",
+        "version = \"v2\", colour = \"gray\" } },",
+    );
+    assert!(svc.contains("colour = \"gray\""), "{svc}");
+    let d = daemon(&node, &format!("{colours}{svc}"));
+    let _servers = rpc_servers(&node, protocol, port);
+    let n = 2000;
+    let base = rpc_load(&node, protocol, port, n, None);
+    assert_eq!(
+        by_server(&base),
+        BTreeMap::from([("v1".into(), n)]),
+        "base: {base}"
+    );
+    let gray = rpc_load(&node, protocol, port, n, Some("x-mesh-colour=gray"));
+    assert_eq!(
+        by_server(&gray),
+        BTreeMap::from([("v2".into(), n)]),
+        "gray: {gray}"
+    );
+    let (_, stress) = rpc_load_raw(&node, protocol, port, 500, Some("x-mesh-colour=stress"), &[]);
+    assert_eq!(
+        stress["answered"].as_u64(),
+        Some(0),
+        "stress must reach nobody: {stress}"
+    );
+    assert_eq!(
+        stress["errors"].as_u64(),
+        Some(500),
+        "every stress call gets an error: {stress}"
+    );
+    // The servers saw no stress request, and only base on v1 / gray on v2.
+    let (v1, v2) = (stats(node.pod("v1"), RPC_STATS), stats(node.pod("v2"), RPC_STATS));
+    assert_eq!(v1["requests"].as_u64(), Some(n), "{v1}");
+    assert_eq!(v2["requests"].as_u64(), Some(n), "{v2}");
+    if protocol == "dubbo" {
+        // Dubbo attachments reach the server's requestProps: the colour travelled with the call.
+        assert_eq!(v2["by_colour"]["gray"].as_u64(), Some(n), "{v2}");
+        assert_eq!(v1["by_colour"]["gray"].as_u64(), None, "{v1}");
+    }
+    let unavailable = prom_value(
+        &d.metrics().expect("metrics"),
+        "sockmesh_colour_unavailable_total",
+        &[("service", &service), ("colour", "stress")],
+    );
+    assert_eq!(unavailable, Some(500.0));
+}
+
+#[test]
+fn bolt_colours_stay_in_their_group_over_one_connection() {
+    if !require(&[Tool::Node, Tool::NpmPeers, Tool::Curl]) {
+        return;
+    }
+    rpc_colours_over_one_connection("bolt", BOLT_PORT);
+}
+
+#[test]
+fn dubbo_colours_stay_in_their_group_over_one_connection() {
+    if !require(&[Tool::Node, Tool::NpmPeers, Tool::Curl]) {
+        return;
+    }
+    rpc_colours_over_one_connection("dubbo", DUBBO_PORT);
 }
 
 #[test]

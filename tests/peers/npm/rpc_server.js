@@ -7,8 +7,9 @@
 //
 // RpcServer listens on every address of its network namespace: run it inside a test netns. A
 // second listener on 127.0.0.1:STATS_PORT answers `GET /` with
-// `{"name","requests","connections","by_header"}` (requests served, connections accepted, and
-// how many requests carried each `x-canary` request header / attachment value). Prints
+// `{"name","requests","connections","by_header","by_colour"}` (requests served, connections
+// accepted, and how many requests carried each `x-canary` / `x-mesh-colour` request property or
+// attachment value; `none` for no colour). Prints
 // `listening 0.0.0.0:PORT` when both are bound and `accepted peer=IP:PORT` per connection.
 
 const http = require('http');
@@ -41,7 +42,7 @@ function protocolModule(name) {
 
 async function main() {
   const args = parseArgs(process.argv.slice(2));
-  const stats = { name: args.name, requests: 0, connections: 0, by_header: {} };
+  const stats = { name: args.name, requests: 0, connections: 0, by_header: {}, by_colour: {} };
   const server = new RpcServer({
     logger: quiet,
     protocol: protocolModule(args.protocol),
@@ -60,6 +61,8 @@ async function main() {
     const props = (req && req.data && req.data.requestProps) || {};
     const canary = props['x-canary'];
     if (canary !== undefined) stats.by_header[canary] = (stats.by_header[canary] || 0) + 1;
+    const colour = props['x-mesh-colour'] || 'none';
+    stats.by_colour[colour] = (stats.by_colour[colour] || 0) + 1;
   });
   server.on('error', err => console.error(`rpc server error: ${err.message}`));
   await server.start();
