@@ -305,6 +305,8 @@ impl Daemon {
             inbound_port: mesh_common::DEFAULT_INBOUND_PORT,
             mark: self.cfg.daemon_mark,
             colour: spec.colour.clone(),
+            propagate: false,
+            netns_cookie,
         });
         let io_err = |source| DaemonError::Io {
             name: name.clone(),

@@ -207,6 +207,10 @@ pub struct PodCtx {
     /// The pod's colour (`enroll --colour`): every request it sends has it unless the request
     /// or the kernel says otherwise.
     pub colour: Option<String>,
+    /// Colour propagation by the kernel for this pod's apps.
+    pub propagate: bool,
+    /// The pod's netns cookie (keys of the kernel's per-connection maps).
+    pub netns_cookie: u64,
 }
 
 /// The addresses of this node's enrolled pods: requests from them come from inside the mesh.
@@ -520,6 +524,7 @@ async fn dispatch(
         orig,
         entry: entry.clone(),
         inbound: dir == Direction::Inbound,
+        local: s.local_addr().unwrap_or(orig),
     };
     match detected {
         Detection::Http1 => l7::http::serve(s, l7::http::HttpVersion::Http1, ctx).await,
@@ -674,6 +679,8 @@ mod tests {
             inbound_port: 0,
             mark: 0,
             colour: None,
+            propagate: false,
+            netns_cookie: 0,
         })
     }
 

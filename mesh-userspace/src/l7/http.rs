@@ -70,7 +70,8 @@ use super::ConnCtx;
 use crate::{
     proxy::PodCtx,
     routing::{
-        colour::COLOUR_HEADER, Decision, HeaderLookup, Outcome, ProtocolHint, RequestInfo, RouteStats,
+        colour::{ColourId, COLOUR_HEADER},
+        Decision, HeaderLookup, Outcome, ProtocolHint, RequestInfo, RouteStats,
     },
 };
 
@@ -154,6 +155,8 @@ struct EndpointPool {
 struct PooledH1 {
     sender: hc::http1::SendRequest<Body>,
     since: Instant,
+    /// Our end's address (the app side's peer, for kernel propagation).
+    local: SocketAddr,
 }
 
 impl HttpPools {
@@ -608,7 +611,16 @@ async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
             version: None,
             headers: &Headers(req.headers()),
         };
-        st.ctx.route(&policy, &info, None)
+        // HTTP/1.1 carries one request at a time: every byte read so far belongs to this
+        // request or an earlier one, so the last one read is inside it (the ledger keeps the
+        // offsets where the app thread's colour changed).
+        let propagated = match st.version {
+            HttpVersion::Http1 => st
+                .ctx
+                .propagated_at(st.ctx.entry.bytes_to_upstream.load(Relaxed).saturating_sub(1)),
+            HttpVersion::Http2 => None,
+        };
+        st.ctx.route(&policy, &info, propagated)
     };
     let (choice, routed) = routed;
     let mut req = req;
@@ -794,7 +806,7 @@ async fn forward(
                 Some(r) => r,
                 None => unreachable!("a request is pending or replayable"),
             };
-            let failure = match send_once(st, endpoint, req, deadline).await {
+            let failure = match send_once(st, endpoint, req, deadline, d.colour).await {
                 Ok(resp) => return Ok(resp),
                 Err(Attempt::Stale(r)) if stale < MAX_STALE_REPLACEMENTS => {
                     stale += 1;
@@ -859,16 +871,24 @@ async fn send_once(
     endpoint: SocketAddr,
     req: Request<Body>,
     deadline: Instant,
+    colour: ColourId,
 ) -> Result<Response<Incoming>, Attempt> {
     let pool = st.ctx.l7().http.get(&st.ctx, endpoint, st.version);
     match st.version {
         HttpVersion::Http1 => {
-            let mut sender = match acquire_h1(&pool, &st.ctx, endpoint, deadline).await {
+            let (mut sender, local) = match acquire_h1(&pool, &st.ctx, endpoint, deadline).await {
                 Ok(s) => s,
                 Err(e) => return Err(Attempt::NotConnected(req, e)),
             };
             if sender.ready().await.is_err() {
                 return Err(Attempt::Stale(req));
+            }
+            if st.ctx.inbound {
+                // The app thread that reads this request takes its colour (this connection
+                // carries one request at a time, so the colour is this request's alone).
+                if let Some(p) = st.ctx.propagation() {
+                    p.set_inbound(endpoint, local, colour);
+                }
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
@@ -877,6 +897,7 @@ async fn send_once(
                         h1.push(PooledH1 {
                             sender,
                             since: Instant::now(),
+                            local,
                         });
                     }
                     Ok(resp)
@@ -916,25 +937,32 @@ async fn acquire_h1(
     ctx: &ConnCtx,
     endpoint: SocketAddr,
     deadline: Instant,
-) -> io::Result<hc::http1::SendRequest<Body>> {
+) -> io::Result<(hc::http1::SendRequest<Body>, SocketAddr)> {
     {
         let mut h1 = pool.h1.lock().expect("h1 pool lock");
         h1.retain(|c| !c.sender.is_closed());
         if let Some(i) = h1.iter().position(|c| c.sender.is_ready()) {
-            return Ok(h1.swap_remove(i).sender);
+            let c = h1.swap_remove(i);
+            return Ok((c.sender, c.local));
         }
     }
     let tcp = ctx.connect(endpoint, until(deadline)).await?;
+    let local = tcp.local_addr()?;
     let (sender, conn) = hc::http1::Builder::new()
         .handshake(TokioIo::new(tcp))
         .await
         .map_err(io::Error::other)?;
+    // An inbound delivery connection of a propagating pod: forget its colour when it closes.
+    let propagation = ctx.inbound.then(|| ctx.propagation().cloned()).flatten();
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             debug!("upstream http1 connection to {endpoint}: {e}");
         }
+        if let Some(p) = propagation {
+            p.clear_inbound(endpoint, local);
+        }
     });
-    Ok(sender)
+    Ok((sender, local))
 }
 
 /// The endpoint's multiplexed HTTP/2 connection, opened on first use or after it closed.
@@ -1259,6 +1287,8 @@ split = [{ subset = "v1", weight = 90 }, { subset = "v2", weight = 10 }]
             inbound_port: 0,
             mark: 0,
             colour: None,
+            propagate: false,
+            netns_cookie: 0,
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -1288,6 +1318,7 @@ split = [{ subset = "v1", weight = 90 }, { subset = "v2", weight = 10 }]
                     orig,
                     entry,
                     inbound: false,
+                    local: orig,
                 };
                 tokio::spawn(serve(c, version, ctx));
             }

@@ -69,6 +69,27 @@ impl L7Errors {
     }
 }
 
+/// The kernel's colour propagation as the proxy uses it (over the BPF maps; see
+/// docs/colouring.md). Both calls are cheap map operations and never fail a request.
+pub trait Propagation: Send + Sync {
+    /// Before a request of `colour` (0: base) is written to a propagating pod's app on the
+    /// connection whose app side is `app_local` (the pod's address:port) and whose other side is
+    /// our delivering socket `app_remote`: the app thread that reads it takes the colour.
+    fn set_inbound(&self, app_local: SocketAddr, app_remote: SocketAddr, colour: ColourId);
+    /// The connection closed (or stopped being ours): forget it.
+    fn clear_inbound(&self, app_local: SocketAddr, app_remote: SocketAddr);
+    /// The colour the app's thread had when it wrote the byte at `offset` of its outbound
+    /// connection `app_local` → `app_remote` (the proxy listener, as the app sees it) in the
+    /// netns `netns_cookie`. `None`: nothing recorded (the app wrote without a colour).
+    fn colour_at(
+        &self,
+        netns_cookie: u64,
+        app_local: SocketAddr,
+        app_remote: SocketAddr,
+        offset: u64,
+    ) -> Option<ColourId>;
+}
+
 /// What the L7 layer shares across every pod and connection.
 #[derive(Default)]
 pub struct L7Shared {
@@ -76,6 +97,8 @@ pub struct L7Shared {
     pub errors: L7Errors,
     pub http: http::HttpPools,
     pub mux: mux::MuxPools,
+    /// Colour propagation by the kernel, when the daemon has it.
+    pub propagation: std::sync::OnceLock<Arc<dyn Propagation>>,
 }
 
 /// Everything a protocol handler needs about the connection it serves.
@@ -91,6 +114,8 @@ pub struct ConnCtx {
     pub entry: Arc<ConnEntry>,
     /// Captured by the pod's inbound listener: requests go to the pod's own app.
     pub inbound: bool,
+    /// Our accepted socket's own address (outbound: the listener the app was sent to).
+    pub local: SocketAddr,
 }
 
 impl ConnCtx {
@@ -110,6 +135,25 @@ impl ConnCtx {
     pub fn trusted(&self, policy: &Policy) -> bool {
         let ip = self.client.ip();
         !self.inbound || self.shared.mesh_ips.contains(ip) || policy.colours().trusts(ip)
+    }
+
+    /// Kernel propagation, when this pod uses it.
+    pub fn propagation(&self) -> Option<&Arc<dyn Propagation>> {
+        if self.pod.propagate {
+            self.l7().propagation.get()
+        } else {
+            None
+        }
+    }
+
+    /// The colour the kernel recorded for the app's bytes at `offset` of this (outbound)
+    /// connection, when the pod propagates.
+    pub fn propagated_at(&self, offset: u64) -> Option<ColourId> {
+        if self.inbound {
+            return None;
+        }
+        self.propagation()?
+            .colour_at(self.pod.netns_cookie, self.client, self.local, offset)
     }
 
     /// Colour one request and decide where it goes: outbound by the policy, within its colour;
@@ -139,6 +183,12 @@ impl ConnCtx {
         } else {
             policy.route_coloured(self.orig, info, choice.colour)
         };
-        (choice, routed)
+        (
+            choice,
+            routed.map(|d| Decision {
+                colour: choice.colour,
+                ..d
+            }),
+        )
     }
 }

@@ -1353,6 +1353,8 @@ mod tests {
             inbound_port: 0,
             mark: 0,
             colour: None,
+            propagate: false,
+            netns_cookie: 0,
         });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -1377,6 +1379,7 @@ mod tests {
                         started: Instant::now(),
                     }),
                     inbound: false,
+                    local: VIP.parse().unwrap(),
                 };
                 tokio::spawn(serve::<P>(s, ctx));
             }

@@ -128,6 +128,8 @@ pub struct Decision {
     pub retries: u32,
     /// Count the request's outcome here.
     pub stats: Arc<RouteStats>,
+    /// The request's colour (0: base), whatever endpoint it ended up at.
+    pub colour: colour::ColourId,
 }
 
 impl Decision {

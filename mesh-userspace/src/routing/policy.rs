@@ -851,6 +851,7 @@ impl Policy {
             timeout: Duration::from_millis(DEFAULT_TIMEOUT_MS),
             retries: DEFAULT_RETRIES,
             stats: self.passthrough.clone(),
+            colour: 0,
         }
     }
 
@@ -922,6 +923,7 @@ impl Policy {
             timeout: route.timeout,
             retries: route.retries,
             stats: split.stats.clone(),
+            colour,
         })
     }
 
