@@ -94,7 +94,7 @@ use crate::{
         sofa::{self, SofaRequestInfo},
     },
     routing::{
-        colour::{self, Choice},
+        colour::{self, Choice, ColourId},
         Decision, HeaderLookup, Outcome, Policy, ProtocolHint, RequestInfo,
     },
 };
@@ -179,7 +179,13 @@ trait MuxProto: Send + Sync + 'static {
     /// The answer to `f` when it is a heartbeat request.
     fn heartbeat_reply(f: &Self::Frame) -> Option<Self::Frame>;
     /// Route one frame from the app (counting what it rejects).
-    fn plan(ctx: &ConnCtx, policy: &Policy, f: Self::Frame) -> Plan<Self::Frame>;
+    /// `propagated` is the kernel ledger's colour for the frame's first byte.
+    fn plan(
+        ctx: &ConnCtx,
+        policy: &Policy,
+        f: Self::Frame,
+        propagated: Option<ColourId>,
+    ) -> Plan<Self::Frame>;
     /// The proxy's error response to `req` (which carries the app's id).
     fn fail_reply(req: &Self::Frame, why: Fail, msg: &str) -> Self::Frame;
     fn error_reason(e: &Self::Error) -> &'static str;
@@ -274,7 +280,12 @@ impl MuxProto for Bolt {
         (f.is_heartbeat() && f.cmd_type == bolt::TYPE_REQUEST).then(|| bolt_heartbeat_ack(f))
     }
 
-    fn plan(ctx: &ConnCtx, policy: &Policy, mut f: BoltFrame) -> Plan<BoltFrame> {
+    fn plan(
+        ctx: &ConnCtx,
+        policy: &Policy,
+        mut f: BoltFrame,
+        propagated: Option<ColourId>,
+    ) -> Plan<BoltFrame> {
         if f.is_response() {
             ctx.l7().errors.count(Self::NAME, "unexpected_response");
             return Plan::Ignore;
@@ -309,7 +320,7 @@ impl MuxProto for Bolt {
                 version,
                 headers: &headers,
             };
-            let (choice, routed) = ctx.route(policy, &info, None);
+            let (choice, routed) = ctx.route(policy, &info, propagated);
             (colour_value(policy, &choice, had_colour), routed)
         };
         let (colour_value, routed) = routed;
@@ -457,7 +468,12 @@ impl MuxProto for Dubbo {
         })
     }
 
-    fn plan(ctx: &ConnCtx, policy: &Policy, mut f: DubboFrame) -> Plan<DubboFrame> {
+    fn plan(
+        ctx: &ConnCtx,
+        policy: &Policy,
+        mut f: DubboFrame,
+        propagated: Option<ColourId>,
+    ) -> Plan<DubboFrame> {
         if !f.is_request() {
             ctx.l7().errors.count(Self::NAME, "unexpected_response");
             return Plan::Ignore;
@@ -503,13 +519,13 @@ impl MuxProto for Dubbo {
                             .map(|v| v.as_str()),
                         headers: &headers,
                     },
-                    None,
+                    propagated,
                 );
                 let had_colour = colour::header_of(&headers).is_some();
                 (colour_value(policy, &choice, had_colour), routed)
             }
             None => {
-                let (choice, routed) = ctx.route(policy, &RequestInfo::bare(ProtocolHint::Dubbo), None);
+                let (choice, routed) = ctx.route(policy, &RequestInfo::bare(ProtocolHint::Dubbo), propagated);
                 (colour_value(policy, &choice, false), routed)
             }
         };
@@ -967,7 +983,11 @@ async fn serve<P: MuxProto>(client: TcpStream, ctx: ConnCtx) {
     let mut codec = P::Codec::default();
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut eof = false;
+    // Bytes read from the app so far: a frame starts at `read - buf.len()` (the stream offset
+    // the kernel's propagation ledger is keyed by).
+    let mut read: u64 = 0;
     loop {
+        let start = read - buf.len() as u64;
         let mut prefix = [0u8; 16];
         let plen = buf.len().min(prefix.len());
         prefix[..plen].copy_from_slice(&buf[..plen]);
@@ -981,7 +1001,8 @@ async fn serve<P: MuxProto>(client: TcpStream, ctx: ConnCtx) {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
                 };
-                tokio::spawn(request::<P>(ctx.clone(), frame, tx.clone(), permit));
+                let propagated = ctx.propagated_at(start);
+                tokio::spawn(request::<P>(ctx.clone(), frame, propagated, tx.clone(), permit));
                 continue;
             }
             Ok(None) if eof => break,
@@ -1000,6 +1021,7 @@ async fn serve<P: MuxProto>(client: TcpStream, ctx: ConnCtx) {
         match rd.read_buf(&mut buf).await {
             Ok(0) => eof = true,
             Ok(n) => {
+                read += n as u64;
                 ctx.entry.bytes_to_upstream.fetch_add(n as u64, Relaxed);
                 ctx.pod.stats.bytes_upstream.fetch_add(n as u64, Relaxed);
             }
@@ -1043,12 +1065,13 @@ async fn app_writer<P: MuxProto>(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<P
 async fn request<P: MuxProto>(
     ctx: ConnCtx,
     frame: P::Frame,
+    propagated: Option<ColourId>,
     out: mpsc::Sender<P::Frame>,
     _permit: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
     let policy = ctx.l7().router.current();
-    let (frame, decision, oneway) = match P::plan(&ctx, &policy, frame) {
+    let (frame, decision, oneway) = match P::plan(&ctx, &policy, frame, propagated) {
         Plan::Reply(f) => {
             let _ = out.send(f).await;
             return;
