@@ -9,6 +9,10 @@ pub const FLAG_ACCELERATE: u32 = 1 << 1;
 /// Emit aya-log records from the hooks (off: the log calls are skipped by one branch).
 pub const FLAG_LOG: u32 = 1 << 2;
 
+/// Colour propagation is available (tracepoints and sk_msg attached): sockops gives the
+/// sockets of `POD_FLAG_PROPAGATE` pods a ledger and puts them in `SM_SOCKS`.
+pub const FLAG_PROPAGATE: u32 = 1 << 3;
+
 /// Default per-message ceiling for the short-circuit: a larger write means bulk transfer, where
 /// ingress redirect has no backpressure, so the flow falls back to TCP for good.
 pub const DEFAULT_ACCEL_MAX_MSG: u32 = 16 * 1024;
@@ -62,6 +66,10 @@ impl MeshConfig {
 
     pub const fn accelerate(&self) -> bool {
         self.active() && self.flags & FLAG_ACCELERATE != 0
+    }
+
+    pub const fn propagate(&self) -> bool {
+        self.active() && self.flags & FLAG_PROPAGATE != 0
     }
 
     pub const fn log(&self) -> bool {
