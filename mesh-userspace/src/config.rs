@@ -55,6 +55,7 @@ struct RawConfig {
     daemon_mark: Option<u32>,
     drain_timeout_secs: Option<u64>,
     bpf_log: Option<bool>,
+    propagation: Option<bool>,
     pin_dir: Option<PathBuf>,
     state_file: Option<PathBuf>,
     #[serde(default)]
@@ -101,6 +102,8 @@ struct RawPod {
     inbound_all_ports: bool,
     #[serde(default)]
     inbound_exclude_ports: Vec<u32>,
+    #[serde(default)]
+    propagate: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +154,8 @@ pub struct PodSpec {
     /// Capture every inbound port except `inbound_exclude_ports` (and sockmesh's own).
     pub inbound_all_ports: bool,
     pub inbound_exclude_ports: Vec<u16>,
+    /// Kernel colour propagation for the pod's threads (`POD_FLAG_PROPAGATE`).
+    pub propagate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +174,8 @@ pub struct Config {
     pub daemon_mark: u32,
     pub drain_timeout_secs: u64,
     pub bpf_log: bool,
+    /// Attach the colour propagation hooks when the kernel allows (default on).
+    pub propagation: bool,
     pub pin_dir: PathBuf,
     pub state_file: PathBuf,
     pub acceleration: Acceleration,
@@ -231,6 +238,14 @@ pub fn check_inbound_choice(all: bool, ports: &[u16], exclude: &[u16]) -> Result
             "inbound_exclude_ports",
             "only meaningful with inbound_all_ports = true".into(),
         ));
+    }
+    Ok(())
+}
+
+/// `propagate` works on the pod's captured outbound connections: it needs capture.
+pub fn check_propagate(propagate: bool, capture: bool) -> Result<(), String> {
+    if propagate && !capture {
+        return Err("needs capture (the ledger is kept on captured outbound connections)".into());
     }
     Ok(())
 }
@@ -389,6 +404,8 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
                 "an external-proxy pod with capture off would do nothing",
             ));
         }
+        check_propagate(p.propagate, p.capture.unwrap_or(true))
+            .map_err(|r| err(format!("pods[{i}].propagate"), r))?;
         pods.push(PodSpec {
             name,
             netns,
@@ -398,6 +415,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
             inbound_ports,
             inbound_all_ports: p.inbound_all_ports,
             inbound_exclude_ports,
+            propagate: p.propagate,
         });
     }
     Ok(Config {
@@ -410,6 +428,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         daemon_mark,
         drain_timeout_secs: raw.drain_timeout_secs.unwrap_or(DEFAULT_DRAIN_SECS),
         bpf_log: raw.bpf_log.unwrap_or(false),
+        propagation: raw.propagation.unwrap_or(true),
         pin_dir,
         state_file,
         acceleration: acc,
@@ -563,6 +582,27 @@ mod tests {
             field_of("[acceleration]\nmax_msg_bytes = 0"),
             "acceleration.max_msg_bytes"
         );
+    }
+
+    #[test]
+    fn propagate_is_per_pod_and_needs_capture() {
+        let c = parse(
+            "[[pods]]\nname = \"a\"\nnetns = \"/a\"\ncgroup = \"/b\"\npropagate = true\n\
+             [[pods]]\nname = \"b\"\nnetns = \"/c\"\ncgroup = \"/d\"",
+        )
+        .unwrap();
+        assert!(c.pods[0].propagate);
+        assert!(!c.pods[1].propagate);
+        assert!(c.propagation, "the node-wide switch defaults to on");
+        assert!(!parse("propagation = false").unwrap().propagation);
+        assert_eq!(
+            field_of(
+                "[[pods]]\nname = \"a\"\nnetns = \"/a\"\ncgroup = \"/b\"\ncapture = false\npropagate = true"
+            ),
+            "pods[0].propagate"
+        );
+        assert!(check_propagate(true, true).is_ok());
+        assert!(check_propagate(false, false).is_ok());
     }
 
     #[test]

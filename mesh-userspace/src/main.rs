@@ -10,6 +10,7 @@ mod config;
 mod daemon;
 mod ebpf;
 mod metrics;
+mod propagate;
 mod proxy;
 // Protocol detection and codecs; not wired into the proxy yet (issue 4).
 mod l7;
@@ -97,6 +98,9 @@ enum Cmd {
         /// With --inbound-all-ports: never capture this port (repeatable).
         #[arg(long = "inbound-exclude-port")]
         inbound_exclude_ports: Vec<u32>,
+        /// Kernel colour propagation for this pod's threads (needs capture; kernel 6.3+).
+        #[arg(long)]
+        propagate: bool,
         #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
@@ -187,6 +191,7 @@ fn main() -> ExitCode {
             inbound_ports,
             inbound_all_ports,
             inbound_exclude_ports,
+            propagate,
             admin_socket,
         } => client(
             &admin_socket,
@@ -199,6 +204,7 @@ fn main() -> ExitCode {
                 inbound_ports,
                 inbound_all_ports,
                 inbound_exclude_ports,
+                propagate,
             },
             false,
         ),
@@ -530,6 +536,7 @@ fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, Str
         accel_max_msg: cfg.acceleration.max_msg_bytes,
         accel_flow_budget: cfg.acceleration.flow_budget_bytes,
         bpf_log: cfg.bpf_log,
+        propagation: cfg.propagation,
     };
     let mut kernel = ebpf::Kernel::load(&opts)?;
     let origin = kernel.origin;

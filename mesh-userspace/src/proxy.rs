@@ -213,6 +213,8 @@ pub struct Shared {
     pub orig: Box<dyn OrigDstSource>,
     /// The routing policy, protocol error counters and upstream pools.
     pub l7: L7Shared,
+    /// Kernel colour propagation (see `propagate.rs`); unavailable until the daemon wires it.
+    pub colour: crate::propagate::ColourKernel,
 }
 
 impl Shared {
@@ -225,7 +227,14 @@ impl Shared {
                 router,
                 ..L7Shared::default()
             },
+            colour: crate::propagate::ColourKernel::disabled("not wired to a kernel".into()),
         }
+    }
+
+    /// With the kernel's colour propagation handle.
+    pub fn with_colour(mut self, colour: crate::propagate::ColourKernel) -> Self {
+        self.colour = colour;
+        self
     }
 }
 

@@ -26,6 +26,8 @@ pub struct PodState {
     pub inbound_all_ports: bool,
     #[serde(default)]
     pub inbound_exclude_ports: Vec<u16>,
+    #[serde(default)]
+    pub propagate: bool,
 }
 
 fn yes() -> bool {
@@ -43,6 +45,7 @@ impl From<&PodSpec> for PodState {
             inbound_ports: p.inbound_ports.clone(),
             inbound_all_ports: p.inbound_all_ports,
             inbound_exclude_ports: p.inbound_exclude_ports.clone(),
+            propagate: p.propagate,
         }
     }
 }
@@ -58,6 +61,7 @@ impl From<PodState> for PodSpec {
             inbound_ports: p.inbound_ports,
             inbound_all_ports: p.inbound_all_ports,
             inbound_exclude_ports: p.inbound_exclude_ports,
+            propagate: p.propagate,
         }
     }
 }
@@ -128,6 +132,7 @@ mod tests {
                 inbound_ports: vec![8080],
                 inbound_all_ports: false,
                 inbound_exclude_ports: vec![],
+                propagate: true,
             }],
             routing: Some(AppliedRouting {
                 base: RawPolicy::default(),
