@@ -524,6 +524,8 @@ impl Daemon {
     }
 
     pub fn status(&self) -> serde_json::Value {
+        // Takes the pods and kernel locks itself: before this function holds them.
+        let propagation = self.propagation_status();
         let pods = self.pods.lock().expect("pods lock");
         let conns = self.shared.registry.snapshot();
         let pods_json: Vec<_> = pods
@@ -564,7 +566,6 @@ impl Daemon {
             .map(|(k, v)| (k.to_string(), v.into()))
             .collect();
         let accel = self.accel.lock().expect("lock").clone();
-        let propagation = self.propagation_status();
         json!({
             "pods": pods_json,
             "connections": conns,
