@@ -18,9 +18,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
-use sockmesh_tests::daemon::{basic_config, prom_value};
+use sockmesh_tests::daemon::{basic_config, pods_toml, prom_value};
+use sockmesh_tests::process::run_host;
 use sockmesh_tests::util::ensure_eq;
-use sockmesh_tests::{eventually, peers_dir, python, require_privileged, Daemon, Pod, Server, VirtualNode};
+use sockmesh_tests::{
+    eventually, peers_dir, python, require_privileged, sockmesh_bin, Daemon, Pod, Server, VirtualNode,
+};
 
 const MID_PORT: u16 = 8080;
 const DOWN_PORT: u16 = 9000;
@@ -365,6 +368,132 @@ fn colour_follows_the_thread_onto_a_pooled_outbound_connection() {
     );
     let p = daemon.status().unwrap()["propagation"].clone();
     assert_eq!(p["ledgers"].as_u64(), Some(conns.len() as u64), "{p}");
+}
+
+/// The program id behind a pinned bpf link (`bpftool link show pinned`).
+fn pinned_link_prog(pin: &std::path::Path) -> Result<u64> {
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["-j", "link", "show", "pinned"]).arg(pin);
+    let out = run_host(cmd, Duration::from_secs(30))?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("bpftool link show pinned {}", pin.display()))?;
+    v["prog_id"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no prog_id for {}: {v}", pin.display()))
+}
+
+fn prog_exists(id: u64) -> bool {
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["prog", "show", "id", &id.to_string()]);
+    run_host(cmd, Duration::from_secs(30))
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn tracepoint_links_are_pinned_adopted_on_restart_and_removed_by_uninstall() {
+    if !require_privileged() {
+        return;
+    }
+    let node = VirtualNode::new(&["front", "mid", "down"]).unwrap();
+    let (front, mid, down) = (node.pod("front"), node.pod("mid"), node.pod("down"));
+    // `propagate` from the config file this time; the successor gets it from config + state.
+    let cfg = basic_config(&node, &format!("{}propagate = true\n", pods_toml(&[mid])));
+    let mut first = Daemon::start(&node, &cfg).unwrap();
+    let st = first.status().unwrap();
+    let release = st["kernel"]["release"].as_str().unwrap_or("").to_string();
+    if !kernel_at_least(&release, 6, 3) {
+        eprintln!("kernel {release}: no colour tracepoints, nothing to pin");
+        return;
+    }
+    assert_eq!(st["propagation"]["state"], "available", "{}", st["propagation"]);
+    let links = first.pin_dir().join("links");
+    let pins = [links.join("sm_recv_colour"), links.join("sm_send_colour")];
+    let ids: Vec<u64> = pins.iter().map(|p| pinned_link_prog(p).unwrap()).collect();
+    assert!(ids.iter().all(|id| prog_exists(*id)));
+
+    let state = first.stop_keep_state().unwrap();
+    let pin_dir = state.0.clone();
+    for p in &pins {
+        assert!(p.exists(), "{} kept for the successor", p.display());
+    }
+    let second = Daemon::start_with_state(node.daemon_cgroup(), &cfg, Some(state)).unwrap();
+    let st = second.status().unwrap();
+    assert_eq!(st["propagation"]["state"], "available", "{}", st["propagation"]);
+    let attached: Vec<String> = st["kernel"]["attached"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(String::from))
+        .collect();
+    for want in [
+        "sm_recv_colour -> tp_btf/sock_recv_length (adopted)",
+        "sm_send_colour -> tp_btf/sock_send_length (adopted)",
+    ] {
+        assert!(attached.iter().any(|a| a == want), "{want} not in {attached:?}");
+    }
+    let adopted: Vec<u64> = pins.iter().map(|p| pinned_link_prog(p).unwrap()).collect();
+    assert_eq!(adopted, ids, "the same programs stay attached");
+    let mid_status = st["pods"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "mid").cloned())
+        .unwrap();
+    assert_eq!(mid_status["propagate"], true, "{mid_status}");
+
+    // The adopted hooks and the successor's map handles work together.
+    let _down = colour_app(down, &["down", "--port", &DOWN_PORT.to_string()]).unwrap();
+    let down_addr = down.addr(DOWN_PORT);
+    let _mid = colour_app(
+        mid,
+        &[
+            "mid",
+            "--port",
+            &MID_PORT.to_string(),
+            "--downstream",
+            &down_addr,
+            "--pool",
+            "1",
+        ],
+    )
+    .unwrap();
+    let out = run_callers(
+        &second,
+        front,
+        format!("{}:{MID_PORT}", mid.ip).parse().unwrap(),
+        pod_cookie(&st, "mid").unwrap(),
+        format!("127.0.0.1:{}", mesh_outbound_port()).parse().unwrap(),
+        2,
+        REQUESTS_PER_CONNECTION * 2,
+    )
+    .unwrap();
+    let correct = out.iter().filter(|o| o.ledger == Some(o.colour)).count();
+    eprintln!("after the restart: {correct}/{} correct", out.len());
+    assert_eq!(correct, out.len(), "{out:#?}");
+
+    let uninstall = Command::new(sockmesh_bin())
+        .arg("uninstall")
+        .arg("--pin-dir")
+        .arg(second.pin_dir())
+        .arg("--state-file")
+        .arg(second.state_file())
+        .arg("--admin-socket")
+        .arg(second.admin_socket())
+        .output()
+        .unwrap();
+    assert!(
+        uninstall.status.success(),
+        "{}",
+        String::from_utf8_lossy(&uninstall.stderr)
+    );
+    assert!(!pin_dir.exists(), "{} removed", pin_dir.display());
+    eventually(Duration::from_secs(10), || {
+        for id in &ids {
+            anyhow::ensure!(!prog_exists(*id), "program {id} is still loaded");
+        }
+        Ok(())
+    })
+    .unwrap();
+    drop(first);
 }
 
 /// The outbound listener port the daemon uses (the config leaves the default).
