@@ -278,6 +278,10 @@ impl Kernel {
         let status = if opts.propagation {
             k.attach_propagation(&maps_dir, &links_dir, opts.accelerate)
         } else {
+            // A predecessor's colour tracepoints stay attached only while someone wants them.
+            for (name, _) in progs::TRACEPOINTS {
+                let _ = std::fs::remove_file(links_dir.join(name));
+            }
             Err("switched off (propagation = false)".to_string())
         };
         k.colour = match status {
