@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """A colour-unaware thread-per-request app and its downstream, for kernel colour propagation tests.
 
-`mid --port P --downstream IP:PORT --pool N`
+`mid --port P --downstream IP:PORT --pool N [--bind ADDR]`
     ThreadingHTTPServer (HTTP/1.1 keep-alive, one thread per inbound connection). For every
     `GET /req?id=X` it calls the downstream over a pool of N persistent connections shared by all
     its threads (checked out for one request/response, then returned), and answers with JSON:
     {"id", "down_local": "ip:port" of the pooled socket, "offset": the stream offset at which its
     downstream request started on that socket (bytes it had sent on it before), "down_at": the
     offset the downstream saw, "tid": native thread id}. It forwards nothing of the inbound
-    request but the id in the path: it knows nothing about colours.
+    request but the id in the path: it knows nothing about colours. `--bind ::` listens
+    dual-stack (IPv4 clients then arrive on AF_INET6 sockets with IPv4-mapped addresses).
 
 `down --port P`
     Keep-alive HTTP/1.1 server over raw sockets that answers each request with `at=<offset>`,
@@ -98,7 +99,7 @@ class PooledConn:
         return offset, body.decode()
 
 
-def serve_mid(port, downstream, pool_size):
+def serve_mid(port, downstream, pool_size, bind):
     host, dport = downstream.rsplit(":", 1)
     target = (host, int(dport))
     pool = queue.Queue()
@@ -144,10 +145,16 @@ def serve_mid(port, downstream, pool_size):
     class Server(http.server.ThreadingHTTPServer):
         daemon_threads = True
         allow_reuse_address = True
+        address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
 
-    srv = Server(("0.0.0.0", port), Handler)
+        def server_bind(self):
+            if self.address_family == socket.AF_INET6:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            super().server_bind()
+
+    srv = Server((bind, port), Handler)
     srv.timeout = IO_TIMEOUT_S
-    print(f"listening 0.0.0.0:{port}", flush=True)
+    print(f"listening {bind}:{port}", flush=True)
     srv.serve_forever()
 
 
@@ -160,11 +167,12 @@ def main():
     m.add_argument("--port", type=int, required=True)
     m.add_argument("--downstream", required=True)
     m.add_argument("--pool", type=int, default=2)
+    m.add_argument("--bind", default="0.0.0.0")
     a = ap.parse_args()
     if a.mode == "down":
         serve_down(a.port)
     else:
-        serve_mid(a.port, a.downstream, a.pool)
+        serve_mid(a.port, a.downstream, a.pool, a.bind)
 
 
 if __name__ == "__main__":

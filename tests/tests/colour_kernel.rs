@@ -440,7 +440,9 @@ fn tracepoint_links_are_pinned_adopted_on_restart_and_removed_by_uninstall() {
         .unwrap();
     assert_eq!(mid_status["propagate"], true, "{mid_status}");
 
-    // The adopted hooks and the successor's map handles work together.
+    // The adopted hooks and the successor's map handles work together. The app listens
+    // dual-stack this time: its IPv4 clients arrive on AF_INET6 sockets with IPv4-mapped
+    // addresses, which the recv hook must name like IPv4 ones.
     let _down = colour_app(down, &["down", "--port", &DOWN_PORT.to_string()]).unwrap();
     let down_addr = down.addr(DOWN_PORT);
     let _mid = colour_app(
@@ -453,6 +455,8 @@ fn tracepoint_links_are_pinned_adopted_on_restart_and_removed_by_uninstall() {
             &down_addr,
             "--pool",
             "1",
+            "--bind",
+            "::",
         ],
     )
     .unwrap();
