@@ -1071,6 +1071,27 @@ mod tests {
     }
 
     #[test]
+    fn colour_kernel_is_send_sync_clone_and_keys_mapped_addresses_as_ipv4() {
+        fn shareable<T: Send + Sync + Clone>() {}
+        shareable::<ColourKernel>();
+        let v4 = inbound_colour_key(
+            "198.18.0.3:8080".parse().unwrap(),
+            "198.18.0.2:40000".parse().unwrap(),
+        );
+        let mapped = inbound_colour_key(
+            "[::ffff:198.18.0.3]:8080".parse().unwrap(),
+            "[::ffff:198.18.0.2]:40000".parse().unwrap(),
+        );
+        assert_eq!(v4, mapped);
+        let k = v4.unwrap();
+        assert_eq!((k.local_port, k.remote_port), (8080, 40000));
+        assert_eq!(k.local_ip_be[0].to_ne_bytes(), [198, 18, 0, 3]);
+        assert!(
+            inbound_colour_key("[fd00::3]:8080".parse().unwrap(), "198.18.0.2:1".parse().unwrap()).is_err()
+        );
+    }
+
+    #[test]
     fn every_kernel_map_is_known_and_pinned() {
         let src = ebpf_source("maps.rs");
         let defined: Vec<&str> = src
