@@ -9,10 +9,13 @@
 //! Every recvmsg/sendmsg of the host runs these programs, so the common path is short: one
 //! `bpf_probe_read_kernel` of the socket's first 18 bytes and one bit of `SM_COLOUR_PORTS`
 //! (an inlined array lookup); only a port with colour entries pays the tuple hash. The sk_msg
-//! half (the ledger) is in `sk_msg.rs`.
+//! half (the ledger) is in `sk_msg.rs`. The kernel attaches tracepoints host-wide, so they act
+//! only for tasks under the daemon's `cgroup_root` (an ancestor cgroup id check).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel, generated::bpf_get_current_ancestor_cgroup_id,
+    },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
@@ -55,6 +58,13 @@ fn inbound_colour(ctx: &BtfTracePointContext) -> Option<u32> {
     let colour = unsafe { COLOUR_INBOUND.get(&key) }.copied()?;
     let cfg = config()?;
     if cfg.abi_version != mesh_common::ABI_VERSION {
+        return None;
+    }
+    // Tracepoints are not cgroup-scoped: act only for tasks under the daemon's cgroup_root,
+    // like every other hook.
+    if cfg.cgroup_root_id != 0
+        && unsafe { bpf_get_current_ancestor_cgroup_id(cfg.cgroup_root_level as i32) } != cfg.cgroup_root_id
+    {
         return None;
     }
     Some(colour)
