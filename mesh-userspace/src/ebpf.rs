@@ -91,6 +91,8 @@ pub enum KernelError {
 /// What the daemon asks of the kernel side.
 pub struct KernelOptions<'a> {
     pub cgroup_root: &'a Path,
+    /// The cgroup v2 mount `cgroup_root` is under (for its level).
+    pub cgroup_mount: &'a Path,
     /// bpffs directory holding `maps/` and `links/`.
     pub pin_dir: &'a Path,
     pub outbound_port: u16,
@@ -242,6 +244,13 @@ impl Kernel {
             opts.daemon_mark,
         );
         config.accel_max_msg = opts.accel_max_msg;
+        if let (Ok(rel), Ok(id)) = (
+            opts.cgroup_root.strip_prefix(opts.cgroup_mount),
+            crate::sys::cgroup_id(opts.cgroup_root),
+        ) {
+            config.cgroup_root_level = rel.components().count() as u32;
+            config.cgroup_root_id = id;
+        }
         config.accel_flow_budget = opts.accel_flow_budget;
         let mut k = Self {
             bpf,

@@ -514,7 +514,7 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Resu
             "present".into()
         },
     ));
-    let result = serve_loaded(cfg, root, checks);
+    let result = serve_loaded(cfg, root, &mount, checks);
     // Leave the mount if anything is pinned in it (our kept state, or anybody else's).
     if mounted_bpffs
         && std::fs::read_dir(bpffs)
@@ -526,9 +526,15 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Resu
     result
 }
 
-fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, String)>) -> anyhow::Result<()> {
+fn serve_loaded(
+    cfg: config::Config,
+    root: PathBuf,
+    mount: &Path,
+    mut checks: Vec<(String, String)>,
+) -> anyhow::Result<()> {
     let opts = ebpf::KernelOptions {
         cgroup_root: &root,
+        cgroup_mount: mount,
         pin_dir: &cfg.pin_dir,
         outbound_port: cfg.outbound_port,
         daemon_mark: cfg.daemon_mark,
