@@ -368,6 +368,39 @@ fn colour_follows_the_thread_onto_a_pooled_outbound_connection() {
     );
     let p = daemon.status().unwrap()["propagation"].clone();
     assert_eq!(p["ledgers"].as_u64(), Some(conns.len() as u64), "{p}");
+
+    // The tracepoints run for every task of the host but act only under cgroup_root: this test
+    // process (outside it) reads a coloured socket, keyed exactly as above, and stays uncoloured.
+    let before = daemon.counter("recv_coloured").unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<()> {
+            front.enter_netns_this_thread()?;
+            let l = std::net::TcpListener::bind((front.ip, 0))?;
+            let c = TcpStream::connect(l.local_addr()?)?;
+            let (mut a, peer) = l.accept()?;
+            a.set_read_timeout(Some(IO_TIMEOUT))?;
+            let key = json!({"local": a.local_addr()?, "remote": peer});
+            let mut req = key.clone();
+            req["op"] = json!("colour_inbound");
+            req["colour"] = json!(2);
+            daemon.admin(&req)?;
+            (&c).write_all(b"x")?;
+            let mut b = [0u8; 1];
+            a.read_exact(&mut b)?;
+            let mut req = key;
+            req["op"] = json!("colour_clear");
+            daemon.admin(&req).map(drop)
+        })
+        .join()
+        .map_err(|_| anyhow!("thread panicked"))
+    })
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        daemon.counter("recv_coloured").unwrap(),
+        before,
+        "a task outside cgroup_root was coloured"
+    );
 }
 
 /// The program id behind a pinned bpf link (`bpftool link show pinned`).
