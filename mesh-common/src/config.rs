@@ -9,6 +9,10 @@ pub const FLAG_ACCELERATE: u32 = 1 << 1;
 /// Emit aya-log records from the hooks (off: the log calls are skipped by one branch).
 pub const FLAG_LOG: u32 = 1 << 2;
 
+/// Colour propagation is available (tracepoints and sk_msg attached): sockops gives the
+/// sockets of `POD_FLAG_PROPAGATE` pods a ledger and puts them in `SM_SOCKS`.
+pub const FLAG_PROPAGATE: u32 = 1 << 3;
+
 /// Default per-message ceiling for the short-circuit: a larger write means bulk transfer, where
 /// ingress redirect has no backpressure, so the flow falls back to TCP for good.
 pub const DEFAULT_ACCEL_MAX_MSG: u32 = 16 * 1024;
@@ -27,18 +31,24 @@ pub struct MeshConfig {
     /// `SO_MARK` of the daemon's own sockets.
     pub daemon_mark: u32,
     pub accel_max_msg: u32,
-    pub _pad0: u32,
+    /// Depth of `cgroup_root` below the cgroup v2 mount (the mount is level 0).
+    pub cgroup_root_level: u32,
     pub accel_flow_budget: u64,
+    /// cgroup id of `cgroup_root`; 0: unknown. The colour tracepoints, which the kernel runs for
+    /// every task of the host, act only for tasks below it.
+    pub cgroup_root_id: u64,
 }
 
 const _: () = {
-    assert!(size_of::<MeshConfig>() == 32);
+    assert!(size_of::<MeshConfig>() == 40);
     assert!(offset_of!(MeshConfig, flags) == 4);
     assert!(offset_of!(MeshConfig, outbound_port) == 8);
     assert!(offset_of!(MeshConfig, inbound_port) == 10);
     assert!(offset_of!(MeshConfig, daemon_mark) == 12);
     assert!(offset_of!(MeshConfig, accel_max_msg) == 16);
+    assert!(offset_of!(MeshConfig, cgroup_root_level) == 20);
     assert!(offset_of!(MeshConfig, accel_flow_budget) == 24);
+    assert!(offset_of!(MeshConfig, cgroup_root_id) == 32);
 };
 
 impl MeshConfig {
@@ -50,8 +60,9 @@ impl MeshConfig {
             inbound_port,
             daemon_mark,
             accel_max_msg: DEFAULT_ACCEL_MAX_MSG,
-            _pad0: 0,
+            cgroup_root_level: 0,
             accel_flow_budget: DEFAULT_ACCEL_FLOW_BUDGET,
+            cgroup_root_id: 0,
         }
     }
 
@@ -62,6 +73,10 @@ impl MeshConfig {
 
     pub const fn accelerate(&self) -> bool {
         self.active() && self.flags & FLAG_ACCELERATE != 0
+    }
+
+    pub const fn propagate(&self) -> bool {
+        self.active() && self.flags & FLAG_PROPAGATE != 0
     }
 
     pub const fn log(&self) -> bool {

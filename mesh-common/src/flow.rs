@@ -79,6 +79,10 @@ impl ConnTuple {
 /// The app asked for an IPv4 destination through an AF_INET6 socket (`::ffff:a.b.c.d`).
 pub const ORIG_FLAG_V4_MAPPED: u32 = 1 << 0;
 
+/// The connecting pod has kernel colour propagation on (`POD_FLAG_PROPAGATE`): sockops gives the
+/// app socket a colour ledger and puts it in `SM_SOCKS` for the sk_msg program.
+pub const ORIG_FLAG_PROPAGATE: u32 = 1 << 1;
+
 /// Where the app meant to connect.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,6 +130,12 @@ impl OrigDst {
 
     pub const fn port(&self) -> u16 {
         u16::from_be(self.port_be)
+    }
+
+    /// The same destination with `flag` added.
+    pub const fn with_flag(mut self, flag: u32) -> Self {
+        self.flags |= flag;
+        self
     }
 
     /// The destination as an AF_INET6 socket's `getpeername()` would report it.

@@ -13,6 +13,7 @@
 
 pub mod accel;
 pub mod addr;
+pub mod colour;
 pub mod config;
 pub mod connect;
 pub mod flow;
@@ -23,7 +24,7 @@ pub mod stats;
 
 /// Bumped whenever a shared type or map changes shape. The daemon writes it into
 /// [`config::MeshConfig::abi_version`]; hooks that see another value do nothing (fail open).
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// `AF_INET` / `AF_INET6` as the kernel defines them on Linux.
 pub const AF_INET: u32 = 2;
@@ -58,4 +59,6 @@ mod user {
     unsafe impl aya::Pod for accel::FlowState {}
     unsafe impl aya::Pod for inbound::InboundKey {}
     unsafe impl aya::Pod for inbound::InboundTarget {}
+    unsafe impl aya::Pod for colour::InboundColourKey {}
+    unsafe impl aya::Pod for colour::Ledger {}
 }

@@ -26,11 +26,24 @@ pub const INBOUND_EXCLUDE: &str = "SM_INBOUND_EXCL";
 /// `SockMap`: listener slot → the daemon's inbound listener inside that pod's netns.
 pub const LISTENERS: &str = "SM_LISTENERS";
 
+/// `HashMap<InboundColourKey, u32>`: an app's inbound (accepted) socket → the colour of the request
+/// the proxy is delivering on it (0: uncoloured). Written by the proxy, read by the recv/send
+/// tracepoints.
+pub const COLOUR_INBOUND: &str = "SM_COLOUR_IN";
+/// `Array<u64>` bitmap of local ports that have (or had) an inbound colour entry: the recv hook's
+/// cheap filter.
+pub const COLOUR_PORTS: &str = "SM_COLOUR_PORTS";
+/// `LruHashMap<u32 tid, u32 colour>`: the colour of the request each app thread is serving.
+pub const THREAD_COLOUR: &str = "SM_TID_COLOUR";
+/// `LruHashMap<ConnTuple, Ledger>`: a propagating app socket (app view, as `SM_FLOWS`) → the
+/// colours of its stream by offset.
+pub const COLOUR_LEDGER: &str = "SM_LEDGER";
+
 /// aya-log's ring buffer (pinned with the others so a restarted daemon reads the old programs' logs).
 pub const AYA_LOGS: &str = "AYA_LOGS";
 
 /// Every map the daemon pins under `<pin_dir>/maps/`.
-pub const PINNED: [&str; 13] = [
+pub const PINNED: [&str; 17] = [
     CONFIG,
     PODS,
     BYPASS_CIDRS,
@@ -43,6 +56,10 @@ pub const PINNED: [&str; 13] = [
     INBOUND,
     INBOUND_EXCLUDE,
     LISTENERS,
+    COLOUR_INBOUND,
+    COLOUR_PORTS,
+    THREAD_COLOUR,
+    COLOUR_LEDGER,
     AYA_LOGS,
 ];
 
@@ -56,6 +73,12 @@ pub const FLOW_STATE_MAX: u32 = 65536;
 pub const INBOUND_MAX: u32 = 16384;
 /// Two listener slots per pod id (IPv4, IPv6): see [`crate::inbound::listener_slot`].
 pub const LISTENERS_MAX: u32 = 2 * (PODS_MAX + 1);
+/// Inbound connections with a colour entry at once.
+pub const COLOUR_INBOUND_MAX: u32 = 65536;
+/// App threads with a colour at once (LRU: the oldest thread's colour goes first).
+pub const THREAD_COLOUR_MAX: u32 = 65536;
+/// Propagating app sockets with a ledger at once (LRU; each value is 272 bytes, preallocated).
+pub const COLOUR_LEDGER_MAX: u32 = 16384;
 
 /// Program names (the Rust function names in `mesh-ebpf`, which become the ELF symbols).
 pub mod progs {
@@ -68,6 +91,15 @@ pub mod progs {
     pub const GETPEERNAME4: &str = "sm_getpeername4";
     pub const GETPEERNAME6: &str = "sm_getpeername6";
     pub const SK_LOOKUP: &str = "sm_sk_lookup";
+    /// `tp_btf/sock_recv_length` and `tp_btf/sock_send_length` (colour propagation).
+    pub const RECV_COLOUR: &str = "sm_recv_colour";
+    pub const SEND_COLOUR: &str = "sm_send_colour";
+    /// The kernel tracepoints they attach to (kernel 6.3+).
+    pub const RECV_TRACEPOINT: &str = "sock_recv_length";
+    pub const SEND_TRACEPOINT: &str = "sock_send_length";
+    /// The BTF tracepoints, pinned as `links/<name>`.
+    pub const TRACEPOINTS: [(&str, &str); 2] =
+        [(RECV_COLOUR, RECV_TRACEPOINT), (SEND_COLOUR, SEND_TRACEPOINT)];
 
     /// The hooks attached to the cgroup root through pinned bpf links.
     pub const CGROUP_LINKED: [&str; 6] = [
@@ -99,6 +131,10 @@ mod tests {
             INBOUND,
             INBOUND_EXCLUDE,
             LISTENERS,
+            COLOUR_INBOUND,
+            COLOUR_PORTS,
+            THREAD_COLOUR,
+            COLOUR_LEDGER,
         ] {
             assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN - 1");
         }
@@ -124,6 +160,10 @@ mod pin_tests {
             INBOUND,
             INBOUND_EXCLUDE,
             LISTENERS,
+            COLOUR_INBOUND,
+            COLOUR_PORTS,
+            THREAD_COLOUR,
+            COLOUR_LEDGER,
         ] {
             assert!(
                 PINNED.contains(&name),

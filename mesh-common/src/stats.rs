@@ -33,7 +33,14 @@ pub mod reason {
     pub const LOOKUP_NO_LISTENER: u32 = 27;
     pub const LOOKUP_ASSIGN_FAILED: u32 = 28;
     pub const LOOKUP_EXCLUDED: u32 = 29;
-    pub const COUNT: u32 = 30;
+    pub const RECV_COLOURED: u32 = 30;
+    pub const RECV_CLEARED: u32 = 31;
+    pub const SEND_CLEARED: u32 = 32;
+    pub const LEDGER_CREATED: u32 = 33;
+    pub const LEDGER_MAP_FULL: u32 = 34;
+    pub const LEDGER_RECORDED: u32 = 35;
+    pub const LEDGER_MISSING: u32 = 36;
+    pub const COUNT: u32 = 37;
 }
 
 /// Metric names, indexed like [`reason`].
@@ -68,6 +75,13 @@ pub const REASON_NAMES: [&str; reason::COUNT as usize] = [
     "lookup_no_listener",
     "lookup_assign_failed",
     "lookup_excluded",
+    "recv_coloured",
+    "recv_cleared",
+    "send_cleared",
+    "ledger_created",
+    "ledger_map_full",
+    "ledger_recorded",
+    "ledger_missing",
 ];
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use mesh_common::{
     addr,
     config::MeshConfig,
     connect::{precheck, ConnectFacts},
-    flow::{OrigDst, ORIG_FLAG_V4_MAPPED},
+    flow::{OrigDst, ORIG_FLAG_PROPAGATE, ORIG_FLAG_V4_MAPPED},
     pods::{PodInfo, MAX_ANCESTOR_WALK},
     stats::reason,
 };
@@ -170,12 +170,16 @@ fn on_connect(ctx: &SockAddrContext, dst: Dst, port: u16) -> Option<u32> {
         }
         return None;
     }
-    let orig = match dst {
+    let mut orig = match dst {
         Dst::V4 { ip, mapped } => {
             OrigDst::v4(ip, port, pod.pod_id, if mapped { ORIG_FLAG_V4_MAPPED } else { 0 })
         }
         Dst::V6(ip6) => OrigDst::v6(ip6, port, pod.pod_id),
     };
+    if pod.propagate() {
+        // sockops gives this socket a colour ledger once it is established.
+        orig = orig.with_flag(ORIG_FLAG_PROPAGATE);
+    }
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
     if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
         // Without the record the proxy could not know where to go: leave the connect alone.

@@ -6,6 +6,7 @@
 #![no_main]
 #![allow(clippy::missing_safety_doc)]
 
+mod colour;
 mod connect;
 mod getpeername;
 mod getsockopt;

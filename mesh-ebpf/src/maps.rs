@@ -6,6 +6,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     accel::FlowState,
+    colour::{InboundColourKey, Ledger, PORT_WORDS},
     config::MeshConfig,
     flow::{ConnTuple, OrigDst},
     inbound::{InboundKey, InboundTarget},
@@ -53,6 +54,19 @@ pub static INBOUND_EXCLUDE: HashMap<InboundKey, u32> = HashMap::with_max_entries
 
 #[map(name = "SM_LISTENERS")]
 pub static LISTENERS: SockMap = SockMap::with_max_entries(m::LISTENERS_MAX, 0);
+
+#[map(name = "SM_COLOUR_IN")]
+pub static COLOUR_INBOUND: HashMap<InboundColourKey, u32> =
+    HashMap::with_max_entries(m::COLOUR_INBOUND_MAX, 0);
+
+#[map(name = "SM_COLOUR_PORTS")]
+pub static COLOUR_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+
+#[map(name = "SM_TID_COLOUR")]
+pub static THREAD_COLOUR: LruHashMap<u32, u32> = LruHashMap::with_max_entries(m::THREAD_COLOUR_MAX, 0);
+
+#[map(name = "SM_LEDGER")]
+pub static LEDGER: LruHashMap<ConnTuple, Ledger> = LruHashMap::with_max_entries(m::COLOUR_LEDGER_MAX, 0);
 
 /// The daemon's configuration, if it wrote one.
 #[inline(always)]

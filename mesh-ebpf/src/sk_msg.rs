@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     bindings::{sk_action::SK_PASS, BPF_F_INGRESS, BPF_NOEXIST},
-    helpers::generated::bpf_get_netns_cookie,
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_netns_cookie},
     macros::{sk_msg, stream_verdict},
     programs::{SkBuffContext, SkMsgContext},
 };
@@ -21,7 +21,7 @@ use mesh_common::{
 
 use crate::{
     ctx_ip6, ctx_u32,
-    maps::{config, count, FLOW_STATE, SOCKS},
+    maps::{config, count, FLOW_STATE, LEDGER, SOCKS, THREAD_COLOUR},
 };
 
 #[sk_msg]
@@ -65,6 +65,10 @@ fn tuple(ctx: &SkMsgContext) -> Option<ConnTuple> {
 fn handle(ctx: &SkMsgContext) -> Option<()> {
     let cfg = config()?;
     let t = tuple(ctx)?;
+    if cfg.abi_version == mesh_common::ABI_VERSION {
+        // Also while capture is switching off: a ledger must count every byte of its stream.
+        record_colour(ctx, &t, cfg.accelerate());
+    }
     if !cfg.accelerate() {
         fall_back(&t);
         return None;
@@ -95,6 +99,28 @@ fn handle(ctx: &SkMsgContext) -> Option<()> {
         Verdict::AlreadyFellBack => count(reason::MSG_PASSED_AFTER_FALLBACK),
     }
     Some(())
+}
+
+/// Colour propagation: a socket with a ledger (created at sockops for pods with propagation on)
+/// records the sending thread's colour at this message's stream offset. The bytes are never
+/// touched. Sockets without a ledger pay one hash lookup.
+#[inline(always)]
+fn record_colour(ctx: &SkMsgContext, t: &ConnTuple, accelerate: bool) {
+    let Some(l) = LEDGER.get_ptr_mut(t) else {
+        if !accelerate {
+            // Without acceleration only propagating sockets are in SM_SOCKS: this one lost its
+            // ledger (LRU eviction). It is not recreated: its offsets would be wrong.
+            count(reason::LEDGER_MISSING);
+        }
+        return;
+    };
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let colour = unsafe { THREAD_COLOUR.get(&tid) }.copied().unwrap_or(0);
+    let size = ctx_u32!(ctx.msg, size);
+    // SAFETY: the socket lock serialises sendmsg on this socket, and with it this entry.
+    if unsafe { (*l).on_message(size, colour) } {
+        count(reason::LEDGER_RECORDED);
+    }
 }
 
 /// Acceleration was switched off while the socket was in the map: never redirect it again.

@@ -15,12 +15,22 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{addr, flow::ConnTuple, stats::reason, AF_INET, AF_INET6};
+use mesh_common::{
+    addr,
+    colour::Ledger,
+    flow::{ConnTuple, ORIG_FLAG_PROPAGATE},
+    stats::reason,
+    AF_INET, AF_INET6,
+};
 
 use crate::{
     ctx_ip6, ctx_u32,
-    maps::{config, count, FLOWS, FLOW_STATE, ORIG_BY_COOKIE, SOCKS},
+    maps::{config, count, FLOWS, FLOW_STATE, LEDGER, ORIG_BY_COOKIE, SOCKS},
 };
+
+/// A fresh ledger (272 bytes: too big for the 512-byte stack next to the rest, so it lives in
+/// `.rodata` and the helper copies it from there).
+static ZERO_LEDGER: Ledger = Ledger::new();
 
 #[sock_ops]
 pub fn sm_sockops(ctx: SockOpsContext) -> u32 {
@@ -80,7 +90,18 @@ fn handle(ctx: &SockOpsContext) -> Option<()> {
             // The cookie record serves getpeername() until the app socket closes.
             let flags = ctx_u32!(ctx.ops, bpf_sock_ops_cb_flags);
             let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-            if cfg.accelerate() {
+            // Colour propagation: a zeroed ledger from the first byte (sk_msg counts the
+            // stream offset in it), and the socket in SM_SOCKS so sk_msg sees its writes.
+            // The proxy side does not join for propagation alone.
+            let propagate = cfg.propagate() && orig.flags & ORIG_FLAG_PROPAGATE != 0;
+            if propagate {
+                if LEDGER.insert(&t, &ZERO_LEDGER, BPF_ANY as u64).is_ok() {
+                    count(reason::LEDGER_CREATED);
+                } else {
+                    count(reason::LEDGER_MAP_FULL);
+                }
+            }
+            if cfg.accelerate() || propagate {
                 add_to_sockhash(ctx, t);
             }
         }
@@ -107,8 +128,11 @@ fn handle(ctx: &SockOpsContext) -> Option<()> {
             let t = tuple(ctx)?;
             let _ = FLOW_STATE.remove(&t);
             if t.local_port == cfg.outbound_port {
-                // Proxy side: the flow record is no longer needed by anyone.
+                // Proxy side: the flow record is no longer needed by anyone, nor the app
+                // socket's ledger (the proxy has read all it will read; the app side may have
+                // closed long before, like for the flow record).
                 let _ = FLOWS.remove(&t.reversed());
+                let _ = LEDGER.remove(&t.reversed());
                 count(reason::SOCKOPS_FLOW_CLOSED);
             } else {
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };

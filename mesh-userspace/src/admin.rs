@@ -3,6 +3,7 @@
 
 use std::{
     io::{self, BufRead, BufReader, Write},
+    net::SocketAddr,
     os::unix::{fs::PermissionsExt, net::UnixStream},
     path::Path,
     sync::Arc,
@@ -41,6 +42,8 @@ pub enum Request {
         inbound_exclude_ports: Vec<u32>,
         #[serde(default)]
         colour: Option<String>,
+        #[serde(default)]
+        propagate: bool,
     },
     Unenroll {
         name: String,
@@ -56,6 +59,27 @@ pub enum Request {
     /// Replace the whole routing policy.
     RoutesApply {
         policy: crate::routing::RawPolicy,
+    },
+    /// Colour an app's inbound connection (`ColourKernel::set_inbound`): for a proxy outside
+    /// the daemon, and for tests. `local`/`remote` as the app's accepted socket sees them.
+    ColourInbound {
+        local: SocketAddr,
+        remote: SocketAddr,
+        colour: u32,
+    },
+    /// Forget an inbound connection's colour (`ColourKernel::clear_inbound`).
+    ColourClear {
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
+    /// An app socket's colour ledger (`ColourKernel::ledger`), and with `offset` the colour
+    /// there (`ColourKernel::ledger_colour`). `local`/`remote` as the app socket sees them.
+    ColourLedger {
+        netns_cookie: u64,
+        local: SocketAddr,
+        remote: SocketAddr,
+        #[serde(default)]
+        offset: Option<u64>,
     },
 }
 
@@ -146,6 +170,7 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             inbound_all_ports,
             inbound_exclude_ports,
             colour,
+            propagate,
         } => {
             if let Some(c) = &colour {
                 if let Err(e) = crate::config::check_pod_colour(c, &daemon.policy()) {
@@ -172,6 +197,7 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
                 cgroup: cgroup.into(),
                 external_proxy,
                 colour,
+                propagate,
             };
             match daemon.enroll(spec) {
                 Ok(()) => Response::ok(),
@@ -199,6 +225,38 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             error: None,
             status: Some(daemon.routes()),
         },
+        Request::ColourInbound {
+            local,
+            remote,
+            colour,
+        } => match daemon.colour().set_inbound(local, remote, colour) {
+            Ok(()) => Response::ok(),
+            Err(e) => Response::err(e),
+        },
+        Request::ColourClear { local, remote } => {
+            daemon.colour().clear_inbound(local, remote);
+            Response::ok()
+        }
+        Request::ColourLedger {
+            netns_cookie,
+            local,
+            remote,
+            offset,
+        } => {
+            let colour = daemon.colour();
+            if let Err(e) = colour.status() {
+                return Response::err(format!("colour propagation unavailable: {e}"));
+            }
+            let ledger = colour.ledger(netns_cookie, local, remote);
+            Response {
+                ok: true,
+                error: None,
+                status: Some(serde_json::json!({
+                    "ledger": ledger.as_ref().map(ledger_json),
+                    "colour": offset.and_then(|o| colour.ledger_colour(netns_cookie, local, remote, o)),
+                })),
+            }
+        }
         Request::RoutesApply { policy } => match daemon.apply_routes(policy) {
             Ok(generation) => Response {
                 ok: true,
@@ -211,6 +269,25 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             }
         },
     }
+}
+
+/// A ledger as JSON: the kept changes oldest first.
+fn ledger_json(l: &mesh_common::colour::Ledger) -> serde_json::Value {
+    use mesh_common::colour::LEDGER_SLOTS;
+    let n = l.changes as usize;
+    let kept = n.min(LEDGER_SLOTS);
+    let changes: Vec<_> = (n - kept..n)
+        .map(|k| {
+            let s = &l.slots[k % LEDGER_SLOTS];
+            serde_json::json!({ "offset": s.offset, "colour": s.colour })
+        })
+        .collect();
+    serde_json::json!({
+        "sent_bytes": l.sent_bytes,
+        "last_colour": l.last_colour,
+        "changes_total": l.changes,
+        "changes": changes,
+    })
 }
 
 /// Client side: send one request, read one response.
@@ -255,6 +332,7 @@ mod tests {
                 inbound_all_ports: false,
                 inbound_exclude_ports: vec![],
                 colour: None,
+                propagate: false,
             }
         );
         assert_eq!(

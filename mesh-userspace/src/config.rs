@@ -55,6 +55,7 @@ struct RawConfig {
     daemon_mark: Option<u32>,
     drain_timeout_secs: Option<u64>,
     bpf_log: Option<bool>,
+    propagation: Option<bool>,
     pin_dir: Option<PathBuf>,
     state_file: Option<PathBuf>,
     #[serde(default)]
@@ -108,6 +109,8 @@ struct RawPod {
     #[serde(default)]
     inbound_exclude_ports: Vec<u32>,
     colour: Option<String>,
+    #[serde(default)]
+    propagate: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +186,8 @@ pub struct PodSpec {
     pub inbound_exclude_ports: Vec<u16>,
     /// The pod's traffic colour (a `[[colours]]` name): every request it sends has it.
     pub colour: Option<String>,
+    /// Kernel colour propagation for the pod's threads (`POD_FLAG_PROPAGATE`).
+    pub propagate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +206,8 @@ pub struct Config {
     pub daemon_mark: u32,
     pub drain_timeout_secs: u64,
     pub bpf_log: bool,
+    /// Attach the colour propagation hooks when the kernel allows (default on).
+    pub propagation: bool,
     pub pin_dir: PathBuf,
     pub state_file: PathBuf,
     pub acceleration: Acceleration,
@@ -278,6 +285,14 @@ pub fn check_inbound_choice(all: bool, ports: &[u16], exclude: &[u16]) -> Result
             "inbound_exclude_ports",
             "only meaningful with inbound_all_ports = true".into(),
         ));
+    }
+    Ok(())
+}
+
+/// `propagate` works on the pod's captured outbound connections: it needs capture.
+pub fn check_propagate(propagate: bool, capture: bool) -> Result<(), String> {
+    if propagate && !capture {
+        return Err("needs capture (the ledger is kept on captured outbound connections)".into());
     }
     Ok(())
 }
@@ -442,6 +457,8 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         if let Some(c) = &p.colour {
             check_pod_colour(c, &policy).map_err(|r| err(format!("pods[{i}].colour"), r))?;
         }
+        check_propagate(p.propagate, p.capture.unwrap_or(true))
+            .map_err(|r| err(format!("pods[{i}].propagate"), r))?;
         pods.push(PodSpec {
             name,
             netns,
@@ -452,6 +469,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
             inbound_all_ports: p.inbound_all_ports,
             inbound_exclude_ports,
             colour: p.colour.clone(),
+            propagate: p.propagate,
         });
     }
     Ok(Config {
@@ -464,6 +482,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         daemon_mark,
         drain_timeout_secs: raw.drain_timeout_secs.unwrap_or(DEFAULT_DRAIN_SECS),
         bpf_log: raw.bpf_log.unwrap_or(false),
+        propagation: raw.propagation.unwrap_or(true),
         pin_dir,
         state_file,
         acceleration: acc,
@@ -617,6 +636,27 @@ mod tests {
             field_of("[acceleration]\nmax_msg_bytes = 0"),
             "acceleration.max_msg_bytes"
         );
+    }
+
+    #[test]
+    fn propagate_is_per_pod_and_needs_capture() {
+        let c = parse(
+            "[[pods]]\nname = \"a\"\nnetns = \"/a\"\ncgroup = \"/b\"\npropagate = true\n\
+             [[pods]]\nname = \"b\"\nnetns = \"/c\"\ncgroup = \"/d\"",
+        )
+        .unwrap();
+        assert!(c.pods[0].propagate);
+        assert!(!c.pods[1].propagate);
+        assert!(c.propagation, "the node-wide switch defaults to on");
+        assert!(!parse("propagation = false").unwrap().propagation);
+        assert_eq!(
+            field_of(
+                "[[pods]]\nname = \"a\"\nnetns = \"/a\"\ncgroup = \"/b\"\ncapture = false\npropagate = true"
+            ),
+            "pods[0].propagate"
+        );
+        assert!(check_propagate(true, true).is_ok());
+        assert!(check_propagate(false, false).is_ok());
     }
 
     #[test]

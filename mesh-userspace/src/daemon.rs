@@ -13,7 +13,7 @@ use std::{
 
 use mesh_common::{
     inbound::{listener_slot, InboundKey, InboundTarget, ANY_PORT},
-    pods::{PodInfo, POD_FLAG_NONE},
+    pods::{pod_flags, PodInfo},
 };
 use serde_json::json;
 use thiserror::Error;
@@ -133,7 +133,22 @@ pub struct MetricsSnapshot {
     pub kernel: Vec<(&'static str, u64)>,
     pub errors: Vec<(&'static str, u64)>,
     pub admin_errors: Vec<(&'static str, u64)>,
+    pub propagation_available: bool,
 }
+
+/// The kernel counters of colour propagation, shown together in status.
+const PROPAGATION_REASONS: [u32; 7] = {
+    use mesh_common::stats::reason as r;
+    [
+        r::RECV_COLOURED,
+        r::RECV_CLEARED,
+        r::SEND_CLEARED,
+        r::LEDGER_CREATED,
+        r::LEDGER_RECORDED,
+        r::LEDGER_MAP_FULL,
+        r::LEDGER_MISSING,
+    ]
+};
 
 impl Daemon {
     pub fn new(
@@ -145,12 +160,13 @@ impl Daemon {
     ) -> Self {
         let router =
             Router::new(crate::routing::compile(cfg.routing.clone()).expect("validated by config::parse"));
+        let colour = kernel.colour();
         Self {
             cfg,
             cgroup_root,
             kernel: Mutex::new(kernel),
             pods: Mutex::new(BTreeMap::new()),
-            shared: Arc::new(Shared::new(Box::new(proxy::KernelOrigDst), router)),
+            shared: Arc::new(Shared::new(Box::new(proxy::KernelOrigDst), router).with_colour(colour)),
             accel: Mutex::new(accel),
             checks,
             admin_errors: Mutex::new(BTreeMap::new()),
@@ -254,6 +270,11 @@ impl Daemon {
         }
         config::check_pod_name(&spec.name).map_err(DaemonError::BadName)?;
         let name = spec.name.clone();
+        config::check_propagate(spec.propagate, spec.capture).map_err(|reason| DaemonError::BadPath {
+            name: name.clone(),
+            field: "propagate",
+            reason,
+        })?;
         config::check_pod_paths(&spec, &self.cgroup_root).map_err(|(field, reason)| {
             DaemonError::BadPath {
                 name: name.clone(),
@@ -305,7 +326,7 @@ impl Daemon {
             inbound_port: mesh_common::DEFAULT_INBOUND_PORT,
             mark: self.cfg.daemon_mark,
             colour: spec.colour.clone(),
-            propagate: false,
+            propagate: spec.propagate,
             netns_cookie,
         });
         let io_err = |source| DaemonError::Io {
@@ -375,12 +396,10 @@ impl Daemon {
             Some(proxy::serve(ctx.clone(), self.shared.clone(), listeners).map_err(io_err)?)
         };
         if spec.capture {
-            if let Err(source) = self
-                .kernel
-                .lock()
-                .expect("kernel lock")
-                .add_pod(cgroup_id, PodInfo::new(pod_id, POD_FLAG_NONE, netns_cookie))
-            {
+            if let Err(source) = self.kernel.lock().expect("kernel lock").add_pod(
+                cgroup_id,
+                PodInfo::new(pod_id, pod_flags(spec.propagate, 0), netns_cookie),
+            ) {
                 self.undo_inbound(&name, pod_id, &inbound_keys);
                 return Err(DaemonError::Kernel {
                     name: name.clone(),
@@ -531,6 +550,8 @@ impl Daemon {
     }
 
     pub fn status(&self) -> serde_json::Value {
+        // Takes the pods and kernel locks itself: before this function holds them.
+        let propagation = self.propagation_status();
         let pods = self.pods.lock().expect("pods lock");
         let conns = self.shared.registry.snapshot();
         let pods_json: Vec<_> = pods
@@ -549,6 +570,7 @@ impl Daemon {
                     "inbound_all_ports": p.spec.inbound_all_ports,
                     "inbound_exclude_ports": p.spec.inbound_exclude_ports,
                     "colour": p.spec.colour,
+                    "propagate": p.spec.propagate,
                     "listeners": p.proxy.as_ref().map(|x| x.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
                     "connections_active": p.stats.connections_active.load(Relaxed),
                     "connections_total": p.stats.connections_total.load(Relaxed),
@@ -577,6 +599,7 @@ impl Daemon {
             "counters": counters,
             "proxy_errors": errors,
             "acceleration": { "enabled": accel.enabled, "detail": accel.detail },
+            "propagation": propagation,
             "kernel": {
                 "release": sys::kernel_release(),
                 "checks": self.checks.iter().map(|(k, v)| json!({"check": k, "result": v})).collect::<Vec<_>>(),
@@ -585,6 +608,40 @@ impl Daemon {
             "cgroup_root": self.cgroup_root,
             "uptime_s": self.started.elapsed().as_secs(),
             "workers": tokio::runtime::Handle::try_current().map(|h| h.metrics().num_workers()).ok(),
+        })
+    }
+
+    /// The proxy's handle on kernel colour propagation.
+    pub fn colour(&self) -> crate::propagate::ColourKernel {
+        self.shared.colour.clone()
+    }
+
+    /// `available` or `unavailable: why`, with map entry counts and the hooks' counters.
+    fn propagation_status(&self) -> serde_json::Value {
+        let colour = &self.shared.colour;
+        let (state, available) = match colour.status() {
+            Ok(()) => ("available".to_string(), true),
+            Err(why) => (format!("unavailable: {why}"), false),
+        };
+        let (inbound, threads, ledgers) = colour.entry_counts().unwrap_or_default();
+        let kernel = self.kernel.lock().expect("kernel lock");
+        let counters: serde_json::Map<String, serde_json::Value> = PROPAGATION_REASONS
+            .iter()
+            .map(|r| {
+                (
+                    mesh_common::stats::REASON_NAMES[*r as usize].to_string(),
+                    kernel.counter(*r).into(),
+                )
+            })
+            .collect();
+        json!({
+            "available": available,
+            "state": state,
+            "pods": self.pods.lock().expect("pods lock").values().filter(|p| p.spec.propagate).map(|p| p.spec.name.clone()).collect::<Vec<_>>(),
+            "inbound_entries": inbound,
+            "thread_entries": threads,
+            "ledgers": ledgers,
+            "counters": counters,
         })
     }
 
@@ -605,6 +662,7 @@ impl Daemon {
         MetricsSnapshot {
             pods,
             kernel: self.kernel.lock().expect("kernel lock").counters(),
+            propagation_available: self.shared.colour.status().is_ok(),
             errors: self.shared.errors.snapshot(),
             admin_errors: self
                 .admin_errors

@@ -4,21 +4,23 @@
 
 use std::{
     fs::File,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, SockMap},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SkSkb, SockOps,
+        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SkSkb, SockOps,
     },
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
 };
 use mesh_common::{
-    config::{MeshConfig, FLAG_ACCELERATE, FLAG_ENABLED, FLAG_LOG},
+    colour::{port_bit, InboundColourKey, Ledger},
+    config::{MeshConfig, FLAG_ACCELERATE, FLAG_ENABLED, FLAG_LOG, FLAG_PROPAGATE},
     flow::{ip_to_words, ConnTuple},
     inbound::{InboundKey, InboundTarget},
     maps::{self as m, progs},
@@ -89,6 +91,8 @@ pub enum KernelError {
 /// What the daemon asks of the kernel side.
 pub struct KernelOptions<'a> {
     pub cgroup_root: &'a Path,
+    /// The cgroup v2 mount `cgroup_root` is under (for its level).
+    pub cgroup_mount: &'a Path,
     /// bpffs directory holding `maps/` and `links/`.
     pub pin_dir: &'a Path,
     pub outbound_port: u16,
@@ -97,6 +101,8 @@ pub struct KernelOptions<'a> {
     pub accel_max_msg: u32,
     pub accel_flow_budget: u64,
     pub bpf_log: bool,
+    /// Try to attach the colour propagation hooks (never fatal: see [`Kernel::colour`]).
+    pub propagation: bool,
 }
 
 /// How the kernel state was obtained.
@@ -127,6 +133,8 @@ pub struct Kernel {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     links: Vec<(PathBuf, PinnedLink)>,
     pin_dir: PathBuf,
+    /// Colour propagation: the proxy's handle on its maps, or why it is unavailable.
+    colour: ColourKernel,
     pub origin: Origin,
     /// Hooks attached, for status ("sm_connect4 -> /sys/fs/cgroup/...").
     pub attached: Vec<String>,
@@ -236,6 +244,13 @@ impl Kernel {
             opts.daemon_mark,
         );
         config.accel_max_msg = opts.accel_max_msg;
+        if let (Ok(rel), Ok(id)) = (
+            opts.cgroup_root.strip_prefix(opts.cgroup_mount),
+            crate::sys::cgroup_id(opts.cgroup_root),
+        ) {
+            config.cgroup_root_level = rel.components().count() as u32;
+            config.cgroup_root_id = id;
+        }
         config.accel_flow_budget = opts.accel_flow_budget;
         let mut k = Self {
             bpf,
@@ -254,6 +269,7 @@ impl Kernel {
             logger: None,
             links: Vec::new(),
             pin_dir: opts.pin_dir.to_path_buf(),
+            colour: ColourKernel::unavailable("not probed yet".into()),
             origin,
             attached: Vec::new(),
         };
@@ -268,7 +284,79 @@ impl Kernel {
         if opts.accelerate {
             k.attach_accel()?;
         }
+        let status = if opts.propagation {
+            k.attach_propagation(&maps_dir, &links_dir, opts.accelerate)
+        } else {
+            // A predecessor's colour tracepoints stay attached only while someone wants them.
+            for (name, _) in progs::TRACEPOINTS {
+                let _ = std::fs::remove_file(links_dir.join(name));
+            }
+            Err("switched off (propagation = false)".to_string())
+        };
+        k.colour = match status {
+            Ok(maps) => {
+                k.config.flags |= FLAG_PROPAGATE;
+                k.write_config()?;
+                ColourKernel::available(maps)
+            }
+            Err(why) => {
+                log::warn!("colour propagation unavailable: {why}");
+                ColourKernel::unavailable(why)
+            }
+        };
         Ok(k)
+    }
+
+    /// The proxy's handle on colour propagation (cheap to clone).
+    pub fn colour(&self) -> ColourKernel {
+        self.colour.clone()
+    }
+
+    /// Colour propagation: the sk_msg program on `SM_SOCKS` (already there with acceleration)
+    /// and the two BTF tracepoints through pinned links (`links/sm_recv_colour`,
+    /// `links/sm_send_colour`), adopted like the cgroup links after a restart. Any failure
+    /// (kernel < 6.3 without the tracepoints, no BTF, a verifier refusal) makes propagation
+    /// unavailable with the reason; the daemon runs on.
+    fn attach_propagation(
+        &mut self,
+        maps_dir: &Path,
+        links_dir: &Path,
+        accel_attached: bool,
+    ) -> Result<ColourMaps, String> {
+        if !accel_attached {
+            self.attach_accel().map_err(|e| e.to_string())?;
+        }
+        let mut btf: Option<Btf> = None;
+        for (name, tracepoint) in progs::TRACEPOINTS {
+            let pin = links_dir.join(name);
+            if pin.exists() {
+                let link = PinnedLink::from_pin(&pin)
+                    .map_err(|e| format!("adopting the pinned link {}: {e}", pin.display()))?;
+                self.links.push((pin, link));
+                self.attached
+                    .push(format!("{name} -> tp_btf/{tracepoint} (adopted)"));
+                continue;
+            }
+            if btf.is_none() {
+                btf = Some(
+                    Btf::from_sys_fs()
+                        .map_err(|e| format!("no kernel BTF (/sys/kernel/btf/vmlinux): {e}"))?,
+                );
+            }
+            let prog: &mut BtfTracePoint = self.program(name).map_err(|e| e.to_string())?;
+            prog.load(tracepoint, btf.as_ref().expect("set above"))
+                .map_err(|e| format!("loading {name} on tp_btf/{tracepoint} (kernel 6.3+): {e}"))?;
+            let id = prog
+                .attach()
+                .map_err(|e| format!("attaching {name} to tp_btf/{tracepoint}: {e}"))?;
+            let link: FdLink = prog.take_link(id).map_err(|e| format!("{name}: {e}"))?.into();
+            let link = link
+                .pin(&pin)
+                .map_err(|e| format!("pinning {}: {e}", pin.display()))?;
+            self.links.push((pin, link));
+            self.attached.push(format!("{name} -> tp_btf/{tracepoint}"));
+        }
+        ColourMaps::open(maps_dir).map_err(|e| e.to_string())
     }
 
     /// Enrolled cgroup ids as the kernel has them (after a restart: what the last daemon left).
@@ -625,6 +713,209 @@ impl Kernel {
     }
 }
 
+/// The colour maps, opened from their pins (own fds, so the proxy never takes the kernel lock).
+struct ColourMaps {
+    inbound: Mutex<HashMap<MapData, InboundColourKey, u32>>,
+    ports: Mutex<Array<MapData, u64>>,
+    ledger: HashMap<MapData, ConnTuple, Ledger>,
+    threads: HashMap<MapData, u32, u32>,
+}
+
+impl ColourMaps {
+    fn open(maps_dir: &Path) -> Result<Self, KernelError> {
+        fn pinned(maps_dir: &Path, name: &'static str) -> Result<aya::maps::Map, KernelError> {
+            let data =
+                MapData::from_pin(maps_dir.join(name)).map_err(|source| KernelError::Map { name, source })?;
+            Ok(match name {
+                m::COLOUR_PORTS => aya::maps::Map::Array(data),
+                m::COLOUR_INBOUND => aya::maps::Map::HashMap(data),
+                _ => aya::maps::Map::LruHashMap(data),
+            })
+        }
+        Ok(Self {
+            inbound: Mutex::new(take_pinned(
+                m::COLOUR_INBOUND,
+                pinned(maps_dir, m::COLOUR_INBOUND)?,
+            )?),
+            ports: Mutex::new(take_pinned(m::COLOUR_PORTS, pinned(maps_dir, m::COLOUR_PORTS)?)?),
+            ledger: take_pinned(m::COLOUR_LEDGER, pinned(maps_dir, m::COLOUR_LEDGER)?)?,
+            threads: take_pinned(m::THREAD_COLOUR, pinned(maps_dir, m::THREAD_COLOUR)?)?,
+        })
+    }
+}
+
+fn take_pinned<T>(name: &'static str, map: aya::maps::Map) -> Result<T, KernelError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    T::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
+/// Kernel colour propagation, as the proxy uses it. Cheap to clone; `Send + Sync`.
+///
+/// The proxy colours an inbound connection with [`ColourKernel::set_inbound`] *before* it
+/// writes a request's bytes to the app, and must not change it while that request is in flight.
+/// The app thread that reads the request takes its colour; what that thread then writes on a
+/// captured outbound connection is recorded by stream offset, and the proxy reads it back with
+/// [`ColourKernel::ledger_colour`] when it parses a request starting at that offset.
+#[derive(Clone)]
+pub struct ColourKernel {
+    inner: Arc<ColourInner>,
+}
+
+struct ColourInner {
+    status: Result<(), String>,
+    maps: Option<ColourMaps>,
+}
+
+/// Colour ids are 1..=255; 0 is the base.
+pub const MAX_COLOUR: u32 = 255;
+
+impl ColourKernel {
+    fn available(maps: ColourMaps) -> Self {
+        Self {
+            inner: Arc::new(ColourInner {
+                status: Ok(()),
+                maps: Some(maps),
+            }),
+        }
+    }
+
+    /// A handle that refuses everything with `why` (no kernel, or propagation off).
+    pub fn disabled(why: String) -> Self {
+        Self::unavailable(why)
+    }
+
+    fn unavailable(why: String) -> Self {
+        Self {
+            inner: Arc::new(ColourInner {
+                status: Err(why),
+                maps: None,
+            }),
+        }
+    }
+
+    /// Cheap check for the hot path.
+    pub fn is_available(&self) -> bool {
+        self.inner.status.is_ok()
+    }
+
+    /// Available, or why not.
+    pub fn status(&self) -> Result<(), String> {
+        self.inner.status.clone()
+    }
+
+    fn maps(&self) -> Result<&ColourMaps, String> {
+        match (&self.inner.status, &self.inner.maps) {
+            (Ok(()), Some(m)) => Ok(m),
+            (Err(why), _) => Err(format!("colour propagation unavailable: {why}")),
+            (Ok(()), None) => Err("colour propagation unavailable".into()),
+        }
+    }
+
+    /// The app's accepted socket `app_local` (the pod address and port) ← `app_remote` (the
+    /// proxy's delivering socket) now carries a request of `colour` (0: uncoloured; the thread
+    /// that reads it drops any colour it had).
+    pub fn set_inbound(
+        &self,
+        app_local: SocketAddr,
+        app_remote: SocketAddr,
+        colour: u32,
+    ) -> Result<(), String> {
+        if colour > MAX_COLOUR {
+            return Err(format!("colour {colour} is out of range (0..={MAX_COLOUR})"));
+        }
+        let key = inbound_colour_key(app_local, app_remote)?;
+        let maps = self.maps()?;
+        {
+            // The hooks' cheap filter: the port's bit, set once and never cleared.
+            let (word, bit) = port_bit(key.local_port);
+            let mut ports = maps.ports.lock().expect("colour ports lock");
+            let cur = ports
+                .get(&word, 0)
+                .map_err(|e| format!("{}: {e}", m::COLOUR_PORTS))?;
+            if cur & bit == 0 {
+                ports
+                    .set(word, cur | bit, 0)
+                    .map_err(|e| format!("{}: {e}", m::COLOUR_PORTS))?;
+            }
+        }
+        maps.inbound
+            .lock()
+            .expect("colour inbound lock")
+            .insert(key, colour, 0)
+            .map_err(|e| match e {
+                aya::maps::MapError::SyscallError(ref s)
+                    if s.io_error.raw_os_error() == Some(libc::E2BIG) =>
+                {
+                    format!(
+                        "{} is full ({} entries)",
+                        m::COLOUR_INBOUND,
+                        m::COLOUR_INBOUND_MAX
+                    )
+                }
+                e => format!("{}: {e}", m::COLOUR_INBOUND),
+            })
+    }
+
+    /// The inbound connection is gone (or no longer coloured by the proxy).
+    pub fn clear_inbound(&self, app_local: SocketAddr, app_remote: SocketAddr) {
+        let (Ok(key), Ok(maps)) = (inbound_colour_key(app_local, app_remote), self.maps()) else {
+            return;
+        };
+        let _ = maps.inbound.lock().expect("colour inbound lock").remove(&key);
+    }
+
+    /// The colour of the app's outbound stream at `offset`, for the app socket `app_local` →
+    /// `app_remote` (what the app connected to after the rewrite: the outbound listener, e.g.
+    /// 127.0.0.1:15001) in the pod netns `netns_cookie`. `Some(0)`: base. `None`: no ledger for
+    /// that socket (its pod has no propagation, the socket predates the daemon, or LRU eviction)
+    /// or the ring has moved past `offset`. From the proxy's accepted socket, see
+    /// [`crate::propagate::app_side_of_accepted`].
+    pub fn ledger_colour(
+        &self,
+        netns_cookie: u64,
+        app_local: SocketAddr,
+        app_remote: SocketAddr,
+        offset: u64,
+    ) -> Option<u32> {
+        self.ledger(netns_cookie, app_local, app_remote)?.lookup(offset)
+    }
+
+    /// The whole ledger of one app socket (diagnostics and tests).
+    pub fn ledger(&self, netns_cookie: u64, app_local: SocketAddr, app_remote: SocketAddr) -> Option<Ledger> {
+        let maps = self.maps().ok()?;
+        let key = ConnTuple::from_addrs(netns_cookie, app_local, app_remote);
+        maps.ledger.get(&key, 0).ok()
+    }
+
+    /// Entry counts for status: (inbound colour entries, threads with a colour, ledgers).
+    pub fn entry_counts(&self) -> Option<(usize, usize, usize)> {
+        let maps = self.maps().ok()?;
+        let inbound = maps.inbound.lock().expect("colour inbound lock").keys().count();
+        Some((inbound, maps.threads.keys().count(), maps.ledger.keys().count()))
+    }
+}
+
+/// The key of an app's inbound socket: IPv4, or IPv4-mapped IPv6 (normalised).
+fn inbound_colour_key(app_local: SocketAddr, app_remote: SocketAddr) -> Result<InboundColourKey, String> {
+    fn v4(a: SocketAddr) -> Option<[u8; 4]> {
+        match a.ip() {
+            IpAddr::V4(v4) => Some(v4.octets()),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(|v4| v4.octets()),
+        }
+    }
+    match (v4(app_local), v4(app_remote)) {
+        (Some(l), Some(r)) => Ok(InboundColourKey::v4(
+            u32::from_ne_bytes(l),
+            app_local.port(),
+            u32::from_ne_bytes(r),
+            app_remote.port(),
+        )),
+        _ => Err("colour propagation covers IPv4 inbound connections only".into()),
+    }
+}
+
 /// `enum bpf_attach_type`: BPF_CGROUP_GETSOCKOPT.
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 /// `enum bpf_attach_type`: BPF_SK_LOOKUP.
@@ -765,6 +1056,18 @@ pub fn probe_features() -> Vec<Feature> {
             false,
             helper(P::SkMsg, H::BPF_FUNC_get_netns_cookie),
         ),
+        f(
+            "BTF tracepoint programs",
+            "colour propagation",
+            false,
+            prog(P::Tracing),
+        ),
+        f(
+            "bpf_get_current_pid_tgid in sk_msg",
+            "colour propagation",
+            false,
+            helper(P::SkMsg, H::BPF_FUNC_get_current_pid_tgid),
+        ),
     ]
 }
 
@@ -782,6 +1085,27 @@ mod tests {
     }
 
     #[test]
+    fn colour_kernel_is_send_sync_clone_and_keys_mapped_addresses_as_ipv4() {
+        fn shareable<T: Send + Sync + Clone>() {}
+        shareable::<ColourKernel>();
+        let v4 = inbound_colour_key(
+            "198.18.0.3:8080".parse().unwrap(),
+            "198.18.0.2:40000".parse().unwrap(),
+        );
+        let mapped = inbound_colour_key(
+            "[::ffff:198.18.0.3]:8080".parse().unwrap(),
+            "[::ffff:198.18.0.2]:40000".parse().unwrap(),
+        );
+        assert_eq!(v4, mapped);
+        let k = v4.unwrap();
+        assert_eq!((k.local_port, k.remote_port), (8080, 40000));
+        assert_eq!(k.local_ip_be[0].to_ne_bytes(), [198, 18, 0, 3]);
+        assert!(
+            inbound_colour_key("[fd00::3]:8080".parse().unwrap(), "198.18.0.2:1".parse().unwrap()).is_err()
+        );
+    }
+
+    #[test]
     fn every_kernel_map_is_known_and_pinned() {
         let src = ebpf_source("maps.rs");
         let defined: Vec<&str> = src
@@ -789,7 +1113,7 @@ mod tests {
             .skip(1)
             .filter_map(|s| s.split('"').next())
             .collect();
-        assert!(defined.len() >= 12, "{defined:?}");
+        assert!(defined.len() >= 16, "{defined:?}");
         for name in &defined {
             assert!(
                 m::PINNED.contains(name),
@@ -813,15 +1137,18 @@ mod tests {
             "getsockopt.rs",
             "getpeername.rs",
             "sk_lookup.rs",
+            "colour.rs",
         ]
         .iter()
         .map(|f| ebpf_source(f))
         .collect();
-        for name in
-            progs::CGROUP_LINKED
-                .iter()
-                .chain(&[progs::SK_MSG, progs::SK_SKB_VERDICT, progs::SK_LOOKUP])
-        {
+        for name in progs::CGROUP_LINKED.iter().chain(&[
+            progs::SK_MSG,
+            progs::SK_SKB_VERDICT,
+            progs::SK_LOOKUP,
+            progs::RECV_COLOUR,
+            progs::SEND_COLOUR,
+        ]) {
             assert!(
                 all.contains(&format!("pub fn {name}(")),
                 "no program `{name}` in mesh-ebpf"

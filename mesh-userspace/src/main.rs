@@ -10,6 +10,7 @@ mod config;
 mod daemon;
 mod ebpf;
 mod metrics;
+mod propagate;
 mod proxy;
 // Protocol detection and codecs; not wired into the proxy yet (issue 4).
 mod l7;
@@ -101,6 +102,9 @@ enum Cmd {
         /// sends has this colour unless the request carries its own.
         #[arg(long)]
         colour: Option<String>,
+        /// Kernel colour propagation for this pod's threads (needs capture; kernel 6.3+).
+        #[arg(long)]
+        propagate: bool,
         #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
@@ -192,6 +196,7 @@ fn main() -> ExitCode {
             inbound_all_ports,
             inbound_exclude_ports,
             colour,
+            propagate,
             admin_socket,
         } => client(
             &admin_socket,
@@ -205,6 +210,7 @@ fn main() -> ExitCode {
                 inbound_all_ports,
                 inbound_exclude_ports,
                 colour,
+                propagate,
             },
             false,
         ),
@@ -514,7 +520,7 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Resu
             "present".into()
         },
     ));
-    let result = serve_loaded(cfg, root, checks);
+    let result = serve_loaded(cfg, root, &mount, checks);
     // Leave the mount if anything is pinned in it (our kept state, or anybody else's).
     if mounted_bpffs
         && std::fs::read_dir(bpffs)
@@ -526,9 +532,15 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Resu
     result
 }
 
-fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, String)>) -> anyhow::Result<()> {
+fn serve_loaded(
+    cfg: config::Config,
+    root: PathBuf,
+    mount: &Path,
+    mut checks: Vec<(String, String)>,
+) -> anyhow::Result<()> {
     let opts = ebpf::KernelOptions {
         cgroup_root: &root,
+        cgroup_mount: mount,
         pin_dir: &cfg.pin_dir,
         outbound_port: cfg.outbound_port,
         daemon_mark: cfg.daemon_mark,
@@ -536,6 +548,7 @@ fn serve_loaded(cfg: config::Config, root: PathBuf, mut checks: Vec<(String, Str
         accel_max_msg: cfg.acceleration.max_msg_bytes,
         accel_flow_budget: cfg.acceleration.flow_budget_bytes,
         bpf_log: cfg.bpf_log,
+        propagation: cfg.propagation,
     };
     let mut kernel = ebpf::Kernel::load(&opts)?;
     let origin = kernel.origin;

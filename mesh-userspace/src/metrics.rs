@@ -109,6 +109,15 @@ pub fn render(daemon: &Daemon) -> String {
             p.bytes_downstream
         );
     }
+    let _ = writeln!(
+        o,
+        "# HELP sockmesh_propagation_available Kernel colour propagation is attached (1) or unavailable (0).\n# TYPE sockmesh_propagation_available gauge"
+    );
+    let _ = writeln!(
+        o,
+        "sockmesh_propagation_available {}",
+        u8::from(m.propagation_available)
+    );
     let _ = writeln!(o, "# HELP sockmesh_kernel_events_total Kernel hook outcomes by reason.\n# TYPE sockmesh_kernel_events_total counter");
     for (r, v) in &m.kernel {
         let _ = writeln!(o, "sockmesh_kernel_events_total{{reason=\"{r}\"}} {v}");

@@ -257,6 +257,8 @@ pub struct Shared {
     pub l7: L7Shared,
     /// Enrolled pods' addresses (who is inside the mesh).
     pub mesh_ips: MeshIps,
+    /// Kernel colour propagation (see `propagate.rs`); unavailable until the daemon wires it.
+    pub colour: crate::propagate::ColourKernel,
 }
 
 impl Shared {
@@ -270,7 +272,14 @@ impl Shared {
                 ..L7Shared::default()
             },
             mesh_ips: MeshIps::default(),
+            colour: crate::propagate::ColourKernel::disabled("not wired to a kernel".into()),
         }
+    }
+
+    /// With the kernel's colour propagation handle.
+    pub fn with_colour(mut self, colour: crate::propagate::ColourKernel) -> Self {
+        self.colour = colour;
+        self
     }
 }
 

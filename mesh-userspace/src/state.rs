@@ -28,6 +28,8 @@ pub struct PodState {
     pub inbound_exclude_ports: Vec<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub colour: Option<String>,
+    #[serde(default)]
+    pub propagate: bool,
 }
 
 fn yes() -> bool {
@@ -46,6 +48,7 @@ impl From<&PodSpec> for PodState {
             inbound_all_ports: p.inbound_all_ports,
             inbound_exclude_ports: p.inbound_exclude_ports.clone(),
             colour: p.colour.clone(),
+            propagate: p.propagate,
         }
     }
 }
@@ -62,6 +65,7 @@ impl From<PodState> for PodSpec {
             inbound_all_ports: p.inbound_all_ports,
             inbound_exclude_ports: p.inbound_exclude_ports,
             colour: p.colour,
+            propagate: p.propagate,
         }
     }
 }
@@ -133,6 +137,7 @@ mod tests {
                 inbound_all_ports: false,
                 inbound_exclude_ports: vec![],
                 colour: Some("gray".into()),
+                propagate: true,
             }],
             routing: Some(AppliedRouting {
                 base: RawPolicy::default(),

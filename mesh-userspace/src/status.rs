@@ -55,6 +55,34 @@ pub fn render(st: &Value) -> String {
         },
         s(&accel["detail"])
     );
+    let prop = &st["propagation"];
+    if !prop.is_null() {
+        let _ = writeln!(o, "colour propagation: {}", s(&prop["state"]));
+        if prop["available"].as_bool() == Some(true) {
+            let pods = prop["pods"]
+                .as_array()
+                .map(|l| l.iter().map(s).collect::<Vec<_>>().join(","))
+                .unwrap_or_default();
+            let _ = writeln!(
+                o,
+                "  pods: {}; inbound colour entries {}, coloured threads {}, ledgers {}",
+                if pods.is_empty() { "-".to_string() } else { pods },
+                s(&prop["inbound_entries"]),
+                s(&prop["thread_entries"]),
+                s(&prop["ledgers"]),
+            );
+            let counters = prop["counters"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k} {}", s(v)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            let _ = writeln!(o, "  {counters}");
+        }
+    }
     let pods = st["pods"].as_array().cloned().unwrap_or_default();
     let _ = writeln!(o, "\nPods ({}):", pods.len());
     let rows: Vec<Vec<String>> = pods

@@ -252,6 +252,38 @@ impl Daemon {
         self.cli(&args).map(drop)
     }
 
+    /// `sockmesh enroll` for `pod` with extra flags (e.g. `--propagate`).
+    pub fn enroll_args(&self, pod: &Pod, extra: &[&str]) -> Result<()> {
+        let netns = pod.netns.to_string_lossy();
+        let cgroup = pod.cgroup.to_string_lossy();
+        let mut args = vec![
+            "enroll", "--name", &pod.name, "--netns", &netns, "--cgroup", &cgroup,
+        ];
+        args.extend_from_slice(extra);
+        self.cli(&args).map(drop)
+    }
+
+    /// One request on the admin socket (JSON lines), without spawning the CLI: for requests a
+    /// test makes by the hundred. Fails unless the daemon answers `ok`; returns its `status`.
+    pub fn admin(&self, request: &Value) -> Result<Value> {
+        use std::io::{BufRead, BufReader};
+        let s = std::os::unix::net::UnixStream::connect(&self.admin_socket)
+            .with_context(|| format!("connect {}", self.admin_socket.display()))?;
+        s.set_read_timeout(Some(CLI_TIMEOUT))?;
+        s.set_write_timeout(Some(CLI_TIMEOUT))?;
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        (&s).write_all(&line)?;
+        let mut resp = String::new();
+        BufReader::new(&s).read_line(&mut resp)?;
+        let v: Value =
+            serde_json::from_str(&resp).with_context(|| format!("admin answered {resp:?} to {request}"))?;
+        if v["ok"].as_bool() != Some(true) {
+            bail!("admin request {request} refused: {}", v["error"]);
+        }
+        Ok(v["status"].clone())
+    }
+
     /// `sockmesh unenroll --name <name>`.
     pub fn unenroll(&self, name: &str) -> Result<()> {
         self.cli(&["unenroll", "--name", name]).map(drop)

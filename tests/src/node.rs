@@ -95,6 +95,23 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// Move the *calling thread* into the pod's network namespace (a netns is per thread), so a
+    /// test thread can open sockets there as a client that is not in any enrolled cgroup. Use
+    /// it only on a thread the test spawned for that purpose: the thread stays there.
+    pub fn enter_netns_this_thread(&self) -> anyhow::Result<()> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&self.netns)?;
+        // SAFETY: setns on an fd we own; affects only the calling thread.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(anyhow::anyhow!(
+                "setns({}): {}",
+                self.netns.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
     /// `ip:port` as a string.
     pub fn addr(&self, port: u16) -> String {
         format!("{}:{port}", self.ip)

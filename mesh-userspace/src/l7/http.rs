@@ -883,13 +883,9 @@ async fn send_once(
             if sender.ready().await.is_err() {
                 return Err(Attempt::Stale(req));
             }
-            if st.ctx.inbound {
-                // The app thread that reads this request takes its colour (this connection
-                // carries one request at a time, so the colour is this request's alone).
-                if let Some(p) = st.ctx.propagation() {
-                    p.set_inbound(endpoint, local, colour);
-                }
-            }
+            // The app thread that reads this request takes its colour (this connection carries
+            // one request at a time, so the colour is this request's alone).
+            st.ctx.colour_delivery(local, endpoint, colour);
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let mut h1 = pool.h1.lock().expect("h1 pool lock");
@@ -959,7 +955,8 @@ async fn acquire_h1(
             debug!("upstream http1 connection to {endpoint}: {e}");
         }
         if let Some(p) = propagation {
-            p.clear_inbound(endpoint, local);
+            let (app_local, app_remote) = crate::propagate::app_side_of_delivering(local, endpoint);
+            p.clear_inbound(app_local, app_remote);
         }
     });
     Ok((sender, local))

@@ -26,6 +26,7 @@ use std::{
 use tokio::net::TcpStream;
 
 use crate::{
+    propagate::{self, ColourKernel},
     proxy::{self, ConnEntry, PodCtx, Shared},
     routing::{
         colour::{Choice, ColourId, ColourInputs},
@@ -69,27 +70,6 @@ impl L7Errors {
     }
 }
 
-/// The kernel's colour propagation as the proxy uses it (over the BPF maps; see
-/// docs/colouring.md). Both calls are cheap map operations and never fail a request.
-pub trait Propagation: Send + Sync {
-    /// Before a request of `colour` (0: base) is written to a propagating pod's app on the
-    /// connection whose app side is `app_local` (the pod's address:port) and whose other side is
-    /// our delivering socket `app_remote`: the app thread that reads it takes the colour.
-    fn set_inbound(&self, app_local: SocketAddr, app_remote: SocketAddr, colour: ColourId);
-    /// The connection closed (or stopped being ours): forget it.
-    fn clear_inbound(&self, app_local: SocketAddr, app_remote: SocketAddr);
-    /// The colour the app's thread had when it wrote the byte at `offset` of its outbound
-    /// connection `app_local` → `app_remote` (the proxy listener, as the app sees it) in the
-    /// netns `netns_cookie`. `None`: nothing recorded (the app wrote without a colour).
-    fn colour_at(
-        &self,
-        netns_cookie: u64,
-        app_local: SocketAddr,
-        app_remote: SocketAddr,
-        offset: u64,
-    ) -> Option<ColourId>;
-}
-
 /// What the L7 layer shares across every pod and connection.
 #[derive(Default)]
 pub struct L7Shared {
@@ -97,8 +77,6 @@ pub struct L7Shared {
     pub errors: L7Errors,
     pub http: http::HttpPools,
     pub mux: mux::MuxPools,
-    /// Colour propagation by the kernel, when the daemon has it.
-    pub propagation: std::sync::OnceLock<Arc<dyn Propagation>>,
 }
 
 /// Everything a protocol handler needs about the connection it serves.
@@ -137,23 +115,36 @@ impl ConnCtx {
         !self.inbound || self.shared.mesh_ips.contains(ip) || policy.colours().trusts(ip)
     }
 
-    /// Kernel propagation, when this pod uses it.
-    pub fn propagation(&self) -> Option<&Arc<dyn Propagation>> {
-        if self.pod.propagate {
-            self.l7().propagation.get()
-        } else {
-            None
-        }
+    /// Kernel colour propagation, when this pod uses it and the kernel has it.
+    pub fn propagation(&self) -> Option<&ColourKernel> {
+        (self.pod.propagate && self.shared.colour.is_available()).then_some(&self.shared.colour)
     }
 
     /// The colour the kernel recorded for the app's bytes at `offset` of this (outbound)
-    /// connection, when the pod propagates.
+    /// connection, when the pod propagates. 0 (base) is `None`: the next source decides.
     pub fn propagated_at(&self, offset: u64) -> Option<ColourId> {
         if self.inbound {
             return None;
         }
-        self.propagation()?
-            .colour_at(self.pod.netns_cookie, self.client, self.local, offset)
+        let (app_local, app_remote) = propagate::app_side_of_accepted(self.local, self.client);
+        let c = self
+            .propagation()?
+            .ledger_colour(self.pod.netns_cookie, app_local, app_remote, offset)?;
+        ColourId::try_from(c).ok().filter(|&c| c != 0)
+    }
+
+    /// Before a request of `colour` goes to the app on our delivering connection `local` →
+    /// `endpoint` (inbound, propagating pods): the app thread that reads it takes the colour.
+    /// A full map is counted; the request still goes (uncoloured for the kernel).
+    pub fn colour_delivery(&self, local: SocketAddr, endpoint: SocketAddr, colour: ColourId) {
+        let Some(k) = self.propagation().filter(|_| self.inbound) else {
+            return;
+        };
+        let (app_local, app_remote) = propagate::app_side_of_delivering(local, endpoint);
+        if let Err(e) = k.set_inbound(app_local, app_remote, u32::from(colour)) {
+            self.l7().errors.count("colour", "inbound_map_failed");
+            tracing::debug!("colour for {app_local}: {e}");
+        }
     }
 
     /// Colour one request and decide where it goes: outbound by the policy, within its colour;
