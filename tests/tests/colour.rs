@@ -91,7 +91,8 @@ fn pod_toml(pod: &Pod, extra: &str) -> String {
 }
 
 /// The chain's servers: every colour's endpoint of every service, each calling the next VIP.
-fn chain(node: &VirtualNode, forward: bool) -> Vec<Server> {
+/// The services in `forwarding` copy the colour header onto their downstream calls.
+fn chain(node: &VirtualNode, forwarding: &[&str]) -> Vec<Server> {
     let mut servers = Vec::new();
     for (name, next, stress) in [
         ("entry", Some(MID), true),
@@ -115,7 +116,7 @@ fn chain(node: &VirtualNode, forward: bool) -> Vec<Server> {
             if let Some(n) = next {
                 cmd.args(["--next", n]);
             }
-            if forward {
+            if forwarding.contains(&name) {
                 cmd.arg("--forward");
             }
             let pod = node.pod(name);
@@ -231,7 +232,7 @@ fn colours_stay_in_their_group_along_a_three_service_chain() {
         cfg.push_str(&pod_toml(node.pod(p), ""));
     }
     let d = Daemon::start(&node, &basic_config(&node, &cfg)).expect("daemon");
-    let _servers = chain(&node, true);
+    let _servers = chain(&node, &["entry", "mid"]);
     let mix = "base,gray,stress,user,beta,junk,base,gray,user,base";
     let v = load(node.pod("client"), ENTRY, 10_000, mix);
     assert_eq!(v["errors"], 0, "{v}");
@@ -326,7 +327,7 @@ fn outside_colours_are_stripped_and_pod_colours_apply() {
     cfg.push_str(&pod_toml(node.pod("mid"), ""));
     cfg.push_str(&pod_toml(node.pod("leaf"), ""));
     let d = Daemon::start(&node, &basic_config(&node, &cfg)).expect("daemon");
-    let _servers = chain(&node, true);
+    let _servers = chain(&node, &["entry", "mid"]);
     let entry_base = node.pod("entry").addr(8001);
 
     // The outsider (not enrolled) calls the entry's base endpoint directly with a gray header.
@@ -446,4 +447,93 @@ fn bad_colour_input_is_refused_clearly() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("ingress[1].percent"));
+}
+
+/// The middle service forwards no header and calls the leaf over a pool of keep-alive
+/// connections shared by its threads. With kernel propagation on (mid enrolled with
+/// `propagate = true` and its endpoints captured inbound), every coloured request still reaches
+/// the leaf of its colour, and stress is still refused there; with it off, the colour is lost at
+/// mid: the gray leaf is never reached and stress escapes to the base leaf. This proves the
+/// kernel mechanism, not the header.
+#[test]
+fn kernel_propagation_carries_colours_through_an_app_that_forwards_nothing() {
+    if !require_privileged() {
+        return;
+    }
+    const N: u32 = 1500;
+    for propagate in [true, false] {
+        let node = node();
+        let mut cfg = policy(&node);
+        cfg.push_str(&pod_toml(node.pod("client"), ""));
+        cfg.push_str(&pod_toml(node.pod("entry"), ""));
+        cfg.push_str(&pod_toml(
+            node.pod("mid"),
+            &format!("inbound_ports = [8001, 8002, 8003]\npropagate = {propagate}"),
+        ));
+        cfg.push_str(&pod_toml(node.pod("leaf"), ""));
+        let d = Daemon::start(&node, &basic_config(&node, &cfg)).expect("daemon");
+        let st = d.status().expect("status");
+        assert!(
+            st.to_string().contains("propagation"),
+            "status shows the propagation state: {st}"
+        );
+        let _servers = chain(&node, &["entry"]);
+        let v = load(node.pod("client"), ENTRY, N, "base,gray,stress");
+        assert_eq!(v["errors"], 0, "{v}");
+        let gray = answers(&v, "gray");
+        let stress = answers(&v, "stress");
+        let base = answers(&v, "base");
+        let total = |m: &BTreeMap<&str, u64>| m.values().sum::<u64>();
+        assert_eq!(
+            base.keys().copied().collect::<Vec<_>>(),
+            [chain_of("base").as_str()],
+            "{base:?}"
+        );
+        let seen = served(&node);
+        let leaf_gray: u64 = seen[&("leaf".to_owned(), "gray".to_owned())].values().sum();
+        if propagate {
+            let right = gray.get(chain_of("gray").as_str()).copied().unwrap_or(0);
+            let refused = stress
+                .iter()
+                .filter(|(k, _)| k.starts_with("503 entry/stress mid/stress") && k.contains("stress"))
+                .map(|(_, n)| *n)
+                .sum::<u64>();
+            eprintln!(
+                "propagation on: gray {right}/{} end to end, stress refused at the leaf {refused}/{}",
+                total(&gray),
+                total(&stress)
+            );
+            assert_eq!(right, total(&gray), "gray answers: {gray:?}");
+            assert_eq!(refused, total(&stress), "stress answers: {stress:?}");
+            // The leaf saw gray only on its gray endpoint, and it came from the kernel at mid.
+            assert_eq!(leaf_gray, total(&gray), "{seen:?}");
+            let kernel = metric(&d, "sockmesh_colour_source_total", &[("source", "kernel")]) as u64;
+            assert!(
+                kernel >= total(&gray) + total(&stress),
+                "kernel-sourced colours: {kernel}"
+            );
+        } else {
+            eprintln!("propagation off: gray answers {gray:?}, stress answers {stress:?}");
+            assert_eq!(
+                leaf_gray, 0,
+                "without propagation the gray leaf must not be reached: {seen:?}"
+            );
+            assert_eq!(
+                gray.keys().copied().collect::<Vec<_>>(),
+                ["200 entry/gray mid/gray leaf/base"],
+                "{gray:?}"
+            );
+        }
+        // Every endpoint still served only its own colour or none (mid's apps get the colour
+        // as a header from their inbound side; the leaf's base endpoint never sees one).
+        for ((svc, colour), got) in &seen {
+            let own = if colour == "base" { "none" } else { colour.as_str() };
+            for (c, n) in got {
+                assert!(
+                    c == own || c == "none" || *n == 0,
+                    "{svc}/{colour} served {n} `{c}`: {got:?}"
+                );
+            }
+        }
+    }
 }
