@@ -207,6 +207,33 @@ impl Daemon {
         self.l7().router.current()
     }
 
+    /// A pod's colour id under the live policy (0: none), as `SM_PODS` carries it.
+    fn colour_id(&self, spec: &PodSpec) -> u8 {
+        spec.colour
+            .as_deref()
+            .and_then(|c| self.policy().colours().id(c))
+            .unwrap_or(0)
+    }
+
+    /// After a policy change: colour ids may have moved; rewrite the coloured pods' entries.
+    fn refresh_pod_colours(&self) {
+        let pods = self.pods.lock().expect("pods lock");
+        let mut k = self.kernel.lock().expect("kernel lock");
+        for p in pods
+            .values()
+            .filter(|p| p.spec.capture && p.spec.colour.is_some())
+        {
+            let info = PodInfo::new(
+                p.pod_id,
+                pod_flags(p.spec.propagate, self.colour_id(&p.spec)),
+                p.netns_cookie,
+            );
+            if let Err(e) = k.add_pod(p.cgroup_id, info) {
+                warn!(pod = %p.spec.name, "failed to update the pod's colour in the kernel: {e}");
+            }
+        }
+    }
+
     /// The routing policy, protocol errors and pools.
     pub fn l7(&self) -> &crate::l7::L7Shared {
         &self.shared.l7
@@ -234,6 +261,7 @@ impl Daemon {
         }
         let services = policy.raw().services.len();
         self.l7().router.replace(policy);
+        self.refresh_pod_colours();
         let generation = self.l7().router.current().generation();
         tracing::info!(generation, services, "routing policy applied");
         *self.applied_routing.lock().expect("routing lock") = Some(state::AppliedRouting {
@@ -398,7 +426,11 @@ impl Daemon {
         if spec.capture {
             if let Err(source) = self.kernel.lock().expect("kernel lock").add_pod(
                 cgroup_id,
-                PodInfo::new(pod_id, pod_flags(spec.propagate, 0), netns_cookie),
+                PodInfo::new(
+                    pod_id,
+                    pod_flags(spec.propagate, self.colour_id(&spec)),
+                    netns_cookie,
+                ),
             ) {
                 self.undo_inbound(&name, pod_id, &inbound_keys);
                 return Err(DaemonError::Kernel {
@@ -570,6 +602,7 @@ impl Daemon {
                     "inbound_all_ports": p.spec.inbound_all_ports,
                     "inbound_exclude_ports": p.spec.inbound_exclude_ports,
                     "colour": p.spec.colour,
+                    "colour_id": self.colour_id(&p.spec),
                     "propagate": p.spec.propagate,
                     "listeners": p.proxy.as_ref().map(|x| x.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
                     "connections_active": p.stats.connections_active.load(Relaxed),
