@@ -41,7 +41,11 @@ pub fn run(opts: Options) -> Result<()> {
         "`cargo xtask bench` (it creates network namespaces, cgroups and pod-local iptables rules \
          and attaches eBPF programs)",
     )?;
-    bootstrap::ensure()?;
+    let mut purposes = vec![bootstrap::Purpose::Bench];
+    if opts.profile.is_some() {
+        purposes.push(bootstrap::Purpose::Profile);
+    }
+    bootstrap::ensure(&purposes)?;
     let root = workspace_root();
     let envoy = match envoy(&root) {
         Ok(p) => Some(p),

@@ -1,10 +1,13 @@
 //! `cargo xtask`: sockmesh's build, test and demo orchestration.
 //!
 //! A thin CLI over external commands (apt, rustup, cargo): one module per subcommand, each with
-//! `Options` and `run()`. Every subcommand first runs [`bootstrap`], which makes a fresh Debian 12
-//! machine ready. No sockmesh logic lives here.
+//! `Options` and `run()`. Every subcommand first runs [`bootstrap`], which installs on a fresh
+//! Debian 12 machine what that subcommand needs (and never removes a package). No sockmesh logic
+//! lives here.
 //!
-//! - `cargo xtask bootstrap`: install missing apt packages, nightly's rust-src and bpf-linker.
+//! - `cargo xtask bootstrap [--for build|demo|bench|profile|test|vm]`: install missing apt
+//!   packages, nightly's rust-src and bpf-linker (and the test peers), for everything or for the
+//!   given purposes.
 //! - `cargo xtask build-ebpf`: build the kernel object into
 //!   `target/bpfel-unknown-none/bpf/mesh-ebpf`.
 //! - `cargo xtask test [--host-only | --no-host] [-- <test args>]`: host unit tests, then (as
@@ -49,7 +52,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install what a fresh Debian 12 machine lacks (apt packages, rust-src, bpf-linker)
+    /// Install what a fresh Debian 12 machine lacks (apt packages, rust-src, bpf-linker, test peers)
     Bootstrap(bootstrap::Options),
     /// Build the eBPF object (nightly, bpf-linker) into target/bpfel-unknown-none/bpf/mesh-ebpf
     BuildEbpf(build_ebpf::Options),
