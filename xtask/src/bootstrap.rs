@@ -1,11 +1,17 @@
 //! `cargo xtask bootstrap`: make a fresh Debian 12 machine ready to build and test sockmesh.
 //!
-//! Every other subcommand runs [`ensure`] first. It is idempotent: it prints one
-//! `installing X: reason` line for each thing it installs and nothing when all is present.
+//! Every other subcommand runs [`ensure`] first with the [`Purpose`]s it has: the build (always),
+//! plus the demo, the bench (and its profiler), the privileged test suite or the kernel matrix.
+//! Each installs only what its purposes need ([`apt_packages_for`]), so `cargo xtask demo` does
+//! not pull in QEMU, HAProxy or wrk. It is idempotent: it prints one `installing X: reason` line
+//! for each thing it installs, the full list apt installs with it, and nothing when all is
+//! present. apt is never allowed to remove a package: the install is simulated first and refused
+//! when apt would remove anything, and the real install runs with `--no-remove`.
 //!
-//! Besides apt packages, the nightly `rust-src` and bpf-linker, it installs the routing tests'
-//! peers: the npm packages of `tests/peers/npm` (`npm ci` from the lockfile; `node_modules` is
-//! not in git) and a Python venv at [`TEST_VENV`] with grpcio. The tests look for both there.
+//! Besides apt packages, the nightly `rust-src` and bpf-linker (every purpose: they build the
+//! eBPF object), the test suite's purposes install the routing tests' peers: the npm packages of
+//! `tests/peers/npm` (`npm ci` from the lockfile; `node_modules` is not in git) and a Python
+//! venv at [`TEST_VENV`] with grpcio. The tests look for both there.
 
 use std::{
     env, fs,
@@ -14,63 +20,155 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use crate::exec;
 
-/// Debian packages the build and the privileged tests need, with the reason shown when one is
-/// installed. Append test peers here (name, why).
-pub const APT_PACKAGES: &[(&str, &str)] = &[
-    ("llvm-22-dev", "LLVM 22 that bpf-linker links against"),
-    ("libpolly-22-dev", "needed to link bpf-linker against LLVM 22"),
-    ("libzstd-dev", "needed to link bpf-linker against LLVM 22"),
-    ("zlib1g-dev", "needed to link bpf-linker against LLVM 22"),
-    ("bpftool", "inspects loaded programs, maps and cgroup attachments"),
-    ("iproute2", "`ip netns` for the privileged tests' virtual nodes"),
-    ("curl", "HTTP client for the tests and the demo"),
-    (
-        "util-linux",
-        "`nsenter`, `mount` for the tests' namespaces and bpffs",
+/// What a subcommand is about to do, and so what the machine must have. Building the eBPF object
+/// and the daemon ([`Purpose::Build`]) is part of every purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Purpose {
+    /// Build the eBPF object and the daemon (`cargo xtask build-ebpf`)
+    Build,
+    /// `cargo xtask demo`
+    Demo,
+    /// `cargo xtask bench`
+    Bench,
+    /// `cargo xtask bench --profile`
+    Profile,
+    /// The privileged end-to-end suite (`cargo xtask test`)
+    Test,
+    /// The kernel matrix in QEMU (`cargo xtask vm-test`, and `test` when /dev/kvm exists)
+    Vm,
+}
+
+use Purpose::{Bench, Build, Demo, Profile, Test, Vm};
+
+/// One Debian package: its name, why it is installed (shown when it is) and the purposes that
+/// need it.
+#[derive(Debug, Clone, Copy)]
+pub struct AptPackage {
+    pub name: &'static str,
+    pub reason: &'static str,
+    pub purposes: &'static [Purpose],
+}
+
+const fn apt(name: &'static str, reason: &'static str, purposes: &'static [Purpose]) -> AptPackage {
+    AptPackage {
+        name,
+        reason,
+        purposes,
+    }
+}
+
+/// Debian packages the build, the demo, the bench and the tests need. Append new tools here
+/// with the purposes that run them.
+pub const APT_PACKAGES: &[AptPackage] = &[
+    apt("llvm-22-dev", "LLVM 22 that bpf-linker links against", &[Build]),
+    apt(
+        "libpolly-22-dev",
+        "needed to link bpf-linker against LLVM 22",
+        &[Build],
     ),
-    ("python3", "simple test servers"),
-    ("procps", "`ps`, `sysctl` for the tests"),
-    ("wrk", "HTTP load generator for `cargo xtask bench`"),
-    ("haproxy", "reference proxy for `cargo xtask bench`"),
-    (
+    apt(
+        "libzstd-dev",
+        "needed to link bpf-linker against LLVM 22",
+        &[Build],
+    ),
+    apt(
+        "zlib1g-dev",
+        "needed to link bpf-linker against LLVM 22",
+        &[Build],
+    ),
+    apt(
+        "iproute2",
+        "`ip netns` and `ss` for the virtual nodes",
+        &[Demo, Bench, Test],
+    ),
+    apt("curl", "HTTP client of the demo and the tests", &[Demo, Test]),
+    apt(
+        "python3",
+        "the demo's and the tests' servers and clients",
+        &[Demo, Bench, Test],
+    ),
+    apt(
+        "bpftool",
+        "the tests inspect loaded programs, maps and cgroup attachments",
+        &[Test],
+    ),
+    apt("util-linux", "`nsenter` for the tests' namespaces", &[Test]),
+    apt("procps", "`sysctl` for the tests", &[Test]),
+    apt(
+        "wrk",
+        "HTTP load generator of `cargo xtask bench` and the routing tests",
+        &[Bench, Test],
+    ),
+    apt("haproxy", "reference proxy for `cargo xtask bench`", &[Bench]),
+    apt(
         "iptables",
         "the istio-init style capture `cargo xtask bench` compares with",
+        &[Bench],
     ),
-    ("fonts-dejavu-core", "the font of the bench chart"),
-    ("python3-venv", "the venv `cargo xtask bench` installs Envoy into"),
-    ("linux-perf", "`cargo xtask bench --profile`"),
-    (
-        "qemu-system-x86",
-        "boots the kernel matrix (`cargo xtask vm-test`)",
+    apt("fonts-dejavu-core", "the font of the bench chart", &[Bench]),
+    apt(
+        "python3-venv",
+        "the venvs of Envoy (`cargo xtask bench`) and of the tests' gRPC peer",
+        &[Bench, Test],
     ),
-    ("busybox-static", "the kernel matrix guests' initramfs"),
-    ("cpio", "packs the kernel matrix guests' initramfs"),
-    (
-        "kmod",
-        "`depmod` for the kernel matrix's module trees, `modprobe` inside the guests",
-    ),
-    (
-        "xz-utils",
-        "unpacks the 6.1 kernel image and 6.12's modules for the kernel matrix",
-    ),
-    ("zstd", "unpacks the 6.12 kernel image for the kernel matrix"),
-    (
+    apt("linux-perf", "`cargo xtask bench --profile`", &[Profile]),
+    apt(
         "nodejs",
         "runs the SOFA Bolt, Dubbo and HTTP/HTTP2 test peers (tests/peers/npm)",
+        &[Test],
     ),
-    (
+    apt(
         "nghttp2-client",
         "`h2load`, the HTTP/2 load generator of the routing tests",
+        &[Test],
+    ),
+    apt(
+        "qemu-system-x86",
+        "boots the kernel matrix (`cargo xtask vm-test`)",
+        &[Vm],
+    ),
+    apt("busybox-static", "the kernel matrix guests' initramfs", &[Vm]),
+    apt("cpio", "packs the kernel matrix guests' initramfs", &[Vm]),
+    apt(
+        "kmod",
+        "`depmod` for the kernel matrix's module trees, `modprobe` inside the guests",
+        &[Vm],
+    ),
+    apt(
+        "xz-utils",
+        "unpacks the 6.1 kernel image and 6.12's modules for the kernel matrix",
+        &[Vm],
+    ),
+    apt(
+        "zstd",
+        "unpacks the 6.12 kernel image for the kernel matrix",
+        &[Vm],
     ),
 ];
 
-/// Debian packages installed only when the command they provide is missing from `PATH`, as
-/// (command, package, reason): NodeSource's `nodejs` ships `npm` itself and conflicts with
-/// Debian's `npm` package.
+/// The packages of [`APT_PACKAGES`] that any of `purposes` (plus [`Purpose::Build`], always)
+/// needs, as (name, reason), in table order.
+pub fn apt_packages_for(purposes: &[Purpose]) -> Vec<(&'static str, &'static str)> {
+    APT_PACKAGES
+        .iter()
+        .filter(|p| p.purposes.iter().any(|q| *q == Build || purposes.contains(q)))
+        .map(|p| (p.name, p.reason))
+        .collect()
+}
+
+/// Whether `purposes` include the privileged suite's peers (npm packages, the gRPC venv, `npm`):
+/// the suite itself, and the kernel matrix, whose guests run the same suite.
+fn needs_test_peers(purposes: &[Purpose]) -> bool {
+    purposes.iter().any(|p| matches!(p, Test | Vm))
+}
+
+/// Debian packages the test suite's purposes install only when the command they provide is
+/// missing from `PATH`, as (command, package, reason): NodeSource's `nodejs` ships `npm` itself
+/// and conflicts with Debian's `npm` package.
 pub const APT_COMMANDS: &[(&str, &str, &str)] = &[(
     "npm",
     "npm",
@@ -92,19 +190,29 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_SERIES: &str = "0.13";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
-/// `cargo xtask bootstrap`: install whatever is missing (see [`ensure`]).
+/// `cargo xtask bootstrap [--for PURPOSE]...`: install whatever is missing (see [`ensure`]).
 #[derive(Debug, Args)]
-pub struct Options {}
+pub struct Options {
+    /// Install only what this needs (repeatable); everything by default
+    #[arg(long = "for", value_enum, value_name = "PURPOSE")]
+    purposes: Vec<Purpose>,
+}
 
-pub fn run(Options {}: Options) -> Result<()> {
-    if ensure()? == 0 {
+pub fn run(opts: Options) -> Result<()> {
+    let purposes = if opts.purposes.is_empty() {
+        Purpose::value_variants().to_vec()
+    } else {
+        opts.purposes
+    };
+    if ensure(&purposes)? == 0 {
         println!("bootstrap: everything is present");
     }
     Ok(())
 }
 
-/// Checks the host and installs what is missing; returns how many things it installed.
-pub fn ensure() -> Result<usize> {
+/// Checks the host and installs what `purposes` (and the build, always) need and is missing;
+/// returns how many things it installed.
+pub fn ensure(purposes: &[Purpose]) -> Result<usize> {
     if env::consts::OS != "linux" {
         bail!(
             "sockmesh builds and runs on Linux only (this is {}): it needs eBPF, cgroup v2 \
@@ -112,12 +220,14 @@ pub fn ensure() -> Result<usize> {
             env::consts::OS
         );
     }
-    let mut installed = apt_packages()?;
+    let mut installed = apt_packages(purposes)?;
     installed += rust_src()?;
     installed += bpf_linker()?;
-    let root = crate::workspace_root();
-    installed += npm_peers(&root)?;
-    installed += test_venv(&root)?;
+    if needs_test_peers(purposes) {
+        let root = crate::workspace_root();
+        installed += npm_peers(&root)?;
+        installed += test_venv(&root)?;
+    }
     Ok(installed)
 }
 
@@ -146,19 +256,21 @@ fn effective_uid(status: &str) -> Option<u32> {
         .and_then(|uid| uid.parse().ok())
 }
 
-fn apt_packages() -> Result<usize> {
+fn apt_packages(purposes: &[Purpose]) -> Result<usize> {
     let mut missing = Vec::new();
-    for &(package, reason) in APT_PACKAGES {
+    for (package, reason) in apt_packages_for(purposes) {
         let status = exec::probe(exec::command("dpkg-query").args(["-W", "-f=${Status}", package]))
             .context("`dpkg-query` is unavailable: bootstrap supports Debian 12 only")?;
         if !status.as_deref().is_some_and(dpkg_installed) {
             missing.push((package, reason));
         }
     }
-    let path = exec::child_path();
-    for &(command, package, reason) in APT_COMMANDS {
-        if exec::find_in_path(command, &path).is_none() && !missing.iter().any(|&(p, _)| p == package) {
-            missing.push((package, reason));
+    if needs_test_peers(purposes) {
+        let path = exec::child_path();
+        for &(command, package, reason) in APT_COMMANDS {
+            if exec::find_in_path(command, &path).is_none() && !missing.iter().any(|&(p, _)| p == package) {
+                missing.push((package, reason));
+            }
         }
     }
     if missing.is_empty() {
@@ -170,13 +282,115 @@ fn apt_packages() -> Result<usize> {
         println!("installing {package}: {reason}");
     }
     exec::run(exec::command("apt-get").arg("update"))?;
-    exec::run(
-        exec::command("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&names),
-    )?;
+    // Ask apt what it would do before letting it do anything: it may want to remove packages
+    // (a conflicting backport, another tool's runtime) to satisfy these, and that is never ours
+    // to decide.
+    let simulated = exec::capture(apt_install(&names).arg("--simulate"))
+        .with_context(|| format!("apt-get cannot install {}", names.join(" ")))?;
+    let plan = AptPlan::parse(&simulated);
+    if !plan.remove.is_empty() {
+        bail!(
+            "apt-get would remove {} to install {}; bootstrap never removes packages. Resolve \
+             the conflict by hand (or install those packages yourself), then rerun",
+            plan.remove.join(" "),
+            names.join(" ")
+        );
+    }
+    println!("{}", plan.summary());
+    // `--no-remove` as well: should the real run differ from the simulation, apt aborts rather
+    // than remove anything.
+    exec::run(apt_install(&names).arg("--no-remove"))?;
+    let still: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|p| {
+            !exec::probe(exec::command("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .ok()
+                .flatten()
+                .as_deref()
+                .is_some_and(dpkg_installed)
+        })
+        .collect();
+    if !still.is_empty() {
+        bail!("apt-get finished but {} is still not installed", still.join(" "));
+    }
+    println!("installed with apt: {}", plan.installed_list());
     Ok(missing.len())
+}
+
+/// `apt-get install -y --no-install-recommends <names>`, non-interactive, in the C locale (so
+/// its simulation output can be parsed).
+fn apt_install(names: &[&str]) -> std::process::Command {
+    let mut cmd = exec::command("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive")
+        .env("LC_ALL", "C")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(names);
+    cmd
+}
+
+/// What `apt-get install --simulate` says it would do: packages it would install new, upgrade
+/// and remove.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AptPlan {
+    pub install: Vec<String>,
+    pub upgrade: Vec<String>,
+    pub remove: Vec<String>,
+}
+
+impl AptPlan {
+    /// Parses the simulation's `Inst name (version ...)` (new), `Inst name [old] (new ...)`
+    /// (upgrade) and `Remv name [version]` lines; everything else is ignored.
+    pub fn parse(simulation: &str) -> AptPlan {
+        let mut plan = AptPlan::default();
+        for line in simulation.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(action), Some(name)) = (words.next(), words.next()) else {
+                continue;
+            };
+            match action {
+                "Inst" if words.next().is_some_and(|w| w.starts_with('[')) => {
+                    plan.upgrade.push(name.to_owned());
+                }
+                "Inst" => plan.install.push(name.to_owned()),
+                "Remv" => plan.remove.push(name.to_owned()),
+                _ => {}
+            }
+        }
+        plan
+    }
+
+    /// One line saying what apt is about to install, dependencies included.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "apt will install {} package(s), dependencies included: {}",
+            self.install.len(),
+            self.install.join(" ")
+        );
+        if !self.upgrade.is_empty() {
+            s.push_str(&format!(
+                "; and upgrade {}: {}",
+                self.upgrade.len(),
+                self.upgrade.join(" ")
+            ));
+        }
+        s
+    }
+
+    /// Every package apt installed or upgraded, space-separated.
+    pub fn installed_list(&self) -> String {
+        let all: Vec<&str> = self
+            .install
+            .iter()
+            .chain(&self.upgrade)
+            .map(String::as_str)
+            .collect();
+        if all.is_empty() {
+            "nothing new (already present)".to_owned()
+        } else {
+            all.join(" ")
+        }
+    }
 }
 
 /// `npm ci` in [`NPM_PEERS_DIR`] when its `node_modules` is missing or older than the lockfile.
@@ -412,12 +626,142 @@ mod tests {
 
     #[test]
     fn package_list_is_unique() {
-        let mut names: Vec<&str> = APT_PACKAGES.iter().map(|&(n, _)| n).collect();
+        let mut names: Vec<&str> = APT_PACKAGES.iter().map(|p| p.name).collect();
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), APT_PACKAGES.len());
         for &(_, package, _) in APT_COMMANDS {
             assert!(!names.contains(&package), "{package} is in both lists");
         }
+        for p in APT_PACKAGES {
+            assert!(!p.purposes.is_empty(), "{} is needed by nothing", p.name);
+        }
+    }
+
+    fn names(purposes: &[Purpose]) -> Vec<&'static str> {
+        apt_packages_for(purposes).into_iter().map(|(n, _)| n).collect()
+    }
+
+    const BUILD: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"];
+
+    #[test]
+    fn the_build_needs_only_llvm() {
+        assert_eq!(names(&[]), BUILD);
+        assert_eq!(names(&[Build]), BUILD);
+    }
+
+    #[test]
+    fn the_demo_gets_only_what_it_runs() {
+        let demo = names(&[Demo]);
+        let mut want = BUILD.to_vec();
+        want.extend(["iproute2", "curl", "python3"]);
+        assert_eq!(demo, want);
+        assert!(!needs_test_peers(&[Demo]));
+    }
+
+    /// Every external program `sockmesh-demo` starts by name is in the demo's packages.
+    #[test]
+    fn the_demo_packages_cover_the_demo_binary() {
+        let src = fs::read_to_string(crate::workspace_root().join("tests/src/bin/sockmesh-demo.rs"))
+            .expect("demo source");
+        // Programs the demo (and the harness it uses: `ip` for namespaces, `python3` for its
+        // servers) runs, and the Debian package of each.
+        let provided_by = [("curl", "curl"), ("ip", "iproute2"), ("python3", "python3")];
+        let demo = names(&[Demo]);
+        let mut seen = 0;
+        for part in src.split("Command::new(\"").skip(1) {
+            let program = part.split('"').next().unwrap_or_default();
+            let package = provided_by
+                .iter()
+                .find(|(c, _)| *c == program)
+                .map(|(_, p)| *p)
+                .unwrap_or_else(|| panic!("the demo runs `{program}`: add it and its package here"));
+            assert!(
+                demo.contains(&package),
+                "{program} ({package}) is not in {demo:?}"
+            );
+            seen += 1;
+        }
+        assert!(seen > 0, "found no Command::new(\"...\") in the demo");
+        for (_, package) in provided_by {
+            assert!(demo.contains(&package), "{package} is not in {demo:?}");
+        }
+    }
+
+    #[test]
+    fn the_bench_gets_its_peers_but_not_the_vm_or_the_test_peers() {
+        let bench = names(&[Bench]);
+        for p in ["wrk", "haproxy", "iptables", "fonts-dejavu-core", "python3-venv"] {
+            assert!(bench.contains(&p), "bench lacks {p}");
+        }
+        for p in [
+            "qemu-system-x86",
+            "nodejs",
+            "nghttp2-client",
+            "linux-perf",
+            "bpftool",
+        ] {
+            assert!(!bench.contains(&p), "bench gets {p}");
+        }
+        assert!(names(&[Bench, Profile]).contains(&"linux-perf"));
+        assert!(!needs_test_peers(&[Bench, Profile]));
+    }
+
+    #[test]
+    fn the_test_suite_gets_every_tool_it_runs() {
+        let test = names(&[Test]);
+        for p in [
+            "bpftool",
+            "iproute2",
+            "curl",
+            "python3",
+            "python3-venv",
+            "util-linux",
+            "procps",
+            "wrk",
+            "nodejs",
+            "nghttp2-client",
+        ] {
+            assert!(test.contains(&p), "test lacks {p}");
+        }
+        for p in ["qemu-system-x86", "haproxy", "iptables"] {
+            assert!(!test.contains(&p), "test alone gets {p}");
+        }
+        assert!(needs_test_peers(&[Test]));
+        // The kernel matrix runs the same suite in its guests, plus QEMU and the initramfs tools.
+        let vm = names(&[Test, Vm]);
+        for p in test
+            .iter()
+            .chain(&["qemu-system-x86", "busybox-static", "cpio", "kmod"])
+        {
+            assert!(vm.contains(p), "vm-test lacks {p}");
+        }
+        assert!(needs_test_peers(&[Vm]));
+    }
+
+    #[test]
+    fn everything_is_every_package() {
+        assert_eq!(names(Purpose::value_variants()).len(), APT_PACKAGES.len());
+    }
+
+    #[test]
+    fn apt_simulation_is_parsed() {
+        let out = "Reading package lists...\n\
+            The following packages will be REMOVED:\n  qemu-utils\n\
+            Remv qemu-utils [1:10.0.2+ds-2+deb13u1~bpo12+1]\n\
+            Inst libtext-charwidth-perl (0.04-11 Debian:12.15/oldstable [amd64])\n\
+            Inst curl [7.88.1-10+deb12u12] (7.88.1-10+deb12u14 Debian:12.15/oldstable [amd64])\n\
+            Inst cowsay (3.03+dfsg2-8 Debian:12.15/oldstable [all])\n\
+            Conf libtext-charwidth-perl (0.04-11 Debian:12.15/oldstable [amd64])\n\
+            Conf cowsay (3.03+dfsg2-8 Debian:12.15/oldstable [all])\n";
+        let plan = AptPlan::parse(out);
+        assert_eq!(plan.install, ["libtext-charwidth-perl", "cowsay"]);
+        assert_eq!(plan.upgrade, ["curl"]);
+        assert_eq!(plan.remove, ["qemu-utils"]);
+        assert!(plan.summary().contains("2 package(s)"), "{}", plan.summary());
+        assert_eq!(plan.installed_list(), "libtext-charwidth-perl cowsay curl");
+        let nothing = AptPlan::parse("wrk is already the newest version (4.1.0-3+b2).\n");
+        assert_eq!(nothing, AptPlan::default());
+        assert_eq!(nothing.installed_list(), "nothing new (already present)");
     }
 }

@@ -22,7 +22,7 @@ pub const EBPF_PROFILE: &str = "bpf";
 pub struct Options {}
 
 pub fn run(Options {}: Options) -> Result<()> {
-    bootstrap::ensure()?;
+    bootstrap::ensure(&[bootstrap::Purpose::Build])?;
     let object = build(&workspace_root())?;
     let size = fs::metadata(&object)
         .with_context(|| format!("build succeeded but {} is missing", object.display()))?

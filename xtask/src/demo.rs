@@ -17,7 +17,7 @@ pub fn run(opts: Options) -> Result<()> {
     bootstrap::require_root(
         "`cargo xtask demo` (it creates network namespaces and cgroups and attaches eBPF programs)",
     )?;
-    bootstrap::ensure()?;
+    bootstrap::ensure(&[bootstrap::Purpose::Demo])?;
     let root = workspace_root();
     build_ebpf::build(&root)?;
     let sockmesh = daemon::build(&root)?;

@@ -1,10 +1,13 @@
 //! `cargo xtask`: sockmesh's build, test and demo orchestration.
 //!
 //! A thin CLI over external commands (apt, rustup, cargo): one module per subcommand, each with
-//! `Options` and `run()`. Every subcommand first runs [`bootstrap`], which makes a fresh Debian 12
-//! machine ready. No sockmesh logic lives here.
+//! `Options` and `run()`. Every subcommand first runs [`bootstrap`], which installs on a fresh
+//! Debian 12 machine what that subcommand needs (and never removes a package). No sockmesh logic
+//! lives here.
 //!
-//! - `cargo xtask bootstrap`: install missing apt packages, nightly's rust-src and bpf-linker.
+//! - `cargo xtask bootstrap [--for build|demo|bench|profile|test|vm]`: install missing apt
+//!   packages, nightly's rust-src and bpf-linker (and the test peers), for everything or for the
+//!   given purposes.
 //! - `cargo xtask build-ebpf`: build the kernel object into
 //!   `target/bpfel-unknown-none/bpf/mesh-ebpf`.
 //! - `cargo xtask test [--host-only | --no-host] [-- <test args>]`: host unit tests, then (as
@@ -12,8 +15,9 @@
 //! - `cargo xtask vm-test [--kernel 6.1|6.12|all] [-- <test args>]`: the privileged suite inside
 //!   QEMU on Debian's 6.1 and 6.12 kernels (as root); `test` runs it too when /dev/kvm exists.
 //! - `cargo xtask demo`: build everything and run the demo (as root).
-//! - `cargo xtask bench [--quick]`: build everything and run the benchmark (as root); writes
-//!   BENCHMARKS.md and docs/bench.png.
+//! - `cargo xtask bench [--quick]`: build everything and run the benchmark (as root); a full run
+//!   writes BENCHMARKS.md and docs/bench.png, `--quick` (a smoke run) writes
+//!   `target/bench/BENCHMARKS-quick.md` and `target/bench/bench-quick.png` instead.
 //! - `cargo xtask fuzz [--seconds N]`: run every protocol codec fuzz target for N seconds
 //!   (nightly, cargo-fuzz) and report executions and crashes.
 
@@ -48,7 +52,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Install what a fresh Debian 12 machine lacks (apt packages, rust-src, bpf-linker)
+    /// Install what a fresh Debian 12 machine lacks (apt packages, rust-src, bpf-linker, test peers)
     Bootstrap(bootstrap::Options),
     /// Build the eBPF object (nightly, bpf-linker) into target/bpfel-unknown-none/bpf/mesh-ebpf
     BuildEbpf(build_ebpf::Options),
@@ -57,6 +61,11 @@ enum Command {
     /// Build everything and run the demo (as root)
     Demo(demo::Options),
     /// Build everything and benchmark sockmesh against iptables, Envoy and HAProxy (as root)
+    ///
+    /// A full run (about 5 minutes) is the record: it rewrites BENCHMARKS.md and docs/bench.png,
+    /// to be committed. `--quick` (about a minute) is a smoke run: it writes
+    /// target/bench/BENCHMARKS-quick.md and target/bench/bench-quick.png and never touches the
+    /// committed files. Raw samples go to target/bench/results.json.
     Bench(bench::Options),
     /// Run the protocol codec fuzz targets for a bounded time each (nightly, cargo-fuzz)
     Fuzz(fuzz::Options),
@@ -100,6 +109,24 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bench_help_says_where_each_kind_of_run_writes() {
+        let mut cli = Cli::command();
+        let bench = cli.find_subcommand_mut("bench").expect("bench subcommand");
+        let help = bench.render_long_help().to_string();
+        for path in [
+            "BENCHMARKS.md",
+            "docs/bench.png",
+            "target/bench/BENCHMARKS-quick.md",
+            "target/bench/bench-quick.png",
+        ] {
+            assert!(
+                help.contains(path),
+                "`cargo xtask bench --help` lacks {path}:\n{help}"
+            );
+        }
     }
 
     #[test]

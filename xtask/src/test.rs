@@ -55,7 +55,8 @@ pub fn run(opts: Options) -> Result<ExitCode> {
         eprintln!("\n{rule}\n{SKIPPED_BANNER}\n{rule}\n");
         return Ok(ExitCode::from(NOT_ROOT_EXIT));
     }
-    step("bootstrap", bootstrap::ensure)?;
+    let purposes = test_purposes(opts.no_vm, Path::new("/dev/kvm").exists());
+    step("bootstrap", || bootstrap::ensure(&purposes))?;
     step("build-ebpf", || build_ebpf::build(&root))?;
     step("build sockmesh (release)", || daemon::build(&root))?;
     let start = Instant::now();
@@ -74,6 +75,16 @@ pub fn run(opts: Options) -> Result<ExitCode> {
     });
     host?;
     matrix
+}
+
+/// What the privileged run needs: the suite, and the kernel matrix's QEMU and initramfs tools
+/// when the matrix will run (/dev/kvm exists and `--no-vm` is not given).
+fn test_purposes(no_vm: bool, have_kvm: bool) -> Vec<bootstrap::Purpose> {
+    let mut purposes = vec![bootstrap::Purpose::Test];
+    if !no_vm && have_kvm {
+        purposes.push(bootstrap::Purpose::Vm);
+    }
+    purposes
 }
 
 fn host_tests(root: &Path) -> Result<()> {
@@ -138,6 +149,14 @@ mod tests {
         assert!(Cli::try_parse_from(["test", "--host-only", "--no-host"]).is_err());
         assert!(Cli::try_parse_from(["test", "--host-only", "--", "x"]).is_err());
         assert!(Cli::try_parse_from(["test", "--host-only"]).is_ok());
+    }
+
+    #[test]
+    fn the_matrix_tools_come_only_with_the_matrix() {
+        use bootstrap::Purpose::{Test, Vm};
+        assert_eq!(test_purposes(false, true), [Test, Vm]);
+        assert_eq!(test_purposes(true, true), [Test]);
+        assert_eq!(test_purposes(false, false), [Test]);
     }
 
     #[test]

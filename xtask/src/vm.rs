@@ -155,7 +155,7 @@ impl Row {
 pub fn run(opts: Options) -> Result<ExitCode> {
     let root = workspace_root();
     bootstrap::require_root("cargo xtask vm-test")?;
-    bootstrap::ensure()?;
+    bootstrap::ensure(&[bootstrap::Purpose::Test, bootstrap::Purpose::Vm])?;
     build_ebpf::build(&root)?;
     daemon::build(&root)?;
     matrix(&root, &opts, None)

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
 use super::run::{rate, Results, Sample, Scenario, Workload};
 
@@ -492,6 +493,43 @@ pub fn text_report(res: &Results) -> String {
     o
 }
 
+/// Where a quick run's report and chart go by default, relative to the workspace root.
+pub const QUICK_DIR: &str = "target/bench";
+/// A quick run's report and chart file names: never the committed record's.
+pub const QUICK_MARKDOWN: &str = "BENCHMARKS-quick.md";
+pub const QUICK_CHART: &str = "bench-quick.png";
+
+/// Where one run writes its report and chart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outputs {
+    pub markdown: PathBuf,
+    pub chart: PathBuf,
+    /// The chart as the report links it (relative to the report's directory).
+    pub chart_link: String,
+}
+
+/// The report and chart of a run. A full run is the record: `BENCHMARKS.md` and
+/// `docs/bench.png` in `out_dir` (default: the workspace root `root`, the committed files). A
+/// `--quick` smoke run never is: `BENCHMARKS-quick.md` and `bench-quick.png` side by side in
+/// `out_dir` (default: `root/target/bench`), so it cannot overwrite the record.
+pub fn outputs(root: &Path, quick: bool, out_dir: Option<&Path>) -> Outputs {
+    if quick {
+        let dir = out_dir.map_or_else(|| root.join(QUICK_DIR), Path::to_path_buf);
+        Outputs {
+            markdown: dir.join(QUICK_MARKDOWN),
+            chart: dir.join(QUICK_CHART),
+            chart_link: QUICK_CHART.to_owned(),
+        }
+    } else {
+        let dir = out_dir.unwrap_or(root);
+        Outputs {
+            markdown: dir.join("BENCHMARKS.md"),
+            chart: dir.join("docs").join("bench.png"),
+            chart_link: "docs/bench.png".to_owned(),
+        }
+    }
+}
+
 /// Facts about the machine and the run for BENCHMARKS.md.
 #[derive(Debug, Clone, Default)]
 pub struct Machine {
@@ -720,6 +758,32 @@ the proxies compete with the client for CPU.
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_run_writes_the_record_and_a_quick_run_never_does() {
+        let root = Path::new("/w");
+        let full = outputs(root, false, None);
+        assert_eq!(full.markdown, Path::new("/w/BENCHMARKS.md"));
+        assert_eq!(full.chart, Path::new("/w/docs/bench.png"));
+        assert_eq!(full.chart_link, "docs/bench.png");
+        let quick = outputs(root, true, None);
+        assert_eq!(quick.markdown, Path::new("/w/target/bench/BENCHMARKS-quick.md"));
+        assert_eq!(quick.chart, Path::new("/w/target/bench/bench-quick.png"));
+        // The link is relative to the report, which sits next to the chart.
+        assert_eq!(quick.chart_link, "bench-quick.png");
+        assert_eq!(quick.markdown.parent(), quick.chart.parent());
+        // Even pointed at the workspace root, a quick run keeps its own file names.
+        let quick_here = outputs(root, true, Some(root));
+        assert_eq!(quick_here.markdown, Path::new("/w/BENCHMARKS-quick.md"));
+        assert_eq!(quick_here.chart, Path::new("/w/bench-quick.png"));
+        for q in [&quick, &quick_here] {
+            assert_ne!(q.markdown, full.markdown);
+            assert_ne!(q.chart, full.chart);
+        }
+        let full_elsewhere = outputs(root, false, Some(Path::new("/tmp/b")));
+        assert_eq!(full_elsewhere.markdown, Path::new("/tmp/b/BENCHMARKS.md"));
+        assert_eq!(full_elsewhere.chart, Path::new("/tmp/b/docs/bench.png"));
+    }
 
     #[test]
     fn medians() {

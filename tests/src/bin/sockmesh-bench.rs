@@ -4,9 +4,12 @@
 //! sockmesh-bench [--quick] [--out-dir DIR] [--seconds-per-run S] [--rounds N] [--profile SECS]
 //! ```
 //!
-//! Builds a virtual node, measures every scenario interleaved (see `sockmesh_tests::bench`),
-//! prints a table and writes `<out-dir>/BENCHMARKS.md` and `<out-dir>/docs/bench.png` (out-dir
-//! defaults to the workspace root); raw samples go to `target/bench/results.json`. Needs root,
+//! Builds a virtual node, measures every scenario interleaved (see `sockmesh_tests::bench`) and
+//! prints a table. A full run is the record: it writes `<out-dir>/BENCHMARKS.md` and
+//! `<out-dir>/docs/bench.png` (out-dir defaults to the workspace root, the committed files). A
+//! `--quick` smoke run writes `<out-dir>/BENCHMARKS-quick.md` and `<out-dir>/bench-quick.png`
+//! instead (out-dir defaults to `target/bench`), never the record ([`report::outputs`]). Raw
+//! samples go to `target/bench/results.json`. Needs root,
 //! `SOCKMESH_BIN`, wrk, haproxy, iptables; Envoy from `ENVOY_BIN` or `target/bench-venv`
 //! (skipped loudly when absent).
 
@@ -18,7 +21,10 @@ use sockmesh_tests::bench::{chart, load, proxies, report, run};
 use sockmesh_tests::{sockmesh_bin, workspace_root};
 
 const USAGE: &str = "usage: sockmesh-bench [--quick] [--out-dir DIR] [--seconds-per-run S] [--rounds N] \
-                     [--profile SECS]";
+                     [--profile SECS]\n\
+                     a full run writes DIR/BENCHMARKS.md and DIR/docs/bench.png (DIR: the workspace \
+                     root); --quick writes DIR/BENCHMARKS-quick.md and DIR/bench-quick.png (DIR: \
+                     target/bench)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -44,7 +50,7 @@ fn main() -> ExitCode {
 
 fn main_bench(args: &[String]) -> Result<()> {
     let mut quick = false;
-    let mut out_dir = workspace_root();
+    let mut out_dir: Option<PathBuf> = None;
     let mut seconds: Option<f64> = None;
     let mut rounds: Option<u32> = None;
     let mut profile = 0u32;
@@ -53,7 +59,7 @@ fn main_bench(args: &[String]) -> Result<()> {
         let mut value = || it.next().with_context(|| format!("{a} needs a value\n{USAGE}"));
         match a.as_str() {
             "--quick" => quick = true,
-            "--out-dir" => out_dir = PathBuf::from(value()?),
+            "--out-dir" => out_dir = Some(PathBuf::from(value()?)),
             "--seconds-per-run" => seconds = Some(value()?.parse().context("--seconds-per-run")?),
             "--rounds" => rounds = Some(value()?.parse().context("--rounds")?),
             "--profile" => profile = value()?.parse().context("--profile")?,
@@ -108,25 +114,35 @@ fn main_bench(args: &[String]) -> Result<()> {
         println!("Profile of the daemon (eBPF HTTP load, routed L7):\n{p}\n");
     }
     let cells = report::cells(&res);
-    let png = out_dir.join("docs/bench.png");
-    let chart_ref = match chart::render(&cells, &png) {
-        Ok(()) => Some("docs/bench.png"),
+    let root = workspace_root();
+    let out = report::outputs(&root, quick, out_dir.as_deref());
+    let png = &out.chart;
+    let chart_ref = match chart::render(&cells, png) {
+        Ok(()) => Some(out.chart_link.as_str()),
         Err(e) => {
             eprintln!("warning: no chart: {e:#}");
             None
         }
     };
     // Paths relative to the workspace root, so the command works in any checkout.
-    let root = workspace_root();
     let rel = |p: &std::path::Path| p.strip_prefix(&root).unwrap_or(p).display().to_string();
     let machine = report::Machine::detect(format!(
         "SOCKMESH_BIN={} ENVOY_BIN={} target/release/{command}",
         rel(&bin),
         opts.envoy.as_deref().map(rel).unwrap_or_default()
     ));
-    let md = out_dir.join("BENCHMARKS.md");
-    std::fs::write(&md, report::markdown(&res, &machine, chart_ref))
+    let md = &out.markdown;
+    if let Some(dir) = md.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::write(md, report::markdown(&res, &machine, chart_ref))
         .with_context(|| format!("write {}", md.display()))?;
     println!("wrote {}, {} and {}", md.display(), png.display(), json.display());
+    if quick {
+        println!(
+            "(a --quick smoke run: BENCHMARKS.md and docs/bench.png are left alone; a full \
+             `cargo xtask bench` writes them)"
+        );
+    }
     Ok(())
 }

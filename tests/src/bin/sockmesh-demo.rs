@@ -2,14 +2,16 @@
 //!
 //! Builds a node with three pods (`frontend`, `orders`, `legacy`), starts real servers, starts an
 //! application in `frontend` BEFORE sockmesh, starts the daemon with the embedded default config,
-//! enrolls `frontend` while its application keeps running, sends traffic, and prints a table: what
-//! was captured, the original destination the daemon reported, what the server saw as the client,
-//! and the kernel counters. Everything is removed at the end (also on failure; if the demo itself is
+//! enrolls `frontend` while its application keeps running, sends traffic, applies a routing policy
+//! (a canary release), then one with traffic colours (a gray release and a stress test along a
+//! two-service chain of `tests/peers/chain_app.py` servers), and prints a table: what was
+//! captured, the original destination the daemon reported, what the server saw as the client, and
+//! the kernel counters. Everything is removed at the end (also on failure; if the demo itself is
 //! SIGKILLed the pod processes die with it but its namespaces and cgroups stay).
 //!
 //! Needs root, `SOCKMESH_BIN` (or `target/release/sockmesh`), python3 and curl.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Mutex;
@@ -17,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
-use sockmesh_tests::daemon::toml_str;
-use sockmesh_tests::process::{check_output, run_host_ok, spawn_in};
+use sockmesh_tests::daemon::{prom_value, toml_str};
+use sockmesh_tests::process::{check_output, exec_in, run_host_ok, spawn_in};
 use sockmesh_tests::util::set_peer_command;
 use sockmesh_tests::{
     cgroup2_mount, eventually, peer_command, peers_dir, python, sockmesh_bin, Daemon, LineChild, Pod, Server,
@@ -117,13 +119,15 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let http_server = peers_dir().join("http_server.py");
-    if !http_server.is_file() {
-        eprintln!(
-            "sockmesh-demo: {} not found (run from the source tree)",
-            http_server.display()
-        );
-        return ExitCode::from(2);
+    for peer in ["http_server.py", "chain_app.py"] {
+        let path = peers_dir().join(peer);
+        if !path.is_file() {
+            eprintln!(
+                "sockmesh-demo: {} not found (run from the source tree)",
+                path.display()
+            );
+            return ExitCode::from(2);
+        }
     }
     match std::env::current_exe() {
         Ok(me) => set_peer_command(me, vec!["peer".into()]),
@@ -144,8 +148,10 @@ fn main() -> ExitCode {
     }
 }
 
+const STEPS: u32 = 9;
+
 fn step(n: u32, text: &str) {
-    println!("\n[{n}/8] {text}");
+    println!("\n[{n}/{STEPS}] {text}");
 }
 
 fn default_config_with_root(root: &str) -> Result<String> {
@@ -597,8 +603,10 @@ fn tour(
     rows.push(curl_row(daemon, legacy, &orders.addr(8080))?);
 
     // Inbound: enrol `orders` for its port 8080; legacy's call is now captured on arrival.
+    // (Port SHOP_BASE_PORT is the colour scene's: its base `shop` endpoint.)
     println!(
-        "      $ sockmesh enroll --name orders --netns {} --cgroup {} --inbound-port 8080",
+        "      $ sockmesh enroll --name orders --netns {} --cgroup {} --inbound-port 8080 \
+         --inbound-port {SHOP_BASE_PORT}",
         orders.netns.display(),
         orders.cgroup.display()
     );
@@ -612,6 +620,8 @@ fn tour(
         &orders.cgroup.to_string_lossy(),
         "--inbound-port",
         "8080",
+        "--inbound-port",
+        &SHOP_BASE_PORT.to_string(),
     ])?;
     rows.push(inbound_row(daemon, legacy, orders)?);
 
@@ -622,7 +632,13 @@ fn tour(
     );
     routing_tour(node, daemon, http)?;
 
-    step(8, "results");
+    step(
+        8,
+        "traffic colours: a gray release and a stress test that stay inside their colour",
+    );
+    colour_tour(node, daemon)?;
+
+    step(9, "results");
     print_table(&rows);
     println!("\n  `captured` is the change of the kernel counter connect_captured during that request;");
     println!("  `original dst` is what `sockmesh status` reported for the live proxied connection;");
@@ -774,6 +790,444 @@ split = [{{ subset = "v1", weight = 90 }}, {{ subset = "v2", weight = 10 }}]
     let out = daemon.cli(&["routes"])?;
     for l in String::from_utf8_lossy(&out.stdout).lines() {
         println!("  {l}");
+    }
+    Ok(())
+}
+
+/// The colour scene's services: `shop` (endpoints in `orders`, each calling `stock`) and `stock`
+/// (endpoints in `legacy`). Their VIPs belong to nobody: the connects are captured first.
+const SHOP_VIP: &str = "10.96.0.20:80";
+const STOCK_VIP: &str = "10.96.0.21:80";
+/// `shop`'s endpoints in `orders`, by colour. The base one is also an inbound port of `orders`
+/// (enrolled in step 6), so a colour sent to it from outside the mesh meets sockmesh.
+const SHOP_BASE_PORT: u16 = 8101;
+const SHOP_PORTS: [(&str, u16); 3] = [("base", SHOP_BASE_PORT), ("gray", 8102), ("stress", 8103)];
+/// `stock`'s endpoints in `legacy`: no stress endpoint, so stress must stop before it.
+const STOCK_PORTS: [(&str, u16); 2] = [("base", 8201), ("gray", 8202)];
+const CHAIN_LOAD_SECONDS: u64 = 60;
+
+/// The colour policy for the scene: `gray` falls back to base, `stress` to nothing.
+fn colour_policy(orders: &Pod, legacy: &Pod) -> String {
+    let endpoints = |pod: &Pod, ports: &[(&str, u16)]| -> String {
+        ports
+            .iter()
+            .map(|&(colour, port)| {
+                let labels = if colour == "base" {
+                    String::new()
+                } else {
+                    format!(", labels = {{ colour = \"{colour}\" }}")
+                };
+                format!("  {{ address = \"{}\"{labels} }},\n", pod.addr(port))
+            })
+            .collect()
+    };
+    format!(
+        r#"[[colours]]
+name = "gray"
+id = 1
+fallback = "base"
+
+[[colours]]
+name = "stress"
+id = 2
+fallback = "none"
+
+[[services]]
+name = "shop"
+addresses = ["{SHOP_VIP}"]
+protocol = "http1"
+endpoints = [
+{}]
+
+[[services]]
+name = "stock"
+addresses = ["{STOCK_VIP}"]
+protocol = "http1"
+endpoints = [
+{}]
+"#,
+        endpoints(orders, &SHOP_PORTS),
+        endpoints(legacy, &STOCK_PORTS)
+    )
+}
+
+/// What `chain_app.py load` reported: answers ("<status> <body>") and their counts, errors.
+struct ChainLoad {
+    answers: BTreeMap<String, u64>,
+    sent: u64,
+    errors: u64,
+}
+
+impl ChainLoad {
+    /// How many answers start with `prefix`.
+    fn count(&self, prefix: &str) -> u64 {
+        self.answers
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn describe(&self) -> String {
+        self.answers
+            .iter()
+            .map(|(k, n)| format!("{n} x `{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// `n` requests from `pod` to `target` by `chain_app.py load` (4 keep-alive connections), each
+/// with `x-mesh-colour: <colour>` unless `colour` is "base".
+fn chain_load(pod: &Pod, target: &str, n: u32, colour: &str) -> Result<ChainLoad> {
+    let mut cmd = Command::new(python());
+    cmd.arg("-u").arg(peers_dir().join("chain_app.py")).args([
+        "load",
+        "--target",
+        target,
+        "--requests",
+        &n.to_string(),
+        "--concurrency",
+        "4",
+        "--mix",
+        colour,
+        "--seconds-limit",
+        &CHAIN_LOAD_SECONDS.to_string(),
+    ]);
+    let out = exec_in(
+        &pod.cgroup,
+        Some(&pod.netns),
+        cmd,
+        Duration::from_secs(CHAIN_LOAD_SECONDS + 30),
+    )?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.starts_with('{')).ok_or_else(|| {
+        anyhow!(
+            "chain_app.py load from {} printed no summary: {stdout} {}",
+            pod.name,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let v: Value = serde_json::from_str(line).context("chain_app.py load summary")?;
+    let answers = v["by_kind"][colour]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(ChainLoad {
+        answers,
+        sent: v["sent"].as_u64().unwrap_or(0),
+        errors: v["errors"].as_u64().unwrap_or(0),
+    })
+}
+
+/// What one chain endpoint has served so far, by the colour header it received ("none": no
+/// header): `GET /__stats`, asked from inside its own pod at the pod's own address.
+fn endpoint_served(pod: &Pod, port: u16) -> Result<BTreeMap<String, u64>> {
+    let url = format!("http://{}/__stats", pod.addr(port));
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "5", &url]);
+    let out = exec_in(&pod.cgroup, Some(&pod.netns), cmd, Duration::from_secs(10))?;
+    check_output(&format!("curl {url}"), &out)?;
+    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| format!("stats of {url}"))?;
+    Ok(v["served"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Every chain endpoint's served counts: (service, endpoint colour) → {received colour: n}.
+type Served = BTreeMap<(&'static str, &'static str), BTreeMap<String, u64>>;
+
+fn all_served(orders: &Pod, legacy: &Pod) -> Result<Served> {
+    let mut out = BTreeMap::new();
+    for &(colour, port) in &SHOP_PORTS {
+        out.insert(("shop", colour), endpoint_served(orders, port)?);
+    }
+    for &(colour, port) in &STOCK_PORTS {
+        out.insert(("stock", colour), endpoint_served(legacy, port)?);
+    }
+    Ok(out)
+}
+
+/// What an endpoint received between two readings, colour by colour (non-zero only).
+fn served_delta(before: &Served, after: &Served, key: (&'static str, &'static str)) -> BTreeMap<String, u64> {
+    let empty = BTreeMap::new();
+    let b = before.get(&key).unwrap_or(&empty);
+    after
+        .get(&key)
+        .unwrap_or(&empty)
+        .iter()
+        .map(|(c, n)| (c.clone(), n - b.get(c).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+fn colour_metric(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> Result<u64> {
+    Ok(prom_value(&d.metrics()?, name, labels).unwrap_or(0.0) as u64)
+}
+
+/// One kind of request of the colour scene: what was sent, then what happened.
+fn scene_line(label: &str, sent: &str, result: &str) {
+    println!("      {label:<8} {sent}");
+    println!("      {:<8} => {result}", "");
+}
+
+/// Two services in a chain, shop -> stock, each with a base and a gray endpoint; shop also has a
+/// stress endpoint, stock has none. The endpoints are `chain_app.py` servers that answer with
+/// the path the request took (`shop/gray stock/gray`) and forward the colour header they got.
+/// The policy goes to the running daemon with `sockmesh routes apply`, like step 7's.
+fn colour_tour(node: &VirtualNode, daemon: &Daemon) -> Result<()> {
+    let (frontend, orders, legacy) = (node.pod("frontend"), node.pod("orders"), node.pod("legacy"));
+    let mut servers = Vec::new();
+    for (pod, service, next, ports) in [
+        (orders, "shop", Some(STOCK_VIP), &SHOP_PORTS[..]),
+        (legacy, "stock", None, &STOCK_PORTS[..]),
+    ] {
+        for &(colour, port) in ports {
+            let mut cmd = Command::new(python());
+            cmd.arg("-u").arg(peers_dir().join("chain_app.py")).args([
+                "serve",
+                "--port",
+                &port.to_string(),
+                "--name",
+                service,
+                "--colour",
+                colour,
+            ]);
+            if let Some(next) = next {
+                cmd.args(["--next", next, "--forward"]);
+            }
+            servers.push(Server::start(&pod.cgroup, Some(&pod.netns), cmd)?);
+        }
+    }
+    let ports = |ps: &[(&str, u16)]| {
+        ps.iter()
+            .map(|(c, p)| format!("{c} :{p}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "      shop  = {SHOP_VIP}, endpoints in orders ({}), each calls stock",
+        ports(&SHOP_PORTS)
+    );
+    println!(
+        "      stock = {STOCK_VIP}, endpoints in legacy ({}): no stress endpoint",
+        ports(&STOCK_PORTS)
+    );
+    println!("      (tests/peers/chain_app.py: answers with the path it took, forwards x-mesh-colour)");
+    let policy = colour_policy(orders, legacy);
+    let file = daemon.dir().join("colour-policy.toml");
+    std::fs::write(&file, &policy)?;
+    println!("      $ sockmesh routes apply {}", file.display());
+    for l in policy.lines() {
+        println!("        | {l}");
+    }
+    let out = daemon.cli(&["routes", "apply", &file.to_string_lossy()])?;
+    println!("      {}", String::from_utf8_lossy(&out.stdout).trim());
+
+    let n = 200;
+    let mut problems = Vec::new();
+    let s0 = all_served(orders, legacy)?;
+
+    // Gray, from a pod in the mesh: every hop stays gray.
+    let gray = chain_load(frontend, SHOP_VIP, n, "gray")?;
+    let gray_ok = gray.count("200 shop/gray stock/gray");
+    let s1 = all_served(orders, legacy)?;
+    // What the endpoints themselves received: the gray ones the header, the base ones nothing.
+    let at = |k| served_delta(&s0, &s1, k);
+    let gray_received = at(("stock", "gray")).get("gray").copied().unwrap_or(0);
+    let gray_at_base: u64 =
+        at(("shop", "base")).values().sum::<u64>() + at(("stock", "base")).values().sum::<u64>();
+    scene_line(
+        "gray",
+        &format!("{n} x `x-mesh-colour: gray`, frontend -> shop"),
+        &format!(
+            "{gray_ok} answered `shop/gray stock/gray`, {} otherwise, {} errors; stock/gray got \
+             the header {gray_received} times, base endpoints served {gray_at_base}",
+            gray.sent - gray_ok,
+            gray.errors
+        ),
+    );
+    if gray_ok != u64::from(n) || gray.errors > 0 || gray_received != u64::from(n) || gray_at_base > 0 {
+        problems.push(format!("gray left its colour: {}", gray.describe()));
+    }
+
+    // Base: never reaches a gray (or stress) endpoint.
+    let base = chain_load(frontend, SHOP_VIP, n, "base")?;
+    let base_ok = base.count("200 shop/base stock/base");
+    let s2 = all_served(orders, legacy)?;
+    let base_at_coloured: u64 = [("shop", "gray"), ("shop", "stress"), ("stock", "gray")]
+        .into_iter()
+        .map(|k| served_delta(&s1, &s2, k).values().sum::<u64>())
+        .sum();
+    scene_line(
+        "base",
+        &format!("{n} x no colour, frontend -> shop"),
+        &format!(
+            "{base_ok} answered `shop/base stock/base`, {} errors; gray and stress endpoints \
+             served {base_at_coloured}",
+            base.errors
+        ),
+    );
+    if base_ok != u64::from(n) || base.errors > 0 || base_at_coloured > 0 {
+        problems.push(format!(
+            "base reached a coloured endpoint: {} (coloured endpoints served {base_at_coloured})",
+            base.describe()
+        ));
+    }
+
+    // Stress: shop has a stress endpoint, stock does not, and stress falls back to nothing.
+    let unavailable = |d: &Daemon| {
+        colour_metric(
+            d,
+            "sockmesh_colour_unavailable_total",
+            &[("service", "stock"), ("colour", "stress")],
+        )
+    };
+    let u0 = unavailable(daemon)?;
+    let stress_n = 50;
+    let stress = chain_load(frontend, SHOP_VIP, stress_n, "stress")?;
+    let refused = stress.count("503 shop/stress");
+    let s_stress = all_served(orders, legacy)?;
+    let stock_stress: u64 = STOCK_PORTS
+        .iter()
+        .map(|&(c, _)| {
+            served_delta(&s2, &s_stress, ("stock", c))
+                .get("stress")
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum();
+    scene_line(
+        "stress",
+        &format!("{stress_n} x `x-mesh-colour: stress`, frontend -> shop"),
+        &format!(
+            "{refused} reached shop/stress and were refused (503) at the stock hop; stock served \
+             {stock_stress} stress requests"
+        ),
+    );
+    if refused != u64::from(stress_n) || stock_stress > 0 {
+        problems.push(format!(
+            "stress was not refused before stock: {}",
+            stress.describe()
+        ));
+    }
+    // The refusal itself, asked of stock directly.
+    let url = format!("http://{STOCK_VIP}/");
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "-i",
+        "--max-time",
+        "15",
+        "-H",
+        "x-mesh-colour: stress",
+        &url,
+    ]);
+    let out = exec_in(
+        &frontend.cgroup,
+        Some(&frontend.netns),
+        cmd,
+        Duration::from_secs(30),
+    )?;
+    check_output(&format!("curl {url}"), &out)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let head: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| l.starts_with("HTTP/") || l.to_ascii_lowercase().starts_with("sockmesh-error"))
+        .collect();
+    println!("               $ curl -si -H 'x-mesh-colour: stress' {url}   (from frontend)");
+    for l in &head {
+        println!("                 {l}");
+    }
+    if !head.iter().any(|l| l.starts_with("HTTP/1.1 503"))
+        || !head
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case("sockmesh-error: colour_unavailable"))
+    {
+        problems.push(format!(
+            "stress to stock was not refused as colour_unavailable: {text}"
+        ));
+    }
+    let u1 = unavailable(daemon)?;
+    println!(
+        "               sockmesh_colour_unavailable_total{{service=\"stock\",colour=\"stress\"}} +{} \
+         (the chain's and curl's)",
+        u1 - u0
+    );
+    if u1 - u0 != u64::from(stress_n) + 1 {
+        problems.push(format!(
+            "colour_unavailable counted {} refusals, expected {}",
+            u1 - u0,
+            stress_n + 1
+        ));
+    }
+
+    // From outside the mesh: legacy is not enrolled. It calls shop's base endpoint directly
+    // (an inbound port of orders) claiming gray; sockmesh strips the header on the way in.
+    let stripped = |d: &Daemon| colour_metric(d, "sockmesh_colour_stripped_total", &[]);
+    let st0 = stripped(daemon)?;
+    let s3 = all_served(orders, legacy)?;
+    let outside_n = 50;
+    let shop_base = orders.addr(SHOP_BASE_PORT);
+    let outside = chain_load(legacy, &shop_base, outside_n, "gray")?;
+    let s4 = all_served(orders, legacy)?;
+    let outside_base = outside.count("200 shop/base stock/base");
+    let got = served_delta(&s3, &s4, ("shop", "base"));
+    let st1 = stripped(daemon)?;
+    scene_line(
+        "outside",
+        &format!(
+            "{outside_n} x `x-mesh-colour: gray`, legacy (not in the mesh) -> shop's base endpoint \
+             {shop_base}"
+        ),
+        &format!(
+            "{outside_base} answered `shop/base stock/base`; shop/base received {}; \
+             sockmesh_colour_stripped_total +{}",
+            got.iter()
+                .map(|(c, n)| match c.as_str() {
+                    "none" => format!("{n} with no colour header"),
+                    c => format!("{n} with `x-mesh-colour: {c}`"),
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            st1 - st0
+        ),
+    );
+    if outside_base != u64::from(outside_n)
+        || got.contains_key("gray")
+        || got.get("none").copied().unwrap_or(0) != u64::from(outside_n)
+        || st1 - st0 < u64::from(outside_n)
+    {
+        problems.push(format!(
+            "an outside colour was believed: {} (stripped +{})",
+            outside.describe(),
+            st1 - st0
+        ));
+    }
+
+    println!("\n$ sockmesh routes   (the colour lines)");
+    let out = daemon.cli(&["routes"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut in_colours = false;
+    for l in text.lines() {
+        in_colours |= l.starts_with("colours:");
+        if in_colours || l.starts_with("service ") || (l.starts_with("  subset ") && l.contains(" (")) {
+            println!("  {l}");
+        }
+    }
+    drop(servers);
+    if !problems.is_empty() {
+        bail!("colours did not hold:\n  {}", problems.join("\n  "));
     }
     Ok(())
 }
