@@ -451,14 +451,22 @@ pub fn toml_str(s: &str) -> String {
 
 /// `[[pods]]` entries for `pods`.
 pub fn pods_toml(pods: &[&Pod]) -> String {
-    let mut s = String::new();
-    for p in pods {
-        s.push_str(&format!(
-            "\n[[pods]]\nname = {}\nnetns = {}\ncgroup = {}\n",
-            toml_str(&p.name),
-            toml_str(&p.netns.to_string_lossy()),
-            toml_str(&p.cgroup.to_string_lossy())
-        ));
+    pods.iter().map(|p| pod_toml(p, "")).collect()
+}
+
+/// One `[[pods]]` entry for `pod`, with `extra` settings (TOML lines) appended.
+pub fn pod_toml(pod: &Pod, extra: &str) -> String {
+    let mut s = format!(
+        "\n[[pods]]\nname = {}\nnetns = {}\ncgroup = {}\n",
+        toml_str(&pod.name),
+        toml_str(&pod.netns.to_string_lossy()),
+        toml_str(&pod.cgroup.to_string_lossy())
+    );
+    if !extra.is_empty() {
+        s.push_str(extra);
+        if !extra.ends_with('\n') {
+            s.push('\n');
+        }
     }
     s
 }

@@ -30,6 +30,6 @@ pub use node::{Pod, VirtualNode};
 pub use process::{exec_in, pod_exec, run_host, spawn_in, GuardedChild, LineChild};
 pub use servers::Server;
 pub use util::{
-    attached_programs, eventually, peer_bin, peer_command, peers_dir, python, require_privileged,
+    attached_programs, eventually, last_json, peer_bin, peer_command, peers_dir, python, require_privileged,
     require_root, sockmesh_bin, workspace_root, TempDir,
 };

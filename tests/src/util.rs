@@ -328,3 +328,21 @@ mod tests {
         assert!(!p.exists());
     }
 }
+
+/// The last stdout line of `out` that is a JSON object (the peers and load clients print their
+/// summary last). Panics, showing both streams, when there is none or it does not parse.
+pub fn last_json(what: &str, out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| {
+            panic!(
+                "{what} printed no JSON ({}): stdout {stdout:?} stderr {:?}",
+                crate::process::status_text(out.status),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{what}: bad JSON {line:?}: {e}"))
+}

@@ -14,9 +14,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use sockmesh_tests::daemon::{basic_config, http_get, prom_value, toml_str};
+use sockmesh_tests::daemon::{basic_config, http_get, pod_toml, prom_value};
 use sockmesh_tests::process::exec_in;
-use sockmesh_tests::{peers_dir, python, require_privileged, Daemon, Pod, Server, VirtualNode};
+use sockmesh_tests::{last_json, peers_dir, python, require_privileged, Daemon, Pod, Server, VirtualNode};
 
 /// Service VIPs (no interface holds them; the connect is captured first).
 const ENTRY: &str = "10.96.1.1:80";
@@ -80,16 +80,6 @@ hash_header = "x-user"
     s
 }
 
-/// `[[pods]]` for the chain's pods, with extra settings per pod.
-fn pod_toml(pod: &Pod, extra: &str) -> String {
-    format!(
-        "\n[[pods]]\nname = {}\nnetns = {}\ncgroup = {}\n{extra}\n",
-        toml_str(&pod.name),
-        toml_str(&pod.netns.to_string_lossy()),
-        toml_str(&pod.cgroup.to_string_lossy())
-    )
-}
-
 /// The chain's servers: every colour's endpoint of every service, each calling the next VIP.
 /// The services in `forwarding` copy the colour header onto their downstream calls.
 fn chain(node: &VirtualNode, forwarding: &[&str]) -> Vec<Server> {
@@ -149,18 +139,7 @@ fn load(pod: &Pod, target: &str, requests: u32, mix: &str) -> Value {
         LOAD_LIMIT + Duration::from_secs(30),
     )
     .expect("load");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| {
-            panic!(
-                "load printed no JSON: {stdout:?} {:?}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    serde_json::from_str(line).expect("load JSON")
+    last_json("chain_app.py load", &out)
 }
 
 /// What each endpoint served, by the colour the request arrived with: (service, own colour) →

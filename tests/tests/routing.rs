@@ -26,11 +26,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context};
 use serde_json::Value;
 use sockmesh_tests::daemon::{basic_config, prom_value};
-use sockmesh_tests::process::{exec_in, status_text};
+use sockmesh_tests::process::exec_in;
 use sockmesh_tests::util::ensure_eq;
 use sockmesh_tests::{
-    eventually, peers_dir, pod_exec, python, require_privileged, workspace_root, Daemon, LineChild, Pod,
-    Server, TempDir, VirtualNode,
+    eventually, last_json, peers_dir, pod_exec, python, require_privileged, workspace_root, Daemon,
+    LineChild, Pod, Server, TempDir, VirtualNode,
 };
 
 /// The service address the client dials; no interface anywhere holds it.
@@ -350,23 +350,6 @@ fn assert_routed(
         )
     })
     .unwrap_or_else(|e| panic!("{e:#}"));
-}
-
-/// The last stdout line of `out` as JSON (the peers print their summary last).
-fn last_json(what: &str, out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| {
-            panic!(
-                "{what} printed no JSON ({}): stdout {stdout:?} stderr {:?}",
-                status_text(out.status),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{what}: bad JSON {line:?}: {e}"))
 }
 
 fn by_server(v: &Value) -> BTreeMap<String, u64> {

@@ -25,8 +25,8 @@ use sockmesh_tests::daemon::{basic_config, prom_value};
 use sockmesh_tests::process::{exec_in, status_text};
 use sockmesh_tests::util::ensure_eq;
 use sockmesh_tests::{
-    eventually, peers_dir, pod_exec, python, require_privileged, workspace_root, Daemon, LineChild, Pod,
-    Server, TempDir, VirtualNode,
+    eventually, last_json, peers_dir, pod_exec, python, require_privileged, workspace_root, Daemon,
+    LineChild, Pod, Server, TempDir, VirtualNode,
 };
 
 /// The service address the client dials; no interface anywhere holds it.
@@ -229,23 +229,6 @@ fn curl(node: &VirtualNode, args: &[&str]) -> Output {
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "--max-time", "20"]).args(args);
     run_in(node.pod("client"), cmd)
-}
-
-/// The last stdout line of `out` that is a JSON object.
-fn last_json(what: &str, out: &Output) -> Value {
-    let text = stdout(out);
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| {
-            panic!(
-                "{what} printed no JSON ({}): stdout {text:?} stderr {:?}",
-                status_text(out.status),
-                stderr(out)
-            )
-        });
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{what}: bad JSON {line:?}: {e}"))
 }
 
 /// The value of `name{labels}` (0 when absent).

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::load::LoadResult;
 use super::proxies::{self, Ports, Proxy};
-use crate::daemon::{prom_value, toml_str, Daemon};
+use crate::daemon::{pod_toml, prom_value, toml_str, Daemon};
 use crate::node::{teardown_resources, Pod, VirtualNode};
 use crate::process::exec_in;
 use crate::servers::Server;
@@ -350,15 +350,6 @@ struct Bench {
     node: VirtualNode,
     self_exe: PathBuf,
     wrk_script: TempDir,
-}
-
-fn pod_toml(p: &Pod, extra: &str) -> String {
-    format!(
-        "\n[[pods]]\nname = {}\nnetns = {}\ncgroup = {}\n{extra}",
-        toml_str(&p.name),
-        toml_str(&p.netns.to_string_lossy()),
-        toml_str(&p.cgroup.to_string_lossy())
-    )
 }
 
 const WRK_LUA: &str = r#"done = function(summary, latency, requests)
