@@ -44,6 +44,9 @@ pub enum Request {
         colour: Option<String>,
         #[serde(default)]
         propagate: bool,
+        /// Dual links: link name → cgroup directories of its apps in this pod.
+        #[serde(default)]
+        links: std::collections::BTreeMap<String, Vec<String>>,
     },
     Unenroll {
         name: String,
@@ -59,6 +62,20 @@ pub enum Request {
     /// Replace the whole routing policy.
     RoutesApply {
         policy: crate::routing::RawPolicy,
+    },
+    /// `sockmesh switch`: `to` a link (or `back` to the previous one), or `abort` the switch
+    /// in progress; none of them: the links' view.
+    Switch {
+        #[serde(default)]
+        to: Option<String>,
+        #[serde(default)]
+        back: bool,
+        #[serde(default)]
+        abort: bool,
+        #[serde(default)]
+        over_ms: u64,
+        #[serde(default = "one")]
+        steps: u32,
     },
     /// Colour an app's inbound connection (`ColourKernel::set_inbound`): for a proxy outside
     /// the daemon, and for tests. `local`/`remote` as the app's accepted socket sees them.
@@ -85,6 +102,10 @@ pub enum Request {
 
 fn yes() -> bool {
     true
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -171,6 +192,7 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             inbound_exclude_ports,
             colour,
             propagate,
+            links,
         } => {
             if let Some(c) = &colour {
                 if let Err(e) = crate::config::check_pod_colour(c, &daemon.policy()) {
@@ -198,6 +220,10 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
                 external_proxy,
                 colour,
                 propagate,
+                links: links
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_iter().map(Into::into).collect()))
+                    .collect(),
             };
             match daemon.enroll(spec) {
                 Ok(()) => Response::ok(),
@@ -215,6 +241,23 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             daemon.request_stop(keep_state);
             Response::ok()
         }
+        Request::Switch {
+            to,
+            back,
+            abort,
+            over_ms,
+            steps,
+        } => match daemon.switch(to, back, abort, over_ms, steps) {
+            Ok(v) => Response {
+                ok: true,
+                error: None,
+                status: Some(v),
+            },
+            Err(e) => {
+                warn!("switch refused: {e}");
+                Response::err(e)
+            }
+        },
         Request::Status => Response {
             ok: true,
             error: None,
@@ -333,6 +376,7 @@ mod tests {
                 inbound_exclude_ports: vec![],
                 colour: None,
                 propagate: false,
+                links: Default::default(),
             }
         );
         assert_eq!(

@@ -3,6 +3,7 @@
 //! call both. Every error names the field it is about.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -74,6 +75,8 @@ struct RawConfig {
     ingress: Vec<crate::routing::colour::RawIngress>,
     #[serde(default)]
     trusted_sources: Vec<String>,
+    #[serde(default)]
+    links: Vec<crate::routing::link::RawLink>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -111,6 +114,9 @@ struct RawPod {
     colour: Option<String>,
     #[serde(default)]
     propagate: bool,
+    /// Dual links: link name → the pod's cgroup directories of that link's apps.
+    #[serde(default)]
+    links: BTreeMap<String, Vec<PathBuf>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +194,8 @@ pub struct PodSpec {
     pub colour: Option<String>,
     /// Kernel colour propagation for the pod's threads (`POD_FLAG_PROPAGATE`).
     pub propagate: bool,
+    /// Dual links: link name → cgroup directories (v1 cpu/memory or v2) of its apps here.
+    pub links: BTreeMap<String, Vec<PathBuf>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,6 +337,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         colours: raw.colours.clone(),
         ingress: raw.ingress.clone(),
         trusted_sources: raw.trusted_sources.clone(),
+        links: raw.links.clone(),
     };
     let policy = crate::routing::compile(routing.clone()).map_err(|e| err(e.field, e.reason))?;
     let workers = raw
@@ -470,6 +479,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
             inbound_exclude_ports,
             colour: p.colour.clone(),
             propagate: p.propagate,
+            links: p.links.clone(),
         });
     }
     Ok(Config {

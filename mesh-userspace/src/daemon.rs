@@ -118,6 +118,8 @@ pub struct Daemon {
     /// The policy `routes apply` installed (kept in the state file for a successor); `None`
     /// while the config file's policy is in force.
     applied_routing: Mutex<Option<state::AppliedRouting>>,
+    /// Dual links: states, pods' link cgroups, the switch engine.
+    links: Arc<crate::links::LinkManager>,
 }
 
 pub struct PodMetrics {
@@ -161,12 +163,18 @@ impl Daemon {
         let router =
             Router::new(crate::routing::compile(cfg.routing.clone()).expect("validated by config::parse"));
         let colour = kernel.colour();
+        let shared = Arc::new(Shared::new(Box::new(proxy::KernelOrigDst), router).with_colour(colour));
+        let links = Arc::new(crate::links::LinkManager::new(
+            crate::links::state_path(&cfg.state_file),
+            shared.l7.links.clone(),
+        ));
         Self {
+            links,
             cfg,
             cgroup_root,
             kernel: Mutex::new(kernel),
             pods: Mutex::new(BTreeMap::new()),
-            shared: Arc::new(Shared::new(Box::new(proxy::KernelOrigDst), router).with_colour(colour)),
+            shared,
             accel: Mutex::new(accel),
             checks,
             admin_errors: Mutex::new(BTreeMap::new()),
@@ -285,11 +293,59 @@ impl Daemon {
     /// kernel. The order matters: the hook captures only when the listener is there.
     /// Enrolling the same spec twice is a no-op.
     pub fn enroll(&self, spec: PodSpec) -> Result<(), DaemonError> {
-        let r = self.enroll_inner(spec);
+        // Link cgroups first: a resource value the kernel refuses leaves nothing enrolled.
+        let r = self
+            .links
+            .register_pod(&spec.name, &spec.links, &self.policy())
+            .map_err(|reason| DaemonError::BadPath {
+                name: spec.name.clone(),
+                field: "links",
+                reason,
+            });
+        let name = spec.name.clone();
+        let r = r.and_then(|()| self.enroll_inner(spec));
         if let Err(e) = &r {
+            if !matches!(e, DaemonError::AlreadyEnrolled(_)) {
+                self.links.forget_pod(&name);
+            }
             self.count_refusal(e);
         }
         r
+    }
+
+    /// `sockmesh switch` (see [`crate::links::LinkManager`]); no action: the links' view.
+    pub fn switch(
+        &self,
+        to: Option<String>,
+        back: bool,
+        abort: bool,
+        over_ms: u64,
+        steps: u32,
+    ) -> Result<serde_json::Value, String> {
+        let over = std::time::Duration::from_millis(over_ms);
+        if abort {
+            return self.links.abort();
+        }
+        let to = match (to, back) {
+            (Some(_), true) => return Err("--to and --back exclude each other".into()),
+            (Some(t), false) => t,
+            (None, true) => self
+                .links
+                .previous()
+                .ok_or("no previous switch to go back from")?,
+            (None, false) => return Ok(self.links.view(&self.policy())),
+        };
+        self.links.start(self.shared.clone(), &to, over, steps)
+    }
+
+    /// After a restart: go on with a switch the previous daemon left unfinished.
+    pub fn resume_links(&self) {
+        self.links.resume(self.shared.clone());
+    }
+
+    /// The links' Prometheus lines.
+    pub fn render_links(&self, o: &mut String) {
+        self.links.render_metrics(&self.policy(), o);
     }
 
     fn enroll_inner(&self, spec: PodSpec) -> Result<(), DaemonError> {
@@ -556,6 +612,7 @@ impl Daemon {
     pub async fn unenroll(&self, name: &str) -> Result<(), DaemonError> {
         let pod = {
             let mut pods = self.pods.lock().expect("pods lock");
+            self.links.forget_pod(name);
             let Some(pod) = pods.remove(name) else {
                 let e = DaemonError::NotEnrolled(name.to_string());
                 drop(pods);
@@ -633,6 +690,7 @@ impl Daemon {
             "proxy_errors": errors,
             "acceleration": { "enabled": accel.enabled, "detail": accel.detail },
             "propagation": propagation,
+            "links": self.links.view(&self.policy()),
             "kernel": {
                 "release": sys::kernel_release(),
                 "checks": self.checks.iter().map(|(k, v)| json!({"check": k, "result": v})).collect::<Vec<_>>(),

@@ -14,6 +14,7 @@ mod propagate;
 mod proxy;
 // Protocol detection and codecs; not wired into the proxy yet (issue 4).
 mod l7;
+mod links;
 // The codecs carry each protocol's whole vocabulary (status codes, flags), not only what the
 // handlers use today; the fuzz crate includes them by path.
 #[allow(dead_code)]
@@ -105,6 +106,36 @@ enum Cmd {
         /// Kernel colour propagation for this pod's threads (needs capture; kernel 6.3+).
         #[arg(long)]
         propagate: bool,
+        /// Dual links: `LINK=CGROUP_DIR`, the cgroup of that link's apps in this pod (v1 cpu or
+        /// memory directory, or v2); repeat for several directories or links.
+        #[arg(long = "link", value_parser = parse_link)]
+        links: Vec<(String, String)>,
+        #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Dual links: switch this node's active link (raise the target's resources, move traffic
+    /// in steps, lower the former active to keep-alive). Without an action: the links' states.
+    Switch {
+        /// The link to make active.
+        #[arg(long)]
+        to: Option<String>,
+        /// Switch back to the link that was active before the last switch.
+        #[arg(long)]
+        back: bool,
+        /// Stop the switch in progress and return to the state before it.
+        #[arg(long)]
+        abort: bool,
+        /// How long the traffic move takes (`0`, `500ms`, `10s`, `2m`).
+        #[arg(long, default_value = "0", value_parser = parse_duration)]
+        over: std::time::Duration,
+        /// Traffic steps (slow start: the target's share grows linearly).
+        #[arg(long, default_value_t = 1)]
+        steps: u32,
+        /// Show live progress until no switch is in progress (at most 1 h).
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
         #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
@@ -197,6 +228,7 @@ fn main() -> ExitCode {
             inbound_exclude_ports,
             colour,
             propagate,
+            links,
             admin_socket,
         } => client(
             &admin_socket,
@@ -211,9 +243,26 @@ fn main() -> ExitCode {
                 inbound_exclude_ports,
                 colour,
                 propagate,
+                links: links.into_iter().fold(
+                    Default::default(),
+                    |mut m: std::collections::BTreeMap<String, Vec<String>>, (k, v)| {
+                        m.entry(k).or_default().push(v);
+                        m
+                    },
+                ),
             },
             false,
         ),
+        Cmd::Switch {
+            to,
+            back,
+            abort,
+            over,
+            steps,
+            watch,
+            json,
+            admin_socket,
+        } => switch(&admin_socket, to, back, abort, over, steps, watch, json),
         Cmd::Unenroll { name, admin_socket } => {
             client(&admin_socket, admin::Request::Unenroll { name }, false)
         }
@@ -241,6 +290,111 @@ fn main() -> ExitCode {
         Cmd::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
+        }
+    }
+}
+
+fn parse_link(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((l, p)) if !l.is_empty() && p.starts_with('/') => Ok((l.to_owned(), p.to_owned())),
+        _ => Err(format!("`{s}`: expected LINK=/absolute/cgroup/dir")),
+    }
+}
+
+/// `0`, `250ms`, `10s`, `2m` (a bare number is seconds).
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (n, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 0, 500ms, 10s, 2m)"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => return Err(format!("`{s}`: unit must be ms, s or m")),
+    };
+    if !ms.is_finite() || ms < 0.0 || ms > 3_600_000.0 {
+        return Err(format!("`{s}`: 0 to 1h"));
+    }
+    Ok(std::time::Duration::from_millis(ms as u64))
+}
+
+/// `sockmesh switch`: one request; with `--watch`, redraw the progress until it is done.
+#[allow(clippy::too_many_arguments)]
+fn switch(
+    socket: &Path,
+    to: Option<String>,
+    back: bool,
+    abort: bool,
+    over: std::time::Duration,
+    steps: u32,
+    watch: bool,
+    json: bool,
+) -> ExitCode {
+    let req = admin::Request::Switch {
+        to: to.clone(),
+        back,
+        abort,
+        over_ms: over.as_millis() as u64,
+        steps,
+    };
+    let acting = to.is_some() || back || abort;
+    if acting {
+        match admin::call(socket, &req) {
+            Ok(r) if r.ok => {
+                if json {
+                    println!("{}", r.status.unwrap_or_default());
+                } else if let Some(s) = r.status {
+                    println!("switch {}", s);
+                }
+            }
+            Ok(r) => {
+                eprintln!("sockmesh: {}", r.error.unwrap_or_default());
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("sockmesh: {e:#}");
+                return ExitCode::from(1);
+            }
+        }
+        if !watch {
+            return ExitCode::SUCCESS;
+        }
+    }
+    let view = admin::Request::Switch {
+        to: None,
+        back: false,
+        abort: false,
+        over_ms: 0,
+        steps: 1,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    loop {
+        let v = match admin::call(socket, &view) {
+            Ok(r) if r.ok => r.status.unwrap_or_default(),
+            Ok(r) => {
+                eprintln!("sockmesh: {}", r.error.unwrap_or_default());
+                return ExitCode::from(1);
+            }
+            Err(e) => {
+                eprintln!("sockmesh: {e:#}");
+                return ExitCode::from(1);
+            }
+        };
+        if json {
+            println!("{v}");
+        } else {
+            print!("{}", status::render_links(&v));
+        }
+        if !watch || v["switch"].is_null() || std::time::Instant::now() > deadline {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if !json {
+            println!();
         }
     }
 }
@@ -645,6 +799,8 @@ fn serve_loaded(
                 daemon.enroll(p).context("failed to enrol a pod from the config")?;
             }
         }
+        // A switch the previous daemon left unfinished goes on (after the pods' link cgroups).
+        daemon.resume_links();
         tokio::spawn(admin::serve(admin, daemon.clone()));
         tokio::spawn(metrics::serve(metrics, daemon.clone()));
         tokio::spawn(daemon.clone().forward_bpf_logs());

@@ -484,7 +484,11 @@ async fn dispatch(
     if matches!(detected, Detection::Opaque | Detection::NeedMore) {
         let policy = shared.l7.router.current();
         let routed = if dir == Direction::Inbound {
-            Ok(policy.deliver(orig))
+            let bare = RequestInfo::bare(ProtocolHint::Tcp);
+            let mesh = &shared.mesh_ips;
+            Ok(policy
+                .link_route(orig, &bare, &shared.l7.links, |ip| mesh.contains(ip))
+                .unwrap_or_else(|| policy.deliver(orig)))
         } else {
             // One colour for the whole connection: the pod's (a byte stream carries no header).
             let colour = pod

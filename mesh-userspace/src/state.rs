@@ -30,6 +30,8 @@ pub struct PodState {
     pub colour: Option<String>,
     #[serde(default)]
     pub propagate: bool,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub links: std::collections::BTreeMap<String, Vec<PathBuf>>,
 }
 
 fn yes() -> bool {
@@ -49,6 +51,7 @@ impl From<&PodSpec> for PodState {
             inbound_exclude_ports: p.inbound_exclude_ports.clone(),
             colour: p.colour.clone(),
             propagate: p.propagate,
+            links: p.links.clone(),
         }
     }
 }
@@ -66,6 +69,7 @@ impl From<PodState> for PodSpec {
             inbound_exclude_ports: p.inbound_exclude_ports,
             colour: p.colour,
             propagate: p.propagate,
+            links: p.links,
         }
     }
 }
@@ -138,6 +142,11 @@ mod tests {
                 inbound_exclude_ports: vec![],
                 colour: Some("gray".into()),
                 propagate: true,
+                links: [(
+                    "trade".to_owned(),
+                    vec![PathBuf::from("/sys/fs/cgroup/cpu/x/trade")],
+                )]
+                .into(),
             }],
             routing: Some(AppliedRouting {
                 base: RawPolicy::default(),

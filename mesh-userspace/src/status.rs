@@ -177,6 +177,104 @@ pub fn render(st: &Value) -> String {
         let _ = writeln!(o, "\nProxy errors:");
         table(&mut o, &["REASON", "COUNT"], &errs);
     }
+    if st["links"]["links"].as_array().is_some_and(|l| !l.is_empty()) {
+        o.push('\n');
+        o.push_str(&render_links(&st["links"]));
+    }
+    o
+}
+
+/// Dual links (`sockmesh switch`, and a section of `status`): states, shares, applied limits,
+/// the switch in progress with a progress bar, requests by outcome, the last steps.
+pub fn render_links(v: &Value) -> String {
+    let mut o = String::new();
+    let links = v["links"].as_array().cloned().unwrap_or_default();
+    if links.is_empty() {
+        let _ = writeln!(o, "links: none (the policy defines no [[links]])");
+        return o;
+    }
+    let _ = writeln!(o, "Links:");
+    let rows: Vec<Vec<String>> = links
+        .iter()
+        .map(|l| {
+            let applied: Vec<String> = l["cgroups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    let knobs: Vec<String> = c["applied"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, v)| format!("{k}={}", s(v)))
+                        .collect();
+                    format!("{}: {}", s(&c["pod"]), knobs.join(" "))
+                })
+                .collect();
+            vec![
+                s(&l["name"]),
+                s(&l["state"]),
+                format!("{:.2} %", l["local_share_percent"].as_f64().unwrap_or(0.0)),
+                format!("{} %", s(&l["trickle_percent"])),
+                if applied.is_empty() {
+                    "-".into()
+                } else {
+                    applied.join("; ")
+                },
+            ]
+        })
+        .collect();
+    table(
+        &mut o,
+        &["LINK", "STATE", "LOCAL SHARE", "TRICKLE", "APPLIED LIMITS"],
+        &rows,
+    );
+    match v["switch"].as_object() {
+        Some(sw) => {
+            let done = sw["done"].as_u64().unwrap_or(0);
+            let steps = sw["steps"].as_u64().unwrap_or(1).max(1);
+            let filled = (done * 30 / steps) as usize;
+            let _ = writeln!(
+                o,
+                "switch {} -> {}: [{}{}] {done}/{steps} steps, {} ms of {} ms",
+                s(&sw["from"]),
+                s(&sw["to"]),
+                "#".repeat(filled),
+                ".".repeat(30 - filled),
+                s(&sw["elapsed_ms"]),
+                s(&sw["over_ms"])
+            );
+        }
+        None => {
+            let _ = writeln!(
+                o,
+                "no switch in progress; {} done, last took {} ms; errors {}",
+                s(&v["switches_total"]),
+                s(&v["last_switch_ms"]),
+                s(&v["errors_total"])
+            );
+        }
+    }
+    let reqs: Vec<Vec<String>> = v["requests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            vec![
+                s(&c["service"]),
+                s(&c["link"]),
+                s(&c["outcome"]),
+                s(&c["requests"]),
+            ]
+        })
+        .collect();
+    if !reqs.is_empty() {
+        table(&mut o, &["SERVICE", "LINK", "OUTCOME", "REQUESTS"], &reqs);
+    }
+    let log = v["log"].as_array().cloned().unwrap_or_default();
+    for l in log.iter().rev().take(5).rev() {
+        let _ = writeln!(o, "  | {}", s(l));
+    }
     o
 }
 

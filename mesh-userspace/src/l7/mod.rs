@@ -77,6 +77,8 @@ pub struct L7Shared {
     pub errors: L7Errors,
     pub http: http::HttpPools,
     pub mux: mux::MuxPools,
+    /// Dual links' local shares and counters (kept across policy swaps).
+    pub links: Arc<crate::routing::link::LinkRuntime>,
 }
 
 /// Everything a protocol handler needs about the connection it serves.
@@ -170,7 +172,11 @@ impl ConnCtx {
             policy.colour_stats().chosen(&choice);
         }
         let routed = if self.inbound {
-            Ok(policy.deliver(self.orig))
+            // A keep-alive link's requests move elsewhere, but for its trickle and keep paths.
+            let mesh = &self.shared.mesh_ips;
+            Ok(policy
+                .link_route(self.orig, info, &self.l7().links, |ip| mesh.contains(ip))
+                .unwrap_or_else(|| policy.deliver(self.orig)))
         } else {
             policy.route_coloured(self.orig, info, choice.colour)
         };

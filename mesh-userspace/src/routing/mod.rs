@@ -18,6 +18,7 @@
 //! [`policy`] holds the config schema and its validation; [`stats`] the per-route counters.
 
 pub mod colour;
+pub mod link;
 pub mod policy;
 pub mod stats;
 

@@ -85,6 +85,9 @@ pub struct RawPolicy {
     /// ranges): CIDRs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_sources: Vec<String>,
+    /// Active / keep-alive dual links ([`super::link`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<super::link::RawLink>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,6 +307,9 @@ pub struct Policy {
     colours: Colours,
     ingress: Vec<Ingress>,
     colour_stats: Arc<ColourStats>,
+    links: Vec<super::link::Link>,
+    /// Service index → link index.
+    link_of_service: HashMap<usize, usize>,
     pub(super) generation: u64,
 }
 
@@ -595,6 +601,7 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
         });
     }
     let ingress = compile_ingress(&raw, &services, &colours)?;
+    let (links, link_of_service) = compile_links(&raw, &services)?;
     Ok(Policy {
         raw,
         detect_timeout: Duration::from_millis(detect_ms),
@@ -606,8 +613,149 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
         colours,
         ingress,
         colour_stats: Arc::new(ColourStats::default()),
+        links,
+        link_of_service,
         generation: 0,
     })
+}
+
+fn check_resources(f: &str, r: &super::link::RawResources) -> Result<(), PolicyError> {
+    if let Some(c) = r.cpu_percent {
+        // Values the kernel refuses (a quota under 1 ms) are left to the kernel: its error is
+        // reported by the actuator and nothing changes.
+        if !c.is_finite() || c <= 0.0 || c > 100_000.0 {
+            return Err(perr(
+                format!("{f}.cpu_percent"),
+                "must be above 0 and at most 100000",
+            ));
+        }
+    }
+    if let Some(w) = r.weight {
+        if !(1..=10_000).contains(&w) {
+            return Err(perr(
+                format!("{f}.weight"),
+                "must be 1 to 10000 (cgroup v2 cpu.weight)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `[[links]]`: every service named, in one link only; exactly one link starts active.
+fn compile_links(
+    raw: &RawPolicy,
+    services: &[Service],
+) -> Result<(Vec<super::link::Link>, HashMap<usize, usize>), PolicyError> {
+    use super::link::{Link, LinkState, MAX_KEEP_PATHS, MAX_LINKS};
+    if raw.links.len() > MAX_LINKS {
+        return Err(perr("links", format!("at most {MAX_LINKS}")));
+    }
+    let mut links: Vec<Link> = Vec::new();
+    let mut of_service = HashMap::new();
+    for (li, l) in raw.links.iter().enumerate() {
+        let f = format!("links[{li}]");
+        let name = check_name(&format!("{f}.name"), &l.name)?;
+        if links.iter().any(|x| x.name == name) {
+            return Err(perr(
+                format!("{f}.name"),
+                format!("link `{name}` is defined twice"),
+            ));
+        }
+        if l.services.is_empty() {
+            return Err(perr(format!("{f}.services"), "a link needs at least one service"));
+        }
+        if l.initial == LinkState::Switching {
+            return Err(perr(format!("{f}.initial"), "`active` or `keepalive`"));
+        }
+        if !l.trickle_percent.is_finite() || !(0.0..=100.0).contains(&l.trickle_percent) {
+            return Err(perr(format!("{f}.trickle_percent"), "must be 0 to 100"));
+        }
+        if l.keep_paths.len() > MAX_KEEP_PATHS {
+            return Err(perr(
+                format!("{f}.keep_paths"),
+                format!("at most {MAX_KEEP_PATHS}"),
+            ));
+        }
+        for (pi, p) in l.keep_paths.iter().enumerate() {
+            if !p.starts_with('/') || p.bytes().any(|b| b.is_ascii_whitespace()) {
+                return Err(perr(
+                    format!("{f}.keep_paths[{pi}]"),
+                    format!("`{p}` is not a path (starts with `/`)"),
+                ));
+            }
+        }
+        check_resources(&format!("{f}.keepalive"), &l.keepalive)?;
+        check_resources(&format!("{f}.active"), &l.active)?;
+        let mut idx = Vec::new();
+        let mut elsewhere = Vec::new();
+        let mut stats = Vec::new();
+        for (si, s) in l.services.iter().enumerate() {
+            let field = format!("{f}.services[{si}]");
+            let i = services
+                .iter()
+                .position(|x| *x.name == **s)
+                .ok_or_else(|| perr(&field, format!("no service `{s}` in the policy")))?;
+            if let Some(prev) = of_service.insert(i, li) {
+                return Err(perr(
+                    field,
+                    format!("service `{s}` is already in link `{}`", raw.links[prev].name),
+                ));
+            }
+            let svc = &services[i];
+            let eps: Arc<[SocketAddr]> = match &l.pool {
+                Some(pool) => match svc.subsets.iter().find(|k| *k.name == **pool) {
+                    Some(k) => k.endpoints.clone(),
+                    None => {
+                        return Err(perr(
+                            format!("{f}.pool"),
+                            format!("service `{s}` has no subset `{pool}`"),
+                        ))
+                    }
+                },
+                None => {
+                    let mut all: Vec<SocketAddr> = Vec::new();
+                    for k in &svc.subsets {
+                        all.extend(
+                            k.endpoints
+                                .iter()
+                                .filter(|a| !all.contains(a))
+                                .copied()
+                                .collect::<Vec<_>>(),
+                        );
+                    }
+                    all.into()
+                }
+            };
+            idx.push(i);
+            elsewhere.push(eps);
+            stats.push(Arc::new(RouteStats::new(
+                &svc.name,
+                &format!("link-{name}"),
+                l.pool.as_deref().unwrap_or("elsewhere"),
+            )));
+        }
+        links.push(Link {
+            name,
+            services: idx,
+            initial: l.initial,
+            trickle_ppm: (l.trickle_percent * 10_000.0).round() as u32,
+            keep_paths: l.keep_paths.clone(),
+            pool: l.pool.as_deref().map(Into::into),
+            elsewhere,
+            stats,
+            next: AtomicUsize::new(0),
+            keepalive: l.keepalive,
+            active: l.active,
+        });
+    }
+    let active = links.iter().filter(|l| l.initial == LinkState::Active).count();
+    if !links.is_empty() && active != 1 {
+        return Err(perr(
+            "links",
+            format!("exactly one link must be `initial = \"active\"` ({active} are)"),
+        ));
+    }
+    Ok((links, of_service))
 }
 
 fn defined(c: &Colours) -> String {
@@ -802,7 +950,7 @@ impl Policy {
     /// hand the colour to the app); they are never routed elsewhere.
     pub fn connection_for(&self, orig: SocketAddr, inbound: bool) -> ConnPlan {
         if inbound {
-            return if self.colouring() {
+            return if self.colouring() || self.linked(orig) {
                 ConnPlan::L7 {
                     hint: ProtocolHint::Auto,
                     detect_timeout: self.detect_timeout,
@@ -924,6 +1072,79 @@ impl Policy {
             retries: route.retries,
             stats: split.stats.clone(),
             colour,
+        })
+    }
+
+    /// Is `orig` an endpoint of a service in a link (its inbound requests may move)?
+    fn linked(&self, orig: SocketAddr) -> bool {
+        self.by_endpoint
+            .get(&normalise(orig))
+            .is_some_and(|s| self.link_of_service.contains_key(s))
+    }
+
+    /// The policy's links.
+    pub fn links(&self) -> &[super::link::Link] {
+        &self.links
+    }
+
+    /// A request arriving at this node's endpoint `orig`: `None` delivers it to the local app
+    /// (not linked, the link's local share, a keep path, or nowhere else to go); `Some` moves
+    /// it to an endpoint elsewhere (`is_local` says which addresses are this node's), with the
+    /// other endpoints elsewhere and finally the local app as retries. Counted per (service,
+    /// link, outcome) in `rt`.
+    pub fn link_route(
+        &self,
+        orig: SocketAddr,
+        req: &RequestInfo<'_>,
+        rt: &super::link::LinkRuntime,
+        is_local: impl Fn(IpAddr) -> bool,
+    ) -> Option<Decision> {
+        use super::link::LinkOutcome;
+        let orig = normalise(orig);
+        let si = *self.by_endpoint.get(&orig)?;
+        let link = &self.links[*self.link_of_service.get(&si)?];
+        let k = link.services.iter().position(|&x| x == si)?;
+        let svc = &self.services[si];
+        let count = |o| rt.count(&svc.name, &link.name, o);
+        if req
+            .path
+            .is_some_and(|p| link.keep_paths.iter().any(|k| p.starts_with(k.as_str())))
+        {
+            count(LinkOutcome::Kept);
+            return None;
+        }
+        let share = rt
+            .share(&link.name)
+            .unwrap_or_else(|| link.resting_share(link.initial));
+        if share >= super::link::FULL || (random_below(u64::from(super::link::FULL)) as u32) < share {
+            count(LinkOutcome::Local);
+            return None;
+        }
+        let targets: Vec<SocketAddr> = link.elsewhere[k]
+            .iter()
+            .filter(|a| **a != orig && !is_local(a.ip()))
+            .copied()
+            .collect();
+        if targets.is_empty() {
+            count(LinkOutcome::NoElsewhere);
+            return None;
+        }
+        count(LinkOutcome::Moved);
+        let n = targets.len();
+        let first = link.next.fetch_add(1, Relaxed) % n;
+        let mut retry: Vec<SocketAddr> = (1..n).map(|j| targets[(first + j) % n]).collect();
+        retry.push(orig);
+        let route = &svc.routes[0];
+        Some(Decision {
+            service: svc.name.clone(),
+            route: format!("link-{}", link.name).into(),
+            subset: link.pool.clone().unwrap_or_else(|| "elsewhere".into()),
+            endpoint: targets[first],
+            retry_endpoints: retry.into(),
+            timeout: route.timeout,
+            retries: route.retries.max(1),
+            stats: link.stats[k].clone(),
+            colour: 0,
         })
     }
 

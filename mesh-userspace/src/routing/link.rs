@@ -1,0 +1,356 @@
+//! Active / keep-alive dual links: two application chains deployed in the same pods, one
+//! serving, the other kept warm at a trickle of its traffic and about 1 % of its resources.
+//!
+//! ```toml
+//! [[links]]
+//! name = "trade"
+//! services = ["checkout", "cart"]          # services of the policy; a service is in one link
+//! initial = "active"                       # active | keepalive: the state before any switch
+//! trickle_percent = 1.0                    # keep-alive: share still delivered to the local app
+//! keep_paths = ["/health", "/registry"]    # HTTP path prefixes never moved (health, registry)
+//! pool = "pool"                            # optional: a subset (in every service of the link)
+//!                                          # that takes the moved traffic; default: the
+//!                                          # service's endpoints that are not on this node
+//! keepalive = { cpu_percent = 1.0, weight = 1, memory_high = 67108864 }
+//! active = { weight = 100 }                # no cpu_percent / memory_high: unlimited ("max")
+//! ```
+//!
+//! Per node, each link has a *local share*: the part of the requests for its services arriving
+//! at this node's pods that the local app serves (active: all; keep-alive: the trickle; while
+//! switching: a step of the ramp). The rest is *moved* to the active endpoints of the same
+//! service elsewhere ([`super::Policy::link_route`]). The share lives in [`LinkRuntime`], owned
+//! by the daemon and kept across policy swaps, so counters and a switch in progress survive
+//! `routes apply`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{atomic::AtomicUsize, Arc, Mutex, RwLock},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::RouteStats;
+
+pub const MAX_LINKS: usize = 16;
+pub const MAX_KEEP_PATHS: usize = 32;
+/// Shares are in parts per million.
+pub const FULL: u32 = 1_000_000;
+
+/// A link's state on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    Active,
+    Keepalive,
+    Switching,
+}
+
+impl LinkState {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Keepalive => "keepalive",
+            Self::Switching => "switching",
+        }
+    }
+}
+
+/// CPU and memory of a link's cgroups in one state. `None` = no limit ("max").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResources {
+    /// Hard cap in percent of one CPU (`cpu.max` / `cpu.cfs_quota_us` over a 100 ms period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<f64>,
+    /// Share under contention, cgroup v2 scale 1..=10000 (v1: converted to `cpu.shares`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Bytes: v2 `memory.high`, v1 `memory.soft_limit_in_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_high: Option<u64>,
+}
+
+impl Eq for RawResources {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLink {
+    pub name: String,
+    pub services: Vec<String>,
+    #[serde(default = "keepalive")]
+    pub initial: LinkState,
+    #[serde(default = "one_percent")]
+    pub trickle_percent: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep_paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(default = "keepalive_resources")]
+    pub keepalive: RawResources,
+    #[serde(default)]
+    pub active: RawResources,
+}
+
+// Floats are validated finite.
+impl Eq for RawLink {}
+
+fn keepalive() -> LinkState {
+    LinkState::Keepalive
+}
+
+fn one_percent() -> f64 {
+    1.0
+}
+
+fn keepalive_resources() -> RawResources {
+    RawResources {
+        cpu_percent: Some(1.0),
+        weight: Some(1),
+        memory_high: None,
+    }
+}
+
+/// One compiled link.
+#[derive(Debug)]
+pub struct Link {
+    pub name: Arc<str>,
+    /// Indexes into the policy's services.
+    pub services: Vec<usize>,
+    pub initial: LinkState,
+    pub trickle_ppm: u32,
+    pub keep_paths: Vec<String>,
+    pub pool: Option<Arc<str>>,
+    /// Per service of the link (same order): where moved requests may go (the pool subset's
+    /// endpoints, or all the service's endpoints; local ones are skipped per request).
+    pub(super) elsewhere: Vec<Arc<[SocketAddr]>>,
+    pub(super) stats: Vec<Arc<RouteStats>>,
+    pub(super) next: AtomicUsize,
+    pub keepalive: RawResources,
+    pub active: RawResources,
+}
+
+impl Link {
+    /// The local share of a link in `state` with no switch in progress.
+    pub fn resting_share(&self, state: LinkState) -> u32 {
+        match state {
+            LinkState::Active => FULL,
+            _ => self.trickle_ppm,
+        }
+    }
+}
+
+/// What happened to one request of a linked service arriving at this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LinkOutcome {
+    /// Served by the local app (its share: all when active, the trickle in keep-alive).
+    Local,
+    /// Sent to an endpoint elsewhere.
+    Moved,
+    /// A keep path (health, registry): always local.
+    Kept,
+    /// Should have moved, but no endpoint elsewhere: served locally.
+    NoElsewhere,
+}
+
+impl LinkOutcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Moved => "moved",
+            Self::Kept => "kept",
+            Self::NoElsewhere => "no_elsewhere",
+        }
+    }
+}
+
+/// The node's link shares and counters: outlives policy swaps and is shared with the switch
+/// engine ([`crate::links`]).
+#[derive(Debug, Default)]
+pub struct LinkRuntime {
+    /// Link name → local share (ppm). A link not listed rests in its policy's `initial` state.
+    shares: RwLock<HashMap<String, u32>>,
+    /// (service, link, outcome) → requests.
+    counts: Mutex<BTreeMap<(String, String, LinkOutcome), u64>>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LinkCount {
+    pub service: String,
+    pub link: String,
+    pub outcome: &'static str,
+    pub requests: u64,
+}
+
+impl LinkRuntime {
+    pub fn share(&self, link: &str) -> Option<u32> {
+        self.shares.read().expect("link shares lock").get(link).copied()
+    }
+
+    pub fn set_share(&self, link: &str, ppm: u32) {
+        self.shares
+            .write()
+            .expect("link shares lock")
+            .insert(link.to_owned(), ppm.min(FULL));
+    }
+
+    pub fn count(&self, service: &str, link: &str, outcome: LinkOutcome) {
+        *self
+            .counts
+            .lock()
+            .expect("link counts lock")
+            .entry((service.to_owned(), link.to_owned(), outcome))
+            .or_default() += 1;
+    }
+
+    pub fn counts(&self) -> Vec<LinkCount> {
+        self.counts
+            .lock()
+            .expect("link counts lock")
+            .iter()
+            .map(|((s, l, o), n)| LinkCount {
+                service: s.clone(),
+                link: l.clone(),
+                outcome: o.label(),
+                requests: *n,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::routing::{compile, parse_toml, ProtocolHint, RequestInfo};
+
+    const POLICY: &str = r#"
+        [[services]]
+        name = "checkout"
+        addresses = ["10.96.0.1:80"]
+        endpoints = [
+          { address = "10.0.0.1:8001" },
+          { address = "10.0.9.1:8001", labels = { pool = "yes" } },
+        ]
+        subsets = [{ name = "all" }, { name = "pool", labels = { pool = "yes" } }]
+        [[services]]
+        name = "game"
+        addresses = ["10.96.0.2:80"]
+        endpoints = [{ address = "10.0.0.1:8002" }, { address = "10.0.9.1:8002", labels = { pool = "yes" } }]
+        subsets = [{ name = "all" }, { name = "pool", labels = { pool = "yes" } }]
+        [[links]]
+        name = "trade"
+        services = ["checkout"]
+        initial = "active"
+        pool = "pool"
+        [[links]]
+        name = "forest"
+        services = ["game"]
+        trickle_percent = 10
+        keep_paths = ["/health"]
+        pool = "pool"
+    "#;
+
+    fn local(ip: IpAddr) -> bool {
+        ip == IpAddr::from([10, 0, 0, 1])
+    }
+
+    fn get(path: &str) -> RequestInfo<'_> {
+        RequestInfo {
+            path: Some(path),
+            ..RequestInfo::bare(ProtocolHint::Http1)
+        }
+    }
+
+    #[test]
+    fn keepalive_moves_all_but_the_trickle_and_keep_paths() {
+        let p = compile(parse_toml(POLICY).unwrap()).unwrap();
+        let rt = LinkRuntime::default();
+        let trade: SocketAddr = "10.0.0.1:8001".parse().unwrap();
+        let forest: SocketAddr = "10.0.0.1:8002".parse().unwrap();
+        let mut moved = 0;
+        for _ in 0..20_000 {
+            // Active link: always local.
+            assert!(p.link_route(trade, &get("/buy"), &rt, local).is_none());
+            if let Some(d) = p.link_route(forest, &get("/play"), &rt, local) {
+                assert_eq!(d.endpoint, "10.0.9.1:8002".parse().unwrap());
+                // The local app is the last resort of retries.
+                assert_eq!(*d.retry_endpoints.last().unwrap(), forest);
+                moved += 1;
+            }
+            assert!(p.link_route(forest, &get("/health/live"), &rt, local).is_none());
+        }
+        let trickle = 20_000 - moved;
+        assert!((1700..2300).contains(&trickle), "trickle {trickle}/20000 at 10 %");
+        // A switch in progress sets the shares.
+        rt.set_share("trade", 0);
+        rt.set_share("forest", FULL);
+        assert!(p.link_route(trade, &get("/buy"), &rt, local).is_some());
+        assert!(p.link_route(forest, &get("/play"), &rt, local).is_none());
+        let counts = rt.counts();
+        let n = |o: &str| {
+            counts
+                .iter()
+                .filter(|c| c.outcome == o && c.link == "forest")
+                .map(|c| c.requests)
+                .sum::<u64>()
+        };
+        assert_eq!(n("kept"), 20_000);
+        assert_eq!(n("moved"), moved);
+    }
+
+    #[test]
+    fn without_an_endpoint_elsewhere_the_request_stays_local() {
+        let p = compile(parse_toml(POLICY).unwrap()).unwrap();
+        let rt = LinkRuntime::default();
+        rt.set_share("forest", 0);
+        let forest: SocketAddr = "10.0.0.1:8002".parse().unwrap();
+        // Everything is "local": nowhere to move to.
+        assert!(p.link_route(forest, &get("/play"), &rt, |_| true).is_none());
+        assert_eq!(rt.counts()[0].outcome, "no_elsewhere");
+    }
+
+    #[test]
+    fn invalid_links_name_the_field() {
+        let field = |extra: &str| {
+            let text = POLICY.replace(
+                "pool = \"pool\"\n        [[links]]",
+                &format!("pool = \"pool\"\n{extra}\n        [[links]]"),
+            );
+            compile(parse_toml(&text).unwrap()).unwrap_err().field
+        };
+        assert_eq!(field("trickle_percent = 101.0"), "links[0].trickle_percent");
+        assert_eq!(field("keep_paths = [\"health\"]"), "links[0].keep_paths[0]");
+        assert_eq!(field("keepalive = { weight = 0 }"), "links[0].keepalive.weight");
+        assert_eq!(
+            field("active = { cpu_percent = -1.0 }"),
+            "links[0].active.cpu_percent"
+        );
+        let err = |text: &str| compile(parse_toml(text).unwrap()).unwrap_err().field;
+        assert_eq!(
+            err(&POLICY.replace("services = [\"game\"]", "services = [\"nope\"]")),
+            "links[1].services[0]"
+        );
+        assert_eq!(
+            err(&POLICY.replace("services = [\"game\"]", "services = [\"checkout\"]")),
+            "links[1].services[0]"
+        );
+        assert_eq!(
+            err(&POLICY.replace("name = \"forest\"", "name = \"trade\"")),
+            "links[1].name"
+        );
+        assert_eq!(
+            err(&POLICY.replace("trickle_percent = 10", "initial = \"active\"")),
+            "links"
+        );
+        assert_eq!(err(&POLICY.replace("initial = \"active\"", "")), "links");
+        assert_eq!(
+            err(&POLICY.replace(
+                "keep_paths = [\"/health\"]\n        pool = \"pool\"",
+                "pool = \"nope\""
+            )),
+            "links[1].pool"
+        );
+    }
+}
