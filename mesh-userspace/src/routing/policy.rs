@@ -744,6 +744,7 @@ fn compile_links(
             elsewhere,
             stats,
             next: AtomicUsize::new(0),
+            seq: std::sync::atomic::AtomicU64::new(0),
             keepalive: l.keepalive,
             active: l.active,
         });
@@ -1116,7 +1117,12 @@ impl Policy {
         let share = rt
             .share(&link.name)
             .unwrap_or_else(|| link.resting_share(link.initial));
-        if share >= super::link::FULL || (random_below(u64::from(super::link::FULL)) as u32) < share {
+        // Deterministic: of every FULL requests exactly `share` stay, spread evenly, so a
+        // trickle is exact over any window (not only on average).
+        let n = link.seq.fetch_add(1, Relaxed);
+        let (s, full) = (u128::from(share), u128::from(super::link::FULL));
+        let stays = (u128::from(n) + 1) * s / full > u128::from(n) * s / full;
+        if share >= super::link::FULL || stays {
             count(LinkOutcome::Local);
             return None;
         }
