@@ -1,0 +1,764 @@
+//! Privileged end-to-end tests of active / keep-alive dual links (`[[links]]`, `sockmesh
+//! switch`). Two chains' apps live in the same pod `app`: `trade` (port 8001) and `forest`
+//! (port 8002), each a real HTTP server (`tests/peers/link_app.py`) with a cache that is cold
+//! after start and a pool of connections to a backend that costs 40 ms to open. Each app
+//! process is also placed in its own v1 `cpu` and `memory` cgroup (test-owned, removed on drop):
+//! the link cgroups the daemon's actuator drives. Pod `pool` runs both services too: the
+//! active endpoints "elsewhere" that a keep-alive link's traffic moves to. The client (not
+//! enrolled) calls the app pod's endpoints directly at a constant rate; the app pod's inbound
+//! side is captured, so every request passes the daemon's per-request link decision.
+//!
+//! ```sh
+//! SOCKMESH_BIN=target/release/sockmesh cargo test -p sockmesh-tests --test dual_link -- --test-threads=1
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use sockmesh_tests::daemon::{basic_config, pod_toml, toml_str};
+use sockmesh_tests::process::exec_in;
+use sockmesh_tests::{
+    eventually, last_json, peers_dir, python, require_privileged, Daemon, Server, VirtualNode,
+};
+
+const RATE: u32 = 200;
+const CONCURRENCY: u32 = 8;
+const KEYS: u32 = 30;
+const HEALTH_EVERY: u32 = 50;
+/// Keep-alive: this share of a link's requests still reaches the local app.
+const TRICKLE_PERCENT: f64 = 5.0;
+/// Keep-alive CPU cap and the active allocation, in percent of one CPU.
+const KEEPALIVE_CPU: f64 = 1.5;
+const ACTIVE_CPU: f64 = 100.0;
+const KEEPALIVE_MEMORY: u64 = 64 << 20;
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Test-owned v1 `cpu` and `memory` cgroups `<ctrl>/<prefix>/{trade,forest}`. Dropped after
+/// the servers in them (declare it first): kills what is left (only test processes can be
+/// there) and removes the directories.
+struct V1Cgroups {
+    base: Vec<PathBuf>,
+}
+
+impl V1Cgroups {
+    fn new(prefix: &str) -> V1Cgroups {
+        let mut g = V1Cgroups { base: Vec::new() };
+        for ctrl in ["cpu", "memory"] {
+            let root = Path::new("/sys/fs/cgroup").join(ctrl);
+            assert!(
+                root.join("cgroup.procs").exists(),
+                "this test drives cgroup v1 `{ctrl}` (not mounted at {})",
+                root.display()
+            );
+            let base = root.join(prefix);
+            std::fs::create_dir(&base).expect("create v1 cgroup");
+            g.base.push(base.clone());
+            for link in ["trade", "forest"] {
+                std::fs::create_dir(base.join(link)).expect("create v1 link cgroup");
+            }
+        }
+        g
+    }
+
+    fn dirs(&self, link: &str) -> Vec<PathBuf> {
+        self.base.iter().map(|b| b.join(link)).collect()
+    }
+
+    fn cpu(&self, link: &str) -> PathBuf {
+        self.base[0].join(link)
+    }
+
+    fn mem(&self, link: &str) -> PathBuf {
+        self.base[1].join(link)
+    }
+
+    /// Put a process (all its threads) in the link's cgroups.
+    fn enter(&self, link: &str, pid: u32) {
+        for d in self.dirs(link) {
+            std::fs::write(d.join("cgroup.procs"), pid.to_string()).expect("move into v1 cgroup");
+        }
+    }
+
+    fn knob(dir: &Path, file: &str) -> String {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for V1Cgroups {
+    fn drop(&mut self) {
+        for base in &self.base {
+            for link in ["trade", "forest"] {
+                let d = base.join(link);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    let pids = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                    if pids.trim().is_empty() || Instant::now() > deadline {
+                        break;
+                    }
+                    for p in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                        unsafe { libc::kill(p, libc::SIGKILL) };
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = std::fs::remove_dir(&d);
+            }
+            let _ = std::fs::remove_dir(base);
+        }
+    }
+}
+
+fn policy(node: &VirtualNode, forest_active_cpu: f64, trickle: f64) -> String {
+    let (app, pool) = (node.pod("app"), node.pod("pool"));
+    let mut s = String::new();
+    for (name, vip, port) in [("trade", "10.96.2.1:80", 8001), ("forest", "10.96.2.2:80", 8002)] {
+        s.push_str(&format!(
+            r#"
+[[services]]
+name = "{name}"
+addresses = ["{vip}"]
+protocol = "http1"
+timeout_ms = 10000
+endpoints = [
+  {{ address = "{}" }},
+  {{ address = "{}", labels = {{ pool = "yes" }} }},
+]
+subsets = [{{ name = "all" }}, {{ name = "pool", labels = {{ pool = "yes" }} }}]
+"#,
+            app.addr(port),
+            pool.addr(port)
+        ));
+    }
+    for (name, initial, active_cpu) in [
+        ("trade", "active", ACTIVE_CPU),
+        ("forest", "keepalive", forest_active_cpu),
+    ] {
+        s.push_str(&format!(
+            r#"
+[[links]]
+name = "{name}"
+services = ["{name}"]
+initial = "{initial}"
+trickle_percent = {trickle}
+keep_paths = ["/health"]
+pool = "pool"
+keepalive = {{ cpu_percent = {KEEPALIVE_CPU}, weight = 1, memory_high = {KEEPALIVE_MEMORY} }}
+active = {{ cpu_percent = {active_cpu}, weight = 100 }}
+"#
+        ));
+    }
+    s
+}
+
+fn links_toml(cg: &V1Cgroups) -> String {
+    let list = |l: &str| {
+        cg.dirs(l)
+            .iter()
+            .map(|d| toml_str(&d.to_string_lossy()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "inbound_ports = [8001, 8002]\nlinks = {{ trade = [{}], forest = [{}] }}",
+        list("trade"),
+        list("forest")
+    )
+}
+
+fn app_server(pod: &sockmesh_tests::Pod, port: u16, name: &str) -> Server {
+    let mut cmd = Command::new(python());
+    cmd.arg("-u").arg(peers_dir().join("link_app.py")).args([
+        "serve",
+        "--port",
+        &port.to_string(),
+        "--name",
+        name,
+    ]);
+    Server::start(&pod.cgroup, Some(&pod.netns), cmd).expect("link app")
+}
+
+/// Everything a test needs; fields drop in reverse order: servers before the cgroups.
+struct Setup {
+    node: VirtualNode,
+    cg: V1Cgroups,
+    config: String,
+    servers: Vec<Server>,
+}
+
+impl Setup {
+    fn new() -> (Setup, Daemon) {
+        let node = VirtualNode::new(&["client", "app", "pool", "cold"]).expect("virtual node");
+        let cg = V1Cgroups::new(node.prefix());
+        let mut config = policy(&node, ACTIVE_CPU, TRICKLE_PERCENT);
+        config.push_str(&pod_toml(node.pod("app"), &links_toml(&cg)));
+        let config = basic_config(&node, &config);
+        let d = Daemon::start(&node, &config).expect("daemon");
+        let mut servers = Vec::new();
+        for (pod, tag) in [("app", "app"), ("pool", "pool")] {
+            for (port, link) in [(8001, "trade"), (8002, "forest")] {
+                let s = app_server(node.pod(pod), port, &format!("{link}@{tag}"));
+                if pod == "app" {
+                    cg.enter(link, s.pid());
+                }
+                servers.push(s);
+            }
+        }
+        (
+            Setup {
+                node,
+                cg,
+                config,
+                servers,
+            },
+            d,
+        )
+    }
+
+    fn forest_app_pid(&self) -> u32 {
+        self.servers[1].pid()
+    }
+
+    /// Start the constant-rate load on both links of the app pod, in a thread.
+    fn load(&self, seconds: u32) -> std::thread::JoinHandle<Value> {
+        let app = self.node.pod("app");
+        self.load_to(&[app.addr(8001), app.addr(8002)], seconds, HEALTH_EVERY)
+    }
+
+    /// The constant-rate load from the client pod to `targets`, in a thread.
+    fn load_to(&self, targets: &[String], seconds: u32, health_every: u32) -> std::thread::JoinHandle<Value> {
+        let client = self.node.pod("client");
+        let mut cmd = Command::new(python());
+        cmd.arg("-u").arg(peers_dir().join("link_app.py")).arg("load");
+        for t in targets {
+            cmd.args(["--target", t]);
+        }
+        cmd.args([
+            "--rate",
+            &RATE.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+            "--keys",
+            &KEYS.to_string(),
+            "--concurrency",
+            &CONCURRENCY.to_string(),
+            "--health-every",
+            &health_every.to_string(),
+        ]);
+        let (cgroup, netns) = (client.cgroup.clone(), client.netns.clone());
+        let limit = Duration::from_secs(u64::from(seconds) + 60);
+        std::thread::spawn(move || {
+            let out = exec_in(&cgroup, Some(&netns), cmd, limit).expect("load");
+            last_json("link_app.py load", &out)
+        })
+    }
+
+    /// `/__stats` of one app (from inside its pod, to its own address: not captured).
+    fn stats(&self, pod: &str, port: u16) -> Value {
+        let p = self.node.pod(pod);
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:{port}/__stats"),
+        ]);
+        let o = exec_in(&p.cgroup, Some(&p.netns), cmd, Duration::from_secs(10)).expect("stats");
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stats: {e}: {o:?}"))
+    }
+}
+
+/// One request of the load's output.
+#[derive(Debug, Clone, Copy)]
+struct Ev {
+    target: usize,
+    sent_ms: u64,
+    latency_ms: f64,
+    /// Index into the names; `None`: failed.
+    name: Option<usize>,
+    health: bool,
+}
+
+fn events(v: &Value) -> (Vec<Ev>, Vec<String>) {
+    let names = v["names"]
+        .as_array()
+        .expect("names")
+        .iter()
+        .map(|n| n.as_str().unwrap_or_default().to_owned())
+        .collect();
+    let evs = v["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| Ev {
+            target: e[0].as_u64().unwrap() as usize,
+            sent_ms: e[1].as_u64().unwrap(),
+            latency_ms: e[2].as_f64().unwrap(),
+            name: e[3].as_i64().filter(|&i| i >= 0).map(|i| i as usize),
+            health: e[4].as_u64() == Some(1),
+        })
+        .collect();
+    (evs, names)
+}
+
+fn served_by(evs: &[Ev], names: &[String], target: usize, from: u64, to: u64, who: &str) -> (usize, usize) {
+    let sel: Vec<&Ev> = evs
+        .iter()
+        .filter(|e| e.target == target && !e.health && e.sent_ms >= from && e.sent_ms < to)
+        .collect();
+    let n = sel
+        .iter()
+        .filter(|e| e.name.is_some_and(|i| names[i] == who))
+        .count();
+    (n, sel.len())
+}
+
+/// p50, p99, max of latencies.
+fn pct(mut l: Vec<f64>) -> (f64, f64, f64) {
+    assert!(!l.is_empty());
+    l.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| l[((l.len() as f64 * q).ceil() as usize).clamp(1, l.len()) - 1];
+    (at(0.50), at(0.99), *l.last().unwrap())
+}
+
+/// CPU time (ms) a process's threads have run so far, in ns precision: the sum of
+/// `/proc/<pid>/task/*/schedstat` (tick-based utime/stime would round 10 ms away). Threads
+/// that exited meanwhile are not counted (the app keeps its threads: one per connection).
+fn cpu_ms(pid: u32) -> f64 {
+    let mut ns = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += s
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+    }
+    ns as f64 / 1e6
+}
+
+fn link_state(d: &Daemon, link: &str) -> String {
+    let v = d.cli(&["switch", "--json"]).expect("switch view");
+    let v: Value = serde_json::from_slice(&v.stdout).expect("json");
+    v["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == link)
+        .map(|l| l["state"].as_str().unwrap().to_owned())
+        .unwrap()
+}
+
+fn switch_done(d: &Daemon, timeout: Duration) {
+    eventually(timeout, || {
+        let out = d.cli(&["switch", "--json"])?;
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        anyhow::ensure!(v["switch"].is_null(), "switch in progress: {}", v["switch"]);
+        Ok(())
+    })
+    .expect("switch finished");
+}
+
+fn sleep_until(t_ms: u64) {
+    let now = now_ms();
+    if t_ms > now {
+        std::thread::sleep(Duration::from_millis(t_ms - now));
+    }
+}
+
+/// Constant-rate load on both links: keep-alive (trickle, CPU cap, health kept local), switch
+/// with `--over 0` (flip within 1 s, warm first requests, no new backend connections), back with
+/// `--over 2s --steps 4`, then A→B→A within 10 s: not one failed request. Then a cold-started
+/// copy of the forest app gets the same traffic shape for the warm-vs-cold comparison.
+#[test]
+fn warm_switch_and_back_under_constant_load() {
+    if !require_privileged() {
+        return;
+    }
+    let (s, d) = Setup::new();
+    let (trade, forest) = (0usize, 1usize);
+    // The kernel shows the keep-alive resources on forest and the active ones on trade.
+    assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"), "1500");
+    assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.shares"), "10");
+    assert_eq!(
+        V1Cgroups::knob(&s.cg.mem("forest"), "memory.soft_limit_in_bytes"),
+        KEEPALIVE_MEMORY.to_string()
+    );
+    assert_eq!(V1Cgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"), "100000");
+    let pool_before = s.stats("app", 8002)["pool_opened"].as_u64().unwrap();
+
+    // The cold-started copy for the comparison: up (its pool opened) but never used yet.
+    let cold_pod = s.node.pod("cold");
+    let _cold = app_server(cold_pod, 8002, "forest@cold");
+    let seconds = 27;
+    let t0 = now_ms() + 700; // the load starts about then (python start-up)
+    let load = s.load(seconds);
+    // Keep-alive window: forest's app CPU.
+    sleep_until(t0 + 1000);
+    let (cpu0, w0) = (cpu_ms(s.forest_app_pid()), Instant::now());
+    sleep_until(t0 + 7000);
+    let keepalive_cpu = cpu_ms(s.forest_app_pid()) - cpu0;
+    let keepalive_window = w0.elapsed().as_secs_f64() * 1000.0;
+
+    // A→B, instantly.
+    let misses_before = s.stats("app", 8002)["misses"].as_u64().unwrap();
+    // The cold copy gets the same traffic shape (rate, keys, concurrency) at the same time,
+    // so both see the same machine (2 shared cores); its client starts first (python start-up).
+    let cold_load = s.load_to(&[cold_pod.addr(8002)], 1000 / RATE + 2, 0);
+    std::thread::sleep(Duration::from_millis(700));
+    let t_switch = now_ms();
+    d.cli(&["switch", "--to", "forest", "--over", "0"])
+        .expect("switch");
+    switch_done(&d, Duration::from_secs(5));
+    assert_eq!(link_state(&d, "forest"), "active");
+    assert_eq!(link_state(&d, "trade"), "keepalive");
+    assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"), "100000");
+    assert_eq!(V1Cgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"), "1500");
+    assert_eq!(
+        V1Cgroups::knob(&s.cg.mem("trade"), "memory.soft_limit_in_bytes"),
+        KEEPALIVE_MEMORY.to_string()
+    );
+
+    // Back, in 4 steps over 2 s (watched: the progress is shown live).
+    sleep_until(t_switch + 12_000);
+    let t_back = now_ms();
+    let out = d
+        .cli(&["switch", "--back", "--over", "2s", "--steps", "4", "--watch"])
+        .expect("switch back");
+    let watched = String::from_utf8_lossy(&out.stdout);
+    assert!(watched.contains("switch forest -> trade: ["), "{watched}");
+    assert_eq!(link_state(&d, "trade"), "active");
+
+    // Flap: A→B→A within 10 s.
+    sleep_until(t_back + 4000);
+    let t_flap = now_ms();
+    d.cli(&["switch", "--to", "forest"]).expect("flap to forest");
+    switch_done(&d, Duration::from_secs(5));
+    d.cli(&["switch", "--back"]).expect("flap back");
+    switch_done(&d, Duration::from_secs(5));
+    let flap_ms = now_ms() - t_flap;
+    assert!(flap_ms < 10_000, "A→B→A took {flap_ms} ms");
+
+    let v = load.join().expect("load thread");
+    let (evs, names) = events(&v);
+    let failed: Vec<&Ev> = evs.iter().filter(|e| e.name.is_none()).collect();
+    eprintln!(
+        "load: {} requests ({} late to their slot), {} failed",
+        evs.len(),
+        v["late"],
+        failed.len()
+    );
+    assert!(
+        evs.len() as u32 >= RATE * 2 * (seconds - 2),
+        "{} requests",
+        evs.len()
+    );
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert_eq!(v["connect_retries"], 0, "{}", v["connect_retries"]);
+
+    // Keep-alive: the trickle (exact share), health kept local, the rest moved to the pool.
+    let (local, all) = served_by(&evs, &names, forest, t0, t_switch, "forest@app");
+    let (pooled, _) = served_by(&evs, &names, forest, t0, t_switch, "forest@pool");
+    let trickle = 100.0 * local as f64 / all as f64;
+    eprintln!("keep-alive: forest trickle {local}/{all} = {trickle:.2} % (setting {TRICKLE_PERCENT} %), {pooled} moved");
+    assert!(
+        (trickle - TRICKLE_PERCENT).abs() <= TRICKLE_PERCENT * 0.1,
+        "trickle {trickle:.2} %"
+    );
+    assert_eq!(local + pooled, all);
+    let health_local = evs
+        .iter()
+        .filter(|e| e.target == forest && e.health && e.sent_ms < t_switch)
+        .all(|e| e.name.is_some_and(|i| names[i] == "forest@app"));
+    assert!(health_local, "a keep-alive health check was moved");
+    let cpu_share = 100.0 * keepalive_cpu / keepalive_window;
+    eprintln!(
+        "keep-alive CPU: {keepalive_cpu:.0} ms over {keepalive_window:.0} ms = {cpu_share:.2} % of a CPU \
+         ({:.2} % of its active allocation of {ACTIVE_CPU} %)",
+        cpu_share * 100.0 / ACTIVE_CPU
+    );
+    assert!(
+        cpu_share * 100.0 / ACTIVE_CPU <= 2.0,
+        "keep-alive CPU {cpu_share:.2} %"
+    );
+
+    // The flip: from 1 s after the command, ≥ 99 % of forest's new requests on the app pod's
+    // forest (now active) and trade's down to its trickle.
+    let (on_target, n) = served_by(&evs, &names, forest, t_switch + 1000, t_back, "forest@app");
+    let flip = 100.0 * on_target as f64 / n as f64;
+    let first_local = evs
+        .iter()
+        .filter(|e| e.target == forest && !e.health && e.sent_ms >= t_switch)
+        .find(|e| e.name.is_some_and(|i| names[i] == "forest@app"))
+        .map(|e| e.sent_ms - t_switch);
+    let (trade_local, trade_n) = served_by(&evs, &names, trade, t_switch + 1000, t_back, "trade@app");
+    eprintln!(
+        "flip (--over 0): forest on target {on_target}/{n} = {flip:.2} % from +1 s; trade local {trade_local}/{trade_n}"
+    );
+    assert!(
+        flip >= 99.0,
+        "flip {flip:.2} %, first local request at {first_local:?} ms"
+    );
+    assert!(
+        (100.0 * trade_local as f64 / trade_n as f64 - TRICKLE_PERCENT).abs() <= TRICKLE_PERCENT * 0.1,
+        "trade trickle after the switch {trade_local}/{trade_n}"
+    );
+
+    // Warm: the first 1,000 requests forest@app served after the switch against its steady state.
+    let served_after: Vec<&Ev> = evs
+        .iter()
+        .filter(|e| {
+            e.target == forest
+                && !e.health
+                && e.sent_ms >= t_switch
+                && e.name.is_some_and(|i| names[i] == "forest@app")
+        })
+        .take_while(|e| e.sent_ms < t_back)
+        .collect();
+    assert!(
+        served_after.len() >= 2000,
+        "{} served after the switch",
+        served_after.len()
+    );
+    let first: Vec<f64> = served_after.iter().take(1000).map(|e| e.latency_ms).collect();
+    let mut slowest: Vec<(f64, u64)> = served_after
+        .iter()
+        .take(1000)
+        .map(|e| (e.latency_ms, e.sent_ms - t_switch))
+        .collect();
+    slowest.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
+    eprintln!(
+        "slowest of the first 1000 (ms, sent at +ms): {:?}",
+        &slowest[..12]
+    );
+    // The same number of requests, later (p99 of equal samples).
+    let steady: Vec<f64> = served_after
+        .iter()
+        .rev()
+        .take(1000)
+        .map(|e| e.latency_ms)
+        .collect();
+    let (w50, w99, wmax) = pct(first);
+    let (s50, s99, smax) = pct(steady);
+    let forest_stats = s.stats("app", 8002);
+    let pool_after = forest_stats["pool_opened"].as_u64().unwrap();
+    let misses_after = forest_stats["misses"].as_u64().unwrap() - misses_before;
+    eprintln!(
+        "warm first 1000: p50 {w50:.2} p99 {w99:.2} max {wmax:.2} ms; steady: p50 {s50:.2} p99 {s99:.2} max {smax:.2} ms \
+         (ratio {:.2}); cache misses after the switch {misses_after} ({misses_before} warmed by the trickle of {KEYS} keys); \
+         backend connections opened at the switch: {} of a pool of {pool_before}",
+        w99 / s99,
+        pool_after - pool_before
+    );
+    assert_eq!(pool_after, pool_before, "new backend connections at the switch");
+
+    // Warm means: its cache and its backend pool were kept warm by the trickle.
+    assert!(
+        misses_after <= 10,
+        "{misses_after} cache misses in the first 1000 requests"
+    );
+    let cv = cold_load.join().expect("cold load");
+    let (cevs, _) = events(&cv);
+    let cold_misses = s.stats("cold", 8002)["misses"].as_u64().unwrap();
+    eprintln!("cold copy: {cold_misses} cache misses");
+    assert!(cevs.iter().all(|e| e.name.is_some()), "cold copy failed requests");
+    let (c50, c99, cmax) = pct(cevs.iter().take(1000).map(|e| e.latency_ms).collect());
+    eprintln!(
+        "cold first 1000: p50 {c50:.2} p99 {c99:.2} max {cmax:.2} ms; warm p99 / cold p99 = {:.2}",
+        w99 / c99
+    );
+    assert!(
+        cold_misses >= u64::from(KEYS) * 9 / 10,
+        "the cold copy was not cold"
+    );
+    // Latency is judged only when the machine kept up with the load: other work on the shared
+    // cores stalls every process for 100+ ms at times (the loads report requests sent late),
+    // which swamps a 20 ms cache miss. 1.2x steady plus 1 ms: the steady p99 is about a
+    // millisecond, and one preempted request moves it by that much.
+    if v["late"] == 0 && cv["late"] == 0 {
+        assert!(w99 <= 0.5 * c99, "warm p99 {w99:.2} ms vs cold p99 {c99:.2} ms");
+        assert!(
+            w99 <= 1.2 * s99 + 1.0,
+            "warm p99 {w99:.2} ms vs steady p99 {s99:.2} ms"
+        );
+    } else {
+        eprintln!(
+            "latencies not judged: the machine fell behind ({} + {} requests late)",
+            v["late"], cv["late"]
+        );
+    }
+
+    // Visible in metrics and status.
+    let m = d.metrics().expect("metrics");
+    assert!(
+        m.contains("sockmesh_link_state{link=\"trade\",state=\"active\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("sockmesh_link_switches_total 4"), "{m}");
+    assert!(m.contains("sockmesh_link_requests_total{service=\"forest\",link=\"forest\",outcome=\"moved\"}"));
+    let st = d.status_text().expect("status");
+    assert!(st.contains("Links:") && st.contains("cpu.cfs_quota_us="), "{st}");
+    let log = d.log();
+    assert!(
+        log.contains("switch trade -> forest: step 1/1"),
+        "steps are logged"
+    );
+}
+
+/// `kill -9` in the middle of a slow switch: the restarted daemon resumes it from the step the
+/// state file recorded, and finishes it. Requests lost: only those in flight on the killed
+/// daemon's connections (at most one per client connection), counted.
+#[test]
+fn a_switch_resumes_after_kill_9() {
+    if !require_privileged() {
+        return;
+    }
+    let (s, mut d) = Setup::new();
+    let t0 = now_ms() + 700;
+    let load = s.load(14);
+    sleep_until(t0 + 1500);
+    d.cli(&["switch", "--to", "forest", "--over", "6s", "--steps", "6"])
+        .expect("switch");
+    // Kill between steps 3 and 4 (steps at 0, 1, 2 ... 5 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    let links_file = |state: &Path| PathBuf::from(format!("{}.links.json", state.display()));
+    let saved: Value = serde_json::from_slice(&std::fs::read(links_file(d.state_file())).unwrap()).unwrap();
+    let done_at_kill = saved["switch"]["done"]
+        .as_u64()
+        .expect("a switch in the state file");
+    d.kill().expect("kill -9");
+    let t_kill = now_ms();
+    let (pin, state) = d.hand_over_state().expect("hand over");
+    std::fs::copy(links_file(d.state_file()), links_file(&state)).expect("links state");
+    drop(d);
+    let d2 =
+        Daemon::start_with_state(s.node.daemon_cgroup(), &s.config, Some((pin, state))).expect("restart");
+    let t_up = now_ms();
+    switch_done(&d2, Duration::from_secs(15));
+    assert_eq!(link_state(&d2, "forest"), "active");
+    assert_eq!(link_state(&d2, "trade"), "keepalive");
+    let log = d2.log();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resuming switch trade -> forest"))
+        .unwrap_or_else(|| panic!("not resumed: {log}"));
+    assert!(
+        resumed.contains(&format!("at step {done_at_kill}/6")),
+        "{resumed} (the state file said {done_at_kill})"
+    );
+    assert!(
+        done_at_kill >= 2 && done_at_kill < 6,
+        "killed at step {done_at_kill}"
+    );
+    assert!(log.contains("step 6/6"), "{log}");
+    assert!(
+        !log.contains("step 1/6"),
+        "the successor redid early steps: {log}"
+    );
+    assert_eq!(V1Cgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"), "1500");
+    assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"), "100000");
+
+    let v = load.join().expect("load");
+    let (evs, _) = events(&v);
+    let failed: Vec<&Ev> = evs.iter().filter(|e| e.name.is_none()).collect();
+    eprintln!(
+        "kill -9 at step {done_at_kill}/6; restarted in {} ms; {} requests, {} failed (in flight on the killed \
+         daemon's connections), {} connects retried",
+        t_up - t_kill,
+        evs.len(),
+        failed.len(),
+        v["connect_retries"]
+    );
+    // At most one request in flight per client connection (2 targets × CONCURRENCY), and only
+    // ones sent before the kill.
+    assert!(failed.len() as u32 <= 2 * CONCURRENCY, "{failed:?}");
+    assert!(failed.iter().all(|e| e.sent_ms <= t_kill + 50), "{failed:?}");
+}
+
+/// Unknown link, already active, two switches at once, a value the kernel refuses, invalid
+/// policies and enrolments: clear errors, the state untouched.
+#[test]
+fn bad_switches_are_refused_and_change_nothing() {
+    if !require_privileged() {
+        return;
+    }
+    let (s, d) = Setup::new();
+    let snapshot = |d: &Daemon| {
+        (
+            link_state(d, "trade"),
+            link_state(d, "forest"),
+            V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"),
+            V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.shares"),
+            V1Cgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"),
+        )
+    };
+    let before = snapshot(&d);
+    assert_eq!(before.0, "active");
+    let refused = |args: &[&str], want: &str| {
+        let out = d.cli_raw(args).expect("cli");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "`{}` succeeded", args.join(" "));
+        assert!(err.contains(want), "`{}`: {err}", args.join(" "));
+        err
+    };
+    refused(
+        &["switch", "--to", "nope"],
+        "unknown link `nope` (links: trade, forest)",
+    );
+    refused(&["switch", "--to", "trade"], "already active");
+    refused(&["switch", "--abort"], "no switch in progress");
+    assert_eq!(snapshot(&d), before);
+
+    // Two switches at once: the second is refused; --abort returns to the state before.
+    d.cli(&["switch", "--to", "forest", "--over", "3s", "--steps", "3"])
+        .expect("slow switch");
+    refused(&["switch", "--to", "forest"], "in progress");
+    refused(&["switch", "--back"], "no previous switch");
+    d.cli(&["switch", "--abort"]).expect("abort");
+    switch_done(&d, Duration::from_secs(5));
+    assert_eq!(snapshot(&d), before);
+    assert!(d.log().contains("switch trade -> forest aborted"));
+
+    // A value the kernel refuses (a CFS quota under 1 ms): the switch fails before anything
+    // moves, naming the file and value; the cgroups keep their values.
+    let dir = sockmesh_tests::TempDir::new("links").expect("tmp");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, policy(&s.node, 0.5, TRICKLE_PERCENT)).unwrap();
+    d.cli(&["routes", "apply", &bad.to_string_lossy()])
+        .expect("apply");
+    let err = refused(&["switch", "--to", "forest"], "cpu.cfs_quota_us = 500");
+    assert!(
+        err.contains("refused") && err.contains("nothing changed"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&d), before);
+
+    // An invalid link in a policy: exit 64 naming the field; the daemon keeps its policy.
+    std::fs::write(&bad, policy(&s.node, ACTIVE_CPU, 150.0)).unwrap();
+    let out = d.cli_raw(&["routes", "apply", &bad.to_string_lossy()]).unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("links[0].trickle_percent"));
+
+    // Enrolment naming a link the policy does not have, or a non-cgroup directory: refused.
+    let cold = s.node.pod("cold");
+    let (netns, cgroup) = (cold.netns.to_string_lossy(), cold.cgroup.to_string_lossy());
+    let base = ["enroll", "--name", "cold", "--netns", &netns, "--cgroup", &cgroup];
+    let nope = format!("nope={}", s.cg.cpu("forest").display());
+    refused(&[&base[..], &["--link", &nope]].concat(), "no such link");
+    let tmp = format!("forest={}", dir.path().display());
+    refused(
+        &[&base[..], &["--link", &tmp]].concat(),
+        "neither a cgroup v2 directory",
+    );
+    assert!(d.status().unwrap()["pods"].as_array().unwrap().len() == 1);
+    assert_eq!(snapshot(&d), before);
+}
