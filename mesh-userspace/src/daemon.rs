@@ -811,6 +811,8 @@ impl Daemon {
         if let Err(e) = state::remove(&self.cfg.state_file) {
             warn!("failed to remove {}: {e}", self.cfg.state_file.display());
         }
+        // Link states go with the enrolment (the cgroups keep their last values).
+        let _ = state::remove(&crate::links::state_path(&self.cfg.state_file));
     }
 
     /// Forward kernel-side log records every 100 ms (`bpf_log = true` only).

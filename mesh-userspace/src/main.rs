@@ -348,7 +348,18 @@ fn switch(
                 if json {
                     println!("{}", r.status.unwrap_or_default());
                 } else if let Some(s) = r.status {
-                    println!("switch {}", s);
+                    if let Some(a) = s["aborting"].as_str() {
+                        println!("aborting the switch {a}");
+                    } else {
+                        println!(
+                            "switching {} -> {}: resources of {} raised and shown by the kernel; {} step(s) over {} ms",
+                            s["from"].as_str().unwrap_or("?"),
+                            s["to"].as_str().unwrap_or("?"),
+                            s["to"].as_str().unwrap_or("?"),
+                            s["steps"],
+                            s["over_ms"]
+                        );
+                    }
                 }
             }
             Ok(r) => {
@@ -883,6 +894,7 @@ fn uninstall(
         }
     }
     let _ = std::fs::remove_file(state_file.with_extension("lock"));
+    let _ = state::remove(&links::state_path(&state_file));
     match state::remove(&state_file) {
         Ok(true) => println!("removed {}", state_file.display()),
         Ok(false) => {}

@@ -761,4 +761,21 @@ fn bad_switches_are_refused_and_change_nothing() {
     );
     assert!(d.status().unwrap()["pods"].as_array().unwrap().len() == 1);
     assert_eq!(snapshot(&d), before);
+
+    // cgroup v2: the pod's own cgroup is detected as v2. Here (hybrid layout) it has no cpu
+    // controller, so a keep-alive CPU cap cannot be applied: refused, naming the knob. On a
+    // host whose v2 hierarchy has the controllers, the cap is written and read back instead.
+    let v2 = format!("forest={}", cold.cgroup.display());
+    if cold.cgroup.join("cpu.max").exists() {
+        d.cli(&[&base[..], &["--link", &v2]].concat())
+            .expect("enrol with a v2 link cgroup");
+        assert_eq!(V1Cgroups::knob(&cold.cgroup, "cpu.max"), "1500 100000");
+        assert_eq!(V1Cgroups::knob(&cold.cgroup, "cpu.weight"), "1");
+    } else {
+        refused(
+            &[&base[..], &["--link", &v2]].concat(),
+            "no cpu.max (controller not enabled there?)",
+        );
+        assert!(d.status().unwrap()["pods"].as_array().unwrap().len() == 1);
+    }
 }
