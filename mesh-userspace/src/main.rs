@@ -316,7 +316,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "m" => n * 60_000.0,
         _ => return Err(format!("`{s}`: unit must be ms, s or m")),
     };
-    if !ms.is_finite() || ms < 0.0 || ms > 3_600_000.0 {
+    if !ms.is_finite() || !(0.0..=3_600_000.0).contains(&ms) {
         return Err(format!("`{s}`: 0 to 1h"));
     }
     Ok(std::time::Duration::from_millis(ms as u64))
