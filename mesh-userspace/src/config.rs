@@ -468,6 +468,20 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         }
         check_propagate(p.propagate, p.capture.unwrap_or(true))
             .map_err(|r| err(format!("pods[{i}].propagate"), r))?;
+        for (link, dirs) in &p.links {
+            if !policy.links().iter().any(|l| &*l.name == link.as_str()) {
+                return Err(err(
+                    format!("pods[{i}].links.{link}"),
+                    "no such link in [[links]]",
+                ));
+            }
+            if dirs.is_empty() || dirs.iter().any(|d| !d.is_absolute()) {
+                return Err(err(
+                    format!("pods[{i}].links.{link}"),
+                    "a list of absolute cgroup directories",
+                ));
+            }
+        }
         pods.push(PodSpec {
             name,
             netns,

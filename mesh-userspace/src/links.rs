@@ -873,6 +873,93 @@ mod tests {
         std::fs::remove_dir_all(d).unwrap();
     }
 
+    const CONFIG: &str = r#"
+        cgroup_root = "/sys/fs/cgroup/x"
+        [[services]]
+        name = "checkout"
+        addresses = ["10.96.0.1:80"]
+        endpoints = [{ address = "10.0.0.1:8001" }]
+        [[links]]
+        name = "trade"
+        services = ["checkout"]
+        initial = "active"
+        [[pods]]
+        name = "a"
+        netns = "/run/netns/a"
+        cgroup = "/sys/fs/cgroup/x/a"
+        links = { trade = ["/sys/fs/cgroup/cpu/a/trade", "/sys/fs/cgroup/memory/a/trade"] }
+    "#;
+
+    #[test]
+    fn config_takes_links_and_pod_link_cgroups() {
+        let c = crate::config::parse(CONFIG).unwrap();
+        assert_eq!(c.routing.links.len(), 1);
+        assert_eq!(c.routing.links[0].trickle_percent, 1.0);
+        assert_eq!(c.routing.links[0].keepalive.cpu_percent, Some(1.0));
+        assert_eq!(c.pods[0].links["trade"].len(), 2);
+        let field = |text: String| crate::config::parse(&text).unwrap_err().field;
+        assert_eq!(
+            field(CONFIG.replace("links = { trade", "links = { forest")),
+            "pods[0].links.forest"
+        );
+        assert_eq!(
+            field(CONFIG.replace("[\"/sys/fs/cgroup/cpu/a/trade\", ", "[\"rel\", ")),
+            "pods[0].links.trade"
+        );
+        assert_eq!(
+            field(CONFIG.replace("initial = \"active\"", "trickle_percent = -1")),
+            "links[0].trickle_percent"
+        );
+    }
+
+    #[test]
+    fn switch_requests_have_a_stable_wire_form() {
+        let r: crate::admin::Request =
+            serde_json::from_str(r#"{"op":"switch","to":"forest","over_ms":2000,"steps":4}"#).unwrap();
+        assert_eq!(
+            r,
+            crate::admin::Request::Switch {
+                to: Some("forest".into()),
+                back: false,
+                abort: false,
+                over_ms: 2000,
+                steps: 4
+            }
+        );
+        let view: crate::admin::Request = serde_json::from_str(r#"{"op":"switch"}"#).unwrap();
+        assert!(matches!(
+            view,
+            crate::admin::Request::Switch {
+                to: None,
+                steps: 1,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn the_links_view_renders_states_limits_and_progress() {
+        let v = serde_json::json!({
+            "links": [
+                { "name": "trade", "state": "switching", "local_share_percent": 76.25, "trickle_percent": 5.0,
+                  "cgroups": [{ "pod": "app", "path": "/c/trade", "applied": { "cpu.cfs_quota_us": "100000" } }] },
+                { "name": "forest", "state": "switching", "local_share_percent": 28.75, "trickle_percent": 5.0, "cgroups": [] },
+            ],
+            "switch": { "from": "trade", "to": "forest", "steps": 4, "done": 2, "over_ms": 4000, "elapsed_ms": 1500 },
+            "requests": [{ "service": "game", "link": "forest", "outcome": "moved", "requests": 7 }],
+            "log": ["1 a", "2 b"],
+        });
+        let text = crate::status::render_links(&v);
+        assert!(text.contains("trade   switching  76.25 %"), "{text}");
+        assert!(text.contains("app: cpu.cfs_quota_us=100000"), "{text}");
+        assert!(
+            text.contains("[###############...............] 2/4 steps, 1500 ms of 4000 ms"),
+            "{text}"
+        );
+        assert!(text.contains("game     forest  moved    7"), "{text}");
+        assert!(text.contains("| 2 b"), "{text}");
+    }
+
     #[test]
     fn state_file_round_trips_a_switch_in_progress() {
         let p = std::env::temp_dir().join(format!("sockmesh-links-state-{}.json", std::process::id()));

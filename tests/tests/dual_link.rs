@@ -655,10 +655,7 @@ fn a_switch_resumes_after_kill_9() {
         resumed.contains(&format!("at step {done_at_kill}/6")),
         "{resumed} (the state file said {done_at_kill})"
     );
-    assert!(
-        (2..6).contains(&done_at_kill),
-        "killed at step {done_at_kill}"
-    );
+    assert!((2..6).contains(&done_at_kill), "killed at step {done_at_kill}");
     assert!(log.contains("step 6/6"), "{log}");
     assert!(
         !log.contains("step 1/6"),
