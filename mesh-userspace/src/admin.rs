@@ -63,8 +63,8 @@ pub enum Request {
     RoutesApply {
         policy: crate::routing::RawPolicy,
     },
-    /// `sockmesh switch`: `to` a link (or `back` to the previous one), or `abort` the switch
-    /// in progress; none of them: the links' view.
+    /// `sockmesh switch`: `to` a link (or `back` to the previous one), or `abort`, `pause` or
+    /// `resume` the switch in progress; none of them: the links' view.
     Switch {
         #[serde(default)]
         to: Option<String>,
@@ -72,6 +72,10 @@ pub enum Request {
         back: bool,
         #[serde(default)]
         abort: bool,
+        #[serde(default)]
+        pause: bool,
+        #[serde(default)]
+        resume: bool,
         #[serde(default)]
         over_ms: u64,
         #[serde(default = "one")]
@@ -245,9 +249,11 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             to,
             back,
             abort,
+            pause,
+            resume,
             over_ms,
             steps,
-        } => match daemon.switch(to, back, abort, over_ms, steps) {
+        } => match daemon.switch(to, back, abort, pause, resume, over_ms, steps) {
             Ok(v) => Response {
                 ok: true,
                 error: None,

@@ -319,12 +319,17 @@ impl Daemon {
         to: Option<String>,
         back: bool,
         abort: bool,
+        pause: bool,
+        resume: bool,
         over_ms: u64,
         steps: u32,
     ) -> Result<serde_json::Value, String> {
         let over = std::time::Duration::from_millis(over_ms);
         if abort {
             return self.links.abort();
+        }
+        if pause || resume {
+            return self.links.set_paused(pause);
         }
         let to = match (to, back) {
             (Some(_), true) => return Err("--to and --back exclude each other".into()),

@@ -206,6 +206,9 @@ pub struct SwitchRec {
     pub done: u32,
     pub over_ms: u64,
     pub started_unix_ms: u64,
+    /// `--pause`: no further step until `--resume` (or `--abort`); kept across restarts.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// What is written to `<state_file>.links.json` before every step.
@@ -462,6 +465,7 @@ impl LinkManager {
                 done: 0,
                 over_ms: over.as_millis() as u64,
                 started_unix_ms: now_ms(),
+                paused: false,
             };
             for l in [&from, &to.to_owned()] {
                 let share = self.rt.share(l).unwrap_or_else(|| {
@@ -532,6 +536,10 @@ impl LinkManager {
         for i in rec.done + 1..=rec.steps {
             if i > 1 || rec.done > 0 {
                 tokio::time::sleep(pause).await;
+            }
+            // Paused: wait for --resume or --abort (an operator's decision, so no time limit).
+            while !self.abort.load(Relaxed) && self.is_paused() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             if self.abort.load(Relaxed) {
                 return self.finish_abort(&policy, &rec);
@@ -632,6 +640,42 @@ impl LinkManager {
         Ok(json!({ "aborting": format!("{} -> {}", s.from, s.to) }))
     }
 
+    fn is_paused(&self) -> bool {
+        self.st
+            .lock()
+            .expect("link state")
+            .switch
+            .as_ref()
+            .is_some_and(|s| s.paused)
+    }
+
+    /// `--pause` (true) / `--resume` (false) the switch in progress between two steps.
+    pub fn set_paused(&self, paused: bool) -> Result<serde_json::Value, String> {
+        let mut st = self.st.lock().expect("link state");
+        let Some(s) = st.switch.as_mut() else {
+            return Err("no switch in progress".into());
+        };
+        if s.paused == paused {
+            return Err(format!(
+                "the switch is already {}",
+                if paused { "paused" } else { "running" }
+            ));
+        }
+        s.paused = paused;
+        let what = format!(
+            "switch {} -> {} {} at step {}/{}",
+            s.from,
+            s.to,
+            if paused { "paused" } else { "resumed" },
+            s.done,
+            s.steps
+        );
+        self.save(&st);
+        drop(st);
+        self.note(what.clone());
+        Ok(json!({ "done": what }))
+    }
+
     /// The link `--back` switches to.
     pub fn previous(&self) -> Option<String> {
         self.st.lock().expect("link state").previous.clone()
@@ -677,6 +721,7 @@ impl LinkManager {
             json!({
                 "from": s.from, "to": s.to, "steps": s.steps, "done": s.done,
                 "over_ms": s.over_ms,
+                "paused": s.paused,
                 "elapsed_ms": now_ms().saturating_sub(s.started_unix_ms),
             })
         });
@@ -922,6 +967,8 @@ mod tests {
                 to: Some("forest".into()),
                 back: false,
                 abort: false,
+                pause: false,
+                resume: false,
                 over_ms: 2000,
                 steps: 4
             }
@@ -974,6 +1021,7 @@ mod tests {
             done: 3,
             over_ms: 5000,
             started_unix_ms: 1,
+            paused: true,
         });
         m.save(&st);
         let rt2 = Arc::new(LinkRuntime::default());

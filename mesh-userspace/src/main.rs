@@ -125,6 +125,12 @@ enum Cmd {
         /// Stop the switch in progress and return to the state before it.
         #[arg(long)]
         abort: bool,
+        /// Hold the switch in progress between two steps (kept across a daemon restart).
+        #[arg(long)]
+        pause: bool,
+        /// Go on with a paused switch.
+        #[arg(long)]
+        resume: bool,
         /// How long the traffic move takes (`0`, `500ms`, `10s`, `2m`).
         #[arg(long, default_value = "0", value_parser = parse_duration)]
         over: std::time::Duration,
@@ -257,12 +263,23 @@ fn main() -> ExitCode {
             to,
             back,
             abort,
+            pause,
+            resume,
             over,
             steps,
             watch,
             json,
             admin_socket,
-        } => switch(&admin_socket, to, back, abort, over, steps, watch, json),
+        } => switch(
+            &admin_socket,
+            to,
+            back,
+            [abort, pause, resume],
+            over,
+            steps,
+            watch,
+            json,
+        ),
         Cmd::Unenroll { name, admin_socket } => {
             client(&admin_socket, admin::Request::Unenroll { name }, false)
         }
@@ -328,7 +345,7 @@ fn switch(
     socket: &Path,
     to: Option<String>,
     back: bool,
-    abort: bool,
+    [abort, pause, resume]: [bool; 3],
     over: std::time::Duration,
     steps: u32,
     watch: bool,
@@ -338,10 +355,12 @@ fn switch(
         to: to.clone(),
         back,
         abort,
+        pause,
+        resume,
         over_ms: over.as_millis() as u64,
         steps,
     };
-    let acting = to.is_some() || back || abort;
+    let acting = to.is_some() || back || abort || pause || resume;
     if acting {
         match admin::call(socket, &req) {
             Ok(r) if r.ok => {
@@ -350,6 +369,8 @@ fn switch(
                 } else if let Some(s) = r.status {
                     if let Some(a) = s["aborting"].as_str() {
                         println!("aborting the switch {a}");
+                    } else if let Some(d) = s["done"].as_str() {
+                        println!("{d}");
                     } else {
                         println!(
                             "switching {} -> {}: resources of {} raised and shown by the kernel; {} step(s) over {} ms",
@@ -379,6 +400,8 @@ fn switch(
         to: None,
         back: false,
         abort: false,
+        pause: false,
+        resume: false,
         over_ms: 0,
         steps: 1,
     };

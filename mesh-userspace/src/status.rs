@@ -229,23 +229,25 @@ pub fn render_links(v: &Value) -> String {
         &["LINK", "STATE", "LOCAL SHARE", "TRICKLE", "APPLIED LIMITS"],
         &rows,
     );
-    match v["switch"].as_object() {
-        Some(sw) => {
+    let sw = &v["switch"];
+    match sw.is_object() {
+        true => {
             let done = sw["done"].as_u64().unwrap_or(0);
             let steps = sw["steps"].as_u64().unwrap_or(1).max(1);
             let filled = (done * 30 / steps) as usize;
             let _ = writeln!(
                 o,
-                "switch {} -> {}: [{}{}] {done}/{steps} steps, {} ms of {} ms",
+                "switch {} -> {}: [{}{}] {done}/{steps} steps, {} ms of {} ms{}",
                 s(&sw["from"]),
                 s(&sw["to"]),
                 "#".repeat(filled),
                 ".".repeat(30 - filled),
                 s(&sw["elapsed_ms"]),
-                s(&sw["over_ms"])
+                s(&sw["over_ms"]),
+                if sw["paused"] == true { " (paused)" } else { "" }
             );
         }
-        None => {
+        false => {
             let _ = writeln!(
                 o,
                 "no switch in progress; {} done, last took {} ms; errors {}",

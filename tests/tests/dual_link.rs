@@ -682,7 +682,7 @@ fn a_switch_resumes_after_kill_9() {
 }
 
 /// Unknown link, already active, two switches at once, a value the kernel refuses, invalid
-/// policies and enrolments: clear errors, the state untouched.
+/// policies and enrolments: clear errors, the state untouched. Pause, resume and abort.
 #[test]
 fn bad_switches_are_refused_and_change_nothing() {
     if !require_privileged() {
@@ -718,6 +718,20 @@ fn bad_switches_are_refused_and_change_nothing() {
     // Two switches at once: the second is refused; --abort returns to the state before.
     d.cli(&["switch", "--to", "forest", "--over", "3s", "--steps", "3"])
         .expect("slow switch");
+    // --pause holds it between steps (the state file says so), --resume goes on.
+    d.cli(&["switch", "--pause"]).expect("pause");
+    let view = |d: &Daemon| -> Value {
+        serde_json::from_slice(&d.cli(&["switch", "--json"]).unwrap().stdout).unwrap()
+    };
+    let held = view(&d)["switch"]["done"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let v = view(&d);
+    assert_eq!(v["switch"]["done"].as_u64(), Some(held), "{v}");
+    assert_eq!(v["switch"]["paused"], true);
+    let text = String::from_utf8_lossy(&d.cli(&["switch"]).unwrap().stdout).into_owned();
+    assert!(text.contains("(paused)"), "{text}");
+    refused(&["switch", "--pause"], "already paused");
+    d.cli(&["switch", "--resume"]).expect("resume");
     refused(&["switch", "--to", "forest"], "in progress");
     refused(&["switch", "--back"], "no previous switch");
     d.cli(&["switch", "--abort"]).expect("abort");
