@@ -789,4 +789,22 @@ fn bad_switches_are_refused_and_change_nothing() {
         );
         assert!(d.status().unwrap()["pods"].as_array().unwrap().len() == 1);
     }
+
+    // The keep-alive cap holds even for an app that wants a whole CPU: a busy loop put in
+    // forest's cgroups gets about its 1.5 % (2 % of the active allocation at most).
+    // (A shell loop: python may be a shim script that spends the test starting up at 1.5 %.)
+    let mut busy = Command::new("sh");
+    busy.args(["-c", "while :; do :; done"]);
+    let mut burn = sockmesh_tests::spawn_in(&cold.cgroup, Some(&cold.netns), busy).expect("busy loop");
+    s.cg.enter("forest", burn.pid());
+    std::thread::sleep(Duration::from_millis(300));
+    let (c0, t) = (cpu_ms(burn.pid()), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ms(burn.pid()) - c0;
+    let window = t.elapsed().as_secs_f64() * 1000.0;
+    burn.stop();
+    let share = 100.0 * used / window;
+    eprintln!("busy loop in keep-alive forest: {used:.1} ms of CPU in {window:.0} ms = {share:.2} % (cap {KEEPALIVE_CPU} %)");
+    assert!(share * 100.0 / ACTIVE_CPU <= 2.0, "keep-alive CPU {share:.2} %");
+    assert!(share > 0.2, "the busy loop did not run ({share:.2} %)");
 }
