@@ -303,7 +303,10 @@ impl Daemon {
                 reason,
             });
         let name = spec.name.clone();
-        let r = r.and_then(|()| self.enroll_inner(spec));
+        let r = match r {
+            Ok(()) => self.enroll_inner(spec),
+            Err(e) => Err(e),
+        };
         if let Err(e) = &r {
             if !matches!(e, DaemonError::AlreadyEnrolled(_)) {
                 self.links.forget_pod(&name);
@@ -314,6 +317,7 @@ impl Daemon {
     }
 
     /// `sockmesh switch` (see [`crate::links::LinkManager`]); no action: the links' view.
+    #[allow(clippy::too_many_arguments)]
     pub fn switch(
         &self,
         to: Option<String>,
