@@ -285,6 +285,8 @@ struct Route {
 }
 
 struct Service {
+    /// Position in the policy (counters are laid out by it).
+    index: usize,
     name: Arc<str>,
     protocol: ProtocolHint,
     subsets: Vec<Subset>,
@@ -588,6 +590,7 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
             });
         }
         services.push(Service {
+            index: services.len(),
             name,
             protocol: s.protocol,
             subsets,
@@ -595,6 +598,10 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
         });
     }
     let ingress = compile_ingress(&raw, &services, &colours)?;
+    let colour_stats = Arc::new(ColourStats::new(
+        services.iter().map(|s| s.name.to_string()).collect(),
+        &colours,
+    ));
     Ok(Policy {
         raw,
         detect_timeout: Duration::from_millis(detect_ms),
@@ -605,7 +612,7 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
         passthrough: Arc::new(RouteStats::new("passthrough", "passthrough", "passthrough")),
         colours,
         ingress,
-        colour_stats: Arc::new(ColourStats::default()),
+        colour_stats,
         generation: 0,
     })
 }
@@ -889,7 +896,7 @@ impl Policy {
                 Fallback::None => {
                     let name = self.colours.name(colour);
                     self.colour_stats
-                        .routed(&svc.name, name, ColourOutcome::Unavailable);
+                        .routed(svc.index, colour, ColourOutcome::Unavailable);
                     return Err(RouteError::ColourUnavailable {
                         service: svc.name.clone(),
                         colour: name.into(),
@@ -907,8 +914,7 @@ impl Policy {
             });
         };
         if !self.colours.is_empty() {
-            self.colour_stats
-                .routed(&svc.name, self.colours.name(colour), outcome);
+            self.colour_stats.routed(svc.index, colour, outcome);
         }
         let subset = &svc.subsets[split.subset];
         let n = endpoints.len();
