@@ -29,7 +29,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
-    sync::Mutex,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
 };
 
 use serde::{Deserialize, Serialize};
@@ -240,17 +240,24 @@ impl Choice {
     };
 }
 
-/// Colour counters, shown by `sockmesh routes`/`status` and on `/metrics`.
+/// Colour counters, shown by `sockmesh routes`/`status` and on `/metrics`. Lock-free: one
+/// cell of atomics per (service, colour) laid out at compile time, so counting a request costs
+/// a few relaxed increments.
 #[derive(Debug, Default)]
 pub struct ColourStats {
-    /// (service, colour) → (requests, fallbacks to base, refused as colour_unavailable).
-    per_service: Mutex<BTreeMap<(String, String), [u64; 3]>>,
-    /// (source) → requests whose colour came from it.
-    per_source: Mutex<BTreeMap<Source, u64>>,
+    /// Service names, in policy order.
+    services: Vec<String>,
+    /// Colour names by position (0 = base), and each colour id's position.
+    colours: Vec<String>,
+    position: Vec<(ColourId, usize)>,
+    /// `services.len() × colours.len()` cells of (requests, fallbacks to base, refused).
+    cells: Vec<[AtomicU64; 3]>,
+    /// Requests by [`Source`] (in its declaration order).
+    per_source: [AtomicU64; 5],
     /// Colour headers dropped because the request came from outside the mesh.
-    pub stripped: std::sync::atomic::AtomicU64,
+    pub stripped: AtomicU64,
     /// Colour headers from inside the mesh that named no colour.
-    pub invalid: std::sync::atomic::AtomicU64,
+    pub invalid: AtomicU64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -264,6 +271,7 @@ pub struct ColourCount {
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
 pub struct ColourStatsView {
+    /// Only (service, colour) pairs that saw a request.
     pub per_service: Vec<ColourCount>,
     pub by_source: BTreeMap<String, u64>,
     pub stripped: u64,
@@ -278,76 +286,119 @@ pub enum ColourOutcome {
     Unavailable,
 }
 
+const SOURCES: [Source; 5] = [
+    Source::None,
+    Source::Header,
+    Source::Kernel,
+    Source::Pod,
+    Source::Ingress,
+];
+
 impl ColourStats {
+    pub(super) fn new(services: Vec<String>, colours: &Colours) -> Self {
+        let mut names = vec![BASE.to_owned()];
+        let mut position = vec![(0, 0)];
+        for (id, (name, _)) in &colours.by_id {
+            position.push((*id, names.len()));
+            names.push(name.clone());
+        }
+        let cells = (0..services.len() * names.len())
+            .map(|_| Default::default())
+            .collect();
+        Self {
+            services,
+            colours: names,
+            position,
+            cells,
+            ..Self::default()
+        }
+    }
+
+    fn cell(&self, service: usize, colour: ColourId) -> Option<&[AtomicU64; 3]> {
+        let pos = self.position.iter().find(|(c, _)| *c == colour)?.1;
+        self.cells.get(service * self.colours.len() + pos)
+    }
+
     pub fn chosen(&self, c: &Choice) {
-        use std::sync::atomic::Ordering::Relaxed;
         if c.stripped {
             self.stripped.fetch_add(1, Relaxed);
         }
         if c.invalid {
             self.invalid.fetch_add(1, Relaxed);
         }
-        *self
-            .per_source
-            .lock()
-            .expect("colour stats lock")
-            .entry(c.source)
-            .or_default() += 1;
+        let i = SOURCES.iter().position(|s| *s == c.source).unwrap_or(0);
+        self.per_source[i].fetch_add(1, Relaxed);
     }
 
-    pub fn routed(&self, service: &str, colour: &str, outcome: ColourOutcome) {
-        let mut m = self.per_service.lock().expect("colour stats lock");
-        let e = m.entry((service.to_owned(), colour.to_owned())).or_default();
-        e[0] += 1;
+    /// Count one request of `colour` routed to service number `service` (policy order).
+    pub fn routed(&self, service: usize, colour: ColourId, outcome: ColourOutcome) {
+        let Some(cell) = self.cell(service, colour) else {
+            return;
+        };
+        cell[0].fetch_add(1, Relaxed);
         match outcome {
             ColourOutcome::Routed => {}
-            ColourOutcome::FellBack => e[1] += 1,
-            ColourOutcome::Unavailable => e[2] += 1,
+            ColourOutcome::FellBack => {
+                cell[1].fetch_add(1, Relaxed);
+            }
+            ColourOutcome::Unavailable => {
+                cell[2].fetch_add(1, Relaxed);
+            }
         }
     }
 
-    /// Take over another table's counts (a policy swap keeps what Prometheus scrapes).
+    /// Take over another table's counts for every (service, colour) both have by name (a
+    /// policy swap keeps what Prometheus scrapes).
     pub fn absorb(&self, old: &ColourStats) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let old_map = old.per_service.lock().expect("colour stats lock").clone();
-        let mut m = self.per_service.lock().expect("colour stats lock");
-        for (k, v) in old_map {
-            let e = m.entry(k).or_default();
-            for i in 0..3 {
-                e[i] += v[i];
+        for (si, service) in self.services.iter().enumerate() {
+            let Some(osi) = old.services.iter().position(|s| s == service) else {
+                continue;
+            };
+            for (ci, colour) in self.colours.iter().enumerate() {
+                let Some(oci) = old.colours.iter().position(|c| c == colour) else {
+                    continue;
+                };
+                let (new, prev) = (
+                    &self.cells[si * self.colours.len() + ci],
+                    &old.cells[osi * old.colours.len() + oci],
+                );
+                for k in 0..3 {
+                    new[k].fetch_add(prev[k].load(Relaxed), Relaxed);
+                }
             }
         }
-        let old_src = old.per_source.lock().expect("colour stats lock").clone();
-        let mut s = self.per_source.lock().expect("colour stats lock");
-        for (k, v) in old_src {
-            *s.entry(k).or_default() += v;
+        for (n, o) in self.per_source.iter().zip(&old.per_source) {
+            n.fetch_add(o.load(Relaxed), Relaxed);
         }
         self.stripped.fetch_add(old.stripped.load(Relaxed), Relaxed);
         self.invalid.fetch_add(old.invalid.load(Relaxed), Relaxed);
     }
 
     pub fn view(&self) -> ColourStatsView {
-        use std::sync::atomic::Ordering::Relaxed;
+        let mut per_service = Vec::new();
+        for (si, service) in self.services.iter().enumerate() {
+            for (ci, colour) in self.colours.iter().enumerate() {
+                let c = &self.cells[si * self.colours.len() + ci];
+                let requests = c[0].load(Relaxed);
+                if requests == 0 {
+                    continue;
+                }
+                per_service.push(ColourCount {
+                    service: service.clone(),
+                    colour: colour.clone(),
+                    requests,
+                    fallbacks: c[1].load(Relaxed),
+                    unavailable: c[2].load(Relaxed),
+                });
+            }
+        }
         ColourStatsView {
-            per_service: self
-                .per_service
-                .lock()
-                .expect("colour stats lock")
+            per_service,
+            by_source: SOURCES
                 .iter()
-                .map(|((s, c), v)| ColourCount {
-                    service: s.clone(),
-                    colour: c.clone(),
-                    requests: v[0],
-                    fallbacks: v[1],
-                    unavailable: v[2],
-                })
-                .collect(),
-            by_source: self
-                .per_source
-                .lock()
-                .expect("colour stats lock")
-                .iter()
-                .map(|(k, v)| (k.label().to_owned(), *v))
+                .zip(&self.per_source)
+                .map(|(s, n)| (s.label().to_owned(), n.load(Relaxed)))
+                .filter(|(_, n)| *n > 0)
                 .collect(),
             stripped: self.stripped.load(Relaxed),
             invalid: self.invalid.load(Relaxed),

@@ -288,6 +288,8 @@ struct Route {
 }
 
 struct Service {
+    /// Position in the policy (counters are laid out by it).
+    index: usize,
     name: Arc<str>,
     protocol: ProtocolHint,
     subsets: Vec<Subset>,
@@ -594,6 +596,7 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
             });
         }
         services.push(Service {
+            index: services.len(),
             name,
             protocol: s.protocol,
             subsets,
@@ -602,6 +605,10 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
     }
     let ingress = compile_ingress(&raw, &services, &colours)?;
     let (links, link_of_service) = compile_links(&raw, &services)?;
+    let colour_stats = Arc::new(ColourStats::new(
+        services.iter().map(|s| s.name.to_string()).collect(),
+        &colours,
+    ));
     Ok(Policy {
         raw,
         detect_timeout: Duration::from_millis(detect_ms),
@@ -612,7 +619,7 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
         passthrough: Arc::new(RouteStats::new("passthrough", "passthrough", "passthrough")),
         colours,
         ingress,
-        colour_stats: Arc::new(ColourStats::default()),
+        colour_stats,
         links,
         link_of_service,
         generation: 0,
@@ -1038,7 +1045,7 @@ impl Policy {
                 Fallback::None => {
                     let name = self.colours.name(colour);
                     self.colour_stats
-                        .routed(&svc.name, name, ColourOutcome::Unavailable);
+                        .routed(svc.index, colour, ColourOutcome::Unavailable);
                     return Err(RouteError::ColourUnavailable {
                         service: svc.name.clone(),
                         colour: name.into(),
@@ -1056,8 +1063,7 @@ impl Policy {
             });
         };
         if !self.colours.is_empty() {
-            self.colour_stats
-                .routed(&svc.name, self.colours.name(colour), outcome);
+            self.colour_stats.routed(svc.index, colour, outcome);
         }
         let subset = &svc.subsets[split.subset];
         let n = endpoints.len();
