@@ -732,7 +732,7 @@ impl LinkManager {
             "switches_total": st.switches_total,
             "last_switch_ms": st.last_duration_ms,
             "errors_total": *self.errors.lock().expect("link errors"),
-            "requests": self.rt.counts(),
+            "requests": policy.link_counts(),
             "log": self.log.lock().expect("link log").iter().cloned().collect::<Vec<_>>(),
         })
     }
@@ -765,7 +765,7 @@ impl LinkManager {
             );
         }
         let _ = writeln!(o, "# HELP sockmesh_link_requests_total Requests of linked services arriving here, by outcome (local, moved, kept, no_elsewhere).\n# TYPE sockmesh_link_requests_total counter");
-        for c in self.rt.counts() {
+        for c in policy.link_counts() {
             let _ = writeln!(
                 o,
                 "sockmesh_link_requests_total{{service=\"{}\",link=\"{}\",outcome=\"{}\"}} {}",

@@ -23,9 +23,12 @@
 //! `routes apply`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::SocketAddr,
-    sync::{atomic::AtomicUsize, Arc, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
+        Arc, RwLock,
+    },
 };
 
 use serde::{Deserialize, Serialize};
@@ -125,6 +128,8 @@ pub struct Link {
     /// endpoints, or all the service's endpoints; local ones are skipped per request).
     pub(super) elsewhere: Vec<Arc<[SocketAddr]>>,
     pub(super) stats: Vec<Arc<RouteStats>>,
+    /// Per service of the link: requests by [`LinkOutcome`] (carried over policy swaps).
+    pub(super) counts: Vec<Arc<LinkCounts>>,
     pub(super) next: AtomicUsize,
     /// Requests of the link that asked for a local-or-moved decision (the trickle's clock).
     pub(super) seq: std::sync::atomic::AtomicU64,
@@ -155,7 +160,30 @@ pub enum LinkOutcome {
     NoElsewhere,
 }
 
+/// Requests by outcome, one cell per [`LinkOutcome`]: no lock or allocation per request.
+#[derive(Debug, Default)]
+pub struct LinkCounts([AtomicU64; 4]);
+
+impl LinkCounts {
+    pub fn add(&self, o: LinkOutcome) {
+        self.0[o as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn get(&self, o: LinkOutcome) -> u64 {
+        self.0[o as usize].load(Relaxed)
+    }
+
+    /// Take over an old policy's counts (a policy swap keeps what Prometheus scrapes).
+    pub fn absorb(&self, old: &LinkCounts) {
+        for o in LinkOutcome::ALL {
+            self.0[o as usize].fetch_add(old.get(o), Relaxed);
+        }
+    }
+}
+
 impl LinkOutcome {
+    pub const ALL: [LinkOutcome; 4] = [Self::Local, Self::Moved, Self::Kept, Self::NoElsewhere];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::Local => "local",
@@ -166,14 +194,12 @@ impl LinkOutcome {
     }
 }
 
-/// The node's link shares and counters: outlives policy swaps and is shared with the switch
-/// engine ([`crate::links`]).
+/// The node's link shares: outlive policy swaps and are shared with the switch engine
+/// ([`crate::links`]).
 #[derive(Debug, Default)]
 pub struct LinkRuntime {
     /// Link name → local share (ppm). A link not listed rests in its policy's `initial` state.
     shares: RwLock<HashMap<String, u32>>,
-    /// (service, link, outcome) → requests.
-    counts: Mutex<BTreeMap<(String, String, LinkOutcome), u64>>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -194,29 +220,6 @@ impl LinkRuntime {
             .write()
             .expect("link shares lock")
             .insert(link.to_owned(), ppm.min(FULL));
-    }
-
-    pub fn count(&self, service: &str, link: &str, outcome: LinkOutcome) {
-        *self
-            .counts
-            .lock()
-            .expect("link counts lock")
-            .entry((service.to_owned(), link.to_owned(), outcome))
-            .or_default() += 1;
-    }
-
-    pub fn counts(&self) -> Vec<LinkCount> {
-        self.counts
-            .lock()
-            .expect("link counts lock")
-            .iter()
-            .map(|((s, l, o), n)| LinkCount {
-                service: s.clone(),
-                link: l.clone(),
-                outcome: o.label(),
-                requests: *n,
-            })
-            .collect()
     }
 }
 
@@ -290,7 +293,7 @@ mod tests {
         rt.set_share("forest", FULL);
         assert!(p.link_route(trade, &get("/buy"), &rt, local).is_some());
         assert!(p.link_route(forest, &get("/play"), &rt, local).is_none());
-        let counts = rt.counts();
+        let counts = p.link_counts();
         let n = |o: &str| {
             counts
                 .iter()
@@ -303,6 +306,20 @@ mod tests {
     }
 
     #[test]
+    fn counters_survive_a_policy_swap() {
+        let router = crate::routing::Router::new(compile(parse_toml(POLICY).unwrap()).unwrap());
+        let rt = LinkRuntime::default();
+        let forest: SocketAddr = "10.0.0.1:8002".parse().unwrap();
+        for _ in 0..10 {
+            router.current().link_route(forest, &get("/health"), &rt, local);
+        }
+        router.replace(compile(parse_toml(POLICY).unwrap()).unwrap());
+        router.current().link_route(forest, &get("/health"), &rt, local);
+        let c = router.current().link_counts();
+        assert_eq!((c[0].outcome, c[0].requests), ("kept", 11), "{c:?}");
+    }
+
+    #[test]
     fn without_an_endpoint_elsewhere_the_request_stays_local() {
         let p = compile(parse_toml(POLICY).unwrap()).unwrap();
         let rt = LinkRuntime::default();
@@ -310,7 +327,7 @@ mod tests {
         let forest: SocketAddr = "10.0.0.1:8002".parse().unwrap();
         // Everything is "local": nowhere to move to.
         assert!(p.link_route(forest, &get("/play"), &rt, |_| true).is_none());
-        assert_eq!(rt.counts()[0].outcome, "no_elsewhere");
+        assert_eq!(p.link_counts()[0].outcome, "no_elsewhere");
     }
 
     #[test]

@@ -696,6 +696,7 @@ fn compile_links(
         let mut idx = Vec::new();
         let mut elsewhere = Vec::new();
         let mut stats = Vec::new();
+        let mut counts = Vec::new();
         for (si, s) in l.services.iter().enumerate() {
             let field = format!("{f}.services[{si}]");
             let i = services
@@ -734,6 +735,7 @@ fn compile_links(
                 }
             };
             idx.push(i);
+            counts.push(Arc::new(super::link::LinkCounts::default()));
             elsewhere.push(eps);
             stats.push(Arc::new(RouteStats::new(
                 &svc.name,
@@ -750,6 +752,7 @@ fn compile_links(
             pool: l.pool.as_deref().map(Into::into),
             elsewhere,
             stats,
+            counts,
             next: AtomicUsize::new(0),
             seq: std::sync::atomic::AtomicU64::new(0),
             keepalive: l.keepalive,
@@ -1094,6 +1097,27 @@ impl Policy {
         &self.links
     }
 
+    /// Requests of linked services arriving here, by (service, link, outcome); zeros left out.
+    pub fn link_counts(&self) -> Vec<super::link::LinkCount> {
+        let mut out = Vec::new();
+        for l in &self.links {
+            for (k, &si) in l.services.iter().enumerate() {
+                for o in super::link::LinkOutcome::ALL {
+                    let n = l.counts[k].get(o);
+                    if n > 0 {
+                        out.push(super::link::LinkCount {
+                            service: self.services[si].name.to_string(),
+                            link: l.name.to_string(),
+                            outcome: o.label(),
+                            requests: n,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// A request arriving at this node's endpoint `orig`: `None` delivers it to the local app
     /// (not linked, the link's local share, a keep path, or nowhere else to go); `Some` moves
     /// it to an endpoint elsewhere (`is_local` says which addresses are this node's), with the
@@ -1112,7 +1136,7 @@ impl Policy {
         let link = &self.links[*self.link_of_service.get(&si)?];
         let k = link.services.iter().position(|&x| x == si)?;
         let svc = &self.services[si];
-        let count = |o| rt.count(&svc.name, &link.name, o);
+        let count = |o| link.counts[k].add(o);
         if req
             .path
             .is_some_and(|p| link.keep_paths.iter().any(|k| p.starts_with(k.as_str())))
@@ -1275,6 +1299,17 @@ impl Policy {
             }
         }
         self.colour_stats.absorb(&old.colour_stats);
+        for l in &self.links {
+            let Some(ol) = old.links.iter().find(|x| x.name == l.name) else {
+                continue;
+            };
+            for (k, &si) in l.services.iter().enumerate() {
+                let name = &self.services[si].name;
+                if let Some(ok) = ol.services.iter().position(|&x| old.services[x].name == *name) {
+                    l.counts[k].absorb(&ol.counts[ok]);
+                }
+            }
+        }
     }
 
     /// The live policy for `sockmesh routes`: what was written, each subset's endpoints, and
