@@ -118,6 +118,8 @@ pub struct Daemon {
     /// The policy `routes apply` installed (kept in the state file for a successor); `None`
     /// while the config file's policy is in force.
     applied_routing: Mutex<Option<state::AppliedRouting>>,
+    /// Endpoints marked down for the kernel-routed services (admin `kernel_endpoint`).
+    kernel_down: Mutex<std::collections::BTreeSet<std::net::SocketAddr>>,
 }
 
 pub struct PodMetrics {
@@ -161,7 +163,7 @@ impl Daemon {
         let router =
             Router::new(crate::routing::compile(cfg.routing.clone()).expect("validated by config::parse"));
         let colour = kernel.colour();
-        Self {
+        let d = Self {
             cfg,
             cgroup_root,
             kernel: Mutex::new(kernel),
@@ -175,7 +177,57 @@ impl Daemon {
             enrolments: AtomicU64::new(0),
             stop: tokio::sync::watch::channel(None).0,
             applied_routing: Mutex::new(None),
+            kernel_down: Mutex::new(Default::default()),
+        };
+        if let Err(e) = d.sync_kernel_routes(&d.policy()) {
+            warn!("kernel-routed services not written: {e}");
         }
+        d
+    }
+
+    /// Write `policy`'s kernel-routed services (with the endpoints marked down) into the
+    /// kernel tables: a new generation, flipped service by service.
+    fn sync_kernel_routes(&self, policy: &crate::routing::Policy) -> Result<crate::ebpf::TableWrite, String> {
+        let tables = {
+            let down = self.kernel_down.lock().expect("down lock");
+            crate::kroute::tables(policy.kernel_plan(), &down)
+        };
+        let mut k = self.kernel.lock().expect("kernel lock");
+        let w = k.services.write(&tables).map_err(|e| e.to_string())?;
+        tracing::info!(
+            generation = w.generation,
+            services = w.services,
+            write_us = w.write_us,
+            "kernel service tables written"
+        );
+        Ok(w)
+    }
+
+    /// Mark an endpoint of the kernel-routed services down (it leaves the kernel's choice) or
+    /// up again; returns the new table write.
+    pub fn set_kernel_endpoint(
+        &self,
+        address: std::net::SocketAddr,
+        up: bool,
+    ) -> Result<crate::ebpf::TableWrite, String> {
+        let address = crate::routing::policy::normalise(address);
+        {
+            let mut down = self.kernel_down.lock().expect("down lock");
+            if up {
+                down.remove(&address);
+            } else {
+                down.insert(address);
+            }
+        }
+        self.sync_kernel_routes(&self.policy())
+    }
+
+    /// The `kernel` part of `sockmesh routes`.
+    pub fn kernel_routes(&self) -> serde_json::Value {
+        let policy = self.policy();
+        let down = self.kernel_down.lock().expect("down lock").clone();
+        let k = self.kernel.lock().expect("kernel lock");
+        crate::kroute::view(policy.kernel_plan(), &k.services, &down)
     }
 
     /// After a restart: go on with the policy the previous daemon had applied at runtime, if
@@ -187,6 +239,9 @@ impl Daemon {
         }
         match crate::routing::compile(r.applied.clone()) {
             Ok(policy) => {
+                if let Err(e) = self.sync_kernel_routes(&policy) {
+                    warn!("kernel-routed services not written: {e}");
+                }
                 self.l7().router.replace(policy);
                 tracing::info!(
                     services = r.applied.services.len(),
@@ -241,7 +296,9 @@ impl Daemon {
 
     /// `sockmesh routes`: the live policy with its counters.
     pub fn routes(&self) -> serde_json::Value {
-        serde_json::to_value(self.l7().router.current().view()).unwrap_or_default()
+        let mut v = serde_json::to_value(self.l7().router.current().view()).unwrap_or_default();
+        v["kernel"] = self.kernel_routes();
+        v
     }
 
     /// `sockmesh routes apply`: validate and swap the whole policy; existing connections keep
@@ -260,6 +317,14 @@ impl Daemon {
             }
         }
         let services = policy.raw().services.len();
+        // The kernel's tables first: a refusal there leaves the old policy serving everywhere.
+        let write = self
+            .sync_kernel_routes(&policy)
+            .map_err(|e| crate::routing::PolicyError {
+                field: "services".into(),
+                reason: format!("the kernel service tables refused the policy: {e}"),
+            })?;
+        tracing::debug!(kernel_write_us = write.write_us, "kernel tables flipped");
         self.l7().router.replace(policy);
         self.refresh_pod_colours();
         let generation = self.l7().router.current().generation();
@@ -584,6 +649,7 @@ impl Daemon {
     pub fn status(&self) -> serde_json::Value {
         // Takes the pods and kernel locks itself: before this function holds them.
         let propagation = self.propagation_status();
+        let kernel_routes = self.kernel_routes();
         let pods = self.pods.lock().expect("pods lock");
         let conns = self.shared.registry.snapshot();
         let pods_json: Vec<_> = pods
@@ -633,6 +699,7 @@ impl Daemon {
             "proxy_errors": errors,
             "acceleration": { "enabled": accel.enabled, "detail": accel.detail },
             "propagation": propagation,
+            "kernel_routes": kernel_routes,
             "kernel": {
                 "release": sys::kernel_release(),
                 "checks": self.checks.iter().map(|(k, v)| json!({"check": k, "result": v})).collect::<Vec<_>>(),

@@ -9,6 +9,7 @@ mod admin;
 mod config;
 mod daemon;
 mod ebpf;
+mod kroute;
 mod metrics;
 mod propagate;
 mod proxy;

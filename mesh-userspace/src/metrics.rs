@@ -131,6 +131,7 @@ pub fn render(daemon: &Daemon) -> String {
         let _ = writeln!(o, "sockmesh_admin_errors_total{{reason=\"{r}\"}} {v}");
     }
     render_l7(&mut o, daemon.l7());
+    crate::kroute::metrics(&mut o, &daemon.kernel_routes());
     o
 }
 
