@@ -179,10 +179,17 @@ impl Daemon {
             applied_routing: Mutex::new(None),
             kernel_down: Mutex::new(Default::default()),
         };
-        if let Err(e) = d.sync_kernel_routes(&d.policy()) {
+        d
+    }
+
+    /// At start, once the policy in force is settled (after [`Daemon::resume_routing`]):
+    /// write its kernel-routed services. A successor thus never routes in the kernel by the
+    /// config's weights while a runtime policy is being resumed: until this call the previous
+    /// daemon's tables keep routing.
+    pub fn write_kernel_routes(&self) {
+        if let Err(e) = self.sync_kernel_routes(&self.policy()) {
             warn!("kernel-routed services not written: {e}");
         }
-        d
     }
 
     /// Write `policy`'s kernel-routed services (with the endpoints marked down) into the
@@ -239,9 +246,6 @@ impl Daemon {
         }
         match crate::routing::compile(r.applied.clone()) {
             Ok(policy) => {
-                if let Err(e) = self.sync_kernel_routes(&policy) {
-                    warn!("kernel-routed services not written: {e}");
-                }
                 self.l7().router.replace(policy);
                 tracing::info!(
                     services = r.applied.services.len(),

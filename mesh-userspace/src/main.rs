@@ -631,6 +631,7 @@ fn serve_loaded(
     if let Some(r) = resumed_routing {
         daemon.resume_routing(r);
     }
+    daemon.write_kernel_routes();
     let result = rt.block_on(async {
         let admin = admin::bind(&admin_path)
             .with_context(|| format!("failed to bind the admin socket {}", admin_path.display()))?;
