@@ -270,6 +270,7 @@ fn kernel_routes_survive_kill_9_of_the_daemon_and_endpoints_marked_down_leave_th
         .admin(&json!({"op": "kernel_endpoint", "address": v1, "up": true}))
         .expect("mark v1 up");
 
+    let gen_before = routes["kernel"]["generation"].as_u64().unwrap();
     let dir = TempDir::new("kroute-kill").unwrap();
     let log = dir.join("conns.log");
     let child = start_conns(&s, &["--seconds", "5", "--log", log.to_str().unwrap()]);
@@ -298,6 +299,20 @@ fn kernel_routes_survive_kill_9_of_the_daemon_and_endpoints_marked_down_leave_th
         (share - 50.0).abs() < 10.0,
         "the last policy's 50/50 no longer holds: {share:.1}%"
     );
+
+    // A successor adopts the pinned tables: the generation goes on and so do the counters.
+    let state = s.daemon.hand_over_state().expect("hand over");
+    let cfg = basic_config(&s.node, &policy(&s.node, 50, 50));
+    s.daemon = Daemon::start_with_state(s.node.daemon_cgroup(), &cfg, Some(state)).expect("successor");
+    let (kc, routes) = kernel_counts(&s.daemon);
+    let total: u64 = kc.values().sum();
+    let all = 400 + v["ok"].as_u64().unwrap();
+    eprintln!(
+        "successor: table generation {} (was {gen_before}), kernel connect counts {kc:?}",
+        routes["kernel"]["generation"]
+    );
+    assert!(routes["kernel"]["generation"].as_u64().unwrap() > gen_before);
+    assert_eq!(total, all, "the counters must survive the restart: {kc:?}");
 }
 
 #[test]
