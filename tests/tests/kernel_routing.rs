@@ -49,10 +49,12 @@ split = [{{ subset = "v1", weight = {w1} }}, {{ subset = "v2", weight = {w2} }}]
     )
 }
 
+/// Dropped in field order: the daemon (a clean stop), the servers, then the node (whose
+/// `cgroup.kill` would otherwise SIGKILL the daemon first).
 struct Setup {
-    node: VirtualNode,
     daemon: Daemon,
     _servers: Vec<Server>,
+    node: VirtualNode,
 }
 
 fn setup(w1: u32, w2: u32) -> Setup {
