@@ -163,7 +163,7 @@ impl Daemon {
         let router =
             Router::new(crate::routing::compile(cfg.routing.clone()).expect("validated by config::parse"));
         let colour = kernel.colour();
-        let d = Self {
+        Self {
             cfg,
             cgroup_root,
             kernel: Mutex::new(kernel),
@@ -178,8 +178,7 @@ impl Daemon {
             stop: tokio::sync::watch::channel(None).0,
             applied_routing: Mutex::new(None),
             kernel_down: Mutex::new(Default::default()),
-        };
-        d
+        }
     }
 
     /// At start, once the policy in force is settled (after [`Daemon::resume_routing`]):

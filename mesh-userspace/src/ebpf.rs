@@ -740,6 +740,9 @@ pub struct TableWrite {
     pub half: u32,
     /// Time from the first endpoint write to the last `SM_SVC` flip.
     pub write_us: u64,
+    /// Wall clock (µs since the Unix epoch) right after the last flip: a connect that starts
+    /// later sees this generation.
+    pub flipped_at_unix_us: u64,
     pub services: usize,
 }
 
@@ -831,7 +834,7 @@ impl ServiceTables {
             }
             // Counters whose (service, subset, endpoint) changed start again from 0.
             if let Some(old) = self.layout.get(&s.slot) {
-                let n = aya::util::nr_cpus().map(|n| n).unwrap_or(1);
+                let n = aya::util::nr_cpus().unwrap_or(1);
                 for i in 0..s.identity.len().max(old.len()) {
                     if old.get(i) != s.identity.get(i) {
                         let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; n])
@@ -850,6 +853,11 @@ impl ServiceTables {
                 keep.insert(k);
             }
         }
+        let write_us = started.elapsed().as_micros() as u64;
+        let flipped_at_unix_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
         let stale: Vec<SvcKey> = self
             .svc
             .keys()
@@ -859,7 +867,6 @@ impl ServiceTables {
         for k in stale {
             let _ = self.svc.remove(&k);
         }
-        let write_us = started.elapsed().as_micros() as u64;
         self.live_half = half;
         self.generation = generation;
         self.layout = services.iter().map(|s| (s.slot, s.identity.clone())).collect();
@@ -867,6 +874,7 @@ impl ServiceTables {
             generation,
             half,
             write_us,
+            flipped_at_unix_us,
             services: services.len(),
         };
         self.last = Some(w);

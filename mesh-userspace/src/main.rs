@@ -162,6 +162,15 @@ enum RoutesCmd {
     /// `detect_timeout_ms` and `[[services]]`, as in the config). Open connections are kept;
     /// their next request follows the new policy. Invalid: exit 64, the daemon is unchanged.
     Apply { file: PathBuf },
+    /// Take an endpoint of the kernel-routed services (`mode = "kernel"`) out of the kernel's
+    /// weighted choice (`--down`) or put it back (`--up`).
+    Endpoint {
+        address: std::net::SocketAddr,
+        #[arg(long, conflicts_with = "up", required_unless_present = "up")]
+        down: bool,
+        #[arg(long)]
+        up: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -239,6 +248,29 @@ fn main() -> ExitCode {
             admin_socket,
             ..
         } => routes_apply(&admin_socket, &file),
+        Cmd::Routes {
+            action: Some(RoutesCmd::Endpoint { address, up, .. }),
+            admin_socket,
+            ..
+        } => match admin::call(&admin_socket, &admin::Request::KernelEndpoint { address, up }) {
+            Ok(resp) if resp.ok => {
+                let t = resp.status.unwrap_or_default();
+                println!(
+                    "{address} {}: kernel table generation {}",
+                    if up { "up" } else { "down" },
+                    t["table"]["generation"]
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(resp) => {
+                eprintln!("error: {}", resp.error.unwrap_or_else(|| "unknown error".into()));
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

@@ -229,25 +229,46 @@ fn a_weight_change_under_load_is_followed_by_new_connects_and_none_fails() {
     let old_after_apply = conns.iter().filter(|(t, e)| *t > t1 && *e == v1).count();
     let (_, routes) = kernel_counts(&s.daemon);
     let write_us = routes["kernel"]["last_write"]["write_us"].as_u64().unwrap_or(0);
+    let flip = routes["kernel"]["last_write"]["flipped_at_unix_us"]
+        .as_u64()
+        .expect("flip time") as u128;
+    assert!(
+        t0 <= flip && flip <= t1,
+        "flip {flip} outside the apply [{t0}, {t1}]"
+    );
+    // Connects are stamped before connect(): one stamped after the flip ran its hook after it.
+    let old_after_flip = conns.iter().filter(|(t, e)| *t > flip && *e == v1).count();
+    let first_new_after_flip = conns
+        .iter()
+        .find(|(t, e)| *t >= flip && *e == v2)
+        .map(|(t, _)| t - flip);
+    let ms = |t: u128| (t as f64 - t0 as f64) / 1000.0;
     eprintln!(
-        "weight change: `routes apply` took {:.2} ms (CLI spawn, compile, admin round trip); \
-         kernel tables flipped in {write_us} us; first connect to v2 {:.2} ms after the apply \
-         started; last connect to v1 started {:.2} ms after it; {} connects in all, {} after",
-        (t1 - t0) as f64 / 1000.0,
-        first_new.map(|t| (t - t0) as f64 / 1000.0).unwrap_or(f64::NAN),
-        (last_old as f64 - t0 as f64) / 1000.0,
+        "weight change: `routes apply` took {:.2} ms (CLI start, compile, admin round trip); \
+         the tables flipped {:.2} ms after it started ({write_us} us to write); first connect to \
+         v2 started {:.2} ms after the apply started, {} us after the flip; last connect to v1 \
+         started {:.3} ms after the apply started ({:+} us from the flip); {} connects in all, \
+         {} after the apply started, none failed",
+        ms(t1),
+        ms(flip),
+        first_new.map(ms).unwrap_or(f64::NAN),
+        first_new_after_flip
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "-".into()),
+        ms(last_old),
+        last_old as i128 - flip as i128,
         conns.len(),
         conns.iter().filter(|(t, _)| *t >= t0).count(),
+    );
+    assert_eq!(
+        old_after_flip, 0,
+        "connects that started after the flip went to the old endpoint"
     );
     assert_eq!(
         old_after_apply, 0,
         "connects went to the old endpoint after the apply returned"
     );
     assert!(first_new.is_some(), "no connect followed the new weights");
-    assert!(
-        last_old <= t1,
-        "a connect started after the apply returned went to the old endpoint"
-    );
 }
 
 #[test]
@@ -258,11 +279,12 @@ fn kernel_routes_survive_kill_9_of_the_daemon_and_endpoints_marked_down_leave_th
     let mut s = setup(50, 50);
     let (v1, v2) = (s.node.pod("v1").addr(PORT), s.node.pod("v2").addr(PORT));
     // Down: every connect goes to v2; up again: both.
-    let w = s
+    // (the CLI to take it down, the admin API to put it back)
+    let out = s
         .daemon
-        .admin(&json!({"op": "kernel_endpoint", "address": v1, "up": false}))
+        .cli(&["routes", "endpoint", &v1, "--down"])
         .expect("mark v1 down");
-    eprintln!("v1 marked down: table {}", w["table"]);
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
     let (out, v) = finish(start_conns(&s, &["--count", "400"]));
     assert!(out.status.success(), "{v}");
     assert_eq!(v["by_endpoint"][&v2].as_u64(), Some(400), "v1 is down: {v}");
