@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use sockmesh_tests::daemon::basic_config;
+use sockmesh_tests::node::NodeOptions;
 use sockmesh_tests::process::spawn_in;
 use sockmesh_tests::{last_json, require_privileged, Daemon, Server, TempDir, VirtualNode};
 
@@ -74,8 +75,12 @@ fn setup(w1: u32, w2: u32) -> Setup {
 
 /// `peer conns` from the client pod, started now; `args` after `--connect VIP:PORT`.
 fn start_conns(s: &Setup, args: &[&str]) -> sockmesh_tests::process::GuardedChild {
+    start_conns_to(s, &format!("{VIP}:{VIP_PORT}"), args)
+}
+
+fn start_conns_to(s: &Setup, target: &str, args: &[&str]) -> sockmesh_tests::process::GuardedChild {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_peer"));
-    cmd.args(["conns", "--connect", &format!("{VIP}:{VIP_PORT}")])
+    cmd.args(["conns", "--connect", target])
         .args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -394,4 +399,92 @@ fn a_policy_whose_tables_do_not_fit_is_refused_and_the_old_one_keeps_serving() {
     let (kc2, _) = kernel_counts(&s.daemon);
     let routed: u64 = kc2.values().sum::<u64>() - kc.values().sum::<u64>();
     assert_eq!(routed, 300, "the old tables must still route: {kc2:?}");
+}
+
+/// connect6: an IPv6 service with IPv6 endpoints, and the IPv4 service dialled through an
+/// AF_INET6 socket as `::ffff:10.96.0.20` (its IPv4 endpoints, mapped).
+#[test]
+fn ipv6_and_ipv4_mapped_connects_are_routed_in_the_kernel() {
+    if !require_privileged() {
+        return;
+    }
+    const VIP6: &str = "fd00:96::20";
+    let node = VirtualNode::with_options(
+        &["client", "v1", "v2"],
+        NodeOptions {
+            ipv6: true,
+            ..NodeOptions::default()
+        },
+    )
+    .expect("dual-stack node");
+    let mut servers = Vec::new();
+    for n in ["v1", "v2"] {
+        let pod = node.pod(n);
+        servers.push(Server::peer(pod, PORT, "whoami").expect("v4 whoami"));
+        let mut cmd = sockmesh_tests::util::peer_command();
+        cmd.args(["serve", "--listen", &pod.addr6(PORT), "--mode", "whoami"]);
+        servers.push(Server::start(&pod.cgroup, Some(&pod.netns), cmd).expect("v6 whoami"));
+    }
+    let v6_service = format!(
+        r#"
+[[services]]
+name = "db6"
+addresses = ["[{VIP6}]:{VIP_PORT}"]
+protocol = "tcp"
+mode = "kernel"
+endpoints = [
+  {{ address = "{}", labels = {{ version = "v1" }} }},
+  {{ address = "{}", labels = {{ version = "v2" }} }},
+]
+subsets = [
+  {{ name = "v1", labels = {{ version = "v1" }} }},
+  {{ name = "v2", labels = {{ version = "v2" }} }},
+]
+[[services.routes]]
+split = [{{ subset = "v1", weight = 90 }}, {{ subset = "v2", weight = 10 }}]
+"#,
+        node.pod("v1").addr6(PORT),
+        node.pod("v2").addr6(PORT)
+    );
+    let cfg = basic_config(&node, &(policy(&node, 90, 10) + &v6_service));
+    let daemon = Daemon::start(&node, &cfg).expect("daemon");
+    daemon.enroll(node.pod("client")).expect("enroll client");
+    let s = Setup {
+        daemon,
+        _servers: servers,
+        node,
+    };
+    let client6 = s.node.pod("client").ip6.unwrap().to_string();
+
+    let (out, v) = finish(start_conns_to(
+        &s,
+        &format!("[{VIP6}]:{VIP_PORT}"),
+        &["--count", "2000"],
+    ));
+    assert!(out.status.success(), "{v}");
+    assert_eq!(v["getpeername_mismatch"].as_u64(), Some(0), "{v}");
+    let peers: Vec<&String> = v["peer_ips"].as_object().unwrap().keys().collect();
+    assert_eq!(peers, vec![&format!("[{client6}]")], "servers saw {peers:?}");
+    let n1 = v["by_endpoint"][s.node.pod("v1").addr6(PORT)]
+        .as_u64()
+        .unwrap_or(0);
+    let n2 = v["by_endpoint"][s.node.pod("v2").addr6(PORT)]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(n1 + n2, 2000, "{v}");
+    let share = 100.0 * n1 as f64 / 2000.0;
+    eprintln!("IPv6 kernel split: v1 {n1} ({share:.2}%), v2 {n2} of 2000");
+    assert!((share - 90.0).abs() <= 3.0, "v1 share {share:.2}%");
+
+    let (out, v) = finish(start_conns_to(
+        &s,
+        &format!("[::ffff:{VIP}]:{VIP_PORT}"),
+        &["--count", "500"],
+    ));
+    assert!(out.status.success(), "{v}");
+    assert_eq!(v["getpeername_mismatch"].as_u64(), Some(0), "{v}");
+    let counts = endpoint_counts(&s.node, &v);
+    eprintln!("IPv4-mapped kernel split: {counts:?} of 500");
+    assert_eq!(counts["v1"] + counts["v2"], 500, "{v}");
+    assert!(counts["v2"] > 0 && counts["v1"] > counts["v2"], "{counts:?}");
 }
