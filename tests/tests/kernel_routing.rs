@@ -488,3 +488,60 @@ split = [{{ subset = "v1", weight = 90 }}, {{ subset = "v2", weight = 10 }}]
     assert_eq!(counts["v1"] + counts["v2"], 500, "{v}");
     assert!(counts["v2"] > 0 && counts["v1"] > counts["v2"], "{counts:?}");
 }
+
+/// The original destination is recorded as for a proxied connect: a server that sees the
+/// connection in the client pod's own netns (an endpoint in the same pod) gets the VIP from
+/// `SO_ORIGINAL_DST`, answered by `cgroup/getsockopt` from the flow record.
+#[test]
+fn so_original_dst_answers_the_vip_for_a_kernel_routed_connection() {
+    if !require_privileged() {
+        return;
+    }
+    const LOCAL_VIP: &str = "10.96.0.30:6000";
+    let node = VirtualNode::new(&["client"]).expect("virtual node");
+    let client = node.pod("client");
+    let endpoint = client.addr(7200);
+    let script = format!(
+        r#"
+import socket, struct
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{}", 7200))
+s.listen(8)
+print("listening", flush=True)
+c, a = s.accept()
+raw = c.getsockopt(socket.SOL_IP, 80, 16)
+port = struct.unpack("!H", raw[2:4])[0]
+print("orig=%s:%d peer=%s" % (socket.inet_ntoa(raw[4:8]), port, a[0]), flush=True)
+c.sendall(b"peer=%s:%d local={endpoint}\n" % (a[0].encode(), a[1]))
+c.close()
+"#,
+        client.ip
+    );
+    let mut cmd = Command::new(sockmesh_tests::python());
+    cmd.args(["-u", "-c", &script]);
+    let server = Server::start(&client.cgroup, Some(&client.netns), cmd).expect("python server");
+    let policy = format!(
+        "[[services]]\nname = \"local\"\naddresses = [\"{LOCAL_VIP}\"]\nprotocol = \"tcp\"\nmode = \"kernel\"\nendpoints = [{{ address = \"{endpoint}\" }}]\n"
+    );
+    let daemon = Daemon::start(&node, &basic_config(&node, &policy)).expect("daemon");
+    daemon.enroll(client).expect("enroll");
+    let s = Setup {
+        daemon,
+        _servers: vec![server],
+        node,
+    };
+    let (out, v) = finish(start_conns_to(&s, LOCAL_VIP, &["--count", "1"]));
+    assert!(out.status.success(), "{v}");
+    let text = sockmesh_tests::eventually(Duration::from_secs(5), || {
+        let t = s._servers[0].stdout();
+        anyhow::ensure!(t.contains("orig="), "no answer yet: {t}");
+        Ok(t)
+    })
+    .expect("server output");
+    assert!(
+        text.contains(&format!("orig={LOCAL_VIP} peer={}", s.node.pod("client").ip)),
+        "{text}"
+    );
+    assert_eq!(s.daemon.counter("kroute_routed").unwrap(), 1);
+}
