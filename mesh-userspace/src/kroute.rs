@@ -158,3 +158,81 @@ pub fn metrics(o: &mut String, v: &Value) {
         v["generation"].as_u64().unwrap_or(0)
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Value {
+        json!({
+            "generation": 7,
+            "half": 1,
+            "last_write": { "generation": 7, "half": 1, "write_us": 42, "flipped_at_unix_us": 1, "services": 1 },
+            "down": ["10.0.2.1:5432"],
+            "services": [{
+                "name": "db",
+                "slot": 0,
+                "addresses": ["10.96.0.20:5432"],
+                "entries": [
+                    { "subset": "v1", "endpoint": "10.0.1.1:5432", "share_percent": 100.0, "down": false, "connects": 900 },
+                    { "subset": "v2", "endpoint": "10.0.2.1:5432", "share_percent": 0.0, "down": true, "connects": 100 },
+                ],
+            }],
+        })
+    }
+
+    #[test]
+    fn text_names_services_entries_and_the_generation() {
+        let t = render(&sample());
+        assert!(
+            t.contains("kernel-routed services: 1 (table generation 7, half 1, last write 42 us)"),
+            "{t}"
+        );
+        assert!(t.contains("service db 10.96.0.20:5432 (slot 0)"), "{t}");
+        assert!(t.contains("10.0.2.1:5432") && t.contains("DOWN"), "{t}");
+        assert!(t.lines().any(|l| l.contains("v1") && l.ends_with(" 900")), "{t}");
+    }
+
+    #[test]
+    fn metrics_count_per_service_subset_and_endpoint() {
+        let mut o = String::new();
+        metrics(&mut o, &sample());
+        assert!(o.contains(
+            "sockmesh_kernel_routed_connects_total{service=\"db\",subset=\"v2\",endpoint=\"10.0.2.1:5432\"} 100"
+        ));
+        assert!(o.contains("sockmesh_kernel_routes_generation 7"));
+    }
+
+    #[test]
+    fn down_endpoints_get_zero_width_but_keep_their_place() {
+        use crate::routing::kernel::{KernelEntry, KernelService};
+        let ep = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let plan = KernelPlan {
+            services: vec![KernelService {
+                name: "db".into(),
+                slot: 3,
+                addresses: vec![ep("10.96.0.20:5432")],
+                entries: vec![
+                    KernelEntry {
+                        subset: "v1".into(),
+                        endpoint: ep("10.0.1.1:5432"),
+                        weight: 9,
+                    },
+                    KernelEntry {
+                        subset: "v2".into(),
+                        endpoint: ep("10.0.2.1:5432"),
+                        weight: 1,
+                    },
+                ],
+            }],
+        };
+        let down = [ep("10.0.1.1:5432")].into_iter().collect();
+        let t = tables(&plan, &down);
+        assert_eq!(t[0].slot, 3);
+        assert_eq!(
+            t[0].entries,
+            vec![(ep("10.0.1.1:5432"), 9, true), (ep("10.0.2.1:5432"), 1, false)]
+        );
+        assert_eq!(t[0].identity[1], "db|v2|10.0.2.1:5432");
+    }
+}
