@@ -120,6 +120,8 @@ pub struct Daemon {
     applied_routing: Mutex<Option<state::AppliedRouting>>,
     /// Endpoints marked down for the kernel-routed services (admin `kernel_endpoint`).
     kernel_down: Mutex<std::collections::BTreeSet<std::net::SocketAddr>>,
+    /// Health checks of kernel-routed endpoints (`health_check_ms`).
+    kernel_health: Mutex<crate::kroute::Health>,
 }
 
 pub struct PodMetrics {
@@ -178,6 +180,7 @@ impl Daemon {
             stop: tokio::sync::watch::channel(None).0,
             applied_routing: Mutex::new(None),
             kernel_down: Mutex::new(Default::default()),
+            kernel_health: Mutex::new(Default::default()),
         }
     }
 
@@ -195,7 +198,7 @@ impl Daemon {
     /// kernel tables: a new generation, flipped service by service.
     fn sync_kernel_routes(&self, policy: &crate::routing::Policy) -> Result<crate::ebpf::TableWrite, String> {
         let tables = {
-            let down = self.kernel_down.lock().expect("down lock");
+            let down = self.kernel_down_all();
             crate::kroute::tables(policy.kernel_plan(), &down)
         };
         let mut k = self.kernel.lock().expect("kernel lock");
@@ -228,12 +231,70 @@ impl Daemon {
         self.sync_kernel_routes(&self.policy())
     }
 
+    /// Endpoints out of the kernel's choice: marked down by an operator or by health checks.
+    fn kernel_down_all(&self) -> std::collections::BTreeSet<std::net::SocketAddr> {
+        let mut down = self.kernel_down.lock().expect("down lock").clone();
+        down.extend(
+            self.kernel_health
+                .lock()
+                .expect("health lock")
+                .down
+                .iter()
+                .copied(),
+        );
+        down
+    }
+
     /// The `kernel` part of `sockmesh routes`.
     pub fn kernel_routes(&self) -> serde_json::Value {
         let policy = self.policy();
-        let down = self.kernel_down.lock().expect("down lock").clone();
+        let down = self.kernel_down_all();
+        let unhealthy: Vec<String> = self
+            .kernel_health
+            .lock()
+            .expect("health lock")
+            .down
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
         let k = self.kernel.lock().expect("kernel lock");
-        crate::kroute::view(policy.kernel_plan(), &k.services, &down)
+        let mut v = crate::kroute::view(policy.kernel_plan(), &k.services, &down);
+        v["unhealthy"] = unhealthy.into();
+        v
+    }
+
+    /// Probes the endpoints of kernel-routed services with `health_check_ms`, from inside an
+    /// enrolled pod's netns, and rewrites the kernel tables when one goes down or comes back.
+    /// Runs until shutdown.
+    pub async fn kernel_health_loop(self: Arc<Self>) {
+        loop {
+            let Some((every, endpoints)) = crate::kroute::health_targets(self.policy().kernel_plan()) else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
+            tokio::time::sleep(every).await;
+            if self.shutting_down.load(Relaxed) {
+                return;
+            }
+            let netns = self
+                .pods
+                .lock()
+                .expect("pods lock")
+                .values()
+                .find(|p| p.spec.capture)
+                .map(|p| p.spec.netns.clone());
+            let Some(netns) = netns else { continue };
+            let timeout = every.min(Duration::from_secs(1));
+            let results = crate::kroute::probe(&netns, self.cfg.daemon_mark, &endpoints, timeout).await;
+            let changed = self.kernel_health.lock().expect("health lock").record(&results);
+            if changed {
+                let down = self.kernel_health.lock().expect("health lock").down.clone();
+                warn!(?down, "kernel-routed endpoints failing health checks changed");
+                if let Err(e) = self.sync_kernel_routes(&self.policy()) {
+                    warn!("kernel-routed services not written: {e}");
+                }
+            }
+        }
     }
 
     /// After a restart: go on with the policy the previous daemon had applied at runtime, if

@@ -2,7 +2,7 @@
 //! policy, with the endpoints an operator (or a health check) marked down, becomes the tables
 //! `ebpf::ServiceTables` writes; and their counters become `sockmesh routes` and `/metrics`.
 
-use std::{collections::BTreeSet, fmt::Write as _, net::SocketAddr};
+use std::{collections::BTreeSet, fmt::Write as _, net::SocketAddr, time::Duration};
 
 use serde_json::{json, Value};
 
@@ -130,6 +130,99 @@ pub fn render(v: &Value) -> String {
     o
 }
 
+/// Two failed probes in a row take an endpoint out; two answered ones put it back.
+pub const HEALTH_FLIPS_AFTER: u32 = 2;
+
+/// The endpoints to probe and how often (the shortest `health_check_ms` of the services that
+/// list them); `None` when no kernel service asks for health checks.
+pub fn health_targets(plan: &KernelPlan) -> Option<(Duration, BTreeSet<SocketAddr>)> {
+    let mut every: Option<Duration> = None;
+    let mut eps = BTreeSet::new();
+    for s in &plan.services {
+        if let Some(i) = s.health_interval {
+            every = Some(every.map_or(i, |e| e.min(i)));
+            eps.extend(s.entries.iter().map(|e| e.endpoint));
+        }
+    }
+    every.map(|e| (e, eps))
+}
+
+/// Consecutive probe results per endpoint.
+#[derive(Debug, Default)]
+pub struct Health {
+    streak: std::collections::BTreeMap<SocketAddr, (bool, u32)>,
+    pub down: BTreeSet<SocketAddr>,
+}
+
+impl Health {
+    /// Record one round of probes; true when the set of endpoints down changed.
+    pub fn record(&mut self, results: &[(SocketAddr, bool)]) -> bool {
+        let before = self.down.clone();
+        let probed: BTreeSet<SocketAddr> = results.iter().map(|(a, _)| *a).collect();
+        // Endpoints no longer probed (policy changed) are forgotten.
+        self.streak.retain(|a, _| probed.contains(a));
+        self.down.retain(|a| probed.contains(a));
+        for (a, ok) in results {
+            let e = self.streak.entry(*a).or_insert((*ok, 0));
+            if e.0 == *ok {
+                e.1 += 1;
+            } else {
+                *e = (*ok, 1);
+            }
+            if e.1 >= HEALTH_FLIPS_AFTER {
+                if *ok {
+                    self.down.remove(a);
+                } else {
+                    self.down.insert(*a);
+                }
+            }
+        }
+        self.down != before
+    }
+}
+
+/// One TCP connect to each endpoint from inside `netns` (the daemon's mark on the socket, so
+/// no hook captures it), all at once, each bounded by `timeout`.
+pub async fn probe(
+    netns: &std::path::Path,
+    mark: u32,
+    endpoints: &BTreeSet<SocketAddr>,
+    timeout: Duration,
+) -> Vec<(SocketAddr, bool)> {
+    let Ok(ns) = crate::sys::NetNs::open(netns) else {
+        return Vec::new();
+    };
+    let mut set = tokio::task::JoinSet::new();
+    for &ep in endpoints {
+        let sock = ns.run(|| -> std::io::Result<tokio::net::TcpSocket> {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(ep),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            if mark != 0 {
+                s.set_mark(mark)?;
+            }
+            s.set_nonblocking(true)?;
+            Ok(tokio::net::TcpSocket::from_std_stream(s.into()))
+        });
+        let Ok(Ok(sock)) = sock else {
+            continue;
+        };
+        set.spawn(async move {
+            let ok = matches!(tokio::time::timeout(timeout, sock.connect(ep)).await, Ok(Ok(_)));
+            (ep, ok)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok(r) = r {
+            out.push(r);
+        }
+    }
+    out
+}
+
 /// Prometheus lines: connects routed per (service, subset, endpoint) and the table generation.
 pub fn metrics(o: &mut String, v: &Value) {
     let _ = writeln!(
@@ -210,6 +303,7 @@ mod tests {
         let plan = KernelPlan {
             services: vec![KernelService {
                 name: "db".into(),
+                health_interval: None,
                 slot: 3,
                 addresses: vec![ep("10.96.0.20:5432")],
                 entries: vec![
@@ -234,5 +328,30 @@ mod tests {
             vec![(ep("10.0.1.1:5432"), 9, true), (ep("10.0.2.1:5432"), 1, false)]
         );
         assert_eq!(t[0].identity[1], "db|v2|10.0.2.1:5432");
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::*;
+
+    #[test]
+    fn two_failures_take_an_endpoint_down_and_two_answers_bring_it_back() {
+        let a: SocketAddr = "10.0.1.1:80".parse().unwrap();
+        let b: SocketAddr = "10.0.1.2:80".parse().unwrap();
+        let mut h = Health::default();
+        assert!(!h.record(&[(a, false), (b, true)]));
+        assert!(h.record(&[(a, false), (b, true)]));
+        assert_eq!(h.down, [a].into_iter().collect());
+        assert!(!h.record(&[(a, true), (b, true)]), "one answer is not enough");
+        assert!(!h.record(&[(a, false), (b, true)]), "the streak starts again");
+        assert!(!h.record(&[(a, true), (b, true)]));
+        assert!(h.record(&[(a, true), (b, true)]));
+        assert!(h.down.is_empty());
+        // An endpoint that is no longer probed is forgotten.
+        h.record(&[(a, false)]);
+        h.record(&[(a, false)]);
+        assert!(h.record(&[(b, true)]));
+        assert!(h.down.is_empty());
     }
 }

@@ -682,6 +682,7 @@ fn serve_loaded(
         tokio::spawn(admin::serve(admin, daemon.clone()));
         tokio::spawn(metrics::serve(metrics, daemon.clone()));
         tokio::spawn(daemon.clone().forward_bpf_logs());
+        tokio::spawn(daemon.clone().kernel_health_loop());
         let keep_state = tokio::select! {
             r = wait_for_signal() => { r?; false }
             keep = daemon.stop_requested() => keep,

@@ -10,12 +10,16 @@
 //! [`SVC_KEYS_MAX`] VIPs. A `mode = "kernel"` service that does not qualify is refused, naming
 //! the field; every other service says in `sockmesh routes` whether it could.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use mesh_common::service::{SVC_KEYS_MAX, SVC_MAX_ENDPOINTS, SVC_SLOTS};
 use serde::{Deserialize, Serialize};
 
 use super::{colour, policy::RawPolicy, ProtocolHint};
+
+/// Bounds of `health_check_ms`.
+pub const MIN_HEALTH_MS: u64 = 100;
+pub const MAX_HEALTH_MS: u64 = 60_000;
 
 /// `mode` of a `[[services]]` entry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -46,6 +50,8 @@ pub struct KernelEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelService {
     pub name: Arc<str>,
+    /// `health_check_ms`: probe the endpoints this often.
+    pub health_interval: Option<Duration>,
     /// Slot in the kernel tables (kernel services in policy order).
     pub slot: u32,
     pub addresses: Vec<SocketAddr>,
@@ -74,6 +80,14 @@ pub(super) fn check(raw: &RawPolicy, f: &ServiceFacts<'_>) -> Result<Vec<KernelE
     let s = &raw.services[f.index];
     let field = f.field;
     let no = |suffix: &str, reason: String| Err((format!("{field}{suffix}"), reason));
+    if let Some(ms) = s.health_check_ms {
+        if !(MIN_HEALTH_MS..=MAX_HEALTH_MS).contains(&ms) {
+            return no(
+                ".health_check_ms",
+                format!("must be {MIN_HEALTH_MS} to {MAX_HEALTH_MS} ms"),
+            );
+        }
+    }
     if s.protocol != ProtocolHint::Tcp {
         return no(
             ".protocol",
@@ -288,6 +302,7 @@ mod tests {
                 kernel_service("", &EPS.replace("10.0.2.1:5432", "[fd00::1]:5432"), SPLIT),
                 "services[0].endpoints[2].address",
             ),
+            (kernel_service("health_check_ms = 5", EPS, SPLIT), "services[0].health_check_ms"),
         ];
         for (text, field) in cases {
             let e = refused(&text);
@@ -343,6 +358,15 @@ mod tests {
                 .starts_with("proxy (services[1].protocol:"),
             "{}",
             v["services"][1]["kernel"]
+        );
+        // Health checks are for kernel services only.
+        let e =
+            refused(&kernel_service("health_check_ms = 500", EPS, SPLIT).replace("mode = \"kernel\"", ""));
+        assert_eq!(e.field, "services[0].health_check_ms");
+        let hp = ok(&kernel_service("health_check_ms = 500", EPS, SPLIT));
+        assert_eq!(
+            hp.kernel_plan().services[0].health_interval,
+            Some(std::time::Duration::from_millis(500))
         );
         // `mode` round-trips (and stays out of files that never set it).
         let raw = p.raw().clone();

@@ -101,6 +101,10 @@ pub struct RawService {
     /// `proxy` (default) or `kernel`: routed inside `connect()` ([`super::kernel`]).
     #[serde(default, skip_serializing_if = "ServiceMode::is_proxy")]
     pub mode: ServiceMode,
+    /// `mode = "kernel"` only: the daemon connects to every endpoint this often and takes one
+    /// that failed twice in a row out of the kernel's choice until it answers twice again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -633,6 +637,7 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
             (ServiceMode::Kernel, Ok(entries)) => {
                 kernel_plan.services.push(KernelService {
                     name: name.clone(),
+                    health_interval: s.health_check_ms.map(Duration::from_millis),
                     slot: kernel_plan.services.len() as u32,
                     addresses: vips,
                     entries,
@@ -643,6 +648,12 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
                 return Err(perr(
                     field,
                     format!("mode = \"kernel\" cannot route this service: {reason}"),
+                ));
+            }
+            (ServiceMode::Proxy, _) if s.health_check_ms.is_some() => {
+                return Err(perr(
+                    format!("{f}.health_check_ms"),
+                    "health checks are for mode = \"kernel\" services (the proxy retries instead)",
                 ));
             }
             (ServiceMode::Proxy, Ok(_)) => "proxy (qualifies for mode = \"kernel\")".to_owned(),
