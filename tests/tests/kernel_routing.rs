@@ -59,12 +59,16 @@ struct Setup {
 }
 
 fn setup(w1: u32, w2: u32) -> Setup {
+    setup_with(|node| policy(node, w1, w2))
+}
+
+fn setup_with(policy: impl Fn(&VirtualNode) -> String) -> Setup {
     let node = VirtualNode::new(&["client", "v1", "v2"]).expect("virtual node");
     let servers = ["v1", "v2"]
         .iter()
         .map(|n| Server::peer(node.pod(n), PORT, "whoami").expect("whoami server"))
         .collect();
-    let daemon = Daemon::start(&node, &basic_config(&node, &policy(&node, w1, w2))).expect("daemon");
+    let daemon = Daemon::start(&node, &basic_config(&node, &policy(&node))).expect("daemon");
     daemon.enroll(node.pod("client")).expect("enroll client");
     Setup {
         node,
@@ -544,4 +548,84 @@ c.close()
         "{text}"
     );
     assert_eq!(s.daemon.counter("kroute_routed").unwrap(), 1);
+}
+
+/// `health_check_ms`: an endpoint that dies under load leaves the kernel's choice after two
+/// failed probes, and comes back after two answered ones.
+#[test]
+fn a_dead_endpoint_leaves_the_choice_by_health_checks_and_comes_back() {
+    if !require_privileged() {
+        return;
+    }
+    let mut s = setup_with(|node| {
+        policy(node, 50, 50).replace("mode = \"kernel\"", "mode = \"kernel\"\nhealth_check_ms = 200")
+    });
+    let (v1, v2) = (s.node.pod("v1").addr(PORT), s.node.pod("v2").addr(PORT));
+    let dir = TempDir::new("kroute-health").unwrap();
+    let log = dir.join("conns.log");
+    let child = start_conns(&s, &["--seconds", "5", "--log", log.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = now_us();
+    let pid = s._servers[0].pid() as i32;
+    // SAFETY: a plain kill(2) of the v1 server this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill the v1 server");
+    let (_, v) = finish(child);
+    let conns = read_log(&log);
+    let fails: Vec<u128> = conns
+        .iter()
+        .filter(|(_, e)| e == "FAIL")
+        .map(|(t, _)| *t)
+        .collect();
+    let last_fail = fails.iter().max().copied().unwrap_or(killed);
+    let settled = last_fail.max(killed);
+    let after: Vec<_> = conns.iter().filter(|(t, _)| *t > settled).collect();
+    eprintln!(
+        "health: {} connects, {} failed, the last {:.0} ms after v1 died; {} after that: v1 {}, v2 {}",
+        conns.len(),
+        fails.len(),
+        (last_fail as f64 - killed as f64) / 1000.0,
+        after.len(),
+        after.iter().filter(|(_, e)| *e == v1).count(),
+        after.iter().filter(|(_, e)| *e == v2).count(),
+    );
+    assert!(
+        last_fail - killed < 2_000_000,
+        "failures went on for {} ms: {v}",
+        (last_fail - killed) / 1000
+    );
+    assert!(
+        after.len() > 200,
+        "too few connects after v1 left: {}",
+        after.len()
+    );
+    assert!(
+        after.iter().all(|(_, e)| *e == v2),
+        "connects still reach the dead v1"
+    );
+    let (_, routes) = kernel_counts(&s.daemon);
+    assert_eq!(
+        routes["kernel"]["unhealthy"],
+        json!([v1.clone()]),
+        "{}",
+        routes["kernel"]
+    );
+    assert_eq!(routes["kernel"]["services"][0]["entries"][0]["down"], true);
+
+    // Back: v1 answers again and rejoins.
+    s._servers
+        .push(Server::peer(s.node.pod("v1"), PORT, "whoami").expect("v1 again"));
+    sockmesh_tests::eventually(Duration::from_secs(5), || {
+        let (_, r) = kernel_counts(&s.daemon);
+        anyhow::ensure!(
+            r["kernel"]["unhealthy"] == json!([]),
+            "still unhealthy: {}",
+            r["kernel"]
+        );
+        Ok(())
+    })
+    .expect("v1 comes back");
+    let (out, v) = finish(start_conns(&s, &["--count", "400"]));
+    assert!(out.status.success(), "{v}");
+    let counts = endpoint_counts(&s.node, &v);
+    assert!(counts["v1"] > 100 && counts["v2"] > 100, "{counts:?}");
 }
