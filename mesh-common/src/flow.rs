@@ -83,6 +83,10 @@ pub const ORIG_FLAG_V4_MAPPED: u32 = 1 << 0;
 /// app socket a colour ledger and puts it in `SM_SOCKS` for the sk_msg program.
 pub const ORIG_FLAG_PROPAGATE: u32 = 1 << 1;
 
+/// The connect was routed in the kernel straight to an endpoint (no proxy): `getpeername`
+/// rewrites whatever the peer is, and sockops drops the flow record when the app socket closes.
+pub const ORIG_FLAG_KERNEL: u32 = 1 << 2;
+
 /// Where the app meant to connect.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,11 +20,12 @@ pub mod flow;
 pub mod inbound;
 pub mod maps;
 pub mod pods;
+pub mod service;
 pub mod stats;
 
 /// Bumped whenever a shared type or map changes shape. The daemon writes it into
 /// [`config::MeshConfig::abi_version`]; hooks that see another value do nothing (fail open).
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// `AF_INET` / `AF_INET6` as the kernel defines them on Linux.
 pub const AF_INET: u32 = 2;
@@ -61,4 +62,7 @@ mod user {
     unsafe impl aya::Pod for inbound::InboundTarget {}
     unsafe impl aya::Pod for colour::InboundColourKey {}
     unsafe impl aya::Pod for colour::Ledger {}
+    unsafe impl aya::Pod for service::SvcKey {}
+    unsafe impl aya::Pod for service::SvcEntry {}
+    unsafe impl aya::Pod for service::SvcEndpoint {}
 }

@@ -39,11 +39,19 @@ pub const THREAD_COLOUR: &str = "SM_TID_COLOUR";
 /// colours of its stream by offset.
 pub const COLOUR_LEDGER: &str = "SM_LEDGER";
 
+/// `HashMap<SvcKey, SvcEntry>`: a kernel-routed service's VIP:port → its endpoint table
+/// ([`crate::service`]).
+pub const SVC: &str = "SM_SVC";
+/// `Array<SvcEndpoint>`: two halves of per-service (subset, endpoint) entries.
+pub const SVC_ENDPOINTS: &str = "SM_SVC_EP";
+/// `PerCpuArray<u64>`: connects routed in the kernel per (service slot, entry).
+pub const SVC_COUNTS: &str = "SM_SVC_COUNT";
+
 /// aya-log's ring buffer (pinned with the others so a restarted daemon reads the old programs' logs).
 pub const AYA_LOGS: &str = "AYA_LOGS";
 
 /// Every map the daemon pins under `<pin_dir>/maps/`.
-pub const PINNED: [&str; 17] = [
+pub const PINNED: [&str; 20] = [
     CONFIG,
     PODS,
     BYPASS_CIDRS,
@@ -61,6 +69,9 @@ pub const PINNED: [&str; 17] = [
     THREAD_COLOUR,
     COLOUR_LEDGER,
     AYA_LOGS,
+    SVC,
+    SVC_ENDPOINTS,
+    SVC_COUNTS,
 ];
 
 pub const PODS_MAX: u32 = 4096;
@@ -135,6 +146,9 @@ mod tests {
             COLOUR_PORTS,
             THREAD_COLOUR,
             COLOUR_LEDGER,
+            SVC,
+            SVC_ENDPOINTS,
+            SVC_COUNTS,
         ] {
             assert!(name.len() <= 15, "{name} is longer than BPF_OBJ_NAME_LEN - 1");
         }
@@ -164,6 +178,9 @@ mod pin_tests {
             COLOUR_PORTS,
             THREAD_COLOUR,
             COLOUR_LEDGER,
+            SVC,
+            SVC_ENDPOINTS,
+            SVC_COUNTS,
         ] {
             assert!(
                 PINNED.contains(&name),

@@ -40,7 +40,13 @@ pub mod reason {
     pub const LEDGER_MAP_FULL: u32 = 34;
     pub const LEDGER_RECORDED: u32 = 35;
     pub const LEDGER_MISSING: u32 = 36;
-    pub const COUNT: u32 = 37;
+    /// A connect to a kernel-routed service went straight to an endpoint.
+    pub const KROUTE_ROUTED: u32 = 37;
+    /// A kernel-routed service had no endpoint up: the connect took the proxy path.
+    pub const KROUTE_NO_ENDPOINT: u32 = 38;
+    /// The original-destination record could not be written: the connect took the proxy path.
+    pub const KROUTE_ORIG_MAP_FULL: u32 = 39;
+    pub const COUNT: u32 = 40;
 }
 
 /// Metric names, indexed like [`reason`].
@@ -82,6 +88,9 @@ pub const REASON_NAMES: [&str; reason::COUNT as usize] = [
     "ledger_map_full",
     "ledger_recorded",
     "ledger_missing",
+    "kroute_routed",
+    "kroute_no_endpoint",
+    "kroute_orig_map_full",
 ];
 
 #[cfg(test)]

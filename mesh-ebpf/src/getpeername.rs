@@ -7,7 +7,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
-use mesh_common::{addr, stats::reason, AF_INET};
+use mesh_common::{addr, flow::ORIG_FLAG_KERNEL, stats::reason, AF_INET};
 
 use crate::maps::{config, count, ORIG_BY_COOKIE};
 
@@ -28,8 +28,10 @@ fn rewrite(ctx: &SockAddrContext, v6: bool) -> Option<()> {
     let cfg = config()?;
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
     let orig = *unsafe { ORIG_BY_COOKIE.get(&cookie) }?;
+    // Routed in the kernel: the peer is the chosen endpoint, whatever it is.
+    let kernel = orig.flags & ORIG_FLAG_KERNEL != 0;
     let port = addr::port_from_user_port(unsafe { read_volatile(addr_of!((*sa).user_port)) });
-    if port != cfg.outbound_port {
+    if !kernel && port != cfg.outbound_port {
         return None;
     }
     unsafe {
@@ -40,7 +42,7 @@ fn rewrite(ctx: &SockAddrContext, v6: bool) -> Option<()> {
                 read_volatile(addr_of!((*sa).user_ip6[2])),
                 read_volatile(addr_of!((*sa).user_ip6[3])),
             ];
-            if !addr::is_loopback_v6(&cur) {
+            if !kernel && !addr::is_loopback_v6(&cur) {
                 return None;
             }
             let ip = orig.as_v6_words();
@@ -53,7 +55,7 @@ fn rewrite(ctx: &SockAddrContext, v6: bool) -> Option<()> {
                 return None;
             }
             let cur = read_volatile(addr_of!((*sa).user_ip4));
-            if !addr::is_loopback_v4(cur) {
+            if !kernel && !addr::is_loopback_v4(cur) {
                 return None;
             }
             write_volatile(addr_of_mut!((*sa).user_ip4), orig.ip_be[0]);

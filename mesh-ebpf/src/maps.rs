@@ -12,6 +12,7 @@ use mesh_common::{
     inbound::{InboundKey, InboundTarget},
     maps as m,
     pods::PodInfo,
+    service::{SvcEndpoint, SvcEntry, SvcKey, SVC_COUNT_ENTRIES, SVC_EP_ENTRIES, SVC_KEYS_MAX},
     stats::reason,
 };
 
@@ -67,6 +68,17 @@ pub static THREAD_COLOUR: LruHashMap<u32, u32> = LruHashMap::with_max_entries(m:
 
 #[map(name = "SM_LEDGER")]
 pub static LEDGER: LruHashMap<ConnTuple, Ledger> = LruHashMap::with_max_entries(m::COLOUR_LEDGER_MAX, 0);
+
+// The policy table in the kernel (mesh_common::service).
+
+#[map(name = "SM_SVC")]
+pub static SVC: HashMap<SvcKey, SvcEntry> = HashMap::with_max_entries(SVC_KEYS_MAX, 0);
+
+#[map(name = "SM_SVC_EP")]
+pub static SVC_ENDPOINTS: Array<SvcEndpoint> = Array::with_max_entries(SVC_EP_ENTRIES, 0);
+
+#[map(name = "SM_SVC_COUNT")]
+pub static SVC_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SVC_COUNT_ENTRIES, 0);
 
 /// The daemon's configuration, if it wrote one.
 #[inline(always)]

@@ -18,7 +18,7 @@ use aya_ebpf::{
 use mesh_common::{
     addr,
     colour::Ledger,
-    flow::{ConnTuple, ORIG_FLAG_PROPAGATE},
+    flow::{ConnTuple, ORIG_FLAG_KERNEL, ORIG_FLAG_PROPAGATE},
     stats::reason,
     AF_INET, AF_INET6,
 };
@@ -136,6 +136,13 @@ fn handle(ctx: &SockOpsContext) -> Option<()> {
                 count(reason::SOCKOPS_FLOW_CLOSED);
             } else {
                 let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+                // Routed in the kernel: no proxy side will ever close, so the app side drops
+                // the flow record.
+                if let Some(o) = unsafe { ORIG_BY_COOKIE.get(&cookie) } {
+                    if o.flags & ORIG_FLAG_KERNEL != 0 {
+                        let _ = FLOWS.remove(&t);
+                    }
+                }
                 let _ = ORIG_BY_COOKIE.remove(&cookie);
             }
         }

@@ -81,6 +81,12 @@ pub enum Request {
         #[serde(default = "one")]
         steps: u32,
     },
+    /// Mark an endpoint of the kernel-routed services down (it leaves the kernel's weighted
+    /// choice) or up again.
+    KernelEndpoint {
+        address: SocketAddr,
+        up: bool,
+    },
     /// Colour an app's inbound connection (`ColourKernel::set_inbound`): for a proxy outside
     /// the daemon, and for tests. `local`/`remote` as the app's accepted socket sees them.
     ColourInbound {
@@ -306,6 +312,14 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
                 })),
             }
         }
+        Request::KernelEndpoint { address, up } => match daemon.set_kernel_endpoint(address, up) {
+            Ok(w) => Response {
+                ok: true,
+                error: None,
+                status: Some(serde_json::json!({ "table": w })),
+            },
+            Err(e) => Response::err(format!("kernel tables: {e}")),
+        },
         Request::RoutesApply { policy } => match daemon.apply_routes(policy) {
             Ok(generation) => Response {
                 ok: true,

@@ -120,6 +120,10 @@ pub struct Daemon {
     applied_routing: Mutex<Option<state::AppliedRouting>>,
     /// Dual links: states, pods' link cgroups, the switch engine.
     links: Arc<crate::links::LinkManager>,
+    /// Endpoints marked down for the kernel-routed services (admin `kernel_endpoint`).
+    kernel_down: Mutex<std::collections::BTreeSet<std::net::SocketAddr>>,
+    /// Health checks of kernel-routed endpoints (`health_check_ms`).
+    kernel_health: Mutex<crate::kroute::Health>,
 }
 
 pub struct PodMetrics {
@@ -183,6 +187,121 @@ impl Daemon {
             enrolments: AtomicU64::new(0),
             stop: tokio::sync::watch::channel(None).0,
             applied_routing: Mutex::new(None),
+            kernel_down: Mutex::new(Default::default()),
+            kernel_health: Mutex::new(Default::default()),
+        }
+    }
+
+    /// At start, once the policy in force is settled (after [`Daemon::resume_routing`]):
+    /// write its kernel-routed services. A successor thus never routes in the kernel by the
+    /// config's weights while a runtime policy is being resumed: until this call the previous
+    /// daemon's tables keep routing.
+    pub fn write_kernel_routes(&self) {
+        if let Err(e) = self.sync_kernel_routes(&self.policy()) {
+            warn!("kernel-routed services not written: {e}");
+        }
+    }
+
+    /// Write `policy`'s kernel-routed services (with the endpoints marked down) into the
+    /// kernel tables: a new generation, flipped service by service.
+    fn sync_kernel_routes(&self, policy: &crate::routing::Policy) -> Result<crate::ebpf::TableWrite, String> {
+        let tables = {
+            let down = self.kernel_down_all();
+            crate::kroute::tables(policy.kernel_plan(), &down)
+        };
+        let mut k = self.kernel.lock().expect("kernel lock");
+        let w = k.services.write(&tables).map_err(|e| e.to_string())?;
+        tracing::info!(
+            generation = w.generation,
+            services = w.services,
+            write_us = w.write_us,
+            "kernel service tables written"
+        );
+        Ok(w)
+    }
+
+    /// Mark an endpoint of the kernel-routed services down (it leaves the kernel's choice) or
+    /// up again; returns the new table write.
+    pub fn set_kernel_endpoint(
+        &self,
+        address: std::net::SocketAddr,
+        up: bool,
+    ) -> Result<crate::ebpf::TableWrite, String> {
+        let address = crate::routing::policy::normalise(address);
+        {
+            let mut down = self.kernel_down.lock().expect("down lock");
+            if up {
+                down.remove(&address);
+            } else {
+                down.insert(address);
+            }
+        }
+        self.sync_kernel_routes(&self.policy())
+    }
+
+    /// Endpoints out of the kernel's choice: marked down by an operator or by health checks.
+    fn kernel_down_all(&self) -> std::collections::BTreeSet<std::net::SocketAddr> {
+        let mut down = self.kernel_down.lock().expect("down lock").clone();
+        down.extend(
+            self.kernel_health
+                .lock()
+                .expect("health lock")
+                .down
+                .iter()
+                .copied(),
+        );
+        down
+    }
+
+    /// The `kernel` part of `sockmesh routes`.
+    pub fn kernel_routes(&self) -> serde_json::Value {
+        let policy = self.policy();
+        let down = self.kernel_down_all();
+        let unhealthy: Vec<String> = self
+            .kernel_health
+            .lock()
+            .expect("health lock")
+            .down
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let k = self.kernel.lock().expect("kernel lock");
+        let mut v = crate::kroute::view(policy.kernel_plan(), &k.services, &down);
+        v["unhealthy"] = unhealthy.into();
+        v
+    }
+
+    /// Probes the endpoints of kernel-routed services with `health_check_ms`, from inside an
+    /// enrolled pod's netns, and rewrites the kernel tables when one goes down or comes back.
+    /// Runs until shutdown.
+    pub async fn kernel_health_loop(self: Arc<Self>) {
+        loop {
+            let Some((every, endpoints)) = crate::kroute::health_targets(self.policy().kernel_plan()) else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            };
+            tokio::time::sleep(every).await;
+            if self.shutting_down.load(Relaxed) {
+                return;
+            }
+            let netns = self
+                .pods
+                .lock()
+                .expect("pods lock")
+                .values()
+                .find(|p| p.spec.capture)
+                .map(|p| p.spec.netns.clone());
+            let Some(netns) = netns else { continue };
+            let timeout = every.min(Duration::from_secs(1));
+            let results = crate::kroute::probe(&netns, self.cfg.daemon_mark, &endpoints, timeout).await;
+            let changed = self.kernel_health.lock().expect("health lock").record(&results);
+            if changed {
+                let down = self.kernel_health.lock().expect("health lock").down.clone();
+                warn!(?down, "kernel-routed endpoints failing health checks changed");
+                if let Err(e) = self.sync_kernel_routes(&self.policy()) {
+                    warn!("kernel-routed services not written: {e}");
+                }
+            }
         }
     }
 
@@ -249,7 +368,9 @@ impl Daemon {
 
     /// `sockmesh routes`: the live policy with its counters.
     pub fn routes(&self) -> serde_json::Value {
-        serde_json::to_value(self.l7().router.current().view()).unwrap_or_default()
+        let mut v = serde_json::to_value(self.l7().router.current().view()).unwrap_or_default();
+        v["kernel"] = self.kernel_routes();
+        v
     }
 
     /// `sockmesh routes apply`: validate and swap the whole policy; existing connections keep
@@ -268,6 +389,14 @@ impl Daemon {
             }
         }
         let services = policy.raw().services.len();
+        // The kernel's tables first: a refusal there leaves the old policy serving everywhere.
+        let write = self
+            .sync_kernel_routes(&policy)
+            .map_err(|e| crate::routing::PolicyError {
+                field: "services".into(),
+                reason: format!("the kernel service tables refused the policy: {e}"),
+            })?;
+        tracing::debug!(kernel_write_us = write.write_us, "kernel tables flipped");
         self.l7().router.replace(policy);
         self.refresh_pod_colours();
         let generation = self.l7().router.current().generation();
@@ -650,6 +779,7 @@ impl Daemon {
     pub fn status(&self) -> serde_json::Value {
         // Takes the pods and kernel locks itself: before this function holds them.
         let propagation = self.propagation_status();
+        let kernel_routes = self.kernel_routes();
         let pods = self.pods.lock().expect("pods lock");
         let conns = self.shared.registry.snapshot();
         let pods_json: Vec<_> = pods
@@ -700,6 +830,7 @@ impl Daemon {
             "acceleration": { "enabled": accel.enabled, "detail": accel.detail },
             "propagation": propagation,
             "links": self.links.view(&self.policy()),
+            "kernel_routes": kernel_routes,
             "kernel": {
                 "release": sys::kernel_release(),
                 "checks": self.checks.iter().map(|(k, v)| json!({"check": k, "result": v})).collect::<Vec<_>>(),

@@ -25,6 +25,7 @@ use mesh_common::{
     inbound::{InboundKey, InboundTarget},
     maps::{self as m, progs},
     pods::PodInfo,
+    service::{self as svc, SvcEndpoint, SvcEntry, SvcKey},
     stats::{reason, REASON_NAMES},
 };
 use thiserror::Error;
@@ -138,6 +139,8 @@ pub struct Kernel {
     pub origin: Origin,
     /// Hooks attached, for status ("sm_connect4 -> /sys/fs/cgroup/...").
     pub attached: Vec<String>,
+    /// The kernel-routed services' tables (`SM_SVC`, `SM_SVC_EP`, `SM_SVC_COUNT`).
+    pub services: ServiceTables,
 }
 
 macro_rules! take_map {
@@ -230,6 +233,11 @@ impl Kernel {
         let inbound = take_map!(bpf, m::INBOUND, HashMap<MapData, InboundKey, InboundTarget>);
         let listeners = take_map!(bpf, m::LISTENERS, SockMap<MapData>);
         let inbound_exclude = take_map!(bpf, m::INBOUND_EXCLUDE, HashMap<MapData, InboundKey, u32>);
+        let services = ServiceTables::new(
+            take_map!(bpf, m::SVC, HashMap<MapData, SvcKey, SvcEntry>),
+            take_map!(bpf, m::SVC_ENDPOINTS, Array<MapData, SvcEndpoint>),
+            take_map!(bpf, m::SVC_COUNTS, PerCpuArray<MapData, u64>),
+        );
         let mut flags = FLAG_ENABLED;
         if opts.accelerate {
             flags |= FLAG_ACCELERATE;
@@ -272,6 +280,7 @@ impl Kernel {
             colour: ColourKernel::unavailable("not probed yet".into()),
             origin,
             attached: Vec::new(),
+            services,
         };
         // Take the log ring before anything runs, so records are never lost to a full ring.
         k.logger = if opts.bpf_log {
@@ -710,6 +719,178 @@ impl Kernel {
 
     pub fn sockhash_remove(&mut self, key: &ConnTuple) {
         let _ = self.socks.remove(key);
+    }
+}
+
+/// One kernel-routed service as the tables get it: its slot, VIPs and entries
+/// `(endpoint, weight, down)` in table order (a down entry gets zero width).
+pub struct TableService {
+    pub slot: u32,
+    /// Identity of each entry (service, subset, endpoint): a counter whose identity changes
+    /// is zeroed so counts are never attributed to another endpoint.
+    pub identity: Vec<String>,
+    pub addresses: Vec<SocketAddr>,
+    pub entries: Vec<(SocketAddr, u64, bool)>,
+}
+
+/// What one table write did.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct TableWrite {
+    pub generation: u32,
+    pub half: u32,
+    /// Time from the first endpoint write to the last `SM_SVC` flip.
+    pub write_us: u64,
+    /// Wall clock (µs since the Unix epoch) right after the last flip: a connect that starts
+    /// later sees this generation.
+    pub flipped_at_unix_us: u64,
+    pub services: usize,
+}
+
+/// `SM_SVC`, `SM_SVC_EP` and `SM_SVC_COUNT` (see `mesh_common::service`): double-buffered.
+/// Every write fills the half no `SM_SVC` entry points at, then flips each service's entry
+/// with one map update, then removes VIPs that left the policy.
+pub struct ServiceTables {
+    svc: HashMap<MapData, SvcKey, SvcEntry>,
+    eps: Array<MapData, SvcEndpoint>,
+    counts: PerCpuArray<MapData, u64>,
+    live_half: u32,
+    generation: u32,
+    layout: std::collections::BTreeMap<u32, Vec<String>>,
+    pub last: Option<TableWrite>,
+}
+
+fn svc_key(a: SocketAddr) -> SvcKey {
+    match a {
+        SocketAddr::V4(v4) => SvcKey::v4(u32::from_ne_bytes(v4.ip().octets()), a.port()),
+        SocketAddr::V6(_) => SvcKey::v6(ip_to_words(a.ip()), a.port()),
+    }
+}
+
+impl ServiceTables {
+    /// Adopts what a previous daemon left: the live half and generation come from `SM_SVC`.
+    fn new(
+        svc: HashMap<MapData, SvcKey, SvcEntry>,
+        eps: Array<MapData, SvcEndpoint>,
+        counts: PerCpuArray<MapData, u64>,
+    ) -> Self {
+        let mut live_half = 1;
+        let mut generation = 0;
+        for (_, e) in svc.iter().filter_map(Result::ok) {
+            live_half = e.half & 1;
+            generation = generation.max(e.generation);
+        }
+        Self {
+            svc,
+            eps,
+            counts,
+            live_half,
+            generation,
+            layout: Default::default(),
+            last: None,
+        }
+    }
+
+    /// Generation and live half now (generation 0: never written).
+    pub fn generation(&self) -> (u32, u32) {
+        (self.generation, self.live_half)
+    }
+
+    /// Write a whole new table generation (see [`ServiceTables`]).
+    pub fn write(&mut self, services: &[TableService]) -> Result<TableWrite, KernelError> {
+        let map_err = |name| move |source| KernelError::Map { name, source };
+        let half = 1 - self.live_half;
+        let generation = self.generation.wrapping_add(1).max(1);
+        let started = std::time::Instant::now();
+        for s in services {
+            if s.slot >= svc::SVC_SLOTS || s.entries.len() > svc::SVC_MAX_ENDPOINTS as usize {
+                return Err(KernelError::Map {
+                    name: m::SVC_ENDPOINTS,
+                    source: aya::maps::MapError::OutOfBounds {
+                        index: s.slot,
+                        max_entries: svc::SVC_SLOTS,
+                    },
+                });
+            }
+            let weights: Vec<u64> = s
+                .entries
+                .iter()
+                .map(|(_, w, down)| if *down { 0 } else { *w })
+                .collect();
+            let mut cum = vec![0u32; weights.len()];
+            svc::cumulative(&weights, &mut cum);
+            for (i, ((ep, _, down), c)) in s.entries.iter().zip(&cum).enumerate() {
+                let (family, ip) = match ep {
+                    SocketAddr::V4(v4) => (
+                        mesh_common::AF_INET,
+                        [u32::from_ne_bytes(v4.ip().octets()), 0, 0, 0],
+                    ),
+                    SocketAddr::V6(_) => (mesh_common::AF_INET6, ip_to_words(ep.ip())),
+                };
+                let flags = if *down { svc::EP_FLAG_DOWN } else { 0 };
+                let value = SvcEndpoint::new(family, ip, ep.port(), *c, flags);
+                self.eps
+                    .set(svc::ep_index(half, s.slot, i as u32), value, 0)
+                    .map_err(map_err(m::SVC_ENDPOINTS))?;
+            }
+            // Counters whose (service, subset, endpoint) changed start again from 0.
+            if let Some(old) = self.layout.get(&s.slot) {
+                let n = aya::util::nr_cpus().unwrap_or(1);
+                for i in 0..s.identity.len().max(old.len()) {
+                    if old.get(i) != s.identity.get(i) {
+                        let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; n])
+                            .map_err(|e| map_err(m::SVC_COUNTS)(aya::maps::MapError::IoError(e)))?;
+                        let _ = self.counts.set(svc::count_index(s.slot, i as u32), zeros, 0);
+                    }
+                }
+            }
+        }
+        let mut keep = std::collections::HashSet::new();
+        for s in services {
+            let entry = SvcEntry::new(s.slot, half, s.entries.len() as u32, generation);
+            for a in &s.addresses {
+                let k = svc_key(*a);
+                self.svc.insert(k, entry, 0).map_err(map_err(m::SVC))?;
+                keep.insert(k);
+            }
+        }
+        let write_us = started.elapsed().as_micros() as u64;
+        let flipped_at_unix_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let stale: Vec<SvcKey> = self
+            .svc
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        for k in stale {
+            let _ = self.svc.remove(&k);
+        }
+        self.live_half = half;
+        self.generation = generation;
+        self.layout = services.iter().map(|s| (s.slot, s.identity.clone())).collect();
+        let w = TableWrite {
+            generation,
+            half,
+            write_us,
+            flipped_at_unix_us,
+            services: services.len(),
+        };
+        self.last = Some(w);
+        Ok(w)
+    }
+
+    /// Connects routed per entry of `slot` (summed over CPUs), for `n` entries.
+    pub fn counts(&self, slot: u32, n: usize) -> Vec<u64> {
+        (0..n as u32)
+            .map(|i| {
+                self.counts
+                    .get(&svc::count_index(slot, i), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0)
+            })
+            .collect()
     }
 }
 

@@ -9,6 +9,7 @@ mod admin;
 mod config;
 mod daemon;
 mod ebpf;
+mod kroute;
 mod metrics;
 mod propagate;
 mod proxy;
@@ -198,6 +199,15 @@ enum RoutesCmd {
     /// `detect_timeout_ms` and `[[services]]`, as in the config). Open connections are kept;
     /// their next request follows the new policy. Invalid: exit 64, the daemon is unchanged.
     Apply { file: PathBuf },
+    /// Take an endpoint of the kernel-routed services (`mode = "kernel"`) out of the kernel's
+    /// weighted choice (`--down`) or put it back (`--up`).
+    Endpoint {
+        address: std::net::SocketAddr,
+        #[arg(long, conflicts_with = "up", required_unless_present = "up")]
+        down: bool,
+        #[arg(long)]
+        up: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -304,6 +314,29 @@ fn main() -> ExitCode {
             admin_socket,
             ..
         } => routes_apply(&admin_socket, &file),
+        Cmd::Routes {
+            action: Some(RoutesCmd::Endpoint { address, up, .. }),
+            admin_socket,
+            ..
+        } => match admin::call(&admin_socket, &admin::Request::KernelEndpoint { address, up }) {
+            Ok(resp) if resp.ok => {
+                let t = resp.status.unwrap_or_default();
+                println!(
+                    "{address} {}: kernel table generation {}",
+                    if up { "up" } else { "down" },
+                    t["table"]["generation"]
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(resp) => {
+                eprintln!("error: {}", resp.error.unwrap_or_else(|| "unknown error".into()));
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
@@ -818,6 +851,7 @@ fn serve_loaded(
     if let Some(r) = resumed_routing {
         daemon.resume_routing(r);
     }
+    daemon.write_kernel_routes();
     let result = rt.block_on(async {
         let admin = admin::bind(&admin_path)
             .with_context(|| format!("failed to bind the admin socket {}", admin_path.display()))?;
@@ -838,6 +872,7 @@ fn serve_loaded(
         tokio::spawn(admin::serve(admin, daemon.clone()));
         tokio::spawn(metrics::serve(metrics, daemon.clone()));
         tokio::spawn(daemon.clone().forward_bpf_logs());
+        tokio::spawn(daemon.clone().kernel_health_loop());
         let keep_state = tokio::select! {
             r = wait_for_signal() => { r?; false }
             keep = daemon.stop_requested() => keep,

@@ -132,6 +132,7 @@ pub fn render(daemon: &Daemon) -> String {
     }
     render_l7(&mut o, daemon.l7());
     daemon.render_links(&mut o);
+    crate::kroute::metrics(&mut o, &daemon.kernel_routes());
     o
 }
 

@@ -55,6 +55,9 @@ pub fn render(st: &Value) -> String {
         },
         s(&accel["detail"])
     );
+    if st["kernel_routes"].is_object() {
+        o.push_str(crate::kroute::render(&st["kernel_routes"]).trim_start());
+    }
     let prop = &st["propagation"];
     if !prop.is_null() {
         let _ = writeln!(o, "colour propagation: {}", s(&prop["state"]));
@@ -357,6 +360,9 @@ pub fn render_routes(v: &Value) -> String {
         pt["requests"].as_u64().unwrap_or(0)
     );
     render_colours(&mut o, v);
+    if v["kernel"].is_object() {
+        o.push_str(&crate::kroute::render(&v["kernel"]));
+    }
     o
 }
 

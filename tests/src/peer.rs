@@ -6,6 +6,7 @@
 //! peer load --connect ADDR [--connections N] [--sizes LIST] [--seconds-limit S]
 //! peer get --connect ADDR [--send TEXT] [--hold-ms MS] [--seconds-limit S]
 //! peer interactive --connect ADDR
+//! peer conns --connect ADDR [--count N | --seconds S] [--threads T] [--log FILE] [--seconds-limit S]
 //! ```
 //!
 //! `serve` prints `listening <addr>` once bound and `accepted peer=<ip:port> local=<ip:port>` per
@@ -21,6 +22,14 @@
 //! `get` connects, optionally waits `--hold-ms` (so the connection can be seen in `sockmesh
 //! status`), sends TEXT if given, half-closes, prints what it receives to stdout and
 //! `connected local=.. peer=..` to stderr.
+//!
+//! `conns` opens many short connections to a `whoami` server from `--threads` threads (default
+//! 4), each one after the other: `--count` in all, or for `--seconds`. Per connection it checks
+//! that `getpeername()` is the address it dialled, reads the server's `peer=.. local=..` line and
+//! counts the server's `local` address (the endpoint that answered) and the `peer` IP the server
+//! saw. `--log FILE` writes `<unix µs at connect> <endpoint or FAIL>` per connection. It prints
+//! `{"ok":..,"failed":..,"getpeername_mismatch":..,"by_endpoint":{..},"peer_ips":{..},
+//! "elapsed_ms":..,"errors":[..]}` and exits 1 on any failure.
 //!
 //! `interactive` connects, prints `connected local=<a> peer=<b>`, then for each stdin line sends it
 //! and prints `echo <line>` once the echo is back; on stdin EOF it half-closes, drains and prints
@@ -55,6 +64,7 @@ pub fn run(args: &[String]) -> i32 {
         "load" => load(&opts),
         "get" => get(&opts),
         "interactive" => interactive(&opts),
+        "conns" => conns(&opts),
         "-h" | "--help" | "help" => usage(),
         other => Err(format!("unknown command {other:?}")),
     });
@@ -450,6 +460,128 @@ fn load(opts: &HashMap<String, String>) -> Res<()> {
     ));
     if failed > 0 || timed_out > 0 {
         // Do not wait for stuck threads.
+        process::exit(1);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// conns
+
+/// One short connection of `conns`: (endpoint that answered, peer IP it saw, getpeername ok).
+fn one_conn(addr: SocketAddr, timeout: Duration) -> Res<(String, String, bool)> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    let peer_ok = s.peer_addr().map(|p| p == addr).unwrap_or(false);
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    s.read_to_string(&mut line).map_err(|e| format!("read: {e}"))?;
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .map(str::to_owned)
+            .ok_or_else(|| format!("no {k} in {line:?}"))
+    };
+    let local = field("local=")?;
+    let peer = field("peer=")?;
+    let peer_ip = peer.rsplit_once(':').map(|(ip, _)| ip.to_owned()).unwrap_or(peer);
+    Ok((local, peer_ip, peer_ok))
+}
+
+fn unix_micros() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0)
+}
+
+fn conns(opts: &HashMap<String, String>) -> Res<()> {
+    let addr = resolve(opt(opts, "connect")?)?;
+    let count = opt_num(opts, "count", 0)?;
+    let seconds = opt_num(opts, "seconds", 0)?;
+    if (count == 0) == (seconds == 0) {
+        return Err("give one of --count N or --seconds S".into());
+    }
+    let threads = opt_num(opts, "threads", 4)?.clamp(1, 64);
+    let limit = Duration::from_secs(opt_num(opts, "seconds-limit", 120)?);
+    let start = Instant::now();
+    let deadline = start + limit;
+    let stop_at = (seconds > 0).then(|| start + Duration::from_secs(seconds));
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel::<(u128, Res<(String, String, bool)>)>();
+    for _ in 0..threads {
+        let (tx, next) = (tx.clone(), next.clone());
+        thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || loop {
+                let now = Instant::now();
+                if now >= deadline || stop_at.is_some_and(|t| now >= t) {
+                    break;
+                }
+                if count > 0 && next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= count {
+                    break;
+                }
+                let at = unix_micros();
+                let r = one_conn(addr, Duration::from_secs(5).min(deadline - now));
+                if tx.send((at, r)).is_err() {
+                    break;
+                }
+            })
+            .map_err(|e| format!("spawn: {e}"))?;
+    }
+    drop(tx);
+    let mut log = match opts.get("log") {
+        Some(p) => Some(io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| format!("--log {p}: {e}"))?,
+        )),
+        None => None,
+    };
+    let (mut ok, mut failed, mut mismatch) = (0u64, 0u64, 0u64);
+    let mut by_endpoint: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut peer_ips: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut errors = Vec::new();
+    while let Ok((at, r)) = rx.recv() {
+        match r {
+            Ok((local, peer_ip, peer_ok)) => {
+                ok += 1;
+                if !peer_ok {
+                    mismatch += 1;
+                }
+                if let Some(l) = log.as_mut() {
+                    let _ = writeln!(l, "{at} {local}");
+                }
+                *by_endpoint.entry(local).or_default() += 1;
+                *peer_ips.entry(peer_ip).or_default() += 1;
+            }
+            Err(e) => {
+                failed += 1;
+                if let Some(l) = log.as_mut() {
+                    let _ = writeln!(l, "{at} FAIL");
+                }
+                if errors.len() < MAX_ERRORS_REPORTED {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+    if let Some(mut l) = log {
+        let _ = l.flush();
+    }
+    let map = |m: &std::collections::BTreeMap<String, u64>| {
+        m.iter()
+            .map(|(k, v)| format!("{}:{v}", json_str(k)))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let errs: Vec<String> = errors.iter().map(|e| json_str(e)).collect();
+    say(&format!(
+        "{{\"ok\":{ok},\"failed\":{failed},\"getpeername_mismatch\":{mismatch},\
+         \"by_endpoint\":{{{}}},\"peer_ips\":{{{}}},\"elapsed_ms\":{},\"errors\":[{}]}}",
+        map(&by_endpoint),
+        map(&peer_ips),
+        start.elapsed().as_millis(),
+        errs.join(",")
+    ));
+    if failed > 0 || mismatch > 0 || (count > 0 && ok < count) {
         process::exit(1);
     }
     Ok(())

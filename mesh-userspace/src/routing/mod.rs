@@ -18,6 +18,7 @@
 //! [`policy`] holds the config schema and its validation; [`stats`] the per-route counters.
 
 pub mod colour;
+pub mod kernel;
 pub mod link;
 pub mod policy;
 pub mod stats;
@@ -28,6 +29,7 @@ use std::{
     time::Duration,
 };
 
+pub use kernel::KernelPlan;
 pub use policy::{compile, parse_toml, Policy, PolicyError, RawPolicy};
 pub use stats::{Outcome, RouteStats, RouteStatsView};
 

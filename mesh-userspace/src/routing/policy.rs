@@ -50,6 +50,7 @@ use super::{
         self, Choice, ColourId, ColourInputs, ColourOutcome, ColourStats, ColourStatsView, Colours, Fallback,
         Ingress, RawColour, RawIngress, Source,
     },
+    kernel::{self, KernelPlan, KernelService, ServiceFacts, ServiceMode},
     ConnPlan, Decision, ProtocolHint, RequestInfo, RouteError, RouteStats, RouteStatsView,
 };
 
@@ -100,6 +101,13 @@ pub struct RawService {
     pub hosts: Vec<String>,
     #[serde(default = "auto")]
     pub protocol: ProtocolHint,
+    /// `proxy` (default) or `kernel`: routed inside `connect()` ([`super::kernel`]).
+    #[serde(default, skip_serializing_if = "ServiceMode::is_proxy")]
+    pub mode: ServiceMode,
+    /// `mode = "kernel"` only: the daemon connects to every endpoint this often and takes one
+    /// that failed twice in a row out of the kernel's choice until it answers twice again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -294,6 +302,9 @@ struct Service {
     protocol: ProtocolHint,
     subsets: Vec<Subset>,
     routes: Vec<Route>,
+    mode: ServiceMode,
+    /// Why the service is or is not routed in the kernel (for `sockmesh routes`).
+    kernel_note: String,
 }
 
 /// A validated policy, ready to route with.
@@ -312,6 +323,8 @@ pub struct Policy {
     links: Vec<super::link::Link>,
     /// Service index → link index.
     link_of_service: HashMap<usize, usize>,
+    /// The services routed inside `connect()` and their tables.
+    kernel: Arc<KernelPlan>,
     pub(super) generation: u64,
 }
 
@@ -366,6 +379,11 @@ fn parse_addr(field: &str, s: &str) -> Result<SocketAddr, PolicyError> {
     Ok(normalise(a))
 }
 
+/// An address as the policy stores it, or `None` when it does not parse.
+pub(super) fn normalise_str(s: &str) -> Option<SocketAddr> {
+    s.parse().ok().map(normalise)
+}
+
 /// Validate and compile. Every error names the field (`services[1].routes[0].split`).
 pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
     let detect_ms = raw.detect_timeout_ms.unwrap_or(DEFAULT_DETECT_TIMEOUT_MS);
@@ -384,6 +402,7 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
     let mut by_addr = HashMap::new();
     let mut by_host = HashMap::new();
     let mut names = HashSet::new();
+    let mut kernel_plan = KernelPlan::default();
     for (si, s) in raw.services.iter().enumerate() {
         let f = format!("services[{si}]");
         let name = check_name(&format!("{f}.name"), &s.name)?;
@@ -595,13 +614,69 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
                 retries: check_retries(&format!("{field}.retries"), r.retries, retries)?,
             });
         }
+        let vips: Vec<SocketAddr> = by_addr
+            .iter()
+            .filter(|(_, i)| **i == si)
+            .map(|(a, _)| *a)
+            .collect();
+        let mut vips = vips;
+        vips.sort();
+        let facts = ServiceFacts {
+            field: &f,
+            index: si,
+            addresses: &vips,
+            subsets: subsets
+                .iter()
+                .map(|k| (k.name.clone(), k.endpoints.to_vec()))
+                .collect(),
+            routes: routes
+                .iter()
+                .map(|r| {
+                    (
+                        r.matches.is_catch_all(),
+                        r.split.iter().map(|p| (p.subset, p.weight)).collect(),
+                    )
+                })
+                .collect(),
+        };
+        let kernel_note = match (s.mode, kernel::check(&raw, &facts)) {
+            (ServiceMode::Kernel, Ok(entries)) => {
+                kernel_plan.services.push(KernelService {
+                    name: name.clone(),
+                    health_interval: s.health_check_ms.map(Duration::from_millis),
+                    slot: kernel_plan.services.len() as u32,
+                    addresses: vips,
+                    entries,
+                });
+                "kernel: routed inside connect()".to_owned()
+            }
+            (ServiceMode::Kernel, Err((field, reason))) => {
+                return Err(perr(
+                    field,
+                    format!("mode = \"kernel\" cannot route this service: {reason}"),
+                ));
+            }
+            (ServiceMode::Proxy, _) if s.health_check_ms.is_some() => {
+                return Err(perr(
+                    format!("{f}.health_check_ms"),
+                    "health checks are for mode = \"kernel\" services (the proxy retries instead)",
+                ));
+            }
+            (ServiceMode::Proxy, Ok(_)) => "proxy (qualifies for mode = \"kernel\")".to_owned(),
+            (ServiceMode::Proxy, Err((field, reason))) => format!("proxy ({field}: {reason})"),
+        };
         services.push(Service {
             index: services.len(),
             name,
             protocol: s.protocol,
             subsets,
             routes,
+            mode: s.mode,
+            kernel_note,
         });
+    }
+    if let Err((field, reason)) = kernel::check_plan(&kernel_plan) {
+        return Err(perr(field, reason));
     }
     let ingress = compile_ingress(&raw, &services, &colours)?;
     let (links, link_of_service) = compile_links(&raw, &services)?;
@@ -622,6 +697,7 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
         colour_stats,
         links,
         link_of_service,
+        kernel: Arc::new(kernel_plan),
         generation: 0,
     })
 }
@@ -954,6 +1030,11 @@ impl Policy {
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// The services routed inside `connect()` and their tables.
+    pub fn kernel_plan(&self) -> &Arc<KernelPlan> {
+        &self.kernel
     }
 
     /// Per connection, before reading: relay untouched, or look at the bytes. A pod's inbound
@@ -1324,6 +1405,8 @@ impl Policy {
                 .map(|s| ServiceView {
                     name: s.name.to_string(),
                     protocol: s.protocol,
+                    mode: s.mode,
+                    kernel: s.kernel_note.clone(),
                     endpoint_colours: s
                         .subsets
                         .iter()
@@ -1405,6 +1488,9 @@ pub struct ColourView {
 pub struct ServiceView {
     pub name: String,
     pub protocol: ProtocolHint,
+    pub mode: ServiceMode,
+    /// Whether the kernel routes it, or why not.
+    pub kernel: String,
     /// Coloured endpoints' colours (base endpoints are not listed).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub endpoint_colours: BTreeMap<String, String>,

@@ -296,6 +296,35 @@ pub fn goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
             met: any.then_some(met),
         });
     }
+    // 2b. An L4 service routed inside connect() (issue 14): within 5 % of direct.
+    {
+        let mut parts = Vec::new();
+        let mut met = true;
+        let mut any = false;
+        for &wl in &wls {
+            if !matches!(wl, Workload::Rr { .. } | Workload::ConnRate) {
+                continue;
+            }
+            if let (Some(k), Some(d)) = (
+                find(cells, Scenario::KernelL4, wl),
+                find(cells, Scenario::Direct, wl),
+            ) {
+                let r = ratio(k.rate, d.rate).unwrap_or(0.0);
+                met &= r >= 0.95;
+                any = true;
+                parts.push(format!("{}: {r:.2}x", wl.label()));
+            }
+        }
+        g.push(Goal {
+            goal: "kernel-routed L4 service rate >= 0.95x direct".into(),
+            measured: if any {
+                parts.join("; ")
+            } else {
+                "not measured".into()
+            },
+            met: any.then_some(met),
+        });
+    }
     // The HTTP latency goal is read against sockmesh routing the HTTP (L7), the L4 relay of the
     // same bytes kept as a reference; sk_msg has no L7 scenario.
     for (sc, reference, name) in [
@@ -854,6 +883,32 @@ mod tests {
         assert_eq!(row[11], "1.50x", "{row:?}");
         assert_eq!(row[9], "0.60x", "{row:?}");
         assert!(SETUP.contains("eBPF + sockmesh L7"));
+    }
+
+    #[test]
+    fn the_kernel_l4_goal_compares_rates_with_direct() {
+        let rr = Workload::Rr { size: 64, conns: 1 };
+        let cr = Workload::ConnRate;
+        let goal_for = |kernel_rr: u64| {
+            let res = Results {
+                samples: vec![
+                    sample(Scenario::Direct, rr, 50_000, 0.0, 20.0),
+                    sample(Scenario::KernelL4, rr, kernel_rr, 0.0, 20.0),
+                    sample(Scenario::Direct, cr, 20_000, 0.0, 40.0),
+                    sample(Scenario::KernelL4, cr, 20_000, 0.0, 40.0),
+                ],
+                ..Results::default()
+            };
+            let cells = cells(&res);
+            goals(&res, &cells)
+                .into_iter()
+                .find(|g| g.goal.starts_with("kernel-routed L4"))
+                .expect("kernel L4 goal")
+        };
+        let g = goal_for(49_000);
+        assert_eq!(g.met, Some(true), "{g:?}");
+        assert!(g.measured.contains("TCP RR 64B x1: 0.98x"), "{g:?}");
+        assert_eq!(goal_for(40_000).met, Some(false));
     }
 
     #[test]

@@ -75,6 +75,11 @@ pub enum Scenario {
     NotEnrolled,
     /// Connect rate: an enrolled pod to a bypassed port.
     EnrolledBypass,
+    /// An enrolled pod to an L4 service VIP routed inside `connect()` (`mode = "kernel"`):
+    /// straight to the server, no proxy.
+    KernelL4,
+    /// The same kind of L4 service (VIP, `protocol = "tcp"`) routed by the proxy.
+    ProxyL4,
 }
 
 /// Which daemon (if any) must run for a scenario.
@@ -86,7 +91,7 @@ pub enum Phase {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 14] = [
         Scenario::Direct,
         Scenario::IptSockmesh,
         Scenario::Ebpf,
@@ -99,6 +104,8 @@ impl Scenario {
         Scenario::Haproxy,
         Scenario::NotEnrolled,
         Scenario::EnrolledBypass,
+        Scenario::KernelL4,
+        Scenario::ProxyL4,
     ];
 
     pub fn label(self) -> &'static str {
@@ -115,6 +122,8 @@ impl Scenario {
             Scenario::Haproxy => "HAProxy (reverse proxy)",
             Scenario::NotEnrolled => "hooks on, pod not enrolled",
             Scenario::EnrolledBypass => "enrolled pod, bypassed port",
+            Scenario::KernelL4 => "L4 service routed in the kernel",
+            Scenario::ProxyL4 => "L4 service via sockmesh proxy",
         }
     }
 
@@ -130,7 +139,12 @@ impl Scenario {
         match self {
             Scenario::Direct | Scenario::Haproxy | Scenario::NotEnrolled => "direct",
             Scenario::IptSockmesh | Scenario::IptSockmeshL7 => "ipt",
-            Scenario::Ebpf | Scenario::EbpfAccel | Scenario::EbpfL7 | Scenario::EnrolledBypass => "ebpf",
+            Scenario::Ebpf
+            | Scenario::EbpfAccel
+            | Scenario::EbpfL7
+            | Scenario::EnrolledBypass
+            | Scenario::KernelL4
+            | Scenario::ProxyL4 => "ebpf",
             Scenario::EbpfL7Prop => "ebpf-prop",
             Scenario::EnvoyEbpf => "envoy-ebpf",
             Scenario::EnvoyIpt => "envoy-ipt",
@@ -207,11 +221,21 @@ impl Workload {
     /// The scenarios this workload runs under.
     pub fn scenarios(self, have_envoy: bool) -> Vec<Scenario> {
         if self == Workload::ConnRate {
-            return vec![Scenario::Direct, Scenario::NotEnrolled, Scenario::EnrolledBypass];
+            return vec![
+                Scenario::Direct,
+                Scenario::NotEnrolled,
+                Scenario::EnrolledBypass,
+                Scenario::KernelL4,
+                Scenario::ProxyL4,
+            ];
         }
         Scenario::ALL
             .into_iter()
             .filter(|s| !matches!(s, Scenario::NotEnrolled | Scenario::EnrolledBypass))
+            // The L4 service rows: request/response and connect rate only.
+            .filter(|s| {
+                !matches!(s, Scenario::KernelL4 | Scenario::ProxyL4) || matches!(self, Workload::Rr { .. })
+            })
             // The routing policy claims an HTTP port only: the TCP workloads stay L4.
             .filter(|s| self == Workload::Http || !s.routed())
             .filter(|s| have_envoy || !matches!(s, Scenario::EnvoyEbpf | Scenario::EnvoyIpt))
@@ -381,6 +405,7 @@ impl Bench {
                 s.push_str(&pod_toml(self.pod("envoy-ebpf"), "external_proxy = true\n"));
             }
             s.push_str(&routing_policy(&self.pod("server").addr(HTTP_ROUTED_PORT)));
+            s.push_str(&l4_services(&self.pod("server").ip.to_string()));
         }
         s
     }
@@ -393,7 +418,9 @@ impl Bench {
             | Scenario::EbpfAccel
             | Scenario::IptSockmeshL7
             | Scenario::EbpfL7
-            | Scenario::EbpfL7Prop => self.daemon.as_ref().map(Daemon::pid),
+            | Scenario::EbpfL7Prop
+            | Scenario::ProxyL4 => self.daemon.as_ref().map(Daemon::pid),
+            Scenario::KernelL4 => None,
             Scenario::EnvoyEbpf => self.envoy_ebpf.as_ref().map(Proxy::pid),
             Scenario::EnvoyIpt => self.envoy_ipt.as_ref().map(Proxy::pid),
             Scenario::Haproxy => self.haproxy.as_ref().map(Proxy::pid),
@@ -411,6 +438,9 @@ impl Bench {
         }
         if sc.routed() && wl == Workload::Http {
             return self.pod("server").addr(HTTP_ROUTED_PORT);
+        }
+        if let Some(vip) = l4_vip(sc) {
+            return format!("{vip}:{}", l4_vip_port(wl.port()));
         }
         self.pod("server").addr(wl.port())
     }
@@ -526,7 +556,10 @@ impl Bench {
     /// The routed scenarios are probed with HTTP requests and must show up in the daemon's
     /// request counter.
     fn probe(&self, sc: Scenario) -> Result<()> {
-        let wl = if matches!(sc, Scenario::NotEnrolled | Scenario::EnrolledBypass) {
+        let wl = if matches!(
+            sc,
+            Scenario::NotEnrolled | Scenario::EnrolledBypass | Scenario::KernelL4 | Scenario::ProxyL4
+        ) {
             Workload::ConnRate
         } else if sc.routed() {
             Workload::Http
@@ -614,6 +647,38 @@ pub fn routing_policy(addr: &str) -> String {
         toml_str(addr),
         toml_str(addr)
     )
+}
+
+/// The VIPs of the L4 service rows (no interface holds them).
+const KERNEL_L4_VIP: &str = "10.96.1.1";
+const PROXY_L4_VIP: &str = "10.96.1.2";
+
+fn l4_vip(sc: Scenario) -> Option<&'static str> {
+    match sc {
+        Scenario::KernelL4 => Some(KERNEL_L4_VIP),
+        Scenario::ProxyL4 => Some(PROXY_L4_VIP),
+        _ => None,
+    }
+}
+
+/// A VIP's port for a server port (the accept port itself is bypassed in the bench config).
+fn l4_vip_port(server_port: u16) -> u16 {
+    server_port + 10_000
+}
+
+/// The L4 services of the bench: the echo and accept servers behind a kernel-routed VIP and
+/// behind a proxied one (`protocol = "tcp"`, one endpoint: the server).
+pub fn l4_services(server_ip: &str) -> String {
+    let mut s = String::new();
+    for (vip, mode) in [(KERNEL_L4_VIP, "kernel"), (PROXY_L4_VIP, "proxy")] {
+        for (what, port) in [("echo", PORTS.echo), ("accept", PORTS.accept)] {
+            s.push_str(&format!(
+                "\n[[services]]\nname = \"l4-{mode}-{what}\"\naddresses = [\"{vip}:{}\"]\nprotocol = \"tcp\"\nmode = \"{mode}\"\nendpoints = [{{ address = \"{server_ip}:{port}\" }}]\n",
+                l4_vip_port(port)
+            ));
+        }
+    }
+    s
 }
 
 /// Whether a routed-request counter delta matches `requests` completed by the client: at least
@@ -864,6 +929,28 @@ fn enter_phase(b: &mut Bench, phase: Phase, first: bool, res: &mut Results) -> R
             let after = d.counter("connect_captured")?;
             if after <= cap0.unwrap_or(0) {
                 bail!("{}: connect_captured did not move: not captured", sc.label());
+            }
+        }
+        if matches!(sc, Scenario::KernelL4 | Scenario::ProxyL4) {
+            // Each row must really go the way it says: in the kernel (and not through the
+            // proxy), or through the proxy.
+            let d = b.daemon.as_ref().ok_or_else(|| anyhow!("no daemon"))?;
+            let k0 = d.counter("kroute_routed")?;
+            let c0 = d.counter("connect_captured")?;
+            b.probe(sc)?;
+            let (k, c) = (
+                d.counter("kroute_routed")? - k0,
+                d.counter("connect_captured")? - c0,
+            );
+            let ok = match sc {
+                Scenario::KernelL4 => k > 0 && c == 0,
+                _ => c > 0 && k == 0,
+            };
+            if !ok {
+                bail!(
+                    "{}: kroute_routed +{k}, connect_captured +{c}: not routed the way it claims",
+                    sc.label()
+                );
             }
         }
         if sc == Scenario::IptSockmesh {
