@@ -610,6 +610,11 @@ mod tests {
             "kubernetes.cri_socket"
         );
         assert!(parse("[kubernetes]\nbogus = 1\n").is_err());
+        // The DaemonSet's ConfigMap.
+        let c = parse(include_str!("../../deploy/kubernetes/sockmesh.toml"))
+            .expect("deploy/kubernetes/sockmesh.toml");
+        assert!(c.kubernetes.is_some_and(|k| k.sigterm_keeps_state));
+        assert_eq!(c.admin_socket, Path::new(DEFAULT_ADMIN_SOCKET));
     }
 
     #[test]
