@@ -452,6 +452,241 @@ plugin_dir = ""
         Ok(id)
     }
 
+    /// Runs a Kubernetes pod template (`spec.template` of a rendered DaemonSet, as JSON) the way
+    /// the kubelet would: a sandbox (host network when `hostNetwork`), every init container to
+    /// a successful exit (30 s each), then the containers. `hostPath` volumes go through `host`
+    /// (the test's stand-ins for node paths), `configMap` volumes are `config_map_dir`.
+    /// Returns the pod and its containers' ids by name.
+    pub fn run_template(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        template: &serde_json::Value,
+        host: &dyn Fn(&str) -> PathBuf,
+        config_map_dir: &Path,
+    ) -> Result<(KPod, HashMap<String, String>)> {
+        let spec = &template["spec"];
+        let host_network = spec["hostNetwork"].as_bool().unwrap_or(false);
+        let labels: Vec<(String, String)> = template["metadata"]["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let uid = uuid();
+        let parent = format!("{}/burstable/pod{uid}", self.kubepods_rel);
+        std::fs::create_dir_all(try_cgroup2_mount()?.join(parent.trim_start_matches('/')))?;
+        let log_dir = self.dir.join(format!("logs/{namespace}_{name}_{uid}"));
+        std::fs::create_dir_all(&log_dir)?;
+        let l: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut config = self.sandbox_config(namespace, name, &uid, &parent, &l, &[], &log_dir);
+        let ns_opts = NamespaceOption {
+            network: if host_network {
+                NamespaceMode::Node as i32
+            } else {
+                NamespaceMode::Pod as i32
+            },
+            pid: NamespaceMode::Container as i32,
+            ipc: NamespaceMode::Pod as i32,
+            ..Default::default()
+        };
+        if let Some(linux) = config.linux.as_mut() {
+            linux.security_context = Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(ns_opts.clone()),
+                ..Default::default()
+            });
+        }
+        let created = Instant::now();
+        let (rt, mut c) = self.client();
+        let id = rt
+            .block_on(c.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            }))
+            .with_context(|| format!("RunPodSandbox {namespace}/{name} from the template"))?
+            .into_inner()
+            .pod_sandbox_id;
+        let pod = KPod {
+            id: id.clone(),
+            uid,
+            namespace: namespace.into(),
+            name: name.into(),
+            ip: String::new(),
+            netns: String::new(),
+            created,
+        };
+        let volumes: HashMap<String, serde_json::Value> = spec["volumes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|v| (v["name"].as_str().unwrap_or("").to_string(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut ids = HashMap::new();
+        let empty = vec![];
+        let init = spec["initContainers"].as_array().unwrap_or(&empty);
+        let main = spec["containers"].as_array().unwrap_or(&empty);
+        for (is_init, ctr) in init
+            .iter()
+            .map(|c| (true, c))
+            .chain(main.iter().map(|c| (false, c)))
+        {
+            let cname = ctr["name"].as_str().unwrap_or("c").to_string();
+            let strings = |v: &serde_json::Value| -> Vec<String> {
+                v.as_array()
+                    .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default()
+            };
+            let mut mounts = Vec::new();
+            for m in ctr["volumeMounts"].as_array().unwrap_or(&empty) {
+                let vol = &volumes[m["name"].as_str().unwrap_or("")];
+                let host_path = if let Some(p) = vol["hostPath"]["path"].as_str() {
+                    host(p)
+                } else if vol.get("configMap").is_some() {
+                    config_map_dir.to_path_buf()
+                } else {
+                    bail!("volume {vol} is neither hostPath nor configMap");
+                };
+                let propagation = match m["mountPropagation"].as_str() {
+                    Some("HostToContainer") => MountPropagation::PropagationHostToContainer,
+                    Some("Bidirectional") => MountPropagation::PropagationBidirectional,
+                    _ => MountPropagation::PropagationPrivate,
+                };
+                mounts.push(Mount {
+                    container_path: m["mountPath"].as_str().unwrap_or("").into(),
+                    host_path: host_path.display().to_string(),
+                    readonly: m["readOnly"].as_bool().unwrap_or(false),
+                    propagation: propagation as i32,
+                    ..Default::default()
+                });
+            }
+            let sc = &ctr["securityContext"];
+            let security = LinuxContainerSecurityContext {
+                capabilities: Some(Capability {
+                    add_capabilities: strings(&sc["capabilities"]["add"]),
+                    drop_capabilities: strings(&sc["capabilities"]["drop"]),
+                    ..Default::default()
+                }),
+                privileged: sc["privileged"].as_bool().unwrap_or(false),
+                namespace_options: Some(ns_opts.clone()),
+                run_as_user: sc["runAsUser"].as_i64().map(|value| Int64Value { value }),
+                readonly_rootfs: sc["readOnlyRootFilesystem"].as_bool().unwrap_or(false),
+                no_new_privs: !sc["allowPrivilegeEscalation"].as_bool().unwrap_or(true),
+                seccomp: Some(SecurityProfile {
+                    profile_type: match sc["seccompProfile"]["type"].as_str() {
+                        Some("Unconfined") => security_profile::ProfileType::Unconfined as i32,
+                        _ => security_profile::ProfileType::RuntimeDefault as i32,
+                    },
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let envs = ctr["env"]
+                .as_array()
+                .unwrap_or(&empty)
+                .iter()
+                .filter_map(|e| {
+                    Some(KeyValue {
+                        key: e["name"].as_str()?.into(),
+                        value: e["value"].as_str()?.into(),
+                    })
+                })
+                .collect();
+            let cid = rt
+                .block_on(c.create_container(CreateContainerRequest {
+                    pod_sandbox_id: id.clone(),
+                    config: Some(ContainerConfig {
+                        metadata: Some(ContainerMetadata {
+                            name: cname.clone(),
+                            attempt: 0,
+                        }),
+                        image: Some(ImageSpec {
+                            image: ctr["image"].as_str().unwrap_or("").into(),
+                            ..Default::default()
+                        }),
+                        command: strings(&ctr["command"]),
+                        args: strings(&ctr["args"]),
+                        envs,
+                        mounts,
+                        log_path: format!("{cname}.log"),
+                        linux: Some(LinuxContainerConfig {
+                            security_context: Some(security),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    sandbox_config: Some(config.clone()),
+                }))
+                .with_context(|| format!("CreateContainer {cname} from the template"))?
+                .into_inner()
+                .container_id;
+            rt.block_on(c.start_container(StartContainerRequest {
+                container_id: cid.clone(),
+            }))
+            .with_context(|| format!("StartContainer {cname}"))?;
+            if is_init {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let st = rt
+                        .block_on(c.container_status(ContainerStatusRequest {
+                            container_id: cid.clone(),
+                            verbose: false,
+                        }))?
+                        .into_inner()
+                        .status
+                        .unwrap_or_default();
+                    if st.state == ContainerState::ContainerExited as i32 {
+                        anyhow::ensure!(
+                            st.exit_code == 0,
+                            "init container {cname} exited {}: {}",
+                            st.exit_code,
+                            std::fs::read_to_string(log_dir.join(format!("{cname}.log"))).unwrap_or_default()
+                        );
+                        break;
+                    }
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "init container {cname} still runs after 30s"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            ids.insert(cname, cid);
+        }
+        Ok((pod, ids))
+    }
+
+    /// StopContainer: SIGTERM, SIGKILL after `grace` (the kubelet's termination grace period).
+    pub fn stop_container(&self, id: &str, grace: i64) -> Result<()> {
+        let (rt, mut c) = self.client();
+        rt.block_on(c.stop_container(StopContainerRequest {
+            container_id: id.into(),
+            timeout: grace,
+        }))?;
+        Ok(())
+    }
+
+    /// The exit code of a stopped container.
+    pub fn exit_code(&self, id: &str) -> Result<i32> {
+        let (rt, mut c) = self.client();
+        let st = rt
+            .block_on(c.container_status(ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            }))?
+            .into_inner()
+            .status
+            .unwrap_or_default();
+        anyhow::ensure!(
+            st.state == ContainerState::ContainerExited as i32,
+            "container {id} has not exited"
+        );
+        Ok(st.exit_code)
+    }
+
     /// ExecSync in a container (10 s timeout): exit code and stdout+stderr.
     pub fn exec(&self, container_id: &str, cmd: &[&str]) -> Result<(i32, String)> {
         let (rt, mut c) = self.client();

@@ -334,3 +334,273 @@ fn kubernetes_node_end_to_end() {
     assert_eq!(rc, 0, "request after uninstall failed: {out}");
     eprintln!("K8S-E2E: {:.1}s", start.elapsed().as_secs_f64());
 }
+
+/// The rendered manifests (`kubectl kustomize deploy/kubernetes`) as JSON objects, through the
+/// manifests checker's venv (PyYAML).
+fn rendered() -> Result<Vec<serde_json::Value>> {
+    let root = sockmesh_tests::workspace_root();
+    let mut k = Command::new("kubectl");
+    k.arg("kustomize").arg(root.join("deploy/kubernetes"));
+    let o = run_host(k, Duration::from_secs(30))?;
+    anyhow::ensure!(
+        o.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let yaml = root.join("target/k8s-e2e/rendered.yaml");
+    std::fs::create_dir_all(yaml.parent().expect("a dir"))?;
+    std::fs::write(&yaml, &o.stdout)?;
+    let mut p = Command::new(root.join("target/k8s-venv/bin/python"));
+    p.arg("-c")
+        .arg("import json,sys,yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))")
+        .arg(&yaml);
+    let o = run_host(p, Duration::from_secs(30))?;
+    anyhow::ensure!(
+        o.status.success(),
+        "yaml to json: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(serde_json::from_slice(&o.stdout)?)
+}
+
+/// Removes the agent's pinned state and state file however the test ends.
+struct UninstallOnDrop(Vec<String>);
+
+impl Drop for UninstallOnDrop {
+    fn drop(&mut self) {
+        let mut c = Command::new(sockmesh_bin());
+        c.arg("uninstall").args(&self.0);
+        let _ = run_host(c, Duration::from_secs(60));
+    }
+}
+
+/// The DaemonSet's own pod template runs the agent: its image (`cargo xtask image`), its init
+/// container chaining the plugin, its command, capabilities and mounts. Only node paths are
+/// swapped for the test's (hostPath volumes, the plugin's admin socket path) and the ConfigMap
+/// gets the test's cgroup root, pin dir and metrics port, as a kustomize overlay would.
+#[test]
+fn daemonset_pod_template_runs_the_agent() {
+    if !require_privileged() {
+        return;
+    }
+    let root = sockmesh_tests::workspace_root();
+    let archive = std::env::var_os("SOCKMESH_IMAGE_ARCHIVE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target/image/sockmesh-image.tar"));
+    let missing = missing_tools()
+        .or_else(|| (!archive.exists()).then(|| format!("{} (`cargo xtask image`)", archive.display())))
+        .or_else(|| {
+            (!root.join("target/k8s-venv/bin/python").exists()).then(|| "target/k8s-venv".to_string())
+        });
+    if let Some(m) = missing {
+        let msg = format!("SKIPPED (needs {m}): daemonset_pod_template_runs_the_agent");
+        assert!(std::env::var_os("SOCKMESH_REQUIRE_PRIVILEGED").is_none(), "{msg}");
+        eprintln!("\n{msg}\n");
+        return;
+    }
+    let objects = rendered().unwrap();
+    let ds = objects
+        .iter()
+        .find(|o| o["kind"] == "DaemonSet")
+        .expect("a DaemonSet")
+        .clone();
+    let cm = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap")
+        .expect("a ConfigMap");
+    let mut node = KubeNode::start().expect("containerd node");
+    node.ctr(&["images", "import", &archive.display().to_string()])
+        .unwrap();
+
+    let run_dir = node.dir.join("run-sockmesh");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let host_admin = run_dir.join("admin.sock");
+    let pin_dir = format!("/sys/fs/bpf/sockmesh-k8s-test-{}", std::process::id());
+    let _cleanup = UninstallOnDrop(vec![
+        "--pin-dir".into(),
+        pin_dir.clone(),
+        "--state-file".into(),
+        run_dir.join("state.json").display().to_string(),
+        "--admin-socket".into(),
+        host_admin.display().to_string(),
+    ]);
+    // The ConfigMap with the test's node paths.
+    let metrics_port = sockmesh_tests::util::free_tcp_port().unwrap();
+    let toml: String = cm["data"]["sockmesh.toml"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with("cgroup_root") {
+                format!("cgroup_root = {:?}", node.kubepods.display().to_string())
+            } else if l.starts_with("pin_dir") {
+                format!("pin_dir = {pin_dir:?}")
+            } else if l.starts_with("metrics_addr") {
+                format!("metrics_addr = \"127.0.0.1:{metrics_port}\"")
+            } else if l.starts_with("resync_secs") {
+                "resync_secs = 2".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let cm_dir = node.dir.join("configmap");
+    std::fs::create_dir_all(&cm_dir).unwrap();
+    std::fs::write(cm_dir.join("sockmesh.toml"), toml).unwrap();
+    let mut template = ds["spec"]["template"].clone();
+    // The plugin runs on the host: it dials the host side of the /run/sockmesh volume.
+    for a in template["spec"]["initContainers"][0]["args"]
+        .as_array_mut()
+        .unwrap()
+    {
+        if a.as_str().is_some_and(|s| s.starts_with("--admin-socket=")) {
+            *a = serde_json::json!(format!("--admin-socket={}", host_admin.display()));
+        }
+    }
+    let (socket, bin, conf) = (
+        node.socket.clone(),
+        node.cni_bin_dir.clone(),
+        node.cni_conf_dir.clone(),
+    );
+    let run = run_dir.clone();
+    let host = move |p: &str| -> std::path::PathBuf {
+        match p {
+            "/run/sockmesh" => run.clone(),
+            "/run/containerd/containerd.sock" => socket.clone(),
+            "/opt/cni/bin" => bin.clone(),
+            "/etc/cni/net.d" => conf.clone(),
+            other => other.into(),
+        }
+    };
+    let status = |admin: &Path| -> Result<serde_json::Value> {
+        let out = sockmesh(&["status", "--json", "--admin-socket", &admin.display().to_string()])?;
+        Ok(serde_json::from_str(out.trim())?)
+    };
+
+    let (agent, ids) = node
+        .run_template("sockmesh-system", "sockmesh-abcde", &template, &host, &cm_dir)
+        .expect("the DaemonSet's pod template");
+    assert!(
+        std::fs::read_to_string(node.cni_conf_dir.join("10-test.conflist"))
+            .unwrap()
+            .contains("sockmesh-cni")
+    );
+    eventually(Duration::from_secs(15), || {
+        let r = sockmesh_tests::daemon::http_get(format!("127.0.0.1:{metrics_port}").parse()?, "/ready")?;
+        anyhow::ensure!(r.contains("ready"), "not ready: {r}");
+        Ok(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "agent not ready: {e:#}\n{}",
+            node.container_log(&agent, "sockmesh")
+        )
+    });
+
+    // It is the pod's process: its cgroup is the agent pod's.
+    let st = status(&host_admin).unwrap();
+    let own = st["kernel"]["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["check"] == "daemon cgroup"))
+        .map(|c| c["result"].to_string())
+        .unwrap_or_default();
+    assert!(
+        own.contains(&format!("pod{}", agent.uid)),
+        "the agent runs in {own}, not in its pod"
+    );
+
+    // A labelled pod's first connection, captured by the agent pod.
+    let server = node.run_pod("default", "server", &[], &[]).unwrap();
+    node.start_container(
+        &server,
+        "httpd",
+        &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
+    )
+    .unwrap();
+    let http = format!("http://{}:8080/", server.ip);
+    let web = node
+        .run_pod("default", "web.from.template", &[MESH], &[])
+        .unwrap();
+    let first = format!("/bin/busybox wget -q -O - {http}; echo first=$?; exec /bin/busybox sleep 1000");
+    let web_c = node
+        .start_container(&web, "app", &["/bin/sh", "-c", &first])
+        .unwrap();
+    eventually(Duration::from_secs(10), || {
+        let l = node.container_log(&web, "app");
+        anyhow::ensure!(l.contains("first=0"), "no first connection yet: {l}");
+        Ok(())
+    })
+    .unwrap();
+    let captured = |admin: &Path| -> u64 {
+        status(admin)
+            .ok()
+            .and_then(|st| status_pod(&st, &web.uid).and_then(|p| p["connections_total"].as_u64()))
+            .unwrap_or(0)
+    };
+    assert!(
+        captured(&host_admin) >= 1,
+        "first connection not captured by the agent pod: {}",
+        status(&host_admin).unwrap()
+    );
+
+    // Rolling update: the kubelet's SIGTERM (grace period from the template), a new pod.
+    let grace = template["spec"]["terminationGracePeriodSeconds"]
+        .as_i64()
+        .unwrap();
+    node.stop_container(&ids["sockmesh"], grace).unwrap();
+    assert_eq!(node.exit_code(&ids["sockmesh"]).unwrap(), 0);
+    assert!(
+        Path::new(&pin_dir)
+            .join("links")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_some(),
+        "SIGTERM removed the pins"
+    );
+    node.remove_pod(&agent).unwrap();
+    let (agent2, _) = node
+        .run_template("sockmesh-system", "sockmesh-fghij", &template, &host, &cm_dir)
+        .expect("the updated agent pod");
+    eventually(Duration::from_secs(15), || {
+        anyhow::ensure!(
+            enrolled(&status(&host_admin)?).contains(&web.uid),
+            "not re-adopted yet"
+        );
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", node.container_log(&agent2, "sockmesh")));
+    let (rc, out) = node
+        .exec(&web_c, &["/bin/busybox", "wget", "-q", "-O", "-", &http])
+        .unwrap();
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        captured(&host_admin) >= 1,
+        "capture lost across the rolling update"
+    );
+
+    // Uninstall: delete the DaemonSet (its pod), then the node's uninstall path.
+    node.remove_pod(&agent2).unwrap();
+    sockmesh(&[
+        "uninstall",
+        "--cni-conf-dir",
+        &node.cni_conf_dir.display().to_string(),
+        "--cni-bin-dir",
+        &node.cni_bin_dir.display().to_string(),
+        "--pin-dir",
+        &pin_dir,
+        "--state-file",
+        &run_dir.join("state.json").display().to_string(),
+        "--admin-socket",
+        &host_admin.display().to_string(),
+    ])
+    .unwrap();
+    assert!(!Path::new(&pin_dir).exists());
+    assert!(
+        !std::fs::read_to_string(node.cni_conf_dir.join("10-test.conflist"))
+            .unwrap()
+            .contains("sockmesh-cni")
+    );
+    assert!(!node.cni_bin_dir.join("sockmesh-cni").exists());
+}
