@@ -112,3 +112,50 @@ fn log(file: Option<&str>, msg: &str) {
     }
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notice() -> cni::Notice {
+        cni::Notice::CniDel {
+            sandbox_id: "abc".into(),
+            uid: None,
+        }
+    }
+
+    fn socket(tag: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("sockmesh-cni-{tag}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        p
+    }
+
+    #[test]
+    fn a_silent_daemon_costs_at_most_the_timeout() {
+        let path = socket("silent");
+        // Accepts (the kernel does, through the backlog) but never answers.
+        let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let start = Instant::now();
+        let r = notify(path.to_str().unwrap(), &notice(), Duration::from_millis(300));
+        assert!(r.is_err());
+        assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn an_absent_daemon_fails_at_once_and_an_answer_is_read() {
+        let path = socket("absent");
+        assert!(notify(path.to_str().unwrap(), &notice(), Duration::from_secs(5)).is_err());
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            assert!(line.contains(r#""op":"cni_del""#), "{line}");
+            (&s).write_all(b"{\"ok\":true}\n").unwrap();
+        });
+        notify(path.to_str().unwrap(), &notice(), Duration::from_secs(5)).unwrap();
+        server.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+    }
+}
