@@ -179,15 +179,26 @@ fn kubernetes_node_end_to_end() {
         "the labelled pod's first connection was not captured (status: {})",
         d.status().unwrap()
     );
-    // The daemon measured sandbox creation -> enrolment.
+    // The daemon measured sandbox creation -> enrolment (its log line, colour codes removed).
     let dlog = d.log();
-    let enrol_line = dlog
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for ch in dlog.chars() {
+        match (in_escape, ch) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    let enrol_ms: Option<u64> = plain
         .lines()
         .find(|l| l.contains(&web.uid) && l.contains("enrolled from the CRI"))
-        .unwrap_or_default()
-        .to_string();
+        .and_then(|l| l.split("ms_since_sandbox_created=").nth(1))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok());
+    let enrol_ms = enrol_ms.unwrap_or_else(|| panic!("no enrolment line for {}:\n{plain}", web.uid));
     eprintln!(
-        "K8S-TIMING: sandbox created -> enrolled: {enrol_line:?}; RunPodSandbox -> app container started: {container_started_ms} ms"
+        "K8S-TIMING: sandbox created -> enrolled: {enrol_ms} ms; RunPodSandbox called -> app container started: {container_started_ms} ms"
     );
     // The server saw the pod's own IP (the proxy connects from inside the pod's netns).
     let slog = node.container_log(&server, "httpd");
