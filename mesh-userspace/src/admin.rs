@@ -51,6 +51,23 @@ pub enum Request {
     Unenroll {
         name: String,
     },
+    /// From `sockmesh-cni` ADD: a pod sandbox has its network (`cni::Notice::CniAdd`).
+    CniAdd {
+        sandbox_id: String,
+        netns: String,
+        #[serde(default)]
+        namespace: Option<String>,
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        uid: Option<String>,
+    },
+    /// From `sockmesh-cni` DEL (`cni::Notice::CniDel`).
+    CniDel {
+        sandbox_id: String,
+        #[serde(default)]
+        uid: Option<String>,
+    },
     /// Stop the daemon; `keep_state` leaves links, maps and enrolment pinned for a successor.
     Stop {
         #[serde(default)]
@@ -247,6 +264,20 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             Ok(()) => Response::ok(),
             Err(e) => Response::err(e),
         },
+        Request::CniAdd {
+            sandbox_id,
+            netns,
+            namespace,
+            name,
+            uid,
+        } => cni_notice(crate::cni::Notice::CniAdd {
+            sandbox_id,
+            netns,
+            namespace,
+            name,
+            uid,
+        }),
+        Request::CniDel { sandbox_id, uid } => cni_notice(crate::cni::Notice::CniDel { sandbox_id, uid }),
         Request::Stop { keep_state } => {
             daemon.request_stop(keep_state);
             Response::ok()
@@ -334,6 +365,14 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
     }
 }
 
+/// Queue a CNI notice for discovery; answered at once (the plugin must not wait on the CRI).
+fn cni_notice(n: crate::cni::Notice) -> Response {
+    match crate::k8s::notify(n) {
+        Ok(()) => Response::ok(),
+        Err(e) => Response::err(e),
+    }
+}
+
 /// A ledger as JSON: the kept changes oldest first.
 fn ledger_json(l: &mesh_common::colour::Ledger) -> serde_json::Value {
     use mesh_common::colour::LEDGER_SLOTS;
@@ -404,5 +443,31 @@ mod tests {
             r#"{"op":"status"}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+    }
+
+    /// What `sockmesh-cni` sends is what the admin API reads.
+    #[test]
+    fn cni_notices_are_admin_requests() {
+        let add = crate::cni::Notice::CniAdd {
+            sandbox_id: "abc".into(),
+            netns: "/var/run/netns/cni-1".into(),
+            namespace: Some("default".into()),
+            name: Some("web.v1".into()),
+            uid: Some("11111111-2222-3333-4444-555555555555".into()),
+        };
+        let r: Request = serde_json::from_str(&serde_json::to_string(&add).unwrap()).unwrap();
+        assert!(matches!(r, Request::CniAdd { ref name, .. } if name.as_deref() == Some("web.v1")));
+        let del = crate::cni::Notice::CniDel {
+            sandbox_id: "abc".into(),
+            uid: None,
+        };
+        let r: Request = serde_json::from_str(&serde_json::to_string(&del).unwrap()).unwrap();
+        assert_eq!(
+            r,
+            Request::CniDel {
+                sandbox_id: "abc".into(),
+                uid: None
+            }
+        );
     }
 }

@@ -77,6 +77,18 @@ struct RawConfig {
     trusted_sources: Vec<String>,
     #[serde(default)]
     links: Vec<crate::routing::link::RawLink>,
+    kubernetes: Option<RawKubernetes>,
+}
+
+/// `[kubernetes]`: CRI discovery and DaemonSet behaviour (src/k8s).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    enabled: Option<bool>,
+    cri_socket: Option<PathBuf>,
+    selector: Option<String>,
+    resync_secs: Option<u64>,
+    sigterm_keeps_state: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -226,6 +238,8 @@ pub struct Config {
     pub routing: crate::routing::RawPolicy,
     /// Proxy worker threads; `None`: one per CPU.
     pub workers: Option<usize>,
+    /// `[kubernetes]` with `enabled = true`: CRI discovery, DaemonSet behaviour.
+    pub kubernetes: Option<crate::k8s::KubernetesConfig>,
 }
 
 /// Most proxy worker threads (`workers`).
@@ -345,6 +359,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         .map(check_workers)
         .transpose()
         .map_err(|e| err("workers", e))?;
+    let kubernetes = parse_kubernetes(raw.kubernetes)?;
     let outbound_port = raw.outbound_port.unwrap_or(mesh_common::DEFAULT_OUTBOUND_PORT);
     if outbound_port == 0 {
         return Err(err("outbound_port", "must not be 0"));
@@ -515,7 +530,33 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         pods,
         routing,
         workers,
+        kubernetes,
     })
+}
+
+fn parse_kubernetes(raw: Option<RawKubernetes>) -> Result<Option<crate::k8s::KubernetesConfig>, ConfigError> {
+    let Some(raw) = raw.filter(|k| k.enabled.unwrap_or(true)) else {
+        return Ok(None);
+    };
+    let cri_socket = raw
+        .cri_socket
+        .unwrap_or_else(|| PathBuf::from(crate::k8s::DEFAULT_CRI_SOCKET));
+    if !cri_socket.is_absolute() {
+        return Err(err("kubernetes.cri_socket", "must be an absolute path"));
+    }
+    let selector =
+        crate::k8s::parse_selector(raw.selector.as_deref().unwrap_or(crate::k8s::DEFAULT_SELECTOR))
+            .map_err(|e| err("kubernetes.selector", e))?;
+    let resync_secs = raw.resync_secs.unwrap_or(10);
+    if !(1..=3600).contains(&resync_secs) {
+        return Err(err("kubernetes.resync_secs", "must be 1 to 3600"));
+    }
+    Ok(Some(crate::k8s::KubernetesConfig {
+        cri_socket,
+        selector,
+        resync_secs,
+        sigterm_keeps_state: raw.sigterm_keeps_state.unwrap_or(true),
+    }))
 }
 
 /// Checks against the running system: the attach root is a cgroup v2 directory, and every pod's
@@ -570,6 +611,35 @@ pub fn check_pod_paths(p: &PodSpec, root: &Path) -> Result<(), (&'static str, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubernetes_section() {
+        assert_eq!(parse("").unwrap().kubernetes, None);
+        let k = parse("[kubernetes]\n").unwrap().kubernetes.unwrap();
+        assert_eq!(k.cri_socket, Path::new(crate::k8s::DEFAULT_CRI_SOCKET));
+        assert_eq!(k.selector, ("sockmesh.io/mesh".into(), "enabled".into()));
+        assert!(k.sigterm_keeps_state);
+        let k = parse("[kubernetes]\ncri_socket = \"/x/cri.sock\"\nselector = \"mesh=on\"\nresync_secs = 2\nsigterm_keeps_state = false\n")
+            .unwrap()
+            .kubernetes
+            .unwrap();
+        assert_eq!((k.resync_secs, k.sigterm_keeps_state), (2, false));
+        assert_eq!(parse("[kubernetes]\nenabled = false\n").unwrap().kubernetes, None);
+        assert_eq!(
+            parse("[kubernetes]\nselector = \"x\"\n").unwrap_err().field,
+            "kubernetes.selector"
+        );
+        assert_eq!(
+            parse("[kubernetes]\ncri_socket = \"rel\"\n").unwrap_err().field,
+            "kubernetes.cri_socket"
+        );
+        assert!(parse("[kubernetes]\nbogus = 1\n").is_err());
+        // The DaemonSet's ConfigMap.
+        let c = parse(include_str!("../../deploy/kubernetes/sockmesh.toml"))
+            .expect("deploy/kubernetes/sockmesh.toml");
+        assert!(c.kubernetes.is_some_and(|k| k.sigterm_keeps_state));
+        assert_eq!(c.admin_socket, Path::new(DEFAULT_ADMIN_SOCKET));
+    }
 
     #[test]
     fn embedded_default_config_parses() {

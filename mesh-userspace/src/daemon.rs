@@ -665,6 +665,11 @@ impl Daemon {
         k.clear_listener(listener_slot(pod_id, true));
     }
 
+    /// The names of the enrolled pods (Kubernetes discovery).
+    pub fn pod_names(&self) -> Vec<String> {
+        self.pods.lock().expect("pods lock").keys().cloned().collect()
+    }
+
     pub fn outbound_port(&self) -> u16 {
         self.cfg.outbound_port
     }

@@ -155,6 +155,22 @@ pub fn pin_paths(pin_dir: &Path) -> (PathBuf, PathBuf) {
     (pin_dir.join("maps"), pin_dir.join("links"))
 }
 
+/// The bpffs file name of a pod's pinned `sk_lookup` link. bpffs refuses names holding `.`
+/// (EPERM: reserved), and Kubernetes pod names usually hold dots, so such a name is pinned as
+/// its dots turned into `_` plus a hash of the whole name (`a.b` and `a_b` stay apart). A name
+/// without dots keeps the plain `sk_lookup-<pod>` that earlier daemons pinned, so their pins
+/// are re-adopted. The pod keeps its real name everywhere else (status, metrics, state).
+pub fn netns_pin_name(pod: &str) -> String {
+    if !pod.contains('.') {
+        return format!("sk_lookup-{pod}");
+    }
+    // FNV-1a 64: stable across builds and releases (std's hasher is not).
+    let hash = pod.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("sk_lookup-{}-{hash:016x}", pod.replace('.', "_"))
+}
+
 /// True when a previous daemon left pinned links in `pin_dir`.
 pub fn has_pinned_state(pin_dir: &Path) -> bool {
     let (_, links) = pin_paths(pin_dir);
@@ -568,7 +584,7 @@ impl Kernel {
             return Ok(());
         }
         let (_, links_dir) = pin_paths(&self.pin_dir);
-        let pin = links_dir.join(format!("sk_lookup-{pod}"));
+        let pin = links_dir.join(netns_pin_name(pod));
         if !pin.exists() {
             let name = progs::SK_LOOKUP;
             if !self.sk_lookup_loaded {
@@ -1335,5 +1351,23 @@ mod tests {
                 "no program `{name}` in mesh-ebpf"
             );
         }
+    }
+
+    #[test]
+    fn netns_pin_names_are_valid_on_bpffs() {
+        // Names without dots keep the pin earlier daemons made (re-adoption).
+        assert_eq!(netns_pin_name("web"), "sk_lookup-web");
+        let long = "a".repeat(63);
+        assert_eq!(netns_pin_name(&long), format!("sk_lookup-{long}"));
+        let dotted = netns_pin_name("default.web");
+        assert!(!dotted.contains('.'), "{dotted}");
+        assert!(dotted.starts_with("sk_lookup-default_web-"), "{dotted}");
+        // Stable, and distinct from the same name spelt with `_`.
+        assert_eq!(dotted, netns_pin_name("default.web"));
+        assert_ne!(dotted, netns_pin_name("default_web"));
+        assert_ne!(netns_pin_name("a.b_c"), netns_pin_name("a_b.c"));
+        let long_dotted = format!("{}.{}", "b".repeat(31), "c".repeat(31));
+        let pin = netns_pin_name(&long_dotted);
+        assert!(!pin.contains('.') && pin.len() <= 255, "{pin}");
     }
 }

@@ -6,9 +6,14 @@
 //! - `sockmesh default-config`: print the embedded default policy.
 
 mod admin;
+// Shared with the `sockmesh-cni` binary; the daemon uses its wire types (`Notice`).
+#[allow(dead_code)]
+mod cni;
+mod cni_install;
 mod config;
 mod daemon;
 mod ebpf;
+mod k8s;
 mod kroute;
 mod metrics;
 mod propagate;
@@ -179,6 +184,33 @@ enum Cmd {
         state_file: Option<PathBuf>,
         #[arg(long)]
         admin_socket: Option<PathBuf>,
+        /// Also unchain `sockmesh-cni` from the CNI network configs in this directory...
+        #[arg(long, requires = "cni_bin_dir")]
+        cni_conf_dir: Option<PathBuf>,
+        /// ...and remove it from this CNI bin dir (Kubernetes nodes).
+        #[arg(long, requires = "cni_conf_dir")]
+        cni_bin_dir: Option<PathBuf>,
+    },
+    /// Install `sockmesh-cni` into the node's CNI bin dir and chain it at the end of the node's
+    /// network config (the DaemonSet's init container). Idempotent.
+    CniInstall {
+        /// The plugin binary to install.
+        #[arg(long, default_value = "/usr/local/bin/sockmesh-cni")]
+        plugin: PathBuf,
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// The daemon's admin socket as the plugin (on the host) sees it.
+        #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        /// Where the plugin logs (default: the runtime's log, through stderr).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+        /// Wait this long for the node's network config to appear (the cluster network's own
+        /// agent may write it after this runs).
+        #[arg(long, default_value_t = 120)]
+        wait_secs: u64,
     },
     /// The live routing policy and its per-route counters; `routes apply FILE` replaces it.
     Routes {
@@ -303,7 +335,36 @@ fn main() -> ExitCode {
             pin_dir,
             state_file,
             admin_socket,
-        } => uninstall(config.as_deref(), pin_dir, state_file, admin_socket),
+            cni_conf_dir,
+            cni_bin_dir,
+        } => {
+            if let (Some(conf), Some(bin)) = (&cni_conf_dir, &cni_bin_dir) {
+                // The plugin first: no new pod should notify a daemon that is going away.
+                match cni_install::uninstall(bin, conf) {
+                    Ok(done) => done.iter().for_each(|d| println!("{d}")),
+                    Err(e) => {
+                        eprintln!("error: failed to remove sockmesh-cni: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            uninstall(config.as_deref(), pin_dir, state_file, admin_socket)
+        }
+        Cmd::CniInstall {
+            plugin,
+            bin_dir,
+            conf_dir,
+            admin_socket,
+            log_file,
+            wait_secs,
+        } => cni_install_cmd(
+            &plugin,
+            &bin_dir,
+            &conf_dir,
+            &admin_socket,
+            log_file.as_deref(),
+            wait_secs,
+        ),
         Cmd::Routes {
             action: None,
             json,
@@ -836,6 +897,7 @@ fn serve_loaded(
     }
     let metrics_addr = cfg.metrics_addr;
     let admin_path = cfg.admin_socket.clone();
+    let kubernetes = cfg.kubernetes.clone();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cfg.workers {
         rt.worker_threads(n);
@@ -873,8 +935,14 @@ fn serve_loaded(
         tokio::spawn(metrics::serve(metrics, daemon.clone()));
         tokio::spawn(daemon.clone().forward_bpf_logs());
         tokio::spawn(daemon.clone().kernel_health_loop());
+        if let Some(k) = &kubernetes {
+            k8s::start(daemon.clone(), k.clone(), mount.to_path_buf(), root.clone()).await;
+        }
+        metrics::set_ready();
+        // A DaemonSet pod gets SIGTERM on every rolling update: capture and state stay.
+        let sigterm_keeps_state = kubernetes.as_ref().is_some_and(|k| k.sigterm_keeps_state);
         let keep_state = tokio::select! {
-            r = wait_for_signal() => { r?; false }
+            r = wait_for_signal() => { r?; sigterm_keeps_state }
             keep = daemon.stop_requested() => keep,
         };
         if keep_state {
@@ -963,6 +1031,37 @@ fn uninstall(
     }
     println!("sockmesh uninstalled: no program, map, pin or attachment of it remains");
     ExitCode::SUCCESS
+}
+
+fn cni_install_cmd(
+    plugin: &Path,
+    bin_dir: &Path,
+    conf_dir: &Path,
+    admin_socket: &Path,
+    log_file: Option<&Path>,
+    wait_secs: u64,
+) -> ExitCode {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait_secs);
+    loop {
+        match cni_install::install(plugin, bin_dir, conf_dir, admin_socket, log_file) {
+            Ok(conf) => {
+                println!(
+                    "sockmesh-cni installed in {} and chained into {}",
+                    bin_dir.display(),
+                    conf.display()
+                );
+                return ExitCode::SUCCESS;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && std::time::Instant::now() < deadline => {
+                println!("waiting for the node's CNI network config: {e}");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            Err(e) => {
+                eprintln!("error: failed to install sockmesh-cni: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

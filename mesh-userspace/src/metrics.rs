@@ -59,9 +59,20 @@ fn route(head: &[u8], daemon: &Daemon) -> (&'static str, String) {
     match (parts.next(), parts.next()) {
         (Some("GET"), Some("/metrics")) => ("200 OK", render(daemon)),
         (Some("GET"), Some("/healthz")) => ("200 OK", "ok\n".into()),
+        (Some("GET"), Some("/ready")) if READY.load(std::sync::atomic::Ordering::Relaxed) => {
+            ("200 OK", "ready\n".into())
+        }
+        (Some("GET"), Some("/ready")) => ("503 Service Unavailable", "starting\n".into()),
         (Some(_), Some(_)) => ("404 Not Found", "not found\n".into()),
         _ => ("400 Bad Request", "bad request\n".into()),
     }
+}
+
+/// Set once the daemon has enrolled its pods (and run the first CRI discovery): `/ready`.
+static READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_ready() {
+    READY.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Escape a label value per the exposition format.

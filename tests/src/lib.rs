@@ -18,6 +18,7 @@ pub mod bench;
 pub mod cgroup;
 pub mod cluster;
 pub mod daemon;
+pub mod k8s;
 pub mod node;
 pub mod peer;
 pub mod process;

@@ -127,11 +127,31 @@ pub const APT_PACKAGES: &[AptPackage] = &[
         &[Test],
     ),
     apt(
+        "containerd",
+        "the Kubernetes node suite's container runtime (CRI) and `ctr` (tests/tests/k8s.rs)",
+        &[Test],
+    ),
+    apt("runc", "the Kubernetes node suite's OCI runtime", &[Test]),
+    apt(
+        "containernetworking-plugins",
+        "bridge and host-local, the CNI chain sockmesh-cni joins in the Kubernetes node suite",
+        &[Test],
+    ),
+    apt(
+        "buildah",
+        "`cargo xtask image` and the Kubernetes node suite's images (from scratch, no registry)",
+        &[Test],
+    ),
+    apt(
         "qemu-system-x86",
         "boots the kernel matrix (`cargo xtask vm-test`)",
         &[Vm],
     ),
-    apt("busybox-static", "the kernel matrix guests' initramfs", &[Vm]),
+    apt(
+        "busybox-static",
+        "the kernel matrix guests' initramfs, the Kubernetes node suite's pod images",
+        &[Test, Vm],
+    ),
     apt("cpio", "packs the kernel matrix guests' initramfs", &[Vm]),
     apt(
         "kmod",
@@ -227,6 +247,7 @@ pub fn ensure(purposes: &[Purpose]) -> Result<usize> {
         let root = crate::workspace_root();
         installed += npm_peers(&root)?;
         installed += test_venv(&root)?;
+        installed += crate::k8s::ensure_venv(&root)?;
     }
     Ok(installed)
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask fuzz [--seconds N] [--target NAME]...`: run the protocol codec fuzz targets in
+//! `cargo xtask fuzz [--seconds N] [--target NAME]...`: run the protocol codec (and `cni_plan`,
+//! sockmesh-cni's input handling) fuzz targets in
 //! `mesh-userspace/fuzz` for a bounded time each and report executions and crashes.
 //!
 //! Installs cargo-fuzz when it is missing (`cargo install cargo-fuzz --locked`). Each target
@@ -29,6 +30,7 @@ pub const TARGETS: &[&str] = &[
     "dubbo_decode",
     "hessian2_decode",
     "sofa_decode",
+    "cni_plan",
 ];
 
 #[derive(Debug, Args)]

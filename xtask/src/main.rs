@@ -18,6 +18,8 @@
 //! - `cargo xtask bench [--quick]`: build everything and run the benchmark (as root); a full run
 //!   writes BENCHMARKS.md and docs/bench.png, `--quick` (a smoke run) writes
 //!   `target/bench/BENCHMARKS-quick.md` and `target/bench/bench-quick.png` instead.
+//! - `cargo xtask image [--tag NAME:TAG] [--out FILE]`: the Kubernetes node agent's OCI image
+//!   (buildah, from scratch) as a docker-archive for `ctr -n k8s.io images import` (as root).
 //! - `cargo xtask fuzz [--seconds N]`: run every protocol codec fuzz target for N seconds
 //!   (nightly, cargo-fuzz) and report executions and crashes.
 
@@ -28,6 +30,7 @@ mod daemon;
 mod demo;
 mod exec;
 mod fuzz;
+mod k8s;
 mod test;
 mod vm;
 
@@ -71,6 +74,9 @@ enum Command {
     Fuzz(fuzz::Options),
     /// Run the privileged suite inside QEMU on Debian's 6.1 and 6.12 kernels (as root)
     VmTest(vm::Options),
+    /// Build the Kubernetes node agent image (sockmesh + sockmesh-cni, from scratch) into
+    /// target/image/sockmesh-image.tar (as root: buildah)
+    Image(k8s::Options),
 }
 
 /// The workspace root: the parent of this crate's directory.
@@ -90,6 +96,7 @@ fn main() -> ExitCode {
         Command::VmTest(opts) => vm::run(opts),
         Command::Bench(opts) => bench::run(opts).map(|()| ExitCode::SUCCESS),
         Command::Fuzz(opts) => fuzz::run(opts).map(|()| ExitCode::SUCCESS),
+        Command::Image(opts) => k8s::run(opts).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|err| {
         // The chain without a backtrace: the failing command line is in the message.

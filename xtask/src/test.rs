@@ -14,7 +14,7 @@ use std::{
 use anyhow::Result;
 use clap::Args;
 
-use crate::{bootstrap, build_ebpf, daemon, exec, vm, workspace_root};
+use crate::{bootstrap, build_ebpf, daemon, exec, k8s, vm, workspace_root};
 
 /// Crates whose unit tests run on the host without root or nightly.
 const HOST_PACKAGES: &[&str] = &["mesh-common", "mesh-userspace", "xtask"];
@@ -59,6 +59,10 @@ pub fn run(opts: Options) -> Result<ExitCode> {
     step("bootstrap", || bootstrap::ensure(&purposes))?;
     step("build-ebpf", || build_ebpf::build(&root))?;
     step("build sockmesh (release)", || daemon::build(&root))?;
+    // sockmesh-cni and the node agent image for the Kubernetes suite (tests/tests/k8s.rs).
+    step("image (sockmesh + sockmesh-cni)", || {
+        k8s::build_image(&root, k8s::IMAGE, &root.join(k8s::IMAGE_ARCHIVE))
+    })?;
     let start = Instant::now();
     let host = step("privileged suite", || privileged_tests(&root, &opts.args));
     if opts.no_vm {

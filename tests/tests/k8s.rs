@@ -1,0 +1,617 @@
+//! Kubernetes on a real containerd node (tests/src/k8s.rs): containerd's CRI, runc, the CNI
+//! chain `bridge` + `host-local` + `sockmesh-cni` (chained by `sockmesh cni-install`, the
+//! DaemonSet's init container), and sockmesh with `[kubernetes]` discovery. The test plays the
+//! kubelet over the CRI; there is no API server, and images are imported, not pulled.
+//!
+//! One test, in the order a node lives through: a pod created while the daemon is down, the
+//! daemon's start (that pod enrolled without a restart), a labelled pod with dots in its name
+//! whose very first connection (made as its container starts) is captured, inbound capture, an
+//! unlabelled 63-character pod never captured, a labelled one enrolled, a rolling update
+//! (SIGTERM keeps state; a pod created meanwhile still starts and is enrolled by the next
+//! daemon), a deleted pod leaving nothing in the maps, and the uninstall path leaving nothing.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result};
+use sockmesh_tests::{
+    daemon::Daemon,
+    eventually,
+    k8s::{cni_bin, enrolled, missing_tools, KPod, KubeNode},
+    require_privileged, run_host, sockmesh_bin,
+};
+
+const MESH: (&str, &str) = ("sockmesh.io/mesh", "enabled");
+
+fn status_pod<'a>(st: &'a serde_json::Value, uid: &str) -> Option<&'a serde_json::Value> {
+    st["pods"].as_array()?.iter().find(|p| p["name"] == uid)
+}
+
+fn connections(d: &Daemon, uid: &str) -> Result<u64> {
+    let st = d.status()?;
+    Ok(status_pod(&st, uid)
+        .and_then(|p| p["connections_total"].as_u64())
+        .unwrap_or(0))
+}
+
+/// Point the fixed admin socket path the CNI plugin uses at this daemon's socket.
+fn link_admin(link: &Path, d: &Daemon) -> Result<()> {
+    let tmp = link.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(d.admin_socket(), &tmp)?;
+    std::fs::rename(&tmp, link)?;
+    Ok(())
+}
+
+fn sockmesh(args: &[&str]) -> Result<String> {
+    let mut c = Command::new(sockmesh_bin());
+    c.args(args);
+    let o = run_host(c, Duration::from_secs(60))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    anyhow::ensure!(o.status.success(), "sockmesh {args:?} failed: {text}");
+    Ok(text)
+}
+
+/// Entries of the pinned SM_PODS map (bpftool).
+fn pods_map_entries(pin_dir: &Path) -> Result<usize> {
+    let mut c = Command::new("bpftool");
+    c.args(["-j", "map", "dump", "pinned"])
+        .arg(pin_dir.join("maps/SM_PODS"));
+    let o = run_host(c, Duration::from_secs(10))?;
+    anyhow::ensure!(
+        o.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    Ok(v.as_array().map(Vec::len).unwrap_or(0))
+}
+
+fn app(node: &mut KubeNode, pod: &KPod) -> Result<String> {
+    node.start_container(pod, "app", &["/bin/busybox", "sleep", "1000"])
+}
+
+#[test]
+fn kubernetes_node_end_to_end() {
+    if !require_privileged() {
+        return;
+    }
+    if let Some(m) = missing_tools() {
+        let msg =
+            format!("SKIPPED (needs {m}; `cargo xtask bootstrap --for test`): kubernetes_node_end_to_end");
+        assert!(std::env::var_os("SOCKMESH_REQUIRE_PRIVILEGED").is_none(), "{msg}");
+        eprintln!("\n{msg}\n");
+        return;
+    }
+    let start = std::time::Instant::now();
+    let mut node = KubeNode::start().expect("containerd node");
+    let admin_link = node.dir.join("admin.sock");
+    let cni_log = node.dir.join("cni.log");
+
+    // The DaemonSet's init container: chain sockmesh-cni into the node's conflist.
+    sockmesh(&[
+        "cni-install",
+        "--plugin",
+        &cni_bin().display().to_string(),
+        "--bin-dir",
+        &node.cni_bin_dir.display().to_string(),
+        "--conf-dir",
+        &node.cni_conf_dir.display().to_string(),
+        "--admin-socket",
+        &admin_link.display().to_string(),
+        "--log-file",
+        &cni_log.display().to_string(),
+        "--wait-secs",
+        "0",
+    ])
+    .unwrap();
+    let conflist = node.cni_conf_dir.join("10-test.conflist");
+    assert!(std::fs::read_to_string(&conflist)
+        .unwrap()
+        .contains("sockmesh-cni"));
+
+    // An unlabelled server, and a labelled pod created while no daemon runs: it still starts.
+    let server = node.run_pod("default", "server", &[], &[]).unwrap();
+    let server_c = node
+        .start_container(
+            &server,
+            "httpd",
+            &["/bin/busybox", "httpd", "-f", "-v", "-p", "8080", "-h", "/www"],
+        )
+        .unwrap();
+    let pre = node.run_pod("default", "pre.existing", &[MESH], &[]).unwrap();
+    app(&mut node, &pre).unwrap();
+    let log = std::fs::read_to_string(&cni_log).unwrap_or_default();
+    assert!(
+        log.contains("daemon not told"),
+        "the plugin should have logged the absent daemon:\n{log}"
+    );
+
+    // The daemon, inside the pods' kubepods root, discovering from this containerd.
+    let daemon_cg = node.kubepods.join("daemon");
+    std::fs::create_dir_all(&daemon_cg).unwrap();
+    let config = format!(
+        "cgroup_root = {:?}\n[kubernetes]\ncri_socket = {:?}\nresync_secs = 2\n",
+        node.kubepods.display().to_string(),
+        node.socket.display().to_string()
+    );
+    let mut d = Daemon::start_in(&daemon_cg, &config).expect("sockmesh with [kubernetes]");
+    link_admin(&admin_link, &d).unwrap();
+    eventually(Duration::from_secs(10), || {
+        anyhow::ensure!(
+            enrolled(&d.status()?).contains(&pre.uid),
+            "pre-existing pod not enrolled yet"
+        );
+        Ok(())
+    })
+    .expect("a pod created before the daemon is enrolled without a restart");
+    let http = format!("http://{}:8080/", server.ip);
+
+    // A labelled pod with dots in its name: its container's very first act is a connection.
+    let web = node
+        .run_pod(
+            "default",
+            "web.v1.default",
+            &[MESH],
+            &[("sockmesh.io/inbound-ports", "8080")],
+        )
+        .unwrap();
+    let first = format!("/bin/busybox httpd -p 8080 -h /www; /bin/busybox wget -q -O - {http}; echo first=$?; exec /bin/busybox sleep 1000");
+    let web_c = node
+        .start_container(&web, "app", &["/bin/sh", "-c", &first])
+        .unwrap();
+    let container_started_ms = web.created.elapsed().as_millis();
+    eventually(Duration::from_secs(10), || {
+        let l = node.container_log(&web, "app");
+        anyhow::ensure!(l.contains("first="), "no first connection yet: {l}");
+        anyhow::ensure!(
+            l.contains("first=0") && l.contains("hello from a CRI pod"),
+            "first connection failed: {l}"
+        );
+        Ok(())
+    })
+    .unwrap();
+    assert!(
+        connections(&d, &web.uid).unwrap() >= 1,
+        "the labelled pod's first connection was not captured (status: {})",
+        d.status().unwrap()
+    );
+    // The daemon measured sandbox creation -> enrolment (its log line, colour codes removed).
+    let dlog = d.log();
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for ch in dlog.chars() {
+        match (in_escape, ch) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    let enrol_ms: Option<u64> = plain
+        .lines()
+        .find(|l| l.contains(&web.uid) && l.contains("enrolled from the CRI"))
+        .and_then(|l| l.split("ms_since_sandbox_created=").nth(1))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok());
+    let enrol_ms = enrol_ms.unwrap_or_else(|| panic!("no enrolment line for {}:\n{plain}", web.uid));
+    eprintln!(
+        "K8S-TIMING: sandbox created -> enrolled: {enrol_ms} ms; RunPodSandbox called -> app container started: {container_started_ms} ms"
+    );
+    // The server saw the pod's own IP (the proxy connects from inside the pod's netns).
+    let slog = node.container_log(&server, "httpd");
+    assert!(
+        slog.contains(&web.ip),
+        "server log lacks the pod IP {}:\n{slog}",
+        web.ip
+    );
+
+    // Inbound: from the server pod to the labelled pod's meshed port.
+    let before = connections(&d, &web.uid).unwrap();
+    let (rc, out) = node
+        .exec(
+            &server_c,
+            &[
+                "/bin/busybox",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &format!("http://{}:8080/", web.ip),
+            ],
+        )
+        .unwrap();
+    assert_eq!(rc, 0, "inbound request failed: {out}");
+    eventually(Duration::from_secs(5), || {
+        anyhow::ensure!(
+            connections(&d, &web.uid)? > before,
+            "inbound connection not captured"
+        );
+        Ok(())
+    })
+    .unwrap();
+
+    // 63-character names: unlabelled is never captured, labelled is enrolled.
+    let long_plain = node.run_pod("default", &"p".repeat(63), &[], &[]).unwrap();
+    let plain_c = app(&mut node, &long_plain).unwrap();
+    let long_mesh = node.run_pod("default", &"m".repeat(63), &[MESH], &[]).unwrap();
+    app(&mut node, &long_mesh).unwrap();
+    eventually(Duration::from_secs(10), || {
+        anyhow::ensure!(
+            enrolled(&d.status()?).contains(&long_mesh.uid),
+            "63-character pod not enrolled"
+        );
+        Ok(())
+    })
+    .unwrap();
+    let (rc, out) = node
+        .exec(&plain_c, &["/bin/busybox", "wget", "-q", "-O", "-", &http])
+        .unwrap();
+    assert_eq!(rc, 0, "unlabelled pod's request failed: {out}");
+    std::thread::sleep(Duration::from_secs(3)); // more than a resync
+    let st = d.status().unwrap();
+    assert!(
+        !enrolled(&st).contains(&long_plain.uid),
+        "an unlabelled pod was enrolled: {st}"
+    );
+
+    // Rolling update: SIGTERM keeps capture and state; a pod created meanwhile still starts.
+    let status_code = d.stop();
+    assert!(
+        status_code.is_some_and(|s| s.success()),
+        "SIGTERM exit: {status_code:?}"
+    );
+    let state = d.hand_over_state().unwrap();
+    assert!(
+        state.0.join("links").read_dir().unwrap().next().is_some(),
+        "SIGTERM removed the pinned links"
+    );
+    let during = node.run_pod("default", "during.update", &[MESH], &[]).unwrap();
+    app(&mut node, &during).unwrap();
+    let d2 = Daemon::start_with_state(&daemon_cg, &config, Some(state)).expect("the next daemon pod");
+    link_admin(&admin_link, &d2).unwrap();
+    eventually(Duration::from_secs(10), || {
+        let e = enrolled(&d2.status()?);
+        for p in [&pre, &web, &long_mesh, &during] {
+            anyhow::ensure!(
+                e.contains(&p.uid),
+                "{}/{} not enrolled after the update: {e:?}",
+                p.namespace,
+                p.name
+            );
+        }
+        anyhow::ensure!(
+            !e.contains(&long_plain.uid),
+            "unlabelled pod enrolled after the update"
+        );
+        Ok(())
+    })
+    .unwrap();
+    let (rc, out) = node
+        .exec(&web_c, &["/bin/busybox", "wget", "-q", "-O", "-", &http])
+        .unwrap();
+    assert_eq!(rc, 0, "request after the update failed: {out}");
+    assert!(
+        connections(&d2, &web.uid).unwrap() >= 1,
+        "capture lost across the rolling update"
+    );
+
+    // A deleted pod is unenrolled and leaves nothing in the maps.
+    node.remove_pod(&web).unwrap();
+    eventually(Duration::from_secs(10), || {
+        let e = enrolled(&d2.status()?);
+        anyhow::ensure!(!e.contains(&web.uid), "deleted pod still enrolled");
+        let entries = pods_map_entries(d2.pin_dir())?;
+        anyhow::ensure!(
+            entries == e.len(),
+            "SM_PODS has {entries} entries for {} pods",
+            e.len()
+        );
+        Ok(())
+    })
+    .unwrap();
+
+    // Uninstall: the DaemonSet is gone (the daemon is told to stop by uninstall itself).
+    let pin_dir = d2.pin_dir().to_path_buf();
+    let out = sockmesh(&[
+        "uninstall",
+        "--cni-conf-dir",
+        &node.cni_conf_dir.display().to_string(),
+        "--cni-bin-dir",
+        &node.cni_bin_dir.display().to_string(),
+        "--pin-dir",
+        &pin_dir.display().to_string(),
+        "--state-file",
+        &d2.state_file().display().to_string(),
+        "--admin-socket",
+        &d2.admin_socket().display().to_string(),
+    ])
+    .context("sockmesh uninstall")
+    .unwrap();
+    assert!(!pin_dir.exists(), "pins left after uninstall: {out}");
+    assert!(
+        !std::fs::read_to_string(&conflist)
+            .unwrap()
+            .contains("sockmesh-cni"),
+        "{out}"
+    );
+    assert!(!node.cni_bin_dir.join("sockmesh-cni").exists(), "{out}");
+    // Pods keep networking without sockmesh.
+    let (rc, out) = node
+        .exec(&plain_c, &["/bin/busybox", "wget", "-q", "-O", "-", &http])
+        .unwrap();
+    assert_eq!(rc, 0, "request after uninstall failed: {out}");
+    eprintln!("K8S-E2E: {:.1}s", start.elapsed().as_secs_f64());
+}
+
+/// The rendered manifests (`kubectl kustomize deploy/kubernetes`) as JSON objects, through the
+/// manifests checker's venv (PyYAML).
+fn rendered() -> Result<Vec<serde_json::Value>> {
+    let root = sockmesh_tests::workspace_root();
+    let mut k = Command::new("kubectl");
+    k.arg("kustomize").arg(root.join("deploy/kubernetes"));
+    let o = run_host(k, Duration::from_secs(30))?;
+    anyhow::ensure!(
+        o.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let yaml = root.join("target/k8s-e2e/rendered.yaml");
+    std::fs::create_dir_all(yaml.parent().expect("a dir"))?;
+    std::fs::write(&yaml, &o.stdout)?;
+    let mut p = Command::new(root.join("target/k8s-venv/bin/python"));
+    p.arg("-c")
+        .arg("import json,sys,yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))")
+        .arg(&yaml);
+    let o = run_host(p, Duration::from_secs(30))?;
+    anyhow::ensure!(
+        o.status.success(),
+        "yaml to json: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(serde_json::from_slice(&o.stdout)?)
+}
+
+/// Removes the agent's pinned state and state file however the test ends.
+struct UninstallOnDrop(Vec<String>);
+
+impl Drop for UninstallOnDrop {
+    fn drop(&mut self) {
+        let mut c = Command::new(sockmesh_bin());
+        c.arg("uninstall").args(&self.0);
+        let _ = run_host(c, Duration::from_secs(60));
+    }
+}
+
+/// The DaemonSet's own pod template runs the agent: its image (`cargo xtask image`), its init
+/// container chaining the plugin, its command, capabilities and mounts. Only node paths are
+/// swapped for the test's (hostPath volumes, the plugin's admin socket path) and the ConfigMap
+/// gets the test's cgroup root, pin dir and metrics port, as a kustomize overlay would.
+#[test]
+fn daemonset_pod_template_runs_the_agent() {
+    if !require_privileged() {
+        return;
+    }
+    let root = sockmesh_tests::workspace_root();
+    let archive = std::env::var_os("SOCKMESH_IMAGE_ARCHIVE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target/image/sockmesh-image.tar"));
+    let missing = missing_tools()
+        .or_else(|| (!archive.exists()).then(|| format!("{} (`cargo xtask image`)", archive.display())))
+        .or_else(|| {
+            (!root.join("target/k8s-venv/bin/python").exists()).then(|| "target/k8s-venv".to_string())
+        });
+    if let Some(m) = missing {
+        let msg = format!("SKIPPED (needs {m}): daemonset_pod_template_runs_the_agent");
+        assert!(std::env::var_os("SOCKMESH_REQUIRE_PRIVILEGED").is_none(), "{msg}");
+        eprintln!("\n{msg}\n");
+        return;
+    }
+    let objects = rendered().unwrap();
+    let ds = objects
+        .iter()
+        .find(|o| o["kind"] == "DaemonSet")
+        .expect("a DaemonSet")
+        .clone();
+    let cm = objects
+        .iter()
+        .find(|o| o["kind"] == "ConfigMap")
+        .expect("a ConfigMap");
+    let mut node = KubeNode::start().expect("containerd node");
+    node.ctr(&["images", "import", &archive.display().to_string()])
+        .unwrap();
+
+    let run_dir = node.dir.join("run-sockmesh");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let host_admin = run_dir.join("admin.sock");
+    let pin_dir = format!("/sys/fs/bpf/sockmesh-k8s-test-{}", std::process::id());
+    let _cleanup = UninstallOnDrop(vec![
+        "--pin-dir".into(),
+        pin_dir.clone(),
+        "--state-file".into(),
+        run_dir.join("state.json").display().to_string(),
+        "--admin-socket".into(),
+        host_admin.display().to_string(),
+    ]);
+    // The ConfigMap with the test's node paths.
+    let metrics_port = sockmesh_tests::util::free_tcp_port().unwrap();
+    let toml: String = cm["data"]["sockmesh.toml"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with("cgroup_root") {
+                format!("cgroup_root = {:?}", node.kubepods.display().to_string())
+            } else if l.starts_with("pin_dir") {
+                format!("pin_dir = {pin_dir:?}")
+            } else if l.starts_with("metrics_addr") {
+                format!("metrics_addr = \"127.0.0.1:{metrics_port}\"")
+            } else if l.starts_with("resync_secs") {
+                "resync_secs = 2".to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let cm_dir = node.dir.join("configmap");
+    std::fs::create_dir_all(&cm_dir).unwrap();
+    std::fs::write(cm_dir.join("sockmesh.toml"), toml).unwrap();
+    let mut template = ds["spec"]["template"].clone();
+    // The plugin runs on the host: it dials the host side of the /run/sockmesh volume.
+    for a in template["spec"]["initContainers"][0]["args"]
+        .as_array_mut()
+        .unwrap()
+    {
+        if a.as_str().is_some_and(|s| s.starts_with("--admin-socket=")) {
+            *a = serde_json::json!(format!("--admin-socket={}", host_admin.display()));
+        }
+    }
+    let (socket, bin, conf) = (
+        node.socket.clone(),
+        node.cni_bin_dir.clone(),
+        node.cni_conf_dir.clone(),
+    );
+    let run = run_dir.clone();
+    let host = move |p: &str| -> std::path::PathBuf {
+        match p {
+            "/run/sockmesh" => run.clone(),
+            "/run/containerd/containerd.sock" => socket.clone(),
+            "/opt/cni/bin" => bin.clone(),
+            "/etc/cni/net.d" => conf.clone(),
+            other => other.into(),
+        }
+    };
+    let status = |admin: &Path| -> Result<serde_json::Value> {
+        let out = sockmesh(&["status", "--json", "--admin-socket", &admin.display().to_string()])?;
+        Ok(serde_json::from_str(out.trim())?)
+    };
+
+    let (agent, ids) = node
+        .run_template("sockmesh-system", "sockmesh-abcde", &template, &host, &cm_dir)
+        .expect("the DaemonSet's pod template");
+    assert!(
+        std::fs::read_to_string(node.cni_conf_dir.join("10-test.conflist"))
+            .unwrap()
+            .contains("sockmesh-cni")
+    );
+    eventually(Duration::from_secs(15), || {
+        let r = sockmesh_tests::daemon::http_get(format!("127.0.0.1:{metrics_port}").parse()?, "/ready")?;
+        anyhow::ensure!(r.contains("ready"), "not ready: {r}");
+        Ok(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "agent not ready: {e:#}\n{}",
+            node.container_log(&agent, "sockmesh")
+        )
+    });
+
+    // It is the pod's process: its cgroup is the agent pod's.
+    let st = status(&host_admin).unwrap();
+    let own = st["kernel"]["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["check"] == "daemon cgroup"))
+        .map(|c| c["result"].to_string())
+        .unwrap_or_default();
+    assert!(
+        own.contains(&format!("pod{}", agent.uid)),
+        "the agent runs in {own}, not in its pod"
+    );
+
+    // A labelled pod's first connection, captured by the agent pod.
+    let server = node.run_pod("default", "server", &[], &[]).unwrap();
+    node.start_container(
+        &server,
+        "httpd",
+        &["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"],
+    )
+    .unwrap();
+    let http = format!("http://{}:8080/", server.ip);
+    let web = node
+        .run_pod("default", "web.from.template", &[MESH], &[])
+        .unwrap();
+    let first = format!("/bin/busybox wget -q -O - {http}; echo first=$?; exec /bin/busybox sleep 1000");
+    let web_c = node
+        .start_container(&web, "app", &["/bin/sh", "-c", &first])
+        .unwrap();
+    eventually(Duration::from_secs(10), || {
+        let l = node.container_log(&web, "app");
+        anyhow::ensure!(l.contains("first=0"), "no first connection yet: {l}");
+        Ok(())
+    })
+    .unwrap();
+    let captured = |admin: &Path| -> u64 {
+        status(admin)
+            .ok()
+            .and_then(|st| status_pod(&st, &web.uid).and_then(|p| p["connections_total"].as_u64()))
+            .unwrap_or(0)
+    };
+    assert!(
+        captured(&host_admin) >= 1,
+        "first connection not captured by the agent pod: {}",
+        status(&host_admin).unwrap()
+    );
+
+    // Rolling update: the kubelet's SIGTERM (grace period from the template), a new pod.
+    let grace = template["spec"]["terminationGracePeriodSeconds"]
+        .as_i64()
+        .unwrap();
+    node.stop_container(&ids["sockmesh"], grace).unwrap();
+    assert_eq!(node.exit_code(&ids["sockmesh"]).unwrap(), 0);
+    assert!(
+        Path::new(&pin_dir)
+            .join("links")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_some(),
+        "SIGTERM removed the pins"
+    );
+    node.remove_pod(&agent).unwrap();
+    let (agent2, _) = node
+        .run_template("sockmesh-system", "sockmesh-fghij", &template, &host, &cm_dir)
+        .expect("the updated agent pod");
+    eventually(Duration::from_secs(15), || {
+        anyhow::ensure!(
+            enrolled(&status(&host_admin)?).contains(&web.uid),
+            "not re-adopted yet"
+        );
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", node.container_log(&agent2, "sockmesh")));
+    let (rc, out) = node
+        .exec(&web_c, &["/bin/busybox", "wget", "-q", "-O", "-", &http])
+        .unwrap();
+    assert_eq!(rc, 0, "{out}");
+    assert!(
+        captured(&host_admin) >= 1,
+        "capture lost across the rolling update"
+    );
+
+    // Uninstall: delete the DaemonSet (its pod), then the node's uninstall path.
+    node.remove_pod(&agent2).unwrap();
+    sockmesh(&[
+        "uninstall",
+        "--cni-conf-dir",
+        &node.cni_conf_dir.display().to_string(),
+        "--cni-bin-dir",
+        &node.cni_bin_dir.display().to_string(),
+        "--pin-dir",
+        &pin_dir,
+        "--state-file",
+        &run_dir.join("state.json").display().to_string(),
+        "--admin-socket",
+        &host_admin.display().to_string(),
+    ])
+    .unwrap();
+    assert!(!Path::new(&pin_dir).exists());
+    assert!(
+        !std::fs::read_to_string(node.cni_conf_dir.join("10-test.conflist"))
+            .unwrap()
+            .contains("sockmesh-cni")
+    );
+    assert!(!node.cni_bin_dir.join("sockmesh-cni").exists());
+}
