@@ -7,15 +7,14 @@
 //!    byte arrives in order, because the flow falls back to TCP; and its half-close arrives as EOF.
 //!
 //! A separate check, [`blocking_reads`], decides whether acceleration may be on *by default*: a
-//! blocking reader on a socket in the map must never get EAGAIN before its time-out. Kernels up to
-//! at least 6.18 fail it: `tcp_bpf_recvmsg_parser()` (net/ipv4/tcp_bpf.c) waits once in
-//! `tcp_msg_wait_data()` (a single `sk_wait_event()`) and returns -EAGAIN when the wake-up found
-//! nothing queued, instead of waiting again as `tcp_recvmsg_locked()` does. Any wake-up of the
-//! socket's wait queue does it. The common one: an app half-closes and blocks in `read()` for the
-//! answer; the ACK of its FIN moves the socket to FIN_WAIT2 and `tcp_rcv_state_process()` calls
-//! `sk_state_change()` ("Wake up lingering close()"), which wakes the reader with nothing queued.
-//! Write-space wake-ups after a bulk upload do it too. Non-blocking readers (epoll, asyncio,
-//! tokio, nginx, Node) never notice: EAGAIN is what they expect.
+//! blocking reader on a socket in the map must never get EAGAIN before its time-out. This kernel
+//! (6.18.44) fails it: a client that sends, half-closes and blocks in `read()` for the answer gets
+//! EAGAIN at the moment the answer is redirected into its socket, with 0 bytes read, whether or
+//! not a stream-verdict program is on the map. The return comes from `tcp_bpf_recvmsg_parser()`
+//! / `tcp_bpf_recvmsg()` (net/ipv4/tcp_bpf.c): after one `tcp_msg_wait_data()` wake-up (a single
+//! `sk_wait_event()`) that does not end in a copy they return -EAGAIN, where
+//! `tcp_recvmsg_locked()` would wait again until its time-out. Non-blocking readers (epoll,
+//! asyncio, tokio, nginx, Node) never notice: EAGAIN is what they expect, and they retry.
 
 use std::{
     io::{Read, Write},
@@ -140,8 +139,10 @@ fn blocking_read_once(mut client: TcpStream, mut server: TcpStream, size: usize)
                 && waited.elapsed() < BLOCKING_TIMEOUT - Duration::from_millis(500) =>
         {
             return Err(format!(
-                "a blocking read() returned EAGAIN after {} ms, before its {} s time-out",
+                "a blocking read() returned EAGAIN after {} ms ({} bytes of the answer read), \
+                 before its {} s time-out",
                 waited.elapsed().as_millis(),
+                got.len(),
                 BLOCKING_TIMEOUT.as_secs()
             ))
         }
