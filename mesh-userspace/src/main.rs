@@ -480,6 +480,21 @@ fn preflight(root: &Path, mount: &Path) -> anyhow::Result<(Vec<(String, String)>
 
 fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Result<()> {
     let (mut checks, optional_off) = preflight(&root, &mount)?;
+    // Every proxied connection costs two descriptors: take all the host allows.
+    match sys::raise_nofile_limit() {
+        Ok((before, after)) if after > before => {
+            info!("open-files limit raised from {before} to {after} (the hard limit)");
+            checks.push((
+                "open files".into(),
+                format!("limit {after} (raised from {before})"),
+            ));
+        }
+        Ok((_, after)) => checks.push(("open files".into(), format!("limit {after} (the hard limit)"))),
+        Err(e) => {
+            warn!("could not raise the open-files limit: {e}");
+            checks.push(("open files".into(), format!("not raised: {e}")));
+        }
+    }
     if cfg.acceleration.mode != config::AccelMode::Off && optional_off.contains(&"acceleration") {
         if cfg.acceleration.mode == config::AccelMode::On {
             warn!("acceleration requested but this kernel lacks sk_msg support: off");

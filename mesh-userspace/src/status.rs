@@ -55,6 +55,16 @@ pub fn render(st: &Value) -> String {
         },
         s(&accel["detail"])
     );
+    let fds = &st["open_files"];
+    if !fds.is_null() {
+        let _ = writeln!(
+            o,
+            "open files: {} of {} (hard limit {})",
+            s(&fds["open"]),
+            s(&fds["limit"]),
+            s(&fds["hard_limit"])
+        );
+    }
     let prop = &st["propagation"];
     if !prop.is_null() {
         let _ = writeln!(o, "colour propagation: {}", s(&prop["state"]));
