@@ -410,3 +410,88 @@ fn blocking_clients_get_their_answer_and_eof_after_a_half_close() {
         );
     }
 }
+
+/// The nginx config for [`real_peers_through_the_forced_accelerated_path`]: one process in the
+/// foreground serving `dir/www` on `port`, everything else in `dir`.
+fn nginx_conf(dir: &std::path::Path, port: u16) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;\nmaster_process off;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
+         fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+         keepalive_requests 100000;\n  server {{\n    listen {port};\n    root {d}/www;\n  }}\n}}\n"
+    )
+}
+
+/// Real applications through the mesh with the short-circuit forced on (`enabled = true`; the
+/// default stays off on this kernel, see the previous test): curl (20 gets, a 64 MiB download and
+/// upload), wrk, a Node.js http keep-alive client, Python asyncio keep-alive connections that idle
+/// 3 s and wake up, against a Node.js http server; and nginx as the server (a 32 MiB static file,
+/// wrk). All event-driven clients: every check must pass, in each of two rounds, and the kernel
+/// counters must show the short-circuit carried messages.
+#[test]
+fn real_peers_through_the_forced_accelerated_path() {
+    if !require_privileged() {
+        return;
+    }
+    for tool in ["curl", "wrk", "node"] {
+        if sockmesh_tests::bench::proxies::which(tool).is_none() {
+            assert!(
+                std::env::var_os("SOCKMESH_REQUIRE_PRIVILEGED").is_none(),
+                "{tool} is missing (cargo xtask bootstrap --for test)"
+            );
+            eprintln!("SKIPPED: {tool} missing");
+            return;
+        }
+    }
+    let node = VirtualNode::new(&["client", "server"]).expect("virtual node");
+    let (client, server) = (node.pod("client"), node.pod("server"));
+    let mut cmd = Command::new("node");
+    cmd.arg(sockmesh_tests::peers_dir().join("accel_http_server.js"))
+        .arg("8080");
+    let _http = Server::start(&server.cgroup, Some(&server.netns), cmd).expect("node http server");
+    let dir = sockmesh_tests::TempDir::new("nginx").expect("temp dir");
+    let nginx = sockmesh_tests::bench::proxies::which("nginx").map(|bin| {
+        std::fs::create_dir_all(dir.join("www")).unwrap();
+        std::fs::write(dir.join("www/big"), vec![b'n'; 32 << 20]).unwrap();
+        std::fs::write(dir.join("www/small"), vec![b's'; 1024]).unwrap();
+        std::fs::write(dir.join("nginx.conf"), nginx_conf(dir.path(), 8081)).unwrap();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("\"$0\" -t -q -c \"$1\" && echo listening && exec \"$0\" -c \"$1\"")
+            .arg(bin)
+            .arg(dir.join("nginx.conf"));
+        Server::start(&server.cgroup, Some(&server.netns), cmd).expect("nginx")
+    });
+    let cfg = basic_config(
+        &node,
+        &format!("[acceleration]\nenabled = true\n{}", pods_toml(&[client])),
+    );
+    let daemon = Daemon::start(&node, &cfg).expect("daemon");
+    assert_eq!(daemon.status().unwrap()["acceleration"]["enabled"], true);
+    let redirected_before = daemon.counter("msg_redirected").unwrap();
+    for round in 0..2 {
+        let mut cmd = Command::new("sh");
+        cmd.arg(sockmesh_tests::peers_dir().join("accel_peers.sh"))
+            .arg(server.ip.to_string())
+            .arg("8080")
+            .arg(if nginx.is_some() { "8081" } else { "0" })
+            .arg(sockmesh_tests::peers_dir());
+        let out = exec_in(&client.cgroup, Some(&client.netns), cmd, Duration::from_secs(180))
+            .expect("run accel_peers.sh");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        eprintln!("round {round}:\n{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success() && !text.contains("FAIL"),
+            "round {round}: a real peer failed through the accelerated path:\n{text}"
+        );
+    }
+    let redirected = daemon.counter("msg_redirected").unwrap() - redirected_before;
+    eprintln!("messages short-circuited: {redirected}");
+    assert!(
+        redirected > 1000,
+        "only {redirected} messages took the short-circuit"
+    );
+    drop(nginx);
+}
