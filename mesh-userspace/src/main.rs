@@ -565,13 +565,13 @@ fn accel_selftest(kernel: &mut ebpf::Kernel, mode: config::AccelMode) -> anyhow:
         Err(why) if mode == AccelMode::On => {
             warn!(
                 "acceleration on as configured, but blocking readers are at risk on this kernel: {why} \
-                 (tcp_bpf_recvmsg_parser returns EAGAIN after a spurious wake-up); the default would be off"
+                 (the sockmap receive path, tcp_bpf_recvmsg*, returns EAGAIN to blocking readers; see ARCHITECTURE.md); the default would be off"
             );
             Ok(format!("{s}; WARNING blocking readers at risk: {why}"))
         }
         Err(why) => Err(format!(
             "off by default on this kernel: blocking-reader check failed: {why} \
-             (tcp_bpf_recvmsg_parser returns EAGAIN after a spurious wake-up); set enabled = true to force"
+             (the sockmap receive path, tcp_bpf_recvmsg*, returns EAGAIN to blocking readers; see ARCHITECTURE.md); set enabled = true to force"
         )),
     });
     Ok(match verdict {
