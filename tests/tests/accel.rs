@@ -6,6 +6,10 @@
 //! its level before the run. Without the per-flow budget, the same stream made `write()` fail
 //! with ENOMEM and pushed TCP memory to about 1.4 GB. Small request/response traffic still takes
 //! the short-circuit, as the kernel counters show.
+//!
+//! Also here: the half-close stress with event-driven clients, the blocking-client reproducer of
+//! the benchmark's "stall after half-close" (a kernel EAGAIN to blocking readers; acceleration
+//! is off by default where the self-test finds it), and real peers with acceleration forced on.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
