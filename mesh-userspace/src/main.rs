@@ -551,12 +551,22 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Resu
 
 /// Decide whether the short-circuit stays on: the data-path self-test must pass; the
 /// blocking-reader check must pass too when acceleration is on by default (`Auto`).
-fn accel_selftest(kernel: &mut ebpf::Kernel, mode: config::AccelMode) -> anyhow::Result<daemon::AccelState> {
+fn accel_selftest(
+    kernel: &mut ebpf::Kernel,
+    mode: config::AccelMode,
+    checks: &[(String, String)],
+) -> anyhow::Result<daemon::AccelState> {
     use config::AccelMode;
     if mode == AccelMode::Off {
+        // Off in the config, or switched off by the preflight (the kernel lacks sk_msg).
+        let detail = checks
+            .iter()
+            .find(|(k, _)| k == "acceleration")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| "off in config".into());
         return Ok(daemon::AccelState {
             enabled: false,
-            detail: "off in config".into(),
+            detail,
         });
     }
     let verdict = selftest::run(kernel).map_err(|why| format!("self-test failed: {why}"));
@@ -629,7 +639,7 @@ fn serve_loaded(
         "connect4/6, getpeername4/6, getsockopt, sockops loaded and attached".into(),
     ));
     kernel.set_bypass(&cfg.bypass_cidrs, &cfg.bypass_ports)?;
-    let accel = accel_selftest(&mut kernel, cfg.acceleration.mode)?;
+    let accel = accel_selftest(&mut kernel, cfg.acceleration.mode, &checks)?;
     let mut pods = cfg.pods.clone();
     let mut resumed_routing = None;
     if origin == ebpf::Origin::Adopted {
