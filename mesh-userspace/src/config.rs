@@ -210,9 +210,21 @@ pub struct PodSpec {
     pub links: BTreeMap<String, Vec<PathBuf>>,
 }
 
+/// `[acceleration] enabled`: unset means [`AccelMode::Auto`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelMode {
+    /// On when every startup self-test check passes, the blocking-reader check included.
+    Auto,
+    /// `enabled = true`: on when the data-path checks pass, even if blocking readers are at risk
+    /// on this kernel (said in the log and in status).
+    On,
+    /// `enabled = false`.
+    Off,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Acceleration {
-    pub enabled: bool,
+    pub mode: AccelMode,
     pub max_msg_bytes: u32,
     pub flow_budget_bytes: u64,
 }
@@ -394,7 +406,11 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         }
     }
     let acc = Acceleration {
-        enabled: raw.acceleration.enabled.unwrap_or(false),
+        mode: match raw.acceleration.enabled {
+            None => AccelMode::Auto,
+            Some(true) => AccelMode::On,
+            Some(false) => AccelMode::Off,
+        },
         max_msg_bytes: raw
             .acceleration
             .max_msg_bytes
@@ -645,7 +661,11 @@ mod tests {
     fn embedded_default_config_parses() {
         let c = parse(DEFAULT_CONFIG).expect("default config");
         assert_eq!(c.outbound_port, 15001);
-        assert!(!c.acceleration.enabled, "acceleration is off by default");
+        assert_eq!(
+            c.acceleration.mode,
+            AccelMode::Auto,
+            "acceleration is on by default wherever the self-test passes"
+        );
         assert!(c.pods.is_empty());
         assert_eq!(c.workers, None, "one worker per CPU unless set");
     }
@@ -682,7 +702,7 @@ mod tests {
         assert_eq!(c.bypass_cidrs[1].prefix, 32);
         assert_eq!(c.pods.len(), 2);
         assert!(c.pods[1].external_proxy);
-        assert!(c.acceleration.enabled);
+        assert_eq!(c.acceleration.mode, AccelMode::On);
         assert_eq!(c.acceleration.max_msg_bytes, 4096);
     }
 

@@ -842,6 +842,11 @@ impl Daemon {
                 "attached": kernel.attached,
             },
             "cgroup_root": self.cgroup_root,
+            "open_files": {
+                "open": sys::open_fds().ok(),
+                "limit": sys::nofile_limit().ok().map(|l| l.0),
+                "hard_limit": sys::nofile_limit().ok().map(|l| l.1),
+            },
             "uptime_s": self.started.elapsed().as_secs(),
             "workers": tokio::runtime::Handle::try_current().map(|h| h.metrics().num_workers()).ok(),
         })

@@ -762,9 +762,26 @@ fn preflight(root: &Path, mount: &Path) -> anyhow::Result<(Vec<(String, String)>
 
 fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Result<()> {
     let (mut checks, optional_off) = preflight(&root, &mount)?;
-    if cfg.acceleration.enabled && optional_off.contains(&"acceleration") {
-        warn!("acceleration requested but this kernel lacks sk_msg support: off");
-        cfg.acceleration.enabled = false;
+    // Every proxied connection costs two descriptors: take all the host allows.
+    match sys::raise_nofile_limit() {
+        Ok((before, after)) if after > before => {
+            info!("open-files limit raised from {before} to {after} (the hard limit)");
+            checks.push((
+                "open files".into(),
+                format!("limit {after} (raised from {before})"),
+            ));
+        }
+        Ok((_, after)) => checks.push(("open files".into(), format!("limit {after} (the hard limit)"))),
+        Err(e) => {
+            warn!("could not raise the open-files limit: {e}");
+            checks.push(("open files".into(), format!("not raised: {e}")));
+        }
+    }
+    if cfg.acceleration.mode != config::AccelMode::Off && optional_off.contains(&"acceleration") {
+        if cfg.acceleration.mode == config::AccelMode::On {
+            warn!("acceleration requested but this kernel lacks sk_msg support: off");
+        }
+        cfg.acceleration.mode = config::AccelMode::Off;
         checks.push(("acceleration".into(), "off: kernel lacks sk_msg support".into()));
     }
     // One daemon per pinned state: a second one would adopt the first one's links.
@@ -814,6 +831,64 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Resu
     result
 }
 
+/// Decide whether the short-circuit stays on: the data-path self-test must pass; the
+/// blocking-reader check must pass too when acceleration is on by default (`Auto`).
+fn accel_selftest(
+    kernel: &mut ebpf::Kernel,
+    mode: config::AccelMode,
+    checks: &[(String, String)],
+) -> anyhow::Result<daemon::AccelState> {
+    use config::AccelMode;
+    if mode == AccelMode::Off {
+        // Off in the config, or switched off by the preflight (the kernel lacks sk_msg).
+        let detail = checks
+            .iter()
+            .find(|(k, _)| k == "acceleration")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| "off in config".into());
+        return Ok(daemon::AccelState {
+            enabled: false,
+            detail,
+        });
+    }
+    let verdict = selftest::run(kernel).map_err(|why| format!("self-test failed: {why}"));
+    let verdict = verdict.and_then(|s| match selftest::blocking_reads(kernel) {
+        Ok(b) => Ok(format!("{s}; {b}")),
+        Err(why) if mode == AccelMode::On => {
+            warn!(
+                "acceleration on as configured, but blocking readers are at risk on this kernel: {why} \
+                 (the sockmap receive path, tcp_bpf_recvmsg*, returns EAGAIN to blocking readers; see ARCHITECTURE.md); the default would be off"
+            );
+            Ok(format!("{s}; WARNING blocking readers at risk: {why}"))
+        }
+        Err(why) => Err(format!(
+            "off by default on this kernel: blocking-reader check failed: {why} \
+             (the sockmap receive path, tcp_bpf_recvmsg*, returns EAGAIN to blocking readers; see ARCHITECTURE.md); set enabled = true to force"
+        )),
+    });
+    Ok(match verdict {
+        Ok(s) => {
+            info!("acceleration on: {s}");
+            daemon::AccelState {
+                enabled: true,
+                detail: s,
+            }
+        }
+        Err(why) => {
+            if mode == AccelMode::On {
+                warn!("acceleration self-test failed, short-circuit disabled: {why}");
+            } else {
+                info!("acceleration off: {why}");
+            }
+            kernel.disable_acceleration()?;
+            daemon::AccelState {
+                enabled: false,
+                detail: why,
+            }
+        }
+    })
+}
+
 fn serve_loaded(
     cfg: config::Config,
     root: PathBuf,
@@ -826,7 +901,7 @@ fn serve_loaded(
         pin_dir: &cfg.pin_dir,
         outbound_port: cfg.outbound_port,
         daemon_mark: cfg.daemon_mark,
-        accelerate: cfg.acceleration.enabled,
+        accelerate: cfg.acceleration.mode != config::AccelMode::Off,
         accel_max_msg: cfg.acceleration.max_msg_bytes,
         accel_flow_budget: cfg.acceleration.flow_budget_bytes,
         bpf_log: cfg.bpf_log,
@@ -846,30 +921,7 @@ fn serve_loaded(
         "connect4/6, getpeername4/6, getsockopt, sockops loaded and attached".into(),
     ));
     kernel.set_bypass(&cfg.bypass_cidrs, &cfg.bypass_ports)?;
-    let accel = if cfg.acceleration.enabled {
-        match selftest::run(&mut kernel) {
-            Ok(s) => {
-                info!("acceleration on: {s}");
-                daemon::AccelState {
-                    enabled: true,
-                    detail: s,
-                }
-            }
-            Err(why) => {
-                warn!("acceleration self-test failed, short-circuit disabled: {why}");
-                kernel.disable_acceleration()?;
-                daemon::AccelState {
-                    enabled: false,
-                    detail: format!("self-test failed: {why}"),
-                }
-            }
-        }
-    } else {
-        daemon::AccelState {
-            enabled: false,
-            detail: "off in config".into(),
-        }
-    };
+    let accel = accel_selftest(&mut kernel, cfg.acceleration.mode, &checks)?;
     let mut pods = cfg.pods.clone();
     let mut resumed_routing = None;
     if origin == ebpf::Origin::Adopted {

@@ -80,6 +80,12 @@ pub struct PodStats {
 #[derive(Debug, Default)]
 pub struct ProxyErrors {
     pub accept_failed: AtomicU64,
+    /// `accept()` failed with EMFILE/ENFILE: the daemon (or the host) ran out of descriptors.
+    pub accept_no_descriptors: AtomicU64,
+    /// When the last "out of descriptors" warning was logged (ms since the Unix epoch), so it
+    /// is said once per [`NO_FD_LOG_INTERVAL`], with the count since.
+    no_fd_logged_ms: AtomicU64,
+    no_fd_unlogged: AtomicU64,
     pub orig_dst_unknown: AtomicU64,
     pub orig_dst_is_proxy: AtomicU64,
     pub upstream_socket_failed: AtomicU64,
@@ -87,10 +93,33 @@ pub struct ProxyErrors {
     pub relay_reset: AtomicU64,
 }
 
+/// How often an accept that ran out of descriptors is logged (each one is counted).
+pub const NO_FD_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 impl ProxyErrors {
+    /// Count an accept that failed for lack of descriptors; `Some(n)` when it is time to log
+    /// (`n` failures since the last log line, this one included).
+    pub fn note_no_descriptors(&self, now_ms: u64) -> Option<u64> {
+        self.accept_no_descriptors.fetch_add(1, Relaxed);
+        let unlogged = self.no_fd_unlogged.fetch_add(1, Relaxed) + 1;
+        let last = self.no_fd_logged_ms.load(Relaxed);
+        let due = last == 0 || now_ms.saturating_sub(last) >= NO_FD_LOG_INTERVAL.as_millis() as u64;
+        if due
+            && self
+                .no_fd_logged_ms
+                .compare_exchange(last, now_ms.max(1), Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.no_fd_unlogged.fetch_sub(unlogged, Relaxed);
+            return Some(unlogged);
+        }
+        None
+    }
+
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("accept_failed", self.accept_failed.load(Relaxed)),
+            ("accept_no_descriptors", self.accept_no_descriptors.load(Relaxed)),
             ("orig_dst_unknown", self.orig_dst_unknown.load(Relaxed)),
             ("orig_dst_is_proxy", self.orig_dst_is_proxy.load(Relaxed)),
             (
@@ -396,6 +425,28 @@ async fn accept_loop(
         tokio::select! {
             r = l.accept() => match r {
                 Ok((s, peer)) => spawn_conn(s, peer, dir, &pod, &shared),
+                Err(e) if crate::sys::is_out_of_fds(&e) => {
+                    // The connection stays in the kernel's accept queue; back off so the loop
+                    // does not spin while descriptors are short.
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0);
+                    if let Some(n) = shared.errors.note_no_descriptors(now_ms) {
+                        let (soft, hard) = crate::sys::nofile_limit().unwrap_or((0, 0));
+                        // Listing /proc/self/fd needs a descriptor too.
+                        let open = crate::sys::open_fds()
+                            .map(|n| n.to_string())
+                            .unwrap_or_else(|_| "all".into());
+                        warn!(
+                            pod = %pod.name,
+                            "out of file descriptors: accept failed {n} time(s) since the last report ({e}); \
+                             {open} open, limit {soft} (hard {hard}); connections wait in the accept queue \
+                             (counted as accept_no_descriptors)"
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 Err(e) => {
                     shared.errors.accept_failed.fetch_add(1, Relaxed);
                     warn!(pod = %pod.name, "accept failed: {e}");
@@ -665,6 +716,28 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_descriptor_accepts_are_all_counted_and_logged_once_per_interval() {
+        let e = ProxyErrors::default();
+        let t0 = 1_000_000u64;
+        assert_eq!(
+            e.note_no_descriptors(t0),
+            Some(1),
+            "the first one is reported at once"
+        );
+        for i in 1..50 {
+            assert_eq!(e.note_no_descriptors(t0 + i * 100), None);
+        }
+        let next = t0 + NO_FD_LOG_INTERVAL.as_millis() as u64;
+        assert_eq!(
+            e.note_no_descriptors(next),
+            Some(50),
+            "49 since the last report, plus this one"
+        );
+        assert_eq!(e.accept_no_descriptors.load(Relaxed), 51);
+        assert_eq!(e.accept_failed.load(Relaxed), 0, "not an ordinary accept failure");
+    }
 
     /// The test source: every accepted connection "was going to" one fixed address.
     struct FixedOrigDst(SocketAddr);

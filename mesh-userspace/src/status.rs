@@ -58,6 +58,16 @@ pub fn render(st: &Value) -> String {
     if st["kernel_routes"].is_object() {
         o.push_str(crate::kroute::render(&st["kernel_routes"]).trim_start());
     }
+    let fds = &st["open_files"];
+    if !fds.is_null() {
+        let _ = writeln!(
+            o,
+            "open files: {} of {} (hard limit {})",
+            s(&fds["open"]),
+            s(&fds["limit"]),
+            s(&fds["hard_limit"])
+        );
+    }
     let prop = &st["propagation"];
     if !prop.is_null() {
         let _ = writeln!(o, "colour propagation: {}", s(&prop["state"]));

@@ -361,3 +361,65 @@ mod tests {
         assert!(original_dst(c.as_raw_fd(), false).is_err());
     }
 }
+
+/// The process's open-files limit: `(soft, hard)`.
+pub fn nofile_limit() -> io::Result<(u64, u64)> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one struct rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((r.rlim_cur as u64, r.rlim_max as u64))
+}
+
+/// Raise the open-files soft limit to the hard limit (what the host allows this process).
+/// Returns `(before, after)` soft limits.
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let (soft, hard) = nofile_limit()?;
+    if soft >= hard {
+        return Ok((soft, soft));
+    }
+    let r = libc::rlimit {
+        rlim_cur: hard as libc::rlim_t,
+        rlim_max: hard as libc::rlim_t,
+    };
+    // SAFETY: setrlimit reads one struct rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((soft, nofile_limit()?.0))
+}
+
+/// Descriptors this process has open now (entries of /proc/self/fd).
+pub fn open_fds() -> io::Result<u64> {
+    Ok(std::fs::read_dir("/proc/self/fd")?.count() as u64)
+}
+
+/// EMFILE (this process) or ENFILE (the whole system): out of file descriptors.
+pub fn is_out_of_fds(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+}
+
+#[cfg(test)]
+mod fd_tests {
+    use super::*;
+
+    #[test]
+    fn raising_the_open_files_limit_reaches_the_hard_limit() {
+        let (_, hard) = nofile_limit().unwrap();
+        let (before, after) = raise_nofile_limit().unwrap();
+        assert!(after >= before);
+        assert_eq!(after, hard);
+        assert!(open_fds().unwrap() >= 3);
+    }
+
+    #[test]
+    fn emfile_and_enfile_are_out_of_descriptors_and_nothing_else_is() {
+        assert!(is_out_of_fds(&io::Error::from_raw_os_error(libc::EMFILE)));
+        assert!(is_out_of_fds(&io::Error::from_raw_os_error(libc::ENFILE)));
+        assert!(!is_out_of_fds(&io::Error::from_raw_os_error(libc::ECONNABORTED)));
+    }
+}

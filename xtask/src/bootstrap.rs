@@ -143,6 +143,11 @@ pub const APT_PACKAGES: &[AptPackage] = &[
         &[Test],
     ),
     apt(
+        "nginx-light",
+        "nginx as a real server behind the accelerated path (tests/accel.rs)",
+        &[Test],
+    ),
+    apt(
         "qemu-system-x86",
         "boots the kernel matrix (`cargo xtask vm-test`)",
         &[Vm],
@@ -742,6 +747,7 @@ mod tests {
             "wrk",
             "nodejs",
             "nghttp2-client",
+            "nginx-light",
         ] {
             assert!(test.contains(&p), "test lacks {p}");
         }
