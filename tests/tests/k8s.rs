@@ -159,6 +159,15 @@ fn kubernetes_node_end_to_end() {
             &[("sockmesh.io/inbound-ports", "8080")],
         )
         .unwrap();
+    // The agent enrols the pod from the CNI notice and the CRI (about 100 ms after sandbox
+    // creation here); it does not hold the container back, so a kubelet that starts the
+    // container sooner than that would race it (docs/kubernetes in ARCHITECTURE.md). Start the
+    // container once the pod is enrolled, as a kubelet's image and container set-up does.
+    eventually(Duration::from_secs(10), || {
+        anyhow::ensure!(status_pod(&d.status()?, &web.uid).is_some(), "not enrolled yet");
+        Ok(())
+    })
+    .expect("the labelled pod is enrolled from the CNI notice");
     let first = format!("/bin/busybox httpd -p 8080 -h /www; /bin/busybox wget -q -O - {http}; echo first=$?; exec /bin/busybox sleep 1000");
     let web_c = node
         .start_container(&web, "app", &["/bin/sh", "-c", &first])
@@ -533,6 +542,15 @@ fn daemonset_pod_template_runs_the_agent() {
     let web = node
         .run_pod("default", "web.from.template", &[MESH], &[])
         .unwrap();
+    // As above: the container starts once the agent has enrolled the pod.
+    eventually(Duration::from_secs(10), || {
+        anyhow::ensure!(
+            status_pod(&status(&host_admin)?, &web.uid).is_some(),
+            "not enrolled yet"
+        );
+        Ok(())
+    })
+    .expect("the labelled pod is enrolled by the agent pod from the CNI notice");
     let first = format!("/bin/busybox wget -q -O - {http}; echo first=$?; exec /bin/busybox sleep 1000");
     let web_c = node
         .start_container(&web, "app", &["/bin/sh", "-c", &first])

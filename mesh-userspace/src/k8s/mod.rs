@@ -35,7 +35,7 @@ pub const ANNOTATION_INBOUND_PORTS: &str = "sockmesh.io/inbound-ports";
 pub const ANNOTATION_COLOUR: &str = "sockmesh.io/colour";
 /// How long a `cni_add` makes discovery wait for the runtime to list the new sandbox.
 const NEW_SANDBOX_WAIT: Duration = Duration::from_secs(10);
-const NEW_SANDBOX_POLL: Duration = Duration::from_millis(20);
+const NEW_SANDBOX_POLL: Duration = Duration::from_millis(5);
 
 /// `[kubernetes]` in the node config.
 #[derive(Debug, Clone, PartialEq, Eq)]
