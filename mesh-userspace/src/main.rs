@@ -983,6 +983,14 @@ fn serve_loaded(
         }
         // A switch the previous daemon left unfinished goes on (after the pods' link cgroups).
         daemon.resume_links();
+        // Loading parsed the kernel's BTF (megabytes, for the colour tracepoints) and the
+        // self-test moved tens of MiB through sockets: hand the freed heap back to the system so
+        // the idle daemon is small again (glibc keeps freed pages otherwise).
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free memory of the allocator.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         tokio::spawn(admin::serve(admin, daemon.clone()));
         tokio::spawn(metrics::serve(metrics, daemon.clone()));
         tokio::spawn(daemon.clone().forward_bpf_logs());
