@@ -1,8 +1,9 @@
 //! `cargo xtask test`: the single test command (README, CI's `.ci/run`).
 //!
-//! Host unit tests first (no root, no nightly), then, as root, bootstrap, the eBPF object, the
-//! release daemon and the privileged end-to-end suite, one test at a time, then the kernel matrix
-//! ([`crate::vm`]) when /dev/kvm exists (`--no-vm` skips it). Child output streams straight
+//! As root: bootstrap (first, since some host tests use what it installs), the host unit tests,
+//! the eBPF object, the release daemon and the privileged end-to-end suite, one test at a time,
+//! then the kernel matrix ([`crate::vm`]) when /dev/kvm exists (`--no-vm` skips it). Without
+//! root: the host unit tests only, and a loud banner saying the privileged suite was skipped. Child output streams straight
 //! through: CI judges the run by cargo test's own summary lines.
 
 use std::{
@@ -44,19 +45,24 @@ pub struct Options {
 
 pub fn run(opts: Options) -> Result<ExitCode> {
     let root = workspace_root();
+    let privileged = !opts.host_only && bootstrap::is_root()?;
+    // As root, bootstrap comes first: some host tests (the deploy/kubernetes validation) use
+    // tools it installs, and on a fresh machine nothing else would install them.
+    if privileged {
+        let purposes = test_purposes(opts.no_vm, Path::new("/dev/kvm").exists());
+        step("bootstrap", || bootstrap::ensure(&purposes))?;
+    }
     if !opts.no_host {
         step("host unit tests", || host_tests(&root))?;
     }
     if opts.host_only {
         return Ok(ExitCode::SUCCESS);
     }
-    if !bootstrap::is_root()? {
+    if !privileged {
         let rule = "=".repeat(SKIPPED_BANNER.len());
         eprintln!("\n{rule}\n{SKIPPED_BANNER}\n{rule}\n");
         return Ok(ExitCode::from(NOT_ROOT_EXIT));
     }
-    let purposes = test_purposes(opts.no_vm, Path::new("/dev/kvm").exists());
-    step("bootstrap", || bootstrap::ensure(&purposes))?;
     step("build-ebpf", || build_ebpf::build(&root))?;
     step("build sockmesh (release)", || daemon::build(&root))?;
     // sockmesh-cni and the node agent image for the Kubernetes suite (tests/tests/k8s.rs).
