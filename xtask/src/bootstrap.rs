@@ -311,21 +311,12 @@ fn apt_packages(purposes: &[Purpose]) -> Result<usize> {
     // Ask apt what it would do before letting it do anything: it may want to remove packages
     // (a conflicting backport, another tool's runtime) to satisfy these, and that is never ours
     // to decide.
-    let simulated = exec::capture(apt_install(&names).arg("--simulate"))
-        .with_context(|| format!("apt-get cannot install {}", names.join(" ")))?;
-    let plan = AptPlan::parse(&simulated);
-    if !plan.remove.is_empty() {
-        bail!(
-            "apt-get would remove {} to install {}; bootstrap never removes packages. Resolve \
-             the conflict by hand (or install those packages yourself), then rerun",
-            plan.remove.join(" "),
-            names.join(" ")
-        );
+    let plan = simulate(&names, &[])?;
+    if plan.remove.is_empty() {
+        install(&names, &[], &plan)?;
+    } else {
+        install_around_backports(&names, &plan)?;
     }
-    println!("{}", plan.summary());
-    // `--no-remove` as well: should the real run differ from the simulation, apt aborts rather
-    // than remove anything.
-    exec::run(apt_install(&names).arg("--no-remove"))?;
     let still: Vec<&str> = names
         .iter()
         .copied()
@@ -340,16 +331,136 @@ fn apt_packages(purposes: &[Purpose]) -> Result<usize> {
     if !still.is_empty() {
         bail!("apt-get finished but {} is still not installed", still.join(" "));
     }
-    println!("installed with apt: {}", plan.installed_list());
     Ok(missing.len())
+}
+
+/// What apt would do to install `names` (with `extra` options), from its simulation.
+fn simulate(names: &[&str], extra: &[String]) -> Result<AptPlan> {
+    let simulated = exec::capture(apt_install(names, extra).arg("--simulate"))
+        .with_context(|| format!("apt-get cannot install {}", names.join(" ")))?;
+    Ok(AptPlan::parse(&simulated))
+}
+
+/// Installs `names` as `plan` (their simulation) said; `--no-remove` as well, so that should the
+/// real run differ from the simulation, apt aborts rather than remove anything.
+fn install(names: &[&str], extra: &[String], plan: &AptPlan) -> Result<()> {
+    println!("{}", plan.summary());
+    exec::run(apt_install(names, extra).arg("--no-remove"))?;
+    println!("installed with apt: {}", plan.installed_list());
+    Ok(())
+}
+
+/// apt wants to remove something to install `names`. The one case bootstrap resolves: what it
+/// would remove came from the release's backports (this machine kind ships qemu-utils 10 from
+/// bookworm-backports, which breaks bookworm's own qemu-system 7.2). Then the packages that cause
+/// the removal are installed from the same backports, through a private apt source list under
+/// `target/` (the machine's own sources are not touched), and the rest as usual. Anything else is
+/// refused, naming what apt would remove.
+fn install_around_backports(names: &[&str], plan: &AptPlan) -> Result<()> {
+    let refuse = |why: &str| {
+        anyhow::anyhow!(
+            "apt-get would remove {} to install {}; bootstrap never removes packages{why}. \
+             Resolve the conflict by hand (or install those packages yourself), then rerun",
+            plan.remove.join(" "),
+            names.join(" ")
+        )
+    };
+    let backported = plan
+        .remove
+        .iter()
+        .all(|p| installed_version(p).is_some_and(|v| v.contains("~bpo")));
+    let Some(codename) = os_codename().filter(|_| backported) else {
+        return Err(refuse(""));
+    };
+    let mut conflicting = Vec::new();
+    for name in names {
+        if !simulate(&[name], &[])?.remove.is_empty() {
+            conflicting.push(*name);
+        }
+    }
+    let rest: Vec<&str> = names.iter().copied().filter(|n| !conflicting.contains(n)).collect();
+    if conflicting.is_empty() {
+        return Err(refuse(" (no single package causes it)"));
+    }
+    let suite = format!("{codename}-backports");
+    println!(
+        "apt would remove {} (installed from {suite}) to install {}: installing those from {suite} too",
+        plan.remove.join(" "),
+        conflicting.join(" ")
+    );
+    let mut extra = backports_sources(&codename)?;
+    extra.extend(["-t".to_owned(), suite.clone()]);
+    let bp_plan = simulate(&conflicting, &extra)?;
+    if !bp_plan.remove.is_empty() {
+        return Err(refuse(&format!(" (even from {suite})")));
+    }
+    if !rest.is_empty() {
+        let rest_plan = simulate(&rest, &[])?;
+        if !rest_plan.remove.is_empty() {
+            return Err(refuse(""));
+        }
+        install(&rest, &[], &rest_plan)?;
+    }
+    install(&conflicting, &extra, &bp_plan)
+}
+
+/// The installed version of `package`, if any.
+fn installed_version(package: &str) -> Option<String> {
+    exec::probe(exec::command("dpkg-query").args(["-W", "-f=${Version}", package]))
+        .ok()
+        .flatten()
+        .filter(|v| !v.trim().is_empty())
+}
+
+/// `VERSION_CODENAME` of /etc/os-release (`bookworm`).
+fn os_codename() -> Option<String> {
+    let release = fs::read_to_string("/etc/os-release").ok()?;
+    release
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// apt options for a private source list: the machine's own sources plus `<codename>-backports`,
+/// with package lists under `target/apt-backports` (updated here).
+fn backports_sources(codename: &str) -> Result<Vec<String>> {
+    let dir = crate::workspace_root().join("target/apt-backports");
+    let parts = dir.join("sources.list.d");
+    let lists = dir.join("lists");
+    fs::create_dir_all(lists.join("partial")).with_context(|| format!("create {}", lists.display()))?;
+    fs::create_dir_all(&parts)?;
+    for entry in fs::read_dir("/etc/apt/sources.list.d").context("read /etc/apt/sources.list.d")? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.ends_with(".sources") || name.ends_with(".list") {
+            fs::copy(&path, parts.join(name))?;
+        }
+    }
+    fs::write(
+        parts.join("sockmesh-backports.sources"),
+        format!(
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {codename}-backports\n\
+             Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        ),
+    )?;
+    let extra = vec![
+        "-o".to_owned(),
+        format!("Dir::Etc::sourceparts={}", parts.display()),
+        "-o".to_owned(),
+        format!("Dir::State::Lists={}", lists.display()),
+    ];
+    exec::run(exec::command("apt-get").args(&extra).arg("update"))?;
+    Ok(extra)
 }
 
 /// `apt-get install -y --no-install-recommends <names>`, non-interactive, in the C locale (so
 /// its simulation output can be parsed).
-fn apt_install(names: &[&str]) -> std::process::Command {
+fn apt_install(names: &[&str], extra: &[String]) -> std::process::Command {
     let mut cmd = exec::command("apt-get");
     cmd.env("DEBIAN_FRONTEND", "noninteractive")
         .env("LC_ALL", "C")
+        .args(extra)
         .args(["install", "-y", "--no-install-recommends"])
         .args(names);
     cmd
