@@ -613,10 +613,9 @@ async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
         };
         // HTTP/1.1 carries one request at a time: every byte read so far belongs to this
         // request or an earlier one, so the last one read is inside it (the ledger keeps the
-        // offsets where the app thread's colour changed). Without colours in the policy the
-        // answer could not matter: no map lookup then.
+        // offsets where the app thread's colour changed).
         let propagated = match st.version {
-            HttpVersion::Http1 if policy.colouring() => st
+            HttpVersion::Http1 => st
                 .ctx
                 .propagated_at(st.ctx.entry.bytes_to_upstream.load(Relaxed).saturating_sub(1)),
             _ => None,
