@@ -442,6 +442,12 @@ pub fn goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
         }
         _ => ("not measured".into(), None),
     };
+    // The CPU-time measure, when taken, is what the goal is judged on: the kernel's own
+    // run-time statistics of the programs, not a difference of two noisy rates.
+    let (measured, met) = match hook_cpu_summary(&res.hook_cpu) {
+        Some((text, share)) => (format!("{text}; rates: {measured}"), Some(share <= 0.03)),
+        None => (measured, met),
+    };
     g.push(Goal {
         goal: "hook cost <= 3 % of the connection rate".into(),
         measured,
@@ -462,6 +468,41 @@ pub fn goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
         met,
     });
     g
+}
+
+/// The CPU-time hook cost over the rounds: a sentence and the median share.
+pub fn hook_cpu_summary(samples: &[super::run::HookCpu]) -> Option<(String, f64)> {
+    if samples.is_empty() {
+        return None;
+    }
+    let shares: Vec<f64> = samples.iter().map(|h| h.share()).collect();
+    let ns: Vec<f64> = samples.iter().map(|h| h.ns_per_connection).collect();
+    let conn: Vec<f64> = samples.iter().map(|h| h.connection_ns).collect();
+    let share = median(&shares);
+    let lo = shares.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = shares.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    // Per program, from the median sample (by total).
+    let mut by_total: Vec<&super::run::HookCpu> = samples.iter().collect();
+    by_total.sort_by(|a, b| a.ns_per_connection.total_cmp(&b.ns_per_connection));
+    let mid = by_total[by_total.len() / 2];
+    let programs: Vec<String> = mid
+        .per_program
+        .iter()
+        .map(|(name, ns)| format!("{name} {ns:.0} ns"))
+        .collect();
+    Some((
+        format!(
+            "{:.2} % as CPU time (median of {} rounds, range {:.2} to {:.2} %): the programs ran {:.0} ns per connection ({}) of the {:.1} us each connection took",
+            share * 100.0,
+            samples.len(),
+            lo * 100.0,
+            hi * 100.0,
+            median(&ns),
+            programs.join(", "),
+            median(&conn) / 1000.0
+        ),
+        share,
+    ))
 }
 
 /// What kernel colour propagation costs: HTTP routed by sockmesh from a pod with propagation on
