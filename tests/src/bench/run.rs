@@ -296,6 +296,9 @@ pub struct Results {
     /// programs spent per connection of the enrolled pod (bypassed port), one sample per round.
     #[serde(default)]
     pub hook_cpu: Vec<HookCpu>,
+    /// The same for the pod that is not enrolled (what every pod under the attach point pays).
+    #[serde(default)]
+    pub hook_cpu_not_enrolled: Vec<HookCpu>,
     /// `--profile` seconds (0: none).
     #[serde(default)]
     pub profile_seconds: u32,
@@ -867,8 +870,13 @@ pub fn run(opts: &Options) -> Result<Results> {
             }
             if phase == Phase::Mesh {
                 hook_pairs(&b, &mut res)?;
-                match hook_cpu(&b) {
-                    Ok(h) => res.hook_cpu.push(h),
+                match hook_cpu(&b, Scenario::EnrolledBypass)
+                    .and_then(|e| Ok((e, hook_cpu(&b, Scenario::NotEnrolled)?)))
+                {
+                    Ok((e, n)) => {
+                        res.hook_cpu.push(e);
+                        res.hook_cpu_not_enrolled.push(n);
+                    }
                     Err(e) => res.warnings.push(format!("hook CPU time not measured: {e:#}")),
                 }
             }
@@ -1011,6 +1019,9 @@ pub struct HookCpu {
     pub connections: u64,
     /// Nanoseconds sockmesh's programs ran per connection, all programs together.
     pub ns_per_connection: f64,
+    /// Program runs per connection (each run's statistics add about one clock read).
+    #[serde(default)]
+    pub runs_per_connection: f64,
     /// The same per program (name, ns per connection), for programs that ran.
     pub per_program: Vec<(String, f64)>,
     /// Wall-clock nanoseconds each connection took in the same run.
@@ -1039,12 +1050,12 @@ const HOOK_CPU_SECONDS: f64 = 1.0;
 /// programs ran; divided by the connections an enrolled pod made to a bypassed port in the same
 /// window. The statistics add two clock reads per program run, so this slightly overstates the
 /// cost: an upper bound.
-fn hook_cpu(b: &Bench) -> Result<HookCpu> {
+fn hook_cpu(b: &Bench, sc: Scenario) -> Result<HookCpu> {
     let daemon = b.daemon.as_ref().ok_or_else(|| anyhow!("no daemon"))?;
     let ids = attached_programs(&daemon.pin_dir().join("links"))?;
     let stats = enable_bpf_stats()?;
     let before = bpf_run_times(&ids)?;
-    let r = b.load(Scenario::EnrolledBypass, Workload::ConnRate, HOOK_CPU_SECONDS)?;
+    let r = b.load(sc, Workload::ConnRate, HOOK_CPU_SECONDS)?;
     let after = bpf_run_times(&ids)?;
     drop(stats);
     if r.errors > 0 || r.requests == 0 {
@@ -1052,9 +1063,11 @@ fn hook_cpu(b: &Bench) -> Result<HookCpu> {
     }
     let connections = r.total_requests;
     let mut per_program = Vec::new();
-    let mut total = 0u64;
-    for (id, (name, ns)) in &after {
-        let delta = ns.saturating_sub(before.get(id).map_or(0, |(_, n)| *n));
+    let (mut total, mut runs) = (0u64, 0u64);
+    for (id, (name, ns, cnt)) in &after {
+        let (ns0, cnt0) = before.get(id).map_or((0, 0), |(_, n, c)| (*n, *c));
+        let delta = ns.saturating_sub(ns0);
+        runs += cnt.saturating_sub(cnt0);
         if delta > 0 {
             total += delta;
             per_program.push((name.clone(), delta as f64 / connections as f64));
@@ -1064,6 +1077,7 @@ fn hook_cpu(b: &Bench) -> Result<HookCpu> {
     Ok(HookCpu {
         connections,
         ns_per_connection: total as f64 / connections as f64,
+        runs_per_connection: runs as f64 / connections as f64,
         per_program,
         connection_ns: r.seconds * 1e9 / r.requests as f64,
     })
@@ -1120,13 +1134,14 @@ fn attached_programs(links_dir: &Path) -> Result<Vec<u64>> {
     Ok(ids)
 }
 
-/// Program id -> (name, run_time_ns) for `ids` (`bpftool prog show id N`).
-fn bpf_run_times(ids: &[u64]) -> Result<BTreeMap<u64, (String, u64)>> {
+/// Program id -> (name, run_time_ns, run_cnt) for `ids` (`bpftool prog show id N`).
+fn bpf_run_times(ids: &[u64]) -> Result<BTreeMap<u64, (String, u64, u64)>> {
     let mut out = BTreeMap::new();
     for id in ids {
         let p = bpftool_json(&["prog", "show", "id", &id.to_string()])?;
         let name = p["name"].as_str().unwrap_or("?").to_owned();
-        out.insert(*id, (name, p["run_time_ns"].as_u64().unwrap_or(0)));
+        let field = |k: &str| p[k].as_u64().unwrap_or(0);
+        out.insert(*id, (name, field("run_time_ns"), field("run_cnt")));
     }
     Ok(out)
 }
