@@ -379,7 +379,11 @@ fn install_around_backports(names: &[&str], plan: &AptPlan) -> Result<()> {
             conflicting.push(*name);
         }
     }
-    let rest: Vec<&str> = names.iter().copied().filter(|n| !conflicting.contains(n)).collect();
+    let rest: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| !conflicting.contains(n))
+        .collect();
     if conflicting.is_empty() {
         return Err(refuse(" (no single package causes it)"));
     }
@@ -829,15 +833,17 @@ mod tests {
     #[test]
     fn the_bench_gets_its_peers_but_not_the_vm_or_the_test_peers() {
         let bench = names(&[Bench]);
-        for p in ["wrk", "haproxy", "iptables", "fonts-dejavu-core", "python3-venv", "bpftool"] {
+        for p in [
+            "wrk",
+            "haproxy",
+            "iptables",
+            "fonts-dejavu-core",
+            "python3-venv",
+            "bpftool",
+        ] {
             assert!(bench.contains(&p), "bench lacks {p}");
         }
-        for p in [
-            "qemu-system-x86",
-            "nodejs",
-            "nghttp2-client",
-            "linux-perf",
-        ] {
+        for p in ["qemu-system-x86", "nodejs", "nghttp2-client", "linux-perf"] {
             assert!(!bench.contains(&p), "bench gets {p}");
         }
         assert!(names(&[Bench, Profile]).contains(&"linux-perf"));

@@ -112,7 +112,14 @@ fn privileged_tests(root: &Path, args: &[String]) -> Result<()> {
             .env("SOCKMESH_BIN", daemon::sockmesh_bin_path(root))
             .env("SOCKMESH_REQUIRE_PRIVILEGED", "1")
             // Every test file runs even when one fails: one red run shows every failure.
-            .args(["test", "--no-fail-fast", "-p", PRIVILEGED_PACKAGE, "--", "--test-threads=1"])
+            .args([
+                "test",
+                "--no-fail-fast",
+                "-p",
+                PRIVILEGED_PACKAGE,
+                "--",
+                "--test-threads=1",
+            ])
             .args(args),
     )
 }
