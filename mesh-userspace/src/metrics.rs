@@ -141,10 +141,41 @@ pub fn render(daemon: &Daemon) -> String {
     for (r, v) in &m.admin_errors {
         let _ = writeln!(o, "sockmesh_admin_errors_total{{reason=\"{r}\"}} {v}");
     }
+    render_k8s(&mut o);
     render_l7(&mut o, daemon.l7());
     daemon.render_links(&mut o);
     crate::kroute::metrics(&mut o, &daemon.kernel_routes());
     o
+}
+
+/// The Kubernetes integration's counters (zero without `[kubernetes]`).
+fn render_k8s(o: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let k = &crate::k8s::STATS;
+    let _ = writeln!(o, "# HELP sockmesh_k8s_cni_add_total CNI ADDs by outcome: enrolled during ADD (opt-in annotation), not_selected (left to discovery), failed (opted in but refused; discovery retries).\n# TYPE sockmesh_k8s_cni_add_total counter");
+    for (r, v) in [
+        ("enrolled", &k.add_enrolled),
+        ("not_selected", &k.add_not_selected),
+        ("failed", &k.add_failed),
+    ] {
+        let _ = writeln!(
+            o,
+            "sockmesh_k8s_cni_add_total{{result=\"{r}\"}} {}",
+            v.load(Relaxed)
+        );
+    }
+    let _ = writeln!(o, "# HELP sockmesh_k8s_cni_rechained_total Times the node's CNI config lost sockmesh-cni and the agent chained it back.\n# TYPE sockmesh_k8s_cni_rechained_total counter");
+    let _ = writeln!(
+        o,
+        "sockmesh_k8s_cni_rechained_total {}",
+        k.cni_rechained.load(Relaxed)
+    );
+    let _ = writeln!(o, "# HELP sockmesh_k8s_cni_check_errors_total Checks of the node's CNI config that could not read, parse or write it.\n# TYPE sockmesh_k8s_cni_check_errors_total counter");
+    let _ = writeln!(
+        o,
+        "sockmesh_k8s_cni_check_errors_total {}",
+        k.cni_rechain_errors.load(Relaxed)
+    );
 }
 
 /// Per-route request metrics of the live policy and protocol errors.
