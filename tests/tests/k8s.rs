@@ -204,6 +204,8 @@ fn kubernetes_node_end_to_end() {
         d.status().unwrap()
     );
     let m = d.metrics().unwrap();
+    // OpenMetrics text from the prometheus-client encoder: `# EOF` closes it.
+    assert!(m.ends_with("# EOF\n"), "{m}");
     assert!(
         prom_value(&m, "sockmesh_connections_total", &[("pod", &web.uid)]).unwrap_or(0.0) >= 1.0,
         "no proxied connection of {} in /metrics:\n{m}",
