@@ -224,7 +224,12 @@ pub fn encode_scrape(d: &mut DescriptorEncoder, s: &Scrape) -> fmt::Result {
     fn pod(p: &crate::daemon::PodMetrics) -> Labels<'_> {
         vec![("pod", Esc(&p.name))]
     }
-    gauge1(d, "sockmesh_pods_enrolled", "Pods currently enrolled.", m.pods.len() as u64)?;
+    gauge1(
+        d,
+        "sockmesh_pods_enrolled",
+        "Pods currently enrolled.",
+        m.pods.len() as u64,
+    )?;
     counter(
         d,
         "sockmesh_connections_total",
@@ -243,8 +248,14 @@ pub fn encode_scrape(d: &mut DescriptorEncoder, s: &Scrape) -> fmt::Result {
         "Bytes relayed, per pod and direction.",
         m.pods.iter().flat_map(|p| {
             [
-                (vec![("pod", Esc(&p.name)), ("direction", Esc("upstream"))], p.bytes_upstream),
-                (vec![("pod", Esc(&p.name)), ("direction", Esc("downstream"))], p.bytes_downstream),
+                (
+                    vec![("pod", Esc(&p.name)), ("direction", Esc("upstream"))],
+                    p.bytes_upstream,
+                ),
+                (
+                    vec![("pod", Esc(&p.name)), ("direction", Esc("downstream"))],
+                    p.bytes_downstream,
+                ),
             ]
         }),
     )?;
@@ -652,13 +663,33 @@ mod tests {
         let with = |extra: &[(&'static str, &'static str)]| [&r[..], extra].concat();
         for (name, labels, want) in [
             ("sockmesh_requests_total", with(&[]), 2.0),
-            ("sockmesh_request_failures_total", with(&[("reason", "timeout")]), 1.0),
-            ("sockmesh_request_duration_seconds_bucket", with(&[("le", "0.0025")]), 1.0),
-            ("sockmesh_request_duration_seconds_bucket", with(&[("le", "1.0")]), 2.0),
-            ("sockmesh_request_duration_seconds_bucket", with(&[("le", "+Inf")]), 2.0),
+            (
+                "sockmesh_request_failures_total",
+                with(&[("reason", "timeout")]),
+                1.0,
+            ),
+            (
+                "sockmesh_request_duration_seconds_bucket",
+                with(&[("le", "0.0025")]),
+                1.0,
+            ),
+            (
+                "sockmesh_request_duration_seconds_bucket",
+                with(&[("le", "1.0")]),
+                2.0,
+            ),
+            (
+                "sockmesh_request_duration_seconds_bucket",
+                with(&[("le", "+Inf")]),
+                2.0,
+            ),
             ("sockmesh_request_duration_seconds_count", with(&[]), 2.0),
             ("sockmesh_request_duration_seconds_sum", with(&[]), 1.002),
-            ("sockmesh_protocol_errors_total", vec![("protocol", "bolt"), ("reason", "bad_magic")], 1.0),
+            (
+                "sockmesh_protocol_errors_total",
+                vec![("protocol", "bolt"), ("reason", "bad_magic")],
+                1.0,
+            ),
             ("sockmesh_routing_policy_generation", vec![], 0.0),
         ] {
             assert_eq!(value(&o, name, &labels), Some(want), "{name}{labels:?} in\n{o}");
@@ -732,7 +763,10 @@ mod tests {
             let name = series.split('{').next().unwrap();
             if let Some(l) = series.split_once('{').map(|(_, l)| l) {
                 assert!(l.ends_with('}') && l.len() > 1, "labels of `{line}`");
-                assert!(parse_labels(l.strip_suffix('}').unwrap()).is_some(), "labels of `{line}`");
+                assert!(
+                    parse_labels(l.strip_suffix('}').unwrap()).is_some(),
+                    "labels of `{line}`"
+                );
             }
             let family = [
                 ("_total", "counter"),
@@ -746,33 +780,72 @@ mod tests {
                 let f = name.strip_suffix(suffix)?;
                 (types.get(f) == Some(kind)).then_some(f)
             });
-            assert!(family.is_some(), "`{line}` has no # TYPE of its kind before it:\n{o}");
+            assert!(
+                family.is_some(),
+                "`{line}` has no # TYPE of its kind before it:\n{o}"
+            );
         }
         assert!(samples > 20, "{o}");
         for (name, labels, want) in [
             ("sockmesh_pods_enrolled", vec![], 1.0),
-            ("sockmesh_connections_total", vec![("pod", "11111111-2222-3333-4444-555555555555")], 3.0),
-            ("sockmesh_connections_active", vec![("pod", "11111111-2222-3333-4444-555555555555")], 1.0),
+            (
+                "sockmesh_connections_total",
+                vec![("pod", "11111111-2222-3333-4444-555555555555")],
+                3.0,
+            ),
+            (
+                "sockmesh_connections_active",
+                vec![("pod", "11111111-2222-3333-4444-555555555555")],
+                1.0,
+            ),
             ("sockmesh_bytes_total", vec![("direction", "downstream")], 4096.0),
             ("sockmesh_propagation_available", vec![], 1.0),
-            ("sockmesh_kernel_events_total", vec![("reason", "connect_captured")], 7.0),
-            ("sockmesh_proxy_errors_total", vec![("reason", "upstream_refused")], 1.0),
+            (
+                "sockmesh_kernel_events_total",
+                vec![("reason", "connect_captured")],
+                7.0,
+            ),
+            (
+                "sockmesh_proxy_errors_total",
+                vec![("reason", "upstream_refused")],
+                1.0,
+            ),
             ("sockmesh_admin_errors_total", vec![("reason", "bad_name")], 4.0),
             ("sockmesh_k8s_cni_add_total", vec![("result", "failed")], 0.0),
             ("sockmesh_k8s_cni_rechained_total", vec![], 0.0),
             ("sockmesh_k8s_cni_check_errors_total", vec![], 0.0),
             ("sockmesh_requests_total", vec![("service", "orders")], 1.0),
             ("sockmesh_request_retries_total", vec![("service", "orders")], 0.0),
-            ("sockmesh_request_duration_seconds_count", vec![("service", "orders")], 1.0),
-            ("sockmesh_request_duration_seconds_bucket", vec![("le", "0.0025")], 1.0),
+            (
+                "sockmesh_request_duration_seconds_count",
+                vec![("service", "orders")],
+                1.0,
+            ),
+            (
+                "sockmesh_request_duration_seconds_bucket",
+                vec![("le", "0.0025")],
+                1.0,
+            ),
             ("sockmesh_routing_policy_generation", vec![], 0.0),
             ("sockmesh_protocol_errors_total", vec![("protocol", "http1")], 1.0),
             ("sockmesh_colour_stripped_total", vec![], 0.0),
             ("sockmesh_colour_invalid_total", vec![], 0.0),
-            ("sockmesh_colour_requests_total", vec![("service", "orders"), ("colour", "base")], 1.0),
-            ("sockmesh_kernel_routed_connects_total", vec![("endpoint", "10.0.2.1:5432")], 100.0),
+            (
+                "sockmesh_colour_requests_total",
+                vec![("service", "orders"), ("colour", "base")],
+                1.0,
+            ),
+            (
+                "sockmesh_kernel_routed_connects_total",
+                vec![("endpoint", "10.0.2.1:5432")],
+                100.0,
+            ),
             ("sockmesh_kernel_routes_generation", vec![], 7.0),
-            ("sockmesh_link_state", vec![("link", "a"), ("state", "active")], 1.0),
+            (
+                "sockmesh_link_state",
+                vec![("link", "a"), ("state", "active")],
+                1.0,
+            ),
             ("sockmesh_link_local_share_ratio", vec![("link", "a")], 0.25),
             ("sockmesh_link_switches_total", vec![], 2.0),
         ] {
@@ -812,9 +885,14 @@ mod tests {
             Some(vec![("a", "x"), ("b", r#"y\"z,w"#)])
         );
         assert_eq!(parse_labels(r#"a="x"#), None);
-        let f = parse_text_families("# HELP m_total Help me.\n# TYPE m_total counter\nm_total{a=\"1\"} 5\nstray 1\n");
+        let f = parse_text_families(
+            "# HELP m_total Help me.\n# TYPE m_total counter\nm_total{a=\"1\"} 5\nstray 1\n",
+        );
         assert_eq!(f.len(), 1);
-        assert_eq!((f[0].name, f[0].help, f[0].kind), ("m_total", "Help me.", "counter"));
+        assert_eq!(
+            (f[0].name, f[0].help, f[0].kind),
+            ("m_total", "Help me.", "counter")
+        );
         assert_eq!(f[0].samples, vec![(vec![("a", "1")], "5")]);
     }
 }
