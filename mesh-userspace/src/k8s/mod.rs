@@ -132,10 +132,7 @@ pub async fn cni_add(daemon: &Arc<Daemon>, add: CniAdd) -> Result<(), String> {
     let ctx = ADD_CTX
         .get()
         .ok_or("kubernetes discovery is off (no [kubernetes] in the config)")?;
-    let opted_in = add
-        .annotations
-        .get(&ctx.selector.0)
-        .is_some_and(|v| *v == ctx.selector.1);
+    let opted_in = opted_in_at_add(&ctx.selector, &add.annotations);
     let who = format!(
         "{}/{}",
         add.namespace.as_deref().unwrap_or("-"),
@@ -166,8 +163,21 @@ pub async fn cni_add(daemon: &Arc<Daemon>, add: CniAdd) -> Result<(), String> {
         STATS.add_not_selected.fetch_add(1, Relaxed);
         Ok(())
     };
-    notify(Notice::CniAdd(add))?;
-    result
+    // Discovery records the netns and enrols label-selected pods once the runtime lists them;
+    // a pod already enrolled here does not need it to be told.
+    match (notify(Notice::CniAdd(add)), result) {
+        (Err(e), Ok(())) if !opted_in => Err(e),
+        (Err(e), Ok(())) => {
+            warn!("discovery not told of an enrolled pod: {e}");
+            Ok(())
+        }
+        (_, result) => result,
+    }
+}
+
+/// Whether a pod's annotations (all CNI ADD sees of it) carry the selector's key and value.
+fn opted_in_at_add(selector: &(String, String), annotations: &BTreeMap<String, String>) -> bool {
+    annotations.get(&selector.0).is_some_and(|v| *v == selector.1)
 }
 
 /// The enrolment of an opted-in pod from what CNI ADD knows; returns its UID.
@@ -679,6 +689,40 @@ mod tests {
         sb.annotations.clear();
         sb.netns = None;
         assert!(pod_spec(&sb, m, m, 15001, None).is_err());
+    }
+
+    #[test]
+    fn the_annotation_opts_in_at_cni_add_with_its_settings() {
+        let sel = parse_selector(DEFAULT_SELECTOR).unwrap();
+        let mut a = BTreeMap::new();
+        assert!(!opted_in_at_add(&sel, &a));
+        a.insert("sockmesh.io/mesh".to_string(), "disabled".to_string());
+        assert!(!opted_in_at_add(&sel, &a));
+        a.insert("sockmesh.io/mesh".to_string(), "enabled".to_string());
+        assert!(opted_in_at_add(&sel, &a));
+        assert!(opted_in_at_add(
+            &parse_selector("team/mesh=on").unwrap(),
+            &[("team/mesh".to_string(), "on".to_string())].into()
+        ));
+        a.insert(ANNOTATION_INBOUND_PORTS.into(), "8080".into());
+        a.insert(ANNOTATION_COLOUR.into(), "gray".into());
+        let uid = "11111111-2222-3333-4444-555555555555";
+        let spec = spec_for(
+            uid,
+            "/run/netns/cni-1".into(),
+            "/sys/fs/cgroup/kubepods/pod1".into(),
+            &a,
+            15001,
+        )
+        .unwrap();
+        assert_eq!(
+            (spec.name.as_str(), spec.inbound_ports.as_slice()),
+            (uid, &[8080u16][..])
+        );
+        assert_eq!(spec.colour.as_deref(), Some("gray"));
+        assert!(spec.capture);
+        a.insert(ANNOTATION_INBOUND_PORTS.into(), "x".into());
+        assert!(spec_for(uid, "/n".into(), "/c".into(), &a, 15001).is_err());
     }
 
     #[test]
