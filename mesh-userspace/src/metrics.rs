@@ -114,7 +114,7 @@ impl EncodeLabelValue for Esc<'_> {
     }
 }
 
-/// A label value already escaped (from the text families of links.rs and kroute.rs).
+/// A label value already escaped (from the text families of links.rs).
 struct Raw<'a>(&'a str);
 
 impl EncodeLabelValue for Raw<'_> {
@@ -172,8 +172,10 @@ fn gauge1<V: EncodeGaugeValue + fmt::Debug>(
 pub struct Scrape<'a> {
     pub daemon: MetricsSnapshot,
     pub l7: &'a L7Shared,
-    /// The families links.rs (`Daemon::render_links`) and kroute.rs still render as text;
-    /// re-encoded through the crate by [`encode_text_families`].
+    /// Kernel-routed connects and the table generation ([`crate::kroute::metric_rows`]).
+    pub kernel_routes: (Vec<crate::kroute::RoutedConnects>, u64),
+    /// The families links.rs (`Daemon::render_links`) still renders as text; re-encoded
+    /// through the crate by [`encode_text_families`].
     pub text: String,
 }
 
@@ -191,12 +193,12 @@ impl Collector for DaemonCollector {
         let daemon = &self.0;
         let mut text = String::new();
         daemon.render_links(&mut text);
-        crate::kroute::metrics(&mut text, &daemon.kernel_routes());
         encode_scrape(
             &mut d,
             &Scrape {
                 daemon: daemon.metrics_snapshot(),
                 l7: daemon.l7(),
+                kernel_routes: crate::kroute::metric_rows(&daemon.kernel_routes()),
                 text,
             },
         )
@@ -288,7 +290,29 @@ pub fn encode_scrape(d: &mut DescriptorEncoder, s: &Scrape) -> fmt::Result {
     )?;
     encode_k8s(d)?;
     encode_l7(d, s.l7)?;
-    encode_text_families(d, &s.text)
+    encode_text_families(d, &s.text)?;
+    let (connects, generation) = &s.kernel_routes;
+    counter(
+        d,
+        "sockmesh_kernel_routed_connects_total",
+        "Connects routed inside connect() to an endpoint.",
+        connects.iter().map(|c| {
+            (
+                vec![
+                    ("service", Esc(&c.service)),
+                    ("subset", Esc(&c.subset)),
+                    ("endpoint", Esc(&c.endpoint)),
+                ],
+                c.connects,
+            )
+        }),
+    )?;
+    gauge1(
+        d,
+        "sockmesh_kernel_routes_generation",
+        "Generation of the kernel service tables.",
+        *generation,
+    )
 }
 
 /// The Kubernetes integration's counters (zero without `[kubernetes]`).
@@ -599,6 +623,11 @@ mod tests {
                 &Scrape {
                     daemon,
                     l7: &self.l7,
+                    kernel_routes: crate::kroute::metric_rows(&serde_json::json!({
+                        "generation": 7,
+                        "services": [{"name": "db", "entries": [
+                            {"subset": "v2", "endpoint": "10.0.2.1:5432", "connects": 100}]}]
+                    })),
                     text: self.text.clone(),
                 },
             )
@@ -724,11 +753,6 @@ mod tests {
         d.stats.record(Outcome::Answered, Duration::from_millis(2));
         l7.errors.count("http1", "bad_request");
         let mut text = String::new();
-        crate::kroute::metrics(
-            &mut text,
-            &serde_json::json!({"generation": 7, "services": [{"name": "db", "entries": [
-                {"subset": "v2", "endpoint": "10.0.2.1:5432", "connects": 100}]}]}),
-        );
         // What links.rs renders for one link (daemon.rs `render_links`).
         text.push_str(
             "# HELP sockmesh_link_state Each link's state on this node (1 for the current one).\n\
