@@ -915,6 +915,11 @@ impl Daemon {
         }
     }
 
+    /// Whether [`Daemon::shutdown`] has begun (the Kubernetes CNI config guard stops then).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Relaxed)
+    }
+
     /// Phase one: new connects go direct, listeners stop after serving their queue.
     /// Phase two: wait for live connections up to the deadline. Then, unless `keep_state`,
     /// remove the pins and the state file (the links detach when the kernel handle drops).

@@ -338,8 +338,10 @@ fn main() -> ExitCode {
             cni_conf_dir,
             cni_bin_dir,
         } => {
+            let code = uninstall(config.as_deref(), pin_dir, state_file, admin_socket);
             if let (Some(conf), Some(bin)) = (&cni_conf_dir, &cni_bin_dir) {
-                // The plugin first: no new pod should notify a daemon that is going away.
+                // The plugin after the daemon has stopped: a running agent's CNI config guard
+                // would chain it back. A pod created in between finds no daemon, and starts.
                 match cni_install::uninstall(bin, conf) {
                     Ok(done) => done.iter().for_each(|d| println!("{d}")),
                     Err(e) => {
@@ -348,7 +350,7 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            uninstall(config.as_deref(), pin_dir, state_file, admin_socket)
+            code
         }
         Cmd::CniInstall {
             plugin,
