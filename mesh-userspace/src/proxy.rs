@@ -317,6 +317,8 @@ pub struct PodProxy {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     pub listeners: Vec<SocketAddr>,
+    /// Duplicates of the listening sockets, for an upgrade hand-off (`upgrade/`).
+    pub handoff: Vec<(SocketAddr, Direction, std::os::fd::OwnedFd)>,
 }
 
 impl PodProxy {
@@ -358,6 +360,14 @@ pub fn bind_in(ns: &NetNs, addr: SocketAddr) -> io::Result<std::net::TcpListener
 pub fn outbound_listeners(pod: &PodCtx) -> io::Result<Vec<std::net::TcpListener>> {
     let v4: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, pod.outbound_port).into();
     let v6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, pod.outbound_port).into();
+    // After an upgrade: the previous generation's sockets (same accept queues), not new ones.
+    let inherited: Vec<_> = [v4, v6]
+        .into_iter()
+        .filter_map(|a| crate::upgrade::take_listener(&pod.name, a))
+        .collect();
+    if !inherited.is_empty() {
+        return Ok(inherited);
+    }
     let mut out = vec![bind_in(&pod.netns, v4).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -379,6 +389,9 @@ pub fn inbound_listener(pod: &PodCtx, port: u16, v6: bool) -> io::Result<std::ne
     } else {
         (std::net::Ipv4Addr::LOCALHOST, port).into()
     };
+    if let Some(l) = crate::upgrade::take_listener(&pod.name, addr) {
+        return Ok(l);
+    }
     bind_in(&pod.netns, addr).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -396,8 +409,10 @@ pub fn serve(
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut addrs = Vec::new();
+    let mut handoff = Vec::new();
     for (l, dir) in listeners {
         addrs.push(l.local_addr()?);
+        handoff.push((l.local_addr()?, dir, std::os::fd::OwnedFd::from(l.try_clone()?)));
         let l = TcpListener::from_std(l)?;
         tasks.push(tokio::spawn(accept_loop(
             l,
@@ -411,6 +426,7 @@ pub fn serve(
         stop,
         tasks,
         listeners: addrs,
+        handoff,
     })
 }
 
@@ -456,8 +472,12 @@ async fn accept_loop(
             _ = stop.changed() => break,
         }
     }
-    // Serve what the kernel already queued, then close.
-    while let Ok(Ok((s, peer))) = tokio::time::timeout(ACCEPT_DRAIN_QUIET, l.accept()).await {
+    // Serve what the kernel already queued, then close. After an upgrade hand-off the
+    // successor accepts from the same queue: leave it to the successor.
+    while !crate::upgrade::is_draining() {
+        let Ok(Ok((s, peer))) = tokio::time::timeout(ACCEPT_DRAIN_QUIET, l.accept()).await else {
+            break;
+        };
         spawn_conn(s, peer, dir, &pod, &shared);
     }
 }

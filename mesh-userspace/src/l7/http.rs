@@ -356,7 +356,12 @@ pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
     });
     let svc = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(req, state).await) }
+        async move {
+            let mut resp = handle(req, state).await;
+            // A draining generation (upgrade): the client's next request goes to the successor.
+            crate::upgrade::close_after_response(version == HttpVersion::Http1, &mut resp);
+            Ok::<_, Infallible>(resp)
+        }
     });
     // Run the connection; after the idle timeout ask it to finish gracefully and keep driving
     // it until it does.
@@ -370,6 +375,11 @@ pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
                     r = conn.as_mut() => break r,
                     _ = inflight.idle_for(CLIENT_IDLE_TIMEOUT), if !closing => {
                         debug!("idle app connection: closing");
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = crate::upgrade::drain_close(version == HttpVersion::Http2), if !closing => {
+                        debug!("upgrade: draining app connection");
                         conn.as_mut().graceful_shutdown();
                         closing = true;
                     }
