@@ -985,6 +985,13 @@ impl Daemon {
         out
     }
 
+    /// Upgrade hand-off: a pod's proxy context, for a connection the previous generation
+    /// handed over.
+    pub(crate) fn pod_ctx(&self, name: &str) -> Option<Arc<proxy::PodCtx>> {
+        let pods = self.pods.lock().expect("pods lock");
+        pods.get(name)?.proxy.as_ref().map(|p| p.pod.clone())
+    }
+
     /// Upgrade hand-off: the pods' counters (carried to the successor at the source).
     pub(crate) fn pod_stats(&self) -> Vec<(String, Arc<PodStats>)> {
         let pods = self.pods.lock().expect("pods lock");

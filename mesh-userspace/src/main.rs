@@ -1025,6 +1025,9 @@ fn serve_loaded(
         i.ready()?;
     }
     let result = rt.block_on(async {
+        // Handlers first: a successor is signalled as soon as it serves (before it would
+        // reach the wait below, SIGTERM would kill it without the shutdown).
+        let signals = signals()?;
         let (admin, metrics) = match &inherited {
             Some(i) => {
                 let a = std::os::unix::net::UnixListener::from(i.admin.try_clone()?);
@@ -1088,7 +1091,7 @@ fn serve_loaded(
         // A DaemonSet pod gets SIGTERM on every rolling update: capture and state stay.
         let sigterm_keeps_state = kubernetes.as_ref().is_some_and(|k| k.sigterm_keeps_state);
         let keep_state = tokio::select! {
-            r = wait_for_signal() => { r?; sigterm_keeps_state }
+            r = wait_for_signal(signals) => { r?; sigterm_keeps_state }
             keep = daemon.stop_requested() => keep,
         };
         if upgrade::old::handed_off() {
@@ -1105,6 +1108,10 @@ fn serve_loaded(
         anyhow::Ok(())
     });
     upgrade::old::finish();
+    if upgrade::old::handed_off() {
+        // Answers in flight (the `upgrade` request's own) get written before the runtime goes.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     if upgrade::owns_admin_socket() {
         let _ = std::fs::remove_file(daemon.admin_socket());
     }
@@ -1218,10 +1225,14 @@ fn cni_install_cmd(
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+fn signals() -> anyhow::Result<Signals> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+}
+
+async fn wait_for_signal((mut term, mut int): Signals) -> anyhow::Result<()> {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},

@@ -170,7 +170,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    fn add(
+    pub(crate) fn add(
         &self,
         pod: &str,
         direction: Direction,
@@ -193,7 +193,7 @@ impl Registry {
         e
     }
 
-    fn remove(&self, id: u64) {
+    pub(crate) fn remove(&self, id: u64) {
         self.conns.lock().expect("registry lock").remove(&id);
     }
 
@@ -319,6 +319,8 @@ pub struct PodProxy {
     pub listeners: Vec<SocketAddr>,
     /// Duplicates of the listening sockets, for an upgrade hand-off (`upgrade/`).
     pub handoff: Vec<(SocketAddr, Direction, std::os::fd::OwnedFd)>,
+    /// The pod, for connections handed over by a previous generation.
+    pub pod: Arc<PodCtx>,
 }
 
 impl PodProxy {
@@ -407,6 +409,7 @@ pub fn serve(
     listeners: Vec<(std::net::TcpListener, Direction)>,
 ) -> io::Result<PodProxy> {
     let (stop, stop_rx) = watch::channel(false);
+    let pod_ctx = pod.clone();
     let mut tasks = Vec::new();
     let mut addrs = Vec::new();
     let mut handoff = Vec::new();
@@ -427,6 +430,7 @@ pub fn serve(
         tasks,
         listeners: addrs,
         handoff,
+        pod: pod_ctx,
     })
 }
 

@@ -63,6 +63,10 @@ pub struct Status {
     /// Of `failed`: refused at the handshake (protocol version, busy).
     pub refused: u64,
     pub last_error: Option<String>,
+    /// Live connections handed over: sent (N) or taken (N+1), over this process's life.
+    pub moved: u64,
+    /// Of those, bytes already read from the client but not yet answered (moved with them).
+    pub moved_read_bytes: u64,
     /// In N+1: the previous generation while it drains.
     pub previous: Option<Previous>,
 }
@@ -85,6 +89,8 @@ impl Status {
             failed: 0,
             refused: 0,
             last_error: None,
+            moved: 0,
+            moved_read_bytes: 0,
             previous: None,
         }
     }
@@ -168,6 +174,61 @@ pub async fn drain_close(http2: bool) {
     draining().await;
     if !http2 {
         tokio::time::sleep(HTTP1_DRAIN_IDLE_CLOSE).await;
+    }
+}
+
+/// For an HTTP/1.1 app connection's drive loop: resolves when this generation drains, with
+/// `true` once the connection is idle and can be handed over to the successor (`idle`
+/// resolves when no request is in flight), `false` after [`HTTP1_DRAIN_IDLE_CLOSE`] when it
+/// cannot (it is then closed gracefully).
+pub async fn drain_http1(idle: impl std::future::Future<Output = ()>) -> bool {
+    draining().await;
+    if can_hand_over() {
+        idle.await;
+        true
+    } else {
+        tokio::time::sleep(HTTP1_DRAIN_IDLE_CLOSE).await;
+        false
+    }
+}
+
+/// Whether live HTTP/1.1 connections can be handed over now (a successor reads them).
+pub fn can_hand_over() -> bool {
+    HANDOVER.lock().expect("handover lock").is_some()
+}
+
+/// A connection on its way to the successor.
+pub struct HandOver {
+    pub meta: wire::Conn,
+    pub fd: OwnedFd,
+}
+
+/// Filled by the hand-off session while the successor takes connections.
+static HANDOVER: Mutex<Option<std::sync::mpsc::Sender<HandOver>>> = Mutex::new(None);
+
+/// Hand an idle HTTP/1.1 app connection (stopped at a request boundary, with the bytes already
+/// read) to the successor. Without one the socket is closed (cannot happen while
+/// [`can_hand_over`] said yes, except when the successor died meanwhile).
+pub fn hand_over_http1(s: tokio::net::TcpStream, read: Vec<u8>, ctx: &crate::l7::ConnCtx) {
+    let fd = match s.into_std() {
+        Ok(s) => OwnedFd::from(s),
+        Err(e) => {
+            tracing::warn!("upgrade: connection not handed over: {e}");
+            return;
+        }
+    };
+    let meta = wire::Conn {
+        pod: ctx.pod.name.clone(),
+        inbound: ctx.inbound,
+        client: ctx.client.to_string(),
+        orig: ctx.orig.to_string(),
+        local: ctx.local.to_string(),
+        read,
+    };
+    let tx = HANDOVER.lock().expect("handover lock").clone();
+    match tx {
+        Some(tx) if tx.send(HandOver { meta, fd }).is_ok() => {}
+        _ => tracing::warn!(client = %ctx.client, "upgrade: no successor to take the connection: closed"),
     }
 }
 

@@ -186,6 +186,7 @@ impl Inherited {
             "upgrade: took over; the previous generation drains"
         );
         let conn = self.conn;
+        let rt = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("sockmesh-upgrade-carry".into())
             .spawn(move || {
@@ -209,6 +210,14 @@ impl Inherited {
                                 break;
                             }
                         }
+                        Ok((Body::Conn(c), mut fds)) if fds.len() == 1 => {
+                            let fd = fds.pop().expect("one descriptor");
+                            super::status_mut(|st| {
+                                st.moved += 1;
+                                st.moved_read_bytes += c.read.len() as u64;
+                            });
+                            rt.spawn(adopt_http1(daemon.clone(), c, fd));
+                        }
                         Ok((other, _)) => {
                             warn!("upgrade: unexpected {} while carrying counters", other.name())
                         }
@@ -230,4 +239,54 @@ impl Inherited {
             })?;
         Ok(())
     }
+}
+
+/// Serve an HTTP/1.1 app connection the previous generation handed over between requests: the
+/// same socket, the bytes it had read first. Counted as active here (its total was counted by
+/// the generation that accepted it, and carried over).
+async fn adopt_http1(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
+    let parse = |s: &str| s.parse::<SocketAddr>().ok();
+    let (Some(client), Some(orig), Some(local)) = (parse(&c.client), parse(&c.orig), parse(&c.local)) else {
+        warn!(?c.client, "upgrade: a handed-over connection with bad addresses: closed");
+        return;
+    };
+    let Some(pod) = daemon.pod_ctx(&c.pod) else {
+        warn!(pod = %c.pod, "upgrade: a connection of a pod this generation does not serve: closed");
+        return;
+    };
+    let std = std::net::TcpStream::from(fd);
+    let s = match std
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(std))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("upgrade: a handed-over connection: {e}");
+            return;
+        }
+    };
+    let shared = daemon.proxy_shared().clone();
+    let dir = if c.inbound {
+        crate::proxy::Direction::Inbound
+    } else {
+        crate::proxy::Direction::Outbound
+    };
+    let entry = shared.registry.add(&pod.name, dir, client, orig);
+    pod.stats
+        .connections_active
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ctx = crate::l7::ConnCtx {
+        pod: pod.clone(),
+        shared: shared.clone(),
+        client,
+        orig,
+        entry: entry.clone(),
+        inbound: c.inbound,
+        local,
+    };
+    crate::l7::http::serve_handed_over(s, c.read.into(), ctx).await;
+    pod.stats
+        .connections_active
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    shared.registry.remove(entry.id);
 }

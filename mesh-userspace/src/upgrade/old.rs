@@ -260,6 +260,10 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
     *SESSION.lock().expect("session lock") = Some(sess.clone());
     HANDED_OFF.store(true, SeqCst);
     super::OWNS_ADMIN.store(false, SeqCst);
+    // Live HTTP/1.1 connections come through this channel once idle (before draining starts,
+    // so that they see a successor to go to).
+    let (tx, rx) = std::sync::mpsc::channel::<super::HandOver>();
+    *super::HANDOVER.lock().expect("handover lock") = Some(tx);
     super::set_draining();
     super::status_mut(|st| {
         st.phase = "draining";
@@ -269,6 +273,12 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
         .lock()
         .expect("outcomes")
         .push((pid, Ok(started.generation)));
+    // Let the admin request that started the upgrade answer before this generation stops
+    // (the drain can be over within milliseconds once connections move).
+    let picked = Instant::now() + Duration::from_secs(2);
+    while OUTCOMES.lock().expect("outcomes").iter().any(|(p, _)| *p == pid) && Instant::now() < picked {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     info!(
         successor = pid,
         generation = started.generation,
@@ -276,19 +286,50 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
     );
     let pods = ctx.daemon.pod_stats();
     ctx.daemon.request_stop(true);
-    // Counters until the drain is over, then the last ones.
+    // Connections as they come, counters every SNAPSHOT_EVERY, until the drain is over; then
+    // the last counters.
     let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
     let mut ok = true;
-    while !sess.drained.load(SeqCst) {
-        if ok {
+    let mut next_snapshot = Instant::now();
+    let fail = |ok: &mut bool, e: io::Error| {
+        warn!("the successor stopped reading: {e}; live connections now close instead");
+        *super::HANDOVER.lock().expect("handover lock") = None;
+        *ok = false;
+    };
+    loop {
+        let drained = sess.drained.load(SeqCst);
+        let wait = next_snapshot.saturating_duration_since(Instant::now());
+        let item = if drained {
+            rx.try_recv().ok()
+        } else {
+            rx.recv_timeout(wait).ok()
+        };
+        if let Some(h) = item {
+            if ok {
+                let read = h.meta.read.len() as u64;
+                match wire::send(&s, Body::Conn(h.meta), &[h.fd.as_raw_fd()]) {
+                    Ok(()) => super::status_mut(|st| {
+                        st.moved += 1;
+                        st.moved_read_bytes += read;
+                    }),
+                    Err(e) => fail(&mut ok, e),
+                }
+            }
+            if !drained {
+                continue;
+            }
+        } else if drained {
+            break;
+        }
+        if ok && Instant::now() >= next_snapshot {
             let snap = counters::snapshot(&ctx.daemon, &pods, false);
             if let Err(e) = wire::send(&s, Body::Snapshot(snap), &[]) {
-                warn!("the successor stopped reading counters: {e}");
-                ok = false;
+                fail(&mut ok, e);
             }
+            next_snapshot = Instant::now() + SNAPSHOT_EVERY;
         }
-        std::thread::sleep(SNAPSHOT_EVERY);
     }
+    *super::HANDOVER.lock().expect("handover lock") = None;
     if ok {
         let _ = wire::send(
             &s,

@@ -25,7 +25,7 @@ pub const MAX_FDS: usize = 253;
 
 #[derive(Clone, PartialEq, Message)]
 pub struct Envelope {
-    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     pub body: Option<Body>,
 }
 
@@ -47,6 +47,30 @@ pub enum Body {
     Snapshot(Snapshot),
     #[prost(message, tag = "8")]
     Abort(Abort),
+    #[prost(message, tag = "9")]
+    Conn(Conn),
+}
+
+/// N → N+1 while N drains: one live app connection, stopped at a request boundary; its
+/// socket rides along as the only descriptor.
+#[derive(Clone, PartialEq, Message)]
+pub struct Conn {
+    #[prost(string, tag = "1")]
+    pub pod: String,
+    #[prost(bool, tag = "2")]
+    pub inbound: bool,
+    /// The app's address (outbound) or the remote client's (inbound).
+    #[prost(string, tag = "3")]
+    pub client: String,
+    /// Where the app meant to go (not asked again from the kernel).
+    #[prost(string, tag = "4")]
+    pub orig: String,
+    /// The accepted socket's own address.
+    #[prost(string, tag = "5")]
+    pub local: String,
+    /// Bytes read from the socket but not yet answered (a partial or pipelined request).
+    #[prost(bytes = "vec", tag = "6")]
+    pub read: Vec<u8>,
 }
 
 /// N+1 → N, first: who is asking, and which protocol it speaks.
@@ -184,6 +208,7 @@ impl Body {
             Body::Started(_) => "started",
             Body::Snapshot(_) => "snapshot",
             Body::Abort(_) => "abort",
+            Body::Conn(_) => "conn",
         }
     }
 }
