@@ -14,6 +14,13 @@
       `connects`). Stops at --duration or when the stop file exists. Prints one JSON line:
       {"requests","ok","failed","errors":{reason:n},"connects","p50_ms","p99_ms","max_ms",
        "seconds":[{"t":unix_s,"n":..,"p99_ms":..,"failed":..}]}
+
+  upgrade_load.py slow --url 10.96.0.10:8080
+      A slow client on one connection: sends a whole request and reads its answer, then the
+      first half of a second request's head and prints `partial <local port>`; on a `go` line
+      from stdin sends the rest, reads the answer, sends a third request, and prints
+      {"ok": bool, "answers": [...], "port_before", "port_after"} (the same connection
+      throughout, unless it failed).
 """
 import argparse
 import http.client
@@ -149,6 +156,44 @@ def load(a):
     print(json.dumps(out), flush=True)
 
 
+def read_response(f):
+    status = f.readline()
+    length = 0
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        k, _, v = line.decode().partition(":")
+        if k.strip().lower() == "content-length":
+            length = int(v.strip())
+    return status.decode().strip(), f.read(length).decode()
+
+
+def slow(a):
+    host, port = a.url.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=10)
+    f = s.makefile("rb")
+    answers = []
+    before = s.getsockname()[1]
+    try:
+        s.sendall(b"GET /?id=slow-1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers.append(read_response(f))
+        s.sendall(b"GET /?id=slow-2 HTTP/1.1\r\nHo")
+        print(f"partial {before}", flush=True)
+        if sys.stdin.readline().strip() != "go":
+            return 2
+        s.sendall(b"st: x\r\n\r\n")
+        answers.append(read_response(f))
+        s.sendall(b"GET /?id=slow-3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers.append(read_response(f))
+        ok = [b for _, b in answers] == ["id=slow-1", "id=slow-2", "id=slow-3"]
+    except OSError as e:
+        answers.append(("error", str(e)))
+        ok = False
+    print(json.dumps({"ok": ok, "answers": answers, "port_before": before, "port_after": s.getsockname()[1]}), flush=True)
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -161,9 +206,13 @@ def main():
     l.add_argument("--duration", type=float, default=30.0)
     l.add_argument("--timeout", type=float, default=1.0)
     l.add_argument("--stop-file", default="")
+    w = sub.add_parser("slow")
+    w.add_argument("--url", required=True)
     a = ap.parse_args()
     if a.cmd == "serve":
         serve(a)
+    elif a.cmd == "slow":
+        return slow(a)
     else:
         load(a)
 

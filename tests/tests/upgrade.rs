@@ -197,9 +197,10 @@ fn chained_upgrades_under_keep_alive_load_lose_no_request() {
         );
         totals.push(total);
         eprintln!(
-            "upgrade {}: pid {old} -> {} in {took:?}, connections_total {total}",
+            "upgrade {}: pid {old} -> {} in {took:?}, connections_total {total}, {} live connections moved",
             i + 1,
-            d.pid()
+            d.pid(),
+            st["upgrade"]["moved"]
         );
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -224,6 +225,8 @@ fn chained_upgrades_under_keep_alive_load_lose_no_request() {
     }
     assert_eq!(summary["failed"], 0, "failed requests: {}", summary["errors"]);
     assert!(summary["ok"].as_u64().unwrap() > 1000, "{summary}");
+    // Live connections were moved between requests, not closed and re-established.
+    assert_eq!(summary["connects"], 8, "the client had to reconnect: {summary}");
     // The last generation serves; the first is long gone; the kernel side never moved.
     assert_ne!(d.pid(), first_pid);
     assert_eq!(attached_programs(node.cgroup_root()).expect("bpftool"), programs);
@@ -328,5 +331,42 @@ fn failing_successors_leave_the_daemon_serving_and_a_later_upgrade_works() {
         !d.log().contains("panicked"),
         "a generation panicked:\n{}",
         d.log()
+    );
+}
+
+#[test]
+fn a_request_half_sent_across_an_upgrade_is_answered_on_the_same_connection() {
+    if !require_privileged() {
+        return;
+    }
+    let (node, _server, mut d) = setup();
+    let client = node.pod("client");
+    let mut cmd = Command::new(python());
+    cmd.arg("-u")
+        .arg(peers_dir().join("upgrade_load.py"))
+        .args(["slow", "--url", &format!("{VIP}:{PORT}")]);
+    let mut slow = LineChild::spawn(&client.cgroup, Some(&client.netns), cmd).expect("slow client");
+    let line = slow.recv_line(Duration::from_secs(20)).expect("partial");
+    assert!(line.starts_with("partial "), "{line}");
+    // The old generation read the first half of the head: those bytes move with the socket.
+    d.upgrade(&sockmesh_bin(), DRAIN).expect("upgrade");
+    let st = d.status().expect("status");
+    assert_eq!(st["generation"], 2);
+    assert_eq!(st["upgrade"]["moved"], 1, "{}", st["upgrade"]);
+    assert_eq!(
+        st["upgrade"]["moved_read_bytes"],
+        "GET /?id=slow-2 HTTP/1.1\r\nHo".len(),
+        "the half head the old generation had read moved with the socket: {}",
+        st["upgrade"]
+    );
+    slow.send_line("go").expect("go");
+    let out: Value =
+        serde_json::from_str(&slow.recv_line(Duration::from_secs(20)).expect("result")).expect("json");
+    assert_eq!(out["ok"], true, "{out}");
+    assert_eq!(out["port_before"], out["port_after"], "{out}");
+    assert_eq!(
+        client_counter(&d, "connections_total"),
+        1,
+        "one connection, moved"
     );
 }
