@@ -18,6 +18,7 @@ use sockmesh_tests::{
 
 const VIP: &str = "10.96.0.10";
 const PORT: u16 = 8080;
+const GRPC_PORT: u16 = 50051;
 /// The draining generation's deadline (config `drain_timeout_secs`).
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -45,9 +46,22 @@ subsets = [{{ name = "v1", labels = {{ version = "v1" }} }}]
 [[services.routes]]
 name = "default"
 split = [{{ subset = "v1", weight = 100 }}]
+
+[[services]]
+name = "who"
+addresses = ["{VIP}:{GRPC_PORT}"]
+protocol = "grpc"
+timeout_ms = 5000
+endpoints = [{{ address = "{grpc_ep}", labels = {{ version = "v1" }} }}]
+subsets = [{{ name = "v1", labels = {{ version = "v1" }} }}]
+
+[[services.routes]]
+name = "default"
+split = [{{ subset = "v1", weight = 100 }}]
 "#,
         drain = DRAIN.as_secs(),
         ep = srv.addr(PORT),
+        grpc_ep = srv.addr(GRPC_PORT),
     );
     let d = Daemon::start(&node, &basic_config(&node, &policy)).expect("daemon start");
     d.enroll(node.pod("client")).expect("enroll client");
@@ -368,5 +382,67 @@ fn a_request_half_sent_across_an_upgrade_is_answered_on_the_same_connection() {
         client_counter(&d, "connections_total"),
         1,
         "one connection, moved"
+    );
+}
+
+/// The Python with grpcio (`cargo xtask bootstrap` makes it; `SOCKMESH_TEST_PYTHON` overrides).
+fn grpc_python() -> PathBuf {
+    match std::env::var_os("SOCKMESH_TEST_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => sockmesh_tests::workspace_root().join("target/test-venv/bin/python"),
+    }
+}
+
+#[test]
+fn grpc_calls_across_an_upgrade_drain_with_goaway_and_none_fails() {
+    if !require_privileged() {
+        return;
+    }
+    let (node, _server, mut d) = setup();
+    let srv = node.pod("srv");
+    let mut cmd = Command::new(grpc_python());
+    cmd.arg("-u").arg(peers_dir().join("grpc_peer.py")).args([
+        "serve",
+        "--name",
+        "v1",
+        "--port",
+        &GRPC_PORT.to_string(),
+    ]);
+    let _grpc = Server::start(&srv.cgroup, Some(&srv.netns), cmd).expect("grpc server");
+    // One channel (one HTTP/2 connection to the proxy), 4 calls in flight, long enough to span
+    // the upgrade: the old generation sends GOAWAY, the channel reconnects to the new one.
+    let client = node.pod("client");
+    let mut cmd = Command::new(grpc_python());
+    cmd.arg("-u").arg(peers_dir().join("grpc_peer.py")).args([
+        "call",
+        "--target",
+        &format!("{VIP}:{GRPC_PORT}"),
+        "--requests",
+        "8000",
+        "--concurrency",
+        "4",
+        "--seconds-limit",
+        "60",
+    ]);
+    let mut calls = LineChild::spawn(&client.cgroup, Some(&client.netns), cmd).expect("grpc client");
+    // Upgrade once the calls run (the channel's connection is in the old generation).
+    sockmesh_tests::eventually(Duration::from_secs(20), || {
+        anyhow::ensure!(client_counter(&d, "connections_active") >= 1, "no call yet");
+        Ok(())
+    })
+    .expect("grpc calls started");
+    d.upgrade(&sockmesh_bin(), DRAIN).expect("upgrade");
+    assert_eq!(d.status().expect("status")["generation"], 2);
+    let line = calls.recv_line(Duration::from_secs(90)).expect("grpc summary");
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+    eprintln!("grpc across the upgrade: {v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["answered"], 8000, "{v}");
+    // The calls really spanned the upgrade: the new generation proxied some of them.
+    let st = d.status().expect("status");
+    assert!(
+        client_counter(&d, "connections_total") >= 2,
+        "one connection per generation: {}",
+        st["pods"]
     );
 }
