@@ -8,6 +8,8 @@
                         says hello with hand-off protocol 99, prints the answer, exits 1
   --mode vanish         says hello with the right protocol, takes the offered descriptors, then
                         exits without `Ready` (a successor that dies mid hand-off)
+  --mode die-after-commit  the same, then says `Ready`, reads the `Commit` and exits without
+                        `Started` (a successor that dies at the last step)
 
 The hello is hand-encoded protobuf: Envelope{hello(1): Hello{protocol_version(1), pid(2)}},
 behind a 4-byte big-endian length.
@@ -55,6 +57,14 @@ def main():
     fds = []
     msg, fds, _, _ = socket.recv_fds(s, 1 << 20, 300)
     print(f"fake successor ({a.mode}): {len(msg)} bytes, {len(fds)} descriptors: {msg!r}", flush=True)
+    if a.mode == "die-after-commit":
+        # Envelope{ready(4): Ready{pid(1)}}
+        inner = b"\x08" + varint(os.getpid())
+        env = b"\x22" + varint(len(inner)) + inner
+        s.sendall(struct.pack(">I", len(env)) + env)
+        commit = s.recv(64)
+        print(f"fake successor: got {commit!r}, dying before Started", flush=True)
+        os._exit(9)
     for fd in fds:
         os.close(fd)
     return 1

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sockmesh_tests::daemon::basic_config;
+use sockmesh_tests::daemon::{basic_config, prom_value};
 use sockmesh_tests::{
     attached_programs, peers_dir, python, require_privileged, sockmesh_bin, Daemon, LineChild, Pod, Server,
     TempDir, VirtualNode,
@@ -261,6 +261,13 @@ fn chained_upgrades_under_keep_alive_load_lose_no_request() {
         connects,
         "proxied connections counted across generations vs the client's connects"
     );
+    // The metrics endpoint (the same socket, served by the last generation) agrees.
+    let metrics = d.metrics().expect("metrics");
+    assert_eq!(
+        prom_value(&metrics, "sockmesh_connections_total", &[("pod", "client")]),
+        Some(connects as f64),
+        "{metrics}"
+    );
     drop(d);
 }
 
@@ -311,6 +318,8 @@ fn failing_successors_leave_the_daemon_serving_and_a_later_upgrade_works() {
     eprintln!("wrong version: {e}");
     let e = failed_upgrade(&d, &fake_successor(&dir, "vanish"), "ready");
     eprintln!("vanish: {e}");
+    let e = failed_upgrade(&d, &fake_successor(&dir, "die-after-commit"), "started");
+    eprintln!("dies after commit: {e}");
     let e = failed_upgrade(&d, Path::new("/nonexistent/sockmesh"), "nonexistent");
     eprintln!("missing binary: {e}");
     let plain = dir.join("not-a-binary");
@@ -325,9 +334,9 @@ fn failing_successors_leave_the_daemon_serving_and_a_later_upgrade_works() {
     let st = d.status().expect("status");
     assert_eq!(st["generation"], 1);
     assert_eq!(st["upgrade"]["phase"], "idle");
-    assert_eq!(st["upgrade"]["failed"], 3, "{}", st["upgrade"]);
+    assert_eq!(st["upgrade"]["failed"], 4, "{}", st["upgrade"]);
     assert_eq!(st["upgrade"]["refused"], 1, "{}", st["upgrade"]);
-    assert!(d.status_text().unwrap().contains("3 failed upgrade(s)"));
+    assert!(d.status_text().unwrap().contains("4 failed upgrade(s)"));
 
     // A good upgrade still works through the same rendezvous.
     d.upgrade(&sockmesh_bin(), DRAIN).expect("upgrade after failures");
