@@ -408,6 +408,53 @@ mod tests {
         assert_eq!(recv(&b).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever arrives on the rendezvous (a confused or hostile peer), decoding it is an
+        /// error or a message, never a panic; a message re-encodes to one that decodes the same.
+        #[test]
+        fn arbitrary_frames_decode_or_are_refused(payload in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Ok(b) = decode(&payload) {
+                let again = encode(b.clone());
+                prop_assert_eq!(decode(&again[4..]).unwrap(), b);
+            }
+        }
+
+        /// A handed-over connection's description survives the wire byte for byte.
+        #[test]
+        fn conn_messages_round_trip_through_a_socket(
+            pod in "[a-z0-9.-]{0,40}",
+            read in proptest::collection::vec(any::<u8>(), 0..4096),
+            inbound in any::<bool>(),
+        ) {
+            let (a, b) = UnixStream::pair().unwrap();
+            let c = Conn {
+                pod,
+                inbound,
+                client: "127.0.0.1:40000".into(),
+                orig: "10.96.0.10:8080".into(),
+                local: "127.0.0.1:15001".into(),
+                read,
+            };
+            send(&a, Body::Conn(c.clone()), &[a.as_raw_fd()]).unwrap();
+            let (got, fds) = recv(&b).unwrap();
+            prop_assert_eq!(got, Body::Conn(c));
+            prop_assert_eq!(fds.len(), 1);
+        }
+
+        /// Arbitrary bytes on the socket: an error or a message, never a panic or a hang.
+        #[test]
+        fn arbitrary_bytes_on_the_socket_end_in_a_message_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let (a, b) = UnixStream::pair().unwrap();
+            (&a).write_all(&bytes).unwrap();
+            drop(a);
+            while recv(&b).is_ok() {}
+        }
+    }
+
     #[test]
     fn a_hello_is_a_few_bytes_a_python_peer_can_write_by_hand() {
         // The tests' fake successors (tests/peers/upgrade_fake.py) hand-encode this.
