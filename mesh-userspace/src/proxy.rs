@@ -18,7 +18,6 @@ use std::{
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
     task::JoinHandle,
@@ -32,8 +31,6 @@ use crate::{
     sys::{self, NetNs},
 };
 
-/// Bytes moved per read/write in each direction.
-const RELAY_BUF: usize = 64 * 1024;
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const LISTEN_BACKLOG: i32 = 4096;
 /// After a pod's listener is told to stop, keep accepting what is already queued until the
@@ -699,17 +696,26 @@ async fn relay(
     pod.stats.connections_total.fetch_add(1, Relaxed);
     pod.stats.connections_active.fetch_add(1, Relaxed);
     debug!("relaying");
-    let (cr, cw) = client.into_split();
-    let (ur, uw) = upstream.into_split();
-    let up = pump(cr, uw, &entry.bytes_to_upstream, &pod.stats.bytes_upstream);
-    let down = pump(ur, cw, &entry.bytes_to_client, &pod.stats.bytes_downstream);
-    tokio::pin!(up, down);
-    // Half-close travels through; an error in either direction ends both.
-    let failed = tokio::select! {
-        r = &mut up => r.is_err() || down.await.is_err(),
-        r = &mut down => r.is_err() || up.await.is_err(),
-    };
-    if failed {
+    // Half-close travels through; an error in either direction ends both. While an upgrade
+    // drains this generation, the pair moves to the successor after a deadline.
+    use crate::upgrade::tcp;
+    let end = tcp::relay(
+        client,
+        upstream,
+        tcp::Pump::new(&[], false),
+        tcp::Pump::new(&[], false),
+        tcp::Relay {
+            entry: &entry,
+            stats: &pod.stats,
+            pod: &pod.name,
+            inbound: dir == Direction::Inbound,
+            client: peer,
+            orig,
+            target,
+        },
+    )
+    .await;
+    if matches!(end, tcp::End::Done { failed: true }) {
         shared.errors.relay_reset.fetch_add(1, Relaxed);
     }
     pod.stats.connections_active.fetch_sub(1, Relaxed);
@@ -718,28 +724,10 @@ async fn relay(
     true
 }
 
-/// Copy until EOF, then half-close the writer. Counts as it goes so status is live.
-async fn pump<R, W>(mut r: R, mut w: W, conn: &AtomicU64, pod: &AtomicU64) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; RELAY_BUF];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            w.shutdown().await?;
-            return Ok(());
-        }
-        w.write_all(&buf[..n]).await?;
-        conn.fetch_add(n as u64, Relaxed);
-        pod.fetch_add(n as u64, Relaxed);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn out_of_descriptor_accepts_are_all_counted_and_logged_once_per_interval() {

@@ -17,6 +17,7 @@
 pub mod counters;
 pub mod new;
 pub mod old;
+pub mod tcp;
 pub mod wire;
 
 use std::{
@@ -67,6 +68,8 @@ pub struct Status {
     pub moved: u64,
     /// Of those, bytes already read from the client but not yet answered (moved with them).
     pub moved_read_bytes: u64,
+    /// Of `moved`: opaque TCP relays (a pair of sockets each).
+    pub moved_opaque: u64,
     /// In N+1: the previous generation while it drains.
     pub previous: Option<Previous>,
 }
@@ -91,6 +94,7 @@ impl Status {
             last_error: None,
             moved: 0,
             moved_read_bytes: 0,
+            moved_opaque: 0,
             previous: None,
         }
     }
@@ -200,7 +204,17 @@ pub fn can_hand_over() -> bool {
 /// A connection on its way to the successor.
 pub struct HandOver {
     pub meta: wire::Conn,
-    pub fd: OwnedFd,
+    /// HTTP/1.1: the client's socket; opaque TCP: the client's, then the upstream's.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Queue a connection for the successor; false (the descriptors closed) when there is none.
+fn send_handover(meta: wire::Conn, fds: Vec<OwnedFd>) -> bool {
+    let tx = HANDOVER.lock().expect("handover lock").clone();
+    match tx {
+        Some(tx) => tx.send(HandOver { meta, fds }).is_ok(),
+        None => false,
+    }
 }
 
 /// Filled by the hand-off session while the successor takes connections.
@@ -224,11 +238,10 @@ pub fn hand_over_http1(s: tokio::net::TcpStream, read: Vec<u8>, ctx: &crate::l7:
         orig: ctx.orig.to_string(),
         local: ctx.local.to_string(),
         read,
+        ..Default::default()
     };
-    let tx = HANDOVER.lock().expect("handover lock").clone();
-    match tx {
-        Some(tx) if tx.send(HandOver { meta, fd }).is_ok() => {}
-        _ => tracing::warn!(client = %ctx.client, "upgrade: no successor to take the connection: closed"),
+    if !send_handover(meta, vec![fd]) {
+        tracing::warn!(client = %ctx.client, "upgrade: no successor to take the connection: closed");
     }
 }
 

@@ -210,13 +210,20 @@ impl Inherited {
                                 break;
                             }
                         }
-                        Ok((Body::Conn(c), mut fds)) if fds.len() == 1 => {
-                            let fd = fds.pop().expect("one descriptor");
+                        Ok((Body::Conn(c), mut fds)) if fds.len() == 1 + c.opaque as usize => {
                             super::status_mut(|st| {
                                 st.moved += 1;
-                                st.moved_read_bytes += c.read.len() as u64;
+                                st.moved_read_bytes += (c.read.len() + c.to_client.len()) as u64;
+                                st.moved_opaque += c.opaque as u64;
                             });
-                            rt.spawn(adopt_http1(daemon.clone(), c, fd));
+                            if c.opaque {
+                                let upstream = fds.pop().expect("two descriptors");
+                                let client = fds.pop().expect("two descriptors");
+                                rt.spawn(super::tcp::adopt(daemon.clone(), c, client, upstream));
+                            } else {
+                                let fd = fds.pop().expect("one descriptor");
+                                rt.spawn(adopt_http1(daemon.clone(), c, fd));
+                            }
                         }
                         Ok((other, _)) => {
                             warn!("upgrade: unexpected {} while carrying counters", other.name())

@@ -307,7 +307,8 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
         if let Some(h) = item {
             if ok {
                 let read = h.meta.read.len() as u64;
-                match wire::send(&s, Body::Conn(h.meta), &[h.fd.as_raw_fd()]) {
+                let raw: Vec<_> = h.fds.iter().map(|f| f.as_raw_fd()).collect();
+                match wire::send(&s, Body::Conn(h.meta), &raw) {
                     Ok(()) => super::status_mut(|st| {
                         st.moved += 1;
                         st.moved_read_bytes += read;

@@ -68,9 +68,22 @@ pub struct Conn {
     /// The accepted socket's own address.
     #[prost(string, tag = "5")]
     pub local: String,
-    /// Bytes read from the socket but not yet answered (a partial or pipelined request).
+    /// Bytes read from the socket but not yet answered (a partial or pipelined request);
+    /// opaque TCP: read from the client, not yet written upstream.
     #[prost(bytes = "vec", tag = "6")]
     pub read: Vec<u8>,
+    /// An opaque TCP relay: two descriptors (client, upstream); `local` is the upstream target.
+    #[prost(bool, tag = "7")]
+    pub opaque: bool,
+    /// Opaque TCP: read from upstream, not yet written to the client.
+    #[prost(bytes = "vec", tag = "8")]
+    pub to_client: Vec<u8>,
+    /// Opaque TCP: the client half-closed (passed on upstream already).
+    #[prost(bool, tag = "9")]
+    pub client_eof: bool,
+    /// Opaque TCP: the upstream half-closed (passed on to the client already).
+    #[prost(bool, tag = "10")]
+    pub upstream_eof: bool,
 }
 
 /// N+1 → N, first: who is asking, and which protocol it speaks.
@@ -437,7 +450,11 @@ mod tests {
                 client: "127.0.0.1:40000".into(),
                 orig: "10.96.0.10:8080".into(),
                 local: "127.0.0.1:15001".into(),
+                to_client: read.iter().rev().copied().collect(),
                 read,
+                opaque: inbound,
+                client_eof: !inbound,
+                upstream_eof: false,
             };
             send(&a, Body::Conn(c.clone()), &[a.as_raw_fd()]).unwrap();
             let (got, fds) = recv(&b).unwrap();
