@@ -975,6 +975,7 @@ fn serve_loaded(
     ));
     kernel.set_bypass(&cfg.bypass_cidrs, &cfg.bypass_ports)?;
     let accel = accel_selftest(&mut kernel, cfg.acceleration.mode, &checks)?;
+    upgrade::set_accelerated(accel.enabled);
     let mut pods = cfg.pods.clone();
     let mut resumed_routing = None;
     if origin == ebpf::Origin::Adopted {
@@ -1069,6 +1070,7 @@ fn serve_loaded(
         }
         let admin_task = tokio::spawn(admin::serve(admin, daemon.clone()));
         let metrics_task = tokio::spawn(metrics::serve(metrics, daemon.clone()));
+        upgrade::old::stop_on_handoff(vec![admin_task.abort_handle(), metrics_task.abort_handle()]);
         if let Some(i) = inherited {
             i.started(daemon.clone())?;
         }

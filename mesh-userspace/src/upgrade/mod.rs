@@ -196,9 +196,20 @@ pub async fn drain_http1(idle: impl std::future::Future<Output = ()>) -> bool {
     }
 }
 
-/// Whether live HTTP/1.1 connections can be handed over now (a successor reads them).
+/// Whether live connections can be handed over now (a successor reads them).
+///
+/// Not with the sockmap short-circuit on: moved accelerated relays stalled in the tests (4 of 4
+/// streams stopped after the move; not understood yet), so with acceleration their connections
+/// drain on the old generation instead (HTTP/1.1: `Connection: close`).
 pub fn can_hand_over() -> bool {
-    HANDOVER.lock().expect("handover lock").is_some()
+    !ACCELERATED.load(Relaxed) && HANDOVER.lock().expect("handover lock").is_some()
+}
+
+/// Whether this generation runs with the sockmap short-circuit on (no connection moves).
+static ACCELERATED: AtomicBool = AtomicBool::new(false);
+
+pub fn set_accelerated(on: bool) {
+    ACCELERATED.store(on, Relaxed);
 }
 
 /// A connection on its way to the successor.

@@ -59,6 +59,13 @@ static BUSY: AtomicBool = AtomicBool::new(false);
 static HANDED_OFF: AtomicBool = AtomicBool::new(false);
 static SESSION: Mutex<Option<Arc<Session>>> = Mutex::new(None);
 static OWN_PATH: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// The admin and metrics accept loops: stopped the moment the successor serves them.
+static SERVING: Mutex<Vec<tokio::task::AbortHandle>> = Mutex::new(Vec::new());
+
+/// Register the accept loops of the sockets the successor takes over (admin, metrics).
+pub fn stop_on_handoff(tasks: Vec<tokio::task::AbortHandle>) {
+    *SERVING.lock().expect("serving lock") = tasks;
+}
 /// Outcome of the latest session per successor pid, for the admin request waiting on it.
 static OUTCOMES: Mutex<Vec<(u32, Result<u64, String>)>> = Mutex::new(Vec::new());
 
@@ -259,6 +266,11 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
     });
     *SESSION.lock().expect("session lock") = Some(sess.clone());
     HANDED_OFF.store(true, SeqCst);
+    // From now on admin and metrics requests reach the successor only (requests already
+    // accepted, this upgrade's own among them, are still answered).
+    for t in SERVING.lock().expect("serving lock").drain(..) {
+        t.abort();
+    }
     super::OWNS_ADMIN.store(false, SeqCst);
     // Live HTTP/1.1 connections come through this channel once idle (before draining starts,
     // so that they see a successor to go to).
