@@ -210,13 +210,19 @@ impl Daemon {
                 String::from_utf8_lossy(&out.stdout).trim()
             );
         }
-        let st = self.status()?;
-        let new = st["upgrade"]["pid"]
-            .as_u64()
-            .ok_or_else(|| anyhow!("status names no pid: {}", st["upgrade"]))? as u32;
-        if new == old {
-            bail!("status still answered by the previous generation (pid {old})");
-        }
+        // The new generation answers status (a request accepted by the old one just before it
+        // stopped serving admin would still be answered by it).
+        let new = eventually(Duration::from_secs(5), || {
+            let st = self.status()?;
+            let pid = st["upgrade"]["pid"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("status names no pid: {}", st["upgrade"]))?
+                as u32;
+            if pid == old {
+                bail!("status still answered by the previous generation (pid {old})");
+            }
+            Ok(pid)
+        })?;
         let deadline = std::time::Instant::now() + drain + STOP_GRACE;
         match self.child.as_mut() {
             Some(c) if self.successor.is_none() => {

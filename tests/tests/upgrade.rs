@@ -508,6 +508,9 @@ fn streams_in_flight_move_with_their_buffered_bytes_and_arrive_intact() {
     if !require_privileged() {
         return;
     }
+    // (Not run with `[acceleration] enabled = true`: `peer load` reads with blocking sockets,
+    // which get EAGAIN from the sockmap receive path on this kernel, upgrade or not; and with
+    // acceleration on, connections are not moved at all, see docs/upgrade.md.)
     let (node, _server, mut d) = setup();
     let srv = node.pod("srv");
     let _echo = Server::peer(srv, 9001, "echo").expect("echo server");
