@@ -61,6 +61,10 @@ pub enum Request {
         keep_state: bool,
     },
     Status,
+    /// `sockmesh upgrade`: start `binary` as the next generation and hand over to it.
+    Upgrade {
+        binary: std::path::PathBuf,
+    },
     /// The live routing policy with per-route counters.
     Routes,
     /// Replace the whole routing policy.
@@ -279,6 +283,14 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
                 warn!("switch refused: {e}");
                 Response::err(e)
             }
+        },
+        Request::Upgrade { binary } => match crate::upgrade::old::start(&binary).await {
+            Ok(v) => Response {
+                ok: true,
+                error: None,
+                status: Some(v),
+            },
+            Err(e) => Response::err(e),
         },
         Request::Status => Response {
             ok: true,

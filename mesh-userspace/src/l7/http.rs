@@ -232,6 +232,12 @@ async fn sweep(inner: Weak<PoolsInner>) {
 struct Counted {
     inner: TcpStream,
     ctx: ConnCtx,
+    /// Bytes a previous generation read before it handed the connection over (upgrade):
+    /// replayed first, not counted again.
+    prefix: Bytes,
+    /// Set when the connection is being handed over: hyper's final shutdown must not reach
+    /// the socket (it is shared with the next generation).
+    keep_open: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AsyncRead for Counted {
@@ -240,6 +246,12 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
         let n = (buf.filled().len() - before) as u64;
@@ -284,6 +296,9 @@ impl AsyncWrite for Counted {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.keep_open.load(Relaxed) {
+            return Pin::new(&mut self.inner).poll_flush(cx);
+        }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -344,9 +359,22 @@ struct ConnState {
 
 /// Serve one app connection until it closes.
 pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
+    serve_with(client, Bytes::new(), version, ctx).await
+}
+
+/// An HTTP/1.1 app connection handed over by the previous generation (upgrade), with the bytes
+/// it had already read.
+pub async fn serve_handed_over(client: TcpStream, read: Bytes, ctx: ConnCtx) {
+    serve_with(client, read, HttpVersion::Http1, ctx).await
+}
+
+async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVersion, ctx: ConnCtx) {
+    let keep_open = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let io = TokioIo::new(Counted {
         inner: client,
         ctx: ctx.clone(),
+        prefix,
+        keep_open: keep_open.clone(),
     });
     let inflight = Inflight::new();
     let state = Arc::new(ConnState {
@@ -356,7 +384,16 @@ pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
     });
     let svc = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(req, state).await) }
+        async move {
+            let mut resp = handle(req, state).await;
+            // A draining generation (upgrade) that cannot hand the connection over: the
+            // client's next request goes to the successor on a new connection.
+            crate::upgrade::close_after_response(
+                version == HttpVersion::Http1 && !crate::upgrade::can_hand_over(),
+                &mut resp,
+            );
+            Ok::<_, Infallible>(resp)
+        }
     });
     // Run the connection; after the idle timeout ask it to finish gracefully and keep driving
     // it until it does.
@@ -373,6 +410,11 @@ pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
                         conn.as_mut().graceful_shutdown();
                         closing = true;
                     }
+                    _ = crate::upgrade::drain_close(version == HttpVersion::Http2), if !closing => {
+                        debug!("upgrade: draining app connection");
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
                 }
             }
         }};
@@ -384,7 +426,41 @@ pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
                 .header_read_timeout(HTTP1_HEADER_READ_TIMEOUT)
                 .max_buf_size(MAX_HTTP1_HEAD_BYTES)
                 .keep_alive(true);
-            drive!(b.serve_connection(io, svc).with_upgrades())
+            // Like `drive!`, and while an upgrade drains this generation: once no request is
+            // in flight, stop at the request boundary and hand the socket (with any bytes
+            // already read) to the successor instead of closing it.
+            let mut conn = b.serve_connection(io, svc).with_upgrades();
+            let mut closing = false;
+            let mut handing = false;
+            let r = loop {
+                tokio::select! {
+                    r = &mut conn => break r,
+                    _ = inflight.idle_for(CLIENT_IDLE_TIMEOUT), if !closing => {
+                        debug!("idle app connection: closing");
+                        Pin::new(&mut conn).graceful_shutdown();
+                        closing = true;
+                    }
+                    hand = crate::upgrade::drain_http1(inflight.idle_for(Duration::from_millis(2))), if !closing => {
+                        debug!(hand, "upgrade: draining app connection");
+                        closing = true;
+                        if hand {
+                            keep_open.store(true, Relaxed);
+                            handing = true;
+                        }
+                        Pin::new(&mut conn).graceful_shutdown();
+                    }
+                }
+            };
+            if handing && r.is_ok() {
+                if let Some(parts) = conn.into_parts() {
+                    let counted = parts.io.into_inner();
+                    let mut read = parts.read_buf.to_vec();
+                    read.extend_from_slice(&counted.prefix);
+                    crate::upgrade::hand_over_http1(counted.inner, read, &ctx);
+                    return;
+                }
+            }
+            r
         }
         HttpVersion::Http2 => {
             let mut b = hs::http2::Builder::new(TokioExecutor::new());
