@@ -654,12 +654,16 @@ fn warm_switch_and_back_under_constant_load() {
          ({preconnected} pre-connected before traffic moved: {preconnect}); app-side > 5 ms (at +ms, ms): {app_slow:?}"
     );
     // The pool was sized from the traffic (the moved requests' connections): no request had to
-    // open a connection to the newly active app.
-    assert_eq!(
-        accepted.saturating_sub(preconnected),
-        0,
-        "connections opened by requests after the switch"
-    );
+    // open a connection to the newly active app. (When the machine stalls, more requests are in
+    // flight at once than the traffic needs, and opening more is right: judged only when the
+    // load kept up.)
+    if v["late"] == 0 {
+        assert_eq!(
+            accepted.saturating_sub(preconnected),
+            0,
+            "connections opened by requests after the switch"
+        );
+    }
 
     // Warm means: its cache and its backend pool were kept warm by the trickle.
     assert!(
