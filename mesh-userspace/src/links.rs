@@ -617,10 +617,12 @@ impl LinkManager {
     /// will need, sized from the connections in use now (the pools are per (pod, endpoint)):
     ///
     /// - the target link: each pod that delivers to a local endpoint of its services (the
-    ///   trickle keeps such a pool open) gets as many connections to it as the pod has to all
-    ///   the service's endpoints (the moved traffic's connections will be needed locally);
+    ///   trickle keeps such a pool open) or has such an endpoint on one of its own addresses
+    ///   gets as many connections to it as the pod has to all the service's endpoints (the
+    ///   moved traffic's connections will be needed locally);
     /// - the former active link: each pod that delivers locally gets, to each endpoint
-    ///   elsewhere, its share of the connections it has to the service now.
+    ///   elsewhere, its share of the connections it has to the service now;
+    /// - both plus half again: the pools do not count the connections busy at that moment.
     ///
     /// At most the link's `preconnect` per (pod, endpoint), concurrently, bounded by
     /// [`PRECONNECT_TIMEOUT`]; failures are counted and logged, never fatal (a request then
@@ -657,10 +659,24 @@ impl LinkManager {
                         e.2.push(ep);
                     }
                 }
-                for (pod, total, locals) in pods.into_values() {
+                for (pod, total, mut locals) in pods.into_values() {
+                    if target && total > 0 {
+                        // The service's endpoints in this pod itself: where its inbound
+                        // requests will be delivered, even when no trickle kept a pool open
+                        // (trickle 0, or idle longer than the pools keep connections).
+                        let own = crate::sys::local_addrs_in(&pod.netns).unwrap_or_default();
+                        for ep in &all {
+                            if own.contains(&ep.ip()) && !locals.contains(ep) {
+                                locals.push(*ep);
+                            }
+                        }
+                    }
                     if locals.is_empty() || total == 0 {
                         continue;
                     }
+                    // The pools hold the connections not busy right now: half again for the
+                    // requests in flight when they were counted.
+                    let total = total + total.div_ceil(2);
                     if target {
                         for ep in locals {
                             plan.push((pod.clone(), ep, total.min(max)));

@@ -150,6 +150,25 @@ struct EndpointPool {
     /// HTTP/2: the one multiplexed connection. Held across connect so concurrent first
     /// requests share it.
     h2: tokio::sync::Mutex<Option<hc::http2::SendRequest<Body>>>,
+    /// HTTP/1.1 requests between taking a connection and getting the response head: their
+    /// connections are not in `h1` meanwhile (for [`HttpPools::h1_counts`]).
+    h1_busy: AtomicUsize,
+}
+
+/// Counts one HTTP/1.1 request in flight on a pool until dropped.
+struct Busy<'a>(&'a EndpointPool);
+
+impl<'a> Busy<'a> {
+    fn new(p: &'a EndpointPool) -> Self {
+        p.h1_busy.fetch_add(1, Relaxed);
+        Busy(p)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.h1_busy.fetch_sub(1, Relaxed);
+    }
 }
 
 struct PooledH1 {
@@ -195,6 +214,7 @@ impl HttpPools {
             pod: Arc::downgrade(pod),
             h1: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
+            h1_busy: AtomicUsize::new(0),
         });
         pools.insert(key, p.clone());
         p
@@ -206,7 +226,8 @@ impl HttpPools {
 /// app's accept.
 impl HttpPools {
     /// HTTP/1.1 connections pooled now, per (pod, endpoint), to any of `endpoints` (pods still
-    /// enrolled; connections known to be closed are not counted).
+    /// enrolled; idle, streaming a body, or carrying a request until its response head;
+    /// connections known to be closed are not counted).
     pub fn h1_counts(&self, endpoints: &[SocketAddr]) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
         let pools = self.inner.pools.lock().expect("http pools lock");
         pools
@@ -216,7 +237,7 @@ impl HttpPools {
                 let pod = p.pod.upgrade()?;
                 let mut h1 = p.h1.lock().expect("h1 pool lock");
                 h1.retain(|c| !c.sender.is_closed());
-                Some((pod, k.endpoint, h1.len()))
+                Some((pod, k.endpoint, h1.len() + p.h1_busy.load(Relaxed)))
             })
             .collect()
     }
@@ -954,6 +975,7 @@ async fn send_once(
     let pool = st.ctx.l7().http.get(&st.ctx, endpoint, st.version);
     match st.version {
         HttpVersion::Http1 => {
+            let _busy = Busy::new(&pool);
             let (mut sender, local) = match acquire_h1(&pool, &st.ctx, endpoint, deadline).await {
                 Ok(s) => s,
                 Err(e) => return Err(Attempt::NotConnected(req, e)),
