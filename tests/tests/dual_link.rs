@@ -221,9 +221,13 @@ impl Setup {
     /// With `enrol_client`, the client pod is enrolled too: its requests are routed by the
     /// daemon's outbound side.
     fn build(enrol_client: bool) -> (Setup, Daemon) {
+        Self::build_with(enrol_client, TRICKLE_PERCENT)
+    }
+
+    fn build_with(enrol_client: bool, trickle: f64) -> (Setup, Daemon) {
         let node = VirtualNode::new(&["client", "app", "pool", "cold"]).expect("virtual node");
         let cg = V1Cgroups::new(node.prefix());
-        let mut config = policy(&node, ACTIVE_CPU, TRICKLE_PERCENT);
+        let mut config = policy(&node, ACTIVE_CPU, trickle);
         config.push_str(&pod_toml(node.pod("app"), &links_toml(&cg)));
         if enrol_client {
             config.push_str(&pod_toml(node.pod("client"), ""));
@@ -1136,4 +1140,51 @@ fn s2_served(d: &Daemon) -> u64 {
         .flatten()
         .filter_map(|p| p["connections_total"].as_u64())
         .sum()
+}
+
+/// With no trickle, no pool to the keep-alive app is kept open; the switch still pre-connects
+/// to it (the pod's own endpoint of the service), sized from the moved requests' connections,
+/// so no request after the switch opens one.
+#[test]
+fn without_a_trickle_the_switch_still_preconnects_the_local_app() {
+    if !require_privileged() {
+        return;
+    }
+    let (s, d) = Setup::build_with(false, 0.0);
+    let t0 = now_ms() + 700;
+    // No health checks either: nothing at all reaches the keep-alive app before the switch.
+    let app = s.node.pod("app");
+    let load = s.load_to(&[app.addr(8001), app.addr(8002)], 8, 0);
+    sleep_until(t0 + 3000);
+    let before = s.stats("app", 8002)["accepted"].as_u64().unwrap();
+    d.cli(&["switch", "--to", "forest", "--over", "0"])
+        .expect("switch");
+    switch_done(&d, Duration::from_secs(5));
+    let v = load.join().expect("load");
+    let (evs, _) = events(&v);
+    assert!(evs.iter().all(|e| e.name.is_some()), "failed requests");
+    let view: Value = serde_json::from_slice(&d.cli(&["switch", "--json"]).unwrap().stdout).unwrap();
+    let ep = s.node.pod("app").addr(8002);
+    let pre = &view["preconnect"];
+    let opened = pre["pools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["endpoint"] == ep.as_str())
+        .and_then(|p| p["opened"].as_u64())
+        .unwrap_or(0);
+    let accepted = s.stats("app", 8002)["accepted"].as_u64().unwrap() - before;
+    eprintln!(
+        "trickle 0: forest@app had {before} connection(s) before (the stats queries); pre-connected {opened}, \
+         accepted {accepted} after the switch ({} late): {pre}",
+        v["late"]
+    );
+    assert!(opened >= 2, "pre-connected {opened}: {pre}");
+    if v["late"] == 0 {
+        // The stats query itself is one connection (from inside the pod, not through us).
+        assert!(
+            accepted <= opened + 1,
+            "{accepted} accepted, {opened} pre-connected"
+        );
+    }
 }
