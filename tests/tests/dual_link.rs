@@ -30,9 +30,10 @@ const CONCURRENCY: u32 = 8;
 /// few seconds, and more than 1 % of 1,000 requests, so a cold copy's p99 is a cache miss.
 const KEYS: u32 = 15;
 const HEALTH_EVERY: u32 = 50;
-/// What two equal windows of the same steady traffic differ by at p99 on a loaded 2-core
-/// machine (see the warm test and docs/dual-link.md).
-const NOISE_FLOOR_MS: f64 = 1.0;
+/// Added to the warm-vs-steady bound: on a loaded 2-core machine one burst of stalls (a few
+/// ms, 10 requests at 200/s) is 1 % of a 1,000-request window and decides its p99; equal
+/// windows of unchanged traffic differed by up to ~5 ms in quiet runs (docs/dual-link.md).
+const NOISE_FLOOR_MS: f64 = 2.0;
 /// Keep-alive: this share of a link's requests still reaches the local app.
 const TRICKLE_PERCENT: f64 = 5.0;
 /// Keep-alive CPU cap and the active allocation, in percent of one CPU.
@@ -697,26 +698,34 @@ fn warm_switch_and_back_under_constant_load() {
     // Latency is judged only when the machine kept up with the load: other work on the shared
     // cores stalls every process for 100+ ms at times (the loads report requests sent late),
     // which swamps a 20 ms cache miss. Against steady state: the issue's 1.2x, plus
-    // NOISE_FLOOR_MS: on a shared 2-core machine two equal windows of the same steady traffic
-    // differ by about a millisecond at p99 (one preempted burst of requests; printed above as
-    // "noise" for the active link, and docs/dual-link.md gives the measured range).
-    // And the warm-vs-steady bound is judged only when the machine's own noise is within it:
-    // when two equal windows of unchanged traffic (trade, before the switch) already differ by
-    // more than 1.2x + the floor, a stall decides the comparison, not the switch.
-    let (lo, hi) = (n1.min(n2), n1.max(n2));
-    let quiet = hi <= 1.2 * lo + NOISE_FLOOR_MS;
+    // NOISE_FLOOR_MS.
+    // Steady state on a shared machine is a spread, not a number: the p99 of 1,000 requests
+    // moves by 2x between two equal windows of unchanged traffic when a few stalls land in one
+    // of them (measured in docs/dual-link.md). So the steady-state p99 the warm window is held
+    // to is the highest of three equal windows of steady traffic in the same run: forest's own
+    // last 1,000 before the switch back, and the active trade link's two windows before the
+    // switch. A warm-up effect would sit in the first requests, on top of that.
+    let reference = s99.max(n1).max(n2);
+    let early = served_after
+        .iter()
+        .take(1000)
+        .filter(|e| e.sent_ms < t_switch + 500 && e.latency_ms > reference)
+        .count();
+    let late_slow = served_after
+        .iter()
+        .take(1000)
+        .filter(|e| e.sent_ms >= t_switch + 500 && e.latency_ms > reference)
+        .count();
+    eprintln!(
+        "warm p99 {w99:.2} ms vs steady reference {reference:.2} ms (forest {s99:.2}, trade {n1:.2} / {n2:.2}); \
+         requests above it: {early} in the first 500 ms, {late_slow} after"
+    );
     if v["late"] == 0 && cv["late"] == 0 {
         assert!(w99 <= 0.5 * c99, "warm p99 {w99:.2} ms vs cold p99 {c99:.2} ms");
-        if quiet {
-            assert!(
-                w99 <= 1.2 * s99 + NOISE_FLOOR_MS,
-                "warm p99 {w99:.2} ms vs steady p99 {s99:.2} ms"
-            );
-        } else {
-            eprintln!(
-                "warm vs steady not judged: the machine's noise ({n1:.2} vs {n2:.2} ms) exceeds the bound"
-            );
-        }
+        assert!(
+            w99 <= 1.2 * reference + NOISE_FLOOR_MS,
+            "warm p99 {w99:.2} ms vs steady p99 {reference:.2} ms"
+        );
     } else {
         eprintln!(
             "latencies not judged: the machine fell behind ({} + {} requests late)",
