@@ -18,7 +18,7 @@ use std::{
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
     task::JoinHandle,
@@ -74,6 +74,9 @@ pub struct PodStats {
     pub connections_active: AtomicU64,
     pub bytes_upstream: AtomicU64,
     pub bytes_downstream: AtomicU64,
+    /// Connections the proxy holds for this pod right now, from accept to close (upstream
+    /// connects in progress included): what `[limits] max_connections_per_pod` caps.
+    pub held: AtomicU64,
 }
 
 /// Why a proxied connection was dropped; each has a metric.
@@ -91,6 +94,9 @@ pub struct ProxyErrors {
     pub upstream_socket_failed: AtomicU64,
     pub upstream_connect_failed: AtomicU64,
     pub relay_reset: AtomicU64,
+    /// A pod already held `max_connections_per_pod` connections: the new one was reset.
+    pub pod_connection_limit: AtomicU64,
+    pod_limit_logged_ms: AtomicU64,
 }
 
 /// How often an accept that ran out of descriptors is logged (each one is counted).
@@ -131,7 +137,116 @@ impl ProxyErrors {
                 self.upstream_connect_failed.load(Relaxed),
             ),
             ("relay_reset", self.relay_reset.load(Relaxed)),
+            ("pod_connection_limit", self.pod_connection_limit.load(Relaxed)),
         ]
+    }
+
+    /// Count a connection refused by the per-pod cap; true when it is time to say so in the
+    /// log (once per [`NO_FD_LOG_INTERVAL`]).
+    fn note_pod_limit(&self, now_ms: u64) -> bool {
+        self.pod_connection_limit.fetch_add(1, Relaxed);
+        let last = self.pod_limit_logged_ms.load(Relaxed);
+        (last == 0 || now_ms.saturating_sub(last) >= NO_FD_LOG_INTERVAL.as_millis() as u64)
+            && self
+                .pod_limit_logged_ms
+                .compare_exchange(last, now_ms.max(1), Relaxed, Relaxed)
+                .is_ok()
+    }
+}
+
+/// Milliseconds since the Unix epoch (for log throttling).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One connection counted against its pod's cap (and in the node's total) until dropped.
+struct Held {
+    stats: Arc<PodStats>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.stats.held.fetch_sub(1, Relaxed);
+        self.shared.memory.freed();
+    }
+}
+
+/// Admit a new connection of `pod` under its cap, or count the refusal (`None`: reset it).
+fn admit(pod: &PodCtx, shared: &Arc<Shared>) -> Option<Held> {
+    let held = pod.stats.held.fetch_add(1, Relaxed) + 1;
+    let cap = shared.pod_cap.load(Relaxed);
+    if cap != 0 && held > cap {
+        pod.stats.held.fetch_sub(1, Relaxed);
+        if shared.errors.note_pod_limit(now_ms()) {
+            warn!(
+                pod = %pod.name,
+                "pod holds {cap} proxied connections, its cap ([limits] max_connections_per_pod): \
+                 new ones are reset (counted as pod_connection_limit; said once per {}s)",
+                NO_FD_LOG_INTERVAL.as_secs()
+            );
+        }
+        return None;
+    }
+    shared.memory.opened();
+    Some(Held {
+        stats: pod.stats.clone(),
+        shared: shared.clone(),
+    })
+}
+
+/// Gives the allocator's free memory back to the system after many connections closed or
+/// parked their buffers: glibc keeps freed heap pages otherwise, so RSS would stay at the peak
+/// of a connection burst. A task started with the first connection checks every
+/// [`TRIM_EVERY`] and trims when at least [`TRIM_AFTER`] connections were freed since the last
+/// trim (at most one `malloc_trim` per interval, none while nothing changes).
+#[derive(Debug, Default)]
+pub struct MemoryTrim {
+    /// Connections closed or parked since the last trim.
+    freed: Arc<AtomicU64>,
+    started: std::sync::atomic::AtomicBool,
+    /// Trims done so far.
+    pub trims: Arc<AtomicU64>,
+}
+
+const TRIM_AFTER: u64 = 1000;
+const TRIM_EVERY: Duration = Duration::from_secs(2);
+
+impl MemoryTrim {
+    fn opened(&self) {
+        if !self.started.swap(true, Relaxed) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(trimmer(self.freed.clone(), self.trims.clone()));
+            }
+        }
+    }
+
+    /// A connection closed, or an idle one gave back its buffers.
+    pub fn freed(&self) {
+        self.freed.fetch_add(1, Relaxed);
+    }
+}
+
+async fn trimmer(freed: Arc<AtomicU64>, trims: Arc<AtomicU64>) {
+    loop {
+        tokio::time::sleep(TRIM_EVERY).await;
+        if freed.load(Relaxed) >= TRIM_AFTER {
+            freed.store(0, Relaxed);
+            trims.fetch_add(1, Relaxed);
+            let _ = tokio::task::spawn_blocking(trim_heap).await;
+        }
+    }
+}
+
+/// `malloc_trim(0)`: hand every free page of every arena back to the kernel.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -288,6 +403,12 @@ pub struct Shared {
     pub mesh_ips: MeshIps,
     /// Kernel colour propagation (see `propagate.rs`); unavailable until the daemon wires it.
     pub colour: crate::propagate::ColourKernel,
+    /// `[limits]`: slow and idle clients, the per-pod connection cap.
+    pub limits: crate::config::Limits,
+    /// The per-pod connection cap in force (0: none), resolved from `limits` at start.
+    pub pod_cap: AtomicU64,
+    /// Live connections, and the heap trim after large closes.
+    pub memory: MemoryTrim,
 }
 
 impl Shared {
@@ -302,7 +423,19 @@ impl Shared {
             },
             mesh_ips: MeshIps::default(),
             colour: crate::propagate::ColourKernel::disabled("not wired to a kernel".into()),
+            limits: crate::config::Limits::default(),
+            pod_cap: AtomicU64::new(0),
+            memory: MemoryTrim::default(),
         }
+    }
+
+    /// With the config's `[limits]`; the per-pod cap is resolved against the open-files
+    /// limit in force now.
+    pub fn with_limits(mut self, limits: crate::config::Limits) -> Self {
+        let nofile = sys::nofile_limit().map(|(soft, _)| soft).unwrap_or(0);
+        self.pod_cap = AtomicU64::new(limits.pod_connection_cap(nofile));
+        self.limits = limits;
+        self
     }
 
     /// With the kernel's colour propagation handle.
@@ -463,9 +596,14 @@ async fn accept_loop(
 }
 
 fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>, shared: &Arc<Shared>) {
+    let Some(held) = admit(pod, shared) else {
+        reset(s);
+        return;
+    };
     let pod = pod.clone();
     let shared = shared.clone();
     tokio::spawn(async move {
+        let _held = held;
         let orig = match dir {
             Direction::Outbound => shared.orig.orig_dst(&s),
             Direction::Inbound => s.local_addr(),
@@ -498,7 +636,9 @@ fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>,
                     .await;
             }
             ConnPlan::L7 { hint, detect_timeout } => {
-                dispatch(s, peer, orig, dir, hint, detect_timeout, pod, shared)
+                // Boxed: the L7 handlers' state is large, and a relayed connection's task (most
+                // idle connections) should not carry room for it.
+                Box::pin(dispatch(s, peer, orig, dir, hint, detect_timeout, pod, shared))
                     .instrument(span)
                     .await
             }
@@ -677,6 +817,7 @@ async fn relay(
     debug!("relaying");
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
+    // Both directions in one task; the read buffers are only held while data moves.
     let up = pump(cr, uw, &entry.bytes_to_upstream, &pod.stats.bytes_upstream);
     let down = pump(ur, cw, &entry.bytes_to_client, &pod.stats.bytes_downstream);
     tokio::pin!(up, down);
@@ -695,27 +836,73 @@ async fn relay(
 }
 
 /// Copy until EOF, then half-close the writer. Counts as it goes so status is live.
-async fn pump<R, W>(mut r: R, mut w: W, conn: &AtomicU64, pod: &AtomicU64) -> io::Result<()>
+///
+/// An idle direction holds no buffer: it waits for readability, takes a buffer from the
+/// worker's pool, reads until the socket is drained and gives the buffer back. A busy stream
+/// keeps its buffer while data keeps coming.
+async fn pump<W>(
+    r: tokio::net::tcp::OwnedReadHalf,
+    mut w: W,
+    conn: &AtomicU64,
+    pod: &AtomicU64,
+) -> io::Result<()>
 where
-    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; RELAY_BUF];
+    let mut held: Option<Box<[u8]>> = None;
     loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            w.shutdown().await?;
-            return Ok(());
+        let buf = match held.as_mut() {
+            Some(b) => b,
+            None => {
+                r.readable().await?;
+                held.insert(relay_buf_take())
+            }
+        };
+        match r.try_read(buf) {
+            Ok(0) => {
+                relay_buf_give(held.take());
+                w.shutdown().await?;
+                return Ok(());
+            }
+            Ok(n) => {
+                w.write_all(&buf[..n]).await?;
+                conn.fetch_add(n as u64, Relaxed);
+                pod.fetch_add(n as u64, Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => relay_buf_give(held.take()),
+            Err(e) => return Err(e),
         }
-        w.write_all(&buf[..n]).await?;
-        conn.fetch_add(n as u64, Relaxed);
-        pod.fetch_add(n as u64, Relaxed);
+    }
+}
+
+/// Relay buffers kept per worker thread for reuse (beyond, they are freed).
+const RELAY_BUFS_PER_THREAD: usize = 8;
+
+thread_local! {
+    static RELAY_BUFS: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn relay_buf_take() -> Box<[u8]> {
+    RELAY_BUFS
+        .with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; RELAY_BUF].into_boxed_slice())
+}
+
+fn relay_buf_give(b: Option<Box<[u8]>>) {
+    if let Some(b) = b {
+        RELAY_BUFS.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < RELAY_BUFS_PER_THREAD {
+                p.push(b);
+            }
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     #[test]
     fn out_of_descriptor_accepts_are_all_counted_and_logged_once_per_interval() {
