@@ -631,7 +631,8 @@ fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>,
             .connection_for(orig, dir == Direction::Inbound);
         match plan {
             ConnPlan::Opaque => {
-                relay(s, peer, orig, orig, dir, pod, shared)
+                // Boxed like the L7 path: each connection's task holds only its own path's state.
+                Box::pin(relay(s, peer, orig, orig, dir, pod, shared))
                     .instrument(span)
                     .await;
             }
@@ -706,7 +707,7 @@ async fn dispatch(
             "opaque TCP routed"
         );
         let started = Instant::now();
-        let ok = relay(s, peer, orig, decision.endpoint, dir, pod, shared).await;
+        let ok = Box::pin(relay(s, peer, orig, decision.endpoint, dir, pod, shared)).await;
         decision.stats.record(
             if ok {
                 Outcome::Answered
@@ -730,11 +731,12 @@ async fn dispatch(
         inbound: dir == Direction::Inbound,
         local: s.local_addr().unwrap_or(orig),
     };
+    // Each handler boxed: a connection holds only its own protocol's state.
     match detected {
-        Detection::Http1 => l7::http::serve(s, l7::http::HttpVersion::Http1, ctx).await,
-        Detection::Http2 => l7::http::serve(s, l7::http::HttpVersion::Http2, ctx).await,
-        Detection::Bolt { .. } => l7::mux::serve_bolt(s, ctx).await,
-        Detection::Dubbo => l7::mux::serve_dubbo(s, ctx).await,
+        Detection::Http1 => Box::pin(l7::http::serve(s, l7::http::HttpVersion::Http1, ctx)).await,
+        Detection::Http2 => Box::pin(l7::http::serve(s, l7::http::HttpVersion::Http2, ctx)).await,
+        Detection::Bolt { .. } => Box::pin(l7::mux::serve_bolt(s, ctx)).await,
+        Detection::Dubbo => Box::pin(l7::mux::serve_dubbo(s, ctx)).await,
         Detection::Opaque | Detection::NeedMore => unreachable!("relayed above"),
     }
     pod.stats.connections_active.fetch_sub(1, Relaxed);

@@ -8,8 +8,8 @@
 //! 200 requests/s through the mesh to its own server (`web`), both services routed by the
 //! proxy's HTTP/1.1 path. Its p99 is measured without abuse and during each abuse.
 //!
-//! **The bound** ([`P99_BOUND`]): during any abuse the normal client's p99 stays under 250 ms
-//! and none of its requests fails. What starvation looks like is not a slower millisecond: a
+//! **The bound** ([`P99_BOUND`]): during any abuse the normal client's p99 (the median of three
+//! 2-second windows' p99s) stays under 250 ms and none of its requests fails. What starvation looks like is not a slower millisecond: a
 //! client whose connection was refused, whose requests queue behind a blocked worker or whose
 //! descriptors were taken fails requests or waits seconds (the client's time-out is 5 s). The
 //! bound must hold on a loaded 2-core machine: on this VM, with a TCG qemu guest and two
@@ -25,9 +25,10 @@ use sockmesh_tests::abuse::{self, Latency};
 use sockmesh_tests::daemon::{basic_config, pod_toml, prom_value};
 use sockmesh_tests::{peer_command, require_privileged, Daemon, LineChild, Server, VirtualNode};
 
-/// The normal client's rate and measuring time per phase.
+/// The normal client's rate, and the measuring windows per phase.
 const RPS: u64 = 200;
-const SECS: u64 = 5;
+const SECS: u64 = 2;
+const WINDOWS: usize = 3;
 /// See the module doc.
 const P99_BOUND: Duration = Duration::from_millis(250);
 
@@ -87,12 +88,34 @@ impl Mesh {
         }
     }
 
+    /// The normal client's latency over [`WINDOWS`] windows of [`SECS`] s: requests summed, the
+    /// p99 the median of the windows' p99s (a neighbour's burst on this shared machine spoils
+    /// one window; starvation by the abuse spoils all of them).
     fn client_p99(&self, what: &str) -> Latency {
         let web = self.node.pod("web").addr(WEB_PORT);
-        let l = abuse::measure_rate(self.node.pod("client"), &web, RPS, SECS).expect("peer rate");
+        let runs: Vec<Latency> = (0..WINDOWS)
+            .map(|_| abuse::measure_rate(self.node.pod("client"), &web, RPS, SECS).expect("peer rate"))
+            .collect();
+        let mut p99s: Vec<u64> = runs.iter().map(|l| l.p99_us).collect();
+        p99s.sort_unstable();
+        let mut p50s: Vec<u64> = runs.iter().map(|l| l.p50_us).collect();
+        p50s.sort_unstable();
+        let l = Latency {
+            sent: runs.iter().map(|l| l.sent).sum(),
+            ok: runs.iter().map(|l| l.ok).sum(),
+            failed: runs.iter().map(|l| l.failed).sum(),
+            p50_us: p50s[p50s.len() / 2],
+            p99_us: p99s[p99s.len() / 2],
+            max_us: runs.iter().map(|l| l.max_us).max().unwrap_or(0),
+        };
         eprintln!(
-            "{what}: {} of {} ok, p50 {} us, p99 {} us, max {} us",
-            l.ok, l.sent, l.p50_us, l.p99_us, l.max_us
+            "{what}: {} of {} ok, p50 {} us, p99 {} us (windows: {:?} us), max {} us",
+            l.ok,
+            l.sent,
+            l.p50_us,
+            l.p99_us,
+            runs.iter().map(|l| l.p99_us).collect::<Vec<_>>(),
+            l.max_us
         );
         l
     }
@@ -301,13 +324,6 @@ fn idle_round(mesh: &Mesh, target: &str, proto: &str, conns: usize, min_hold: Du
         "{proto}: anon RSS {} KiB while held",
         abuse::rss_anon_kib(pid).unwrap_or(0)
     );
-    if let Some(secs) = std::env::var("SOCKMESH_ABUSE_PAUSE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        eprintln!("PAUSE daemon pid {pid} for {secs} s");
-        std::thread::sleep(Duration::from_secs(secs));
-    }
     let p99_held = mesh.client_p99(&format!("{conns} idle {proto} connections held"));
     if let Some(left) = min_hold.checked_sub(held_at.elapsed()) {
         std::thread::sleep(left);

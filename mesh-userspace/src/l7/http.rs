@@ -360,6 +360,8 @@ struct HeadClock {
     notify: tokio::sync::Notify,
     /// An idle HTTP/1.1 session is being ended to park the connection ([`H1_PARK_AFTER`]).
     parking: AtomicBool,
+    /// Requests whose head was parsed on this connection.
+    served: AtomicUsize,
 }
 
 /// The HTTP/2 connection preface (`PRI * HTTP/2.0...`).
@@ -375,6 +377,7 @@ impl HeadClock {
             read: AtomicUsize::new(0),
             notify: tokio::sync::Notify::new(),
             parking: AtomicBool::new(false),
+            served: AtomicUsize::new(0),
         });
         if version == HttpVersion::Http2 {
             c.start();
@@ -410,6 +413,12 @@ impl HeadClock {
 
     fn running(&self) -> bool {
         self.running.load(Relaxed)
+    }
+
+    /// A request head was parsed: the clock stops.
+    fn request_started(&self) {
+        self.served.fetch_add(1, Relaxed);
+        self.stop();
     }
 
     fn stop(&self) {
@@ -525,7 +534,8 @@ pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
                 .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
                 .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT);
-            drive!(b.serve_connection(io, svc))
+            // Boxed: an HTTP/1.1 connection's task keeps no room for it.
+            Box::pin(async { drive!(b.serve_connection(io, svc)) }).await
         }
     };
     let Some(result) = result else {
@@ -545,8 +555,9 @@ pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
 }
 
 /// An idle HTTP/1.1 keep-alive connection gives back hyper's session (its 8 KiB read and write
-/// buffers, the cached header map) after this long without a request and with nothing
-/// buffered; the next request starts a new session on the same socket.
+/// buffers, the cached header map, the boxed request handler) after this long without a
+/// request and with no head on its way; the next request's first byte starts a new session on
+/// the same socket. A new connection gets its first session with its first byte.
 pub const H1_PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Drive an HTTP/1.1 app connection: hyper sessions on the socket, parked while idle (see
@@ -566,64 +577,106 @@ where
 {
     let limits = &ctx.shared.limits;
     loop {
-        head.parking.store(false, Relaxed);
-        let mut conn = b.serve_connection(io, svc).with_upgrades();
-        let (mut closing, mut parking) = (false, false);
-        // A session lives at least H1_PARK_AFTER: the bytes that woke it are read first.
-        let park = async {
-            tokio::time::sleep(H1_PARK_AFTER).await;
-            inflight.idle_for(H1_PARK_AFTER).await
-        };
-        tokio::pin!(park);
-        let r = loop {
+        // Parked (also before the first request): only the socket and this task until the
+        // client sends or closes; hyper's session starts with the first byte.
+        if io.inner().prefix.is_empty() {
             tokio::select! {
-                r = &mut conn => break r,
-                _ = inflight.idle_for(limits.client_idle_timeout), if !closing => {
+                r = io.inner().inner.readable() => {
+                    if r.is_err() {
+                        return Some(Ok(()));
+                    }
+                }
+                _ = inflight.idle_for(limits.client_idle_timeout) => {
                     debug!("idle app connection: closing");
                     ctx.l7().errors.count("http1", "idle_timeout");
-                    Pin::new(&mut conn).graceful_shutdown();
-                    closing = true;
-                }
-                _ = &mut park, if !closing && !head.running() => {
-                    head.parking.store(true, Relaxed);
-                    Pin::new(&mut conn).graceful_shutdown();
-                    (closing, parking) = (true, true);
-                }
-                _ = head.expired(limits.request_head_timeout), if !closing => {
-                    answer_408(fd);
-                    return None;
-                }
-            }
-        };
-        if !parking || r.is_err() {
-            return Some(r);
-        }
-        // Upgraded (the socket went with the upgrade): done.
-        let Some(parts) = conn.into_parts() else {
-            return Some(r);
-        };
-        let read_buf;
-        (io, svc, read_buf) = (parts.io, parts.service, parts.read_buf);
-        if !read_buf.is_empty() {
-            io.inner_mut().prefix = read_buf;
-            continue;
-        }
-        // Even empty, it holds hyper's whole read buffer.
-        drop(read_buf);
-        ctx.shared.memory.freed();
-        // Parked: only the socket (and this task) until the client sends or closes.
-        tokio::select! {
-            r = io.inner().inner.readable() => {
-                if r.is_err() {
                     return Some(Ok(()));
                 }
             }
-            _ = inflight.idle_for(limits.client_idle_timeout) => {
-                debug!("idle app connection: closing");
-                ctx.l7().errors.count("http1", "idle_timeout");
-                return Some(Ok(()));
+        }
+        // Boxed: a parked connection keeps no room for hyper's session state.
+        match Box::pin(h1_session(b, io, svc, ctx, inflight, head, fd)).await {
+            H1Session::Done(r) => return r,
+            H1Session::Parked(i, s) => {
+                (io, svc) = (i, s);
+                ctx.shared.memory.freed();
             }
         }
+    }
+}
+
+/// How one hyper session on an HTTP/1.1 app connection ended.
+enum H1Session<S> {
+    /// The connection is done; `None`: a head took too long (408 sent).
+    Done(Option<Result<(), hyper::Error>>),
+    /// Idle: hyper's state is dropped, the socket (with any unparsed bytes) and the service
+    /// are back.
+    Parked(TokioIo<Counted>, S),
+}
+
+/// One hyper session: until the connection ends, or is idle long enough to park.
+async fn h1_session<S>(
+    b: &hs::http1::Builder,
+    io: TokioIo<Counted>,
+    svc: S,
+    ctx: &ConnCtx,
+    inflight: &Inflight,
+    head: &HeadClock,
+    fd: std::os::fd::RawFd,
+) -> H1Session<S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = Body> + Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limits = &ctx.shared.limits;
+    head.parking.store(false, Relaxed);
+    let mut conn = b.serve_connection(io, svc).with_upgrades();
+    let (mut closing, mut parking) = (false, false);
+    let park = parkable(inflight, head, head.served.load(Relaxed));
+    tokio::pin!(park);
+    let r = loop {
+        tokio::select! {
+            r = &mut conn => break r,
+            _ = inflight.idle_for(limits.client_idle_timeout), if !closing => {
+                debug!("idle app connection: closing");
+                ctx.l7().errors.count("http1", "idle_timeout");
+                Pin::new(&mut conn).graceful_shutdown();
+                closing = true;
+            }
+            _ = &mut park, if !closing => {
+                head.parking.store(true, Relaxed);
+                Pin::new(&mut conn).graceful_shutdown();
+                (closing, parking) = (true, true);
+            }
+            _ = head.expired(limits.request_head_timeout), if !closing => {
+                answer_408(fd);
+                return H1Session::Done(None);
+            }
+        }
+    };
+    if !parking || r.is_err() {
+        return H1Session::Done(Some(r));
+    }
+    // Upgraded (the socket went with the upgrade): done.
+    let Some(parts) = conn.into_parts() else {
+        return H1Session::Done(Some(r));
+    };
+    let mut io = parts.io;
+    if !parts.read_buf.is_empty() {
+        io.inner_mut().prefix = parts.read_buf;
+    }
+    H1Session::Parked(io, parts.service)
+}
+
+/// Resolves when an HTTP/1.1 session can be parked: it served a request (so hyper is between
+/// requests: ending it loses nothing), nothing has been in flight for [`H1_PARK_AFTER`] and no
+/// head is on its way.
+async fn parkable(inflight: &Inflight, head: &HeadClock, served_at_start: usize) {
+    loop {
+        inflight.idle_for(H1_PARK_AFTER).await;
+        if head.served.load(Relaxed) > served_at_start && !head.running() {
+            return;
+        }
+        tokio::time::sleep(H1_PARK_AFTER).await;
     }
 }
 
@@ -800,7 +853,7 @@ fn failure_reply(reason: &'static str, grpc: bool, msg: &str) -> Response<Body> 
 async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
     let started = Instant::now();
     let guard = st.inflight.enter();
-    st.head.stop();
+    st.head.request_started();
     let grpc = is_grpc(req.headers());
     let proto = if grpc { "grpc" } else { st.version.label() };
     // hyper's buffer limit is approximate (a read may carry the head past it): check exactly.
@@ -1991,7 +2044,7 @@ split = [{ subset = "v1", weight = 1 }]
             let (v1, _) = upstream("v1").await;
             let (v2, _) = upstream("v2").await;
             let limits = crate::config::Limits {
-                request_head_timeout: Duration::from_millis(300),
+                request_head_timeout: Duration::from_millis(1200),
                 ..Default::default()
             };
             let p = proxy_with(
@@ -2007,7 +2060,7 @@ split = [{ subset = "v1", weight = 1 }]
             let mut good = h1_client(p.addr).await;
             let (st, _, _) = send1(&mut good, get("/").body(empty()).unwrap()).await;
             assert_eq!(st, StatusCode::OK);
-            tokio::time::sleep(H1_PARK_AFTER + Duration::from_millis(500)).await;
+            tokio::time::sleep(H1_PARK_AFTER + Duration::from_millis(1000)).await;
             let (st, _, _) = send1(&mut good, get("/").body(empty()).unwrap()).await;
             assert_eq!(st, StatusCode::OK, "a parked connection serves its next request");
             // A head split across the park: its first bytes wake the session.
@@ -2018,7 +2071,7 @@ split = [{ subset = "v1", weight = 1 }]
             let mut first = [0u8; 12];
             raw.read_exact(&mut first).await.unwrap();
             assert_eq!(&first, b"HTTP/1.1 200");
-            tokio::time::sleep(H1_PARK_AFTER + Duration::from_millis(300)).await;
+            tokio::time::sleep(H1_PARK_AFTER + Duration::from_millis(1000)).await;
             raw.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
             raw.write_all(b"Host: web.test\r\nConnection: close\r\n\r\n")
@@ -2030,19 +2083,30 @@ split = [{ subset = "v1", weight = 1 }]
             assert!(rest.matches("HTTP/1.1 200").count() == 1, "{rest}");
             assert_eq!(errors.get("http1", "header_timeout"), 0);
 
-            // Slowloris: a head that never ends gets 408 after 300 ms and is closed.
+            // Slowloris: a head that never ends, a byte every 50 ms, gets 408 after 1.2 s (longer
+            // than the park delay: a head on its way is never parked) and is closed.
             let started = std::time::Instant::now();
             let mut slow = TcpStream::connect(p.addr).await.unwrap();
-            slow.write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\n")
-                .await
-                .unwrap();
+            let (mut rd, mut wr) = slow.split();
+            let trickle = async {
+                for b in b"GET / HTTP/1.1\r\nHost: web.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+                    if wr.write_all(&[*b]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                std::future::pending::<()>().await;
+            };
             let mut answer = Vec::new();
-            let _ = slow.read_to_end(&mut answer).await;
+            tokio::select! {
+                _ = trickle => {}
+                _ = rd.read_to_end(&mut answer) => {}
+            }
             let waited = started.elapsed();
             let answer = String::from_utf8_lossy(&answer);
             assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-            assert!(waited >= Duration::from_millis(290), "{waited:?}");
-            assert!(waited < Duration::from_secs(3), "{waited:?}");
+            assert!(waited >= Duration::from_millis(1190), "{waited:?}");
+            assert!(waited < Duration::from_secs(5), "{waited:?}");
             eventually("header_timeout counted", || {
                 errors.get("http1", "header_timeout") == 1
             })
