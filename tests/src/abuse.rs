@@ -561,22 +561,6 @@ pub fn nofile() -> (u64, u64) {
     };
     // SAFETY: getrlimit writes one struct rlimit.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
-    (r.rlim_cur as u64, r.rlim_max as u64)
+    (r.rlim_cur, r.rlim_max)
 }
 
-/// Sets `pid`'s (0: this process) open-files limits (as root the hard limit may be raised).
-pub fn set_nofile(pid: u32, soft: u64, hard: u64) -> Result<()> {
-    let r = libc::rlimit {
-        rlim_cur: soft as libc::rlim_t,
-        rlim_max: hard as libc::rlim_t,
-    };
-    // SAFETY: prlimit with a valid struct rlimit; reads it only.
-    let rc = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, &r, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(anyhow!(
-            "prlimit({pid}, {soft}, {hard}): {}",
-            io::Error::last_os_error()
-        ));
-    }
-    Ok(())
-}
