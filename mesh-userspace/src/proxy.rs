@@ -1105,6 +1105,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pod_at_its_connection_cap_gets_resets_counted_and_other_pods_do_not() {
+        let upstream = banner_server("hi\n").await;
+        let limits = crate::config::Limits {
+            max_connections_per_pod: Some(2),
+            ..Default::default()
+        };
+        let shared =
+            Arc::new(Shared::new(Box::new(FixedOrigDst(upstream)), Router::default()).with_limits(limits));
+        assert_eq!(shared.pod_cap.load(Relaxed), 2);
+        let (a, b) = (pod(), pod());
+        let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr_a, addr_b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+        tokio::spawn(accept_all(la, a.clone(), shared.clone()));
+        tokio::spawn(accept_all(lb, b.clone(), shared.clone()));
+        async fn banner(addr: SocketAddr) -> io::Result<TcpStream> {
+            let mut c = TcpStream::connect(addr).await?;
+            let mut buf = [0u8; 3];
+            tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut buf))
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+            assert_eq!(&buf, b"hi\n");
+            Ok(c)
+        }
+        let first = banner(addr_a).await.expect("first connection of pod a");
+        let _second = banner(addr_a).await.expect("second connection of pod a");
+        let third = banner(addr_a).await;
+        assert!(third.is_err(), "over the cap: reset, got {third:?}");
+        assert_eq!(shared.errors.pod_connection_limit.load(Relaxed), 1);
+        assert_eq!(a.stats.held.load(Relaxed), 2);
+        let _other = banner(addr_b).await.expect("another pod is not capped by pod a");
+        // One closes: pod a is served again.
+        drop(first);
+        for _ in 0..100 {
+            if a.stats.held.load(Relaxed) < 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        banner(addr_a).await.expect("below the cap again");
+        assert_eq!(shared.errors.pod_connection_limit.load(Relaxed), 1);
+    }
+
+    #[tokio::test]
     async fn server_speaks_first_is_not_stalled_beyond_the_detection_timeout() {
         let vip: SocketAddr = "10.96.0.98:3306".parse().unwrap();
         let v1 = banner_server("hello\n").await;
