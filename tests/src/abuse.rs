@@ -563,4 +563,3 @@ pub fn nofile() -> (u64, u64) {
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
     (r.rlim_cur, r.rlim_max)
 }
-
