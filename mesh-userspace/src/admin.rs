@@ -51,29 +51,20 @@ pub enum Request {
     Unenroll {
         name: String,
     },
-    /// From `sockmesh-cni` ADD: a pod sandbox has its network (`cni::Notice::CniAdd`).
-    CniAdd {
-        sandbox_id: String,
-        netns: String,
-        #[serde(default)]
-        namespace: Option<String>,
-        #[serde(default)]
-        name: Option<String>,
-        #[serde(default)]
-        uid: Option<String>,
-    },
-    /// From `sockmesh-cni` DEL (`cni::Notice::CniDel`).
-    CniDel {
-        sandbox_id: String,
-        #[serde(default)]
-        uid: Option<String>,
-    },
+    /// From `sockmesh-cni` ADD: a pod sandbox has its network (the plugin's `cni::Notice`).
+    CniAdd(crate::cni::CniAdd),
+    /// From `sockmesh-cni` DEL.
+    CniDel(crate::cni::CniDel),
     /// Stop the daemon; `keep_state` leaves links, maps and enrolment pinned for a successor.
     Stop {
         #[serde(default)]
         keep_state: bool,
     },
     Status,
+    /// `sockmesh upgrade`: start `binary` as the next generation and hand over to it.
+    Upgrade {
+        binary: std::path::PathBuf,
+    },
     /// The live routing policy with per-route counters.
     Routes,
     /// Replace the whole routing policy.
@@ -264,20 +255,12 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
             Ok(()) => Response::ok(),
             Err(e) => Response::err(e),
         },
-        Request::CniAdd {
-            sandbox_id,
-            netns,
-            namespace,
-            name,
-            uid,
-        } => cni_notice(crate::cni::Notice::CniAdd {
-            sandbox_id,
-            netns,
-            namespace,
-            name,
-            uid,
-        }),
-        Request::CniDel { sandbox_id, uid } => cni_notice(crate::cni::Notice::CniDel { sandbox_id, uid }),
+        // An opted-in pod is enrolled before this answers (the plugin's ADD waits for it).
+        Request::CniAdd(add) => match crate::k8s::cni_add(daemon, add).await {
+            Ok(()) => Response::ok(),
+            Err(e) => Response::err(e),
+        },
+        Request::CniDel(del) => cni_notice(crate::cni::Notice::CniDel(del)),
         Request::Stop { keep_state } => {
             daemon.request_stop(keep_state);
             Response::ok()
@@ -300,6 +283,14 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
                 warn!("switch refused: {e}");
                 Response::err(e)
             }
+        },
+        Request::Upgrade { binary } => match crate::upgrade::old::start(&binary).await {
+            Ok(v) => Response {
+                ok: true,
+                error: None,
+                status: Some(v),
+            },
+            Err(e) => Response::err(e),
         },
         Request::Status => Response {
             ok: true,
@@ -365,7 +356,7 @@ async fn handle(daemon: &Arc<Daemon>, req: Request) -> Response {
     }
 }
 
-/// Queue a CNI notice for discovery; answered at once (the plugin must not wait on the CRI).
+/// Queue a CNI DEL notice for discovery; answered at once (the plugin must not wait on the CRI).
 fn cni_notice(n: crate::cni::Notice) -> Response {
     match crate::k8s::notify(n) {
         Ok(()) => Response::ok(),
@@ -448,26 +439,27 @@ mod tests {
     /// What `sockmesh-cni` sends is what the admin API reads.
     #[test]
     fn cni_notices_are_admin_requests() {
-        let add = crate::cni::Notice::CniAdd {
+        let add = crate::cni::CniAdd {
             sandbox_id: "abc".into(),
             netns: "/var/run/netns/cni-1".into(),
             namespace: Some("default".into()),
             name: Some("web.v1".into()),
             uid: Some("11111111-2222-3333-4444-555555555555".into()),
+            annotations: [("sockmesh.io/mesh".to_string(), "enabled".to_string())].into(),
         };
-        let r: Request = serde_json::from_str(&serde_json::to_string(&add).unwrap()).unwrap();
-        assert!(matches!(r, Request::CniAdd { ref name, .. } if name.as_deref() == Some("web.v1")));
-        let del = crate::cni::Notice::CniDel {
+        let wire = serde_json::to_string(&crate::cni::Notice::CniAdd(add.clone())).unwrap();
+        let r: Request = serde_json::from_str(&wire).unwrap();
+        assert_eq!(r, Request::CniAdd(add));
+        // An older plugin's notice (no annotations) still reads.
+        let r: Request =
+            serde_json::from_str(r#"{"op":"cni_add","sandbox_id":"abc","netns":"/run/netns/x"}"#).unwrap();
+        assert!(matches!(r, Request::CniAdd(ref a) if a.annotations.is_empty() && a.uid.is_none()));
+        let del = crate::cni::CniDel {
             sandbox_id: "abc".into(),
             uid: None,
         };
-        let r: Request = serde_json::from_str(&serde_json::to_string(&del).unwrap()).unwrap();
-        assert_eq!(
-            r,
-            Request::CniDel {
-                sandbox_id: "abc".into(),
-                uid: None
-            }
-        );
+        let wire = serde_json::to_string(&crate::cni::Notice::CniDel(del.clone())).unwrap();
+        let r: Request = serde_json::from_str(&wire).unwrap();
+        assert_eq!(r, Request::CniDel(del));
     }
 }

@@ -186,6 +186,34 @@ pub struct NetConf {
     pub timeout_ms: Option<u64>,
     #[serde(rename = "logFile", default)]
     pub log_file: Option<String>,
+    /// What the runtime fills in for the capabilities the conflist entry declares. Kept as
+    /// JSON: a runtime's odd value must not fail the pod's network (see [`pod_annotations`]).
+    #[serde(rename = "runtimeConfig", default)]
+    pub runtime_config: Option<serde_json::Value>,
+}
+
+/// The capability through which containerd (and CRI-O) hand a plugin the pod's annotations.
+pub const CAP_POD_ANNOTATIONS: &str = "io.kubernetes.cri.pod-annotations";
+/// At most this many annotations, of at most this many bytes each, are passed on.
+pub const MAX_ANNOTATIONS: usize = 256;
+pub const MAX_ANNOTATION_LEN: usize = 64 << 10;
+
+/// The pod annotations in `runtimeConfig` (string values only; anything else is ignored, not
+/// an error: the pod's network comes first).
+pub fn pod_annotations(conf: &NetConf) -> BTreeMap<String, String> {
+    let Some(map) = conf
+        .runtime_config
+        .as_ref()
+        .and_then(|r| r.get(CAP_POD_ANNOTATIONS))
+        .and_then(serde_json::Value::as_object)
+    else {
+        return BTreeMap::new();
+    };
+    map.iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+        .filter(|(k, v)| k.len() <= 317 && v.len() <= MAX_ANNOTATION_LEN)
+        .take(MAX_ANNOTATIONS)
+        .collect()
 }
 
 impl NetConf {
@@ -232,25 +260,60 @@ pub fn parse_conf(stdin: &[u8]) -> Result<NetConf, CniError> {
     Ok(conf)
 }
 
+/// `cni_add`: a pod sandbox has its network. One type for the plugin's notice and the admin
+/// API's request (`admin::Request::CniAdd`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniAdd {
+    pub sandbox_id: String,
+    pub netns: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub uid: Option<String>,
+    /// The pod's annotations, when the runtime passes them (the plugin's conflist entry
+    /// declares the capability `io.kubernetes.cri.pod-annotations`): the opt-in annotation
+    /// here lets the daemon enrol the pod before ADD returns.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// `cni_del`: the sandbox's network is being torn down.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniDel {
+    pub sandbox_id: String,
+    #[serde(default)]
+    pub uid: Option<String>,
+}
+
 /// What the plugin tells the daemon; the admin API's `cni_add` / `cni_del` requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Notice {
-    CniAdd {
-        sandbox_id: String,
-        netns: String,
-        #[serde(default)]
-        namespace: Option<String>,
-        #[serde(default)]
-        name: Option<String>,
-        #[serde(default)]
-        uid: Option<String>,
-    },
-    CniDel {
-        sandbox_id: String,
-        #[serde(default)]
-        uid: Option<String>,
-    },
+    CniAdd(CniAdd),
+    CniDel(CniDel),
+}
+
+impl Notice {
+    /// One short line for the plugin's log (annotations may be long: only their count).
+    pub fn summary(&self) -> String {
+        match self {
+            Notice::CniAdd(a) => format!(
+                "cni_add sandbox={} pod={}/{} uid={} annotations={}",
+                truncate(&a.sandbox_id, 64),
+                a.namespace.as_deref().unwrap_or("-"),
+                a.name.as_deref().unwrap_or("-"),
+                a.uid.as_deref().unwrap_or("-"),
+                a.annotations.len()
+            ),
+            Notice::CniDel(d) => format!(
+                "cni_del sandbox={} uid={}",
+                truncate(&d.sandbox_id, 64),
+                d.uid.as_deref().unwrap_or("-")
+            ),
+        }
+    }
 }
 
 /// The process inputs: `CNI_*` variables and stdin.
@@ -314,24 +377,26 @@ pub fn plan(inv: &Invocation) -> Result<Plan, CniError> {
                 Some(raw) if raw != "null" => raw.to_string(),
                 _ => serde_json::json!({ "cniVersion": conf.cni_version }).to_string(),
             };
+            let annotations = pod_annotations(&conf);
             Ok(Plan {
                 stdout,
-                notice: Some(Notice::CniAdd {
+                notice: Some(Notice::CniAdd(CniAdd {
                     sandbox_id: sandbox_id.to_string(),
                     netns: netns.to_string(),
                     namespace: args.namespace,
                     name: args.name,
                     uid: args.uid,
-                }),
+                    annotations,
+                })),
                 conf: Some(conf),
             })
         }
         Command::Del => Ok(Plan {
             stdout: String::new(),
-            notice: Some(Notice::CniDel {
+            notice: Some(Notice::CniDel(CniDel {
                 sandbox_id: sandbox_id.to_string(),
                 uid: args.uid,
-            }),
+            })),
             conf: Some(conf),
         }),
         // Capture is best effort by design: nothing here can make the pod's network wrong.
@@ -376,13 +441,14 @@ mod tests {
         assert_eq!(p.stdout, PREV);
         assert_eq!(
             p.notice,
-            Some(Notice::CniAdd {
+            Some(Notice::CniAdd(CniAdd {
                 sandbox_id: "7666862a3f31".into(),
                 netns: "/var/run/netns/cni-d80ec876".into(),
                 namespace: Some("default".into()),
                 name: Some("web.v1".into()),
                 uid: Some("11111111-2222-3333-4444-555555555555".into()),
-            })
+                annotations: BTreeMap::new(),
+            }))
         );
         assert_eq!(p.conf.unwrap().admin_socket(), DEFAULT_ADMIN_SOCKET);
     }
@@ -394,11 +460,51 @@ mod tests {
     }
 
     #[test]
+    fn add_passes_the_pod_annotations_the_runtime_gave() {
+        let stdin = format!(
+            r#"{{"cniVersion":"1.0.0","name":"k8s","type":"sockmesh-cni","capabilities":{{"{CAP_POD_ANNOTATIONS}":true}},
+               "runtimeConfig":{{"portMappings":[],"{CAP_POD_ANNOTATIONS}":{{"sockmesh.io/mesh":"enabled","sockmesh.io/inbound-ports":"8080","odd":7}}}},
+               "prevResult":{PREV}}}"#
+        );
+        let p = plan(&inv("ADD", &stdin, ARGS)).unwrap();
+        assert_eq!(p.stdout, PREV);
+        let Some(Notice::CniAdd(add)) = p.notice else {
+            panic!("no cni_add")
+        };
+        assert_eq!(
+            add.annotations.get("sockmesh.io/mesh").map(String::as_str),
+            Some("enabled")
+        );
+        assert_eq!(
+            add.annotations
+                .get("sockmesh.io/inbound-ports")
+                .map(String::as_str),
+            Some("8080")
+        );
+        // A non-string value is dropped, not an error: the pod's network comes first.
+        assert!(!add.annotations.contains_key("odd"));
+        // A runtime that passes something else under the capability: no annotations, still ADD.
+        for rc in [
+            r#""runtimeConfig":7"#,
+            r#""runtimeConfig":{"io.kubernetes.cri.pod-annotations":[1]}"#,
+        ] {
+            let stdin = format!(r#"{{"cniVersion":"1.0.0",{rc},"prevResult":{PREV}}}"#);
+            let p = plan(&inv("ADD", &stdin, ARGS)).unwrap();
+            assert_eq!(p.stdout, PREV);
+            assert!(matches!(p.notice, Some(Notice::CniAdd(ref a)) if a.annotations.is_empty()));
+        }
+        // The wire form: annotations only when there are some.
+        let j = serde_json::to_value(Notice::CniAdd(CniAdd::default())).unwrap();
+        assert_eq!(j["op"], "cni_add");
+        assert!(j.get("annotations").is_none());
+    }
+
+    #[test]
     fn del_and_check_print_nothing() {
         let stdin = r#"{"cniVersion":"1.0.0","name":"k","type":"sockmesh-cni"}"#;
         let d = plan(&inv("DEL", stdin, ARGS)).unwrap();
         assert!(d.stdout.is_empty());
-        assert!(matches!(d.notice, Some(Notice::CniDel { .. })));
+        assert!(matches!(d.notice, Some(Notice::CniDel(_))));
         // DEL may come without a netns (the runtime already removed it).
         let mut i = inv("DEL", stdin, ARGS);
         i.netns = None;

@@ -66,12 +66,15 @@ pub fn unchain(conflist: &Value) -> Option<Value> {
     (plugins.len() != before).then_some(out)
 }
 
-/// Our entry in the chain.
+/// Our entry in the chain. It declares the capability through which containerd (1.4+) and
+/// CRI-O pass the pod's annotations (`runtimeConfig`): the opt-in annotation lets the daemon
+/// enrol the pod during ADD.
 pub fn entry(admin_socket: &Path, log_file: Option<&Path>) -> Value {
     let mut e = json!({
         "type": PLUGIN,
         "adminSocket": admin_socket,
         "timeoutMs": crate::cni::DEFAULT_TIMEOUT_MS,
+        "capabilities": { crate::cni::CAP_POD_ANNOTATIONS: true },
     });
     if let Some(l) = log_file {
         e["logFile"] = json!(l);
@@ -112,6 +115,48 @@ pub fn install(
         write_atomic(&path, &out, 0o644)?;
     }
     Ok(path)
+}
+
+/// Our entry in `conflist`, if it is chained.
+pub fn our_entry(conflist: &Value) -> Option<&Value> {
+    conflist["plugins"]
+        .as_array()?
+        .iter()
+        .find(|p| p["type"] == PLUGIN)
+}
+
+/// What [`ensure_chained`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Chained {
+    /// The primary conflist has our entry (remembered for later).
+    Present,
+    /// It had not: the entry is back, in this file.
+    Rechained(PathBuf),
+}
+
+/// The node agent's guard: when the primary conflist of `conf_dir` lost our entry (the node's
+/// network agent rewrote it), chain `remembered` (the last entry seen there) or `fallback` back
+/// in. Keeps `remembered` up to date.
+pub fn ensure_chained(
+    conf_dir: &Path,
+    remembered: &mut Option<Value>,
+    fallback: &Value,
+) -> io::Result<Chained> {
+    let path = primary_conflist(conf_dir)?;
+    let text = std::fs::read_to_string(&path)?;
+    let current: Value =
+        serde_json::from_str(&text).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    if let Some(e) = our_entry(&current) {
+        *remembered = Some(e.clone());
+        return Ok(Chained::Present);
+    }
+    let entry = remembered.clone().unwrap_or_else(|| fallback.clone());
+    let new = chain(&current, &entry)?;
+    let mut out = serde_json::to_vec_pretty(&new).map_err(|e| invalid(e.to_string()))?;
+    out.push(b'\n');
+    write_atomic(&path, &out, 0o644)?;
+    *remembered = Some(entry);
+    Ok(Chained::Rechained(path))
 }
 
 /// Unchain the plugin from every conflist in `conf_dir` and remove the binary; returns what it
@@ -190,6 +235,62 @@ mod tests {
         assert_eq!(back, serde_json::from_str::<Value>(BRIDGE).unwrap());
         assert!(!d.join("bin").join(PLUGIN).exists());
         assert!(uninstall(&d.join("bin"), &d.join("net.d")).unwrap().is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_rewritten_conflist_gets_the_remembered_entry_back() {
+        let d = tmp("rechain");
+        let conf = d.join("net.d/10-k8s.conflist");
+        std::fs::write(&conf, BRIDGE).unwrap();
+        let src = d.join("plugin-src");
+        std::fs::write(&src, b"x").unwrap();
+        let sock = Path::new("/x/admin.sock");
+        install(
+            &src,
+            &d.join("bin"),
+            &d.join("net.d"),
+            sock,
+            Some(Path::new("/x/cni.log")),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&conf).unwrap()).unwrap();
+        assert_eq!(
+            our_entry(&v).unwrap()["capabilities"][crate::cni::CAP_POD_ANNOTATIONS],
+            true
+        );
+        let fallback = entry(Path::new("/run/sockmesh/admin.sock"), None);
+        let mut remembered = None;
+        let dir = d.join("net.d");
+        assert_eq!(
+            ensure_chained(&dir, &mut remembered, &fallback).unwrap(),
+            Chained::Present
+        );
+        // The network agent rewrites its conflist without us.
+        std::fs::write(&conf, BRIDGE).unwrap();
+        assert_eq!(
+            ensure_chained(&dir, &mut remembered, &fallback).unwrap(),
+            Chained::Rechained(conf.clone())
+        );
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&conf).unwrap()).unwrap();
+        // The entry as installed (its admin socket and log file), not the fallback.
+        assert_eq!(our_entry(&v).unwrap()["adminSocket"], "/x/admin.sock");
+        assert_eq!(our_entry(&v).unwrap()["logFile"], "/x/cni.log");
+        assert_eq!(v["plugins"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            ensure_chained(&dir, &mut remembered, &fallback).unwrap(),
+            Chained::Present
+        );
+        // Never seen: the fallback.
+        std::fs::write(&conf, BRIDGE).unwrap();
+        let mut none = None;
+        ensure_chained(&dir, &mut none, &fallback).unwrap();
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&conf).unwrap()).unwrap();
+        assert_eq!(our_entry(&v).unwrap()["adminSocket"], "/run/sockmesh/admin.sock");
+        // A half-written conflist is an error, and left alone.
+        std::fs::write(&conf, "{").unwrap();
+        assert!(ensure_chained(&dir, &mut remembered, &fallback).is_err());
+        assert_eq!(std::fs::read_to_string(&conf).unwrap(), "{");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -164,6 +164,8 @@ struct RawKubernetes {
     selector: Option<String>,
     resync_secs: Option<u64>,
     sigterm_keeps_state: Option<bool>,
+    cni_conf_dir: Option<PathBuf>,
+    cni_check_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -646,11 +648,20 @@ fn parse_kubernetes(raw: Option<RawKubernetes>) -> Result<Option<crate::k8s::Kub
     if !(1..=3600).contains(&resync_secs) {
         return Err(err("kubernetes.resync_secs", "must be 1 to 3600"));
     }
+    if raw.cni_conf_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+        return Err(err("kubernetes.cni_conf_dir", "must be an absolute path"));
+    }
+    let cni_check_ms = raw.cni_check_ms.unwrap_or(1000);
+    if !(100..=60_000).contains(&cni_check_ms) {
+        return Err(err("kubernetes.cni_check_ms", "must be 100 to 60000"));
+    }
     Ok(Some(crate::k8s::KubernetesConfig {
         cri_socket,
         selector,
         resync_secs,
         sigterm_keeps_state: raw.sigterm_keeps_state.unwrap_or(true),
+        cni_conf_dir: raw.cni_conf_dir,
+        cni_check_ms,
     }))
 }
 
@@ -729,6 +740,28 @@ mod tests {
             "kubernetes.cri_socket"
         );
         assert!(parse("[kubernetes]\nbogus = 1\n").is_err());
+        let k = parse("[kubernetes]\ncni_conf_dir = \"/etc/cni/net.d\"\ncni_check_ms = 500\n")
+            .unwrap()
+            .kubernetes
+            .unwrap();
+        assert_eq!(
+            (k.cni_conf_dir.as_deref(), k.cni_check_ms),
+            (Some(Path::new("/etc/cni/net.d")), 500)
+        );
+        assert_eq!(
+            parse("[kubernetes]\n").unwrap().kubernetes.unwrap().cni_conf_dir,
+            None
+        );
+        assert_eq!(
+            parse("[kubernetes]\ncni_conf_dir = \"net.d\"\n")
+                .unwrap_err()
+                .field,
+            "kubernetes.cni_conf_dir"
+        );
+        assert_eq!(
+            parse("[kubernetes]\ncni_check_ms = 5\n").unwrap_err().field,
+            "kubernetes.cni_check_ms"
+        );
         // The DaemonSet's ConfigMap.
         let c = parse(include_str!("../../deploy/kubernetes/sockmesh.toml"))
             .expect("deploy/kubernetes/sockmesh.toml");

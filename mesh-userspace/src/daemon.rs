@@ -856,6 +856,8 @@ impl Daemon {
                 "hard_limit": sys::nofile_limit().ok().map(|l| l.1),
             },
             "uptime_s": self.started.elapsed().as_secs(),
+            "generation": crate::upgrade::generation(),
+            "upgrade": crate::upgrade::status_json(),
             "workers": tokio::runtime::Handle::try_current().map(|h| h.metrics().num_workers()).ok(),
         })
     }
@@ -923,6 +925,11 @@ impl Daemon {
         }
     }
 
+    /// Whether [`Daemon::shutdown`] has begun (the Kubernetes CNI config guard stops then).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Relaxed)
+    }
+
     /// Phase one: new connects go direct, listeners stop after serving their queue.
     /// Phase two: wait for live connections up to the deadline. Then, unless `keep_state`,
     /// remove the pins and the state file (the links detach when the kernel handle drops).
@@ -971,6 +978,72 @@ impl Daemon {
         }
         // Link states go with the enrolment (the cgroups keep their last values).
         let _ = state::remove(&crate::links::state_path(&self.cfg.state_file));
+    }
+
+    /// Upgrade hand-off (`upgrade/`): each pod's listening sockets (duplicated), to pass to
+    /// the successor.
+    pub(crate) fn listener_fds(
+        &self,
+    ) -> Vec<(String, std::net::SocketAddr, Direction, std::os::fd::OwnedFd)> {
+        let pods = self.pods.lock().expect("pods lock");
+        let mut out = Vec::new();
+        for p in pods.values() {
+            for (addr, dir, fd) in p.proxy.iter().flat_map(|x| x.handoff.iter()) {
+                match fd.try_clone() {
+                    Ok(fd) => out.push((p.spec.name.clone(), *addr, *dir, fd)),
+                    Err(e) => warn!(pod = %p.spec.name, %addr, "listener not handed over: {e}"),
+                }
+            }
+        }
+        out
+    }
+
+    /// Upgrade hand-off: a pod's proxy context, for a connection the previous generation
+    /// handed over.
+    pub(crate) fn pod_ctx(&self, name: &str) -> Option<Arc<proxy::PodCtx>> {
+        let pods = self.pods.lock().expect("pods lock");
+        pods.get(name)?.proxy.as_ref().map(|p| p.pod.clone())
+    }
+
+    /// Upgrade hand-off: the pods' counters (carried to the successor at the source).
+    pub(crate) fn pod_stats(&self) -> Vec<(String, Arc<PodStats>)> {
+        let pods = self.pods.lock().expect("pods lock");
+        pods.values()
+            .map(|p| (p.spec.name.clone(), p.stats.clone()))
+            .collect()
+    }
+
+    pub(crate) fn proxy_shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn admin_error_counts(&self) -> Vec<(&'static str, u64)> {
+        self.admin_errors
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+
+    /// Add a previous generation's refusals (names outside this binary's set are dropped).
+    pub(crate) fn add_admin_errors(&self, name: &str, n: u64) {
+        const REASONS: [&str; 9] = [
+            "already_enrolled",
+            "not_enrolled",
+            "bad_name",
+            "bad_path",
+            "cgroup_taken",
+            "system",
+            "map_full",
+            "kernel",
+            "shutting_down",
+        ];
+        if let Some(r) = REASONS.iter().find(|r| **r == name) {
+            if n > 0 {
+                *self.admin_errors.lock().expect("lock").entry(r).or_default() += n;
+            }
+        }
     }
 
     /// Forward kernel-side log records every 100 ms (`bpf_log = true` only).

@@ -223,33 +223,30 @@ pub async fn probe(
     out
 }
 
-/// Prometheus lines: connects routed per (service, subset, endpoint) and the table generation.
-pub fn metrics(o: &mut String, v: &Value) {
-    let _ = writeln!(
-        o,
-        "# HELP sockmesh_kernel_routed_connects_total Connects routed inside connect() to an endpoint.\n# TYPE sockmesh_kernel_routed_connects_total counter"
-    );
-    for s in v["services"].as_array().cloned().unwrap_or_default() {
-        for e in s["entries"].as_array().cloned().unwrap_or_default() {
-            let _ = writeln!(
-                o,
-                "sockmesh_kernel_routed_connects_total{{service=\"{}\",subset=\"{}\",endpoint=\"{}\"}} {}",
-                s["name"].as_str().unwrap_or("?"),
-                e["subset"].as_str().unwrap_or("?"),
-                e["endpoint"].as_str().unwrap_or("?"),
-                e["connects"].as_u64().unwrap_or(0)
-            );
+/// One sample of `sockmesh_kernel_routed_connects_total`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutedConnects {
+    pub service: String,
+    pub subset: String,
+    pub endpoint: String,
+    pub connects: u64,
+}
+
+/// The metric samples (`/metrics`, src/metrics.rs): connects routed per (service, subset,
+/// endpoint), and the table generation.
+pub fn metric_rows(v: &Value) -> (Vec<RoutedConnects>, u64) {
+    let mut rows = Vec::new();
+    for s in v["services"].as_array().into_iter().flatten() {
+        for e in s["entries"].as_array().into_iter().flatten() {
+            rows.push(RoutedConnects {
+                service: s["name"].as_str().unwrap_or("?").to_string(),
+                subset: e["subset"].as_str().unwrap_or("?").to_string(),
+                endpoint: e["endpoint"].as_str().unwrap_or("?").to_string(),
+                connects: e["connects"].as_u64().unwrap_or(0),
+            });
         }
     }
-    let _ = writeln!(
-        o,
-        "# HELP sockmesh_kernel_routes_generation Generation of the kernel service tables.\n# TYPE sockmesh_kernel_routes_generation gauge"
-    );
-    let _ = writeln!(
-        o,
-        "sockmesh_kernel_routes_generation {}",
-        v["generation"].as_u64().unwrap_or(0)
-    );
+    (rows, v["generation"].as_u64().unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -288,12 +285,14 @@ mod tests {
 
     #[test]
     fn metrics_count_per_service_subset_and_endpoint() {
-        let mut o = String::new();
-        metrics(&mut o, &sample());
-        assert!(o.contains(
-            "sockmesh_kernel_routed_connects_total{service=\"db\",subset=\"v2\",endpoint=\"10.0.2.1:5432\"} 100"
-        ));
-        assert!(o.contains("sockmesh_kernel_routes_generation 7"));
+        let (rows, generation) = metric_rows(&sample());
+        assert!(rows.contains(&RoutedConnects {
+            service: "db".into(),
+            subset: "v2".into(),
+            endpoint: "10.0.2.1:5432".into(),
+            connects: 100,
+        }));
+        assert_eq!(generation, 7);
     }
 
     #[test]

@@ -30,6 +30,7 @@ mod selftest;
 mod state;
 mod status;
 mod sys;
+mod upgrade;
 
 use std::{
     path::{Path, PathBuf},
@@ -81,6 +82,19 @@ enum Cmd {
         /// Proxy worker threads; overrides `workers` (default: one per CPU).
         #[arg(long)]
         workers: Option<u32>,
+        /// Take over from the running daemon (found through the lock file) instead of starting
+        /// anew: `sockmesh upgrade` starts the new binary with this.
+        #[arg(long)]
+        upgrade: bool,
+    },
+    /// Upgrade the running daemon under load: start BINARY as the next generation, which takes
+    /// over the listeners (no connect is refused) while this one drains and exits. If the new
+    /// binary fails at any step, the running daemon keeps serving.
+    Upgrade {
+        #[arg(long)]
+        binary: PathBuf,
+        #[arg(long, default_value = config::DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
     },
     /// Capture a running pod's new connections.
     Enroll {
@@ -253,6 +267,7 @@ fn main() -> ExitCode {
             pin_dir,
             state_file,
             workers,
+            upgrade,
         } => {
             init_tracing();
             let overrides = Overrides {
@@ -262,6 +277,7 @@ fn main() -> ExitCode {
                 pin_dir,
                 state_file,
                 workers,
+                upgrade,
             };
             run(config.as_deref(), overrides)
         }
@@ -326,6 +342,19 @@ fn main() -> ExitCode {
             client(&admin_socket, admin::Request::Unenroll { name }, false)
         }
         Cmd::Status { json, admin_socket } => client(&admin_socket, admin::Request::Status, json),
+        Cmd::Upgrade { binary, admin_socket } => match upgrade::old::cli(&admin_socket, &binary) {
+            Ok(v) => {
+                println!(
+                    "upgraded: generation {} (pid {}) took over from generation {} (pid {}), which now drains",
+                    v["generation"], v["pid"], v["previous_generation"], v["previous_pid"]
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Stop {
             keep_state,
             admin_socket,
@@ -338,8 +367,10 @@ fn main() -> ExitCode {
             cni_conf_dir,
             cni_bin_dir,
         } => {
+            let code = uninstall(config.as_deref(), pin_dir, state_file, admin_socket);
             if let (Some(conf), Some(bin)) = (&cni_conf_dir, &cni_bin_dir) {
-                // The plugin first: no new pod should notify a daemon that is going away.
+                // The plugin after the daemon has stopped: a running agent's CNI config guard
+                // would chain it back. A pod created in between finds no daemon, and starts.
                 match cni_install::uninstall(bin, conf) {
                     Ok(done) => done.iter().for_each(|d| println!("{d}")),
                     Err(e) => {
@@ -348,7 +379,7 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            uninstall(config.as_deref(), pin_dir, state_file, admin_socket)
+            code
         }
         Cmd::CniInstall {
             plugin,
@@ -612,6 +643,7 @@ struct Overrides {
     pin_dir: Option<PathBuf>,
     state_file: Option<PathBuf>,
     workers: Option<u32>,
+    upgrade: bool,
 }
 
 fn run(config_path: Option<&Path>, o: Overrides) -> ExitCode {
@@ -622,6 +654,7 @@ fn run(config_path: Option<&Path>, o: Overrides) -> ExitCode {
         pin_dir,
         state_file,
         workers,
+        upgrade,
     } = o;
     // Config first: an invalid one exits 64 and attaches nothing.
     let text = match config_path {
@@ -685,7 +718,7 @@ fn run(config_path: Option<&Path>, o: Overrides) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match serve(cfg, root, mount) {
+    match serve(cfg, root, mount, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -760,7 +793,7 @@ fn preflight(root: &Path, mount: &Path) -> anyhow::Result<(Vec<(String, String)>
     Ok((checks, optional_off))
 }
 
-fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Result<()> {
+fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf, upgrade: bool) -> anyhow::Result<()> {
     let (mut checks, optional_off) = preflight(&root, &mount)?;
     // Every proxied connection costs two descriptors: take all the host allows.
     match sys::raise_nofile_limit() {
@@ -784,13 +817,25 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Resu
         cfg.acceleration.mode = config::AccelMode::Off;
         checks.push(("acceleration".into(), "off: kernel lacks sk_msg support".into()));
     }
-    // One daemon per pinned state: a second one would adopt the first one's links.
-    let _lock = sys::lock_file(&cfg.state_file.with_extension("lock")).with_context(|| {
-        format!(
-            "another sockmesh daemon owns {} (or its lock cannot be taken)",
-            cfg.pin_dir.display()
-        )
-    })?;
+    // One daemon per pinned state: a second one would adopt the first one's links. A
+    // successor (`--upgrade`) shares the running daemon's lock, passed with its listeners.
+    let inherited = if upgrade {
+        Some(upgrade::new::connect(&cfg.state_file)?)
+    } else {
+        None
+    };
+    let lock = match &inherited {
+        Some(i) => i.lock.try_clone()?,
+        None => sys::lock_file(&cfg.state_file.with_extension("lock")).with_context(|| {
+            format!(
+                "another sockmesh daemon owns {} (or its lock cannot be taken)",
+                cfg.pin_dir.display()
+            )
+        })?,
+    };
+    if inherited.is_none() {
+        upgrade::fresh_start(&cfg.state_file);
+    }
     if ebpf::has_pinned_state(&cfg.pin_dir) {
         match state::load(&cfg.state_file) {
             Ok(Some(st)) if st.cgroup_root == root => {}
@@ -819,7 +864,7 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf) -> anyhow::Resu
             "present".into()
         },
     ));
-    let result = serve_loaded(cfg, root, &mount, checks);
+    let result = serve_loaded(cfg, root, &mount, checks, &lock, inherited);
     // Leave the mount if anything is pinned in it (our kept state, or anybody else's).
     if mounted_bpffs
         && std::fs::read_dir(bpffs)
@@ -894,6 +939,8 @@ fn serve_loaded(
     root: PathBuf,
     mount: &Path,
     mut checks: Vec<(String, String)>,
+    lock: &std::fs::File,
+    inherited: Option<upgrade::new::Inherited>,
 ) -> anyhow::Result<()> {
     let opts = ebpf::KernelOptions {
         cgroup_root: &root,
@@ -907,7 +954,15 @@ fn serve_loaded(
         bpf_log: cfg.bpf_log,
         propagation: cfg.propagation,
     };
-    let mut kernel = ebpf::Kernel::load(&opts)?;
+    let mut kernel = match ebpf::Kernel::load(&opts) {
+        Ok(k) => k,
+        Err(e) => {
+            if let Some(i) = &inherited {
+                i.abort(&format!("loading the kernel state failed: {e:#}"));
+            }
+            return Err(e.into());
+        }
+    };
     let origin = kernel.origin;
     checks.push((
         "pinned state".into(),
@@ -922,6 +977,7 @@ fn serve_loaded(
     ));
     kernel.set_bypass(&cfg.bypass_cidrs, &cfg.bypass_ports)?;
     let accel = accel_selftest(&mut kernel, cfg.acceleration.mode, &checks)?;
+    upgrade::set_accelerated(accel.enabled);
     let mut pods = cfg.pods.clone();
     let mut resumed_routing = None;
     if origin == ebpf::Origin::Adopted {
@@ -949,6 +1005,7 @@ fn serve_loaded(
     }
     let metrics_addr = cfg.metrics_addr;
     let admin_path = cfg.admin_socket.clone();
+    let state_file = cfg.state_file.clone();
     let kubernetes = cfg.kubernetes.clone();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cfg.workers {
@@ -966,12 +1023,34 @@ fn serve_loaded(
         daemon.resume_routing(r);
     }
     daemon.write_kernel_routes();
+    // A successor: everything is ready to take over; wait for the running generation's go.
+    if let Some(i) = &inherited {
+        i.ready()?;
+    }
     let result = rt.block_on(async {
-        let admin = admin::bind(&admin_path)
-            .with_context(|| format!("failed to bind the admin socket {}", admin_path.display()))?;
-        let metrics = tokio::net::TcpListener::bind(metrics_addr)
-            .await
-            .with_context(|| format!("failed to bind the metrics endpoint {metrics_addr}"))?;
+        // Handlers first: a successor is signalled as soon as it serves (before it would
+        // reach the wait below, SIGTERM would kill it without the shutdown).
+        let signals = signals()?;
+        let (admin, metrics) = match &inherited {
+            Some(i) => {
+                let a = std::os::unix::net::UnixListener::from(i.admin.try_clone()?);
+                a.set_nonblocking(true)?;
+                let m = std::net::TcpListener::from(i.metrics.try_clone()?);
+                m.set_nonblocking(true)?;
+                (tokio::net::UnixListener::from_std(a)?, tokio::net::TcpListener::from_std(m)?)
+            }
+            None => (
+                admin::bind(&admin_path)
+                    .with_context(|| format!("failed to bind the admin socket {}", admin_path.display()))?,
+                tokio::net::TcpListener::bind(metrics_addr)
+                    .await
+                    .with_context(|| format!("failed to bind the metrics endpoint {metrics_addr}"))?,
+            ),
+        };
+        let handoff_fds = (
+            std::os::fd::AsFd::as_fd(&admin).try_clone_to_owned()?,
+            std::os::fd::AsFd::as_fd(&metrics).try_clone_to_owned()?,
+        );
         info!(admin = %admin_path.display(), metrics = %metrics.local_addr()?, root = %root.display(), workers, "sockmesh running");
         if origin == ebpf::Origin::Adopted {
             let skipped = daemon.adopt(pods);
@@ -991,8 +1070,22 @@ fn serve_loaded(
         unsafe {
             libc::malloc_trim(0);
         }
-        tokio::spawn(admin::serve(admin, daemon.clone()));
-        tokio::spawn(metrics::serve(metrics, daemon.clone()));
+        let admin_task = tokio::spawn(admin::serve(admin, daemon.clone()));
+        let metrics_task = tokio::spawn(metrics::serve(metrics, daemon.clone()));
+        upgrade::old::stop_on_handoff(vec![admin_task.abort_handle(), metrics_task.abort_handle()]);
+        if let Some(i) = inherited {
+            i.started(daemon.clone())?;
+        }
+        // Listen for the next generation (per-generation rendezvous, advertised in the lock).
+        if let Err(e) = upgrade::old::listen(upgrade::old::Ctx {
+            daemon: daemon.clone(),
+            state_file,
+            lock: lock.try_clone()?,
+            admin: handoff_fds.0,
+            metrics: handoff_fds.1,
+        }) {
+            warn!("upgrades unavailable: the rendezvous socket failed: {e}");
+        }
         tokio::spawn(daemon.clone().forward_bpf_logs());
         tokio::spawn(daemon.clone().kernel_health_loop());
         if let Some(k) = &kubernetes {
@@ -1002,9 +1095,14 @@ fn serve_loaded(
         // A DaemonSet pod gets SIGTERM on every rolling update: capture and state stay.
         let sigterm_keeps_state = kubernetes.as_ref().is_some_and(|k| k.sigterm_keeps_state);
         let keep_state = tokio::select! {
-            r = wait_for_signal() => { r?; sigterm_keeps_state }
+            r = wait_for_signal(signals) => { r?; sigterm_keeps_state }
             keep = daemon.stop_requested() => keep,
         };
+        if upgrade::old::handed_off() {
+            // The successor serves admin and metrics on the same sockets now.
+            admin_task.abort();
+            metrics_task.abort();
+        }
         if keep_state {
             info!("stopping, keeping pinned state for the next daemon");
         } else {
@@ -1013,7 +1111,14 @@ fn serve_loaded(
         daemon.shutdown(keep_state).await;
         anyhow::Ok(())
     });
-    let _ = std::fs::remove_file(daemon.admin_socket());
+    upgrade::old::finish();
+    if upgrade::old::handed_off() {
+        // Answers in flight (the `upgrade` request's own) get written before the runtime goes.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if upgrade::owns_admin_socket() {
+        let _ = std::fs::remove_file(daemon.admin_socket());
+    }
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     // Dropping the daemon drops the kernel handle: unpinned links detach now.
     drop(daemon);
@@ -1124,10 +1229,14 @@ fn cni_install_cmd(
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+fn signals() -> anyhow::Result<Signals> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    Ok((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+}
+
+async fn wait_for_signal((mut term, mut int): Signals) -> anyhow::Result<()> {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},

@@ -1,24 +1,44 @@
-//! Prometheus text exposition on a small HTTP/1.0 responder (`GET /metrics`, `GET /healthz`).
-//! Requests are read with a size and time limit; anything else gets 400/404.
+//! Prometheus metrics through the `prometheus-client` crate: one [`Collector`] encodes the
+//! daemon's snapshots at scrape time (OpenMetrics text), on a small HTTP/1.0 responder
+//! (`GET /metrics`, `GET /healthz`, `GET /ready`). Requests are read with a size and time
+//! limit; anything else gets 400/404.
 
-use std::{fmt::Write as _, sync::Arc, time::Duration};
+use std::{
+    fmt::{self, Write as _},
+    sync::Arc,
+    time::Duration,
+};
 
+use prometheus_client::{
+    collector::Collector,
+    encoding::{
+        DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
+        LabelValueEncoder, MetricEncoder, NoLabelSet,
+    },
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
 
-use crate::{daemon::Daemon, l7::L7Shared, routing::stats::LATENCY_BUCKETS};
+use crate::{
+    daemon::{Daemon, MetricsSnapshot},
+    l7::L7Shared,
+    routing::stats::LATENCY_BUCKETS,
+};
 
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(l: TcpListener, daemon: Arc<Daemon>) {
+    let registry = Arc::new(registry(daemon));
     loop {
         let Ok((mut s, _)) = l.accept().await else {
             continue;
         };
-        let daemon = daemon.clone();
+        let registry = registry.clone();
         tokio::spawn(async move {
             let mut head = Vec::with_capacity(1024);
             let mut buf = [0u8; 1024];
@@ -38,12 +58,12 @@ pub async fn serve(l: TcpListener, daemon: Arc<Daemon>) {
                 }
             })
             .await;
-            let (code, body) = match complete {
-                Ok(Some(())) => route(&head, &daemon),
-                _ => ("400 Bad Request", "bad request\n".to_string()),
+            let (code, content_type, body) = match complete {
+                Ok(Some(())) => route(&head, &registry),
+                _ => ("400 Bad Request", TEXT, "bad request\n".to_string()),
             };
             let resp = format!(
-                "HTTP/1.0 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.0 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = s.write_all(resp.as_bytes()).await;
@@ -52,19 +72,21 @@ pub async fn serve(l: TcpListener, daemon: Arc<Daemon>) {
     }
 }
 
-fn route(head: &[u8], daemon: &Daemon) -> (&'static str, String) {
+const TEXT: &str = "text/plain; charset=utf-8";
+
+fn route(head: &[u8], registry: &Registry) -> (&'static str, &'static str, String) {
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
     match (parts.next(), parts.next()) {
-        (Some("GET"), Some("/metrics")) => ("200 OK", render(daemon)),
-        (Some("GET"), Some("/healthz")) => ("200 OK", "ok\n".into()),
+        (Some("GET"), Some("/metrics")) => ("200 OK", CONTENT_TYPE, render(registry)),
+        (Some("GET"), Some("/healthz")) => ("200 OK", TEXT, "ok\n".into()),
         (Some("GET"), Some("/ready")) if READY.load(std::sync::atomic::Ordering::Relaxed) => {
-            ("200 OK", "ready\n".into())
+            ("200 OK", TEXT, "ready\n".into())
         }
-        (Some("GET"), Some("/ready")) => ("503 Service Unavailable", "starting\n".into()),
-        (Some(_), Some(_)) => ("404 Not Found", "not found\n".into()),
-        _ => ("400 Bad Request", "bad request\n".into()),
+        (Some("GET"), Some("/ready")) => ("503 Service Unavailable", TEXT, "starting\n".into()),
+        (Some(_), Some(_)) => ("404 Not Found", TEXT, "not found\n".into()),
+        _ => ("400 Bad Request", TEXT, "bad request\n".into()),
     }
 }
 
@@ -80,141 +102,331 @@ fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-pub fn render(daemon: &Daemon) -> String {
-    let m = daemon.metrics_snapshot();
+/// `/metrics`: OpenMetrics text (the crate's only text format); Prometheus negotiates it.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A label value, escaped (the crate writes label values as they are).
+struct Esc<'a>(&'a str);
+
+impl EncodeLabelValue for Esc<'_> {
+    fn encode(&self, e: &mut LabelValueEncoder) -> fmt::Result {
+        e.write_str(&label(self.0))
+    }
+}
+
+/// A label value already escaped (from the text families of links.rs).
+struct Raw<'a>(&'a str);
+
+impl EncodeLabelValue for Raw<'_> {
+    fn encode(&self, e: &mut LabelValueEncoder) -> fmt::Result {
+        e.write_str(self.0)
+    }
+}
+
+type Labels<'a> = Vec<(&'static str, Esc<'a>)>;
+
+/// One counter family (`name` ends in `_total`: the crate writes the suffix itself, and the
+/// family name without it, as OpenMetrics wants).
+fn counter<'a, L: EncodeLabelSet + 'a>(
+    d: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let base = name.strip_suffix("_total").unwrap_or(name);
+    let mut m = d.encode_descriptor(base, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn counter1(d: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
+    let base = name.strip_suffix("_total").unwrap_or(name);
+    ConstCounter::new(v).encode(d.encode_descriptor(base, help, None, MetricType::Counter)?)
+}
+
+fn gauge<'a, L: EncodeLabelSet + 'a, V: EncodeGaugeValue + fmt::Debug>(
+    d: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L, V)>,
+) -> fmt::Result {
+    let mut m = d.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge1<V: EncodeGaugeValue + fmt::Debug>(
+    d: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: V,
+) -> fmt::Result {
+    ConstGauge::new(v).encode(d.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+/// Everything one scrape reads, taken from the daemon at scrape time (no second bookkeeping).
+pub struct Scrape<'a> {
+    pub daemon: MetricsSnapshot,
+    pub l7: &'a L7Shared,
+    /// Kernel-routed connects and the table generation ([`crate::kroute::metric_rows`]).
+    pub kernel_routes: (Vec<crate::kroute::RoutedConnects>, u64),
+    /// The families links.rs (`Daemon::render_links`) still renders as text; re-encoded
+    /// through the crate by [`encode_text_families`].
+    pub text: String,
+}
+
+/// The daemon's metrics, collected at every scrape.
+struct DaemonCollector(Arc<Daemon>);
+
+impl fmt::Debug for DaemonCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DaemonCollector")
+    }
+}
+
+impl Collector for DaemonCollector {
+    fn encode(&self, mut d: DescriptorEncoder) -> fmt::Result {
+        let daemon = &self.0;
+        let mut text = String::new();
+        daemon.render_links(&mut text);
+        encode_scrape(
+            &mut d,
+            &Scrape {
+                daemon: daemon.metrics_snapshot(),
+                l7: daemon.l7(),
+                kernel_routes: crate::kroute::metric_rows(&daemon.kernel_routes()),
+                text,
+            },
+        )
+    }
+}
+
+/// The registry `/metrics` encodes: one collector reading the daemon.
+pub fn registry(daemon: Arc<Daemon>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(DaemonCollector(daemon)));
+    r
+}
+
+/// The exposition of a registry (OpenMetrics text, `# EOF` last).
+pub fn render(r: &Registry) -> String {
     let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "# HELP sockmesh_pods_enrolled Pods currently enrolled.\n# TYPE sockmesh_pods_enrolled gauge"
-    );
-    let _ = writeln!(o, "sockmesh_pods_enrolled {}", m.pods.len());
-    let _ = writeln!(o, "# HELP sockmesh_connections_total Connections proxied, per pod.\n# TYPE sockmesh_connections_total counter");
-    for p in &m.pods {
-        let _ = writeln!(
-            o,
-            "sockmesh_connections_total{{pod=\"{}\"}} {}",
-            label(&p.name),
-            p.connections_total
-        );
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut o, r) {
+        tracing::warn!("metrics encoding failed: {e}");
     }
-    let _ = writeln!(o, "# HELP sockmesh_connections_active Connections open now, per pod.\n# TYPE sockmesh_connections_active gauge");
-    for p in &m.pods {
-        let _ = writeln!(
-            o,
-            "sockmesh_connections_active{{pod=\"{}\"}} {}",
-            label(&p.name),
-            p.connections_active
-        );
-    }
-    let _ = writeln!(o, "# HELP sockmesh_bytes_total Bytes relayed, per pod and direction.\n# TYPE sockmesh_bytes_total counter");
-    for p in &m.pods {
-        let n = label(&p.name);
-        let _ = writeln!(
-            o,
-            "sockmesh_bytes_total{{pod=\"{n}\",direction=\"upstream\"}} {}",
-            p.bytes_upstream
-        );
-        let _ = writeln!(
-            o,
-            "sockmesh_bytes_total{{pod=\"{n}\",direction=\"downstream\"}} {}",
-            p.bytes_downstream
-        );
-    }
-    let _ = writeln!(
-        o,
-        "# HELP sockmesh_propagation_available Kernel colour propagation is attached (1) or unavailable (0).\n# TYPE sockmesh_propagation_available gauge"
-    );
-    let _ = writeln!(
-        o,
-        "sockmesh_propagation_available {}",
-        u8::from(m.propagation_available)
-    );
-    let _ = writeln!(o, "# HELP sockmesh_kernel_events_total Kernel hook outcomes by reason.\n# TYPE sockmesh_kernel_events_total counter");
-    for (r, v) in &m.kernel {
-        let _ = writeln!(o, "sockmesh_kernel_events_total{{reason=\"{r}\"}} {v}");
-    }
-    let _ = writeln!(o, "# HELP sockmesh_proxy_errors_total Connections the proxy dropped, by reason.\n# TYPE sockmesh_proxy_errors_total counter");
-    for (r, v) in &m.errors {
-        let _ = writeln!(o, "sockmesh_proxy_errors_total{{reason=\"{r}\"}} {v}");
-    }
-    let _ = writeln!(o, "# HELP sockmesh_admin_errors_total Admin requests refused, by reason.\n# TYPE sockmesh_admin_errors_total counter");
-    for (r, v) in &m.admin_errors {
-        let _ = writeln!(o, "sockmesh_admin_errors_total{{reason=\"{r}\"}} {v}");
-    }
-    render_l7(&mut o, daemon.l7());
-    daemon.render_links(&mut o);
-    crate::kroute::metrics(&mut o, &daemon.kernel_routes());
     o
 }
 
+pub fn encode_scrape(d: &mut DescriptorEncoder, s: &Scrape) -> fmt::Result {
+    let m = &s.daemon;
+    fn pod(p: &crate::daemon::PodMetrics) -> Labels<'_> {
+        vec![("pod", Esc(&p.name))]
+    }
+    gauge1(
+        d,
+        "sockmesh_pods_enrolled",
+        "Pods currently enrolled.",
+        m.pods.len() as u64,
+    )?;
+    counter(
+        d,
+        "sockmesh_connections_total",
+        "Connections proxied, per pod.",
+        m.pods.iter().map(|p| (pod(p), p.connections_total)),
+    )?;
+    gauge(
+        d,
+        "sockmesh_connections_active",
+        "Connections open now, per pod.",
+        m.pods.iter().map(|p| (pod(p), p.connections_active)),
+    )?;
+    counter(
+        d,
+        "sockmesh_bytes_total",
+        "Bytes relayed, per pod and direction.",
+        m.pods.iter().flat_map(|p| {
+            [
+                (
+                    vec![("pod", Esc(&p.name)), ("direction", Esc("upstream"))],
+                    p.bytes_upstream,
+                ),
+                (
+                    vec![("pod", Esc(&p.name)), ("direction", Esc("downstream"))],
+                    p.bytes_downstream,
+                ),
+            ]
+        }),
+    )?;
+    gauge1(
+        d,
+        "sockmesh_propagation_available",
+        "Kernel colour propagation is attached (1) or unavailable (0).",
+        u64::from(m.propagation_available),
+    )?;
+    let by_reason = |rows: &[(&'static str, u64)]| -> Vec<(Labels<'static>, u64)> {
+        rows.iter().map(|(r, v)| (vec![("reason", Esc(r))], *v)).collect()
+    };
+    counter(
+        d,
+        "sockmesh_kernel_events_total",
+        "Kernel hook outcomes by reason.",
+        by_reason(&m.kernel),
+    )?;
+    counter(
+        d,
+        "sockmesh_proxy_errors_total",
+        "Connections the proxy dropped, by reason.",
+        by_reason(&m.errors),
+    )?;
+    counter(
+        d,
+        "sockmesh_admin_errors_total",
+        "Admin requests refused, by reason.",
+        by_reason(&m.admin_errors),
+    )?;
+    encode_k8s(d)?;
+    encode_l7(d, s.l7)?;
+    encode_text_families(d, &s.text)?;
+    let (connects, generation) = &s.kernel_routes;
+    counter(
+        d,
+        "sockmesh_kernel_routed_connects_total",
+        "Connects routed inside connect() to an endpoint.",
+        connects.iter().map(|c| {
+            (
+                vec![
+                    ("service", Esc(&c.service)),
+                    ("subset", Esc(&c.subset)),
+                    ("endpoint", Esc(&c.endpoint)),
+                ],
+                c.connects,
+            )
+        }),
+    )?;
+    gauge1(
+        d,
+        "sockmesh_kernel_routes_generation",
+        "Generation of the kernel service tables.",
+        *generation,
+    )
+}
+
+/// The Kubernetes integration's counters (zero without `[kubernetes]`).
+fn encode_k8s(d: &mut DescriptorEncoder) -> fmt::Result {
+    use std::sync::atomic::Ordering::Relaxed;
+    let k = &crate::k8s::STATS;
+    counter(
+        d,
+        "sockmesh_k8s_cni_add_total",
+        "CNI ADDs by outcome: enrolled during ADD (opt-in annotation), not_selected (left to discovery), failed (opted in but refused; discovery retries).",
+        [
+            ("enrolled", &k.add_enrolled),
+            ("not_selected", &k.add_not_selected),
+            ("failed", &k.add_failed),
+        ]
+        .map(|(r, v)| (vec![("result", Esc(r))], v.load(Relaxed))),
+    )?;
+    counter1(
+        d,
+        "sockmesh_k8s_cni_rechained_total",
+        "Times the node's CNI config lost sockmesh-cni and the agent chained it back.",
+        k.cni_rechained.load(Relaxed),
+    )?;
+    counter1(
+        d,
+        "sockmesh_k8s_cni_check_errors_total",
+        "Checks of the node's CNI config that could not read, parse or write it.",
+        k.cni_rechain_errors.load(Relaxed),
+    )
+}
+
 /// Per-route request metrics of the live policy and protocol errors.
-fn render_l7(o: &mut String, l7: &L7Shared) {
+fn encode_l7(d: &mut DescriptorEncoder, l7: &L7Shared) -> fmt::Result {
     let policy = l7.router.current();
     let stats: Vec<_> = policy.stats().iter().map(|s| s.view()).collect();
-    let labels = |s: &crate::routing::RouteStatsView| {
-        format!(
-            "service=\"{}\",route=\"{}\",subset=\"{}\"",
-            label(&s.service),
-            label(&s.route),
-            label(&s.subset)
-        )
-    };
-    let _ = writeln!(o, "# HELP sockmesh_routing_policy_generation Policies applied since start (0: the config file's).\n# TYPE sockmesh_routing_policy_generation gauge");
-    let _ = writeln!(o, "sockmesh_routing_policy_generation {}", policy.generation());
-    let _ = writeln!(o, "# HELP sockmesh_requests_total Requests routed (opaque TCP: connections), per service, route and subset.\n# TYPE sockmesh_requests_total counter");
+    fn route(s: &crate::routing::RouteStatsView) -> Labels<'_> {
+        vec![
+            ("service", Esc(&s.service)),
+            ("route", Esc(&s.route)),
+            ("subset", Esc(&s.subset)),
+        ]
+    }
+    gauge1(
+        d,
+        "sockmesh_routing_policy_generation",
+        "Policies applied since start (0: the config file's).",
+        policy.generation(),
+    )?;
+    counter(
+        d,
+        "sockmesh_requests_total",
+        "Requests routed (opaque TCP: connections), per service, route and subset.",
+        stats.iter().map(|s| (route(s), s.requests)),
+    )?;
+    counter(
+        d,
+        "sockmesh_request_failures_total",
+        "Requests the proxy answered for or closed, by reason.",
+        stats.iter().flat_map(|s| {
+            s.failures.iter().map(move |(r, v)| {
+                let mut l = route(s);
+                l.push(("reason", Esc(r)));
+                (l, *v)
+            })
+        }),
+    )?;
+    counter(
+        d,
+        "sockmesh_request_retries_total",
+        "Extra attempts made for requests.",
+        stats.iter().map(|s| (route(s), s.retries)),
+    )?;
+    let mut h = d.encode_descriptor(
+        "sockmesh_request_duration_seconds",
+        "Time from request to response (opaque TCP: connection lifetime).",
+        None,
+        MetricType::Histogram,
+    )?;
     for s in &stats {
-        let _ = writeln!(o, "sockmesh_requests_total{{{}}} {}", labels(s), s.requests);
+        // The crate sums per-bucket counts; the view holds cumulative ones.
+        let mut prev = 0;
+        let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS
+            .iter()
+            .zip(&s.latency_buckets)
+            .map(|(le, n)| {
+                let b = (*le, n.saturating_sub(prev));
+                prev = *n;
+                b
+            })
+            .collect();
+        buckets.push((f64::MAX, s.requests.saturating_sub(prev)));
+        h.encode_family(&route(s))?.encode_histogram::<NoLabelSet>(
+            s.latency_sum_seconds,
+            s.requests,
+            &buckets,
+            None,
+        )?;
     }
-    let _ = writeln!(o, "# HELP sockmesh_request_failures_total Requests the proxy answered for or closed, by reason.\n# TYPE sockmesh_request_failures_total counter");
-    for s in &stats {
-        for (r, v) in &s.failures {
-            let _ = writeln!(
-                o,
-                "sockmesh_request_failures_total{{{},reason=\"{}\"}} {v}",
-                labels(s),
-                label(r)
-            );
-        }
-    }
-    let _ = writeln!(o, "# HELP sockmesh_request_retries_total Extra attempts made for requests.\n# TYPE sockmesh_request_retries_total counter");
-    for s in &stats {
-        let _ = writeln!(o, "sockmesh_request_retries_total{{{}}} {}", labels(s), s.retries);
-    }
-    let _ = writeln!(o, "# HELP sockmesh_request_duration_seconds Time from request to response (opaque TCP: connection lifetime).\n# TYPE sockmesh_request_duration_seconds histogram");
-    for s in &stats {
-        let l = labels(s);
-        for (le, n) in LATENCY_BUCKETS.iter().zip(&s.latency_buckets) {
-            let _ = writeln!(
-                o,
-                "sockmesh_request_duration_seconds_bucket{{{l},le=\"{le}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            o,
-            "sockmesh_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}",
-            s.requests
-        );
-        let _ = writeln!(
-            o,
-            "sockmesh_request_duration_seconds_sum{{{l}}} {}",
-            s.latency_sum_seconds
-        );
-        let _ = writeln!(o, "sockmesh_request_duration_seconds_count{{{l}}} {}", s.requests);
-    }
-    render_colours(o, &policy);
-    let _ = writeln!(o, "# HELP sockmesh_protocol_errors_total Bad input and routing failures per protocol, by reason.\n# TYPE sockmesh_protocol_errors_total counter");
-    for ((p, r), v) in l7.errors.snapshot() {
-        let _ = writeln!(
-            o,
-            "sockmesh_protocol_errors_total{{protocol=\"{p}\",reason=\"{r}\"}} {v}"
-        );
-    }
+    encode_colours(d, &policy)?;
+    counter(
+        d,
+        "sockmesh_protocol_errors_total",
+        "Bad input and routing failures per protocol, by reason.",
+        l7.errors
+            .snapshot()
+            .into_iter()
+            .map(|((p, r), v)| (vec![("protocol", Esc(p)), ("reason", Esc(r))], v)),
+    )
 }
 
 /// Colour counters (only when the policy defines colours).
-fn render_colours(o: &mut String, policy: &crate::routing::Policy) {
+fn encode_colours(d: &mut DescriptorEncoder, policy: &crate::routing::Policy) -> fmt::Result {
     if !policy.colouring() {
-        return;
+        return Ok(());
     }
     let v = policy.colour_stats().view();
     let per = [
@@ -235,47 +447,238 @@ fn render_colours(o: &mut String, policy: &crate::routing::Policy) {
         ),
     ];
     for (name, help, which) in per {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
-        for c in &v.per_service {
-            let n = [c.requests, c.fallbacks, c.unavailable][which];
-            let _ = writeln!(
-                o,
-                "{name}{{service=\"{}\",colour=\"{}\"}} {n}",
-                label(&c.service),
-                label(&c.colour)
-            );
+        counter(
+            d,
+            name,
+            help,
+            v.per_service.iter().map(|c| {
+                (
+                    vec![("service", Esc(&c.service)), ("colour", Esc(&c.colour))],
+                    [c.requests, c.fallbacks, c.unavailable][which],
+                )
+            }),
+        )?;
+    }
+    counter(
+        d,
+        "sockmesh_colour_source_total",
+        "Requests by where their colour came from (none: base).",
+        v.by_source
+            .iter()
+            .map(|(src, n)| (vec![("source", Esc(src))], *n)),
+    )?;
+    counter1(
+        d,
+        "sockmesh_colour_stripped_total",
+        "Colour headers dropped because the request came from outside the mesh.",
+        v.stripped,
+    )?;
+    counter1(
+        d,
+        "sockmesh_colour_invalid_total",
+        "Colour headers from inside the mesh that named no colour (ignored).",
+        v.invalid,
+    )
+}
+
+/// One family of the classic text format: `# HELP`, `# TYPE`, then its samples.
+#[derive(Debug, Default)]
+struct TextFamily<'a> {
+    name: &'a str,
+    help: &'a str,
+    kind: &'a str,
+    /// (label pairs with their values still escaped, value)
+    samples: Vec<(Vec<(&'a str, &'a str)>, &'a str)>,
+}
+
+/// `k="v",k2="v2"` with escaped values; `None` when malformed.
+fn parse_labels(s: &str) -> Option<Vec<(&str, &str)>> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while !rest.is_empty() {
+        let (k, after) = rest.split_once("=\"")?;
+        let bytes = after.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() && bytes[i] != b'"' {
+            i += if bytes[i] == b'\\' { 2 } else { 1 };
+        }
+        if i >= bytes.len() {
+            return None;
+        }
+        out.push((k.trim_start_matches(',').trim(), &after[..i]));
+        rest = after[i + 1..].trim_start_matches(',');
+    }
+    Some(out)
+}
+
+fn parse_text_families(text: &str) -> Vec<TextFamily<'_>> {
+    let mut fams: Vec<TextFamily> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            fams.push(TextFamily {
+                name,
+                help,
+                ..Default::default()
+            });
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            match fams.last_mut() {
+                Some(f) if f.name == name => f.kind = kind,
+                _ => fams.push(TextFamily {
+                    name,
+                    kind,
+                    ..Default::default()
+                }),
+            }
+        } else if !line.starts_with('#') && !line.trim().is_empty() {
+            let (series, value) = line.rsplit_once(' ').unwrap_or((line, ""));
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n, parse_labels(l.strip_suffix('}').unwrap_or(l))),
+                None => (series, Some(vec![])),
+            };
+            match (fams.last_mut(), labels) {
+                (Some(f), Some(labels)) if f.name == name => f.samples.push((labels, value)),
+                _ => tracing::warn!("metrics: dropped a sample outside its family: {line}"),
+            }
         }
     }
-    let _ = writeln!(o, "# HELP sockmesh_colour_source_total Requests by where their colour came from (none: base).\n# TYPE sockmesh_colour_source_total counter");
-    for (src, n) in &v.by_source {
-        let _ = writeln!(o, "sockmesh_colour_source_total{{source=\"{src}\"}} {n}");
+    fams
+}
+
+/// Re-encode counter and gauge families rendered as classic text through the crate (names,
+/// labels and values as they were).
+fn encode_text_families(d: &mut DescriptorEncoder, text: &str) -> fmt::Result {
+    for f in parse_text_families(text) {
+        let kind = match f.kind {
+            "counter" => MetricType::Counter,
+            "gauge" => MetricType::Gauge,
+            _ => MetricType::Unknown,
+        };
+        let name = match kind {
+            MetricType::Counter => f.name.strip_suffix("_total").unwrap_or(f.name),
+            _ => f.name,
+        };
+        let m = d.encode_descriptor(name, f.help, None, kind)?;
+        let value = |enc: MetricEncoder, value: &str| -> fmt::Result {
+            match (kind, value.parse::<u64>(), value.parse::<f64>()) {
+                (MetricType::Counter, Ok(v), _) => ConstCounter::new(v).encode(enc),
+                (MetricType::Counter, _, Ok(v)) => ConstCounter::new(v).encode(enc),
+                (_, Ok(v), _) => ConstGauge::new(v as i64).encode(enc),
+                (_, _, Ok(v)) => ConstGauge::new(v).encode(enc),
+                _ => {
+                    tracing::warn!("metrics: `{value}` of {} is not a number", f.name);
+                    Ok(())
+                }
+            }
+        };
+        match f.samples.as_slice() {
+            [(labels, v)] if labels.is_empty() => value(m, v)?,
+            samples => {
+                let mut m = m;
+                for (labels, v) in samples {
+                    let labels: Vec<(&str, Raw)> = labels.iter().map(|(k, v)| (*k, Raw(v))).collect();
+                    value(m.encode_family(&labels)?, v)?;
+                }
+            }
+        }
     }
-    let _ = writeln!(o, "# HELP sockmesh_colour_stripped_total Colour headers dropped because the request came from outside the mesh.\n# TYPE sockmesh_colour_stripped_total counter");
-    let _ = writeln!(o, "sockmesh_colour_stripped_total {}", v.stripped);
-    let _ = writeln!(o, "# HELP sockmesh_colour_invalid_total Colour headers from inside the mesh that named no colour (ignored).\n# TYPE sockmesh_colour_invalid_total counter");
-    let _ = writeln!(o, "sockmesh_colour_invalid_total {}", v.invalid);
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::{compile, parse_toml, Outcome, Router};
 
-    #[test]
-    fn route_metrics_are_labelled_and_cumulative() {
-        use crate::routing::{compile, parse_toml, Outcome, Router};
+    /// A collector over owned test data: what `DaemonCollector` reads from a daemon.
+    struct Fixture {
+        l7: L7Shared,
+        text: String,
+    }
+
+    impl fmt::Debug for Fixture {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("Fixture")
+        }
+    }
+
+    impl Collector for Fixture {
+        fn encode(&self, mut d: DescriptorEncoder) -> fmt::Result {
+            let daemon = MetricsSnapshot {
+                pods: vec![crate::daemon::PodMetrics {
+                    name: "11111111-2222-3333-4444-555555555555".into(),
+                    connections_total: 3,
+                    connections_active: 1,
+                    bytes_upstream: 120,
+                    bytes_downstream: 4096,
+                }],
+                kernel: vec![("connect_captured", 7), ("connect_bypassed", 2)],
+                errors: vec![("upstream_refused", 1)],
+                admin_errors: vec![("bad_name", 4)],
+                propagation_available: true,
+            };
+            encode_scrape(
+                &mut d,
+                &Scrape {
+                    daemon,
+                    l7: &self.l7,
+                    kernel_routes: crate::kroute::metric_rows(&serde_json::json!({
+                        "generation": 7,
+                        "services": [{"name": "db", "entries": [
+                            {"subset": "v2", "endpoint": "10.0.2.1:5432", "connects": 100}]}]
+                    })),
+                    text: self.text.clone(),
+                },
+            )
+        }
+    }
+
+    fn scrape(l7: L7Shared, text: String) -> String {
+        let mut r = Registry::default();
+        r.register_collector(Box::new(Fixture { l7, text }));
+        render(&r)
+    }
+
+    /// The value of `name{labels}` (labels in any order), as the test harness's `prom_value`
+    /// reads it.
+    fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let (lp, v) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once('}')?,
+                None if rest.starts_with(' ') => ("", rest),
+                None => return None,
+            };
+            labels
+                .iter()
+                .all(|(k, v)| lp.split(',').any(|p| p.trim() == format!("{k}=\"{v}\"")))
+                .then(|| v.split_whitespace().next()?.parse().ok())?
+        })
+    }
+
+    fn orders() -> L7Shared {
         let raw = parse_toml(
             r#"
             [[services]]
             name = "orders"
             addresses = ["10.96.0.10:80"]
             endpoints = [{ address = "10.0.0.1:80", labels = { version = "v1" } }]
+            [[colours]]
+            name = "gray"
+            id = 1
             "#,
         )
         .unwrap();
-        let l7 = L7Shared {
+        L7Shared {
             router: Router::new(compile(raw).unwrap()),
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn route_metrics_are_labelled_and_cumulative() {
+        let l7 = orders();
         let d = l7
             .router
             .current()
@@ -284,25 +687,236 @@ mod tests {
         d.stats.record(Outcome::Answered, Duration::from_millis(2));
         d.stats.record(Outcome::Failed("timeout"), Duration::from_secs(1));
         l7.errors.count("bolt", "bad_magic");
-        let mut o = String::new();
-        render_l7(&mut o, &l7);
-        let l = r#"service="orders",route="default",subset="all""#;
-        for want in [
-            format!("sockmesh_requests_total{{{l}}} 2"),
-            format!("sockmesh_request_failures_total{{{l},reason=\"timeout\"}} 1"),
-            format!("sockmesh_request_duration_seconds_bucket{{{l},le=\"0.0025\"}} 1"),
-            format!("sockmesh_request_duration_seconds_bucket{{{l},le=\"1\"}} 2"),
-            format!("sockmesh_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} 2"),
-            format!("sockmesh_request_duration_seconds_count{{{l}}} 2"),
-            "sockmesh_protocol_errors_total{protocol=\"bolt\",reason=\"bad_magic\"} 1".to_string(),
-            "sockmesh_routing_policy_generation 0".to_string(),
+        let o = scrape(l7, String::new());
+        let r = [("service", "orders"), ("route", "default"), ("subset", "all")];
+        let with = |extra: &[(&'static str, &'static str)]| [&r[..], extra].concat();
+        for (name, labels, want) in [
+            ("sockmesh_requests_total", with(&[]), 2.0),
+            (
+                "sockmesh_request_failures_total",
+                with(&[("reason", "timeout")]),
+                1.0,
+            ),
+            (
+                "sockmesh_request_duration_seconds_bucket",
+                with(&[("le", "0.0025")]),
+                1.0,
+            ),
+            (
+                "sockmesh_request_duration_seconds_bucket",
+                with(&[("le", "1.0")]),
+                2.0,
+            ),
+            (
+                "sockmesh_request_duration_seconds_bucket",
+                with(&[("le", "+Inf")]),
+                2.0,
+            ),
+            ("sockmesh_request_duration_seconds_count", with(&[]), 2.0),
+            ("sockmesh_request_duration_seconds_sum", with(&[]), 1.002),
+            (
+                "sockmesh_protocol_errors_total",
+                vec![("protocol", "bolt"), ("reason", "bad_magic")],
+                1.0,
+            ),
+            ("sockmesh_routing_policy_generation", vec![], 0.0),
         ] {
-            assert!(o.lines().any(|x| x == want), "missing `{want}` in\n{o}");
+            assert_eq!(value(&o, name, &labels), Some(want), "{name}{labels:?} in\n{o}");
+        }
+        let o: String = o
+            .lines()
+            .filter(|x| x.contains(r#"service="orders""#))
+            .map(|x| format!("{x}\n"))
+            .collect();
+        // Every bucket bound is kept, and the counts never go down.
+        let buckets: Vec<f64> = o
+            .lines()
+            .filter(|x| x.starts_with("sockmesh_request_duration_seconds_bucket"))
+            .map(|x| x.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(buckets.len(), LATENCY_BUCKETS.len() + 1, "{o}");
+        assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{o}");
+    }
+
+    /// The whole exposition parses as OpenMetrics: every sample belongs to a family declared
+    /// with `# TYPE` before it (counter samples end in `_total`, histogram samples in
+    /// `_bucket`/`_sum`/`_count`), `# EOF` ends it, and every metric name the tests and the
+    /// Grafana dashboard read is there with its value.
+    #[test]
+    fn full_exposition_parses_and_keeps_the_names() {
+        let l7 = orders();
+        let d = l7
+            .router
+            .current()
+            .route_tcp("10.96.0.10:80".parse().unwrap())
+            .unwrap();
+        d.stats.record(Outcome::Answered, Duration::from_millis(2));
+        l7.errors.count("http1", "bad_request");
+        let mut text = String::new();
+        // What links.rs renders for one link (daemon.rs `render_links`).
+        text.push_str(
+            "# HELP sockmesh_link_state Each link's state on this node (1 for the current one).\n\
+             # TYPE sockmesh_link_state gauge\n\
+             sockmesh_link_state{link=\"a\",state=\"active\"} 1\n\
+             sockmesh_link_state{link=\"a\",state=\"keepalive\"} 0\n\
+             # HELP sockmesh_link_local_share_ratio Share.\n\
+             # TYPE sockmesh_link_local_share_ratio gauge\n\
+             sockmesh_link_local_share_ratio{link=\"a\"} 0.25\n\
+             # HELP sockmesh_link_switch_progress_ratio Steps done (absent: none).\n\
+             # TYPE sockmesh_link_switch_progress_ratio gauge\n\
+             # HELP sockmesh_link_switches_total Completed switches.\n\
+             # TYPE sockmesh_link_switches_total counter\n\
+             sockmesh_link_switches_total 2\n",
+        );
+        let o = scrape(l7, text);
+        assert!(o.ends_with("# EOF\n"), "{o}");
+        let mut types: std::collections::BTreeMap<&str, &str> = Default::default();
+        let mut samples = 0;
+        for line in o.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(types.insert(name, kind).is_none(), "family {name} declared twice");
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            samples += 1;
+            let (series, v) = line.rsplit_once(' ').unwrap();
+            assert!(v.parse::<f64>().is_ok() || v == "+Inf", "value of `{line}`");
+            let name = series.split('{').next().unwrap();
+            if let Some(l) = series.split_once('{').map(|(_, l)| l) {
+                assert!(l.ends_with('}') && l.len() > 1, "labels of `{line}`");
+                assert!(
+                    parse_labels(l.strip_suffix('}').unwrap()).is_some(),
+                    "labels of `{line}`"
+                );
+            }
+            let family = [
+                ("_total", "counter"),
+                ("_bucket", "histogram"),
+                ("_sum", "histogram"),
+                ("_count", "histogram"),
+                ("", "gauge"),
+            ]
+            .iter()
+            .find_map(|(suffix, kind)| {
+                let f = name.strip_suffix(suffix)?;
+                (types.get(f) == Some(kind)).then_some(f)
+            });
+            assert!(
+                family.is_some(),
+                "`{line}` has no # TYPE of its kind before it:\n{o}"
+            );
+        }
+        assert!(samples > 20, "{o}");
+        for (name, labels, want) in [
+            ("sockmesh_pods_enrolled", vec![], 1.0),
+            (
+                "sockmesh_connections_total",
+                vec![("pod", "11111111-2222-3333-4444-555555555555")],
+                3.0,
+            ),
+            (
+                "sockmesh_connections_active",
+                vec![("pod", "11111111-2222-3333-4444-555555555555")],
+                1.0,
+            ),
+            ("sockmesh_bytes_total", vec![("direction", "downstream")], 4096.0),
+            ("sockmesh_propagation_available", vec![], 1.0),
+            (
+                "sockmesh_kernel_events_total",
+                vec![("reason", "connect_captured")],
+                7.0,
+            ),
+            (
+                "sockmesh_proxy_errors_total",
+                vec![("reason", "upstream_refused")],
+                1.0,
+            ),
+            ("sockmesh_admin_errors_total", vec![("reason", "bad_name")], 4.0),
+            ("sockmesh_k8s_cni_add_total", vec![("result", "failed")], 0.0),
+            ("sockmesh_k8s_cni_rechained_total", vec![], 0.0),
+            ("sockmesh_k8s_cni_check_errors_total", vec![], 0.0),
+            ("sockmesh_requests_total", vec![("service", "orders")], 1.0),
+            ("sockmesh_request_retries_total", vec![("service", "orders")], 0.0),
+            (
+                "sockmesh_request_duration_seconds_count",
+                vec![("service", "orders")],
+                1.0,
+            ),
+            (
+                "sockmesh_request_duration_seconds_bucket",
+                vec![("le", "0.0025")],
+                1.0,
+            ),
+            ("sockmesh_routing_policy_generation", vec![], 0.0),
+            ("sockmesh_protocol_errors_total", vec![("protocol", "http1")], 1.0),
+            ("sockmesh_colour_stripped_total", vec![], 0.0),
+            ("sockmesh_colour_invalid_total", vec![], 0.0),
+            (
+                "sockmesh_colour_requests_total",
+                vec![("service", "orders"), ("colour", "base")],
+                1.0,
+            ),
+            (
+                "sockmesh_kernel_routed_connects_total",
+                vec![("endpoint", "10.0.2.1:5432")],
+                100.0,
+            ),
+            ("sockmesh_kernel_routes_generation", vec![], 7.0),
+            (
+                "sockmesh_link_state",
+                vec![("link", "a"), ("state", "active")],
+                1.0,
+            ),
+            ("sockmesh_link_local_share_ratio", vec![("link", "a")], 0.25),
+            ("sockmesh_link_switches_total", vec![], 2.0),
+        ] {
+            assert_eq!(value(&o, name, &labels), Some(want), "{name}{labels:?} in\n{o}");
+        }
+        // The Grafana dashboard's metric names are all served.
+        let dash = include_str!("../../deploy/grafana/sockmesh-dashboard.json");
+        for name in dash
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("sockmesh_"))
+        {
+            let declared = ["", "_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .any(|suffix| name.strip_suffix(suffix).is_some_and(|f| types.contains_key(f)));
+            assert!(
+                declared,
+                "the dashboard reads {name}, which /metrics does not serve:\n{o}"
+            );
         }
     }
 
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let mut r = Registry::default();
+        r.register_collector(Box::new(Fixture {
+            l7: L7Shared::default(),
+            text: "# TYPE x_total counter\nx_total{k=\"a\\\"b\"} 1\n".into(),
+        }));
+        assert!(render(&r).contains("x_total{k=\"a\\\"b\"} 1\n"), "{}", render(&r));
+    }
+
+    #[test]
+    fn text_families_are_parsed_with_escaped_labels() {
+        assert_eq!(
+            parse_labels(r#"a="x",b="y\"z,w""#),
+            Some(vec![("a", "x"), ("b", r#"y\"z,w"#)])
+        );
+        assert_eq!(parse_labels(r#"a="x"#), None);
+        let f = parse_text_families(
+            "# HELP m_total Help me.\n# TYPE m_total counter\nm_total{a=\"1\"} 5\nstray 1\n",
+        );
+        assert_eq!(f.len(), 1);
+        assert_eq!(
+            (f[0].name, f[0].help, f[0].kind),
+            ("m_total", "Help me.", "counter")
+        );
+        assert_eq!(f[0].samples, vec![(vec![("a", "1")], "5")]);
     }
 }

@@ -18,7 +18,6 @@ use std::{
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
-    io::{AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
     task::JoinHandle,
@@ -32,8 +31,6 @@ use crate::{
     sys::{self, NetNs},
 };
 
-/// Bytes moved per read/write in each direction.
-const RELAY_BUF: usize = 64 * 1024;
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const LISTEN_BACKLOG: i32 = 4096;
 /// After a pod's listener is told to stop, keep accepting what is already queued until the
@@ -285,7 +282,7 @@ pub struct Registry {
 }
 
 impl Registry {
-    fn add(
+    pub(crate) fn add(
         &self,
         pod: &str,
         direction: Direction,
@@ -308,7 +305,7 @@ impl Registry {
         e
     }
 
-    fn remove(&self, id: u64) {
+    pub(crate) fn remove(&self, id: u64) {
         self.conns.lock().expect("registry lock").remove(&id);
     }
 
@@ -450,6 +447,10 @@ pub struct PodProxy {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     pub listeners: Vec<SocketAddr>,
+    /// Duplicates of the listening sockets, for an upgrade hand-off (`upgrade/`).
+    pub handoff: Vec<(SocketAddr, Direction, std::os::fd::OwnedFd)>,
+    /// The pod, for connections handed over by a previous generation.
+    pub pod: Arc<PodCtx>,
 }
 
 impl PodProxy {
@@ -491,6 +492,14 @@ pub fn bind_in(ns: &NetNs, addr: SocketAddr) -> io::Result<std::net::TcpListener
 pub fn outbound_listeners(pod: &PodCtx) -> io::Result<Vec<std::net::TcpListener>> {
     let v4: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, pod.outbound_port).into();
     let v6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, pod.outbound_port).into();
+    // After an upgrade: the previous generation's sockets (same accept queues), not new ones.
+    let inherited: Vec<_> = [v4, v6]
+        .into_iter()
+        .filter_map(|a| crate::upgrade::take_listener(&pod.name, a))
+        .collect();
+    if !inherited.is_empty() {
+        return Ok(inherited);
+    }
     let mut out = vec![bind_in(&pod.netns, v4).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -512,6 +521,9 @@ pub fn inbound_listener(pod: &PodCtx, port: u16, v6: bool) -> io::Result<std::ne
     } else {
         (std::net::Ipv4Addr::LOCALHOST, port).into()
     };
+    if let Some(l) = crate::upgrade::take_listener(&pod.name, addr) {
+        return Ok(l);
+    }
     bind_in(&pod.netns, addr).map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -527,10 +539,13 @@ pub fn serve(
     listeners: Vec<(std::net::TcpListener, Direction)>,
 ) -> io::Result<PodProxy> {
     let (stop, stop_rx) = watch::channel(false);
+    let pod_ctx = pod.clone();
     let mut tasks = Vec::new();
     let mut addrs = Vec::new();
+    let mut handoff = Vec::new();
     for (l, dir) in listeners {
         addrs.push(l.local_addr()?);
+        handoff.push((l.local_addr()?, dir, std::os::fd::OwnedFd::from(l.try_clone()?)));
         let l = TcpListener::from_std(l)?;
         tasks.push(tokio::spawn(accept_loop(
             l,
@@ -544,6 +559,8 @@ pub fn serve(
         stop,
         tasks,
         listeners: addrs,
+        handoff,
+        pod: pod_ctx,
     })
 }
 
@@ -589,8 +606,12 @@ async fn accept_loop(
             _ = stop.changed() => break,
         }
     }
-    // Serve what the kernel already queued, then close.
-    while let Ok(Ok((s, peer))) = tokio::time::timeout(ACCEPT_DRAIN_QUIET, l.accept()).await {
+    // Serve what the kernel already queued, then close. After an upgrade hand-off the
+    // successor accepts from the same queue: leave it to the successor.
+    while !crate::upgrade::is_draining() {
+        let Ok(Ok((s, peer))) = tokio::time::timeout(ACCEPT_DRAIN_QUIET, l.accept()).await else {
+            break;
+        };
         spawn_conn(s, peer, dir, &pod, &shared);
     }
 }
@@ -817,18 +838,26 @@ async fn relay(
     pod.stats.connections_total.fetch_add(1, Relaxed);
     pod.stats.connections_active.fetch_add(1, Relaxed);
     debug!("relaying");
-    let (cr, cw) = client.into_split();
-    let (ur, uw) = upstream.into_split();
-    // Both directions in one task; the read buffers are only held while data moves.
-    let up = pump(cr, uw, &entry.bytes_to_upstream, &pod.stats.bytes_upstream);
-    let down = pump(ur, cw, &entry.bytes_to_client, &pod.stats.bytes_downstream);
-    tokio::pin!(up, down);
-    // Half-close travels through; an error in either direction ends both.
-    let failed = tokio::select! {
-        r = &mut up => r.is_err() || down.await.is_err(),
-        r = &mut down => r.is_err() || up.await.is_err(),
-    };
-    if failed {
+    // Half-close travels through; an error in either direction ends both. While an upgrade
+    // drains this generation, the pair moves to the successor after a deadline.
+    use crate::upgrade::tcp;
+    let end = tcp::relay(
+        client,
+        upstream,
+        tcp::Pump::new(&[], false),
+        tcp::Pump::new(&[], false),
+        tcp::Relay {
+            entry: &entry,
+            stats: &pod.stats,
+            pod: &pod.name,
+            inbound: dir == Direction::Inbound,
+            client: peer,
+            orig,
+            target,
+        },
+    )
+    .await;
+    if matches!(end, tcp::End::Done { failed: true }) {
         shared.errors.relay_reset.fetch_add(1, Relaxed);
     }
     pod.stats.connections_active.fetch_sub(1, Relaxed);
@@ -837,74 +866,10 @@ async fn relay(
     true
 }
 
-/// Copy until EOF, then half-close the writer. Counts as it goes so status is live.
-///
-/// An idle direction holds no buffer: it waits for readability, takes a buffer from the
-/// worker's pool, reads until the socket is drained and gives the buffer back. A busy stream
-/// keeps its buffer while data keeps coming.
-async fn pump<W>(
-    r: tokio::net::tcp::OwnedReadHalf,
-    mut w: W,
-    conn: &AtomicU64,
-    pod: &AtomicU64,
-) -> io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-{
-    let mut held: Option<Box<[u8]>> = None;
-    loop {
-        let buf = match held.as_mut() {
-            Some(b) => b,
-            None => {
-                r.readable().await?;
-                held.insert(relay_buf_take())
-            }
-        };
-        match r.try_read(buf) {
-            Ok(0) => {
-                relay_buf_give(held.take());
-                w.shutdown().await?;
-                return Ok(());
-            }
-            Ok(n) => {
-                w.write_all(&buf[..n]).await?;
-                conn.fetch_add(n as u64, Relaxed);
-                pod.fetch_add(n as u64, Relaxed);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => relay_buf_give(held.take()),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Relay buffers kept per worker thread for reuse (beyond, they are freed).
-const RELAY_BUFS_PER_THREAD: usize = 8;
-
-thread_local! {
-    static RELAY_BUFS: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-fn relay_buf_take() -> Box<[u8]> {
-    RELAY_BUFS
-        .with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0u8; RELAY_BUF].into_boxed_slice())
-}
-
-fn relay_buf_give(b: Option<Box<[u8]>>) {
-    if let Some(b) = b {
-        RELAY_BUFS.with(|p| {
-            let mut p = p.borrow_mut();
-            if p.len() < RELAY_BUFS_PER_THREAD {
-                p.push(b);
-            }
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn out_of_descriptor_accepts_are_all_counted_and_logged_once_per_interval() {

@@ -55,6 +55,9 @@ pub fn render(st: &Value) -> String {
         },
         s(&accel["detail"])
     );
+    if !st["generation"].is_null() {
+        o.push_str(&crate::upgrade::render_status(&st["generation"], &st["upgrade"]));
+    }
     if st["kernel_routes"].is_object() {
         o.push_str(crate::kroute::render(&st["kernel_routes"]).trim_start());
     }

@@ -34,6 +34,9 @@ pub struct Daemon {
     /// False once the state was handed to a successor: drop then leaves it alone.
     owns_state: bool,
     child: Option<GuardedChild>,
+    /// After [`Daemon::upgrade`]: the generation now running (not our child until the one
+    /// that started it exits; this process is a child subreaper, so then it is).
+    successor: Option<u32>,
     /// Dropped last: holds the config, the log and the admin socket.
     dir: TempDir,
 }
@@ -111,6 +114,7 @@ impl Daemon {
             state_file,
             owns_state: true,
             child: Some(child),
+            successor: None,
             dir,
         };
         let ready = eventually(READY_TIMEOUT, || {
@@ -172,7 +176,96 @@ impl Daemon {
 
     /// The daemon's pid (0 once stopped).
     pub fn pid(&self) -> u32 {
+        if let Some(p) = self.successor {
+            return p;
+        }
         self.child.as_ref().map(|c| c.pid()).unwrap_or(0)
+    }
+
+    /// `sockmesh upgrade --binary <binary>`, whatever its exit status (bounded).
+    pub fn upgrade_raw(&self, binary: &Path) -> Result<Output> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("upgrade")
+            .arg("--binary")
+            .arg(binary)
+            .arg("--admin-socket")
+            .arg(&self.admin_socket);
+        run_host(cmd, UPGRADE_TIMEOUT)
+    }
+
+    /// A successful `sockmesh upgrade --binary <binary>`: waits (up to `drain` plus
+    /// [`STOP_GRACE`]) until the previous generation exited, then follows the new one
+    /// (`pid`, `status`, `stop` and drop act on it). Returns the previous generation's pid.
+    pub fn upgrade(&mut self, binary: &Path, drain: Duration) -> Result<u32> {
+        // Orphans of our daemons (the new generation, once the old one exits) become ours.
+        // SAFETY: plain prctl on this process.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        let old = self.pid();
+        let out = self.upgrade_raw(binary)?;
+        if !out.status.success() {
+            bail!(
+                "`sockmesh upgrade` failed ({}): {}{}",
+                status_text(out.status),
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        // The new generation answers status (a request accepted by the old one just before it
+        // stopped serving admin would still be answered by it).
+        let new = eventually(Duration::from_secs(5), || {
+            let st = self.status()?;
+            let pid = st["upgrade"]["pid"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("status names no pid: {}", st["upgrade"]))?
+                as u32;
+            if pid == old {
+                bail!("status still answered by the previous generation (pid {old})");
+            }
+            Ok(pid)
+        })?;
+        let deadline = std::time::Instant::now() + drain + STOP_GRACE;
+        match self.child.as_mut() {
+            Some(c) if self.successor.is_none() => {
+                if c.wait_timeout(deadline.saturating_duration_since(std::time::Instant::now()))?
+                    .is_none()
+                {
+                    bail!("the previous generation (pid {old}) did not exit after the upgrade");
+                }
+                self.child = None;
+            }
+            _ => {
+                if !wait_pid_exit(old, deadline) {
+                    bail!("the previous generation (pid {old}) did not exit after the upgrade");
+                }
+            }
+        }
+        self.successor = Some(new);
+        Ok(old)
+    }
+
+    /// The upgrade rendezvous sockets next to the state file (`<stem>.upgrade.<gen>.sock`).
+    pub fn rendezvous_sockets(&self) -> Vec<PathBuf> {
+        let stem = self
+            .state_file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let prefix = format!("{stem}.upgrade.");
+        let dir = self.state_file.parent().unwrap_or(Path::new("/"));
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".sock"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     /// Everything the daemon wrote to stdout/stderr so far.
@@ -296,6 +389,14 @@ impl Daemon {
 
     /// SIGKILLs the daemon (a crash: no clean-up runs) and reaps it.
     pub fn kill(&mut self) -> Result<()> {
+        if let Some(pid) = self.successor.take() {
+            // SAFETY: plain syscall; the pid is ours to wait for (subreaper) once it dies.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            if !wait_pid_exit(pid, std::time::Instant::now() + STOP_GRACE) {
+                bail!("daemon pid {pid} survived SIGKILL");
+            }
+            return Ok(());
+        }
         let mut child = self
             .child
             .take()
@@ -324,6 +425,20 @@ impl Daemon {
     /// Stops the daemon now (SIGTERM, up to [`STOP_GRACE`], then SIGKILL) and returns how it
     /// exited. The log is printed when it did not exit 0.
     pub fn stop(&mut self) -> Option<ExitStatus> {
+        if let Some(pid) = self.successor.take() {
+            // SAFETY: plain syscalls on the generation we follow.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let mut st = wait_pid_status(pid, std::time::Instant::now() + STOP_GRACE);
+            if st.is_none() {
+                eprintln!("warning: sockmesh pid {pid} ignored SIGTERM; sending SIGKILL");
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                st = wait_pid_status(pid, std::time::Instant::now() + STOP_GRACE);
+            }
+            if !matches!(st, Some(s) if s.success()) {
+                self.print_log(&format!("upgraded daemon (pid {pid}) exited with {st:?}"));
+            }
+            return st;
+        }
         let mut child = self.child.take()?;
         let st = child.stop();
         if !matches!(st, Some(s) if s.success()) {
@@ -334,6 +449,40 @@ impl Daemon {
         }
         st
     }
+}
+
+/// How long `sockmesh upgrade` may take (the new generation adopts the kernel state and runs
+/// the acceleration self-test before it takes over).
+pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// Waits until `pid` (our child, or an orphan we reap as subreaper) exited; its status if we
+/// reaped it.
+fn wait_pid_status(pid: u32, deadline: std::time::Instant) -> Option<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    loop {
+        let mut status = 0;
+        // SAFETY: plain waitpid on one pid.
+        let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+        if r == pid as i32 {
+            return Some(ExitStatus::from_raw(status));
+        }
+        if r < 0 {
+            // Not (yet) our child: gone, or a zombie somebody else must reap.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
+            if stat.is_empty() || state == Some('Z') {
+                return Some(ExitStatus::from_raw(0));
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_pid_exit(pid: u32, deadline: std::time::Instant) -> bool {
+    wait_pid_status(pid, deadline).is_some()
 }
 
 impl Drop for Daemon {

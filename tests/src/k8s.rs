@@ -141,6 +141,8 @@ pub struct KPod {
     pub netns: String,
     /// When `RunPodSandbox` was called.
     pub created: Instant,
+    /// The same, in milliseconds since the epoch (to compare with the daemon's log).
+    pub created_unix_ms: u64,
 }
 
 pub struct KubeNode {
@@ -323,6 +325,7 @@ plugin_dir = ""
         std::fs::create_dir_all(&log_dir)?;
         let config = self.sandbox_config(namespace, name, &uid, &parent, labels, annotations, &log_dir);
         let created = Instant::now();
+        let created_unix_ms = unix_ms();
         let (rt, mut c) = self.client();
         let id = rt
             .block_on(c.run_pod_sandbox(RunPodSandboxRequest {
@@ -366,6 +369,7 @@ plugin_dir = ""
             ip,
             netns,
             created,
+            created_unix_ms,
         })
     }
 
@@ -499,6 +503,7 @@ plugin_dir = ""
             });
         }
         let created = Instant::now();
+        let created_unix_ms = unix_ms();
         let (rt, mut c) = self.client();
         let id = rt
             .block_on(c.run_pod_sandbox(RunPodSandboxRequest {
@@ -516,6 +521,7 @@ plugin_dir = ""
             ip: String::new(),
             netns: String::new(),
             created,
+            created_unix_ms,
         };
         let volumes: HashMap<String, serde_json::Value> = spec["volumes"]
             .as_array()
@@ -833,6 +839,42 @@ pub fn enrolled(status: &serde_json::Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Milliseconds since the epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// A daemon log without its colour codes.
+pub fn plain_log(log: &str) -> String {
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for ch in log.chars() {
+        match (in_escape, ch) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    plain
+}
+
+/// The value of `field=` on the first line of a daemon log that mentions `uid` and `message`.
+pub fn log_field(log: &str, uid: &str, message: &str, field: &str) -> Option<u64> {
+    plain_log(log)
+        .lines()
+        .find(|l| l.contains(uid) && l.contains(message))?
+        .split(&format!("{field}="))
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// A sandbox's first-connection wait: for diagnostics.

@@ -4,23 +4,40 @@
 //! kubelet over the CRI; there is no API server, and images are imported, not pulled.
 //!
 //! One test, in the order a node lives through: a pod created while the daemon is down, the
-//! daemon's start (that pod enrolled without a restart), a labelled pod with dots in its name
-//! whose very first connection (made as its container starts) is captured, inbound capture, an
-//! unlabelled 63-character pod never captured, a labelled one enrolled, a rolling update
+//! daemon's start (that pod enrolled without a restart), an annotated pod with dots in its name
+//! enrolled by the CNI plugin during ADD, whose app container starts right after
+//! RunPodSandbox and whose very first connection is captured, inbound capture, an unlabelled
+//! 63-character pod never captured, a labelled one enrolled (CRI discovery), a rolling update
 //! (SIGTERM keeps state; a pod created meanwhile still starts and is enrolled by the next
-//! daemon), a deleted pod leaving nothing in the maps, and the uninstall path leaving nothing.
+//! daemon), the node's network agent rewriting the conflist without sockmesh-cni (chained back,
+//! and the next pod enrolled at ADD), a deleted pod leaving nothing in the maps, and the
+//! uninstall path leaving nothing.
 
 use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result};
 use sockmesh_tests::{
-    daemon::Daemon,
+    daemon::{prom_value, Daemon},
     eventually,
-    k8s::{cni_bin, enrolled, missing_tools, KPod, KubeNode},
+    k8s::{cni_bin, enrolled, log_field, missing_tools, KPod, KubeNode},
     require_privileged, run_host, sockmesh_bin,
 };
 
+/// As a label (CRI discovery) or as an annotation (also reaches sockmesh-cni at ADD).
 const MESH: (&str, &str) = ("sockmesh.io/mesh", "enabled");
+
+/// The conflist without sockmesh-cni, written the way a network agent does (rename).
+fn rewrite_without_plugin(conflist: &Path) -> Result<()> {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(conflist)?)?;
+    v["plugins"]
+        .as_array_mut()
+        .context("no plugins")?
+        .retain(|p| p["type"] != "sockmesh-cni");
+    let tmp = conflist.with_extension("agent-tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&v)?)?;
+    std::fs::rename(&tmp, conflist)?;
+    Ok(())
+}
 
 fn status_pod<'a>(st: &'a serde_json::Value, uid: &str) -> Option<&'a serde_json::Value> {
     st["pods"].as_array()?.iter().find(|p| p["name"] == uid)
@@ -130,13 +147,15 @@ fn kubernetes_node_end_to_end() {
         "the plugin should have logged the absent daemon:\n{log}"
     );
 
-    // The daemon, inside the pods' kubepods root, discovering from this containerd.
+    // The daemon, inside the pods' kubepods root, discovering from this containerd and guarding
+    // the node's conflist.
     let daemon_cg = node.kubepods.join("daemon");
     std::fs::create_dir_all(&daemon_cg).unwrap();
     let config = format!(
-        "cgroup_root = {:?}\n[kubernetes]\ncri_socket = {:?}\nresync_secs = 2\n",
+        "cgroup_root = {:?}\n[kubernetes]\ncri_socket = {:?}\nresync_secs = 2\ncni_conf_dir = {:?}\ncni_check_ms = 200\n",
         node.kubepods.display().to_string(),
-        node.socket.display().to_string()
+        node.socket.display().to_string(),
+        node.cni_conf_dir.display().to_string(),
     );
     let mut d = Daemon::start_in(&daemon_cg, &config).expect("sockmesh with [kubernetes]");
     link_admin(&admin_link, &d).unwrap();
@@ -150,24 +169,18 @@ fn kubernetes_node_end_to_end() {
     .expect("a pod created before the daemon is enrolled without a restart");
     let http = format!("http://{}:8080/", server.ip);
 
-    // A labelled pod with dots in its name: its container's very first act is a connection.
+    // An opted-in pod with dots in its name (label and annotation, as a pod template would
+    // carry both): the plugin gets the annotation at ADD and the daemon enrols the pod before
+    // ADD returns. The app container starts right after RunPodSandbox, as a kubelet with the
+    // image in place does, and its very first act is a connection.
     let web = node
         .run_pod(
             "default",
             "web.v1.default",
             &[MESH],
-            &[("sockmesh.io/inbound-ports", "8080")],
+            &[MESH, ("sockmesh.io/inbound-ports", "8080")],
         )
         .unwrap();
-    // The agent enrols the pod from the CNI notice and the CRI (about 100 ms after sandbox
-    // creation here); it does not hold the container back, so a kubelet that starts the
-    // container sooner than that would race it (docs/kubernetes in ARCHITECTURE.md). Start the
-    // container once the pod is enrolled, as a kubelet's image and container set-up does.
-    eventually(Duration::from_secs(10), || {
-        anyhow::ensure!(status_pod(&d.status()?, &web.uid).is_some(), "not enrolled yet");
-        Ok(())
-    })
-    .expect("the labelled pod is enrolled from the CNI notice");
     let first = format!("/bin/busybox httpd -p 8080 -h /www; /bin/busybox wget -q -O - {http}; echo first=$?; exec /bin/busybox sleep 1000");
     let web_c = node
         .start_container(&web, "app", &["/bin/sh", "-c", &first])
@@ -183,31 +196,39 @@ fn kubernetes_node_end_to_end() {
         Ok(())
     })
     .unwrap();
+    // That first connection went through the proxy: the pod's own counter (status and
+    // /metrics), before anything else has connected to or from the pod.
     assert!(
         connections(&d, &web.uid).unwrap() >= 1,
-        "the labelled pod's first connection was not captured (status: {})",
+        "the opted-in pod's first connection was not captured (status: {})",
         d.status().unwrap()
     );
-    // The daemon measured sandbox creation -> enrolment (its log line, colour codes removed).
+    let m = d.metrics().unwrap();
+    // OpenMetrics text from the prometheus-client encoder: `# EOF` closes it.
+    assert!(m.ends_with("# EOF\n"), "{m}");
+    assert!(
+        prom_value(&m, "sockmesh_connections_total", &[("pod", &web.uid)]).unwrap_or(0.0) >= 1.0,
+        "no proxied connection of {} in /metrics:\n{m}",
+        web.uid
+    );
+    assert!(
+        prom_value(&m, "sockmesh_k8s_cni_add_total", &[("result", "enrolled")]).unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    // Enrolled by the plugin's ADD, not by discovery afterwards; the time from the
+    // RunPodSandbox call to the enrolment, from the daemon's log line.
     let dlog = d.log();
-    let mut plain = String::new();
-    let mut in_escape = false;
-    for ch in dlog.chars() {
-        match (in_escape, ch) {
-            (false, '\u{1b}') => in_escape = true,
-            (true, 'm') => in_escape = false,
-            (true, _) => {}
-            (false, c) => plain.push(c),
-        }
-    }
-    let enrol_ms: Option<u64> = plain
-        .lines()
-        .find(|l| l.contains(&web.uid) && l.contains("enrolled from the CRI"))
-        .and_then(|l| l.split("ms_since_sandbox_created=").nth(1))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok());
-    let enrol_ms = enrol_ms.unwrap_or_else(|| panic!("no enrolment line for {}:\n{plain}", web.uid));
+    let at_ms = log_field(&dlog, &web.uid, "enrolled at CNI ADD", "unix_ms").unwrap_or_else(|| {
+        panic!(
+            "{} was not enrolled at CNI ADD:\n{dlog}\nplugin log:\n{}",
+            web.uid,
+            std::fs::read_to_string(&cni_log).unwrap_or_default()
+        )
+    });
+    let enrol_ms = log_field(&dlog, &web.uid, "enrolled at CNI ADD", "enrol_ms").unwrap_or_default();
     eprintln!(
-        "K8S-TIMING: sandbox created -> enrolled: {enrol_ms} ms; RunPodSandbox called -> app container started: {container_started_ms} ms"
+        "K8S-TIMING: RunPodSandbox called -> enrolled (during CNI ADD): {} ms (enrolment itself {enrol_ms} ms); RunPodSandbox called -> app container started: {container_started_ms} ms",
+        at_ms.saturating_sub(web.created_unix_ms)
     );
     // The server saw the pod's own IP (the proxy connects from inside the pod's netns).
     let slog = node.container_log(&server, "httpd");
@@ -305,6 +326,31 @@ fn kubernetes_node_end_to_end() {
     assert!(
         connections(&d2, &web.uid).unwrap() >= 1,
         "capture lost across the rolling update"
+    );
+
+    // The node's network agent rewrites its conflist without sockmesh-cni: the agent chains it
+    // back (bounded: cni_check_ms is 200 here), counts it, and the next pod is still enrolled
+    // by the plugin during ADD.
+    rewrite_without_plugin(&conflist).unwrap();
+    eventually(Duration::from_secs(5), || {
+        let text = std::fs::read_to_string(&conflist)?;
+        anyhow::ensure!(text.contains("sockmesh-cni"), "not chained back yet: {text}");
+        Ok(())
+    })
+    .expect("sockmesh-cni chained back into the rewritten conflist");
+    let m = d2.metrics().unwrap();
+    assert!(
+        prom_value(&m, "sockmesh_k8s_cni_rechained_total", &[]).unwrap_or(0.0) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        d2.log().contains("chained it back"),
+        "the re-chain was not logged"
+    );
+    let after = node.run_pod("default", "after.rewrite", &[], &[MESH]).unwrap();
+    assert!(
+        enrolled(&d2.status().unwrap()).contains(&after.uid),
+        "a pod created after the rewrite was not enrolled during its CNI ADD"
     );
 
     // A deleted pod is unenrolled and leaves nothing in the maps.
@@ -539,18 +585,10 @@ fn daemonset_pod_template_runs_the_agent() {
     )
     .unwrap();
     let http = format!("http://{}:8080/", server.ip);
+    // As above: opted in by annotation, enrolled during CNI ADD; the container starts at once.
     let web = node
-        .run_pod("default", "web.from.template", &[MESH], &[])
+        .run_pod("default", "web.from.template", &[MESH], &[MESH])
         .unwrap();
-    // As above: the container starts once the agent has enrolled the pod.
-    eventually(Duration::from_secs(10), || {
-        anyhow::ensure!(
-            status_pod(&status(&host_admin)?, &web.uid).is_some(),
-            "not enrolled yet"
-        );
-        Ok(())
-    })
-    .expect("the labelled pod is enrolled by the agent pod from the CNI notice");
     let first = format!("/bin/busybox wget -q -O - {http}; echo first=$?; exec /bin/busybox sleep 1000");
     let web_c = node
         .start_container(&web, "app", &["/bin/sh", "-c", &first])

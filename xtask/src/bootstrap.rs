@@ -93,8 +93,9 @@ pub const APT_PACKAGES: &[AptPackage] = &[
     ),
     apt(
         "bpftool",
-        "the tests inspect loaded programs, maps and cgroup attachments",
-        &[Test],
+        "the tests inspect loaded programs, maps and cgroup attachments; the bench reads the \
+         programs' run time",
+        &[Bench, Test],
     ),
     apt("util-linux", "`nsenter` for the tests' namespaces", &[Test]),
     apt("procps", "`sysctl` for the tests", &[Test]),
@@ -378,7 +379,11 @@ fn install_around_backports(names: &[&str], plan: &AptPlan) -> Result<()> {
             conflicting.push(*name);
         }
     }
-    let rest: Vec<&str> = names.iter().copied().filter(|n| !conflicting.contains(n)).collect();
+    let rest: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| !conflicting.contains(n))
+        .collect();
     if conflicting.is_empty() {
         return Err(refuse(" (no single package causes it)"));
     }
@@ -828,16 +833,17 @@ mod tests {
     #[test]
     fn the_bench_gets_its_peers_but_not_the_vm_or_the_test_peers() {
         let bench = names(&[Bench]);
-        for p in ["wrk", "haproxy", "iptables", "fonts-dejavu-core", "python3-venv"] {
-            assert!(bench.contains(&p), "bench lacks {p}");
-        }
         for p in [
-            "qemu-system-x86",
-            "nodejs",
-            "nghttp2-client",
-            "linux-perf",
+            "wrk",
+            "haproxy",
+            "iptables",
+            "fonts-dejavu-core",
+            "python3-venv",
             "bpftool",
         ] {
+            assert!(bench.contains(&p), "bench lacks {p}");
+        }
+        for p in ["qemu-system-x86", "nodejs", "nghttp2-client", "linux-perf"] {
             assert!(!bench.contains(&p), "bench gets {p}");
         }
         assert!(names(&[Bench, Profile]).contains(&"linux-perf"));

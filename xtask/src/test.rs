@@ -111,7 +111,15 @@ fn privileged_tests(root: &Path, args: &[String]) -> Result<()> {
         exec::cargo(root)
             .env("SOCKMESH_BIN", daemon::sockmesh_bin_path(root))
             .env("SOCKMESH_REQUIRE_PRIVILEGED", "1")
-            .args(["test", "-p", PRIVILEGED_PACKAGE, "--", "--test-threads=1"])
+            // Every test file runs even when one fails: one red run shows every failure.
+            .args([
+                "test",
+                "--no-fail-fast",
+                "-p",
+                PRIVILEGED_PACKAGE,
+                "--",
+                "--test-threads=1",
+            ])
             .args(args),
     )
 }

@@ -52,11 +52,14 @@ fn main() -> ExitCode {
         match r {
             Ok(()) => log(
                 conf.log_file.as_deref(),
-                &format!("{notice:?}: daemon answered in {ms} ms"),
+                &format!("{}: daemon answered in {ms} ms", notice.summary()),
             ),
             Err(e) => log(
                 conf.log_file.as_deref(),
-                &format!("{notice:?}: daemon not told ({e}) after {ms} ms; discovery will catch up"),
+                &format!(
+                    "{}: daemon not told ({e}) after {ms} ms; discovery will catch up",
+                    notice.summary()
+                ),
             ),
         }
     }
@@ -118,10 +121,10 @@ mod tests {
     use super::*;
 
     fn notice() -> cni::Notice {
-        cni::Notice::CniDel {
+        cni::Notice::CniDel(cni::CniDel {
             sandbox_id: "abc".into(),
             uid: None,
-        }
+        })
     }
 
     fn socket(tag: &str) -> std::path::PathBuf {

@@ -11,23 +11,37 @@
 //! Pod settings come from annotations: `sockmesh.io/inbound-ports: "8080,9090"` and
 //! `sockmesh.io/colour: gray`.
 //!
-//! Timing: CNI ADD runs inside `RunPodSandbox`, before the runtime lists the sandbox, so a
-//! `cni_add` notice makes discovery poll the runtime every 20 ms (for at most 10 s) until the
-//! sandbox shows up, and enrol it then: before the kubelet has created the app's containers.
+//! Timing: CNI ADD runs inside `RunPodSandbox`, before the runtime lists the sandbox. A pod that
+//! opts in by annotation (the selector's key and value, default `sockmesh.io/mesh: enabled`) is
+//! enrolled during ADD itself ([`cni_add`]): containerd hands the plugin the pod's annotations
+//! (capability `io.kubernetes.cri.pod-annotations`), the netns comes from CNI and the cgroup
+//! from the pod UID under `cgroup_root` (the kubelet creates the pod cgroup before
+//! `RunPodSandbox`), and the plugin returns only after the daemon answered, so the app's
+//! containers, and their first connection, come after enrolment. Labels are not passed to CNI
+//! plugins: a pod selected only by label is enrolled by discovery, which polls the runtime
+//! every 5 ms (for at most 10 s) after the `cni_add` notice until the sandbox shows up; that
+//! races the kubelet's container start.
 
 pub mod cri;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    sync::{Arc, OnceLock},
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, OnceLock,
+    },
     time::{Duration, Instant},
 };
 
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::{cni::Notice, config::PodSpec, daemon::Daemon};
+use crate::{
+    cni::{CniAdd, Notice},
+    config::PodSpec,
+    daemon::Daemon,
+};
 
 pub const DEFAULT_CRI_SOCKET: &str = "/run/containerd/containerd.sock";
 pub const DEFAULT_SELECTOR: &str = "sockmesh.io/mesh=enabled";
@@ -48,6 +62,11 @@ pub struct KubernetesConfig {
     /// SIGTERM (a rolling update) keeps capture and state for the next pod, like
     /// `sockmesh stop --keep-state`; only `sockmesh uninstall` removes them.
     pub sigterm_keeps_state: bool,
+    /// The node's CNI config dir as the agent sees it: every `cni_check_ms` the agent makes
+    /// sure the primary conflist still chains `sockmesh-cni` (a cluster network's agent may
+    /// rewrite it without). `None`: no such guard.
+    pub cni_conf_dir: Option<PathBuf>,
+    pub cni_check_ms: u64,
 }
 
 pub fn parse_selector(s: &str) -> Result<(String, String), String> {
@@ -68,6 +87,136 @@ pub fn parse_selector(s: &str) -> Result<(String, String), String> {
 
 /// The notice channel of the running discovery, for the admin API.
 static NOTICES: OnceLock<mpsc::Sender<Notice>> = OnceLock::new();
+
+/// What CNI ADD needs of the running discovery's configuration (set by [`start`]).
+struct AddCtx {
+    selector: (String, String),
+    root: PathBuf,
+}
+static ADD_CTX: OnceLock<AddCtx> = OnceLock::new();
+
+/// Pods enrolled at CNI ADD whose sandbox the runtime has not listed ready yet, by UID:
+/// discovery must not unenrol them as "gone" in between.
+static PENDING: Mutex<BTreeMap<String, (String, Instant)>> = Mutex::new(BTreeMap::new());
+/// A pending enrolment older than this is judged by discovery like any other (the runtime
+/// failed the sandbox without a CNI DEL).
+const PENDING_MAX: Duration = Duration::from_secs(120);
+
+/// Counters of the Kubernetes integration (`/metrics`).
+#[derive(Default)]
+pub struct Stats {
+    /// CNI ADD outcomes: enrolled during ADD, not opted in by annotation (left to
+    /// discovery), or opted in but refused (discovery retries).
+    pub add_enrolled: AtomicU64,
+    pub add_not_selected: AtomicU64,
+    pub add_failed: AtomicU64,
+    /// The node's conflist lost the plugin's entry and the agent chained it back.
+    pub cni_rechained: AtomicU64,
+    /// The conflist could not be read, parsed or written back.
+    pub cni_rechain_errors: AtomicU64,
+}
+
+pub static STATS: Stats = Stats {
+    add_enrolled: AtomicU64::new(0),
+    add_not_selected: AtomicU64::new(0),
+    add_failed: AtomicU64::new(0),
+    cni_rechained: AtomicU64::new(0),
+    cni_rechain_errors: AtomicU64::new(0),
+};
+
+/// `sockmesh-cni` ADD (admin API): enrol the pod now when its annotations opt it in, then hand
+/// the notice to discovery (which enrols label-selected pods once the runtime lists them).
+/// Answers after the enrolment, so the plugin's ADD, and with it `RunPodSandbox`, return only
+/// then. An error tells the plugin why the pod was not enrolled at ADD; discovery still tries.
+pub async fn cni_add(daemon: &Arc<Daemon>, add: CniAdd) -> Result<(), String> {
+    let ctx = ADD_CTX
+        .get()
+        .ok_or("kubernetes discovery is off (no [kubernetes] in the config)")?;
+    let opted_in = opted_in_at_add(&ctx.selector, &add.annotations);
+    let who = format!(
+        "{}/{}",
+        add.namespace.as_deref().unwrap_or("-"),
+        add.name.as_deref().unwrap_or("-")
+    );
+    let result = if opted_in {
+        let start = Instant::now();
+        match enrol_at_add(daemon, ctx, &add) {
+            Ok(uid) => {
+                STATS.add_enrolled.fetch_add(1, Relaxed);
+                info!(
+                    pod = %who,
+                    uid = %uid,
+                    sandbox = %add.sandbox_id,
+                    enrol_ms = start.elapsed().as_millis() as u64,
+                    unix_ms = unix_ms(),
+                    "enrolled at CNI ADD"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                STATS.add_failed.fetch_add(1, Relaxed);
+                warn!(pod = %who, sandbox = %add.sandbox_id, "opted in but not enrolled at CNI ADD (discovery retries): {e}");
+                Err(format!("not enrolled at ADD: {e}; discovery retries"))
+            }
+        }
+    } else {
+        STATS.add_not_selected.fetch_add(1, Relaxed);
+        Ok(())
+    };
+    // Discovery records the netns and enrols label-selected pods once the runtime lists them;
+    // a pod already enrolled here does not need it to be told.
+    match (notify(Notice::CniAdd(add)), result) {
+        (Err(e), Ok(())) if !opted_in => Err(e),
+        (Err(e), Ok(())) => {
+            warn!("discovery not told of an enrolled pod: {e}");
+            Ok(())
+        }
+        (_, result) => result,
+    }
+}
+
+/// Whether a pod's annotations (all CNI ADD sees of it) carry the selector's key and value.
+fn opted_in_at_add(selector: &(String, String), annotations: &BTreeMap<String, String>) -> bool {
+    annotations.get(&selector.0).is_some_and(|v| *v == selector.1)
+}
+
+/// The enrolment of an opted-in pod from what CNI ADD knows; returns its UID.
+fn enrol_at_add(daemon: &Daemon, ctx: &AddCtx, add: &CniAdd) -> Result<String, String> {
+    let uid = add
+        .uid
+        .as_deref()
+        .filter(|u| is_pod_uid(u))
+        .ok_or("CNI_ARGS carry no pod UID (K8S_POD_UID)")?;
+    let cgroup = find_pod_cgroup(&ctx.root, uid).ok_or_else(|| {
+        format!(
+            "no cgroup of pod {uid} under {} (the kubelet creates it before RunPodSandbox)",
+            ctx.root.display()
+        )
+    })?;
+    let spec = spec_for(
+        uid,
+        netns_path(&add.netns),
+        cgroup,
+        &add.annotations,
+        daemon.outbound_port(),
+    )?;
+    PENDING
+        .lock()
+        .expect("pending lock")
+        .insert(uid.to_string(), (add.sandbox_id.clone(), Instant::now()));
+    daemon.enroll(spec).map_err(|e| {
+        PENDING.lock().expect("pending lock").remove(uid);
+        e.to_string()
+    })?;
+    Ok(uid.to_string())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
 
 /// Hand a `sockmesh-cni` notice to discovery (admin API). Never blocks.
 pub fn notify(n: Notice) -> Result<(), String> {
@@ -175,7 +324,18 @@ pub fn pod_spec(
         Some(p) => cgroup_dir(mount, p),
         None => find_pod_cgroup(root, &sb.uid).ok_or("no cgroup found for the pod")?,
     };
-    let ports: Vec<u32> = match sb.annotations.get(ANNOTATION_INBOUND_PORTS) {
+    spec_for(&sb.uid, netns_path(netns), cgroup, &sb.annotations, outbound_port)
+}
+
+/// A pod's enrolment under its UID, with the settings its annotations carry.
+fn spec_for(
+    uid: &str,
+    netns: PathBuf,
+    cgroup: PathBuf,
+    annotations: &BTreeMap<String, String>,
+    outbound_port: u16,
+) -> Result<PodSpec, String> {
+    let ports: Vec<u32> = match annotations.get(ANNOTATION_INBOUND_PORTS) {
         None => vec![],
         Some(s) => s
             .split(',')
@@ -190,15 +350,15 @@ pub fn pod_spec(
     let inbound_ports = crate::config::check_inbound_ports(&ports, outbound_port)
         .map_err(|e| format!("{ANNOTATION_INBOUND_PORTS}: {e}"))?;
     Ok(PodSpec {
-        name: sb.uid.clone(),
-        netns: netns_path(netns),
+        name: uid.to_string(),
+        netns,
         cgroup,
         external_proxy: false,
         capture: true,
         inbound_ports,
         inbound_all_ports: false,
         inbound_exclude_ports: vec![],
-        colour: sb.annotations.get(ANNOTATION_COLOUR).cloned(),
+        colour: annotations.get(ANNOTATION_COLOUR).cloned(),
         propagate: false,
         // Dual links' cgroups are not discovered from the CRI (yet): enrol them by hand.
         links: Default::default(),
@@ -232,6 +392,10 @@ pub async fn start(daemon: Arc<Daemon>, cfg: KubernetesConfig, mount: PathBuf, r
         warn!("kubernetes discovery already started");
         return;
     }
+    let _ = ADD_CTX.set(AddCtx {
+        selector: cfg.selector.clone(),
+        root: root.clone(),
+    });
     let mut d = Discovery {
         daemon,
         cfg,
@@ -244,7 +408,46 @@ pub async fn start(daemon: Arc<Daemon>, cfg: KubernetesConfig, mount: PathBuf, r
     if let Err(e) = d.reconcile().await {
         warn!(cri = %d.cfg.cri_socket.display(), "first CRI discovery failed (retrying every {}s): {e:#}", d.cfg.resync_secs);
     }
+    if let Some(dir) = d.cfg.cni_conf_dir.clone() {
+        let every = Duration::from_millis(d.cfg.cni_check_ms);
+        let daemon = d.daemon.clone();
+        // Blocking file I/O, once a second: on its own thread, not a runtime worker.
+        std::thread::Builder::new()
+            .name("sockmesh-cni-guard".into())
+            .spawn(move || guard_conflist(&dir, every, &daemon))
+            .map(drop)
+            .unwrap_or_else(|e| warn!("cannot start the CNI config guard: {e}"));
+    }
     tokio::spawn(d.run(rx));
+}
+
+/// Keep `sockmesh-cni` chained in the node's conflist (see [`KubernetesConfig::cni_conf_dir`]).
+/// Logs each change of state once, counts every re-chain and every failure. Ends when the
+/// daemon stops (`sockmesh uninstall` unchains the plugin after that).
+fn guard_conflist(dir: &Path, every: Duration, daemon: &Daemon) {
+    use crate::cni_install::{ensure_chained, entry, Chained};
+    let fallback = entry(Path::new(crate::cni::DEFAULT_ADMIN_SOCKET), None);
+    let mut remembered = None;
+    let mut last_err: Option<String> = None;
+    while !daemon.is_shutting_down() {
+        match ensure_chained(dir, &mut remembered, &fallback) {
+            Ok(Chained::Present) => last_err = None,
+            Ok(Chained::Rechained(path)) => {
+                STATS.cni_rechained.fetch_add(1, Relaxed);
+                warn!(conflist = %path.display(), "the node's CNI config lost sockmesh-cni: chained it back");
+                last_err = None;
+            }
+            Err(e) => {
+                STATS.cni_rechain_errors.fetch_add(1, Relaxed);
+                let e = e.to_string();
+                if last_err.as_ref() != Some(&e) {
+                    warn!(dir = %dir.display(), "cannot check the node's CNI config: {e}");
+                }
+                last_err = Some(e);
+            }
+        }
+        std::thread::sleep(every);
+    }
 }
 
 impl Discovery {
@@ -267,9 +470,9 @@ impl Discovery {
 
     async fn on_notice(&mut self, n: Notice) -> anyhow::Result<()> {
         match n {
-            Notice::CniAdd {
+            Notice::CniAdd(CniAdd {
                 sandbox_id, netns, ..
-            } => {
+            }) => {
                 self.netns_hints.insert(sandbox_id.clone(), netns);
                 let deadline = Instant::now() + NEW_SANDBOX_WAIT;
                 loop {
@@ -283,8 +486,11 @@ impl Discovery {
                     tokio::time::sleep(NEW_SANDBOX_POLL).await;
                 }
             }
-            Notice::CniDel { sandbox_id, uid } => {
+            Notice::CniDel(crate::cni::CniDel { sandbox_id, uid }) => {
                 self.netns_hints.remove(&sandbox_id);
+                if let Some(u) = &uid {
+                    PENDING.lock().expect("pending lock").remove(u);
+                }
                 if let Some(uid) = uid.filter(|u| is_pod_uid(u)) {
                     if self.daemon.pod_names().contains(&uid) {
                         match self.daemon.unenroll(&uid).await {
@@ -340,6 +546,21 @@ impl Discovery {
         self.decided.retain(|id, _| listed.contains(id));
         self.netns_hints.retain(|id, _| listed.contains(id));
         let enrolled: BTreeSet<String> = self.daemon.pod_names().into_iter().collect();
+        // Enrolled at CNI ADD: kept until the runtime lists the sandbox ready (then judged here
+        // like every pod) or for PENDING_MAX. Read after `enrolled`: an ADD puts its pod in the
+        // pending set before enrolling it, so any pod in `enrolled` from an ADD is seen here.
+        let ready: BTreeSet<&str> = items
+            .iter()
+            .filter(|i| i.state == cri::runtime::PodSandboxState::SandboxReady as i32)
+            .map(|i| i.id.as_str())
+            .collect();
+        let pending: BTreeSet<String> = {
+            let mut p = PENDING.lock().expect("pending lock");
+            p.retain(|_, (sandbox, since)| {
+                !ready.contains(sandbox.as_str()) && since.elapsed() < PENDING_MAX
+            });
+            p.keys().cloned().collect()
+        };
         for (uid, (spec, who, created_at)) in wanted.iter() {
             if enrolled.contains(uid) {
                 continue;
@@ -354,7 +575,7 @@ impl Discovery {
         }
         for uid in enrolled
             .iter()
-            .filter(|n| is_pod_uid(n) && !wanted.contains_key(*n))
+            .filter(|n| is_pod_uid(n) && !wanted.contains_key(*n) && !pending.contains(*n))
         {
             match self.daemon.unenroll(uid).await {
                 Ok(()) => info!(uid = %uid, "unenrolled: the pod is gone or no longer selected"),
@@ -468,6 +689,40 @@ mod tests {
         sb.annotations.clear();
         sb.netns = None;
         assert!(pod_spec(&sb, m, m, 15001, None).is_err());
+    }
+
+    #[test]
+    fn the_annotation_opts_in_at_cni_add_with_its_settings() {
+        let sel = parse_selector(DEFAULT_SELECTOR).unwrap();
+        let mut a = BTreeMap::new();
+        assert!(!opted_in_at_add(&sel, &a));
+        a.insert("sockmesh.io/mesh".to_string(), "disabled".to_string());
+        assert!(!opted_in_at_add(&sel, &a));
+        a.insert("sockmesh.io/mesh".to_string(), "enabled".to_string());
+        assert!(opted_in_at_add(&sel, &a));
+        assert!(opted_in_at_add(
+            &parse_selector("team/mesh=on").unwrap(),
+            &[("team/mesh".to_string(), "on".to_string())].into()
+        ));
+        a.insert(ANNOTATION_INBOUND_PORTS.into(), "8080".into());
+        a.insert(ANNOTATION_COLOUR.into(), "gray".into());
+        let uid = "11111111-2222-3333-4444-555555555555";
+        let spec = spec_for(
+            uid,
+            "/run/netns/cni-1".into(),
+            "/sys/fs/cgroup/kubepods/pod1".into(),
+            &a,
+            15001,
+        )
+        .unwrap();
+        assert_eq!(
+            (spec.name.as_str(), spec.inbound_ports.as_slice()),
+            (uid, &[8080u16][..])
+        );
+        assert_eq!(spec.colour.as_deref(), Some("gray"));
+        assert!(spec.capture);
+        a.insert(ANNOTATION_INBOUND_PORTS.into(), "x".into());
+        assert!(spec_for(uid, "/n".into(), "/c".into(), &a, 15001).is_err());
     }
 
     #[test]

@@ -228,8 +228,12 @@ struct Counted {
     inner: TcpStream,
     ctx: ConnCtx,
     head: Arc<HeadClock>,
-    /// Bytes a parked HTTP/1.1 session had read but not parsed: read again first.
+    /// Bytes read but not parsed: by a parked HTTP/1.1 session, or by a previous generation
+    /// before it handed the connection over (upgrade). Replayed first, not counted again.
     prefix: Bytes,
+    /// Set when the connection is being handed over: hyper's final shutdown must not reach
+    /// the socket (it is shared with the next generation).
+    keep_open: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AsyncRead for Counted {
@@ -289,6 +293,9 @@ impl AsyncWrite for Counted {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.keep_open.load(Relaxed) {
+            return Pin::new(&mut self.inner).poll_flush(cx);
+        }
         if self.head.parking.load(Relaxed) {
             // hyper ends its session on an idle connection we park: the socket stays open.
             return Poll::Ready(Ok(()));
@@ -472,15 +479,27 @@ struct ConnState {
 
 /// Serve one app connection until it closes.
 pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
+    serve_with(client, Bytes::new(), version, ctx).await
+}
+
+/// An HTTP/1.1 app connection handed over by the previous generation (upgrade), with the bytes
+/// it had already read.
+pub async fn serve_handed_over(client: TcpStream, read: Bytes, ctx: ConnCtx) {
+    serve_with(client, read, HttpVersion::Http1, ctx).await
+}
+
+async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVersion, ctx: ConnCtx) {
     let limits = &ctx.shared.limits;
     let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
     let inflight = Inflight::new();
     let head = HeadClock::new(version, inflight.clone());
+    let keep_open = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let io = TokioIo::new(Counted {
         inner: client,
         ctx: ctx.clone(),
         head: head.clone(),
-        prefix: Bytes::new(),
+        prefix,
+        keep_open: keep_open.clone(),
     });
     let state = Arc::new(ConnState {
         ctx: ctx.clone(),
@@ -490,7 +509,16 @@ pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
     });
     let svc = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(req, state).await) }
+        async move {
+            let mut resp = handle(req, state).await;
+            // A draining generation (upgrade) that cannot hand the connection over: the
+            // client's next request goes to the successor on a new connection.
+            crate::upgrade::close_after_response(
+                version == HttpVersion::Http1 && !crate::upgrade::can_hand_over(),
+                &mut resp,
+            );
+            Ok::<_, Infallible>(resp)
+        }
     });
     // Run the connection; after the idle timeout ask it to finish gracefully and keep driving
     // it until it does.
@@ -513,6 +541,11 @@ pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
                             answer_408(fd);
                         }
                         break None;
+                    }
+                    _ = crate::upgrade::drain_close(version == HttpVersion::Http2), if !closing => {
+                        debug!("upgrade: draining app connection");
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
                     }
                 }
             }
@@ -591,6 +624,16 @@ where
                     ctx.l7().errors.count("http1", "idle_timeout");
                     return Some(Ok(()));
                 }
+                // An upgrade drains this generation: a parked connection is between requests.
+                hand = crate::upgrade::drain_http1(std::future::ready(())) => {
+                    debug!(hand, "upgrade: draining a parked app connection");
+                    if hand {
+                        let counted = io.into_inner();
+                        let read = counted.prefix.to_vec();
+                        crate::upgrade::hand_over_http1(counted.inner, read, ctx);
+                    }
+                    return Some(Ok(()));
+                }
             }
         }
         // Boxed: a parked connection keeps no room for hyper's session state.
@@ -629,8 +672,9 @@ where
 {
     let limits = &ctx.shared.limits;
     head.parking.store(false, Relaxed);
+    let keep_open = io.inner().keep_open.clone();
     let mut conn = b.serve_connection(io, svc).with_upgrades();
-    let (mut closing, mut parking) = (false, false);
+    let (mut closing, mut parking, mut handing) = (false, false, false);
     let park = parkable(inflight, head, head.served.load(Relaxed));
     tokio::pin!(park);
     let r = loop {
@@ -651,8 +695,30 @@ where
                 answer_408(fd);
                 return H1Session::Done(None);
             }
+            // While an upgrade drains this generation: once no request is in flight, stop at
+            // the request boundary and hand the socket (with any bytes already read) to the
+            // successor instead of closing it.
+            hand = crate::upgrade::drain_http1(inflight.idle_for(Duration::from_millis(2))), if !closing => {
+                debug!(hand, "upgrade: draining app connection");
+                closing = true;
+                if hand {
+                    keep_open.store(true, Relaxed);
+                    handing = true;
+                }
+                Pin::new(&mut conn).graceful_shutdown();
+            }
         }
     };
+    if handing && r.is_ok() {
+        if let Some(parts) = conn.into_parts() {
+            let counted = parts.io.into_inner();
+            let mut read = parts.read_buf.to_vec();
+            read.extend_from_slice(&counted.prefix);
+            crate::upgrade::hand_over_http1(counted.inner, read, ctx);
+            return H1Session::Done(Some(Ok(())));
+        }
+        return H1Session::Done(Some(r));
+    }
     if !parking || r.is_err() {
         return H1Session::Done(Some(r));
     }
@@ -892,10 +958,9 @@ async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
         };
         // HTTP/1.1 carries one request at a time: every byte read so far belongs to this
         // request or an earlier one, so the last one read is inside it (the ledger keeps the
-        // offsets where the app thread's colour changed). Without colours in the policy the
-        // answer could not matter: no map lookup then.
+        // offsets where the app thread's colour changed).
         let propagated = match st.version {
-            HttpVersion::Http1 if policy.colouring() => st
+            HttpVersion::Http1 => st
                 .ctx
                 .propagated_at(st.ctx.entry.bytes_to_upstream.load(Relaxed).saturating_sub(1)),
             _ => None,

@@ -124,14 +124,17 @@ impl ConnCtx {
 
     /// The colour the kernel recorded for the app's bytes at `offset` of this (outbound)
     /// connection, when the pod propagates. 0 (base) is `None`: the next source decides.
+    /// Without colours in the live policy the answer could not matter: no map lookup then.
     pub fn propagated_at(&self, offset: u64) -> Option<ColourId> {
         if self.inbound {
             return None;
         }
+        let kernel = self.propagation()?;
+        if !self.l7().router.current().colouring() {
+            return None;
+        }
         let (app_local, app_remote) = propagate::app_side_of_accepted(self.local, self.client);
-        let c = self
-            .propagation()?
-            .ledger_colour(self.pod.netns_cookie, app_local, app_remote, offset)?;
+        let c = kernel.ledger_colour(self.pod.netns_cookie, app_local, app_remote, offset)?;
         ColourId::try_from(c).ok().filter(|&c| c != 0)
     }
 

@@ -442,6 +442,12 @@ pub fn goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
         }
         _ => ("not measured".into(), None),
     };
+    // The CPU-time measure, when taken, is what the goal is judged on: the kernel's own
+    // run-time statistics of the programs, not a difference of two noisy rates.
+    let (measured, met) = match hook_cpu_summary(&res.hook_cpu, &res.hook_cpu_not_enrolled) {
+        Some((text, share)) => (format!("{text}; rates: {measured}"), Some(share <= 0.03)),
+        None => (measured, met),
+    };
     g.push(Goal {
         goal: "hook cost <= 3 % of the connection rate".into(),
         measured,
@@ -462,6 +468,59 @@ pub fn goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
         met,
     });
     g
+}
+
+/// The CPU-time hook cost over the rounds: a sentence and the median share the goal is judged
+/// on. Judged like the rate pairs, on what enrolment adds (enrolled pod to a bypassed port over
+/// a pod that is not enrolled, both under the same hooks); the total is shown too.
+pub fn hook_cpu_summary(
+    enrolled: &[super::run::HookCpu],
+    not_enrolled: &[super::run::HookCpu],
+) -> Option<(String, f64)> {
+    if enrolled.is_empty() || enrolled.len() != not_enrolled.len() {
+        return None;
+    }
+    let added: Vec<f64> = enrolled
+        .iter()
+        .zip(not_enrolled)
+        .map(|(e, n)| (e.ns_per_connection - n.ns_per_connection) / e.connection_ns)
+        .collect();
+    let totals: Vec<f64> = enrolled.iter().map(|h| h.share()).collect();
+    let share = median(&added);
+    let range = |v: &[f64]| {
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min) * 100.0,
+            v.iter().copied().fold(f64::NEG_INFINITY, f64::max) * 100.0,
+        )
+    };
+    let (lo, hi) = range(&added);
+    let ns = |v: &[super::run::HookCpu]| median(&v.iter().map(|h| h.ns_per_connection).collect::<Vec<_>>());
+    let runs = median(&enrolled.iter().map(|h| h.runs_per_connection).collect::<Vec<_>>());
+    let conn = median(&enrolled.iter().map(|h| h.connection_ns).collect::<Vec<_>>());
+    // Per program, from the median sample (by total).
+    let mut by_total: Vec<&super::run::HookCpu> = enrolled.iter().collect();
+    by_total.sort_by(|a, b| a.ns_per_connection.total_cmp(&b.ns_per_connection));
+    let programs: Vec<String> = by_total[by_total.len() / 2]
+        .per_program
+        .iter()
+        .filter(|(_, ns)| *ns >= 1.0)
+        .map(|(name, ns)| format!("{name} {ns:.0}"))
+        .collect();
+    Some((
+        format!(
+            "{:.2} % as CPU time (median of {} rounds, range {lo:.2} to {hi:.2} %): enrolment adds {:.0} ns of program time per connection ({:.0} ns enrolled to a bypassed port, {:.0} ns not enrolled) to the {:.1} us a connection took; all hooks together {:.2} % ({:.1} runs per connection, ns: {}; the kernel's run-time statistics add about a clock read per run)",
+            share * 100.0,
+            enrolled.len(),
+            ns(enrolled) - ns(not_enrolled),
+            ns(enrolled),
+            ns(not_enrolled),
+            conn / 1000.0,
+            median(&totals) * 100.0,
+            runs,
+            programs.join(", "),
+        ),
+        share,
+    ))
 }
 
 /// What kernel colour propagation costs: HTTP routed by sockmesh from a pod with propagation on

@@ -292,6 +292,13 @@ pub struct Results {
     /// back-to-back pairs (alternating order) so drift cancels out: the hook-cost estimate.
     #[serde(default)]
     pub hook_pair_ratios: Vec<f64>,
+    /// The same cost as CPU time: what the kernel's own run-time statistics say sockmesh's
+    /// programs spent per connection of the enrolled pod (bypassed port), one sample per round.
+    #[serde(default)]
+    pub hook_cpu: Vec<HookCpu>,
+    /// The same for the pod that is not enrolled (what every pod under the attach point pays).
+    #[serde(default)]
+    pub hook_cpu_not_enrolled: Vec<HookCpu>,
     /// `--profile` seconds (0: none).
     #[serde(default)]
     pub profile_seconds: u32,
@@ -863,6 +870,15 @@ pub fn run(opts: &Options) -> Result<Results> {
             }
             if phase == Phase::Mesh {
                 hook_pairs(&b, &mut res)?;
+                match hook_cpu(&b, Scenario::EnrolledBypass)
+                    .and_then(|e| Ok((e, hook_cpu(&b, Scenario::NotEnrolled)?)))
+                {
+                    Ok((e, n)) => {
+                        res.hook_cpu.push(e);
+                        res.hook_cpu_not_enrolled.push(n);
+                    }
+                    Err(e) => res.warnings.push(format!("hook CPU time not measured: {e:#}")),
+                }
             }
             b.stop_daemon(&mut res, &before);
         }
@@ -994,6 +1010,140 @@ fn hook_pairs(b: &Bench, res: &mut Results) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One CPU-time sample of the hook cost (see [`hook_cpu`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HookCpu {
+    /// Connections the loop made while the statistics were on.
+    pub connections: u64,
+    /// Nanoseconds sockmesh's programs ran per connection, all programs together.
+    pub ns_per_connection: f64,
+    /// Program runs per connection (each run's statistics add about one clock read).
+    #[serde(default)]
+    pub runs_per_connection: f64,
+    /// The same per program (name, ns per connection), for programs that ran.
+    pub per_program: Vec<(String, f64)>,
+    /// Wall-clock nanoseconds each connection took in the same run.
+    pub connection_ns: f64,
+}
+
+impl HookCpu {
+    /// The share of each connection's time spent in the hooks: in this closed loop (one
+    /// connect at a time, the hooks run synchronously inside `connect()` and the accept path),
+    /// exactly the connection rate they cost.
+    pub fn share(&self) -> f64 {
+        if self.connection_ns > 0.0 {
+            self.ns_per_connection / self.connection_ns
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Seconds of the CPU-time hook measurement per round.
+const HOOK_CPU_SECONDS: f64 = 1.0;
+
+/// The hook cost as CPU time rather than a difference of two noisy rates: the kernel's BPF
+/// run-time statistics (`BPF_ENABLE_STATS`, on only while the returned descriptor is open, so
+/// nothing stays on if the bench dies) give the nanoseconds each of the daemon's `sm_*`
+/// programs ran; divided by the connections an enrolled pod made to a bypassed port in the same
+/// window. The statistics add two clock reads per program run, so this slightly overstates the
+/// cost: an upper bound.
+fn hook_cpu(b: &Bench, sc: Scenario) -> Result<HookCpu> {
+    let daemon = b.daemon.as_ref().ok_or_else(|| anyhow!("no daemon"))?;
+    let ids = attached_programs(&daemon.pin_dir().join("links"))?;
+    let stats = enable_bpf_stats()?;
+    let before = bpf_run_times(&ids)?;
+    let r = b.load(sc, Workload::ConnRate, HOOK_CPU_SECONDS)?;
+    let after = bpf_run_times(&ids)?;
+    drop(stats);
+    if r.errors > 0 || r.requests == 0 {
+        bail!("the connect loop failed: {:?}", r.first_error);
+    }
+    let connections = r.total_requests;
+    let mut per_program = Vec::new();
+    let (mut total, mut runs) = (0u64, 0u64);
+    for (id, (name, ns, cnt)) in &after {
+        let (ns0, cnt0) = before.get(id).map_or((0, 0), |(_, n, c)| (*n, *c));
+        let delta = ns.saturating_sub(ns0);
+        runs += cnt.saturating_sub(cnt0);
+        if delta > 0 {
+            total += delta;
+            per_program.push((name.clone(), delta as f64 / connections as f64));
+        }
+    }
+    per_program.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(HookCpu {
+        connections,
+        ns_per_connection: total as f64 / connections as f64,
+        runs_per_connection: runs as f64 / connections as f64,
+        per_program,
+        connection_ns: r.seconds * 1e9 / r.requests as f64,
+    })
+}
+
+/// `BPF_ENABLE_STATS` (`BPF_STATS_RUN_TIME`): run-time statistics for every program while the
+/// returned descriptor is open.
+fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // union bpf_attr { struct { __u32 type; } enable_stats; ... }, BPF_STATS_RUN_TIME = 0.
+    let mut attr = [0u8; 128];
+    attr[..4].copy_from_slice(&0u32.to_ne_bytes());
+    // SAFETY: bpf(2) reads `size` bytes of the zeroed attribute buffer.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ENABLE_STATS, attr.as_mut_ptr(), attr.len()) };
+    if fd < 0 {
+        bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `bpftool -j ARGS` as JSON.
+fn bpftool_json(args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .context("run bpftool (apt-get install bpftool)")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("bpftool JSON")
+}
+
+/// Ids of the programs behind the links this daemon pinned in `links_dir` (other daemons on
+/// the machine load programs of the same names).
+fn attached_programs(links_dir: &Path) -> Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(links_dir).with_context(|| format!("read {}", links_dir.display()))? {
+        let path = entry?.path();
+        let link = bpftool_json(&["link", "show", "pinned", &path.to_string_lossy()])?;
+        if let Some(id) = link["prog_id"].as_u64() {
+            ids.push(id);
+        }
+    }
+    if ids.is_empty() {
+        bail!("no pinned link in {}", links_dir.display());
+    }
+    Ok(ids)
+}
+
+/// Program id -> (name, run_time_ns, run_cnt) for `ids` (`bpftool prog show id N`).
+fn bpf_run_times(ids: &[u64]) -> Result<BTreeMap<u64, (String, u64, u64)>> {
+    let mut out = BTreeMap::new();
+    for id in ids {
+        let p = bpftool_json(&["prog", "show", "id", &id.to_string()])?;
+        let name = p["name"].as_str().unwrap_or("?").to_owned();
+        let field = |k: &str| p[k].as_u64().unwrap_or(0);
+        out.insert(*id, (name, field("run_time_ns"), field("run_cnt")));
+    }
+    Ok(out)
 }
 
 fn start_envoys(b: &mut Bench, envoy: &Path, res: &mut Results) -> Result<()> {

@@ -1,0 +1,407 @@
+//! Upgrading the daemon under load (`sockmesh upgrade --binary PATH`).
+//!
+//! Generation N (the running daemon) listens on a per-generation rendezvous Unix socket
+//! (`<state_file stem>.upgrade.<gen>.sock`, mode 0600) whose path it writes into its lock file.
+//! Generation N+1 (`sockmesh run ... --upgrade`, started by N so it shares N's cgroup) reads the
+//! lock file, connects, and the two speak [`wire`]: a version handshake, then N passes the
+//! *same* listening sockets (pods' outbound and inbound listeners, admin, metrics) and its
+//! lock file by `SCM_RIGHTS`. N+1 adopts the pinned kernel state as a restart does, says
+//! `Ready`, gets `Commit`, starts accepting on the shared sockets and says `Started`; only then
+//! does N stop accepting and drain (HTTP/1.1: `Connection: close` on the next response,
+//! HTTP/2: GOAWAY), sending its counters to N+1 until it exits without unpinning anything.
+//! Until `Started`, N has changed nothing: a successor that fails at any step leaves N serving
+//! and its rendezvous in place for the next try.
+//!
+//! See docs/upgrade.md for what moves, what drains and the failure cases.
+
+pub mod counters;
+pub mod new;
+pub mod old;
+pub mod tcp;
+pub mod wire;
+
+use std::{
+    net::SocketAddr,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        Mutex, OnceLock,
+    },
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// An HTTP/1.1 app connection of a draining generation that sends no request for this long is
+/// closed (gracefully, when idle). Connections that do send one get `Connection: close` on its
+/// response and are closed by the client's own reconnect.
+pub const HTTP1_DRAIN_IDLE_CLOSE: Duration = Duration::from_secs(1);
+
+/// This process's generation (1 for a daemon started from nothing).
+static GENERATION: AtomicU64 = AtomicU64::new(1);
+/// Set once this generation handed over to its successor and drains.
+static DRAINING: OnceLock<tokio::sync::watch::Sender<bool>> = OnceLock::new();
+/// False once the admin socket path belongs to the successor (or, in a successor, until it
+/// took over): only then may this process remove it at exit.
+static OWNS_ADMIN: AtomicBool = AtomicBool::new(true);
+/// Listening sockets received from the previous generation, not yet adopted by a pod.
+static INHERITED: Mutex<Vec<(String, SocketAddr, OwnedFd)>> = Mutex::new(Vec::new());
+static STATUS: Mutex<Status> = Mutex::new(Status::new());
+
+/// What `sockmesh status` shows about upgrades.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// `idle`, `offered`, `ready`, `committed`, `draining` (N after the hand-off),
+    /// `taking_over` (N+1 before `Started`).
+    pub phase: &'static str,
+    /// The other generation's pid while an upgrade is in progress.
+    pub peer_pid: Option<u32>,
+    pub attempts: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Of `failed`: refused at the handshake (protocol version, busy).
+    pub refused: u64,
+    pub last_error: Option<String>,
+    /// Live connections handed over: sent (N) or taken (N+1), over this process's life.
+    pub moved: u64,
+    /// Of those, bytes already read from the client but not yet answered (moved with them).
+    pub moved_read_bytes: u64,
+    /// Of `moved`: opaque TCP relays (a pair of sockets each).
+    pub moved_opaque: u64,
+    /// In N+1: the previous generation while it drains.
+    pub previous: Option<Previous>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Previous {
+    pub pid: u32,
+    pub generation: u64,
+    pub connections_left: u64,
+    pub exited: bool,
+}
+
+impl Status {
+    const fn new() -> Self {
+        Self {
+            phase: "idle",
+            peer_pid: None,
+            attempts: 0,
+            succeeded: 0,
+            failed: 0,
+            refused: 0,
+            last_error: None,
+            moved: 0,
+            moved_read_bytes: 0,
+            moved_opaque: 0,
+            previous: None,
+        }
+    }
+}
+
+pub fn generation() -> u64 {
+    GENERATION.load(Relaxed)
+}
+
+fn set_generation(g: u64) {
+    GENERATION.store(g, Relaxed);
+}
+
+fn status_mut<R>(f: impl FnOnce(&mut Status) -> R) -> R {
+    f(&mut STATUS.lock().expect("upgrade status lock"))
+}
+
+/// The `upgrade` object of `sockmesh status`.
+pub fn status_json() -> serde_json::Value {
+    let st = STATUS.lock().expect("upgrade status lock").clone();
+    let in_progress = !matches!(st.phase, "idle") || st.previous.as_ref().is_some_and(|p| !p.exited);
+    let mut v = serde_json::to_value(&st).unwrap_or(json!({}));
+    v["in_progress"] = in_progress.into();
+    v["pid"] = std::process::id().into();
+    v
+}
+
+/// The `generation` line of `sockmesh status`.
+pub fn render_status(generation: &serde_json::Value, up: &serde_json::Value) -> String {
+    let mut line = format!("generation {generation}");
+    let phase = up["phase"].as_str().unwrap_or("idle");
+    if phase != "idle" {
+        line += &format!(
+            "; upgrade in progress: {phase} (other generation pid {})",
+            up["peer_pid"]
+        );
+    }
+    if let Some(p) = up["previous"].as_object() {
+        if p.get("exited").and_then(|v| v.as_bool()) == Some(false) {
+            line += &format!(
+                "; upgrade in progress: previous generation {} (pid {}) draining, {} connections left",
+                p["generation"], p["pid"], p["connections_left"]
+            );
+        }
+    }
+    let failed = up["failed"].as_u64().unwrap_or(0);
+    if failed > 0 {
+        line += &format!(
+            "; {failed} failed upgrade(s), last: {}",
+            up["last_error"].as_str().unwrap_or("?")
+        );
+    }
+    line.push('\n');
+    line
+}
+
+fn drain_tx() -> &'static tokio::sync::watch::Sender<bool> {
+    DRAINING.get_or_init(|| tokio::sync::watch::channel(false).0)
+}
+
+/// This generation handed over: connections finish and close.
+pub fn set_draining() {
+    drain_tx().send_replace(true);
+}
+
+pub fn is_draining() -> bool {
+    *drain_tx().borrow()
+}
+
+/// Resolves once this generation drains (never, otherwise).
+pub async fn draining() {
+    let mut rx = drain_tx().subscribe();
+    let _ = rx.wait_for(|d| *d).await;
+}
+
+/// For an app connection's drive loop: resolves when the connection should be asked to finish
+/// gracefully because this generation drains. HTTP/2 at once (GOAWAY); HTTP/1.1 after
+/// [`HTTP1_DRAIN_IDLE_CLOSE`], so that a client with a request on the way gets its answer
+/// (with `Connection: close`) instead of a close racing its request.
+pub async fn drain_close(http2: bool) {
+    draining().await;
+    if !http2 {
+        tokio::time::sleep(HTTP1_DRAIN_IDLE_CLOSE).await;
+    }
+}
+
+/// For an HTTP/1.1 app connection's drive loop: resolves when this generation drains, with
+/// `true` once the connection is idle and can be handed over to the successor (`idle`
+/// resolves when no request is in flight), `false` after [`HTTP1_DRAIN_IDLE_CLOSE`] when it
+/// cannot (it is then closed gracefully).
+pub async fn drain_http1(idle: impl std::future::Future<Output = ()>) -> bool {
+    draining().await;
+    if can_hand_over() {
+        idle.await;
+        true
+    } else {
+        tokio::time::sleep(HTTP1_DRAIN_IDLE_CLOSE).await;
+        false
+    }
+}
+
+/// Whether live connections can be handed over now (a successor reads them).
+///
+/// Not with the sockmap short-circuit on: moved accelerated relays stalled in the tests (4 of 4
+/// streams stopped after the move; not understood yet), so with acceleration their connections
+/// drain on the old generation instead (HTTP/1.1: `Connection: close`).
+pub fn can_hand_over() -> bool {
+    !ACCELERATED.load(Relaxed) && HANDOVER.lock().expect("handover lock").is_some()
+}
+
+/// Whether this generation runs with the sockmap short-circuit on (no connection moves).
+static ACCELERATED: AtomicBool = AtomicBool::new(false);
+
+pub fn set_accelerated(on: bool) {
+    ACCELERATED.store(on, Relaxed);
+}
+
+/// A connection on its way to the successor.
+pub struct HandOver {
+    pub meta: wire::Conn,
+    /// HTTP/1.1: the client's socket; opaque TCP: the client's, then the upstream's.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Queue a connection for the successor; false (the descriptors closed) when there is none.
+fn send_handover(meta: wire::Conn, fds: Vec<OwnedFd>) -> bool {
+    let tx = HANDOVER.lock().expect("handover lock").clone();
+    match tx {
+        Some(tx) => tx.send(HandOver { meta, fds }).is_ok(),
+        None => false,
+    }
+}
+
+/// Filled by the hand-off session while the successor takes connections.
+static HANDOVER: Mutex<Option<std::sync::mpsc::Sender<HandOver>>> = Mutex::new(None);
+
+/// Hand an idle HTTP/1.1 app connection (stopped at a request boundary, with the bytes already
+/// read) to the successor. Without one the socket is closed (cannot happen while
+/// [`can_hand_over`] said yes, except when the successor died meanwhile).
+pub fn hand_over_http1(s: tokio::net::TcpStream, read: Vec<u8>, ctx: &crate::l7::ConnCtx) {
+    let fd = match s.into_std() {
+        Ok(s) => OwnedFd::from(s),
+        Err(e) => {
+            tracing::warn!("upgrade: connection not handed over: {e}");
+            return;
+        }
+    };
+    let meta = wire::Conn {
+        pod: ctx.pod.name.clone(),
+        inbound: ctx.inbound,
+        client: ctx.client.to_string(),
+        orig: ctx.orig.to_string(),
+        local: ctx.local.to_string(),
+        read,
+        ..Default::default()
+    };
+    if !send_handover(meta, vec![fd]) {
+        tracing::warn!(client = %ctx.client, "upgrade: no successor to take the connection: closed");
+    }
+}
+
+/// A response on an HTTP/1.1 app connection while draining: `Connection: close`, so the client
+/// opens its next connection to the successor. Protocol switches (101) are left alone.
+pub fn close_after_response<B>(http1: bool, resp: &mut http::Response<B>) {
+    mark_close(is_draining(), http1, resp)
+}
+
+fn mark_close<B>(draining: bool, http1: bool, resp: &mut http::Response<B>) {
+    if http1 && draining && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+}
+
+/// Whether this process may remove the admin socket path at exit.
+pub fn owns_admin_socket() -> bool {
+    OWNS_ADMIN.load(Relaxed)
+}
+
+/// A listener the previous generation passed for `pod` bound to `addr`, if any (taken: a
+/// second call gets `None`).
+pub fn take_listener(pod: &str, addr: SocketAddr) -> Option<std::net::TcpListener> {
+    let mut v = INHERITED.lock().expect("inherited lock");
+    let i = v.iter().position(|(p, a, _)| p == pod && *a == addr)?;
+    let (_, _, fd) = v.swap_remove(i);
+    let l = std::net::TcpListener::from(fd);
+    if let Err(e) = l.set_nonblocking(true) {
+        tracing::warn!(pod, %addr, "inherited listener: {e}");
+    }
+    Some(l)
+}
+
+/// Close the inherited listeners no pod adopted (their pods are gone).
+fn drop_unadopted() -> usize {
+    let left = std::mem::take(&mut *INHERITED.lock().expect("inherited lock"));
+    left.len()
+}
+
+/// What the lock file says (written by the daemon that holds the lock).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LockInfo {
+    pub pid: u32,
+    pub generation: u64,
+    pub rendezvous: PathBuf,
+    pub protocol_version: u32,
+}
+
+/// The lock file of a state file (the daemon's `flock`).
+pub fn lock_path(state_file: &Path) -> PathBuf {
+    state_file.with_extension("lock")
+}
+
+/// Generation `g`'s rendezvous socket: next to the state file, one name per generation, so a
+/// process only ever removes its own (MOSN #1817: the old process unlinked the path the new
+/// one listened on).
+pub fn rendezvous_path(state_file: &Path, g: u64) -> PathBuf {
+    let stem = state_file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "sockmesh".into());
+    state_file.with_file_name(format!("{stem}.upgrade.{g}.sock"))
+}
+
+/// Rendezvous sockets of any generation next to `state_file`.
+pub fn rendezvous_files(state_file: &Path) -> Vec<PathBuf> {
+    let stem = state_file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "sockmesh".into());
+    let prefix = format!("{stem}.upgrade.");
+    let dir = state_file.parent().unwrap_or(Path::new("."));
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".sock"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn read_lock_info(state_file: &Path) -> Option<LockInfo> {
+    let text = std::fs::read_to_string(lock_path(state_file)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Rewrite the lock file's contents (the `flock` is on the open file, not the contents).
+fn write_lock_info(lock: &std::fs::File, info: &LockInfo) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let text = serde_json::to_vec(info).expect("serialisable");
+    lock.set_len(0)?;
+    lock.write_all_at(&text, 0)?;
+    Ok(())
+}
+
+/// At a fresh start (not an upgrade): the generation after the one the lock file names (a
+/// restart continues the count), and stale rendezvous files of dead daemons removed.
+pub fn fresh_start(state_file: &Path) {
+    if let Some(info) = read_lock_info(state_file) {
+        set_generation(info.generation + 1);
+    }
+    for p in rendezvous_files(state_file) {
+        tracing::info!(path = %p.display(), "removing a stale upgrade rendezvous socket");
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_names_are_per_generation_and_found_again() {
+        let dir = std::env::temp_dir().join(format!("sm-upg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sf = dir.join("state.json");
+        let a = rendezvous_path(&sf, 1);
+        let b = rendezvous_path(&sf, 2);
+        assert_ne!(a, b);
+        assert_eq!(a, dir.join("state.upgrade.1.sock"));
+        std::fs::write(&a, "").unwrap();
+        std::fs::write(&b, "").unwrap();
+        std::fs::write(dir.join("other.upgrade.1.sock"), "").unwrap();
+        assert_eq!(rendezvous_files(&sf), vec![a, b]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn draining_http1_responses_say_close_but_not_switches() {
+        // (The process-wide flag is never set in unit tests: other tests share the process.)
+        let mut r = http::Response::new(());
+        close_after_response(true, &mut r);
+        assert!(r.headers().get("connection").is_none(), "not draining");
+        mark_close(true, true, &mut r);
+        assert_eq!(r.headers()["connection"], "close");
+        let mut h2 = http::Response::new(());
+        mark_close(true, false, &mut h2);
+        assert!(h2.headers().get("connection").is_none());
+        let mut sw = http::Response::new(());
+        *sw.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        mark_close(true, true, &mut sw);
+        assert!(sw.headers().get("connection").is_none());
+    }
+}

@@ -1,0 +1,299 @@
+//! Generation N+1's side (`sockmesh run ... --upgrade`): find N through the lock file, take
+//! the offered descriptors, say `Ready` once the kernel state is adopted, and after `Commit`
+//! start and say `Started`; then add N's counters to its own while N drains.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::{fd::OwnedFd, unix::net::UnixStream},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context as _};
+use tracing::{info, warn};
+
+use super::{
+    counters::Carry,
+    wire::{self, Body, FdKind, Hello},
+};
+use crate::daemon::Daemon;
+
+/// N must answer each step this soon.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// `Commit` after `Ready`.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the successor took over.
+pub struct Inherited {
+    conn: UnixStream,
+    pub lock: std::fs::File,
+    pub admin: OwnedFd,
+    pub metrics: OwnedFd,
+    previous_pid: u32,
+    previous_generation: u64,
+}
+
+/// Find the running generation through the lock file next to `state_file` and take its offer.
+pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
+    let info = super::read_lock_info(state_file).ok_or_else(|| {
+        anyhow!(
+            "--upgrade: {} names no running daemon to take over from",
+            super::lock_path(state_file).display()
+        )
+    })?;
+    let conn = UnixStream::connect(&info.rendezvous).with_context(|| {
+        format!(
+            "--upgrade: cannot reach generation {} (pid {}) at {}",
+            info.generation,
+            info.pid,
+            info.rendezvous.display()
+        )
+    })?;
+    conn.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    conn.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+    wire::send(
+        &conn,
+        Body::Hello(Hello {
+            protocol_version: wire::PROTOCOL_VERSION,
+            pid: std::process::id(),
+            binary_version: env!("CARGO_PKG_VERSION").into(),
+        }),
+        &[],
+    )?;
+    let (body, fds) = wire::recv(&conn).context("--upgrade: waiting for the offer")?;
+    let offer = match body {
+        Body::Offer(o) => o,
+        Body::Refuse(r) => bail!(
+            "generation {} (pid {}) refused the hand-off: {} (it speaks hand-off protocol {}, this binary {})",
+            info.generation,
+            info.pid,
+            r.reason,
+            r.protocol_version,
+            wire::PROTOCOL_VERSION
+        ),
+        other => bail!("--upgrade: protocol error: expected offer, got {}", other.name()),
+    };
+    if offer.fds.len() != fds.len() {
+        bail!(
+            "--upgrade: the offer describes {} descriptors but {} came",
+            offer.fds.len(),
+            fds.len()
+        );
+    }
+    let (mut lock, mut admin, mut metrics) = (None, None, None);
+    let mut listeners = Vec::new();
+    for (fi, fd) in offer.fds.iter().zip(fds) {
+        match FdKind::try_from(fi.kind).unwrap_or(FdKind::Unknown) {
+            FdKind::Lock => lock = Some(std::fs::File::from(fd)),
+            FdKind::Admin => admin = Some(fd),
+            FdKind::Metrics => metrics = Some(fd),
+            FdKind::Outbound | FdKind::Inbound => {
+                let addr: SocketAddr = fi
+                    .addr
+                    .parse()
+                    .map_err(|_| anyhow!("--upgrade: bad listener address {:?}", fi.addr))?;
+                listeners.push((fi.pod.clone(), addr, fd));
+            }
+            FdKind::Unknown => warn!("--upgrade: ignoring a descriptor of unknown kind {}", fi.kind),
+        }
+    }
+    let (Some(lock), Some(admin), Some(metrics)) = (lock, admin, metrics) else {
+        bail!("--upgrade: the offer lacks the lock, admin or metrics descriptor");
+    };
+    info!(
+        from_pid = offer.pid,
+        from_generation = offer.generation,
+        listeners = listeners.len(),
+        "upgrade: took the previous generation's offer"
+    );
+    *super::INHERITED.lock().expect("inherited lock") = listeners;
+    super::set_generation(offer.generation + 1);
+    super::OWNS_ADMIN.store(false, std::sync::atomic::Ordering::SeqCst);
+    super::status_mut(|st| {
+        st.phase = "taking_over";
+        st.peer_pid = Some(offer.pid);
+    });
+    Ok(Inherited {
+        conn,
+        lock,
+        admin,
+        metrics,
+        previous_pid: offer.pid,
+        previous_generation: offer.generation,
+    })
+}
+
+impl Inherited {
+    /// Kernel state adopted: tell N, and wait for its `Commit`.
+    pub fn ready(&self) -> anyhow::Result<()> {
+        wire::send(
+            &self.conn,
+            Body::Ready(wire::Ready {
+                pid: std::process::id(),
+            }),
+            &[],
+        )?;
+        self.conn.set_read_timeout(Some(COMMIT_TIMEOUT))?;
+        match wire::recv(&self.conn).context("--upgrade: waiting for commit")?.0 {
+            Body::Commit(_) => Ok(()),
+            Body::Abort(a) => bail!("the previous generation aborted the upgrade: {}", a.reason),
+            other => bail!("--upgrade: protocol error: expected commit, got {}", other.name()),
+        }
+    }
+
+    /// Tell N something went wrong on this side (best effort).
+    pub fn abort(&self, reason: &str) {
+        let _ = wire::send(
+            &self.conn,
+            Body::Abort(wire::Abort {
+                reason: reason.into(),
+            }),
+            &[],
+        );
+    }
+
+    /// Accepting and serving admin: tell N (it stops accepting and drains), then carry its
+    /// counters over until it exits.
+    pub fn started(self, daemon: Arc<Daemon>) -> anyhow::Result<()> {
+        wire::send(
+            &self.conn,
+            Body::Started(wire::Started {
+                generation: super::generation(),
+            }),
+            &[],
+        )?;
+        let left = super::drop_unadopted();
+        if left > 0 {
+            warn!(listeners = left, "closed inherited listeners no pod adopted");
+        }
+        super::OWNS_ADMIN.store(true, std::sync::atomic::Ordering::SeqCst);
+        let prev = super::Previous {
+            pid: self.previous_pid,
+            generation: self.previous_generation,
+            connections_left: 0,
+            exited: false,
+        };
+        super::status_mut(|st| {
+            st.phase = "idle";
+            st.peer_pid = None;
+            st.previous = Some(prev);
+        });
+        info!(
+            generation = super::generation(),
+            previous_pid = self.previous_pid,
+            "upgrade: took over; the previous generation drains"
+        );
+        let conn = self.conn;
+        let rt = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("sockmesh-upgrade-carry".into())
+            .spawn(move || {
+                let mut carry = Carry::default();
+                // N sends a snapshot every 200 ms; its drain is bounded by its own deadline.
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                loop {
+                    match wire::recv(&conn) {
+                        Ok((Body::Snapshot(s), _)) => {
+                            let last = s.last;
+                            let left = s.connections_left;
+                            carry.apply(&daemon, s);
+                            super::status_mut(|st| {
+                                if let Some(p) = st.previous.as_mut() {
+                                    p.connections_left = left;
+                                    p.exited = last;
+                                }
+                            });
+                            if last {
+                                info!("upgrade: the previous generation finished draining");
+                                break;
+                            }
+                        }
+                        Ok((Body::Conn(c), mut fds)) if fds.len() == 1 + c.opaque as usize => {
+                            super::status_mut(|st| {
+                                st.moved += 1;
+                                st.moved_read_bytes += (c.read.len() + c.to_client.len()) as u64;
+                                st.moved_opaque += c.opaque as u64;
+                            });
+                            if c.opaque {
+                                let upstream = fds.pop().expect("two descriptors");
+                                let client = fds.pop().expect("two descriptors");
+                                rt.spawn(super::tcp::adopt(daemon.clone(), c, client, upstream));
+                            } else {
+                                let fd = fds.pop().expect("one descriptor");
+                                rt.spawn(adopt_http1(daemon.clone(), c, fd));
+                            }
+                        }
+                        Ok((other, _)) => {
+                            warn!("upgrade: unexpected {} while carrying counters", other.name())
+                        }
+                        Err(e) => {
+                            let gone =
+                                !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut);
+                            warn!("upgrade: the previous generation's counters stopped: {e}");
+                            if gone {
+                                super::status_mut(|st| {
+                                    if let Some(p) = st.previous.as_mut() {
+                                        p.exited = true;
+                                    }
+                                });
+                                break;
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(())
+    }
+}
+
+/// Serve an HTTP/1.1 app connection the previous generation handed over between requests: the
+/// same socket, the bytes it had read first. Counted as active here (its total was counted by
+/// the generation that accepted it, and carried over).
+async fn adopt_http1(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
+    let parse = |s: &str| s.parse::<SocketAddr>().ok();
+    let (Some(client), Some(orig), Some(local)) = (parse(&c.client), parse(&c.orig), parse(&c.local)) else {
+        warn!(?c.client, "upgrade: a handed-over connection with bad addresses: closed");
+        return;
+    };
+    let Some(pod) = daemon.pod_ctx(&c.pod) else {
+        warn!(pod = %c.pod, "upgrade: a connection of a pod this generation does not serve: closed");
+        return;
+    };
+    let std = std::net::TcpStream::from(fd);
+    let s = match std
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(std))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("upgrade: a handed-over connection: {e}");
+            return;
+        }
+    };
+    let shared = daemon.proxy_shared().clone();
+    let dir = if c.inbound {
+        crate::proxy::Direction::Inbound
+    } else {
+        crate::proxy::Direction::Outbound
+    };
+    let entry = shared.registry.add(&pod.name, dir, client, orig);
+    pod.stats
+        .connections_active
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ctx = crate::l7::ConnCtx {
+        pod: pod.clone(),
+        shared: shared.clone(),
+        client,
+        orig,
+        entry: entry.clone(),
+        inbound: c.inbound,
+        local,
+    };
+    crate::l7::http::serve_handed_over(s, c.read.into(), ctx).await;
+    pod.stats
+        .connections_active
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    shared.registry.remove(entry.id);
+}

@@ -1,0 +1,522 @@
+//! Generation N's side: the rendezvous listener, the admin `upgrade` request (start the new
+//! binary, wait for the outcome) and the hand-off session.
+
+use std::{
+    ffi::OsString,
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, OwnedFd},
+        unix::{
+            fs::PermissionsExt as _,
+            net::{UnixListener, UnixStream},
+        },
+    },
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering::SeqCst},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::{
+    counters,
+    wire::{self, Body, FdInfo, FdKind, Offer, Refuse},
+};
+use crate::{daemon::Daemon, proxy::Direction};
+
+/// The successor must say `Hello` this soon after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// ... and `Ready` this soon after the offer (it adopts the kernel state and runs the
+/// acceleration self-test in between).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// ... and `Started` this soon after `Commit`.
+const STARTED_TIMEOUT: Duration = Duration::from_secs(30);
+/// The whole `sockmesh upgrade` request, from starting the binary to `Started`.
+pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a draining generation sends its counters.
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(200);
+
+/// What generation N shares with its successor.
+pub struct Ctx {
+    pub daemon: Arc<Daemon>,
+    pub state_file: PathBuf,
+    pub lock: std::fs::File,
+    pub admin: OwnedFd,
+    pub metrics: OwnedFd,
+}
+
+struct Session {
+    /// Set by main once the drain is over: the session sends the last snapshot and ends.
+    drained: AtomicBool,
+    done: AtomicBool,
+}
+
+static BUSY: AtomicBool = AtomicBool::new(false);
+static HANDED_OFF: AtomicBool = AtomicBool::new(false);
+static SESSION: Mutex<Option<Arc<Session>>> = Mutex::new(None);
+static OWN_PATH: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// The admin and metrics accept loops: stopped the moment the successor serves them.
+static SERVING: Mutex<Vec<tokio::task::AbortHandle>> = Mutex::new(Vec::new());
+
+/// Register the accept loops of the sockets the successor takes over (admin, metrics).
+pub fn stop_on_handoff(tasks: Vec<tokio::task::AbortHandle>) {
+    *SERVING.lock().expect("serving lock") = tasks;
+}
+/// Outcome of the latest session per successor pid, for the admin request waiting on it.
+static OUTCOMES: Mutex<Vec<(u32, Result<u64, String>)>> = Mutex::new(Vec::new());
+
+/// Whether this generation handed over (main then stops serving admin and metrics, and drains).
+pub fn handed_off() -> bool {
+    HANDED_OFF.load(SeqCst)
+}
+
+/// Listen on this generation's rendezvous socket and advertise it in the lock file.
+pub fn listen(ctx: Ctx) -> io::Result<PathBuf> {
+    let g = super::generation();
+    let path = super::rendezvous_path(&ctx.state_file, g);
+    if path.exists() {
+        std::fs::remove_file(&path)?;
+    }
+    let l = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    super::write_lock_info(
+        &ctx.lock,
+        &super::LockInfo {
+            pid: std::process::id(),
+            generation: g,
+            rendezvous: path.clone(),
+            protocol_version: wire::PROTOCOL_VERSION,
+        },
+    )?;
+    *OWN_PATH.lock().expect("path lock") = Some(path.clone());
+    info!(path = %path.display(), generation = g, "upgrade rendezvous listening");
+    let ctx = Arc::new(ctx);
+    std::thread::Builder::new()
+        .name("sockmesh-upgrade".into())
+        .spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { continue };
+                if handed_off() {
+                    let _ = refuse(&s, "this generation already handed over; ask its successor");
+                    continue;
+                }
+                if BUSY.swap(true, SeqCst) {
+                    let _ = refuse(&s, "another upgrade is in progress");
+                    super::status_mut(|st| {
+                        st.failed += 1;
+                        st.refused += 1;
+                    });
+                    continue;
+                }
+                let ctx = ctx.clone();
+                std::thread::spawn(move || {
+                    let r = session(&ctx, s);
+                    BUSY.store(false, SeqCst);
+                    if let Err((pid, e)) = r {
+                        warn!(
+                            successor = pid,
+                            "upgrade failed, this generation keeps serving: {e}"
+                        );
+                        super::status_mut(|st| {
+                            st.phase = "idle";
+                            st.peer_pid = None;
+                            st.failed += 1;
+                            st.last_error = Some(e.clone());
+                        });
+                        OUTCOMES.lock().expect("outcomes").push((pid, Err(e)));
+                    }
+                });
+            }
+        })?;
+    Ok(path)
+}
+
+fn refuse(s: &UnixStream, reason: &str) -> io::Result<()> {
+    s.set_write_timeout(Some(HELLO_TIMEOUT))?;
+    wire::send(
+        s,
+        Body::Refuse(Refuse {
+            reason: reason.into(),
+            protocol_version: wire::PROTOCOL_VERSION,
+        }),
+        &[],
+    )
+}
+
+fn expect(s: &UnixStream, timeout: Duration, want: &'static str) -> Result<Body, String> {
+    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    match wire::recv(s) {
+        Ok((Body::Abort(a), _)) => Err(format!("the successor gave up: {}", a.reason)),
+        Ok((b, _)) if b.name() == want => Ok(b),
+        Ok((b, _)) => Err(format!("protocol error: expected {want}, got {}", b.name())),
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(format!("no {want} from the successor within {timeout:?}"))
+        }
+        Err(e) => Err(format!("waiting for {want}: {e}")),
+    }
+}
+
+/// One hand-off. Errors carry the successor's pid (0 before its hello).
+fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
+    let hello = match expect(&s, HELLO_TIMEOUT, "hello") {
+        Ok(Body::Hello(h)) => h,
+        Ok(_) => unreachable!("expect checks the kind"),
+        Err(e) => return Err((0, e)),
+    };
+    let pid = hello.pid;
+    super::status_mut(|st| st.attempts += 1);
+    // SO_PEERCRED: only our own user may take the daemon over (the socket is 0600 anyway).
+    if let Ok(cred) = peer_uid(&s) {
+        // SAFETY: geteuid has no preconditions.
+        if cred != unsafe { libc::geteuid() } {
+            let _ = refuse(&s, "not the daemon's user");
+            super::status_mut(|st| st.refused += 1);
+            return Err((pid, format!("refused a successor of uid {cred}")));
+        }
+    }
+    if hello.protocol_version != wire::PROTOCOL_VERSION {
+        let why = format!(
+            "hand-off protocol {} is not this daemon's {} (binary {})",
+            hello.protocol_version,
+            wire::PROTOCOL_VERSION,
+            if hello.binary_version.is_empty() {
+                "unknown"
+            } else {
+                &hello.binary_version
+            }
+        );
+        let _ = refuse(&s, &why);
+        super::status_mut(|st| st.refused += 1);
+        return Err((pid, format!("refused: {why}")));
+    }
+    if let Some(p) = super::status_mut(|st| st.previous.clone()).filter(|p| !p.exited) {
+        let why = format!("the previous generation (pid {}) is still draining", p.pid);
+        let _ = refuse(&s, &why);
+        super::status_mut(|st| st.refused += 1);
+        return Err((pid, format!("refused: {why}")));
+    }
+    info!(successor = pid, version = %hello.binary_version, "upgrade: successor says hello");
+    super::status_mut(|st| {
+        st.phase = "offered";
+        st.peer_pid = Some(pid);
+    });
+    // What moves: the lock, admin and metrics listeners, every pod's listeners (the same
+    // sockets: their accept queues, and the sk_lookup sockmap entries, stay as they are).
+    let mut infos = Vec::new();
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    let dup = |fd: &dyn AsFd| fd.as_fd().try_clone_to_owned().map_err(|e| (pid, e.to_string()));
+    for (kind, fd) in [
+        (FdKind::Lock, ctx.lock.as_fd()),
+        (FdKind::Admin, ctx.admin.as_fd()),
+        (FdKind::Metrics, ctx.metrics.as_fd()),
+    ] {
+        fds.push(dup(&fd)?);
+        infos.push(FdInfo {
+            kind: kind as i32,
+            pod: String::new(),
+            addr: String::new(),
+        });
+    }
+    for (pod, addr, dir, fd) in ctx.daemon.listener_fds() {
+        infos.push(FdInfo {
+            kind: match dir {
+                Direction::Outbound => FdKind::Outbound,
+                Direction::Inbound => FdKind::Inbound,
+            } as i32,
+            pod,
+            addr: addr.to_string(),
+        });
+        fds.push(fd);
+    }
+    if fds.len() > wire::MAX_FDS {
+        let _ = refuse(&s, "too many listeners for one hand-off message");
+        return Err((pid, format!("{} listeners exceed one message", fds.len())));
+    }
+    let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    s.set_write_timeout(Some(HELLO_TIMEOUT))
+        .map_err(|e| (pid, e.to_string()))?;
+    wire::send(
+        &s,
+        Body::Offer(Offer {
+            protocol_version: wire::PROTOCOL_VERSION,
+            generation: super::generation(),
+            fds: infos,
+            pid: std::process::id(),
+        }),
+        &raw,
+    )
+    .map_err(|e| (pid, format!("sending the offer: {e}")))?;
+    drop(fds);
+    expect(&s, READY_TIMEOUT, "ready").map_err(|e| (pid, e))?;
+    super::status_mut(|st| st.phase = "ready");
+    wire::send(&s, Body::Commit(wire::Commit {}), &[]).map_err(|e| (pid, format!("sending commit: {e}")))?;
+    super::status_mut(|st| st.phase = "committed");
+    let started = match expect(&s, STARTED_TIMEOUT, "started").map_err(|e| (pid, e))? {
+        Body::Started(st) => st,
+        _ => unreachable!("expect checks the kind"),
+    };
+    // Point of no return: the successor accepts on the shared listeners and serves admin.
+    let sess = Arc::new(Session {
+        drained: AtomicBool::new(false),
+        done: AtomicBool::new(false),
+    });
+    *SESSION.lock().expect("session lock") = Some(sess.clone());
+    HANDED_OFF.store(true, SeqCst);
+    // From now on admin and metrics requests reach the successor only (requests already
+    // accepted, this upgrade's own among them, are still answered).
+    for t in SERVING.lock().expect("serving lock").drain(..) {
+        t.abort();
+    }
+    super::OWNS_ADMIN.store(false, SeqCst);
+    // Live HTTP/1.1 connections come through this channel once idle (before draining starts,
+    // so that they see a successor to go to).
+    let (tx, rx) = std::sync::mpsc::channel::<super::HandOver>();
+    *super::HANDOVER.lock().expect("handover lock") = Some(tx);
+    super::set_draining();
+    super::status_mut(|st| {
+        st.phase = "draining";
+        st.succeeded += 1;
+    });
+    OUTCOMES
+        .lock()
+        .expect("outcomes")
+        .push((pid, Ok(started.generation)));
+    // Let the admin request that started the upgrade answer before this generation stops
+    // (the drain can be over within milliseconds once connections move).
+    let picked = Instant::now() + Duration::from_secs(2);
+    while OUTCOMES.lock().expect("outcomes").iter().any(|(p, _)| *p == pid) && Instant::now() < picked {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    info!(
+        successor = pid,
+        generation = started.generation,
+        "upgrade: handed over; this generation stops accepting and drains"
+    );
+    let pods = ctx.daemon.pod_stats();
+    ctx.daemon.request_stop(true);
+    // Connections as they come, counters every SNAPSHOT_EVERY, until the drain is over; then
+    // the last counters.
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    let mut ok = true;
+    let mut next_snapshot = Instant::now();
+    let fail = |ok: &mut bool, e: io::Error| {
+        warn!("the successor stopped reading: {e}; live connections now close instead");
+        *super::HANDOVER.lock().expect("handover lock") = None;
+        *ok = false;
+    };
+    loop {
+        let drained = sess.drained.load(SeqCst);
+        let wait = next_snapshot.saturating_duration_since(Instant::now());
+        let item = if drained {
+            rx.try_recv().ok()
+        } else {
+            rx.recv_timeout(wait).ok()
+        };
+        if let Some(h) = item {
+            if ok {
+                let read = h.meta.read.len() as u64;
+                let raw: Vec<_> = h.fds.iter().map(|f| f.as_raw_fd()).collect();
+                match wire::send(&s, Body::Conn(h.meta), &raw) {
+                    Ok(()) => super::status_mut(|st| {
+                        st.moved += 1;
+                        st.moved_read_bytes += read;
+                    }),
+                    Err(e) => fail(&mut ok, e),
+                }
+            }
+            if !drained {
+                continue;
+            }
+        } else if drained {
+            break;
+        }
+        if ok && Instant::now() >= next_snapshot {
+            let snap = counters::snapshot(&ctx.daemon, &pods, false);
+            if let Err(e) = wire::send(&s, Body::Snapshot(snap), &[]) {
+                fail(&mut ok, e);
+            }
+            next_snapshot = Instant::now() + SNAPSHOT_EVERY;
+        }
+    }
+    *super::HANDOVER.lock().expect("handover lock") = None;
+    if ok {
+        let _ = wire::send(
+            &s,
+            Body::Snapshot(counters::snapshot(&ctx.daemon, &pods, true)),
+            &[],
+        );
+    }
+    sess.done.store(true, SeqCst);
+    Ok(())
+}
+
+fn peer_uid(s: &UnixStream) -> io::Result<u32> {
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// At exit of a generation that handed over: send the last counters (bounded), then remove
+/// this generation's own rendezvous socket (never another's).
+pub fn finish() {
+    let sess = SESSION.lock().expect("session lock").clone();
+    if let Some(sess) = sess {
+        sess.drained.store(true, SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !sess.done.load(SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    if let Some(p) = OWN_PATH.lock().expect("path lock").take() {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// The admin `upgrade` request: start `binary` with this daemon's own arguments plus
+/// `--upgrade` (so it shares the config and the cgroup), and wait for the hand-off's outcome.
+/// On any failure this generation has changed nothing and keeps serving.
+pub async fn start(binary: &Path) -> Result<serde_json::Value, String> {
+    if handed_off() {
+        return Err("this generation already handed over to its successor".into());
+    }
+    if BUSY.load(SeqCst) {
+        return Err("another upgrade is in progress".into());
+    }
+    let meta = std::fs::metadata(binary).map_err(|e| format!("{}: {e}", binary.display()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(format!("{} is not an executable file", binary.display()));
+    }
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).filter(|a| a != "--upgrade").collect();
+    args.push("--upgrade".into());
+    let mut child = std::process::Command::new(binary)
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("failed to start {}: {e}", binary.display()))?;
+    let pid = child.id();
+    let from = std::process::id();
+    info!(successor = pid, binary = %binary.display(), "upgrade: started the new binary");
+    let deadline = Instant::now() + UPGRADE_TIMEOUT;
+    loop {
+        let outcome = {
+            let mut o = OUTCOMES.lock().expect("outcomes");
+            o.iter().position(|(p, _)| *p == pid).map(|i| o.swap_remove(i).1)
+        };
+        match outcome {
+            Some(Ok(generation)) => {
+                // The successor keeps running; it is reaped by whoever adopts it after we exit.
+                std::mem::forget(child);
+                return Ok(json!({
+                    "generation": generation,
+                    "pid": pid,
+                    "previous_pid": from,
+                    "previous_generation": super::generation(),
+                }));
+            }
+            Some(Err(e)) => {
+                // It may still be running (e.g. refused): it exits on its own; reap it then.
+                reap_later(child);
+                return Err(e);
+            }
+            None => {}
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            // Give a session that is still reading its last message a moment to record it.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let late = {
+                let mut o = OUTCOMES.lock().expect("outcomes");
+                o.iter().position(|(p, _)| *p == pid).map(|i| o.swap_remove(i).1)
+            };
+            let recorded = late.is_some();
+            let e = match late {
+                Some(Err(e)) => format!("{e} (the new binary then exited: {st})"),
+                _ => format!("the new binary exited before taking over: {st}"),
+            };
+            if !recorded {
+                super::status_mut(|s| {
+                    s.attempts += 1;
+                    s.failed += 1;
+                    s.last_error = Some(e.clone());
+                });
+            }
+            warn!(
+                successor = pid,
+                "upgrade failed, this generation keeps serving: {e}"
+            );
+            return Err(e);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let e = format!("the new binary did not take over within {UPGRADE_TIMEOUT:?}: killed it");
+            super::status_mut(|s| {
+                s.failed += 1;
+                s.last_error = Some(e.clone());
+            });
+            return Err(e);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn reap_later(mut child: std::process::Child) {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    });
+}
+
+/// `sockmesh upgrade --binary PATH`: ask the daemon on `admin_socket`; longer time-out than
+/// other admin calls (the successor adopts the kernel state and runs the self-test).
+pub fn cli(admin_socket: &Path, binary: &Path) -> anyhow::Result<serde_json::Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let binary =
+        std::fs::canonicalize(binary).map_err(|e| anyhow::anyhow!("--binary {}: {e}", binary.display()))?;
+    let s = UnixStream::connect(admin_socket).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the daemon at {}: {e} (is `sockmesh run` up?)",
+            admin_socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(UPGRADE_TIMEOUT + Duration::from_secs(10)))?;
+    let mut line = serde_json::to_vec(&json!({"op": "upgrade", "binary": binary}))?;
+    line.push(b'\n');
+    (&s).write_all(&line)?;
+    let mut resp = String::new();
+    BufReader::new(&s).read_line(&mut resp)?;
+    if resp.is_empty() {
+        anyhow::bail!("the daemon closed the admin connection without answering");
+    }
+    let v: serde_json::Value = serde_json::from_str(&resp)?;
+    if v["ok"].as_bool() != Some(true) {
+        anyhow::bail!(
+            "upgrade failed: {}",
+            v["error"].as_str().unwrap_or("unknown error")
+        );
+    }
+    Ok(v["status"].clone())
+}
