@@ -642,6 +642,9 @@ impl Daemon {
             }
         }
         self.shared.mesh_ips.add(&addrs);
+        if !spec.external_proxy {
+            self.shared.mesh_ips.add_routed(&addrs);
+        }
         info!(pod = %name, cgroup_id, netns_cookie, external_proxy = spec.external_proxy, "enrolled");
         self.enrolments.fetch_add(1, Relaxed);
         pods.insert(
@@ -782,6 +785,9 @@ impl Daemon {
         };
         self.undo_inbound(name, pod.pod_id, &pod.inbound_keys);
         self.shared.mesh_ips.remove(&pod.addrs);
+        if !pod.spec.external_proxy {
+            self.shared.mesh_ips.remove_routed(&pod.addrs);
+        }
         info!(pod = %name, "unenrolled");
         if let Some(p) = pod.proxy {
             p.stop().await;

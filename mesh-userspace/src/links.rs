@@ -196,6 +196,9 @@ pub mod actuator {
     }
 }
 
+/// The longest a switch waits for its pre-connects before traffic moves anyway.
+pub const PRECONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+
 /// A switch in progress (persisted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwitchRec {
@@ -234,6 +237,8 @@ pub struct LinkManager {
     log: Mutex<VecDeque<String>>,
     abort: AtomicBool,
     errors: Mutex<u64>,
+    /// What the last switch pre-connected (`preconnect` in the links view).
+    preconnected: Mutex<Option<serde_json::Value>>,
 }
 
 fn now_ms() -> u64 {
@@ -267,6 +272,7 @@ impl LinkManager {
             log: Mutex::new(VecDeque::new()),
             abort: AtomicBool::new(false),
             errors: Mutex::new(0),
+            preconnected: Mutex::new(None),
         }
     }
 
@@ -532,6 +538,11 @@ impl LinkManager {
             return;
         };
         let (from_low, to_low) = (from.trickle_ppm, to.trickle_ppm);
+        if rec.done == 0 {
+            // Resources are raised; before any traffic moves, open the upstream connections
+            // the new shares need (a restarted daemon has no pools to size them from).
+            self.preconnect(&shared, &policy, &rec).await;
+        }
         let pause = Duration::from_millis(rec.over_ms / u64::from(rec.steps.max(1)));
         for i in rec.done + 1..=rec.steps {
             if i > 1 || rec.done > 0 {
@@ -600,6 +611,135 @@ impl LinkManager {
             rec.from,
             describe(&from.keepalive)
         ));
+    }
+
+    /// Open, before traffic moves, the upstream HTTP/1.1 connections the switch's new shares
+    /// will need, sized from the connections in use now (the pools are per (pod, endpoint)):
+    ///
+    /// - the target link: each pod that delivers to a local endpoint of its services (the
+    ///   trickle keeps such a pool open) or has such an endpoint on one of its own addresses
+    ///   gets as many connections to it as the pod has to all the service's endpoints (the
+    ///   moved traffic's connections will be needed locally);
+    /// - the former active link: each pod that delivers locally gets, to each endpoint
+    ///   elsewhere, its share of the connections it has to the service now;
+    /// - both plus half again: the pools do not count the connections busy at that moment.
+    ///
+    /// At most the link's `preconnect` per (pod, endpoint), concurrently, bounded by
+    /// [`PRECONNECT_TIMEOUT`]; failures are counted and logged, never fatal (a request then
+    /// opens its own connection as before).
+    async fn preconnect(&self, shared: &Arc<crate::proxy::Shared>, policy: &Policy, rec: &SwitchRec) {
+        let started = std::time::Instant::now();
+        let mut plan: Vec<(Arc<crate::proxy::PodCtx>, std::net::SocketAddr, usize)> = Vec::new();
+        for (name, target) in [(&rec.to, true), (&rec.from, false)] {
+            let Some(l) = policy.links().iter().find(|l| &*l.name == name.as_str()) else {
+                continue;
+            };
+            let max = l.preconnect as usize;
+            if max == 0 {
+                continue;
+            }
+            for (k, &si) in l.services.iter().enumerate() {
+                let all = policy.service_endpoints(si);
+                let is_local = |a: &std::net::SocketAddr| shared.mesh_ips.contains(a.ip());
+                let remote: Vec<_> = l.elsewhere(k).iter().filter(|a| !is_local(a)).copied().collect();
+                let mut known = all.clone();
+                known.extend(remote.iter().copied().filter(|a| !all.contains(a)));
+                let counts = shared.l7.http.h1_counts(&known);
+                // Per pod: its connections to the service, and the local endpoints it delivers to.
+                let mut pods: BTreeMap<
+                    String,
+                    (Arc<crate::proxy::PodCtx>, usize, Vec<std::net::SocketAddr>),
+                > = BTreeMap::new();
+                for (pod, ep, n) in counts {
+                    let e = pods
+                        .entry(pod.name.clone())
+                        .or_insert_with(|| (pod.clone(), 0, Vec::new()));
+                    e.1 += n;
+                    if is_local(&ep) {
+                        e.2.push(ep);
+                    }
+                }
+                for (pod, total, mut locals) in pods.into_values() {
+                    if target && total > 0 {
+                        // The service's endpoints in this pod itself: where its inbound
+                        // requests will be delivered, even when no trickle kept a pool open
+                        // (trickle 0, or idle longer than the pools keep connections).
+                        let own = crate::sys::local_addrs_in(&pod.netns).unwrap_or_default();
+                        for ep in &all {
+                            if own.contains(&ep.ip()) && !locals.contains(ep) {
+                                locals.push(*ep);
+                            }
+                        }
+                    }
+                    if locals.is_empty() || total == 0 {
+                        continue;
+                    }
+                    // The pools hold the connections not busy right now: half again for the
+                    // requests in flight when they were counted.
+                    let total = total + total.div_ceil(2);
+                    if target {
+                        for ep in locals {
+                            plan.push((pod.clone(), ep, total.min(max)));
+                        }
+                    } else if !remote.is_empty() {
+                        let each = total.div_ceil(remote.len()).min(max);
+                        for ep in &remote {
+                            plan.push((pod.clone(), *ep, each));
+                        }
+                    }
+                }
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (pod, ep, want) in plan {
+            let shared = shared.clone();
+            tasks.spawn(async move {
+                let r = shared
+                    .l7
+                    .http
+                    .preconnect_h1(&shared, &pod, ep, want, PRECONNECT_TIMEOUT)
+                    .await;
+                (pod.name.clone(), ep, want, r)
+            });
+        }
+        let (mut opened, mut failed) = (0usize, 0usize);
+        let mut per = Vec::new();
+        let deadline = tokio::time::Instant::now() + PRECONNECT_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(Some(Ok((pod, ep, want, r)))) => {
+                    let n = match r {
+                        Ok(n) => n,
+                        Err(e) => {
+                            failed += 1;
+                            warn!(target: "sockmesh::links", "pre-connect {pod} -> {ep}: {e}");
+                            0
+                        }
+                    };
+                    opened += n;
+                    per.push(json!({ "pod": pod, "endpoint": ep.to_string(), "pooled_at_least": want, "opened": n }));
+                }
+                Ok(Some(Err(_))) => failed += 1,
+                Ok(None) => break,
+                Err(_) => {
+                    failed += tasks.len();
+                    tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.note(format!(
+            "switch {} -> {}: {opened} upstream connection(s) pre-connected in {ms:.1} ms ({failed} failed) before traffic moves",
+            rec.from, rec.to
+        ));
+        *self.preconnected.lock().expect("preconnect") = Some(json!({
+            "from": rec.from, "to": rec.to, "opened": opened, "failed": failed,
+            "ms": (ms * 10.0).round() / 10.0, "pools": per,
+        }));
     }
 
     fn finish_abort(&self, policy: &Policy, rec: &SwitchRec) {
@@ -732,6 +872,7 @@ impl LinkManager {
             "switches_total": st.switches_total,
             "last_switch_ms": st.last_duration_ms,
             "errors_total": *self.errors.lock().expect("link errors"),
+            "preconnect": self.preconnected.lock().expect("preconnect").clone(),
             "requests": policy.link_counts(),
             "log": self.log.lock().expect("link log").iter().cloned().collect::<Vec<_>>(),
         })

@@ -358,6 +358,10 @@ pub struct PodCtx {
 #[derive(Debug, Default)]
 pub struct MeshIps {
     ips: std::sync::RwLock<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// The addresses of pods whose outbound requests this daemon routes (not `external_proxy`):
+    /// their requests to a linked service already had the link's decision
+    /// ([`crate::routing::Policy::link_outbound`]), so the inbound side does not decide again.
+    routed: std::sync::RwLock<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 impl MeshIps {
@@ -386,6 +390,36 @@ impl MeshIps {
             v4 => v4,
         };
         !ip.is_loopback() && self.ips.read().expect("mesh ips lock").contains_key(&ip)
+    }
+
+    /// A pod whose outbound requests this daemon routes (see the `routed` field).
+    pub fn add_routed(&self, ips: &[std::net::IpAddr]) {
+        let mut m = self.routed.write().expect("mesh ips lock");
+        for ip in ips {
+            *m.entry(*ip).or_default() += 1;
+        }
+    }
+
+    pub fn remove_routed(&self, ips: &[std::net::IpAddr]) {
+        let mut m = self.routed.write().expect("mesh ips lock");
+        for ip in ips {
+            if let Some(n) = m.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(ip);
+                }
+            }
+        }
+    }
+
+    /// Does a connection from `ip` come from a pod of this node whose outbound requests this
+    /// daemon routed (so a link already decided where they go)?
+    pub fn routed(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        !ip.is_loopback() && self.routed.read().expect("mesh ips lock").contains_key(&ip)
     }
 }
 
@@ -699,8 +733,10 @@ async fn dispatch(
         let routed = if dir == Direction::Inbound {
             let bare = RequestInfo::bare(ProtocolHint::Tcp);
             let mesh = &shared.mesh_ips;
-            Ok(policy
-                .link_route(orig, &bare, &shared.l7.links, |ip| mesh.contains(ip))
+            // From a pod of this node: its outbound side applied the link already.
+            Ok((!mesh.routed(peer.ip()))
+                .then(|| policy.link_route(orig, &bare, &shared.l7.links, |ip| mesh.contains(ip)))
+                .flatten()
                 .unwrap_or_else(|| policy.deliver(orig)))
         } else {
             // One colour for the whole connection: the pod's (a byte stream carries no header).
@@ -709,7 +745,11 @@ async fn dispatch(
                 .as_deref()
                 .and_then(|c| policy.colours().id(c))
                 .unwrap_or(0);
-            policy.route_coloured(orig, &RequestInfo::bare(ProtocolHint::Tcp), colour)
+            let bare = RequestInfo::bare(ProtocolHint::Tcp);
+            let mesh = &shared.mesh_ips;
+            policy
+                .route_coloured(orig, &bare, colour)
+                .map(|d| policy.link_outbound(d, &bare, &shared.l7.links, |ip| mesh.contains(ip)))
         };
         let decision = match routed {
             Ok(d) => d,

@@ -12,11 +12,15 @@ matters for a warm switch:
     link_app.py serve --port P --name trade@app [--cold-ms 20] [--connect-ms 40] [--pool-min 8]
                       [--backend-port B]
     link_app.py load --target A [--target B ...] --rate R --seconds S --keys K [--concurrency C]
-                     [--health-every N]
+                     [--health-every N] [--live-ms M]
 
 serve: HTTP/1.1 keep-alive, thread per connection. `GET /k/<key>` answers `<name>` (200);
 `GET /health` answers `<name> ok` without touching cache or backend; `GET /__stats` answers
-JSON {"name","served","health","misses","pool_opened","pool_size"}. Prints `listening 0.0.0.0:P`.
+JSON {"name","served","health","misses","pool_opened","pool_size","accepted","accept_ms",
+"peers","slow"}: `accepted` connections (`accept_ms`: when, epoch ms, the last 2,000; `peers`:
+how many from each address), `slow`: the last
+500 requests that took the app more than 5 ms to answer ([epoch ms, ms]), so a test can tell
+the app's own time from the path's. Prints `listening 0.0.0.0:P`.
 
 load: open-loop constant rate R per target for S seconds; C threads per target, each with its
 own keep-alive connection (reconnects when the server closes it; a connect refused is retried,
@@ -24,9 +28,12 @@ as it carries no request, and counted in `connect_retries`). Every `--health-eve
 is a `GET /health`. Prints one JSON line {"targets":[...], "names":[...], "events":[[target,
 sent_ms_epoch, latency_ms, name index (-1: error), health 0/1], ...], "errors":n,
 "connect_retries":n, "late":n} (`late`: requests sent more than 50 ms after their slot).
+With --live-ms, also a line every M ms while it runs: {"live": seconds, "targets": [{"served_by":
+{name: n}, "p50", "p99", "max"}, ...]} for the requests answered in that interval (the demo).
 """
 
 import argparse
+import gc
 import http.client
 import json
 import queue
@@ -104,7 +111,10 @@ def serve(args):
     for c in [pool.get() for _ in range(args.pool_min)]:
         pool.put(c)
     cache = set()
-    stats = {"served": 0, "health": 0, "misses": 0}
+    stats = {"served": 0, "health": 0, "misses": 0, "accepted": 0}
+    accept_ms = []
+    peers = {}
+    slow = []
     lock = threading.Lock()
 
     def handle(s):
@@ -114,6 +124,7 @@ def serve(args):
                 line = f.readline(4096)
                 if not line:
                     return
+                t_req = time.time()
                 parts = line.split()
                 if len(parts) < 2:
                     return
@@ -131,7 +142,8 @@ def serve(args):
                 if path == "/__stats":
                     with lock:
                         body = json.dumps(dict(stats, name=args.name, pool_opened=pool.opened,
-                                               pool_size=pool.idle.qsize())).encode()
+                                               pool_size=pool.idle.qsize(), accept_ms=accept_ms,
+                                               slow=slow, peers=peers)).encode()
                 elif path.startswith("/health"):
                     with lock:
                         stats["health"] += 1
@@ -150,6 +162,11 @@ def serve(args):
                     body = args.name.encode()
                 s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n%s"
                           % (len(body), body))
+                took = (time.time() - t_req) * 1000
+                if took > 5:
+                    with lock:
+                        slow.append([int(t_req * 1000), round(took, 2)])
+                        del slow[:-500]
 
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -157,12 +174,20 @@ def serve(args):
     ls.listen(256)
     print("listening 0.0.0.0:%d" % args.port, flush=True)
     while True:
-        s, _ = ls.accept()
+        s, peer = ls.accept()
+        with lock:
+            stats["accepted"] += 1
+            peers[peer[0]] = peers.get(peer[0], 0) + 1
+            accept_ms.append(int(time.time() * 1000))
+            del accept_ms[:-2000]
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         threading.Thread(target=handle, args=(s,), daemon=True).start()
 
 
 def load(args):
+    # The events list grows by thousands of lists: the cyclic collector's pauses would grow
+    # with it and make later windows look slower than earlier ones. Nothing here makes cycles.
+    gc.disable()
     names = []
     names_lock = threading.Lock()
     events = []
@@ -224,12 +249,42 @@ def load(args):
                 break
             if result < 0:
                 counters["errors"] += 1
-            local.append([ti, int(sent * 1000), round((time.time() - sent) * 1000, 2), result, int(health)])
+            latency = round((time.time() - sent) * 1000, 2)
+            local.append([ti, int(sent * 1000), latency, result, int(health)])
+            if args.live_ms > 0:
+                with live_lock:
+                    live.append((ti, latency, names[result] if result >= 0 else None))
             i += args.concurrency
         with ev_lock:
             events.extend(local)
 
+    live = []  # (target, latency ms, name or None) since the last live line
+    live_lock = threading.Lock()
+
+    def reporter():
+        t_next = start + args.live_ms / 1000.0
+        while t_next < end + args.live_ms / 1000.0:
+            time.sleep(max(0.0, t_next - time.time()))
+            with live_lock:
+                batch = live[:]
+                del live[:]
+            per = []
+            for ti in range(len(args.target)):
+                lat = sorted(e[1] for e in batch if e[0] == ti)
+                by = {}
+                for e in batch:
+                    if e[0] == ti:
+                        k = e[2] if e[2] is not None else "error"
+                        by[k] = by.get(k, 0) + 1
+                q = lambda f: lat[min(len(lat) - 1, int(len(lat) * f))] if lat else 0.0
+                per.append({"served_by": by, "p50": q(0.5), "p99": q(0.99), "max": lat[-1] if lat else 0.0})
+            print(json.dumps({"live": round(t_next - start, 2), "targets": per}), flush=True)
+            t_next += args.live_ms / 1000.0
+
     threads = []
+    if args.live_ms > 0:
+        rt = threading.Thread(target=reporter, daemon=True)
+        rt.start()
     for ti, t in enumerate(args.target):
         for k in range(args.concurrency):
             th = threading.Thread(target=worker, args=(ti, t, k))
@@ -258,6 +313,7 @@ def main():
     l.add_argument("--keys", type=int, default=100)
     l.add_argument("--concurrency", type=int, default=4)
     l.add_argument("--health-every", type=int, default=0)
+    l.add_argument("--live-ms", type=int, default=0)
     a = p.parse_args()
     serve(a) if a.cmd == "serve" else load(a)
 

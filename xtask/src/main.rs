@@ -14,7 +14,7 @@
 //!   root) the privileged end-to-end suite.
 //! - `cargo xtask vm-test [--kernel 6.1|6.12|all] [-- <test args>]`: the privileged suite inside
 //!   QEMU on Debian's 6.1 and 6.12 kernels (as root); `test` runs it too when /dev/kvm exists.
-//! - `cargo xtask demo`: build everything and run the demo (as root).
+//! - `cargo xtask demo [dual-link]`: build everything and run the demo (as root).
 //! - `cargo xtask bench [--quick]`: build everything and run the benchmark (as root); a full run
 //!   writes BENCHMARKS.md and docs/bench.png, `--quick` (a smoke run) writes
 //!   `target/bench/BENCHMARKS-quick.md` and `target/bench/bench-quick.png` instead.

@@ -145,6 +145,25 @@ struct EndpointPool {
     /// HTTP/2: the one multiplexed connection. Held across connect so concurrent first
     /// requests share it.
     h2: tokio::sync::Mutex<Option<hc::http2::SendRequest<Body>>>,
+    /// HTTP/1.1 requests between taking a connection and getting the response head: their
+    /// connections are not in `h1` meanwhile (for [`HttpPools::h1_counts`]).
+    h1_busy: AtomicUsize,
+}
+
+/// Counts one HTTP/1.1 request in flight on a pool until dropped.
+struct Busy<'a>(&'a EndpointPool);
+
+impl<'a> Busy<'a> {
+    fn new(p: &'a EndpointPool) -> Self {
+        p.h1_busy.fetch_add(1, Relaxed);
+        Busy(p)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.h1_busy.fetch_sub(1, Relaxed);
+    }
 }
 
 struct PooledH1 {
@@ -168,27 +187,106 @@ impl HttpPools {
     }
 
     fn get(&self, ctx: &ConnCtx, endpoint: SocketAddr, version: HttpVersion) -> Arc<EndpointPool> {
+        self.get_for(&ctx.pod, endpoint, version)
+    }
+
+    fn get_for(&self, pod: &Arc<PodCtx>, endpoint: SocketAddr, version: HttpVersion) -> Arc<EndpointPool> {
         if !self.inner.sweeper.swap(true, Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(&self.inner)));
         }
         let key = PoolKey {
-            pod: ctx.pod.name.clone(),
+            pod: pod.name.clone(),
             endpoint,
             version,
         };
         let mut pools = self.inner.pools.lock().expect("http pools lock");
         if let Some(p) = pools.get(&key) {
-            if Weak::ptr_eq(&p.pod, &Arc::downgrade(&ctx.pod)) {
+            if Weak::ptr_eq(&p.pod, &Arc::downgrade(pod)) {
                 return p.clone();
             }
         }
         let p = Arc::new(EndpointPool {
-            pod: Arc::downgrade(&ctx.pod),
+            pod: Arc::downgrade(pod),
             h1: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
+            h1_busy: AtomicUsize::new(0),
         });
         pools.insert(key, p.clone());
         p
+    }
+}
+
+/// Pre-connects (the dual-link switch, [`crate::links`]): opening upstream connections before
+/// traffic moves, so the first requests on the new path do not wait for a connect and the
+/// app's accept.
+impl HttpPools {
+    /// HTTP/1.1 connections pooled now, per (pod, endpoint), to any of `endpoints` (pods still
+    /// enrolled; idle, streaming a body, or carrying a request until its response head;
+    /// connections known to be closed are not counted).
+    pub fn h1_counts(&self, endpoints: &[SocketAddr]) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
+        let pools = self.inner.pools.lock().expect("http pools lock");
+        pools
+            .iter()
+            .filter(|(k, _)| k.version == HttpVersion::Http1 && endpoints.contains(&k.endpoint))
+            .filter_map(|(k, p)| {
+                let pod = p.pod.upgrade()?;
+                let mut h1 = p.h1.lock().expect("h1 pool lock");
+                h1.retain(|c| !c.sender.is_closed());
+                Some((pod, k.endpoint, h1.len() + p.h1_busy.load(Relaxed)))
+            })
+            .collect()
+    }
+
+    /// Open HTTP/1.1 connections from `pod` to `endpoint` (concurrently, each bounded by
+    /// `timeout`) until `want` are pooled (at most [`MAX_POOLED_HTTP1_PER_ENDPOINT`]). Returns
+    /// how many were opened, or the first error when none could be.
+    pub async fn preconnect_h1(
+        &self,
+        shared: &crate::proxy::Shared,
+        pod: &Arc<PodCtx>,
+        endpoint: SocketAddr,
+        want: usize,
+        timeout: Duration,
+    ) -> io::Result<usize> {
+        let pool = self.get_for(pod, endpoint, HttpVersion::Http1);
+        let have = {
+            let mut h1 = pool.h1.lock().expect("h1 pool lock");
+            h1.retain(|c| !c.sender.is_closed());
+            h1.len()
+        };
+        let want = want.min(MAX_POOLED_HTTP1_PER_ENDPOINT);
+        if have >= want {
+            return Ok(0);
+        }
+        let propagation = (pod.propagate && shared.colour.is_available()).then(|| shared.colour.clone());
+        let mut opens = tokio::task::JoinSet::new();
+        for _ in have..want {
+            let (pod, propagation) = (pod.clone(), propagation.clone());
+            opens.spawn(async move { open_h1(&pod, propagation, endpoint, timeout).await });
+        }
+        let (mut opened, mut first_err) = (0, None);
+        while let Some(r) = opens.join_next().await {
+            match r.map_err(io::Error::other).and_then(|r| r) {
+                Ok((sender, local)) => {
+                    let mut h1 = pool.h1.lock().expect("h1 pool lock");
+                    if h1.len() < MAX_POOLED_HTTP1_PER_ENDPOINT {
+                        h1.push(PooledH1 {
+                            sender,
+                            since: Instant::now(),
+                            local,
+                        });
+                        opened += 1;
+                    }
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) if opened == 0 => Err(e),
+            _ => Ok(opened),
+        }
     }
 }
 
@@ -1221,6 +1319,7 @@ async fn send_once(
     let pool = st.ctx.l7().http.get(&st.ctx, endpoint, st.version);
     match st.version {
         HttpVersion::Http1 => {
+            let _busy = Busy::new(&pool);
             let (mut sender, local) = match acquire_h1(&pool, &st.ctx, endpoint, deadline).await {
                 Ok(s) => s,
                 Err(e) => return Err(Attempt::NotConnected(req, e)),
@@ -1287,14 +1386,24 @@ async fn acquire_h1(
             return Ok((c.sender, c.local));
         }
     }
-    let tcp = ctx.connect(endpoint, until(deadline)).await?;
+    // An inbound delivery connection of a propagating pod: forget its colour when it closes.
+    let propagation = ctx.inbound.then(|| ctx.propagation().cloned()).flatten();
+    open_h1(&ctx.pod, propagation, endpoint, until(deadline)).await
+}
+
+/// A new HTTP/1.1 upstream connection from `pod` to `endpoint` (driven by its own task).
+async fn open_h1(
+    pod: &PodCtx,
+    propagation: Option<crate::propagate::ColourKernel>,
+    endpoint: SocketAddr,
+    timeout: Duration,
+) -> io::Result<(hc::http1::SendRequest<Body>, SocketAddr)> {
+    let tcp = crate::proxy::connect_upstream(pod, endpoint, timeout).await?;
     let local = tcp.local_addr()?;
     let (sender, conn) = hc::http1::Builder::new()
         .handshake(TokioIo::new(tcp))
         .await
         .map_err(io::Error::other)?;
-    // An inbound delivery connection of a propagating pod: forget its colour when it closes.
-    let propagation = ctx.inbound.then(|| ctx.propagation().cloned()).flatten();
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             debug!("upstream http1 connection to {endpoint}: {e}");
@@ -2529,5 +2638,64 @@ endpoints = [{{ address = "{bad}" }}, {{ address = "{live}" }}]
         assert_eq!(Headers(&h).header("X-Canary"), Some("true"));
         assert_eq!(Headers(&h).header("x-other"), None);
         assert_eq!(grpc_message("50% off\n"), "50%25 off%0A");
+    }
+    /// A switch's pre-connect: the connections are opened up front, pooled, and the requests
+    /// that follow open none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn preconnected_connections_are_pooled_and_reused() {
+        tokio::time::timeout(BOUND, async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let ep = l.local_addr().unwrap();
+            let accepted = Arc::new(AtomicU64::new(0));
+            let a = accepted.clone();
+            tokio::spawn(async move {
+                loop {
+                    let (s, _) = l.accept().await.unwrap();
+                    a.fetch_add(1, Relaxed);
+                    tokio::spawn(async move {
+                        let svc = service_fn(|req| upstream_answer("up", req));
+                        let _ = hs::http1::Builder::new()
+                            .serve_connection(TokioIo::new(s), svc)
+                            .await;
+                    });
+                }
+            });
+            let p = proxy(
+                policy(&format!(
+                    "[[services]]\nname = \"web\"\naddresses = [\"{VIP}\"]\nendpoints = [{{ address = \"{ep}\" }}]\n"
+                )),
+                HttpVersion::Http1,
+                VIP,
+            )
+            .await;
+            let pools = &p.shared.l7.http;
+            let opened = pools
+                .preconnect_h1(&p.shared, &p.pod, ep, 4, Duration::from_secs(2))
+                .await
+                .unwrap();
+            assert_eq!(opened, 4);
+            eventually("4 accepts", || accepted.load(Relaxed) == 4).await;
+            let counts = pools.h1_counts(&[ep]);
+            assert_eq!(counts.len(), 1);
+            assert_eq!((counts[0].0.name.as_str(), counts[0].1, counts[0].2), ("t", ep, 4));
+            // Already there: nothing more is opened.
+            let again = pools.preconnect_h1(&p.shared, &p.pod, ep, 3, Duration::from_secs(2));
+            assert_eq!(again.await.unwrap(), 0);
+            let mut c = h1_client(p.addr).await;
+            for _ in 0..20 {
+                let (st, _, body) = send1(&mut c, get("/x").body(empty()).unwrap()).await;
+                assert_eq!((st, body.as_str()), (StatusCode::OK, "up"));
+            }
+            assert_eq!(accepted.load(Relaxed), 4, "a request opened its own connection");
+            // Nothing listening: the error, and nothing pooled for it.
+            let dead = dead_addr();
+            assert!(pools
+                .preconnect_h1(&p.shared, &p.pod, dead, 2, Duration::from_secs(2))
+                .await
+                .is_err());
+            assert_eq!(pools.h1_counts(&[dead])[0].2, 0);
+        })
+        .await
+        .expect("bounded");
     }
 }

@@ -175,13 +175,19 @@ impl ConnCtx {
             policy.colour_stats().chosen(&choice);
         }
         let routed = if self.inbound {
-            // A keep-alive link's requests move elsewhere, but for its trickle and keep paths.
+            // A keep-alive link's requests move elsewhere, but for its trickle and keep paths
+            // (and but for requests of this node's pods: their outbound side applied the link).
             let mesh = &self.shared.mesh_ips;
-            Ok(policy
-                .link_route(self.orig, info, &self.l7().links, |ip| mesh.contains(ip))
+            Ok((!mesh.routed(self.client.ip()))
+                .then(|| policy.link_route(self.orig, info, &self.l7().links, |ip| mesh.contains(ip)))
+                .flatten()
                 .unwrap_or_else(|| policy.deliver(self.orig)))
         } else {
-            policy.route_coloured(self.orig, info, choice.colour)
+            // To a linked service's endpoint on this node: its link's share decides here.
+            let mesh = &self.shared.mesh_ips;
+            policy
+                .route_coloured(self.orig, info, choice.colour)
+                .map(|d| policy.link_outbound(d, info, &self.l7().links, |ip| mesh.contains(ip)))
         };
         (
             choice,

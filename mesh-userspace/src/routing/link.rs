@@ -93,6 +93,17 @@ pub struct RawLink {
     pub keepalive: RawResources,
     #[serde(default)]
     pub active: RawResources,
+    /// At most this many upstream HTTP/1.1 connections per (pod, endpoint) opened when a
+    /// switch starts, before traffic moves (sized from the connections in use); 0: none.
+    #[serde(default = "default_preconnect")]
+    pub preconnect: u32,
+}
+
+/// Most upstream connections a switch pre-connects per (pod, endpoint).
+pub const MAX_PRECONNECT: u32 = 256;
+
+fn default_preconnect() -> u32 {
+    64
 }
 
 // Floats are validated finite.
@@ -135,6 +146,7 @@ pub struct Link {
     pub(super) seq: std::sync::atomic::AtomicU64,
     pub keepalive: RawResources,
     pub active: RawResources,
+    pub preconnect: u32,
 }
 
 impl Link {
@@ -144,6 +156,12 @@ impl Link {
             LinkState::Active => FULL,
             _ => self.trickle_ppm,
         }
+    }
+
+    /// Where the moved requests of the link's `k`-th service may go (local ones are skipped
+    /// per request).
+    pub fn elsewhere(&self, k: usize) -> &[SocketAddr] {
+        &self.elsewhere[k]
     }
 }
 
@@ -306,6 +324,55 @@ mod tests {
     }
 
     #[test]
+    fn outbound_requests_to_a_local_keepalive_endpoint_follow_the_share() {
+        // The default route spreads over subset `all`: the local endpoint and the pool's.
+        let p = compile(parse_toml(POLICY).unwrap()).unwrap();
+        let rt = LinkRuntime::default();
+        let local_game: SocketAddr = "10.0.0.1:8002".parse().unwrap();
+        let vip: SocketAddr = "10.96.0.2:80".parse().unwrap();
+        let (mut here, mut moved, mut n) = (0, 0, 0);
+        for _ in 0..2000 {
+            let d = p.route_coloured(vip, &get("/play"), 0).unwrap();
+            let picked_local = d.endpoint == local_game;
+            let d = p.link_outbound(d, &get("/play"), &rt, local);
+            if picked_local {
+                n += 1;
+                if d.endpoint == local_game {
+                    here += 1;
+                } else {
+                    assert_eq!(d.endpoint, "10.0.9.1:8002".parse().unwrap());
+                    assert_eq!(&*d.route, "link-forest");
+                    moved += 1;
+                }
+            } else {
+                // Elsewhere already: untouched.
+                assert_eq!(d.endpoint, "10.0.9.1:8002".parse().unwrap());
+            }
+        }
+        // Keep paths stay on the local endpoint.
+        for _ in 0..10 {
+            let h = p.route_coloured(vip, &get("/health"), 0).unwrap();
+            if h.endpoint == local_game {
+                assert_eq!(
+                    p.link_outbound(h, &get("/health"), &rt, local).endpoint,
+                    local_game
+                );
+            }
+        }
+        assert!(n > 500, "the route picked the local endpoint {n} times");
+        // The trickle (10 %) of those that picked the local endpoint, exactly as inbound.
+        let share = f64::from(here) / f64::from(n);
+        assert!((0.08..=0.12).contains(&share), "{here}/{n} stayed");
+        assert_eq!(here + moved, n);
+        // The active link: nothing moves.
+        let trade = p
+            .route_coloured("10.96.0.1:80".parse().unwrap(), &get("/buy"), 0)
+            .unwrap();
+        let e = trade.endpoint;
+        assert_eq!(p.link_outbound(trade, &get("/buy"), &rt, local).endpoint, e);
+    }
+
+    #[test]
     fn counters_survive_a_policy_swap() {
         let router = crate::routing::Router::new(compile(parse_toml(POLICY).unwrap()).unwrap());
         let rt = LinkRuntime::default();
@@ -342,6 +409,7 @@ mod tests {
         assert_eq!(field("trickle_percent = 101.0"), "links[0].trickle_percent");
         assert_eq!(field("keep_paths = [\"health\"]"), "links[0].keep_paths[0]");
         assert_eq!(field("keepalive = { weight = 0 }"), "links[0].keepalive.weight");
+        assert_eq!(field("preconnect = 257"), "links[0].preconnect");
         assert_eq!(
             field("active = { cpu_percent = -1.0 }"),
             "links[0].active.cpu_percent"

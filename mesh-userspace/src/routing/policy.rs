@@ -767,6 +767,12 @@ fn compile_links(
                 ));
             }
         }
+        if l.preconnect > super::link::MAX_PRECONNECT {
+            return Err(perr(
+                format!("{f}.preconnect"),
+                format!("{} is more than {}", l.preconnect, super::link::MAX_PRECONNECT),
+            ));
+        }
         check_resources(&format!("{f}.keepalive"), &l.keepalive)?;
         check_resources(&format!("{f}.active"), &l.active)?;
         let mut idx = Vec::new();
@@ -786,6 +792,13 @@ fn compile_links(
                 ));
             }
             let svc = &services[i];
+            if svc.mode == ServiceMode::Kernel {
+                // Routed inside connect(): no request would ever see the link's share.
+                return Err(perr(
+                    field,
+                    format!("service `{s}` is routed in the kernel (mode = \"kernel\"); a linked service is routed by the proxy"),
+                ));
+            }
             let eps: Arc<[SocketAddr]> = match &l.pool {
                 Some(pool) => match svc.subsets.iter().find(|k| *k.name == **pool) {
                     Some(k) => k.endpoints.clone(),
@@ -833,6 +846,7 @@ fn compile_links(
             seq: std::sync::atomic::AtomicU64::new(0),
             keepalive: l.keepalive,
             active: l.active,
+            preconnect: l.preconnect,
         });
     }
     let active = links.iter().filter(|l| l.initial == LinkState::Active).count();
@@ -1051,7 +1065,15 @@ impl Policy {
                 ConnPlan::Opaque
             };
         }
-        self.connection(orig)
+        match self.connection(orig) {
+            // An app calling a linked endpoint's address directly: the link decides here
+            // (see [`Policy::link_outbound`]).
+            ConnPlan::Opaque if self.linked(orig) => ConnPlan::L7 {
+                hint: ProtocolHint::Auto,
+                detect_timeout: self.detect_timeout,
+            },
+            p => p,
+        }
     }
 
     /// Per connection, before reading: relay untouched, or look at the bytes.
@@ -1173,6 +1195,18 @@ impl Policy {
             .is_some_and(|s| self.link_of_service.contains_key(s))
     }
 
+    /// Every endpoint address of the service with index `si` (a link's `services` entries).
+    pub fn service_endpoints(&self, si: usize) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = self
+            .by_endpoint
+            .iter()
+            .filter(|(_, &s)| s == si)
+            .map(|(a, _)| *a)
+            .collect();
+        v.sort();
+        v
+    }
+
     /// The policy's links.
     pub fn links(&self) -> &[super::link::Link] {
         &self.links
@@ -1263,6 +1297,29 @@ impl Policy {
             stats: link.stats[k].clone(),
             colour: 0,
         })
+    }
+
+    /// An outbound decision `d` of an enrolled pod on this node: when the route picked an
+    /// endpoint on this node (`is_local`) of a linked service, the link's local share, trickle
+    /// and keep paths decide as on the inbound side (the proxy delivers such a request itself,
+    /// so it never passes that side); moved requests go to the link's endpoints elsewhere.
+    pub fn link_outbound(
+        &self,
+        d: Decision,
+        req: &RequestInfo<'_>,
+        rt: &super::link::LinkRuntime,
+        is_local: impl Fn(IpAddr) -> bool,
+    ) -> Decision {
+        if !is_local(d.endpoint.ip()) || !self.linked(d.endpoint) {
+            return d;
+        }
+        match self.link_route(d.endpoint, req, rt, is_local) {
+            Some(moved) => Decision {
+                colour: d.colour,
+                ..moved
+            },
+            None => d,
+        }
     }
 
     /// The colour table of this policy.

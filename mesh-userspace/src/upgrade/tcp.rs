@@ -16,10 +16,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 
 use super::wire;
 
@@ -30,9 +27,9 @@ const BUF: usize = 64 * 1024;
 
 /// One direction: read from one socket, write to the other.
 ///
-/// An idle direction holds no buffer (10,000 idle relayed connections, issue 11): it waits for
-/// readability, takes a buffer from the worker's pool, reads until the socket would block and
-/// gives the buffer back once everything read was written. A busy stream keeps its buffer.
+/// An idle direction holds no buffer (most relayed connections are idle most of the time): it
+/// waits for the socket to be readable, takes a buffer from the thread's pool, reads, and gives
+/// the buffer back once everything read has been written.
 pub struct Pump {
     buf: Option<Box<[u8]>>,
     start: usize,
@@ -44,9 +41,9 @@ pub struct Pump {
 impl Pump {
     pub fn new(pending: &[u8], done: bool) -> Self {
         let buf = (!pending.is_empty()).then(|| {
-            let mut buf = vec![0u8; BUF.max(pending.len())].into_boxed_slice();
-            buf[..pending.len()].copy_from_slice(pending);
-            buf
+            let mut b = take_buf(pending.len());
+            b[..pending.len()].copy_from_slice(pending);
+            b
         });
         Self {
             buf,
@@ -61,68 +58,72 @@ impl Pump {
         self.buf.as_deref().map_or(&[], |b| &b[self.start..self.end])
     }
 
-    /// One read or one write. Cancel-safe: a cancelled step moved no byte.
-    async fn step<W>(
+    /// One read or one write. Cancel-safe: readiness waits move no byte, and a read or write
+    /// that ran is recorded before the next await.
+    async fn step(
         &mut self,
-        r: &mut tokio::net::tcp::ReadHalf<'_>,
-        w: &mut W,
+        r: &TcpStream,
+        w: &TcpStream,
         conn: &AtomicU64,
         pod: &AtomicU64,
-    ) -> std::io::Result<()>
-    where
-        W: AsyncWrite + Unpin,
-    {
+    ) -> std::io::Result<()> {
         if self.start < self.end {
+            w.writable().await?;
             let buf = self.buf.as_deref().expect("pending bytes live in the buffer");
-            let n = w.write(&buf[self.start..self.end]).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+            match w.try_write(&buf[self.start..self.end]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.start += n;
+                    conn.fetch_add(n as u64, Relaxed);
+                    pod.fetch_add(n as u64, Relaxed);
+                    if self.start == self.end {
+                        (self.start, self.end) = (0, 0);
+                        give_buf(self.buf.take());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
             }
-            self.start += n;
-            conn.fetch_add(n as u64, Relaxed);
-            pod.fetch_add(n as u64, Relaxed);
             return Ok(());
         }
-        if self.buf.is_none() {
-            r.readable().await?;
-        }
-        let buf = self.buf.get_or_insert_with(relay_buf_take);
+        r.readable().await?;
+        let buf = self.buf.get_or_insert_with(|| take_buf(0));
         match r.try_read(buf) {
             Ok(0) => {
-                relay_buf_give(self.buf.take());
-                w.shutdown().await?;
+                give_buf(self.buf.take());
+                socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write)?;
                 self.done = true;
             }
-            Ok(n) => {
-                self.start = 0;
-                self.end = n;
-            }
-            // Drained: nothing pending, so the buffer goes back until the next byte.
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => relay_buf_give(self.buf.take()),
+            Ok(n) => (self.start, self.end) = (0, n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => give_buf(self.buf.take()),
             Err(e) => return Err(e),
         }
         Ok(())
     }
 }
 
-/// Relay buffers kept per worker thread for reuse (beyond, they are freed).
-const RELAY_BUFS_PER_THREAD: usize = 8;
+/// Spare relay buffers kept per worker thread.
+const SPARE_BUFS: usize = 64;
 
 thread_local! {
-    static RELAY_BUFS: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BUFS: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn relay_buf_take() -> Box<[u8]> {
-    RELAY_BUFS
-        .with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0u8; BUF].into_boxed_slice())
+/// A buffer of at least `len` (and [`BUF`]) bytes, from the thread's spares when it has one.
+fn take_buf(len: usize) -> Box<[u8]> {
+    if len <= BUF {
+        if let Some(b) = BUFS.with(|p| p.borrow_mut().pop()) {
+            return b;
+        }
+    }
+    vec![0u8; BUF.max(len)].into_boxed_slice()
 }
 
-fn relay_buf_give(b: Option<Box<[u8]>>) {
+fn give_buf(b: Option<Box<[u8]>>) {
     if let Some(b) = b.filter(|b| b.len() == BUF) {
-        RELAY_BUFS.with(|p| {
+        BUFS.with(|p| {
             let mut p = p.borrow_mut();
-            if p.len() < RELAY_BUFS_PER_THREAD {
+            if p.len() < SPARE_BUFS {
                 p.push(b);
             }
         });
@@ -151,34 +152,30 @@ pub struct Relay<'a> {
 /// Relay `client` ↔ `upstream` until both directions end, or until a draining generation's
 /// deadline for opaque connections passes and a successor takes the pair.
 pub async fn relay(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+    client: TcpStream,
+    upstream: TcpStream,
     mut up: Pump,
     mut down: Pump,
     r: Relay<'_>,
 ) -> End {
     let deadline = opaque_deadline();
     tokio::pin!(deadline);
-    let moved = {
-        let (mut cr, mut cw) = client.split();
-        let (mut ur, mut uw) = upstream.split();
-        loop {
-            if up.done && down.done {
-                return End::Done { failed: false };
-            }
-            tokio::select! {
-                res = up.step(&mut cr, &mut uw, &r.entry.bytes_to_upstream, &r.stats.bytes_upstream), if !up.done => {
-                    if res.is_err() {
-                        break false;
-                    }
+    let moved = loop {
+        if up.done && down.done {
+            return End::Done { failed: false };
+        }
+        tokio::select! {
+            res = up.step(&client, &upstream, &r.entry.bytes_to_upstream, &r.stats.bytes_upstream), if !up.done => {
+                if res.is_err() {
+                    break false;
                 }
-                res = down.step(&mut ur, &mut cw, &r.entry.bytes_to_client, &r.stats.bytes_downstream), if !down.done => {
-                    if res.is_err() {
-                        break false;
-                    }
-                }
-                _ = &mut deadline => break true,
             }
+            res = down.step(&upstream, &client, &r.entry.bytes_to_client, &r.stats.bytes_downstream), if !down.done => {
+                if res.is_err() {
+                    break false;
+                }
+            }
+            _ = &mut deadline => break true,
         }
     };
     if !moved {

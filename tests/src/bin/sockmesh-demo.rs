@@ -17,6 +17,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+#[path = "demo/dual_link.rs"]
+mod dual_link;
+
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use sockmesh_tests::daemon::{prom_value, toml_str};
@@ -119,7 +122,16 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    for peer in ["http_server.py", "chain_app.py"] {
+    // `sockmesh-demo dual-link`: the active / keep-alive links scene (see demo/dual_link.rs).
+    let scene = args.get(1).map(String::as_str);
+    if !matches!(scene, None | Some("dual-link")) {
+        eprintln!(
+            "sockmesh-demo: unknown scene `{}` (scenes: the default tour, dual-link)",
+            args[1]
+        );
+        return ExitCode::from(2);
+    }
+    for peer in ["http_server.py", "chain_app.py", "link_app.py"] {
         let path = peers_dir().join(peer);
         if !path.is_file() {
             eprintln!(
@@ -137,7 +149,11 @@ fn main() -> ExitCode {
         }
     }
     install_signal_cleanup();
-    let result = run();
+    let result = if scene == Some("dual-link") {
+        dual_link::run()
+    } else {
+        run()
+    };
     unregister_cleanup();
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,262 @@
+//! `sockmesh-demo dual-link` (`cargo xtask demo dual-link`): two application chains share the
+//! same pods, one active and one kept alive; `sockmesh switch` swaps them and back under a
+//! constant load while a live table shows where each link's requests are served and how fast.
+//!
+//! Pod `app` runs trade's `checkout` (port 8001) and forest's `game` (port 8002); pod `pool`
+//! runs both too (the active capacity a keep-alive link's requests move to). Each app is
+//! `tests/peers/link_app.py`: a cache that is cold after start and a pool of connections to its
+//! own backend (a two-tier chain). The client pod sends 100 requests/s to each of `app`'s
+//! services for [`LOAD_SECONDS`]; everything is bounded and removed at the end (Drop guards,
+//! and the demo's signal handler on Ctrl-C).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use sockmesh_tests::daemon::toml_str;
+use sockmesh_tests::{peers_dir, python, Daemon, LineChild, Pod, Server, VirtualNode};
+
+/// How long the load runs; the switches happen at [`SWITCH_AT`] and [`BACK_AT`].
+const LOAD_SECONDS: u64 = 26;
+const SWITCH_AT: f64 = 8.0;
+const BACK_AT: f64 = 17.0;
+const RATE: u32 = 100;
+
+fn config(node: &VirtualNode) -> String {
+    let (app, pool) = (node.pod("app"), node.pod("pool"));
+    let mut s = format!(
+        "cgroup_root = {}\n",
+        toml_str(&node.cgroup_root().to_string_lossy())
+    );
+    for (name, vip, port) in [("checkout", "10.96.2.1:80", 8001), ("game", "10.96.2.2:80", 8002)] {
+        s.push_str(&format!(
+            r#"
+[[services]]
+name = "{name}"
+addresses = ["{vip}"]
+protocol = "http1"
+endpoints = [
+  {{ address = "{}" }},
+  {{ address = "{}", labels = {{ pool = "yes" }} }},
+]
+subsets = [{{ name = "all" }}, {{ name = "pool", labels = {{ pool = "yes" }} }}]
+"#,
+            app.addr(port),
+            pool.addr(port)
+        ));
+    }
+    for (link, service, initial) in [("trade", "checkout", "active"), ("forest", "game", "keepalive")] {
+        s.push_str(&format!(
+            r#"
+[[links]]
+name = "{link}"
+services = ["{service}"]
+initial = "{initial}"
+trickle_percent = 5
+keep_paths = ["/health"]
+pool = "pool"
+"#
+        ));
+    }
+    s.push_str(&format!(
+        "\n[[pods]]\nname = \"app\"\nnetns = {}\ncgroup = {}\ninbound_ports = [8001, 8002]\n",
+        toml_str(&app.netns.to_string_lossy()),
+        toml_str(&app.cgroup.to_string_lossy())
+    ));
+    s
+}
+
+fn app(pod: &Pod, port: u16, name: &str) -> Result<Server> {
+    let mut cmd = Command::new(python());
+    cmd.arg("-u").arg(peers_dir().join("link_app.py")).args([
+        "serve",
+        "--port",
+        &port.to_string(),
+        "--name",
+        name,
+    ]);
+    Server::start(&pod.cgroup, Some(&pod.netns), cmd)
+}
+
+/// Each link's state and local share now (`sockmesh switch --json`).
+fn states(d: &Daemon) -> Result<Vec<(String, String, f64)>> {
+    let out = d.cli(&["switch", "--json"])?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("switch --json")?;
+    Ok(v["links"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            (
+                l["name"].as_str().unwrap_or_default().to_owned(),
+                l["state"].as_str().unwrap_or_default().to_owned(),
+                l["local_share_percent"].as_f64().unwrap_or(0.0),
+            )
+        })
+        .collect())
+}
+
+/// One row of the live table from a `link_app.py load --live-ms` line.
+fn row(t: f64, live: &Value, links: &[(String, String, f64)]) -> (String, u64) {
+    let mut cells = Vec::new();
+    let mut errors = 0;
+    for (i, link) in ["trade", "forest"].iter().enumerate() {
+        let tgt = &live["targets"][i];
+        let by = tgt["served_by"].as_object().cloned().unwrap_or_default();
+        let n = |k: &str| by.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let (here, pool, err) = (n(&format!("{link}@app")), n(&format!("{link}@pool")), n("error"));
+        errors += err;
+        let total = (here + pool + err).max(1);
+        let (state, share) = links
+            .iter()
+            .find(|l| l.0 == *link)
+            .map(|l| (l.1.clone(), l.2))
+            .unwrap_or_default();
+        cells.push(format!(
+            "{state:<9} {share:>6.2} % | {:>5.1} % {:>5.1} % | {:>6.2} {:>6.2}",
+            100.0 * here as f64 / total as f64,
+            100.0 * pool as f64 / total as f64,
+            tgt["p50"].as_f64().unwrap_or(0.0),
+            tgt["p99"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    (format!("{t:>5.1}s | {} || {}", cells[0], cells[1]), errors)
+}
+
+pub fn run() -> Result<()> {
+    println!("sockmesh demo: active / keep-alive dual links (two chains in the same pods, swapped warm)");
+    println!("========================================================================================");
+    println!("\n[1/4] a virtual node with pods client, app, pool");
+    let node = VirtualNode::new(&["client", "app", "pool"])?;
+    super::register_cleanup(0, &node);
+    let mut servers = Vec::new();
+    for (pod, tag) in [("app", "app"), ("pool", "pool")] {
+        for (port, link) in [(8001, "trade"), (8002, "forest")] {
+            servers.push(app(node.pod(pod), port, &format!("{link}@{tag}"))?);
+        }
+    }
+    println!(
+        "      app  {}: trade's checkout :8001, forest's game :8002 (each with a cache and a backend pool)",
+        node.pod("app").ip
+    );
+    println!(
+        "      pool {}: the same two apps, the active capacity elsewhere",
+        node.pod("pool").ip
+    );
+
+    println!(
+        "\n[2/4] sockmesh with [[links]]: trade active, forest kept alive (5 % trickle, /health never moved)"
+    );
+    let daemon = Daemon::start(&node, &config(&node))?;
+    super::register_cleanup(daemon.pid(), &node);
+    let result = tour(&node, &daemon);
+    if result.is_err() {
+        eprintln!("\n--- sockmesh log ---\n{}--- end of log ---", daemon.log());
+    }
+    result?;
+
+    println!("\n[4/4] cleaning up: stopping sockmesh, the apps, deleting namespaces and cgroups");
+    drop(servers);
+    let root = node.cgroup_root().to_path_buf();
+    let netns = node.netns_paths();
+    drop(daemon);
+    super::register_cleanup(0, &node);
+    drop(node);
+    let left: Vec<String> = netns
+        .iter()
+        .chain(std::iter::once(&root))
+        .filter(|p| p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    if !left.is_empty() {
+        bail!("left behind: {left:?}");
+    }
+    println!("done: nothing left behind.");
+    Ok(())
+}
+
+fn tour(node: &VirtualNode, d: &Daemon) -> Result<()> {
+    println!(
+        "\n[3/4] {RATE} requests/s to each link's app in pod `app` for {LOAD_SECONDS} s; switch to forest at {SWITCH_AT} s \
+         (over 3 s, 3 steps), back at {BACK_AT} s (instant)"
+    );
+    let client = node.pod("client");
+    let mut cmd = Command::new(python());
+    cmd.arg("-u").arg(peers_dir().join("link_app.py")).arg("load");
+    for port in [8001, 8002] {
+        cmd.args(["--target", &node.pod("app").addr(port)]);
+    }
+    cmd.args([
+        "--rate",
+        &RATE.to_string(),
+        "--seconds",
+        &LOAD_SECONDS.to_string(),
+        "--keys",
+        "15",
+        "--concurrency",
+        "4",
+        "--health-every",
+        "50",
+        "--live-ms",
+        "1000",
+    ]);
+    let mut load = LineChild::spawn(&client.cgroup, Some(&client.netns), cmd)?;
+    println!("      (per second: each link's state and local share, where its requests were served, the latencies the");
+    println!(
+        "      client saw; `at app` includes the /health checks, every 50th request, which are never moved."
+    );
+    println!("      The links' cgroups are left out here: tests/dual_link.rs drives them.)");
+    println!();
+    println!("        |              trade (checkout)                    ||              forest (game)");
+    println!("   time | state      local | at app  at pool | p50 ms p99 ms || state      local | at app  at pool | p50 ms p99 ms");
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(LOAD_SECONDS + 30);
+    let (mut switched, mut back, mut errors) = (false, false, 0);
+    loop {
+        if Instant::now() > deadline {
+            bail!("the load did not finish in time");
+        }
+        let line = load.recv_line(Duration::from_secs(LOAD_SECONDS + 20))?;
+        let v: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if v.get("live").is_none() {
+            // The final summary line.
+            let total = v["events"].as_array().map_or(0, Vec::len);
+            let failed = v["errors"].as_u64().unwrap_or(0);
+            println!("\n      {total} requests, {failed} failed (live rows counted {errors})");
+            if failed > 0 {
+                bail!("{failed} requests failed");
+            }
+            break;
+        }
+        let t = v["live"].as_f64().unwrap_or(0.0);
+        let (text, e) = row(t, &v, &states(d)?);
+        errors += e;
+        println!("{text}");
+        if !switched && t >= SWITCH_AT {
+            switched = true;
+            let out = d.cli(&["switch", "--to", "forest", "--over", "3s", "--steps", "3"])?;
+            println!(
+                "   ---> sockmesh switch --to forest --over 3s --steps 3: {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        if !back && t >= BACK_AT {
+            back = true;
+            let out = d.cli(&["switch", "--back", "--over", "0"])?;
+            println!(
+                "   ---> sockmesh switch --back --over 0: {}",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+    }
+    let out = d.cli(&["switch"])?;
+    println!("\n      sockmesh switch (the links' view now):");
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("        {l}");
+    }
+    Ok(())
+}
