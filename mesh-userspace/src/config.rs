@@ -78,6 +78,81 @@ struct RawConfig {
     #[serde(default)]
     links: Vec<crate::routing::link::RawLink>,
     kubernetes: Option<RawKubernetes>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+/// `[limits]`: what one client connection or one pod may hold of the proxy.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    request_head_timeout_ms: Option<u64>,
+    max_request_head_bytes: Option<u64>,
+    client_idle_timeout_secs: Option<u64>,
+    max_connections_per_pod: Option<u64>,
+}
+
+/// `[limits]`, validated (see [`parse_limits`] for the ranges).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// An HTTP/1.1 request head must be complete this long after its first byte (else 408 and
+    /// the connection is closed); an HTTP/2 client must send its preface this long after the
+    /// connection is accepted. Counted as `header_timeout` / `preface_timeout`.
+    pub request_head_timeout: std::time::Duration,
+    /// Largest HTTP/1.1 request head (431 and closed beyond, `header_too_large`).
+    pub max_request_head_bytes: usize,
+    /// An HTTP app connection with no request in flight for this long is closed gracefully.
+    pub client_idle_timeout: std::time::Duration,
+    /// Concurrent proxied connections one pod may hold (its outbound ones, and the inbound ones
+    /// to it); beyond, new ones are reset and counted as `pod_connection_limit`. `None`: a quarter
+    /// of the daemon's open-files limit (each connection holds two descriptors, so one pod can
+    /// never take more than half of them). `Some(0)`: no cap.
+    pub max_connections_per_pod: Option<u64>,
+}
+
+pub const DEFAULT_REQUEST_HEAD_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_MAX_REQUEST_HEAD_BYTES: u64 = 64 * 1024;
+pub const DEFAULT_CLIENT_IDLE_TIMEOUT_SECS: u64 = 300;
+
+impl Default for Limits {
+    fn default() -> Self {
+        parse_limits(RawLimits::default()).expect("the defaults are valid")
+    }
+}
+
+impl Limits {
+    /// The per-pod connection cap in force (0: none), given the open-files soft limit.
+    pub fn pod_connection_cap(&self, nofile_limit: u64) -> u64 {
+        self.max_connections_per_pod.unwrap_or(nofile_limit / 4)
+    }
+}
+
+fn parse_limits(raw: RawLimits) -> Result<Limits, ConfigError> {
+    let head_ms = raw
+        .request_head_timeout_ms
+        .unwrap_or(DEFAULT_REQUEST_HEAD_TIMEOUT_MS);
+    if !(100..=3_600_000).contains(&head_ms) {
+        return Err(err("limits.request_head_timeout_ms", "must be 100 to 3600000"));
+    }
+    let head_bytes = raw
+        .max_request_head_bytes
+        .unwrap_or(DEFAULT_MAX_REQUEST_HEAD_BYTES);
+    // hyper's read buffer cannot be smaller than 8 KiB.
+    if !(8192..=1 << 20).contains(&head_bytes) {
+        return Err(err("limits.max_request_head_bytes", "must be 8192 to 1048576"));
+    }
+    let idle = raw
+        .client_idle_timeout_secs
+        .unwrap_or(DEFAULT_CLIENT_IDLE_TIMEOUT_SECS);
+    if !(1..=86_400).contains(&idle) {
+        return Err(err("limits.client_idle_timeout_secs", "must be 1 to 86400"));
+    }
+    Ok(Limits {
+        request_head_timeout: std::time::Duration::from_millis(head_ms),
+        max_request_head_bytes: head_bytes as usize,
+        client_idle_timeout: std::time::Duration::from_secs(idle),
+        max_connections_per_pod: raw.max_connections_per_pod,
+    })
 }
 
 /// `[kubernetes]`: CRI discovery and DaemonSet behaviour (src/k8s).
@@ -254,6 +329,8 @@ pub struct Config {
     pub workers: Option<usize>,
     /// `[kubernetes]` with `enabled = true`: CRI discovery, DaemonSet behaviour.
     pub kubernetes: Option<crate::k8s::KubernetesConfig>,
+    /// `[limits]`: slow and idle clients, per-pod connection cap.
+    pub limits: Limits,
 }
 
 /// Most proxy worker threads (`workers`).
@@ -374,6 +451,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         .transpose()
         .map_err(|e| err("workers", e))?;
     let kubernetes = parse_kubernetes(raw.kubernetes)?;
+    let limits = parse_limits(raw.limits)?;
     let outbound_port = raw.outbound_port.unwrap_or(mesh_common::DEFAULT_OUTBOUND_PORT);
     if outbound_port == 0 {
         return Err(err("outbound_port", "must not be 0"));
@@ -549,6 +627,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         routing,
         workers,
         kubernetes,
+        limits,
     })
 }
 
@@ -688,6 +767,38 @@ mod tests {
             .expect("deploy/kubernetes/sockmesh.toml");
         assert!(c.kubernetes.is_some_and(|k| k.sigterm_keeps_state));
         assert_eq!(c.admin_socket, Path::new(DEFAULT_ADMIN_SOCKET));
+    }
+
+    #[test]
+    fn limits_section_defaults_ranges_and_the_per_pod_cap() {
+        let d = parse("").unwrap().limits;
+        assert_eq!(d.request_head_timeout, std::time::Duration::from_secs(10));
+        assert_eq!(d.max_request_head_bytes, 65536);
+        assert_eq!(d.client_idle_timeout, std::time::Duration::from_secs(300));
+        assert_eq!(d.max_connections_per_pod, None);
+        assert_eq!(
+            d.pod_connection_cap(20_000),
+            5_000,
+            "a quarter of the open-files limit"
+        );
+        let l = parse(
+            "[limits]\nrequest_head_timeout_ms = 1500\nmax_request_head_bytes = 16384\n\
+             client_idle_timeout_secs = 60\nmax_connections_per_pod = 0\n",
+        )
+        .unwrap()
+        .limits;
+        assert_eq!(l.request_head_timeout, std::time::Duration::from_millis(1500));
+        assert_eq!(l.max_request_head_bytes, 16384);
+        assert_eq!(l.client_idle_timeout, std::time::Duration::from_secs(60));
+        assert_eq!(l.pod_connection_cap(20_000), 0, "0: no cap");
+        for (text, field) in [
+            ("request_head_timeout_ms = 10", "limits.request_head_timeout_ms"),
+            ("max_request_head_bytes = 100", "limits.max_request_head_bytes"),
+            ("client_idle_timeout_secs = 0", "limits.client_idle_timeout_secs"),
+        ] {
+            assert_eq!(parse(&format!("[limits]\n{text}\n")).unwrap_err().field, field);
+        }
+        assert!(parse("[limits]\nbogus = 1\n").is_err());
     }
 
     #[test]

@@ -167,7 +167,15 @@ impl Daemon {
         let router =
             Router::new(crate::routing::compile(cfg.routing.clone()).expect("validated by config::parse"));
         let colour = kernel.colour();
-        let shared = Arc::new(Shared::new(Box::new(proxy::KernelOrigDst), router).with_colour(colour));
+        let shared = Arc::new(
+            Shared::new(Box::new(proxy::KernelOrigDst), router)
+                .with_colour(colour)
+                .with_limits(cfg.limits.clone()),
+        );
+        tracing::info!(
+            "per-pod connection cap: {} ([limits] max_connections_per_pod; 0: none)",
+            shared.pod_cap.load(std::sync::atomic::Ordering::Relaxed)
+        );
         let links = Arc::new(crate::links::LinkManager::new(
             crate::links::state_path(&cfg.state_file),
             shared.l7.links.clone(),

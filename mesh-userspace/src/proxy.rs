@@ -71,6 +71,9 @@ pub struct PodStats {
     pub connections_active: AtomicU64,
     pub bytes_upstream: AtomicU64,
     pub bytes_downstream: AtomicU64,
+    /// Connections the proxy holds for this pod right now, from accept to close (upstream
+    /// connects in progress included): what `[limits] max_connections_per_pod` caps.
+    pub held: AtomicU64,
 }
 
 /// Why a proxied connection was dropped; each has a metric.
@@ -88,6 +91,9 @@ pub struct ProxyErrors {
     pub upstream_socket_failed: AtomicU64,
     pub upstream_connect_failed: AtomicU64,
     pub relay_reset: AtomicU64,
+    /// A pod already held `max_connections_per_pod` connections: the new one was reset.
+    pub pod_connection_limit: AtomicU64,
+    pod_limit_logged_ms: AtomicU64,
 }
 
 /// How often an accept that ran out of descriptors is logged (each one is counted).
@@ -128,7 +134,116 @@ impl ProxyErrors {
                 self.upstream_connect_failed.load(Relaxed),
             ),
             ("relay_reset", self.relay_reset.load(Relaxed)),
+            ("pod_connection_limit", self.pod_connection_limit.load(Relaxed)),
         ]
+    }
+
+    /// Count a connection refused by the per-pod cap; true when it is time to say so in the
+    /// log (once per [`NO_FD_LOG_INTERVAL`]).
+    fn note_pod_limit(&self, now_ms: u64) -> bool {
+        self.pod_connection_limit.fetch_add(1, Relaxed);
+        let last = self.pod_limit_logged_ms.load(Relaxed);
+        (last == 0 || now_ms.saturating_sub(last) >= NO_FD_LOG_INTERVAL.as_millis() as u64)
+            && self
+                .pod_limit_logged_ms
+                .compare_exchange(last, now_ms.max(1), Relaxed, Relaxed)
+                .is_ok()
+    }
+}
+
+/// Milliseconds since the Unix epoch (for log throttling).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One connection counted against its pod's cap (and in the node's total) until dropped.
+struct Held {
+    stats: Arc<PodStats>,
+    shared: Arc<Shared>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.stats.held.fetch_sub(1, Relaxed);
+        self.shared.memory.freed();
+    }
+}
+
+/// Admit a new connection of `pod` under its cap, or count the refusal (`None`: reset it).
+fn admit(pod: &PodCtx, shared: &Arc<Shared>) -> Option<Held> {
+    let held = pod.stats.held.fetch_add(1, Relaxed) + 1;
+    let cap = shared.pod_cap.load(Relaxed);
+    if cap != 0 && held > cap {
+        pod.stats.held.fetch_sub(1, Relaxed);
+        if shared.errors.note_pod_limit(now_ms()) {
+            warn!(
+                pod = %pod.name,
+                "pod holds {cap} proxied connections, its cap ([limits] max_connections_per_pod): \
+                 new ones are reset (counted as pod_connection_limit; said once per {}s)",
+                NO_FD_LOG_INTERVAL.as_secs()
+            );
+        }
+        return None;
+    }
+    shared.memory.opened();
+    Some(Held {
+        stats: pod.stats.clone(),
+        shared: shared.clone(),
+    })
+}
+
+/// Gives the allocator's free memory back to the system after many connections closed or
+/// parked their buffers: glibc keeps freed heap pages otherwise, so RSS would stay at the peak
+/// of a connection burst. A task started with the first connection checks every
+/// [`TRIM_EVERY`] and trims when at least [`TRIM_AFTER`] connections were freed since the last
+/// trim (at most one `malloc_trim` per interval, none while nothing changes).
+#[derive(Debug, Default)]
+pub struct MemoryTrim {
+    /// Connections closed or parked since the last trim.
+    freed: Arc<AtomicU64>,
+    started: std::sync::atomic::AtomicBool,
+    /// Trims done so far.
+    pub trims: Arc<AtomicU64>,
+}
+
+const TRIM_AFTER: u64 = 1000;
+const TRIM_EVERY: Duration = Duration::from_secs(2);
+
+impl MemoryTrim {
+    fn opened(&self) {
+        if !self.started.swap(true, Relaxed) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(trimmer(self.freed.clone(), self.trims.clone()));
+            }
+        }
+    }
+
+    /// A connection closed, or an idle one gave back its buffers.
+    pub fn freed(&self) {
+        self.freed.fetch_add(1, Relaxed);
+    }
+}
+
+async fn trimmer(freed: Arc<AtomicU64>, trims: Arc<AtomicU64>) {
+    loop {
+        tokio::time::sleep(TRIM_EVERY).await;
+        if freed.load(Relaxed) >= TRIM_AFTER {
+            freed.store(0, Relaxed);
+            trims.fetch_add(1, Relaxed);
+            let _ = tokio::task::spawn_blocking(trim_heap).await;
+        }
+    }
+}
+
+/// `malloc_trim(0)`: hand every free page of every arena back to the kernel.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -319,6 +434,12 @@ pub struct Shared {
     pub mesh_ips: MeshIps,
     /// Kernel colour propagation (see `propagate.rs`); unavailable until the daemon wires it.
     pub colour: crate::propagate::ColourKernel,
+    /// `[limits]`: slow and idle clients, the per-pod connection cap.
+    pub limits: crate::config::Limits,
+    /// The per-pod connection cap in force (0: none), resolved from `limits` at start.
+    pub pod_cap: AtomicU64,
+    /// Live connections, and the heap trim after large closes.
+    pub memory: MemoryTrim,
 }
 
 impl Shared {
@@ -333,7 +454,19 @@ impl Shared {
             },
             mesh_ips: MeshIps::default(),
             colour: crate::propagate::ColourKernel::disabled("not wired to a kernel".into()),
+            limits: crate::config::Limits::default(),
+            pod_cap: AtomicU64::new(0),
+            memory: MemoryTrim::default(),
         }
+    }
+
+    /// With the config's `[limits]`; the per-pod cap is resolved against the open-files
+    /// limit in force now.
+    pub fn with_limits(mut self, limits: crate::config::Limits) -> Self {
+        let nofile = sys::nofile_limit().map(|(soft, _)| soft).unwrap_or(0);
+        self.pod_cap = AtomicU64::new(limits.pod_connection_cap(nofile));
+        self.limits = limits;
+        self
     }
 
     /// With the kernel's colour propagation handle.
@@ -518,9 +651,14 @@ async fn accept_loop(
 }
 
 fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>, shared: &Arc<Shared>) {
+    let Some(held) = admit(pod, shared) else {
+        reset(s);
+        return;
+    };
     let pod = pod.clone();
     let shared = shared.clone();
     tokio::spawn(async move {
+        let _held = held;
         let orig = match dir {
             Direction::Outbound => shared.orig.orig_dst(&s),
             Direction::Inbound => s.local_addr(),
@@ -548,12 +686,15 @@ fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>,
             .connection_for(orig, dir == Direction::Inbound);
         match plan {
             ConnPlan::Opaque => {
-                relay(s, peer, orig, orig, dir, pod, shared)
+                // Boxed like the L7 path: each connection's task holds only its own path's state.
+                Box::pin(relay(s, peer, orig, orig, dir, pod, shared))
                     .instrument(span)
                     .await;
             }
             ConnPlan::L7 { hint, detect_timeout } => {
-                dispatch(s, peer, orig, dir, hint, detect_timeout, pod, shared)
+                // Boxed: the L7 handlers' state is large, and a relayed connection's task (most
+                // idle connections) should not carry room for it.
+                Box::pin(dispatch(s, peer, orig, dir, hint, detect_timeout, pod, shared))
                     .instrument(span)
                     .await
             }
@@ -627,7 +768,7 @@ async fn dispatch(
             "opaque TCP routed"
         );
         let started = Instant::now();
-        let ok = relay(s, peer, orig, decision.endpoint, dir, pod, shared).await;
+        let ok = Box::pin(relay(s, peer, orig, decision.endpoint, dir, pod, shared)).await;
         decision.stats.record(
             if ok {
                 Outcome::Answered
@@ -651,11 +792,12 @@ async fn dispatch(
         inbound: dir == Direction::Inbound,
         local: s.local_addr().unwrap_or(orig),
     };
+    // Each handler boxed: a connection holds only its own protocol's state.
     match detected {
-        Detection::Http1 => l7::http::serve(s, l7::http::HttpVersion::Http1, ctx).await,
-        Detection::Http2 => l7::http::serve(s, l7::http::HttpVersion::Http2, ctx).await,
-        Detection::Bolt { .. } => l7::mux::serve_bolt(s, ctx).await,
-        Detection::Dubbo => l7::mux::serve_dubbo(s, ctx).await,
+        Detection::Http1 => Box::pin(l7::http::serve(s, l7::http::HttpVersion::Http1, ctx)).await,
+        Detection::Http2 => Box::pin(l7::http::serve(s, l7::http::HttpVersion::Http2, ctx)).await,
+        Detection::Bolt { .. } => Box::pin(l7::mux::serve_bolt(s, ctx)).await,
+        Detection::Dubbo => Box::pin(l7::mux::serve_dubbo(s, ctx)).await,
         Detection::Opaque | Detection::NeedMore => unreachable!("relayed above"),
     }
     pod.stats.connections_active.fetch_sub(1, Relaxed);
@@ -965,6 +1107,50 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(total, 200);
+    }
+
+    #[tokio::test]
+    async fn a_pod_at_its_connection_cap_gets_resets_counted_and_other_pods_do_not() {
+        let upstream = banner_server("hi\n").await;
+        let limits = crate::config::Limits {
+            max_connections_per_pod: Some(2),
+            ..Default::default()
+        };
+        let shared =
+            Arc::new(Shared::new(Box::new(FixedOrigDst(upstream)), Router::default()).with_limits(limits));
+        assert_eq!(shared.pod_cap.load(Relaxed), 2);
+        let (a, b) = (pod(), pod());
+        let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr_a, addr_b) = (la.local_addr().unwrap(), lb.local_addr().unwrap());
+        tokio::spawn(accept_all(la, a.clone(), shared.clone()));
+        tokio::spawn(accept_all(lb, b.clone(), shared.clone()));
+        async fn banner(addr: SocketAddr) -> io::Result<TcpStream> {
+            let mut c = TcpStream::connect(addr).await?;
+            let mut buf = [0u8; 3];
+            tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut buf))
+                .await
+                .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+            assert_eq!(&buf, b"hi\n");
+            Ok(c)
+        }
+        let first = banner(addr_a).await.expect("first connection of pod a");
+        let _second = banner(addr_a).await.expect("second connection of pod a");
+        let third = banner(addr_a).await;
+        assert!(third.is_err(), "over the cap: reset, got {third:?}");
+        assert_eq!(shared.errors.pod_connection_limit.load(Relaxed), 1);
+        assert_eq!(a.stats.held.load(Relaxed), 2);
+        let _other = banner(addr_b).await.expect("another pod is not capped by pod a");
+        // One closes: pod a is served again.
+        drop(first);
+        for _ in 0..100 {
+            if a.stats.held.load(Relaxed) < 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        banner(addr_a).await.expect("below the cap again");
+        assert_eq!(shared.errors.pod_connection_limit.load(Relaxed), 1);
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@
 //! subtree; traffic only goes to loopback or to namespaces the harness created; every wait is
 //! bounded.
 
+pub mod abuse;
 pub mod bench;
 pub mod cgroup;
 pub mod cluster;

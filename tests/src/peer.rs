@@ -66,7 +66,8 @@ pub fn run(args: &[String]) -> i32 {
         "interactive" => interactive(&opts),
         "conns" => conns(&opts),
         "-h" | "--help" | "help" => usage(),
-        other => Err(format!("unknown command {other:?}")),
+        // The abuse tests' clients and server (`crate::abuse`).
+        other => crate::abuse::run(other, &opts).unwrap_or_else(|| Err(format!("unknown command {other:?}"))),
     });
     match result {
         Ok(()) => 0,

@@ -28,7 +28,10 @@
 //!
 //! Client-side protocol errors end only the offending connection and are counted by hyper's
 //! classification: `header_too_large` (hyper answers 431), `malformed` (400), `header_timeout`
-//! (slow HTTP/1.1 head), `incomplete`, `keepalive_timeout` (HTTP/2 ping unanswered), `io`,
+//! (an HTTP/1.1 head not complete within `[limits] request_head_timeout_ms` of its first byte:
+//! 408 and closed), `preface_timeout` (HTTP/2 preface not in within that time: closed),
+//! `idle_timeout` (no request for `client_idle_timeout_secs`: closed gracefully; counted, not an
+//! error of the client), `incomplete`, `keepalive_timeout` (HTTP/2 ping unanswered), `io`,
 //! `connection_error`. An HTTP/2 header list over [`MAX_HTTP2_HEADER_LIST_BYTES`] is refused by
 //! the h2 layer with a 431 on that stream only; it does not reach the handler and is not counted.
 
@@ -75,23 +78,15 @@ use crate::{
     },
 };
 
-/// Largest HTTP/1.1 request head (request line and headers) the proxy reads; larger gets 431
-/// and the connection is closed.
-pub const MAX_HTTP1_HEAD_BYTES: usize = 64 * 1024;
 /// Largest HTTP/2 header list (`SETTINGS_MAX_HEADER_LIST_SIZE`) accepted from the app; a larger
 /// one gets 431 on that stream.
 pub const MAX_HTTP2_HEADER_LIST_BYTES: u32 = 64 * 1024;
-/// An HTTP/1.1 client must send a complete request head within this time.
-pub const HTTP1_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 PING interval on the app's connection and on upstream connections.
 pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// An HTTP/2 peer that does not answer a PING within this time is disconnected.
 pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent streams the proxy accepts on one HTTP/2 app connection.
 pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 1024;
-/// An app connection with no request in flight for this long is closed gracefully (HTTP/1.1:
-/// closed; HTTP/2: GOAWAY).
-pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// An idle pooled HTTP/1.1 upstream connection is closed after this long.
 pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Pooled HTTP/1.1 upstream connections per (pod, endpoint); beyond it, extra connections
@@ -330,8 +325,9 @@ async fn sweep(inner: Weak<PoolsInner>) {
 struct Counted {
     inner: TcpStream,
     ctx: ConnCtx,
-    /// Bytes a previous generation read before it handed the connection over (upgrade):
-    /// replayed first, not counted again.
+    head: Arc<HeadClock>,
+    /// Bytes read but not parsed: by a parked HTTP/1.1 session, or by a previous generation
+    /// before it handed the connection over (upgrade). Replayed first, not counted again.
     prefix: Bytes,
     /// Set when the connection is being handed over: hyper's final shutdown must not reach
     /// the socket (it is shared with the next generation).
@@ -356,6 +352,7 @@ impl AsyncRead for Counted {
         if n > 0 {
             self.ctx.entry.bytes_to_upstream.fetch_add(n, Relaxed);
             self.ctx.pod.stats.bytes_upstream.fetch_add(n, Relaxed);
+            self.head.on_read(n);
         }
         Poll::Ready(Ok(()))
     }
@@ -396,6 +393,10 @@ impl AsyncWrite for Counted {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.keep_open.load(Relaxed) {
             return Pin::new(&mut self.inner).poll_flush(cx);
+        }
+        if self.head.parking.load(Relaxed) {
+            // hyper ends its session on an idle connection we park: the socket stays open.
+            return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
@@ -448,11 +449,130 @@ impl Drop for InflightGuard {
     }
 }
 
+/// The request-head clock of one app connection (`[limits] request_head_timeout_ms`, the
+/// slowloris defence). HTTP/1.1: started by the first byte read while no request is in
+/// flight, stopped when a head is parsed (the handler runs). HTTP/2: started at accept,
+/// stopped once the 24-byte preface is in. hyper's own header timer is not used: it also runs
+/// while a keep-alive connection waits for its next request, so it closed every idle
+/// keep-alive connection after the timeout.
+struct HeadClock {
+    version: HttpVersion,
+    inflight: Arc<Inflight>,
+    running: AtomicBool,
+    started: Mutex<Option<Instant>>,
+    /// Bytes read so far (HTTP/2, until the preface is in).
+    read: AtomicUsize,
+    notify: tokio::sync::Notify,
+    /// An idle HTTP/1.1 session is being ended to park the connection ([`H1_PARK_AFTER`]).
+    parking: AtomicBool,
+    /// Requests whose head was parsed on this connection.
+    served: AtomicUsize,
+}
+
+/// The HTTP/2 connection preface (`PRI * HTTP/2.0...`).
+const HTTP2_PREFACE_LEN: usize = 24;
+
+impl HeadClock {
+    fn new(version: HttpVersion, inflight: Arc<Inflight>) -> Arc<Self> {
+        let c = Arc::new(Self {
+            version,
+            inflight,
+            running: AtomicBool::new(false),
+            started: Mutex::new(None),
+            read: AtomicUsize::new(0),
+            notify: tokio::sync::Notify::new(),
+            parking: AtomicBool::new(false),
+            served: AtomicUsize::new(0),
+        });
+        if version == HttpVersion::Http2 {
+            c.start();
+        }
+        c
+    }
+
+    fn on_read(&self, n: u64) {
+        match self.version {
+            HttpVersion::Http1 => {
+                if !self.running.load(Relaxed) && self.inflight.count.load(Relaxed) == 0 {
+                    self.start();
+                }
+            }
+            HttpVersion::Http2 => {
+                if self.running.load(Relaxed)
+                    && self.read.fetch_add(n as usize, Relaxed) + n as usize >= HTTP2_PREFACE_LEN
+                {
+                    self.stop();
+                }
+            }
+        }
+    }
+
+    fn start(&self) {
+        let mut s = self.started.lock().expect("head clock lock");
+        if s.is_none() {
+            *s = Some(Instant::now());
+            self.running.store(true, Relaxed);
+            self.notify.notify_one();
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.running.load(Relaxed)
+    }
+
+    /// A request head was parsed: the clock stops.
+    fn request_started(&self) {
+        self.served.fetch_add(1, Relaxed);
+        self.stop();
+    }
+
+    fn stop(&self) {
+        if self.running.swap(false, Relaxed) {
+            *self.started.lock().expect("head clock lock") = None;
+        }
+    }
+
+    /// Resolves once a head (or the preface) has been on its way for `timeout`.
+    async fn expired(&self, timeout: Duration) {
+        loop {
+            let started = *self.started.lock().expect("head clock lock");
+            match started {
+                None => self.notify.notified().await,
+                Some(t) => {
+                    tokio::time::sleep_until(t + timeout).await;
+                    if *self.started.lock().expect("head clock lock") == Some(t) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Answer 408 on the app's socket `fd` (HTTP/1.1, no request in flight, so nothing else is
+/// being written), just before the connection is dropped.
+fn answer_408(fd: std::os::fd::RawFd) {
+    const R: &[u8] =
+        b"HTTP/1.1 408 Request Timeout\r\nserver: sockmesh\r\nsockmesh-error: header_timeout\r\n\
+connection: close\r\ncontent-length: 0\r\n\r\n";
+    // SAFETY: `fd` is the app's socket, still open (its owner is dropped only after this);
+    // a non-blocking send of a few bytes.
+    unsafe {
+        libc::send(
+            fd,
+            R.as_ptr().cast(),
+            R.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        );
+    }
+}
+
 /// What every request of one app connection shares.
 struct ConnState {
     ctx: ConnCtx,
     version: HttpVersion,
     inflight: Arc<Inflight>,
+    head: Arc<HeadClock>,
 }
 
 /// Serve one app connection until it closes.
@@ -467,18 +587,23 @@ pub async fn serve_handed_over(client: TcpStream, read: Bytes, ctx: ConnCtx) {
 }
 
 async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVersion, ctx: ConnCtx) {
+    let limits = &ctx.shared.limits;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
+    let inflight = Inflight::new();
+    let head = HeadClock::new(version, inflight.clone());
     let keep_open = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let io = TokioIo::new(Counted {
         inner: client,
         ctx: ctx.clone(),
+        head: head.clone(),
         prefix,
         keep_open: keep_open.clone(),
     });
-    let inflight = Inflight::new();
     let state = Arc::new(ConnState {
         ctx: ctx.clone(),
         version,
         inflight: inflight.clone(),
+        head: head.clone(),
     });
     let svc = service_fn(move |req| {
         let state = state.clone();
@@ -502,11 +627,18 @@ async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVersion, ctx:
             let mut closing = false;
             loop {
                 tokio::select! {
-                    r = conn.as_mut() => break r,
-                    _ = inflight.idle_for(CLIENT_IDLE_TIMEOUT), if !closing => {
+                    r = conn.as_mut() => break Some(r),
+                    _ = inflight.idle_for(limits.client_idle_timeout), if !closing => {
                         debug!("idle app connection: closing");
+                        ctx.l7().errors.count(version.label(), "idle_timeout");
                         conn.as_mut().graceful_shutdown();
                         closing = true;
+                    }
+                    _ = head.expired(limits.request_head_timeout), if !closing => {
+                        if version == HttpVersion::Http1 {
+                            answer_408(fd);
+                        }
+                        break None;
                     }
                     _ = crate::upgrade::drain_close(version == HttpVersion::Http2), if !closing => {
                         debug!("upgrade: draining app connection");
@@ -521,44 +653,10 @@ async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVersion, ctx:
         HttpVersion::Http1 => {
             let mut b = hs::http1::Builder::new();
             b.timer(TokioTimer::new())
-                .header_read_timeout(HTTP1_HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HTTP1_HEAD_BYTES)
+                .header_read_timeout(None)
+                .max_buf_size(limits.max_request_head_bytes)
                 .keep_alive(true);
-            // Like `drive!`, and while an upgrade drains this generation: once no request is
-            // in flight, stop at the request boundary and hand the socket (with any bytes
-            // already read) to the successor instead of closing it.
-            let mut conn = b.serve_connection(io, svc).with_upgrades();
-            let mut closing = false;
-            let mut handing = false;
-            let r = loop {
-                tokio::select! {
-                    r = &mut conn => break r,
-                    _ = inflight.idle_for(CLIENT_IDLE_TIMEOUT), if !closing => {
-                        debug!("idle app connection: closing");
-                        Pin::new(&mut conn).graceful_shutdown();
-                        closing = true;
-                    }
-                    hand = crate::upgrade::drain_http1(inflight.idle_for(Duration::from_millis(2))), if !closing => {
-                        debug!(hand, "upgrade: draining app connection");
-                        closing = true;
-                        if hand {
-                            keep_open.store(true, Relaxed);
-                            handing = true;
-                        }
-                        Pin::new(&mut conn).graceful_shutdown();
-                    }
-                }
-            };
-            if handing && r.is_ok() {
-                if let Some(parts) = conn.into_parts() {
-                    let counted = parts.io.into_inner();
-                    let mut read = parts.read_buf.to_vec();
-                    read.extend_from_slice(&counted.prefix);
-                    crate::upgrade::hand_over_http1(counted.inner, read, &ctx);
-                    return;
-                }
-            }
-            r
+            serve_h1(&b, io, svc, &ctx, &inflight, &head, fd).await
         }
         HttpVersion::Http2 => {
             let mut b = hs::http2::Builder::new(TokioExecutor::new());
@@ -567,13 +665,182 @@ async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVersion, ctx:
                 .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
                 .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT);
-            drive!(b.serve_connection(io, svc))
+            // Boxed: an HTTP/1.1 connection's task keeps no room for it.
+            Box::pin(async { drive!(b.serve_connection(io, svc)) }).await
         }
+    };
+    let Some(result) = result else {
+        let reason = match version {
+            HttpVersion::Http1 => "header_timeout",
+            HttpVersion::Http2 => "preface_timeout",
+        };
+        debug!(reason, "slow app connection: closed");
+        ctx.l7().errors.count(version.label(), reason);
+        return;
     };
     if let Err(e) = result {
         let reason = conn_error_reason(&e, version);
         debug!(reason, "app connection ended: {e}");
         ctx.l7().errors.count(version.label(), reason);
+    }
+}
+
+/// An idle HTTP/1.1 keep-alive connection gives back hyper's session (its 8 KiB read and write
+/// buffers, the cached header map, the boxed request handler) after this long without a
+/// request and with no head on its way; the next request's first byte starts a new session on
+/// the same socket. A new connection gets its first session with its first byte.
+pub const H1_PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Drive an HTTP/1.1 app connection: hyper sessions on the socket, parked while idle (see
+/// [`H1_PARK_AFTER`]), with the idle and head time-outs. `None`: a head took too long (408).
+async fn serve_h1<S>(
+    b: &hs::http1::Builder,
+    mut io: TokioIo<Counted>,
+    mut svc: S,
+    ctx: &ConnCtx,
+    inflight: &Inflight,
+    head: &HeadClock,
+    fd: std::os::fd::RawFd,
+) -> Option<Result<(), hyper::Error>>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = Body> + Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limits = &ctx.shared.limits;
+    loop {
+        // Parked (also before the first request): only the socket and this task until the
+        // client sends or closes; hyper's session starts with the first byte.
+        if io.inner().prefix.is_empty() {
+            tokio::select! {
+                r = io.inner().inner.readable() => {
+                    if r.is_err() {
+                        return Some(Ok(()));
+                    }
+                }
+                _ = inflight.idle_for(limits.client_idle_timeout) => {
+                    debug!("idle app connection: closing");
+                    ctx.l7().errors.count("http1", "idle_timeout");
+                    return Some(Ok(()));
+                }
+                // An upgrade drains this generation: a parked connection is between requests.
+                hand = crate::upgrade::drain_http1(std::future::ready(())) => {
+                    debug!(hand, "upgrade: draining a parked app connection");
+                    if hand {
+                        let counted = io.into_inner();
+                        let read = counted.prefix.to_vec();
+                        crate::upgrade::hand_over_http1(counted.inner, read, ctx);
+                    }
+                    return Some(Ok(()));
+                }
+            }
+        }
+        // Boxed: a parked connection keeps no room for hyper's session state.
+        match Box::pin(h1_session(b, io, svc, ctx, inflight, head, fd)).await {
+            H1Session::Done(r) => return r,
+            H1Session::Parked(i, s) => {
+                (io, svc) = (i, s);
+                ctx.shared.memory.freed();
+            }
+        }
+    }
+}
+
+/// How one hyper session on an HTTP/1.1 app connection ended.
+enum H1Session<S> {
+    /// The connection is done; `None`: a head took too long (408 sent).
+    Done(Option<Result<(), hyper::Error>>),
+    /// Idle: hyper's state is dropped, the socket (with any unparsed bytes) and the service
+    /// are back.
+    Parked(TokioIo<Counted>, S),
+}
+
+/// One hyper session: until the connection ends, or is idle long enough to park.
+async fn h1_session<S>(
+    b: &hs::http1::Builder,
+    io: TokioIo<Counted>,
+    svc: S,
+    ctx: &ConnCtx,
+    inflight: &Inflight,
+    head: &HeadClock,
+    fd: std::os::fd::RawFd,
+) -> H1Session<S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = Body> + Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limits = &ctx.shared.limits;
+    head.parking.store(false, Relaxed);
+    let keep_open = io.inner().keep_open.clone();
+    let mut conn = b.serve_connection(io, svc).with_upgrades();
+    let (mut closing, mut parking, mut handing) = (false, false, false);
+    let park = parkable(inflight, head, head.served.load(Relaxed));
+    tokio::pin!(park);
+    let r = loop {
+        tokio::select! {
+            r = &mut conn => break r,
+            _ = inflight.idle_for(limits.client_idle_timeout), if !closing => {
+                debug!("idle app connection: closing");
+                ctx.l7().errors.count("http1", "idle_timeout");
+                Pin::new(&mut conn).graceful_shutdown();
+                closing = true;
+            }
+            _ = &mut park, if !closing => {
+                head.parking.store(true, Relaxed);
+                Pin::new(&mut conn).graceful_shutdown();
+                (closing, parking) = (true, true);
+            }
+            _ = head.expired(limits.request_head_timeout), if !closing => {
+                answer_408(fd);
+                return H1Session::Done(None);
+            }
+            // While an upgrade drains this generation: once no request is in flight, stop at
+            // the request boundary and hand the socket (with any bytes already read) to the
+            // successor instead of closing it.
+            hand = crate::upgrade::drain_http1(inflight.idle_for(Duration::from_millis(2))), if !closing => {
+                debug!(hand, "upgrade: draining app connection");
+                closing = true;
+                if hand {
+                    keep_open.store(true, Relaxed);
+                    handing = true;
+                }
+                Pin::new(&mut conn).graceful_shutdown();
+            }
+        }
+    };
+    if handing && r.is_ok() {
+        if let Some(parts) = conn.into_parts() {
+            let counted = parts.io.into_inner();
+            let mut read = parts.read_buf.to_vec();
+            read.extend_from_slice(&counted.prefix);
+            crate::upgrade::hand_over_http1(counted.inner, read, ctx);
+            return H1Session::Done(Some(Ok(())));
+        }
+        return H1Session::Done(Some(r));
+    }
+    if !parking || r.is_err() {
+        return H1Session::Done(Some(r));
+    }
+    // Upgraded (the socket went with the upgrade): done.
+    let Some(parts) = conn.into_parts() else {
+        return H1Session::Done(Some(r));
+    };
+    let mut io = parts.io;
+    if !parts.read_buf.is_empty() {
+        io.inner_mut().prefix = parts.read_buf;
+    }
+    H1Session::Parked(io, parts.service)
+}
+
+/// Resolves when an HTTP/1.1 session can be parked: it served a request (so hyper is between
+/// requests: ending it loses nothing), nothing has been in flight for [`H1_PARK_AFTER`] and no
+/// head is on its way.
+async fn parkable(inflight: &Inflight, head: &HeadClock, served_at_start: usize) {
+    loop {
+        inflight.idle_for(H1_PARK_AFTER).await;
+        if head.served.load(Relaxed) > served_at_start && !head.running() {
+            return;
+        }
+        tokio::time::sleep(H1_PARK_AFTER).await;
     }
 }
 
@@ -750,16 +1017,18 @@ fn failure_reply(reason: &'static str, grpc: bool, msg: &str) -> Response<Body> 
 async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
     let started = Instant::now();
     let guard = st.inflight.enter();
+    st.head.request_started();
     let grpc = is_grpc(req.headers());
     let proto = if grpc { "grpc" } else { st.version.label() };
     // hyper's buffer limit is approximate (a read may carry the head past it): check exactly.
-    if st.version == HttpVersion::Http1 && head_size(&req) > MAX_HTTP1_HEAD_BYTES {
+    let max_head = st.ctx.shared.limits.max_request_head_bytes;
+    if st.version == HttpVersion::Http1 && head_size(&req) > max_head {
         st.ctx.l7().errors.count(proto, "header_too_large");
         let mut resp = local_reply(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             8,
             false,
-            &format!("request head over {MAX_HTTP1_HEAD_BYTES} bytes"),
+            &format!("request head over {max_head} bytes"),
         );
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -1459,8 +1728,17 @@ split = [{ subset = "v1", weight = 90 }, { subset = "v2", weight = 10 }]
     /// A proxy listener serving every accepted connection as `version`, as if the app had
     /// connected to `orig`.
     async fn proxy(policy: Policy, version: HttpVersion, orig: &str) -> Proxy {
+        proxy_with(policy, version, orig, crate::config::Limits::default()).await
+    }
+
+    async fn proxy_with(
+        policy: Policy,
+        version: HttpVersion,
+        orig: &str,
+        limits: crate::config::Limits,
+    ) -> Proxy {
         let orig: SocketAddr = orig.parse().unwrap();
-        let shared = Arc::new(Shared::new(Box::new(NoOrigDst), Router::new(policy)));
+        let shared = Arc::new(Shared::new(Box::new(NoOrigDst), Router::new(policy)).with_limits(limits));
         let pod = Arc::new(PodCtx {
             name: "t".into(),
             netns: NetNs::current().unwrap(),
@@ -1902,7 +2180,7 @@ split = [{ subset = "v1", weight = 1 }]
             assert_eq!(st, StatusCode::OK);
 
             let mut raw = TcpStream::connect(p.addr).await.unwrap();
-            let big = "a".repeat(MAX_HTTP1_HEAD_BYTES + 1024);
+            let big = "a".repeat(crate::config::DEFAULT_MAX_REQUEST_HEAD_BYTES as usize + 1024);
             let head = format!("GET / HTTP/1.1\r\nHost: web.test\r\nX-Big: {big}\r\n\r\n");
             // The proxy may answer and close before it read everything.
             let _ = raw.write_all(head.as_bytes()).await;
@@ -1929,6 +2207,121 @@ split = [{ subset = "v1", weight = 1 }]
             // The other keep-alive connection is untouched.
             let (st, _, _) = send1(&mut good, get("/").body(empty()).unwrap()).await;
             assert_eq!(st, StatusCode::OK);
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn slow_heads_get_408_while_idle_keep_alive_connections_are_parked_not_closed() {
+        tokio::time::timeout(BOUND, async {
+            let (v1, _) = upstream("v1").await;
+            let (v2, _) = upstream("v2").await;
+            let limits = crate::config::Limits {
+                request_head_timeout: Duration::from_millis(1200),
+                ..Default::default()
+            };
+            let p = proxy_with(
+                two_versions(v1, v2, "", CANARY_90_10),
+                HttpVersion::Http1,
+                VIP,
+                limits,
+            )
+            .await;
+            let errors = &p.shared.l7.errors;
+            // Idle for longer than the head time-out and than the park delay: still served on
+            // the same connection, and not counted as a slow head.
+            let mut good = h1_client(p.addr).await;
+            let (st, _, _) = send1(&mut good, get("/").body(empty()).unwrap()).await;
+            assert_eq!(st, StatusCode::OK);
+            tokio::time::sleep(H1_PARK_AFTER + Duration::from_millis(1000)).await;
+            let (st, _, _) = send1(&mut good, get("/").body(empty()).unwrap()).await;
+            assert_eq!(st, StatusCode::OK, "a parked connection serves its next request");
+            // A head split across the park: its first bytes wake the session.
+            let mut raw = TcpStream::connect(p.addr).await.unwrap();
+            raw.write_all(b"GET / HTTP/1.1\r\nHost: web.test\r\n\r\n")
+                .await
+                .unwrap();
+            let mut first = [0u8; 12];
+            raw.read_exact(&mut first).await.unwrap();
+            assert_eq!(&first, b"HTTP/1.1 200");
+            tokio::time::sleep(H1_PARK_AFTER + Duration::from_millis(1000)).await;
+            raw.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            raw.write_all(b"Host: web.test\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut rest = Vec::new();
+            raw.read_to_end(&mut rest).await.unwrap();
+            let rest = String::from_utf8_lossy(&rest);
+            assert!(rest.matches("HTTP/1.1 200").count() == 1, "{rest}");
+            assert_eq!(errors.get("http1", "header_timeout"), 0);
+
+            // Slowloris: a head that never ends, a byte every 50 ms, gets 408 after 1.2 s (longer
+            // than the park delay: a head on its way is never parked) and is closed.
+            let started = std::time::Instant::now();
+            let mut slow = TcpStream::connect(p.addr).await.unwrap();
+            let (mut rd, mut wr) = slow.split();
+            let trickle = async {
+                for b in b"GET / HTTP/1.1\r\nHost: web.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+                    if wr.write_all(&[*b]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                std::future::pending::<()>().await;
+            };
+            let mut answer = Vec::new();
+            tokio::select! {
+                _ = trickle => {}
+                _ = rd.read_to_end(&mut answer) => {}
+            }
+            let waited = started.elapsed();
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+            assert!(waited >= Duration::from_millis(1190), "{waited:?}");
+            assert!(waited < Duration::from_secs(5), "{waited:?}");
+            eventually("header_timeout counted", || {
+                errors.get("http1", "header_timeout") == 1
+            })
+            .await;
+            // The other keep-alive connection is untouched.
+            let (st, _, _) = send1(&mut good, get("/").body(empty()).unwrap()).await;
+            assert_eq!(st, StatusCode::OK);
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_http2_preface_that_never_completes_is_closed_and_counted() {
+        tokio::time::timeout(BOUND, async {
+            let (v1, _) = upstream("v1").await;
+            let (v2, _) = upstream("v2").await;
+            let limits = crate::config::Limits {
+                request_head_timeout: Duration::from_millis(300),
+                ..Default::default()
+            };
+            let p = proxy_with(
+                two_versions(v1, v2, "", CANARY_90_10),
+                HttpVersion::Http2,
+                VIP,
+                limits,
+            )
+            .await;
+            let mut slow = TcpStream::connect(p.addr).await.unwrap();
+            slow.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+            let mut answer = Vec::new();
+            let _ = slow.read_to_end(&mut answer).await;
+            let errors = &p.shared.l7.errors;
+            eventually("preface_timeout counted", || {
+                errors.get("http2", "preface_timeout") == 1
+            })
+            .await;
+            // A real client is served.
+            let mut c = h2_client(p.addr).await;
+            let resp = c.send_request(get("/").body(empty()).unwrap()).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
         })
         .await
         .unwrap();
