@@ -26,6 +26,7 @@ fn proxy_field<'a>(e: &'a ProxyErrors, name: &str) -> Option<&'a AtomicU64> {
         "upstream_socket_failed" => &e.upstream_socket_failed,
         "upstream_connect_failed" => &e.upstream_connect_failed,
         "relay_reset" => &e.relay_reset,
+        "pod_connection_limit" => &e.pod_connection_limit,
         _ => return None,
     })
 }
@@ -114,5 +115,21 @@ impl Carry {
             d.add_admin_errors(&c.name, delta);
         }
         self.prev = Some(s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_proxy_error_counter_carries_over() {
+        let e = ProxyErrors::default();
+        for (name, _) in e.snapshot() {
+            assert!(
+                proxy_field(&e, name).is_some(),
+                "proxy error counter {name} is not carried to the next generation"
+            );
+        }
     }
 }
