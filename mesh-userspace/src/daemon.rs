@@ -822,6 +822,7 @@ impl Daemon {
                     "listeners": p.proxy.as_ref().map(|x| x.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
                     "connections_active": p.stats.connections_active.load(Relaxed),
                     "connections_total": p.stats.connections_total.load(Relaxed),
+                    "connections_held": p.stats.held.load(Relaxed),
                     "bytes_upstream": p.stats.bytes_upstream.load(Relaxed),
                     "bytes_downstream": p.stats.bytes_downstream.load(Relaxed),
                 })
@@ -860,6 +861,7 @@ impl Daemon {
                 "open": sys::open_fds().ok(),
                 "limit": sys::nofile_limit().ok().map(|l| l.0),
                 "hard_limit": sys::nofile_limit().ok().map(|l| l.1),
+                "per_pod_connection_cap": self.shared.pod_cap.load(Relaxed),
             },
             "uptime_s": self.started.elapsed().as_secs(),
             "generation": crate::upgrade::generation(),

@@ -65,10 +65,14 @@ pub fn render(st: &Value) -> String {
     if !fds.is_null() {
         let _ = writeln!(
             o,
-            "open files: {} of {} (hard limit {})",
+            "open files: {} of {} (hard limit {}); connections per pod at most {}",
             s(&fds["open"]),
             s(&fds["limit"]),
-            s(&fds["hard_limit"])
+            s(&fds["hard_limit"]),
+            match fds["per_pod_connection_cap"].as_u64() {
+                Some(0) => "unlimited".to_string(),
+                _ => s(&fds["per_pod_connection_cap"]),
+            }
         );
     }
     let prop = &st["propagation"];

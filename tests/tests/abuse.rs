@@ -243,6 +243,21 @@ fn slowloris_and_connect_floods_from_one_pod_do_not_starve_another_pod() {
     ]);
     let held = hold.recv_line(Duration::from_secs(60)).expect("hold: held line");
     eprintln!("held flood: {held}");
+    // What an operator sees: the cap, and the pod sitting at it.
+    let st = mesh.daemon.status().expect("status");
+    assert_eq!(
+        st["open_files"]["per_pod_connection_cap"], 1000,
+        "{}",
+        st["open_files"]
+    );
+    let abuser = st["pods"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "abuser"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(abuser["connections_held"], 1000, "{abuser}");
+    let text = mesh.daemon.status_text().expect("status text");
+    assert!(text.contains("connections per pod at most 1000"), "{text}");
     let l = mesh.client_p99("held connections at the pod's cap");
     hold.close_stdin();
     let report = abuser_report(hold, Duration::from_secs(30));
