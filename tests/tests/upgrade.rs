@@ -268,6 +268,16 @@ fn chained_upgrades_under_keep_alive_load_lose_no_request() {
         Some(connects as f64),
         "{metrics}"
     );
+    // Per-route request counters continued too: every request the client got an answer to was
+    // counted by the generation that served it (a reset would leave only the last one's).
+    let route = [("service", "echo"), ("route", "default"), ("subset", "v1")];
+    let requests = prom_value(&metrics, "sockmesh_requests_total", &route).unwrap_or(0.0);
+    let ok = summary["ok"].as_u64().unwrap() as f64;
+    eprintln!("sockmesh_requests_total {requests} after {n} upgrades; {ok} requests answered");
+    assert!(
+        requests >= ok,
+        "sockmesh_requests_total {requests} < {ok} requests answered across the upgrades"
+    );
     drop(d);
 }
 

@@ -42,12 +42,17 @@ pub struct L7Errors {
 
 impl L7Errors {
     pub fn count(&self, protocol: &'static str, reason: &'static str) {
+        self.add(protocol, reason, 1);
+    }
+
+    /// Add `n` (an upgrade carries the previous generation's counts over).
+    pub fn add(&self, protocol: &'static str, reason: &'static str, n: u64) {
         *self
             .counts
             .lock()
             .expect("l7 errors lock")
             .entry((protocol, reason))
-            .or_default() += 1;
+            .or_default() += n;
     }
 
     #[cfg(test)]

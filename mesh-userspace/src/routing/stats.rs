@@ -118,6 +118,30 @@ impl RouteStats {
         }
     }
 
+    /// Add counts that another generation of the daemon recorded for this route (an upgrade's
+    /// carry-over): `buckets` per latency bucket, not cumulative.
+    pub(crate) fn add_counts(
+        &self,
+        requests: u64,
+        retries: u64,
+        failures: &[(&'static str, u64)],
+        buckets: &[u64],
+        latency_sum_us: u64,
+    ) {
+        self.requests.fetch_add(requests, Relaxed);
+        self.retries.fetch_add(retries, Relaxed);
+        if !failures.is_empty() {
+            let mut f = self.failures.lock().expect("stats lock");
+            for (k, v) in failures {
+                *f.entry(k).or_default() += v;
+            }
+        }
+        for (b, n) in self.buckets.iter().zip(buckets) {
+            b.fetch_add(*n, Relaxed);
+        }
+        self.latency_sum_us.fetch_add(latency_sum_us, Relaxed);
+    }
+
     /// Carry another instance's counts over (same labels, previous policy generation).
     pub(crate) fn absorb(&self, old: &RouteStats) {
         self.requests.fetch_add(old.requests.load(Relaxed), Relaxed);

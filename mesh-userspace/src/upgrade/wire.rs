@@ -179,6 +179,34 @@ pub struct Snapshot {
     pub connections_left: u64,
     #[prost(bool, tag = "5")]
     pub last: bool,
+    /// Per-route request counters (`sockmesh_requests_total` and its family).
+    #[prost(message, repeated, tag = "6")]
+    pub routes: Vec<RouteCounters>,
+    /// Protocol errors, named `protocol/reason`.
+    #[prost(message, repeated, tag = "7")]
+    pub protocol_errors: Vec<Counter>,
+}
+
+/// One route's counters (service, route, subset), as N has them.
+#[derive(Clone, PartialEq, Message)]
+pub struct RouteCounters {
+    #[prost(string, tag = "1")]
+    pub service: String,
+    #[prost(string, tag = "2")]
+    pub route: String,
+    #[prost(string, tag = "3")]
+    pub subset: String,
+    #[prost(uint64, tag = "4")]
+    pub requests: u64,
+    #[prost(uint64, tag = "5")]
+    pub retries: u64,
+    #[prost(message, repeated, tag = "6")]
+    pub failures: Vec<Counter>,
+    /// Requests per latency bucket (not cumulative).
+    #[prost(uint64, repeated, tag = "7")]
+    pub buckets: Vec<u64>,
+    #[prost(uint64, tag = "8")]
+    pub latency_sum_us: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
