@@ -501,12 +501,24 @@ fn us(v: f64) -> String {
 fn ceiling_text(cells: &[Cell], ipt: Scenario, wl: Workload) -> Option<String> {
     let x = netfilter_cost_us(cells, wl)?;
     let t = find(cells, ipt, wl)?.p50_us;
+    if x < 0.0 {
+        return Some(format!("capture-only ceiling not resolved: {}", unresolved(x)));
+    }
     let c = capture_ceiling(t, x)?;
     Some(format!(
         "capture-only ceiling {c:.2}x: netfilter {} of {} us",
         us(x),
         us(t)
     ))
+}
+
+/// A DNAT-only p50 below direct's: netfilter cannot make a round trip faster, so the run's noise
+/// is larger than what it costs.
+fn unresolved(x: f64) -> String {
+    format!(
+        "the DNAT row's p50 is {} us below direct's, noise larger than netfilter's cost",
+        us(-x)
+    )
 }
 
 const FLOOR_INTRO: &str = "eBPF capture replaces only the nat REDIRECT, so it can at best remove \
@@ -541,10 +553,14 @@ pub fn netfilter_floor(cells: &[Cell]) -> Option<String> {
             continue;
         };
         let mut parts = vec![format!(
-            "direct p50 {} us, DNAT without proxy {} us: netfilter X = {} us per round trip",
+            "direct p50 {} us, DNAT without proxy {} us: {}",
             us(d.p50_us),
             us(d.p50_us + x),
-            us(x)
+            if x < 0.0 {
+                format!("netfilter not resolved ({})", unresolved(x))
+            } else {
+                format!("netfilter X = {} us per round trip", us(x))
+            }
         )];
         for (ebpf, ipt, name) in [
             (Scenario::Ebpf, Scenario::IptSockmesh, "sockmesh"),
@@ -555,6 +571,14 @@ pub fn netfilter_floor(cells: &[Cell]) -> Option<String> {
                 continue;
             };
             let t = i.p50_us;
+            if x < 0.0 {
+                parts.push(format!(
+                    "{name} behind iptables T = {} us, measured eBPF/iptables {}",
+                    us(t),
+                    fx(ratio(e.rate, i.rate))
+                ));
+                continue;
+            }
             let c1 = capture_ceiling(t, x)
                 .map(|c| format!("{c:.2}x"))
                 .unwrap_or_else(|| "-".into());
@@ -1207,6 +1231,29 @@ mod tests {
         assert!(p.contains("eBPF + sockmesh beyond HAProxy's: 10 us"), "{p}");
         assert!(p.contains("- **HTTP 1KiB x16**"), "{p}");
         assert!(p.contains("eBPF + sockmesh L7 beyond HAProxy's: 20 us"), "{p}");
+        // A DNAT row faster than direct is noise: no ceiling is claimed from it.
+        let mut noisy = floor_samples(true);
+        for s in &mut noisy.samples {
+            if s.scenario == Scenario::IptDnat {
+                s.result.p50_us = 45.0;
+            }
+        }
+        let cells = super::cells(&noisy);
+        let g = super::goals(&noisy, &cells)
+            .into_iter()
+            .find(|g| g.goal.contains("iptables with the same proxy (sockmesh)"))
+            .unwrap();
+        assert!(
+            g.measured
+                .contains("(capture-only ceiling not resolved: the DNAT row's p50 is 5.0 us below direct's"),
+            "{g:?}"
+        );
+        let p = netfilter_floor(&cells).unwrap();
+        assert!(p.contains("netfilter not resolved"), "{p}");
+        assert!(
+            !p.contains("TCP RR 64B x1**: direct p50 50 us, DNAT without proxy 45 us: netfilter X"),
+            "{p}"
+        );
         let md = markdown(&res, &Machine::default(), None);
         assert!(md.contains("### Why the iptables goals are not met here"), "{md}");
         assert!(text_report(&res).contains("Why the iptables goals are not met here"));
