@@ -232,6 +232,16 @@ pub struct Persisted {
     pub last_duration_ms: Option<u64>,
 }
 
+impl Persisted {
+    /// A link's state and local share (a link not listed rests in its `initial` state).
+    fn state_share(&self, l: &crate::routing::link::Link) -> (LinkState, u32) {
+        self.links
+            .get(&*l.name)
+            .copied()
+            .unwrap_or((l.initial, l.resting_share(l.initial)))
+    }
+}
+
 pub struct LinkManager {
     path: PathBuf,
     rt: Arc<LinkRuntime>,
@@ -863,11 +873,7 @@ impl LinkManager {
             .links()
             .iter()
             .map(|l| {
-                let (state, share) = st
-                    .links
-                    .get(&*l.name)
-                    .copied()
-                    .unwrap_or((l.initial, l.resting_share(l.initial)));
+                let (state, share) = st.state_share(l);
                 let cgroups: Vec<_> = pods
                     .iter()
                     .flat_map(|(pod, m)| {
@@ -930,11 +936,7 @@ impl LinkManager {
             .links()
             .iter()
             .map(|l| {
-                let (state, share) = st
-                    .links
-                    .get(&*l.name)
-                    .copied()
-                    .unwrap_or((l.initial, l.resting_share(l.initial)));
+                let (state, share) = st.state_share(l);
                 let applied = pods
                     .iter()
                     .flat_map(|(pod, m)| {
