@@ -801,3 +801,85 @@ split = [{{ subset = "v1", weight = 100 }}]
     assert_eq!(procs, vec![d.pid()], "processes in the daemon's cgroup");
     assert_eq!(d.rendezvous_sockets().len(), 1, "{:?}", d.rendezvous_sockets());
 }
+
+#[test]
+fn a_bolt_connection_with_calls_unanswered_by_the_hand_over_deadline_stays_and_is_counted() {
+    if !require_privileged() || !npm_peers_ready() {
+        return;
+    }
+    // The server answers 4.5 s late: calls in flight when the drain starts are still unanswered
+    // at the hand-over deadline (the drain deadline, 5 s, less 1 s), but before the drain ends.
+    let node = VirtualNode::new(&["client", "bolt"]).expect("virtual node");
+    let _bolt =
+        sockmesh_tests::rpc::rpc_servers_in(&[node.pod("bolt")], "bolt", BOLT_PORT, &["--delay-ms", "4500"]);
+    let policy = format!(
+        r#"drain_timeout_secs = {drain}
+
+[[services]]
+name = "bolt"
+addresses = ["{VIP}:{BOLT_PORT}"]
+protocol = "bolt"
+timeout_ms = 10000
+endpoints = [{{ address = "{ep}", labels = {{ version = "v1" }} }}]
+subsets = [{{ name = "v1", labels = {{ version = "v1" }} }}]
+
+[[services.routes]]
+name = "default"
+split = [{{ subset = "v1", weight = 100 }}]
+"#,
+        drain = DRAIN.as_secs(),
+        ep = node.pod("bolt").addr(BOLT_PORT)
+    );
+    let mut d = Daemon::start(&node, &basic_config(&node, &policy)).expect("daemon start");
+    d.enroll(node.pod("client")).expect("enroll client");
+    let load = RpcLoad::start(node.pod("client"), "bolt", BOLT_PORT, Duration::from_secs(60));
+    // Calls in flight on the first generation.
+    sockmesh_tests::eventually(Duration::from_secs(30), || {
+        anyhow::ensure!(client_counter(&d, "connections_active") >= 1, "no connection yet");
+        Ok(())
+    })
+    .expect("the client connected");
+    std::thread::sleep(Duration::from_secs(1));
+    d.upgrade(&sockmesh_bin(), DRAIN).expect("upgrade");
+    let st = sockmesh_tests::eventually(Duration::from_secs(5), || {
+        let st = d.status()?;
+        anyhow::ensure!(st["upgrade"]["previous"]["exited"] == true, "{}", st["upgrade"]);
+        Ok(st)
+    })
+    .expect("previous generation gone");
+    // Not moved, and counted (by the old generation, carried over to /metrics of the new one).
+    assert_eq!(st["upgrade"]["moved_mux"], 0, "{}", st["upgrade"]);
+    let m = d.metrics().expect("metrics");
+    let kept = [("protocol", "bolt"), ("reason", "upgrade_not_moved")];
+    assert_eq!(
+        prom_value(&m, "sockmesh_protocol_errors_total", &kept),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        prom_value(
+            &m,
+            "sockmesh_upgrade_moved_connections_total",
+            &[("protocol", "bolt")]
+        ),
+        Some(0.0)
+    );
+    // The client reconnected to the new generation, which serves it.
+    std::thread::sleep(Duration::from_secs(6));
+    let v = load.finish();
+    eprintln!("bolt with 4.5 s answers across an upgrade: {v}");
+    assert!(v["answered"].as_u64().unwrap_or(0) > 0, "{v}");
+    assert_eq!(v["mismatched"], 0, "{v}");
+    assert_eq!(
+        v["connections"], 2,
+        "one reconnect after the kept connection closed: {v}"
+    );
+    // Every call that reached the server was answered to the client: the late answers went back
+    // on the kept connection (the calls that failed were sent after the old generation stopped
+    // reading, and closed with the connection unread).
+    assert_eq!(
+        rpc_server_requests(node.pod("bolt")),
+        v["answered"].as_u64().unwrap(),
+        "{v}"
+    );
+}
