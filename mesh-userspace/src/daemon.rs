@@ -998,6 +998,11 @@ impl Daemon {
         let _ = state::remove(&crate::links::state_path(&self.cfg.state_file));
     }
 
+    /// How long a stopping (or upgraded) daemon waits for its live connections.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.cfg.drain_timeout_secs)
+    }
+
     /// Upgrade hand-off (`upgrade/`): each pod's listening sockets (duplicated), to pass to
     /// the successor.
     pub(crate) fn listener_fds(

@@ -195,6 +195,7 @@ pub async fn relay(
         to_client: down.pending().to_vec(),
         client_eof: up.done,
         upstream_eof: down.done,
+        ..Default::default()
     };
     if super::send_handover(meta, vec![OwnedFd::from(c), OwnedFd::from(u)]) {
         End::HandedOver
