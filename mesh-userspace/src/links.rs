@@ -419,7 +419,7 @@ impl LinkManager {
     /// changed), then runs the traffic steps in a task.
     pub fn start(
         self: &Arc<Self>,
-        shared: Arc<crate::proxy::Shared>,
+        shared: Arc<crate::conn::Shared>,
         to: &str,
         over: Duration,
         steps: u32,
@@ -504,7 +504,7 @@ impl LinkManager {
     }
 
     /// After a restart: go on with a saved switch (raising the target again is harmless).
-    pub fn resume(self: &Arc<Self>, shared: Arc<crate::proxy::Shared>) {
+    pub fn resume(self: &Arc<Self>, shared: Arc<crate::conn::Shared>) {
         let Some(rec) = self.st.lock().expect("link state").switch.clone() else {
             return;
         };
@@ -528,7 +528,7 @@ impl LinkManager {
     }
 
     /// Steps 2 and 3: move traffic, then lower the former active.
-    async fn run(self: Arc<Self>, shared: Arc<crate::proxy::Shared>) {
+    async fn run(self: Arc<Self>, shared: Arc<crate::conn::Shared>) {
         let Some(rec) = self.st.lock().expect("link state").switch.clone() else {
             return;
         };
@@ -627,9 +627,9 @@ impl LinkManager {
     /// At most the link's `preconnect` per (pod, endpoint), concurrently, bounded by
     /// [`PRECONNECT_TIMEOUT`]; failures are counted and logged, never fatal (a request then
     /// opens its own connection as before).
-    async fn preconnect(&self, shared: &Arc<crate::proxy::Shared>, policy: &Policy, rec: &SwitchRec) {
+    async fn preconnect(&self, shared: &Arc<crate::conn::Shared>, policy: &Policy, rec: &SwitchRec) {
         let started = std::time::Instant::now();
-        let mut plan: Vec<(Arc<crate::proxy::PodCtx>, std::net::SocketAddr, usize)> = Vec::new();
+        let mut plan: Vec<(Arc<crate::conn::PodCtx>, std::net::SocketAddr, usize)> = Vec::new();
         for (name, target) in [(&rec.to, true), (&rec.from, false)] {
             let Some(l) = policy.links().iter().find(|l| &*l.name == name.as_str()) else {
                 continue;
@@ -646,10 +646,8 @@ impl LinkManager {
                 known.extend(remote.iter().copied().filter(|a| !all.contains(a)));
                 let counts = shared.l7.http.h1_counts(&known);
                 // Per pod: its connections to the service, and the local endpoints it delivers to.
-                let mut pods: BTreeMap<
-                    String,
-                    (Arc<crate::proxy::PodCtx>, usize, Vec<std::net::SocketAddr>),
-                > = BTreeMap::new();
+                let mut pods: BTreeMap<String, (Arc<crate::conn::PodCtx>, usize, Vec<std::net::SocketAddr>)> =
+                    BTreeMap::new();
                 for (pod, ep, n) in counts {
                     let e = pods
                         .entry(pod.name.clone())

@@ -71,7 +71,7 @@ use tracing::debug;
 
 use super::ConnCtx;
 use crate::{
-    proxy::PodCtx,
+    conn::PodCtx,
     routing::{
         colour::{ColourId, COLOUR_HEADER},
         Decision, HeaderLookup, Outcome, ProtocolHint, RequestInfo, RouteStats,
@@ -242,7 +242,7 @@ impl HttpPools {
     /// how many were opened, or the first error when none could be.
     pub async fn preconnect_h1(
         &self,
-        shared: &crate::proxy::Shared,
+        shared: &crate::conn::Shared,
         pod: &Arc<PodCtx>,
         endpoint: SocketAddr,
         want: usize,
@@ -1398,7 +1398,7 @@ async fn open_h1(
     endpoint: SocketAddr,
     timeout: Duration,
 ) -> io::Result<(hc::http1::SendRequest<Body>, SocketAddr)> {
-    let tcp = crate::proxy::connect_upstream(pod, endpoint, timeout).await?;
+    let tcp = crate::conn::connect_upstream(pod, endpoint, timeout).await?;
     let local = tcp.local_addr()?;
     let (sender, conn) = hc::http1::Builder::new()
         .handshake(TokioIo::new(tcp))
@@ -1546,7 +1546,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        proxy::{ConnEntry, Direction, OrigDstSource, Shared},
+        conn::{ConnEntry, Direction, OrigDstSource, Shared},
         routing::{compile, parse_toml, Policy, Router},
         sys::NetNs,
     };

@@ -274,9 +274,9 @@ async fn adopt_http1(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
     };
     let shared = daemon.proxy_shared().clone();
     let dir = if c.inbound {
-        crate::proxy::Direction::Inbound
+        crate::conn::Direction::Inbound
     } else {
-        crate::proxy::Direction::Outbound
+        crate::conn::Direction::Outbound
     };
     let entry = shared.registry.add(&pod.name, dir, client, orig);
     pod.stats
