@@ -490,9 +490,9 @@ impl Daemon {
         self.links.resume(self.shared.clone());
     }
 
-    /// The links' Prometheus lines.
-    pub fn render_links(&self, o: &mut String) {
-        self.links.render_metrics(&self.policy(), o);
+    /// The links' metrics.
+    pub fn link_metrics(&self) -> crate::links::LinkMetrics {
+        self.links.metric_rows(&self.policy())
     }
 
     fn enroll_inner(&self, spec: PodSpec) -> Result<(), DaemonError> {

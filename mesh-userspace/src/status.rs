@@ -235,7 +235,10 @@ pub fn render_links(v: &Value) -> String {
                 s(&l["name"]),
                 s(&l["state"]),
                 format!("{:.2} %", l["local_share_percent"].as_f64().unwrap_or(0.0)),
-                format!("{} %", s(&l["trickle_percent"])),
+                match l["trickle_per_second"].as_f64() {
+                    Some(r) => format!("{r}/s"),
+                    None => format!("{} %", s(&l["trickle_percent"])),
+                },
                 if applied.is_empty() {
                     "-".into()
                 } else {

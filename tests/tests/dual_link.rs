@@ -122,7 +122,7 @@ impl Drop for V1Cgroups {
     }
 }
 
-fn policy(node: &VirtualNode, forest_active_cpu: f64, trickle: f64) -> String {
+fn policy(node: &VirtualNode, forest_active_cpu: f64, trickle: &str) -> String {
     let mut s = services_toml(node.pod("app"), node.pod("pool"));
     s.push_str(&links_policy_toml(forest_active_cpu, trickle, Some("pool")));
     s
@@ -155,7 +155,12 @@ subsets = [{{ name = "all" }}, {{ name = "pool", labels = {{ pool = "yes" }} }}]
 
 /// The links `trade` (active) and `forest` (keep-alive), moving to subset `pool` or (`None`)
 /// to the service's endpoints on other nodes.
-fn links_policy_toml(forest_active_cpu: f64, trickle: f64, pool: Option<&str>) -> String {
+/// The links' trickle setting as a share (`trickle` in the helpers below is a TOML line).
+fn percent(p: f64) -> String {
+    format!("trickle_percent = {p}")
+}
+
+fn links_policy_toml(forest_active_cpu: f64, trickle: &str, pool: Option<&str>) -> String {
     let pool = pool.map_or(String::new(), |p| format!("pool = \"{p}\""));
     let mut s = String::new();
     for (name, initial, active_cpu) in [
@@ -168,7 +173,7 @@ fn links_policy_toml(forest_active_cpu: f64, trickle: f64, pool: Option<&str>) -
 name = "{name}"
 services = ["{name}"]
 initial = "{initial}"
-trickle_percent = {trickle}
+{trickle}
 keep_paths = ["/health"]
 {pool}
 keepalive = {{ cpu_percent = {KEEPALIVE_CPU}, weight = 1, memory_high = {KEEPALIVE_MEMORY} }}
@@ -222,10 +227,10 @@ impl Setup {
     /// With `enrol_client`, the client pod is enrolled too: its requests are routed by the
     /// daemon's outbound side.
     fn build(enrol_client: bool) -> (Setup, Daemon) {
-        Self::build_with(enrol_client, TRICKLE_PERCENT)
+        Self::build_with(enrol_client, &percent(TRICKLE_PERCENT))
     }
 
-    fn build_with(enrol_client: bool, trickle: f64) -> (Setup, Daemon) {
+    fn build_with(enrol_client: bool, trickle: &str) -> (Setup, Daemon) {
         let node = VirtualNode::new(&["client", "app", "pool", "cold"]).expect("virtual node");
         let cg = V1Cgroups::new(node.prefix());
         let mut config = policy(&node, ACTIVE_CPU, trickle);
@@ -891,7 +896,7 @@ fn bad_switches_are_refused_and_change_nothing() {
     // moves, naming the file and value; the cgroups keep their values.
     let dir = sockmesh_tests::TempDir::new("links").expect("tmp");
     let bad = dir.join("bad.toml");
-    std::fs::write(&bad, policy(&s.node, 0.5, TRICKLE_PERCENT)).unwrap();
+    std::fs::write(&bad, policy(&s.node, 0.5, &percent(TRICKLE_PERCENT))).unwrap();
     d.cli(&["routes", "apply", &bad.to_string_lossy()])
         .expect("apply");
     let err = refused(&["switch", "--to", "forest"], "cpu.cfs_quota_us = 500");
@@ -902,7 +907,7 @@ fn bad_switches_are_refused_and_change_nothing() {
     assert_eq!(snapshot(&d), before);
 
     // An invalid link in a policy: exit 64 naming the field; the daemon keeps its policy.
-    std::fs::write(&bad, policy(&s.node, ACTIVE_CPU, 150.0)).unwrap();
+    std::fs::write(&bad, policy(&s.node, ACTIVE_CPU, &percent(150.0))).unwrap();
     let out = d.cli_raw(&["routes", "apply", &bad.to_string_lossy()]).unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("links[0].trickle_percent"));
@@ -1081,7 +1086,7 @@ fn keepalive_moves_to_the_other_nodes_active_copy() {
     let services = services_toml(app1, app2);
     let inbound = "inbound_ports = [8001, 8002]";
     let mut c1 = services.clone();
-    c1.push_str(&links_policy_toml(ACTIVE_CPU, TRICKLE_PERCENT, None));
+    c1.push_str(&links_policy_toml(ACTIVE_CPU, &percent(TRICKLE_PERCENT), None));
     c1.push_str(&pod_toml(app1, inbound));
     let d1 = Daemon::start(n1, &basic_config(n1, &c1)).expect("daemon on node 1");
     let d2 = Daemon::start(
@@ -1171,7 +1176,7 @@ fn without_a_trickle_the_switch_still_preconnects_the_local_app() {
     if !require_privileged() {
         return;
     }
-    let (s, d) = Setup::build_with(false, 0.0);
+    let (s, d) = Setup::build_with(false, &percent(0.0));
     let t0 = now_ms() + 700;
     // No health checks either: nothing at all reaches the keep-alive app before the switch.
     let app = s.node.pod("app");
@@ -1208,4 +1213,53 @@ fn without_a_trickle_the_switch_still_preconnects_the_local_app() {
             "{accepted} accepted, {opened} pre-connected"
         );
     }
+}
+
+/// A trickle given as a rate: the keep-alive app gets its requests per second whatever the
+/// traffic (here 20/s of 200/s), health checks on top; status and `/metrics` show the rate.
+#[test]
+fn a_rate_trickle_delivers_its_requests_per_second_to_the_keepalive_app() {
+    if !require_privileged() {
+        return;
+    }
+    const PER_SECOND: f64 = 20.0;
+    let (s, d) = Setup::build_with(false, &format!("trickle_per_second = {PER_SECOND}"));
+    let st = d.status().expect("status");
+    let forest_link = st["links"]["links"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == "forest"))
+        .cloned()
+        .expect("forest in status");
+    assert_eq!(forest_link["trickle_per_second"], PER_SECOND, "{forest_link}");
+    assert_eq!(forest_link["state"], "keepalive");
+    let forest = 1usize;
+    let t0 = now_ms() + 700;
+    let app = s.node.pod("app");
+    let load = s.load_to(&[app.addr(8001), app.addr(8002)], 9, HEALTH_EVERY);
+    let v = load.join().expect("load");
+    let (evs, names) = events(&v);
+    assert!(evs.iter().all(|e| e.name.is_some()), "failed requests");
+    // Eight seconds of steady traffic, away from the load's start.
+    let window = (t0 + 500, t0 + 8500);
+    let (share, n) = percent_served(&evs, &names, forest, false, window, "forest@app");
+    let local = share * n as f64 / 100.0;
+    let want = PER_SECOND * 8.0;
+    eprintln!(
+        "rate trickle: forest@app served {local:.0} of {n} forest requests in 8 s (setting {PER_SECOND}/s: {want}); {} late",
+        v["late"]
+    );
+    assert!(n as f64 >= 0.8 * f64::from(RATE) * 8.0, "{n} forest requests in the window");
+    if v["late"] == 0 {
+        assert!((local - want).abs() <= want * 0.1, "{local} local, want {want} ± 10 %");
+    } else {
+        // A stalled machine sends late requests in bursts, and the gate does not bank the
+        // slots of a stall: fewer, never more.
+        assert!(local <= want * 1.1 && local > 0.0, "{local} local, want at most {want}");
+    }
+    let m = d.metrics().expect("metrics");
+    assert_eq!(
+        sockmesh_tests::daemon::prom_value(&m, "sockmesh_link_trickle_per_second", &[("link", "forest")]),
+        Some(PER_SECOND),
+        "{m}"
+    );
 }
