@@ -7,7 +7,7 @@
 //!   each request routed on its own, request ids remapped onto shared upstream connections
 //!   per endpoint.
 //! - opaque TCP (detected, hinted, or a detection timeout): routed once per connection and
-//!   relayed by [`crate::proxy`].
+//!   relayed by the opaque relay (`proxy.rs`), which dispatches here; nothing in `l7` uses it.
 //!
 //! Every handler counts protocol errors in [`L7Errors`] by (protocol, reason) and each request's
 //! outcome in the route's [`crate::routing::RouteStats`].
