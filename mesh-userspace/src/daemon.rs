@@ -454,6 +454,16 @@ impl Daemon {
         r
     }
 
+    /// An enrolled pod's link cgroups found later (Kubernetes: its containers start after the
+    /// pod is enrolled): each gets the resources of its link's state now. Refused (nothing
+    /// kept) when a link is not in the policy or the kernel refuses a value.
+    pub fn set_pod_links(&self, name: &str, links: &BTreeMap<String, Vec<PathBuf>>) -> Result<(), String> {
+        if !self.pod_names().iter().any(|n| n == name) {
+            return Err(format!("pod `{name}` is not enrolled"));
+        }
+        self.links.register_pod(name, links, &self.policy())
+    }
+
     /// `sockmesh switch` (see [`crate::links::LinkManager`]); no action: the links' view.
     #[allow(clippy::too_many_arguments)]
     pub fn switch(

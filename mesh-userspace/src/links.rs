@@ -1142,7 +1142,10 @@ mod tests {
     fn config_takes_links_and_pod_link_cgroups() {
         let c = crate::config::parse(CONFIG).unwrap();
         assert_eq!(c.routing.links.len(), 1);
-        assert_eq!(c.routing.links[0].trickle_percent, None, "the default share applies");
+        assert_eq!(
+            c.routing.links[0].trickle_percent, None,
+            "the default share applies"
+        );
         assert_eq!(c.routing.links[0].keepalive.cpu_percent, Some(1.0));
         assert_eq!(c.pods[0].links["trade"].len(), 2);
         let field = |text: String| crate::config::parse(&text).unwrap_err().field;

@@ -329,6 +329,13 @@ fn encode_k8s(d: &mut DescriptorEncoder) -> fmt::Result {
         "sockmesh_k8s_cni_check_errors_total",
         "Checks of the node's CNI config that could not read, parse or write it.",
         k.cni_rechain_errors.load(Relaxed),
+    )?;
+    counter(
+        d,
+        "sockmesh_k8s_link_cgroups_total",
+        "Linked pods' container cgroups (sockmesh.io/links) registered, or refused (bad annotation, unknown link, kernel refused a value).",
+        [("registered", &k.links_registered), ("refused", &k.link_errors)]
+            .map(|(r, v)| (vec![("result", Esc(r))], v.load(Relaxed))),
     )
 }
 
@@ -925,16 +932,30 @@ mod tests {
     fn link_metrics_show_states_trickle_and_applied_limits() {
         let o = scrape(L7Shared::default(), one_link("forest"));
         let l = [("link", "forest")];
-        assert_eq!(value(&o, "sockmesh_link_state", &[l[0], ("state", "keepalive")]), Some(1.0));
-        assert_eq!(value(&o, "sockmesh_link_state", &[l[0], ("state", "active")]), Some(0.0));
+        assert_eq!(
+            value(&o, "sockmesh_link_state", &[l[0], ("state", "keepalive")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&o, "sockmesh_link_state", &[l[0], ("state", "active")]),
+            Some(0.0)
+        );
         assert_eq!(value(&o, "sockmesh_link_local_share_ratio", &l), Some(0.25));
         assert_eq!(value(&o, "sockmesh_link_trickle_per_second", &l), Some(5.0));
         let p = [l[0], ("pod", "p1")];
         assert_eq!(value(&o, "sockmesh_link_cpu_limit_cpus", &p), Some(0.015));
         assert_eq!(value(&o, "sockmesh_link_cpu_weight", &p), Some(1.0));
-        assert_eq!(value(&o, "sockmesh_link_memory_high_bytes", &p), None, "unlimited: absent");
         assert_eq!(
-            value(&o, "sockmesh_link_requests_total", &[("service", "game"), l[0], ("outcome", "moved")]),
+            value(&o, "sockmesh_link_memory_high_bytes", &p),
+            None,
+            "unlimited: absent"
+        );
+        assert_eq!(
+            value(
+                &o,
+                "sockmesh_link_requests_total",
+                &[("service", "game"), l[0], ("outcome", "moved")]
+            ),
             Some(9.0)
         );
         assert_eq!(value(&o, "sockmesh_link_switch_progress_ratio", &[]), Some(0.5));
@@ -969,7 +990,10 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
         let o = scrape(L7Shared::default(), one_link("a\"b"));
-        assert!(o.contains("sockmesh_link_local_share_ratio{link=\"a\\\"b\"} 0.25\n"), "{o}");
+        assert!(
+            o.contains("sockmesh_link_local_share_ratio{link=\"a\\\"b\"} 0.25\n"),
+            "{o}"
+        );
         let line = o
             .lines()
             .find(|l| l.starts_with("sockmesh_link_local_share_ratio{"))

@@ -1248,13 +1248,22 @@ fn a_rate_trickle_delivers_its_requests_per_second_to_the_keepalive_app() {
         "rate trickle: forest@app served {local:.0} of {n} forest requests in 8 s (setting {PER_SECOND}/s: {want}); {} late",
         v["late"]
     );
-    assert!(n as f64 >= 0.8 * f64::from(RATE) * 8.0, "{n} forest requests in the window");
+    assert!(
+        n as f64 >= 0.8 * f64::from(RATE) * 8.0,
+        "{n} forest requests in the window"
+    );
     if v["late"] == 0 {
-        assert!((local - want).abs() <= want * 0.1, "{local} local, want {want} ± 10 %");
+        assert!(
+            (local - want).abs() <= want * 0.1,
+            "{local} local, want {want} ± 10 %"
+        );
     } else {
         // A stalled machine sends late requests in bursts, and the gate does not bank the
         // slots of a stall: fewer, never more.
-        assert!(local <= want * 1.1 && local > 0.0, "{local} local, want at most {want}");
+        assert!(
+            local <= want * 1.1 && local > 0.0,
+            "{local} local, want at most {want}"
+        );
     }
     let m = d.metrics().expect("metrics");
     assert_eq!(

@@ -436,7 +436,7 @@ mod tests {
     #[test]
     fn a_rate_gate_passes_its_rate_without_drift_or_a_banked_burst() {
         let g = RateGate::per_second(20.0); // one per 50 ms
-        // Offered at 200/s for 10 s: 200 pass (the first at t = 0), whatever the phase.
+                                            // Offered at 200/s for 10 s: 200 pass (the first at t = 0), whatever the phase.
         let passed = (0..2000u64).filter(|i| g.admit(i * 5_000_000)).count();
         assert_eq!(passed, 200);
         // Quiet for a minute, then a burst: at most two pass at once (no banked minute).
@@ -450,8 +450,9 @@ mod tests {
 
     #[test]
     fn a_rate_trickle_keeps_its_requests_per_second_local_whatever_the_traffic() {
-        let p = compile(parse_toml(&POLICY.replace("trickle_percent = 10", "trickle_per_second = 50")).unwrap())
-            .unwrap();
+        let p =
+            compile(parse_toml(&POLICY.replace("trickle_percent = 10", "trickle_per_second = 50")).unwrap())
+                .unwrap();
         let rt = LinkRuntime::default();
         let forest: SocketAddr = "10.0.0.1:8002".parse().unwrap();
         let l = &p.links()[1];
@@ -463,7 +464,10 @@ mod tests {
             .filter(|_| p.link_route(forest, &get("/play"), &rt, local).is_none())
             .count() as f64;
         let most = 2.0 + (start.elapsed().as_secs_f64() * 50.0).ceil();
-        assert!(here >= 1.0 && here <= most, "{here} stayed local (at most {most})");
+        assert!(
+            here >= 1.0 && here <= most,
+            "{here} stayed local (at most {most})"
+        );
         // Active: everything is local, the gate does not matter.
         rt.set_share("forest", FULL);
         assert!((0..1000).all(|_| p.link_route(forest, &get("/play"), &rt, local).is_none()));
@@ -507,7 +511,10 @@ mod tests {
         assert_eq!(field("trickle_per_second = 0.0"), "links[0].trickle_per_second");
         assert_eq!(field("trickle_per_second = 1e9"), "links[0].trickle_per_second");
         assert_eq!(
-            err_of(&POLICY.replace("trickle_percent = 10", "trickle_percent = 10\ntrickle_per_second = 5")),
+            err_of(&POLICY.replace(
+                "trickle_percent = 10",
+                "trickle_percent = 10\ntrickle_per_second = 5"
+            )),
             "links[1].trickle_per_second",
             "a share and a rate at once"
         );

@@ -857,13 +857,20 @@ fn compile_links(
             initial: l.initial,
             trickle_ppm: match l.trickle_per_second {
                 Some(_) => 0,
-                None => (l.trickle_percent.unwrap_or(super::link::DEFAULT_TRICKLE_PERCENT) * 10_000.0)
-                    .round() as u32,
+                None => {
+                    (l.trickle_percent.unwrap_or(super::link::DEFAULT_TRICKLE_PERCENT) * 10_000.0).round()
+                        as u32
+                }
             },
             trickle_rate: l.trickle_per_second,
             trickle_gates: l
                 .trickle_per_second
-                .map(|r| l.services.iter().map(|_| super::link::RateGate::per_second(r)).collect())
+                .map(|r| {
+                    l.services
+                        .iter()
+                        .map(|_| super::link::RateGate::per_second(r))
+                        .collect()
+                })
                 .unwrap_or_default(),
             keep_paths: l.keep_paths.clone(),
             pool: l.pool.as_deref().map(Into::into),
