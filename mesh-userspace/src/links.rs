@@ -836,9 +836,14 @@ impl LinkManager {
                     .iter()
                     .flat_map(|(pod, m)| {
                         m.get(&*l.name).into_iter().flatten().map(move |d| {
+                            // v1's "no limit" is a page-rounded i64::MAX: shown as "max".
                             let knobs: serde_json::Map<_, _> = actuator::read(d)
                                 .into_iter()
-                                .map(|(k, v)| (k, serde_json::Value::from(v)))
+                                .map(|(k, v)| {
+                                    let huge = k.starts_with("memory.")
+                                        && v.parse::<u64>().is_ok_and(|n| n >= 1 << 62);
+                                    (k, serde_json::Value::from(if huge { "max".into() } else { v }))
+                                })
                                 .collect();
                             json!({ "pod": pod, "path": d, "applied": knobs })
                         })
@@ -1200,7 +1205,7 @@ mod tests {
             ],
             "switch": { "from": "trade", "to": "forest", "steps": 4, "done": 2, "over_ms": 4000, "elapsed_ms": 1500 },
             "requests": [{ "service": "game", "link": "forest", "outcome": "moved", "requests": 7 }],
-            "log": ["1 a", "2 b"],
+            "log": ["1 a", "1796653800508 b"],
         });
         let text = crate::status::render_links(&v);
         assert!(text.contains("trade   switching  76.25 %"), "{text}");
@@ -1210,7 +1215,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("game     forest  moved    7"), "{text}");
-        assert!(text.contains("| 2 b"), "{text}");
+        assert!(text.contains("| 14:30:00.508 b"), "times in UTC: {text}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use sockmesh_tests::cgroup::V1LinkCgroups;
 use sockmesh_tests::cluster::Cluster;
 use sockmesh_tests::daemon::{basic_config, pod_toml, toml_str};
 use sockmesh_tests::process::exec_in;
@@ -45,81 +46,9 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
-/// Test-owned v1 `cpu` and `memory` cgroups `<ctrl>/<prefix>/{trade,forest}`. Dropped after
-/// the servers in them (declare it first): kills what is left (only test processes can be
-/// there) and removes the directories.
-struct V1Cgroups {
-    base: Vec<PathBuf>,
-}
-
-impl V1Cgroups {
-    fn new(prefix: &str) -> V1Cgroups {
-        let mut g = V1Cgroups { base: Vec::new() };
-        for ctrl in ["cpu", "memory"] {
-            let root = Path::new("/sys/fs/cgroup").join(ctrl);
-            assert!(
-                root.join("cgroup.procs").exists(),
-                "this test drives cgroup v1 `{ctrl}` (not mounted at {})",
-                root.display()
-            );
-            let base = root.join(prefix);
-            std::fs::create_dir(&base).expect("create v1 cgroup");
-            g.base.push(base.clone());
-            for link in ["trade", "forest"] {
-                std::fs::create_dir(base.join(link)).expect("create v1 link cgroup");
-            }
-        }
-        g
-    }
-
-    fn dirs(&self, link: &str) -> Vec<PathBuf> {
-        self.base.iter().map(|b| b.join(link)).collect()
-    }
-
-    fn cpu(&self, link: &str) -> PathBuf {
-        self.base[0].join(link)
-    }
-
-    fn mem(&self, link: &str) -> PathBuf {
-        self.base[1].join(link)
-    }
-
-    /// Put a process (all its threads) in the link's cgroups.
-    fn enter(&self, link: &str, pid: u32) {
-        for d in self.dirs(link) {
-            std::fs::write(d.join("cgroup.procs"), pid.to_string()).expect("move into v1 cgroup");
-        }
-    }
-
-    fn knob(dir: &Path, file: &str) -> String {
-        std::fs::read_to_string(dir.join(file))
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
-    }
-}
-
-impl Drop for V1Cgroups {
-    fn drop(&mut self) {
-        for base in &self.base {
-            for link in ["trade", "forest"] {
-                let d = base.join(link);
-                let deadline = Instant::now() + Duration::from_secs(5);
-                loop {
-                    let pids = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-                    if pids.trim().is_empty() || Instant::now() > deadline {
-                        break;
-                    }
-                    for p in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                        unsafe { libc::kill(p, libc::SIGKILL) };
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                let _ = std::fs::remove_dir(&d);
-            }
-            let _ = std::fs::remove_dir(base);
-        }
-    }
+/// The link cgroups of pod `app`'s two apps (v1 `cpu` and `memory`, test-owned).
+fn v1_cgroups(prefix: &str) -> V1LinkCgroups {
+    V1LinkCgroups::new(prefix, &["trade", "forest"]).expect("this test drives cgroup v1 cpu and memory")
 }
 
 fn policy(node: &VirtualNode, forest_active_cpu: f64, trickle: &str) -> String {
@@ -184,7 +113,7 @@ active = {{ cpu_percent = {active_cpu}, weight = 100 }}
     s
 }
 
-fn links_toml(cg: &V1Cgroups) -> String {
+fn links_toml(cg: &V1LinkCgroups) -> String {
     let list = |l: &str| {
         cg.dirs(l)
             .iter()
@@ -214,7 +143,7 @@ fn app_server(pod: &sockmesh_tests::Pod, port: u16, name: &str) -> Server {
 /// Everything a test needs; fields drop in reverse order: servers before the cgroups.
 struct Setup {
     node: VirtualNode,
-    cg: V1Cgroups,
+    cg: V1LinkCgroups,
     config: String,
     servers: Vec<Server>,
 }
@@ -232,7 +161,7 @@ impl Setup {
 
     fn build_with(enrol_client: bool, trickle: &str) -> (Setup, Daemon) {
         let node = VirtualNode::new(&["client", "app", "pool", "cold"]).expect("virtual node");
-        let cg = V1Cgroups::new(node.prefix());
+        let cg = v1_cgroups(node.prefix());
         let mut config = policy(&node, ACTIVE_CPU, trickle);
         config.push_str(&pod_toml(node.pod("app"), &links_toml(&cg)));
         if enrol_client {
@@ -245,7 +174,7 @@ impl Setup {
             for (port, link) in [(8001, "trade"), (8002, "forest")] {
                 let s = app_server(node.pod(pod), port, &format!("{link}@{tag}"));
                 if pod == "app" {
-                    cg.enter(link, s.pid());
+                    cg.enter(link, s.pid()).expect("app into its link cgroups");
                 }
                 servers.push(s);
             }
@@ -436,13 +365,19 @@ fn warm_switch_and_back_under_constant_load() {
     let (s, d) = Setup::new();
     let (trade, forest) = (0usize, 1usize);
     // The kernel shows the keep-alive resources on forest and the active ones on trade.
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"), "1500");
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.shares"), "10");
     assert_eq!(
-        V1Cgroups::knob(&s.cg.mem("forest"), "memory.soft_limit_in_bytes"),
+        V1LinkCgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"),
+        "1500"
+    );
+    assert_eq!(V1LinkCgroups::knob(&s.cg.cpu("forest"), "cpu.shares"), "10");
+    assert_eq!(
+        V1LinkCgroups::knob(&s.cg.mem("forest"), "memory.soft_limit_in_bytes"),
         KEEPALIVE_MEMORY.to_string()
     );
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"), "100000");
+    assert_eq!(
+        V1LinkCgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"),
+        "100000"
+    );
     let pool_before = s.stats("app", 8002)["pool_opened"].as_u64().unwrap();
 
     // The cold-started copy for the comparison: up (its pool opened) but never used yet.
@@ -478,10 +413,16 @@ fn warm_switch_and_back_under_constant_load() {
         .unwrap_or(Value::Null);
     assert_eq!(link_state(&d, "forest"), "active");
     assert_eq!(link_state(&d, "trade"), "keepalive");
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"), "100000");
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"), "1500");
     assert_eq!(
-        V1Cgroups::knob(&s.cg.mem("trade"), "memory.soft_limit_in_bytes"),
+        V1LinkCgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"),
+        "100000"
+    );
+    assert_eq!(
+        V1LinkCgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"),
+        "1500"
+    );
+    assert_eq!(
+        V1LinkCgroups::knob(&s.cg.mem("trade"), "memory.soft_limit_in_bytes"),
         KEEPALIVE_MEMORY.to_string()
     );
 
@@ -814,8 +755,14 @@ fn a_switch_resumes_after_kill_9() {
         !log.contains("step 1/6"),
         "the successor redid early steps: {log}"
     );
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"), "1500");
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"), "100000");
+    assert_eq!(
+        V1LinkCgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"),
+        "1500"
+    );
+    assert_eq!(
+        V1LinkCgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"),
+        "100000"
+    );
 
     let v = load.join().expect("load");
     let (evs, _) = events(&v);
@@ -846,9 +793,9 @@ fn bad_switches_are_refused_and_change_nothing() {
         (
             link_state(d, "trade"),
             link_state(d, "forest"),
-            V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"),
-            V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.shares"),
-            V1Cgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"),
+            V1LinkCgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"),
+            V1LinkCgroups::knob(&s.cg.cpu("forest"), "cpu.shares"),
+            V1LinkCgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"),
         )
     };
     let before = snapshot(&d);
@@ -933,8 +880,8 @@ fn bad_switches_are_refused_and_change_nothing() {
     if cold.cgroup.join("cpu.max").exists() {
         d.cli(&[&base[..], &["--link", &v2]].concat())
             .expect("enrol with a v2 link cgroup");
-        assert_eq!(V1Cgroups::knob(&cold.cgroup, "cpu.max"), "1500 100000");
-        assert_eq!(V1Cgroups::knob(&cold.cgroup, "cpu.weight"), "1");
+        assert_eq!(V1LinkCgroups::knob(&cold.cgroup, "cpu.max"), "1500 100000");
+        assert_eq!(V1LinkCgroups::knob(&cold.cgroup, "cpu.weight"), "1");
     } else {
         refused(
             &[&base[..], &["--link", &v2]].concat(),
@@ -949,7 +896,7 @@ fn bad_switches_are_refused_and_change_nothing() {
     let mut busy = Command::new("sh");
     busy.args(["-c", "while :; do :; done"]);
     let mut burn = sockmesh_tests::spawn_in(&cold.cgroup, Some(&cold.netns), busy).expect("busy loop");
-    s.cg.enter("forest", burn.pid());
+    s.cg.enter("forest", burn.pid()).expect("busy loop into forest");
     std::thread::sleep(Duration::from_millis(300));
     let (c0, t) = (cpu_ms(burn.pid()), Instant::now());
     std::thread::sleep(Duration::from_secs(2));
