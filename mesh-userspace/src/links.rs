@@ -196,6 +196,10 @@ pub mod actuator {
     }
 }
 
+/// How long a switch resumed by a restarted daemon lets traffic refill its pools before it
+/// pre-connects and takes its next step.
+pub const RESUME_SETTLE: Duration = Duration::from_millis(500);
+
 /// The longest a switch waits for its pre-connects before traffic moves anyway.
 pub const PRECONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 
@@ -499,7 +503,7 @@ impl LinkManager {
             rec.over_ms
         ));
         let me = self.clone();
-        tokio::spawn(async move { me.run(shared).await });
+        tokio::spawn(async move { me.run(shared, false).await });
         Ok(json!({ "from": rec.from, "to": rec.to, "steps": rec.steps, "over_ms": rec.over_ms }))
     }
 
@@ -524,11 +528,12 @@ impl LinkManager {
             rec.from, rec.to, rec.done, rec.steps
         ));
         let me = self.clone();
-        tokio::spawn(async move { me.run(shared).await });
+        tokio::spawn(async move { me.run(shared, true).await });
     }
 
-    /// Steps 2 and 3: move traffic, then lower the former active.
-    async fn run(self: Arc<Self>, shared: Arc<crate::conn::Shared>) {
+    /// Steps 2 and 3: move traffic, then lower the former active. `resumed`: this process
+    /// took the switch over from a previous daemon (its pools are empty, whatever step).
+    async fn run(self: Arc<Self>, shared: Arc<crate::conn::Shared>, resumed: bool) {
         let Some(rec) = self.st.lock().expect("link state").switch.clone() else {
             return;
         };
@@ -538,15 +543,29 @@ impl LinkManager {
             return;
         };
         let (from_low, to_low) = (from.trickle_ppm, to.trickle_ppm);
-        if rec.done == 0 {
-            // Resources are raised; before any traffic moves, open the upstream connections
-            // the new shares need (a restarted daemon has no pools to size them from).
+        let pause = Duration::from_millis(rec.over_ms / u64::from(rec.steps.max(1)));
+        let mut first_pause = pause;
+        if resumed {
+            // A successor's pools are empty: let the traffic of the step already taken come
+            // back through this process, so the pre-connect is sized from it rather than the
+            // next steps' requests opening connections one by one. Waits (polling) until the
+            // pools show connections, at most until the next step is due (or RESUME_SETTLE).
+            let started = tokio::time::Instant::now();
+            let limit = pause.max(RESUME_SETTLE);
+            while self.preconnect_plan(&shared, &policy, &rec).is_empty() && started.elapsed() < limit {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            first_pause = pause.saturating_sub(started.elapsed());
+        }
+        if rec.done == 0 || resumed {
+            // Resources are raised; before any (more) traffic moves, open the upstream
+            // connections the new shares need.
             self.preconnect(&shared, &policy, &rec).await;
         }
-        let pause = Duration::from_millis(rec.over_ms / u64::from(rec.steps.max(1)));
         for i in rec.done + 1..=rec.steps {
             if i > 1 || rec.done > 0 {
-                tokio::time::sleep(pause).await;
+                let p = if i == rec.done + 1 { first_pause } else { pause };
+                tokio::time::sleep(p).await;
             }
             // Paused: wait for --resume or --abort (an operator's decision, so no time limit).
             while !self.abort.load(Relaxed) && self.is_paused() {
@@ -629,66 +648,12 @@ impl LinkManager {
     /// opens its own connection as before).
     async fn preconnect(&self, shared: &Arc<crate::conn::Shared>, policy: &Policy, rec: &SwitchRec) {
         let started = std::time::Instant::now();
-        let mut plan: Vec<(Arc<crate::conn::PodCtx>, std::net::SocketAddr, usize)> = Vec::new();
-        for (name, target) in [(&rec.to, true), (&rec.from, false)] {
-            let Some(l) = policy.links().iter().find(|l| &*l.name == name.as_str()) else {
-                continue;
-            };
-            let max = l.preconnect as usize;
-            if max == 0 {
-                continue;
-            }
-            for (k, &si) in l.services.iter().enumerate() {
-                let all = policy.service_endpoints(si);
-                let is_local = |a: &std::net::SocketAddr| shared.mesh_ips.contains(a.ip());
-                let remote: Vec<_> = l.elsewhere(k).iter().filter(|a| !is_local(a)).copied().collect();
-                let mut known = all.clone();
-                known.extend(remote.iter().copied().filter(|a| !all.contains(a)));
-                let counts = shared.l7.http.h1_counts(&known);
-                // Per pod: its connections to the service, and the local endpoints it delivers to.
-                let mut pods: BTreeMap<String, (Arc<crate::conn::PodCtx>, usize, Vec<std::net::SocketAddr>)> =
-                    BTreeMap::new();
-                for (pod, ep, n) in counts {
-                    let e = pods
-                        .entry(pod.name.clone())
-                        .or_insert_with(|| (pod.clone(), 0, Vec::new()));
-                    e.1 += n;
-                    if is_local(&ep) {
-                        e.2.push(ep);
-                    }
-                }
-                for (pod, total, mut locals) in pods.into_values() {
-                    if target && total > 0 {
-                        // The service's endpoints in this pod itself: where its inbound
-                        // requests will be delivered, even when no trickle kept a pool open
-                        // (trickle 0, or idle longer than the pools keep connections).
-                        let own = crate::sys::local_addrs_in(&pod.netns).unwrap_or_default();
-                        for ep in &all {
-                            if own.contains(&ep.ip()) && !locals.contains(ep) {
-                                locals.push(*ep);
-                            }
-                        }
-                    }
-                    if locals.is_empty() || total == 0 {
-                        continue;
-                    }
-                    // The pools hold the connections not busy right now: half again for the
-                    // requests in flight when they were counted.
-                    let total = total + total.div_ceil(2);
-                    if target {
-                        for ep in locals {
-                            plan.push((pod.clone(), ep, total.min(max)));
-                        }
-                    } else if !remote.is_empty() {
-                        let each = total.div_ceil(remote.len()).min(max);
-                        for ep in &remote {
-                            plan.push((pod.clone(), *ep, each));
-                        }
-                    }
-                }
-            }
-        }
+        let plan = self.preconnect_plan(shared, policy, rec);
         if plan.is_empty() {
+            self.note(format!(
+                "switch {} -> {}: nothing to pre-connect (no pooled connection to size from)",
+                rec.from, rec.to
+            ));
             return;
         }
         let mut tasks = tokio::task::JoinSet::new();
@@ -738,6 +703,77 @@ impl LinkManager {
             "from": rec.from, "to": rec.to, "opened": opened, "failed": failed,
             "ms": (ms * 10.0).round() / 10.0, "pools": per,
         }));
+    }
+
+    /// The (pod, endpoint, connections) the switch's pre-connect opens (see [`Self::preconnect`]).
+    fn preconnect_plan(
+        &self,
+        shared: &Arc<crate::conn::Shared>,
+        policy: &Policy,
+        rec: &SwitchRec,
+    ) -> Vec<(Arc<crate::conn::PodCtx>, std::net::SocketAddr, usize)> {
+        let mut plan: Vec<(Arc<crate::conn::PodCtx>, std::net::SocketAddr, usize)> = Vec::new();
+        for (name, target) in [(&rec.to, true), (&rec.from, false)] {
+            let Some(l) = policy.links().iter().find(|l| &*l.name == name.as_str()) else {
+                continue;
+            };
+            let max = l.preconnect as usize;
+            if max == 0 {
+                continue;
+            }
+            for (k, &si) in l.services.iter().enumerate() {
+                let all = policy.service_endpoints(si);
+                let is_local = |a: &std::net::SocketAddr| shared.mesh_ips.contains(a.ip());
+                let remote: Vec<_> = l.elsewhere(k).iter().filter(|a| !is_local(a)).copied().collect();
+                let mut known = all.clone();
+                known.extend(remote.iter().copied().filter(|a| !all.contains(a)));
+                let counts = shared.l7.http.h1_counts(&known);
+                // Per pod: its connections to the service, and the local endpoints it delivers to.
+                let mut pods: BTreeMap<
+                    String,
+                    (Arc<crate::conn::PodCtx>, usize, Vec<std::net::SocketAddr>),
+                > = BTreeMap::new();
+                for (pod, ep, n) in counts {
+                    let e = pods
+                        .entry(pod.name.clone())
+                        .or_insert_with(|| (pod.clone(), 0, Vec::new()));
+                    e.1 += n;
+                    if is_local(&ep) {
+                        e.2.push(ep);
+                    }
+                }
+                for (pod, total, mut locals) in pods.into_values() {
+                    if target && total > 0 {
+                        // The service's endpoints in this pod itself: where its inbound
+                        // requests will be delivered, even when no trickle kept a pool open
+                        // (trickle 0, or idle longer than the pools keep connections).
+                        let own = crate::sys::local_addrs_in(&pod.netns).unwrap_or_default();
+                        for ep in &all {
+                            if own.contains(&ep.ip()) && !locals.contains(ep) {
+                                locals.push(*ep);
+                            }
+                        }
+                    }
+                    if locals.is_empty() || total == 0 {
+                        continue;
+                    }
+                    // The pools hold the connections not busy right now: half again for the
+                    // requests in flight when they were counted.
+                    let total = total + total.div_ceil(2);
+                    if target {
+                        for ep in locals {
+                            plan.push((pod.clone(), ep, total.min(max)));
+                        }
+                    } else if !remote.is_empty() {
+                        let each = total.div_ceil(remote.len()).min(max);
+                        for ep in &remote {
+                            plan.push((pod.clone(), *ep, each));
+                        }
+                    }
+                }
+            }
+        }
+        plan
     }
 
     fn finish_abort(&self, policy: &Policy, rec: &SwitchRec) {
