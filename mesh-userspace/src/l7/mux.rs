@@ -1289,8 +1289,8 @@ mod tests {
 
     use super::*;
     use crate::{
+        conn::{ConnEntry, Direction, OrigDstSource, PodCtx, Shared},
         protocol::hessian2,
-        proxy::{ConnEntry, Direction, OrigDstSource, PodCtx, Shared},
         routing::{compile, parse_toml, Router},
         sys::NetNs,
     };

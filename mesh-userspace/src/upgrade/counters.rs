@@ -14,8 +14,8 @@ use std::{
 
 use super::wire::{Counter, PodCounters, RouteCounters, Snapshot};
 use crate::{
+    conn::{PodStats, ProxyErrors},
     daemon::Daemon,
-    proxy::{PodStats, ProxyErrors},
 };
 
 fn proxy_field<'a>(e: &'a ProxyErrors, name: &str) -> Option<&'a AtomicU64> {

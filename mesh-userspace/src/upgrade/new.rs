@@ -286,9 +286,9 @@ async fn adopt_app(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
     };
     let shared = daemon.proxy_shared().clone();
     let dir = if c.inbound {
-        crate::proxy::Direction::Inbound
+        crate::conn::Direction::Inbound
     } else {
-        crate::proxy::Direction::Outbound
+        crate::conn::Direction::Outbound
     };
     let entry = shared.registry.add(&pod.name, dir, client, orig);
     pod.stats

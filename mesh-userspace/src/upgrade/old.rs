@@ -26,7 +26,7 @@ use super::{
     counters,
     wire::{self, Body, FdInfo, FdKind, Offer, Refuse},
 };
-use crate::{daemon::Daemon, proxy::Direction};
+use crate::{conn::Direction, daemon::Daemon};
 
 /// The successor must say `Hello` this soon after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
