@@ -43,37 +43,50 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
             super::lock_path(state_file).display()
         )
     })?;
-    let conn = UnixStream::connect(&info.rendezvous).with_context(|| {
-        format!(
-            "--upgrade: cannot reach generation {} (pid {}) at {}",
-            info.generation,
-            info.pid,
-            info.rendezvous.display()
-        )
-    })?;
-    conn.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-    conn.set_write_timeout(Some(ANSWER_TIMEOUT))?;
-    wire::send(
-        &conn,
-        Body::Hello(Hello {
-            protocol_version: wire::PROTOCOL_VERSION,
-            pid: std::process::id(),
-            binary_version: env!("CARGO_PKG_VERSION").into(),
-        }),
-        &[],
-    )?;
-    let (body, fds) = wire::recv(&conn).context("--upgrade: waiting for the offer")?;
-    let offer = match body {
-        Body::Offer(o) => o,
-        Body::Refuse(r) => bail!(
-            "generation {} (pid {}) refused the hand-off: {} (it speaks hand-off protocol {}, this binary {})",
-            info.generation,
-            info.pid,
-            r.reason,
-            r.protocol_version,
-            wire::PROTOCOL_VERSION
-        ),
-        other => bail!("--upgrade: protocol error: expected offer, got {}", other.name()),
+    // Our newest hand-off protocol first; a generation that speaks only an older one we still
+    // speak refuses it naming its own, and we ask again in that one.
+    let mut version = wire::PROTOCOL_VERSION;
+    let (conn, offer, fds) = loop {
+        let conn = UnixStream::connect(&info.rendezvous).with_context(|| {
+            format!(
+                "--upgrade: cannot reach generation {} (pid {}) at {}",
+                info.generation,
+                info.pid,
+                info.rendezvous.display()
+            )
+        })?;
+        conn.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        conn.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+        wire::send(
+            &conn,
+            Body::Hello(Hello {
+                protocol_version: version,
+                pid: std::process::id(),
+                binary_version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            &[],
+        )?;
+        let (body, fds) = wire::recv(&conn).context("--upgrade: waiting for the offer")?;
+        match body {
+            Body::Offer(o) => break (conn, o, fds),
+            Body::Refuse(r) if r.protocol_version < version && wire::negotiate(r.protocol_version).is_some() => {
+                info!(
+                    "--upgrade: generation {} speaks hand-off protocol {} (this binary {}): asking again in {}",
+                    info.generation, r.protocol_version, version, r.protocol_version
+                );
+                version = r.protocol_version;
+            }
+            Body::Refuse(r) => bail!(
+                "generation {} (pid {}) refused the hand-off: {} (it speaks hand-off protocol {}, this binary {} to {})",
+                info.generation,
+                info.pid,
+                r.reason,
+                r.protocol_version,
+                wire::MIN_PROTOCOL_VERSION,
+                wire::PROTOCOL_VERSION
+            ),
+            other => bail!("--upgrade: protocol error: expected offer, got {}", other.name()),
+        }
     };
     if offer.fds.len() != fds.len() {
         bail!(
