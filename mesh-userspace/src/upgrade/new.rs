@@ -43,9 +43,22 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
             super::lock_path(state_file).display()
         )
     })?;
-    // Our newest hand-off protocol first; a generation that speaks only an older one we still
-    // speak refuses it naming its own, and we ask again in that one.
-    let mut version = wire::PROTOCOL_VERSION;
+    // The running generation's hand-off protocol is in its lock file: say Hello in it when
+    // it is older than ours and we still speak it (a version-1 daemon ends the upgrade at a
+    // refused Hello, so asking in ours first would fail it). Otherwise ours; a daemon that
+    // speaks an older one refuses naming it, and we ask again in that one.
+    let mut version = match wire::negotiate(info.protocol_version) {
+        Some(v) if v < wire::PROTOCOL_VERSION => v,
+        _ => wire::PROTOCOL_VERSION,
+    };
+    if version < wire::PROTOCOL_VERSION {
+        info!(
+            "--upgrade: generation {} speaks hand-off protocol {} (this binary {}): using {version}",
+            info.generation,
+            info.protocol_version,
+            wire::PROTOCOL_VERSION
+        );
+    }
     let (conn, offer, fds) = loop {
         let conn = UnixStream::connect(&info.rendezvous).with_context(|| {
             format!(
