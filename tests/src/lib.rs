@@ -24,6 +24,7 @@ pub mod node;
 pub mod peer;
 pub mod process;
 pub mod servers;
+pub mod upgrade;
 pub mod util;
 
 pub use cgroup::{cgroup2_mount, try_cgroup2_mount};
