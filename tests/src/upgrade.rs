@@ -208,3 +208,153 @@ pub fn grpc_server(srv: &Pod) -> Server {
     ]);
     Server::start(&srv.cgroup, Some(&srv.netns), cmd).expect("grpc server")
 }
+
+/// A real successor (`$SOCKMESH_BIN`) that stops at one step of the hand-off until released,
+/// so that a test can `kill -9` either generation there: `SOCKMESH_TEST_UPGRADE_PAUSE`
+/// (test-only, see mesh-userspace/src/upgrade/new.rs) with `point` = `offer` (descriptors
+/// taken, kernel state not yet adopted), `commit` (`Ready` said, `Commit` read, not accepting
+/// yet), `started` (`Started` said) or `conn` (the first moved HTTP/1.1 connection adopted).
+/// Dropping it releases the successor (if it still waits).
+pub struct PausedSuccessor {
+    dir: TempDir,
+    point: String,
+    binary: PathBuf,
+}
+
+impl PausedSuccessor {
+    pub fn new(point: &str) -> PausedSuccessor {
+        let dir = TempDir::new("paused").expect("temp dir");
+        let binary = successor_script(
+            &dir,
+            &format!("paused-{point}"),
+            &format!(
+                "SOCKMESH_TEST_UPGRADE_PAUSE={point}:{} exec {} \"$@\"",
+                dir.path().display(),
+                crate::util::sockmesh_bin().display()
+            ),
+        );
+        PausedSuccessor {
+            dir,
+            point: point.to_owned(),
+            binary,
+        }
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// Waits until the successor reached its pause point; its pid.
+    pub fn wait(&self, timeout: Duration) -> u32 {
+        let f = self.dir.join(&self.point);
+        crate::util::eventually(timeout, || {
+            let text = std::fs::read_to_string(&f)?;
+            Ok(text.trim().parse::<u32>()?)
+        })
+        .unwrap_or_else(|e| panic!("the successor never reached `{}`: {e:#}", self.point))
+    }
+
+    /// Lets the successor go on.
+    pub fn release(&self) {
+        let _ = std::fs::write(self.dir.join(format!("{}.go", self.point)), "");
+    }
+}
+
+impl Drop for PausedSuccessor {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// A successor that announces hand-off protocol `version` in its `Hello` (the real binary,
+/// `SOCKMESH_TEST_HANDOFF_PROTOCOL`, test-only).
+pub fn other_protocol_successor(dir: &TempDir, version: u32) -> PathBuf {
+    successor_script(
+        dir,
+        &format!("protocol-{version}"),
+        &format!(
+            "SOCKMESH_TEST_HANDOFF_PROTOCOL={version} exec {} \"$@\"",
+            crate::util::sockmesh_bin().display()
+        ),
+    )
+}
+
+/// `sockmesh upgrade --binary <binary>` against `d` in a thread (it blocks until the hand-off's
+/// outcome): join it for the output.
+pub fn spawn_upgrade(
+    d: &Daemon,
+    binary: &Path,
+) -> std::thread::JoinHandle<anyhow::Result<std::process::Output>> {
+    // Orphans of our daemons (a successor whose parent was killed) become ours to reap.
+    // SAFETY: plain prctl on this process.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let mut cmd = Command::new(crate::util::sockmesh_bin());
+    cmd.arg("upgrade")
+        .arg("--binary")
+        .arg(binary)
+        .arg("--admin-socket")
+        .arg(d.admin_socket());
+    std::thread::spawn(move || crate::run_host(cmd, crate::daemon::UPGRADE_TIMEOUT))
+}
+
+/// `kill -9` of `pid` (a generation); waits (bounded) until it is gone or a zombie, reaping it
+/// when it is ours.
+pub fn kill9(pid: u32) {
+    // SAFETY: plain syscalls on a pid the test started (directly or through the daemon).
+    assert_eq!(
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) },
+        0,
+        "kill -9 {pid}"
+    );
+    let gone = crate::util::eventually(Duration::from_secs(10), || {
+        let mut status = 0;
+        // SAFETY: plain waitpid on one pid.
+        unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
+        anyhow::ensure!(stat.is_empty() || state == Some('Z'), "pid {pid} still runs");
+        Ok(())
+    });
+    gone.unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// Whether `pid` runs (not gone, not a zombie).
+pub fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
+    !stat.is_empty() && state != Some('Z')
+}
+
+/// A daemon restarted on `d`'s pinned state with `d`'s config (what an operator does after the
+/// daemon died): `d` no longer owns the state.
+pub fn restart(node: &VirtualNode, d: &mut Daemon) -> Daemon {
+    let cfg = std::fs::read_to_string(d.config_path()).expect("config");
+    let state = d.hand_over_state().expect("hand over state");
+    Daemon::start_with_state(node.daemon_cgroup(), &cfg, Some(state)).expect("restarted daemon")
+}
+
+/// `count` GETs from the client pod to `url`, each on a new connection (1 s time-out):
+/// `{"ok","failed","errors"}`.
+pub fn gets(client: &Pod, url: &str, count: u32) -> Value {
+    let mut cmd = Command::new(python());
+    cmd.arg("-u").arg(peers_dir().join("upgrade_load.py")).args([
+        "get",
+        "--url",
+        url,
+        "--count",
+        &count.to_string(),
+    ]);
+    let out = crate::exec_in(&client.cgroup, Some(&client.netns), cmd, Duration::from_secs(60)).expect("get");
+    crate::last_json("upgrade_load.py get", &out)
+}
+
+/// One client of `upgrade_load.py <mode> --url VIP:PORT <args>` in the client pod, printing
+/// lines.
+pub fn load_client(client: &Pod, mode: &str, args: &[&str]) -> LineChild {
+    let mut cmd = Command::new(python());
+    cmd.arg("-u")
+        .arg(peers_dir().join("upgrade_load.py"))
+        .args([mode, "--url", &format!("{VIP}:{PORT}")])
+        .args(args);
+    LineChild::spawn(&client.cgroup, Some(&client.netns), cmd).expect("client")
+}
