@@ -453,6 +453,16 @@ impl Daemon {
         r
     }
 
+    /// An enrolled pod's link cgroups found later (Kubernetes: its containers start after the
+    /// pod is enrolled): each gets the resources of its link's state now. Refused (nothing
+    /// kept) when a link is not in the policy or the kernel refuses a value.
+    pub fn set_pod_links(&self, name: &str, links: &BTreeMap<String, Vec<PathBuf>>) -> Result<(), String> {
+        if !self.pod_names().iter().any(|n| n == name) {
+            return Err(format!("pod `{name}` is not enrolled"));
+        }
+        self.links.register_pod(name, links, &self.policy())
+    }
+
     /// `sockmesh switch` (see [`crate::links::LinkManager`]); no action: the links' view.
     #[allow(clippy::too_many_arguments)]
     pub fn switch(
@@ -489,9 +499,9 @@ impl Daemon {
         self.links.resume(self.shared.clone());
     }
 
-    /// The links' Prometheus lines.
-    pub fn render_links(&self, o: &mut String) {
-        self.links.render_metrics(&self.policy(), o);
+    /// The links' metrics.
+    pub fn link_metrics(&self) -> crate::links::LinkMetrics {
+        self.links.metric_rows(&self.policy())
     }
 
     fn enroll_inner(&self, spec: PodSpec) -> Result<(), DaemonError> {

@@ -838,9 +838,14 @@ impl LinkManager {
                     .iter()
                     .flat_map(|(pod, m)| {
                         m.get(&*l.name).into_iter().flatten().map(move |d| {
+                            // v1's "no limit" is a page-rounded i64::MAX: shown as "max".
                             let knobs: serde_json::Map<_, _> = actuator::read(d)
                                 .into_iter()
-                                .map(|(k, v)| (k, serde_json::Value::from(v)))
+                                .map(|(k, v)| {
+                                    let huge = k.starts_with("memory.")
+                                        && v.parse::<u64>().is_ok_and(|n| n >= 1 << 62);
+                                    (k, serde_json::Value::from(if huge { "max".into() } else { v }))
+                                })
                                 .collect();
                             json!({ "pod": pod, "path": d, "applied": knobs })
                         })
@@ -851,6 +856,7 @@ impl LinkManager {
                     "state": state.label(),
                     "local_share_percent": f64::from(share) / 1e4,
                     "trickle_percent": f64::from(l.trickle_ppm) / 1e4,
+                    "trickle_per_second": l.trickle_rate,
                     "keepalive": l.keepalive,
                     "active": l.active,
                     "cgroups": cgroups,
@@ -878,52 +884,115 @@ impl LinkManager {
         })
     }
 
-    /// Prometheus lines (appended to `/metrics`).
-    pub fn render_metrics(&self, policy: &Policy, o: &mut String) {
-        use std::fmt::Write as _;
+    /// What `/metrics` shows of the links (encoded by `metrics.rs`); empty when the policy
+    /// defines no links.
+    pub fn metric_rows(&self, policy: &Policy) -> LinkMetrics {
         if policy.links().is_empty() {
-            return;
+            return LinkMetrics::default();
         }
-        let v = self.view(policy);
-        let _ = writeln!(o, "# HELP sockmesh_link_state Each link's state on this node (1 for the current one).\n# TYPE sockmesh_link_state gauge");
-        for l in v["links"].as_array().into_iter().flatten() {
-            for s in ["active", "keepalive", "switching"] {
-                let on = u8::from(l["state"] == s);
-                let _ = writeln!(
-                    o,
-                    "sockmesh_link_state{{link=\"{}\",state=\"{s}\"}} {on}",
-                    l["name"].as_str().unwrap_or_default()
-                );
-            }
+        let st = self.st.lock().expect("link state").clone();
+        let pods = self.pods.lock().expect("link pods").clone();
+        let links = policy
+            .links()
+            .iter()
+            .map(|l| {
+                let (state, share) = st
+                    .links
+                    .get(&*l.name)
+                    .copied()
+                    .unwrap_or((l.initial, l.resting_share(l.initial)));
+                let applied = pods
+                    .iter()
+                    .flat_map(|(pod, m)| {
+                        m.get(&*l.name)
+                            .into_iter()
+                            .flatten()
+                            .map(move |d| (pod.clone(), AppliedLimits::parse(&actuator::read(d))))
+                    })
+                    .collect();
+                LinkRow {
+                    name: l.name.to_string(),
+                    state,
+                    local_share: f64::from(share) / f64::from(FULL),
+                    trickle_share: f64::from(l.trickle_ppm) / f64::from(FULL),
+                    trickle_per_second: l.trickle_rate,
+                    applied,
+                }
+            })
+            .collect();
+        LinkMetrics {
+            links,
+            requests: policy.link_counts(),
+            progress: st
+                .switch
+                .as_ref()
+                .map(|s| f64::from(s.done) / f64::from(s.steps.max(1))),
+            switches_total: st.switches_total,
+            last_switch_seconds: st.last_duration_ms.map(|ms| ms as f64 / 1000.0),
+            errors_total: *self.errors.lock().expect("link errors"),
         }
-        let _ = writeln!(o, "# HELP sockmesh_link_local_share_ratio Share of a link's requests arriving here served by the local app.\n# TYPE sockmesh_link_local_share_ratio gauge");
-        for l in v["links"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                o,
-                "sockmesh_link_local_share_ratio{{link=\"{}\"}} {}",
-                l["name"].as_str().unwrap_or_default(),
-                l["local_share_percent"].as_f64().unwrap_or(0.0) / 100.0
-            );
+    }
+}
+
+/// The links' metrics at one scrape ([`LinkManager::metric_rows`]).
+#[derive(Debug, Default, Clone)]
+pub struct LinkMetrics {
+    pub links: Vec<LinkRow>,
+    pub requests: Vec<crate::routing::link::LinkCount>,
+    /// Steps done / steps of the switch in progress.
+    pub progress: Option<f64>,
+    pub switches_total: u64,
+    pub last_switch_seconds: Option<f64>,
+    pub errors_total: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct LinkRow {
+    pub name: String,
+    pub state: LinkState,
+    pub local_share: f64,
+    /// The keep-alive share setting (0 with a rate trickle).
+    pub trickle_share: f64,
+    pub trickle_per_second: Option<f64>,
+    /// Per pod cgroup of the link: the limits read back from the kernel now.
+    pub applied: Vec<(String, AppliedLimits)>,
+}
+
+/// A link cgroup's limits as the kernel shows them (v2 or v1 files); `None`: unlimited, or
+/// the file is absent.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct AppliedLimits {
+    /// CPU cap in CPUs (`cpu.max` quota / period; v1 `cfs_quota_us` / `cfs_period_us`).
+    pub cpus: Option<f64>,
+    /// `cpu.weight` (v2) or `cpu.shares` (v1), as the kernel reports it.
+    pub weight: Option<u64>,
+    /// `memory.high` (v2) or `memory.soft_limit_in_bytes` (v1), bytes.
+    pub memory_high: Option<u64>,
+}
+
+impl AppliedLimits {
+    /// From [`actuator::read`]'s (file, value) pairs.
+    pub fn parse(knobs: &[(String, String)]) -> Self {
+        let get = |f: &str| knobs.iter().find(|(k, _)| k == f).map(|(_, v)| v.as_str());
+        let num = |f: &str| get(f).and_then(|v| v.parse::<u64>().ok());
+        let cpus = match get("cpu.max") {
+            Some(v) => v.split_once(' ').and_then(|(q, p)| {
+                Some(q.parse::<f64>().ok()? / p.parse::<f64>().ok().filter(|p| *p > 0.0)?)
+            }),
+            None => get("cpu.cfs_quota_us")
+                .and_then(|q| q.parse::<f64>().ok())
+                .filter(|q| *q >= 0.0)
+                .zip(num("cpu.cfs_period_us").filter(|p| *p > 0))
+                .map(|(q, p)| q / p as f64),
+        };
+        Self {
+            cpus,
+            weight: num("cpu.weight").or_else(|| num("cpu.shares")),
+            // v1's "unlimited" is a page-rounded i64::MAX.
+            memory_high: num("memory.high")
+                .or_else(|| num("memory.soft_limit_in_bytes"))
+                .filter(|m| *m < 1 << 62),
         }
-        let _ = writeln!(o, "# HELP sockmesh_link_requests_total Requests of linked services arriving here, by outcome (local, moved, kept, no_elsewhere).\n# TYPE sockmesh_link_requests_total counter");
-        for c in policy.link_counts() {
-            let _ = writeln!(
-                o,
-                "sockmesh_link_requests_total{{service=\"{}\",link=\"{}\",outcome=\"{}\"}} {}",
-                c.service, c.link, c.outcome, c.requests
-            );
-        }
-        let _ = writeln!(o, "# HELP sockmesh_link_switch_progress_ratio Steps done of the switch in progress (absent: none).\n# TYPE sockmesh_link_switch_progress_ratio gauge");
-        if let Some(s) = v["switch"].as_object() {
-            let done = s["done"].as_f64().unwrap_or(0.0);
-            let steps = s["steps"].as_f64().unwrap_or(1.0);
-            let _ = writeln!(o, "sockmesh_link_switch_progress_ratio {}", done / steps);
-        }
-        let _ = writeln!(o, "# HELP sockmesh_link_switches_total Completed switches.\n# TYPE sockmesh_link_switches_total counter\nsockmesh_link_switches_total {}", v["switches_total"]);
-        if let Some(ms) = v["last_switch_ms"].as_u64() {
-            let _ = writeln!(o, "# HELP sockmesh_link_last_switch_seconds Duration of the last completed switch.\n# TYPE sockmesh_link_last_switch_seconds gauge\nsockmesh_link_last_switch_seconds {}", ms as f64 / 1000.0);
-        }
-        let _ = writeln!(o, "# HELP sockmesh_link_errors_total Resource changes the kernel refused during switches.\n# TYPE sockmesh_link_errors_total counter\nsockmesh_link_errors_total {}", v["errors_total"]);
     }
 }
 
@@ -1080,7 +1149,10 @@ mod tests {
     fn config_takes_links_and_pod_link_cgroups() {
         let c = crate::config::parse(CONFIG).unwrap();
         assert_eq!(c.routing.links.len(), 1);
-        assert_eq!(c.routing.links[0].trickle_percent, 1.0);
+        assert_eq!(
+            c.routing.links[0].trickle_percent, None,
+            "the default share applies"
+        );
         assert_eq!(c.routing.links[0].keepalive.cpu_percent, Some(1.0));
         assert_eq!(c.pods[0].links["trade"].len(), 2);
         let field = |text: String| crate::config::parse(&text).unwrap_err().field;
@@ -1135,7 +1207,7 @@ mod tests {
             ],
             "switch": { "from": "trade", "to": "forest", "steps": 4, "done": 2, "over_ms": 4000, "elapsed_ms": 1500 },
             "requests": [{ "service": "game", "link": "forest", "outcome": "moved", "requests": 7 }],
-            "log": ["1 a", "2 b"],
+            "log": ["1 a", "1796653800508 b"],
         });
         let text = crate::status::render_links(&v);
         assert!(text.contains("trade   switching  76.25 %"), "{text}");
@@ -1145,7 +1217,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("game     forest  moved    7"), "{text}");
-        assert!(text.contains("| 2 b"), "{text}");
+        assert!(text.contains("| 14:30:00.508 b"), "times in UTC: {text}");
     }
 
     #[test]

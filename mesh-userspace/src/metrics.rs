@@ -13,7 +13,7 @@ use prometheus_client::{
     collector::Collector,
     encoding::{
         DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeLabelValue, EncodeMetric,
-        LabelValueEncoder, MetricEncoder, NoLabelSet,
+        LabelValueEncoder, NoLabelSet,
     },
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
     registry::Registry,
@@ -114,15 +114,6 @@ impl EncodeLabelValue for Esc<'_> {
     }
 }
 
-/// A label value already escaped (from the text families of links.rs).
-struct Raw<'a>(&'a str);
-
-impl EncodeLabelValue for Raw<'_> {
-    fn encode(&self, e: &mut LabelValueEncoder) -> fmt::Result {
-        e.write_str(self.0)
-    }
-}
-
 type Labels<'a> = Vec<(&'static str, Esc<'a>)>;
 
 /// One counter family (`name` ends in `_total`: the crate writes the suffix itself, and the
@@ -174,9 +165,8 @@ pub struct Scrape<'a> {
     pub l7: &'a L7Shared,
     /// Kernel-routed connects and the table generation ([`crate::kroute::metric_rows`]).
     pub kernel_routes: (Vec<crate::kroute::RoutedConnects>, u64),
-    /// The families links.rs (`Daemon::render_links`) still renders as text; re-encoded
-    /// through the crate by [`encode_text_families`].
-    pub text: String,
+    /// Dual links ([`crate::links::LinkManager::metric_rows`]).
+    pub links: crate::links::LinkMetrics,
 }
 
 /// The daemon's metrics, collected at every scrape.
@@ -191,15 +181,13 @@ impl fmt::Debug for DaemonCollector {
 impl Collector for DaemonCollector {
     fn encode(&self, mut d: DescriptorEncoder) -> fmt::Result {
         let daemon = &self.0;
-        let mut text = String::new();
-        daemon.render_links(&mut text);
         encode_scrape(
             &mut d,
             &Scrape {
                 daemon: daemon.metrics_snapshot(),
                 l7: daemon.l7(),
                 kernel_routes: crate::kroute::metric_rows(&daemon.kernel_routes()),
-                text,
+                links: daemon.link_metrics(),
             },
         )
     }
@@ -290,7 +278,7 @@ pub fn encode_scrape(d: &mut DescriptorEncoder, s: &Scrape) -> fmt::Result {
     )?;
     encode_k8s(d)?;
     encode_l7(d, s.l7)?;
-    encode_text_families(d, &s.text)?;
+    encode_links(d, &s.links)?;
     let (connects, generation) = &s.kernel_routes;
     counter(
         d,
@@ -341,6 +329,13 @@ fn encode_k8s(d: &mut DescriptorEncoder) -> fmt::Result {
         "sockmesh_k8s_cni_check_errors_total",
         "Checks of the node's CNI config that could not read, parse or write it.",
         k.cni_rechain_errors.load(Relaxed),
+    )?;
+    counter(
+        d,
+        "sockmesh_k8s_link_cgroups_total",
+        "Linked pods' container cgroups (sockmesh.io/links) registered, or refused (bad annotation, unknown link, kernel refused a value).",
+        [("registered", &k.links_registered), ("refused", &k.link_errors)]
+            .map(|(r, v)| (vec![("result", Esc(r))], v.load(Relaxed))),
     )
 }
 
@@ -481,109 +476,128 @@ fn encode_colours(d: &mut DescriptorEncoder, policy: &crate::routing::Policy) ->
     )
 }
 
-/// One family of the classic text format: `# HELP`, `# TYPE`, then its samples.
-#[derive(Debug, Default)]
-struct TextFamily<'a> {
-    name: &'a str,
-    help: &'a str,
-    kind: &'a str,
-    /// (label pairs with their values still escaped, value)
-    samples: Vec<(Vec<(&'a str, &'a str)>, &'a str)>,
-}
-
-/// `k="v",k2="v2"` with escaped values; `None` when malformed.
-fn parse_labels(s: &str) -> Option<Vec<(&str, &str)>> {
-    let mut out = Vec::new();
-    let mut rest = s;
-    while !rest.is_empty() {
-        let (k, after) = rest.split_once("=\"")?;
-        let bytes = after.as_bytes();
-        let mut i = 0;
-        while i < bytes.len() && bytes[i] != b'"' {
-            i += if bytes[i] == b'\\' { 2 } else { 1 };
-        }
-        if i >= bytes.len() {
-            return None;
-        }
-        out.push((k.trim_start_matches(',').trim(), &after[..i]));
-        rest = after[i + 1..].trim_start_matches(',');
+/// Dual links: states, shares, trickle, the limits the kernel shows, switch progress.
+fn encode_links(d: &mut DescriptorEncoder, m: &crate::links::LinkMetrics) -> fmt::Result {
+    use crate::routing::link::LinkState;
+    if m.links.is_empty() {
+        return Ok(());
     }
-    Some(out)
-}
-
-fn parse_text_families(text: &str) -> Vec<TextFamily<'_>> {
-    let mut fams: Vec<TextFamily> = Vec::new();
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
-            fams.push(TextFamily {
-                name,
-                help,
-                ..Default::default()
-            });
-        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
-            match fams.last_mut() {
-                Some(f) if f.name == name => f.kind = kind,
-                _ => fams.push(TextFamily {
-                    name,
-                    kind,
-                    ..Default::default()
-                }),
-            }
-        } else if !line.starts_with('#') && !line.trim().is_empty() {
-            let (series, value) = line.rsplit_once(' ').unwrap_or((line, ""));
-            let (name, labels) = match series.split_once('{') {
-                Some((n, l)) => (n, parse_labels(l.strip_suffix('}').unwrap_or(l))),
-                None => (series, Some(vec![])),
-            };
-            match (fams.last_mut(), labels) {
-                (Some(f), Some(labels)) if f.name == name => f.samples.push((labels, value)),
-                _ => tracing::warn!("metrics: dropped a sample outside its family: {line}"),
-            }
+    fn link(l: &crate::links::LinkRow) -> Labels<'_> {
+        vec![("link", Esc(&l.name))]
+    }
+    gauge(
+        d,
+        "sockmesh_link_state",
+        "Each link's state on this node (1 for the current one).",
+        m.links.iter().flat_map(|l| {
+            [LinkState::Active, LinkState::Keepalive, LinkState::Switching].map(|s| {
+                (
+                    vec![("link", Esc(&l.name)), ("state", Esc(s.label()))],
+                    u64::from(l.state == s),
+                )
+            })
+        }),
+    )?;
+    gauge(
+        d,
+        "sockmesh_link_local_share_ratio",
+        "Share of a link's requests arriving here served by the local app.",
+        m.links.iter().map(|l| (link(l), l.local_share)),
+    )?;
+    gauge(
+        d,
+        "sockmesh_link_trickle_ratio",
+        "A link's keep-alive share setting (0 with a rate trickle).",
+        m.links.iter().map(|l| (link(l), l.trickle_share)),
+    )?;
+    gauge(
+        d,
+        "sockmesh_link_trickle_per_second",
+        "A link's keep-alive rate setting per service (links with a rate trickle).",
+        m.links
+            .iter()
+            .filter_map(|l| Some((link(l), l.trickle_per_second?))),
+    )?;
+    let applied = |f: fn(&crate::links::AppliedLimits) -> Option<f64>| {
+        m.links
+            .iter()
+            .flat_map(move |l| {
+                l.applied.iter().filter_map(move |(pod, a)| {
+                    Some((vec![("link", Esc(&l.name)), ("pod", Esc(pod))], f(a)?))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    gauge(
+        d,
+        "sockmesh_link_cpu_limit_cpus",
+        "CPU cap of a link's cgroup in a pod as the kernel shows it (absent: unlimited).",
+        applied(|a| a.cpus),
+    )?;
+    gauge(
+        d,
+        "sockmesh_link_cpu_weight",
+        "CPU weight of a link's cgroup in a pod as the kernel shows it (v1: cpu.shares).",
+        applied(|a| a.weight.map(|w| w as f64)),
+    )?;
+    gauge(
+        d,
+        "sockmesh_link_memory_high_bytes",
+        "memory.high of a link's cgroup in a pod as the kernel shows it (absent: unlimited).",
+        applied(|a| a.memory_high.map(|b| b as f64)),
+    )?;
+    counter(
+        d,
+        "sockmesh_link_requests_total",
+        "Requests of linked services arriving here, by outcome (local, moved, kept, no_elsewhere).",
+        m.requests.iter().map(|c| {
+            (
+                vec![
+                    ("service", Esc(&c.service)),
+                    ("link", Esc(&c.link)),
+                    ("outcome", Esc(c.outcome)),
+                ],
+                c.requests,
+            )
+        }),
+    )?;
+    match m.progress {
+        Some(p) => gauge1(
+            d,
+            "sockmesh_link_switch_progress_ratio",
+            "Steps done of the switch in progress (absent: none).",
+            p,
+        )?,
+        None => {
+            // The family is declared with no sample, so a dashboard sees it exists.
+            d.encode_descriptor(
+                "sockmesh_link_switch_progress_ratio",
+                "Steps done of the switch in progress (absent: none).",
+                None,
+                MetricType::Gauge,
+            )?;
         }
     }
-    fams
-}
-
-/// Re-encode counter and gauge families rendered as classic text through the crate (names,
-/// labels and values as they were).
-fn encode_text_families(d: &mut DescriptorEncoder, text: &str) -> fmt::Result {
-    for f in parse_text_families(text) {
-        let kind = match f.kind {
-            "counter" => MetricType::Counter,
-            "gauge" => MetricType::Gauge,
-            _ => MetricType::Unknown,
-        };
-        let name = match kind {
-            MetricType::Counter => f.name.strip_suffix("_total").unwrap_or(f.name),
-            _ => f.name,
-        };
-        let m = d.encode_descriptor(name, f.help, None, kind)?;
-        let value = |enc: MetricEncoder, value: &str| -> fmt::Result {
-            match (kind, value.parse::<u64>(), value.parse::<f64>()) {
-                (MetricType::Counter, Ok(v), _) => ConstCounter::new(v).encode(enc),
-                (MetricType::Counter, _, Ok(v)) => ConstCounter::new(v).encode(enc),
-                (_, Ok(v), _) => ConstGauge::new(v as i64).encode(enc),
-                (_, _, Ok(v)) => ConstGauge::new(v).encode(enc),
-                _ => {
-                    tracing::warn!("metrics: `{value}` of {} is not a number", f.name);
-                    Ok(())
-                }
-            }
-        };
-        match f.samples.as_slice() {
-            [(labels, v)] if labels.is_empty() => value(m, v)?,
-            samples => {
-                let mut m = m;
-                for (labels, v) in samples {
-                    let labels: Vec<(&str, Raw)> = labels.iter().map(|(k, v)| (*k, Raw(v))).collect();
-                    value(m.encode_family(&labels)?, v)?;
-                }
-            }
-        }
+    counter1(
+        d,
+        "sockmesh_link_switches_total",
+        "Completed switches.",
+        m.switches_total,
+    )?;
+    if let Some(secs) = m.last_switch_seconds {
+        gauge1(
+            d,
+            "sockmesh_link_last_switch_seconds",
+            "Duration of the last completed switch.",
+            secs,
+        )?;
     }
-    Ok(())
+    counter1(
+        d,
+        "sockmesh_link_errors_total",
+        "Resource changes the kernel refused during switches.",
+        m.errors_total,
+    )
 }
 
 #[cfg(test)]
@@ -594,7 +608,7 @@ mod tests {
     /// A collector over owned test data: what `DaemonCollector` reads from a daemon.
     struct Fixture {
         l7: L7Shared,
-        text: String,
+        links: crate::links::LinkMetrics,
     }
 
     impl fmt::Debug for Fixture {
@@ -628,15 +642,15 @@ mod tests {
                         "services": [{"name": "db", "entries": [
                             {"subset": "v2", "endpoint": "10.0.2.1:5432", "connects": 100}]}]
                     })),
-                    text: self.text.clone(),
+                    links: self.links.clone(),
                 },
             )
         }
     }
 
-    fn scrape(l7: L7Shared, text: String) -> String {
+    fn scrape(l7: L7Shared, links: crate::links::LinkMetrics) -> String {
         let mut r = Registry::default();
-        r.register_collector(Box::new(Fixture { l7, text }));
+        r.register_collector(Box::new(Fixture { l7, links }));
         render(&r)
     }
 
@@ -687,7 +701,7 @@ mod tests {
         d.stats.record(Outcome::Answered, Duration::from_millis(2));
         d.stats.record(Outcome::Failed("timeout"), Duration::from_secs(1));
         l7.errors.count("bolt", "bad_magic");
-        let o = scrape(l7, String::new());
+        let o = scrape(l7, Default::default());
         let r = [("service", "orders"), ("route", "default"), ("subset", "all")];
         let with = |extra: &[(&'static str, &'static str)]| [&r[..], extra].concat();
         for (name, labels, want) in [
@@ -752,23 +766,8 @@ mod tests {
             .unwrap();
         d.stats.record(Outcome::Answered, Duration::from_millis(2));
         l7.errors.count("http1", "bad_request");
-        let mut text = String::new();
-        // What links.rs renders for one link (daemon.rs `render_links`).
-        text.push_str(
-            "# HELP sockmesh_link_state Each link's state on this node (1 for the current one).\n\
-             # TYPE sockmesh_link_state gauge\n\
-             sockmesh_link_state{link=\"a\",state=\"active\"} 1\n\
-             sockmesh_link_state{link=\"a\",state=\"keepalive\"} 0\n\
-             # HELP sockmesh_link_local_share_ratio Share.\n\
-             # TYPE sockmesh_link_local_share_ratio gauge\n\
-             sockmesh_link_local_share_ratio{link=\"a\"} 0.25\n\
-             # HELP sockmesh_link_switch_progress_ratio Steps done (absent: none).\n\
-             # TYPE sockmesh_link_switch_progress_ratio gauge\n\
-             # HELP sockmesh_link_switches_total Completed switches.\n\
-             # TYPE sockmesh_link_switches_total counter\n\
-             sockmesh_link_switches_total 2\n",
-        );
-        let o = scrape(l7, text);
+        let links = one_link("a");
+        let o = scrape(l7, links);
         assert!(o.ends_with("# EOF\n"), "{o}");
         let mut types: std::collections::BTreeMap<&str, &str> = Default::default();
         let mut samples = 0;
@@ -867,10 +866,16 @@ mod tests {
             ("sockmesh_kernel_routes_generation", vec![], 7.0),
             (
                 "sockmesh_link_state",
-                vec![("link", "a"), ("state", "active")],
+                vec![("link", "a"), ("state", "keepalive")],
                 1.0,
             ),
             ("sockmesh_link_local_share_ratio", vec![("link", "a")], 0.25),
+            ("sockmesh_link_trickle_per_second", vec![("link", "a")], 5.0),
+            (
+                "sockmesh_link_cpu_limit_cpus",
+                vec![("link", "a"), ("pod", "p1")],
+                0.015,
+            ),
             ("sockmesh_link_switches_total", vec![], 2.0),
         ] {
             assert_eq!(value(&o, name, &labels), Some(want), "{name}{labels:?} in\n{o}");
@@ -891,32 +896,110 @@ mod tests {
         }
     }
 
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-        let mut r = Registry::default();
-        r.register_collector(Box::new(Fixture {
-            l7: L7Shared::default(),
-            text: "# TYPE x_total counter\nx_total{k=\"a\\\"b\"} 1\n".into(),
-        }));
-        assert!(render(&r).contains("x_total{k=\"a\\\"b\"} 1\n"), "{}", render(&r));
+    /// One link in keep-alive with a rate trickle, a switch half done, one pod's cgroup.
+    fn one_link(name: &str) -> crate::links::LinkMetrics {
+        use crate::links::{AppliedLimits, LinkMetrics, LinkRow};
+        LinkMetrics {
+            links: vec![LinkRow {
+                name: name.into(),
+                state: crate::routing::link::LinkState::Keepalive,
+                local_share: 0.25,
+                trickle_share: 0.0,
+                trickle_per_second: Some(5.0),
+                applied: vec![(
+                    "p1".into(),
+                    AppliedLimits::parse(&[
+                        ("cpu.max".into(), "1500 100000".into()),
+                        ("cpu.weight".into(), "1".into()),
+                        ("memory.high".into(), "max".into()),
+                    ]),
+                )],
+            }],
+            requests: vec![crate::routing::link::LinkCount {
+                service: "game".into(),
+                link: name.into(),
+                outcome: "moved",
+                requests: 9,
+            }],
+            progress: Some(0.5),
+            switches_total: 2,
+            last_switch_seconds: Some(1.5),
+            errors_total: 0,
+        }
     }
 
     #[test]
-    fn text_families_are_parsed_with_escaped_labels() {
+    fn link_metrics_show_states_trickle_and_applied_limits() {
+        let o = scrape(L7Shared::default(), one_link("forest"));
+        let l = [("link", "forest")];
         assert_eq!(
-            parse_labels(r#"a="x",b="y\"z,w""#),
-            Some(vec![("a", "x"), ("b", r#"y\"z,w"#)])
+            value(&o, "sockmesh_link_state", &[l[0], ("state", "keepalive")]),
+            Some(1.0)
         );
+        assert_eq!(
+            value(&o, "sockmesh_link_state", &[l[0], ("state", "active")]),
+            Some(0.0)
+        );
+        assert_eq!(value(&o, "sockmesh_link_local_share_ratio", &l), Some(0.25));
+        assert_eq!(value(&o, "sockmesh_link_trickle_per_second", &l), Some(5.0));
+        let p = [l[0], ("pod", "p1")];
+        assert_eq!(value(&o, "sockmesh_link_cpu_limit_cpus", &p), Some(0.015));
+        assert_eq!(value(&o, "sockmesh_link_cpu_weight", &p), Some(1.0));
+        assert_eq!(
+            value(&o, "sockmesh_link_memory_high_bytes", &p),
+            None,
+            "unlimited: absent"
+        );
+        assert_eq!(
+            value(
+                &o,
+                "sockmesh_link_requests_total",
+                &[("service", "game"), l[0], ("outcome", "moved")]
+            ),
+            Some(9.0)
+        );
+        assert_eq!(value(&o, "sockmesh_link_switch_progress_ratio", &[]), Some(0.5));
+        assert_eq!(value(&o, "sockmesh_link_switches_total", &[]), Some(2.0));
+        assert_eq!(value(&o, "sockmesh_link_last_switch_seconds", &[]), Some(1.5));
+        // No links: no link family at all.
+        let o = scrape(L7Shared::default(), Default::default());
+        assert!(!o.contains("sockmesh_link_"), "{o}");
+    }
+
+    /// `k="v",k2="v2"` with escaped values; `None` when malformed.
+    fn parse_labels(s: &str) -> Option<Vec<(&str, &str)>> {
+        let mut out = Vec::new();
+        let mut rest = s;
+        while !rest.is_empty() {
+            let (k, after) = rest.split_once("=\"")?;
+            let bytes = after.as_bytes();
+            let mut i = 0;
+            while i < bytes.len() && bytes[i] != b'"' {
+                i += if bytes[i] == b'\\' { 2 } else { 1 };
+            }
+            if i >= bytes.len() {
+                return None;
+            }
+            out.push((k.trim_start_matches(',').trim(), &after[..i]));
+            rest = after[i + 1..].trim_start_matches(',');
+        }
+        Some(out)
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let o = scrape(L7Shared::default(), one_link("a\"b"));
+        assert!(
+            o.contains("sockmesh_link_local_share_ratio{link=\"a\\\"b\"} 0.25\n"),
+            "{o}"
+        );
+        let line = o
+            .lines()
+            .find(|l| l.starts_with("sockmesh_link_local_share_ratio{"))
+            .unwrap();
+        let labels = line.split_once('{').unwrap().1.rsplit_once('}').unwrap().0;
+        assert_eq!(parse_labels(labels), Some(vec![("link", r#"a\"b"#)]));
         assert_eq!(parse_labels(r#"a="x"#), None);
-        let f = parse_text_families(
-            "# HELP m_total Help me.\n# TYPE m_total counter\nm_total{a=\"1\"} 5\nstray 1\n",
-        );
-        assert_eq!(f.len(), 1);
-        assert_eq!(
-            (f[0].name, f[0].help, f[0].kind),
-            ("m_total", "Help me.", "counter")
-        );
-        assert_eq!(f[0].samples, vec![(vec![("a", "1")], "5")]);
     }
 }

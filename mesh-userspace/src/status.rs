@@ -235,7 +235,10 @@ pub fn render_links(v: &Value) -> String {
                 s(&l["name"]),
                 s(&l["state"]),
                 format!("{:.2} %", l["local_share_percent"].as_f64().unwrap_or(0.0)),
-                format!("{} %", s(&l["trickle_percent"])),
+                match l["trickle_per_second"].as_f64() {
+                    Some(r) => format!("{r}/s"),
+                    None => format!("{} %", s(&l["trickle_percent"])),
+                },
                 if applied.is_empty() {
                     "-".into()
                 } else {
@@ -295,9 +298,29 @@ pub fn render_links(v: &Value) -> String {
     }
     let log = v["log"].as_array().cloned().unwrap_or_default();
     for l in log.iter().rev().take(5).rev() {
-        let _ = writeln!(o, "  | {}", s(l));
+        let _ = writeln!(o, "  | {}", log_line(&s(l)));
     }
     o
+}
+
+/// A link log line (`<unix ms> <message>`) with its time as `HH:MM:SS.mmm` UTC.
+fn log_line(l: &str) -> String {
+    match l
+        .split_once(' ')
+        .and_then(|(t, m)| Some((t.parse::<u64>().ok()?, m)))
+    {
+        Some((ms, m)) => {
+            let day_ms = ms % 86_400_000;
+            format!(
+                "{:02}:{:02}:{:02}.{:03} {m}",
+                day_ms / 3_600_000,
+                day_ms / 60_000 % 60,
+                day_ms / 1000 % 60,
+                day_ms % 1000
+            )
+        }
+        None => l.to_owned(),
+    }
 }
 
 /// `sockmesh routes` as text: per service its subsets, then each route with its match, split

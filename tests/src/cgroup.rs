@@ -1,4 +1,5 @@
-//! cgroup v2 helpers: find the mount, list, kill and remove a test-owned subtree.
+//! cgroup v2 helpers: find the mount, list, kill and remove a test-owned subtree; and
+//! [`V1LinkCgroups`], test-owned v1 `cpu`/`memory` cgroups for dual links' apps.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -192,5 +193,98 @@ mod tests {
         // Every supported host has one; this only reads /proc.
         let p = try_cgroup2_mount().unwrap();
         assert!(p.join("cgroup.procs").exists(), "{}", p.display());
+    }
+}
+
+/// Test-owned cgroup v1 `cpu` and `memory` cgroups `<ctrl>/<prefix>/<link>` for dual links'
+/// apps (the directories the daemon's link actuator writes). Drop it after the processes in
+/// it are gone (declare it before them): it kills what is left (only test processes can be
+/// there) and removes the directories.
+pub struct V1LinkCgroups {
+    base: Vec<PathBuf>,
+    links: Vec<String>,
+}
+
+impl V1LinkCgroups {
+    /// Whether the v1 `cpu` and `memory` hierarchies are mounted at `/sys/fs/cgroup/<ctrl>`.
+    pub fn available() -> bool {
+        ["cpu", "memory"]
+            .iter()
+            .all(|c| Path::new("/sys/fs/cgroup").join(c).join("cgroup.procs").exists())
+    }
+
+    pub fn new(prefix: &str, links: &[&str]) -> Result<V1LinkCgroups> {
+        let mut g = V1LinkCgroups {
+            base: Vec::new(),
+            links: links.iter().map(|l| l.to_string()).collect(),
+        };
+        for ctrl in ["cpu", "memory"] {
+            let root = Path::new("/sys/fs/cgroup").join(ctrl);
+            if !root.join("cgroup.procs").exists() {
+                bail!("cgroup v1 `{ctrl}` is not mounted at {}", root.display());
+            }
+            let base = root.join(prefix);
+            std::fs::create_dir(&base).with_context(|| format!("create {}", base.display()))?;
+            g.base.push(base.clone());
+            for link in links {
+                std::fs::create_dir(base.join(link))
+                    .with_context(|| format!("create {}/{link}", base.display()))?;
+            }
+        }
+        Ok(g)
+    }
+
+    /// The link's directories, `cpu` first.
+    pub fn dirs(&self, link: &str) -> Vec<PathBuf> {
+        self.base.iter().map(|b| b.join(link)).collect()
+    }
+
+    pub fn cpu(&self, link: &str) -> PathBuf {
+        self.base[0].join(link)
+    }
+
+    pub fn mem(&self, link: &str) -> PathBuf {
+        self.base[1].join(link)
+    }
+
+    /// Put a process (all its threads) in the link's cgroups.
+    pub fn enter(&self, link: &str, pid: u32) -> Result<()> {
+        for d in self.dirs(link) {
+            std::fs::write(d.join("cgroup.procs"), pid.to_string())
+                .with_context(|| format!("move {pid} into {}", d.display()))?;
+        }
+        Ok(())
+    }
+
+    /// A knob's value as the kernel shows it (empty when unreadable).
+    pub fn knob(dir: &Path, file: &str) -> String {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for V1LinkCgroups {
+    fn drop(&mut self) {
+        for base in &self.base {
+            for link in &self.links {
+                let d = base.join(link);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                loop {
+                    let pids = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                    if pids.trim().is_empty() || Instant::now() > deadline {
+                        break;
+                    }
+                    for p in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                        // SAFETY: kill has no memory preconditions; only test processes are here.
+                        unsafe { libc::kill(p, libc::SIGKILL) };
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = std::fs::remove_dir(&d);
+            }
+            let _ = std::fs::remove_dir(base);
+        }
     }
 }

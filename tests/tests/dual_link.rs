@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use sockmesh_tests::cgroup::V1LinkCgroups;
 use sockmesh_tests::cluster::Cluster;
 use sockmesh_tests::daemon::{basic_config, pod_toml, toml_str};
 use sockmesh_tests::process::exec_in;
@@ -45,84 +46,12 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
-/// Test-owned v1 `cpu` and `memory` cgroups `<ctrl>/<prefix>/{trade,forest}`. Dropped after
-/// the servers in them (declare it first): kills what is left (only test processes can be
-/// there) and removes the directories.
-struct V1Cgroups {
-    base: Vec<PathBuf>,
+/// The link cgroups of pod `app`'s two apps (v1 `cpu` and `memory`, test-owned).
+fn v1_cgroups(prefix: &str) -> V1LinkCgroups {
+    V1LinkCgroups::new(prefix, &["trade", "forest"]).expect("this test drives cgroup v1 cpu and memory")
 }
 
-impl V1Cgroups {
-    fn new(prefix: &str) -> V1Cgroups {
-        let mut g = V1Cgroups { base: Vec::new() };
-        for ctrl in ["cpu", "memory"] {
-            let root = Path::new("/sys/fs/cgroup").join(ctrl);
-            assert!(
-                root.join("cgroup.procs").exists(),
-                "this test drives cgroup v1 `{ctrl}` (not mounted at {})",
-                root.display()
-            );
-            let base = root.join(prefix);
-            std::fs::create_dir(&base).expect("create v1 cgroup");
-            g.base.push(base.clone());
-            for link in ["trade", "forest"] {
-                std::fs::create_dir(base.join(link)).expect("create v1 link cgroup");
-            }
-        }
-        g
-    }
-
-    fn dirs(&self, link: &str) -> Vec<PathBuf> {
-        self.base.iter().map(|b| b.join(link)).collect()
-    }
-
-    fn cpu(&self, link: &str) -> PathBuf {
-        self.base[0].join(link)
-    }
-
-    fn mem(&self, link: &str) -> PathBuf {
-        self.base[1].join(link)
-    }
-
-    /// Put a process (all its threads) in the link's cgroups.
-    fn enter(&self, link: &str, pid: u32) {
-        for d in self.dirs(link) {
-            std::fs::write(d.join("cgroup.procs"), pid.to_string()).expect("move into v1 cgroup");
-        }
-    }
-
-    fn knob(dir: &Path, file: &str) -> String {
-        std::fs::read_to_string(dir.join(file))
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
-    }
-}
-
-impl Drop for V1Cgroups {
-    fn drop(&mut self) {
-        for base in &self.base {
-            for link in ["trade", "forest"] {
-                let d = base.join(link);
-                let deadline = Instant::now() + Duration::from_secs(5);
-                loop {
-                    let pids = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-                    if pids.trim().is_empty() || Instant::now() > deadline {
-                        break;
-                    }
-                    for p in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                        unsafe { libc::kill(p, libc::SIGKILL) };
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                let _ = std::fs::remove_dir(&d);
-            }
-            let _ = std::fs::remove_dir(base);
-        }
-    }
-}
-
-fn policy(node: &VirtualNode, forest_active_cpu: f64, trickle: f64) -> String {
+fn policy(node: &VirtualNode, forest_active_cpu: f64, trickle: &str) -> String {
     let mut s = services_toml(node.pod("app"), node.pod("pool"));
     s.push_str(&links_policy_toml(forest_active_cpu, trickle, Some("pool")));
     s
@@ -155,7 +84,12 @@ subsets = [{{ name = "all" }}, {{ name = "pool", labels = {{ pool = "yes" }} }}]
 
 /// The links `trade` (active) and `forest` (keep-alive), moving to subset `pool` or (`None`)
 /// to the service's endpoints on other nodes.
-fn links_policy_toml(forest_active_cpu: f64, trickle: f64, pool: Option<&str>) -> String {
+/// The links' trickle setting as a share (`trickle` in the helpers below is a TOML line).
+fn percent(p: f64) -> String {
+    format!("trickle_percent = {p}")
+}
+
+fn links_policy_toml(forest_active_cpu: f64, trickle: &str, pool: Option<&str>) -> String {
     let pool = pool.map_or(String::new(), |p| format!("pool = \"{p}\""));
     let mut s = String::new();
     for (name, initial, active_cpu) in [
@@ -168,7 +102,7 @@ fn links_policy_toml(forest_active_cpu: f64, trickle: f64, pool: Option<&str>) -
 name = "{name}"
 services = ["{name}"]
 initial = "{initial}"
-trickle_percent = {trickle}
+{trickle}
 keep_paths = ["/health"]
 {pool}
 keepalive = {{ cpu_percent = {KEEPALIVE_CPU}, weight = 1, memory_high = {KEEPALIVE_MEMORY} }}
@@ -179,7 +113,7 @@ active = {{ cpu_percent = {active_cpu}, weight = 100 }}
     s
 }
 
-fn links_toml(cg: &V1Cgroups) -> String {
+fn links_toml(cg: &V1LinkCgroups) -> String {
     let list = |l: &str| {
         cg.dirs(l)
             .iter()
@@ -209,7 +143,7 @@ fn app_server(pod: &sockmesh_tests::Pod, port: u16, name: &str) -> Server {
 /// Everything a test needs; fields drop in reverse order: servers before the cgroups.
 struct Setup {
     node: VirtualNode,
-    cg: V1Cgroups,
+    cg: V1LinkCgroups,
     config: String,
     servers: Vec<Server>,
 }
@@ -222,12 +156,12 @@ impl Setup {
     /// With `enrol_client`, the client pod is enrolled too: its requests are routed by the
     /// daemon's outbound side.
     fn build(enrol_client: bool) -> (Setup, Daemon) {
-        Self::build_with(enrol_client, TRICKLE_PERCENT)
+        Self::build_with(enrol_client, &percent(TRICKLE_PERCENT))
     }
 
-    fn build_with(enrol_client: bool, trickle: f64) -> (Setup, Daemon) {
+    fn build_with(enrol_client: bool, trickle: &str) -> (Setup, Daemon) {
         let node = VirtualNode::new(&["client", "app", "pool", "cold"]).expect("virtual node");
-        let cg = V1Cgroups::new(node.prefix());
+        let cg = v1_cgroups(node.prefix());
         let mut config = policy(&node, ACTIVE_CPU, trickle);
         config.push_str(&pod_toml(node.pod("app"), &links_toml(&cg)));
         if enrol_client {
@@ -240,7 +174,7 @@ impl Setup {
             for (port, link) in [(8001, "trade"), (8002, "forest")] {
                 let s = app_server(node.pod(pod), port, &format!("{link}@{tag}"));
                 if pod == "app" {
-                    cg.enter(link, s.pid());
+                    cg.enter(link, s.pid()).expect("app into its link cgroups");
                 }
                 servers.push(s);
             }
@@ -431,13 +365,19 @@ fn warm_switch_and_back_under_constant_load() {
     let (s, d) = Setup::new();
     let (trade, forest) = (0usize, 1usize);
     // The kernel shows the keep-alive resources on forest and the active ones on trade.
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"), "1500");
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.shares"), "10");
     assert_eq!(
-        V1Cgroups::knob(&s.cg.mem("forest"), "memory.soft_limit_in_bytes"),
+        V1LinkCgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"),
+        "1500"
+    );
+    assert_eq!(V1LinkCgroups::knob(&s.cg.cpu("forest"), "cpu.shares"), "10");
+    assert_eq!(
+        V1LinkCgroups::knob(&s.cg.mem("forest"), "memory.soft_limit_in_bytes"),
         KEEPALIVE_MEMORY.to_string()
     );
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"), "100000");
+    assert_eq!(
+        V1LinkCgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"),
+        "100000"
+    );
     let pool_before = s.stats("app", 8002)["pool_opened"].as_u64().unwrap();
 
     // The cold-started copy for the comparison: up (its pool opened) but never used yet.
@@ -473,10 +413,16 @@ fn warm_switch_and_back_under_constant_load() {
         .unwrap_or(Value::Null);
     assert_eq!(link_state(&d, "forest"), "active");
     assert_eq!(link_state(&d, "trade"), "keepalive");
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"), "100000");
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"), "1500");
     assert_eq!(
-        V1Cgroups::knob(&s.cg.mem("trade"), "memory.soft_limit_in_bytes"),
+        V1LinkCgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"),
+        "100000"
+    );
+    assert_eq!(
+        V1LinkCgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"),
+        "1500"
+    );
+    assert_eq!(
+        V1LinkCgroups::knob(&s.cg.mem("trade"), "memory.soft_limit_in_bytes"),
         KEEPALIVE_MEMORY.to_string()
     );
 
@@ -809,8 +755,14 @@ fn a_switch_resumes_after_kill_9() {
         !log.contains("step 1/6"),
         "the successor redid early steps: {log}"
     );
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"), "1500");
-    assert_eq!(V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"), "100000");
+    assert_eq!(
+        V1LinkCgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"),
+        "1500"
+    );
+    assert_eq!(
+        V1LinkCgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"),
+        "100000"
+    );
 
     let v = load.join().expect("load");
     let (evs, _) = events(&v);
@@ -841,9 +793,9 @@ fn bad_switches_are_refused_and_change_nothing() {
         (
             link_state(d, "trade"),
             link_state(d, "forest"),
-            V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"),
-            V1Cgroups::knob(&s.cg.cpu("forest"), "cpu.shares"),
-            V1Cgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"),
+            V1LinkCgroups::knob(&s.cg.cpu("forest"), "cpu.cfs_quota_us"),
+            V1LinkCgroups::knob(&s.cg.cpu("forest"), "cpu.shares"),
+            V1LinkCgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"),
         )
     };
     let before = snapshot(&d);
@@ -891,7 +843,7 @@ fn bad_switches_are_refused_and_change_nothing() {
     // moves, naming the file and value; the cgroups keep their values.
     let dir = sockmesh_tests::TempDir::new("links").expect("tmp");
     let bad = dir.join("bad.toml");
-    std::fs::write(&bad, policy(&s.node, 0.5, TRICKLE_PERCENT)).unwrap();
+    std::fs::write(&bad, policy(&s.node, 0.5, &percent(TRICKLE_PERCENT))).unwrap();
     d.cli(&["routes", "apply", &bad.to_string_lossy()])
         .expect("apply");
     let err = refused(&["switch", "--to", "forest"], "cpu.cfs_quota_us = 500");
@@ -902,7 +854,7 @@ fn bad_switches_are_refused_and_change_nothing() {
     assert_eq!(snapshot(&d), before);
 
     // An invalid link in a policy: exit 64 naming the field; the daemon keeps its policy.
-    std::fs::write(&bad, policy(&s.node, ACTIVE_CPU, 150.0)).unwrap();
+    std::fs::write(&bad, policy(&s.node, ACTIVE_CPU, &percent(150.0))).unwrap();
     let out = d.cli_raw(&["routes", "apply", &bad.to_string_lossy()]).unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("links[0].trickle_percent"));
@@ -928,8 +880,8 @@ fn bad_switches_are_refused_and_change_nothing() {
     if cold.cgroup.join("cpu.max").exists() {
         d.cli(&[&base[..], &["--link", &v2]].concat())
             .expect("enrol with a v2 link cgroup");
-        assert_eq!(V1Cgroups::knob(&cold.cgroup, "cpu.max"), "1500 100000");
-        assert_eq!(V1Cgroups::knob(&cold.cgroup, "cpu.weight"), "1");
+        assert_eq!(V1LinkCgroups::knob(&cold.cgroup, "cpu.max"), "1500 100000");
+        assert_eq!(V1LinkCgroups::knob(&cold.cgroup, "cpu.weight"), "1");
     } else {
         refused(
             &[&base[..], &["--link", &v2]].concat(),
@@ -944,7 +896,7 @@ fn bad_switches_are_refused_and_change_nothing() {
     let mut busy = Command::new("sh");
     busy.args(["-c", "while :; do :; done"]);
     let mut burn = sockmesh_tests::spawn_in(&cold.cgroup, Some(&cold.netns), busy).expect("busy loop");
-    s.cg.enter("forest", burn.pid());
+    s.cg.enter("forest", burn.pid()).expect("busy loop into forest");
     std::thread::sleep(Duration::from_millis(300));
     let (c0, t) = (cpu_ms(burn.pid()), Instant::now());
     std::thread::sleep(Duration::from_secs(2));
@@ -1081,7 +1033,7 @@ fn keepalive_moves_to_the_other_nodes_active_copy() {
     let services = services_toml(app1, app2);
     let inbound = "inbound_ports = [8001, 8002]";
     let mut c1 = services.clone();
-    c1.push_str(&links_policy_toml(ACTIVE_CPU, TRICKLE_PERCENT, None));
+    c1.push_str(&links_policy_toml(ACTIVE_CPU, &percent(TRICKLE_PERCENT), None));
     c1.push_str(&pod_toml(app1, inbound));
     let d1 = Daemon::start(n1, &basic_config(n1, &c1)).expect("daemon on node 1");
     let d2 = Daemon::start(
@@ -1171,7 +1123,7 @@ fn without_a_trickle_the_switch_still_preconnects_the_local_app() {
     if !require_privileged() {
         return;
     }
-    let (s, d) = Setup::build_with(false, 0.0);
+    let (s, d) = Setup::build_with(false, &percent(0.0));
     let t0 = now_ms() + 700;
     // No health checks either: nothing at all reaches the keep-alive app before the switch.
     let app = s.node.pod("app");
@@ -1208,4 +1160,62 @@ fn without_a_trickle_the_switch_still_preconnects_the_local_app() {
             "{accepted} accepted, {opened} pre-connected"
         );
     }
+}
+
+/// A trickle given as a rate: the keep-alive app gets its requests per second whatever the
+/// traffic (here 20/s of 200/s), health checks on top; status and `/metrics` show the rate.
+#[test]
+fn a_rate_trickle_delivers_its_requests_per_second_to_the_keepalive_app() {
+    if !require_privileged() {
+        return;
+    }
+    const PER_SECOND: f64 = 20.0;
+    let (s, d) = Setup::build_with(false, &format!("trickle_per_second = {PER_SECOND}"));
+    let st = d.status().expect("status");
+    let forest_link = st["links"]["links"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == "forest"))
+        .cloned()
+        .expect("forest in status");
+    assert_eq!(forest_link["trickle_per_second"], PER_SECOND, "{forest_link}");
+    assert_eq!(forest_link["state"], "keepalive");
+    let forest = 1usize;
+    let t0 = now_ms() + 700;
+    let app = s.node.pod("app");
+    let load = s.load_to(&[app.addr(8001), app.addr(8002)], 9, HEALTH_EVERY);
+    let v = load.join().expect("load");
+    let (evs, names) = events(&v);
+    assert!(evs.iter().all(|e| e.name.is_some()), "failed requests");
+    // Eight seconds of steady traffic, away from the load's start.
+    let window = (t0 + 500, t0 + 8500);
+    let (share, n) = percent_served(&evs, &names, forest, false, window, "forest@app");
+    let local = share * n as f64 / 100.0;
+    let want = PER_SECOND * 8.0;
+    eprintln!(
+        "rate trickle: forest@app served {local:.0} of {n} forest requests in 8 s (setting {PER_SECOND}/s: {want}); {} late",
+        v["late"]
+    );
+    assert!(
+        n as f64 >= 0.8 * f64::from(RATE) * 8.0,
+        "{n} forest requests in the window"
+    );
+    if v["late"] == 0 {
+        assert!(
+            (local - want).abs() <= want * 0.1,
+            "{local} local, want {want} ± 10 %"
+        );
+    } else {
+        // A stalled machine sends late requests in bursts, and the gate does not bank the
+        // slots of a stall: fewer, never more.
+        assert!(
+            local <= want * 1.1 && local > 0.0,
+            "{local} local, want at most {want}"
+        );
+    }
+    let m = d.metrics().expect("metrics");
+    assert_eq!(
+        sockmesh_tests::daemon::prom_value(&m, "sockmesh_link_trickle_per_second", &[("link", "forest")]),
+        Some(PER_SECOND),
+        "{m}"
+    );
 }

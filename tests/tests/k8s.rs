@@ -93,14 +93,7 @@ fn app(node: &mut KubeNode, pod: &KPod) -> Result<String> {
 
 #[test]
 fn kubernetes_node_end_to_end() {
-    if !require_privileged() {
-        return;
-    }
-    if let Some(m) = missing_tools() {
-        let msg =
-            format!("SKIPPED (needs {m}; `cargo xtask bootstrap --for test`): kubernetes_node_end_to_end");
-        assert!(std::env::var_os("SOCKMESH_REQUIRE_PRIVILEGED").is_none(), "{msg}");
-        eprintln!("\n{msg}\n");
+    if !require_privileged() || !have_node_tools("kubernetes_node_end_to_end") {
         return;
     }
     let start = std::time::Instant::now();
@@ -670,4 +663,148 @@ fn daemonset_pod_template_runs_the_agent() {
             .contains("sockmesh-cni")
     );
     assert!(!node.cni_bin_dir.join("sockmesh-cni").exists());
+}
+
+/// Whether containerd and friends are here; says loudly when not (and fails under
+/// `SOCKMESH_REQUIRE_PRIVILEGED`, as in CI).
+fn have_node_tools(test: &str) -> bool {
+    match missing_tools() {
+        None => true,
+        Some(m) => {
+            let msg = format!("SKIPPED (needs {m}; `cargo xtask bootstrap --for test`): {test}");
+            assert!(std::env::var_os("SOCKMESH_REQUIRE_PRIVILEGED").is_none(), "{msg}");
+            eprintln!("\n{msg}\n");
+            false
+        }
+    }
+}
+
+/// The CFS quota the kernel holds for a container (cgroup v1 `cpu`, where runc put it with
+/// the cgroupfs driver), or `None` when there is no such directory.
+fn container_quota(node: &KubeNode, pod: &KPod, id: &str) -> Option<i64> {
+    let dir = Path::new("/sys/fs/cgroup/cpu")
+        .join(node.kubepods_rel.trim_start_matches('/'))
+        .join(format!("besteffort/pod{}", pod.uid))
+        .join(id);
+    std::fs::read_to_string(dir.join("cpu.cfs_quota_us"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Dual links on a Kubernetes node: a pod's `sockmesh.io/links` annotation names which of its
+/// containers run which link's app. The daemon finds the containers' cgroups from the CRI as
+/// they start (no resync wait), gives each its link's resources now (keep-alive: a 1.5 % CPU
+/// cap), and `sockmesh switch` moves the caps between the containers. A bad annotation is
+/// refused and counted; the pod is still meshed.
+#[test]
+fn linked_containers_get_their_links_resources() {
+    if !require_privileged() || !have_node_tools("linked_containers_get_their_links_resources") {
+        return;
+    }
+    let mut node = KubeNode::start().expect("containerd node");
+    let daemon_cg = node.kubepods.join("daemon");
+    std::fs::create_dir_all(&daemon_cg).unwrap();
+    // Top-level keys first (TOML), then the policy's tables, then [kubernetes]. A resync far
+    // longer than the test: the containers are found by the links' own poll.
+    let mut config = format!("cgroup_root = {:?}\n", node.kubepods.display().to_string());
+    for (name, vip, initial) in [
+        ("trade", "10.96.3.1:80", "active"),
+        ("forest", "10.96.3.2:80", "keepalive"),
+    ] {
+        config.push_str(&format!(
+            "[[services]]\nname = \"{name}\"\naddresses = [\"{vip}\"]\nendpoints = [{{ address = \"10.244.0.1:80\" }}]\n\
+             [[links]]\nname = \"{name}\"\nservices = [\"{name}\"]\ninitial = \"{initial}\"\n\
+             keepalive = {{ cpu_percent = 1.5, weight = 1 }}\n"
+        ));
+    }
+    config.push_str(&format!(
+        "[kubernetes]\ncri_socket = {:?}\nresync_secs = 600\n",
+        node.socket.display().to_string(),
+    ));
+    // The pods exist before the daemon (no CNI plugin here: discovery's first pass enrols
+    // them); their containers start after it, as a kubelet starts them after the sandbox.
+    let pod = node
+        .run_pod(
+            "default",
+            "dual.v1",
+            &[MESH],
+            &[("sockmesh.io/links", "trade=trade-app,forest=forest-app")],
+        )
+        .unwrap();
+    let bad = node
+        .run_pod("default", "bad.links", &[MESH], &[("sockmesh.io/links", "trade")])
+        .unwrap();
+    let d = Daemon::start_in(&daemon_cg, &config).expect("sockmesh with [kubernetes] and links");
+    eventually(Duration::from_secs(10), || {
+        let e = enrolled(&d.status()?);
+        anyhow::ensure!(
+            e.contains(&pod.uid) && e.contains(&bad.uid),
+            "pods not enrolled: {e:?}"
+        );
+        Ok(())
+    })
+    .expect("the linked pods enrolled");
+    let sleep = ["/bin/busybox", "sleep", "1000"];
+    let trade = node.start_container(&pod, "trade-app", &sleep).unwrap();
+    let forest = node.start_container(&pod, "forest-app", &sleep).unwrap();
+    let started = std::time::Instant::now();
+    eventually(Duration::from_secs(10), || {
+        let q = container_quota(&node, &pod, &forest);
+        anyhow::ensure!(
+            q == Some(1500),
+            "forest-app's quota is {q:?}, not the keep-alive 1500"
+        );
+        Ok(())
+    })
+    .expect("the keep-alive container capped");
+    eprintln!(
+        "K8S-LINKS: containers started -> keep-alive cap applied within {} ms",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(
+        container_quota(&node, &pod, &trade),
+        Some(-1),
+        "the active container is unlimited"
+    );
+    let m = d.metrics().unwrap();
+    assert_eq!(
+        prom_value(
+            &m,
+            "sockmesh_link_cpu_limit_cpus",
+            &[("link", "forest"), ("pod", &pod.uid)]
+        ),
+        Some(0.015),
+        "{m}"
+    );
+    assert!(
+        prom_value(&m, "sockmesh_k8s_link_cgroups_total", &[("result", "registered")]).unwrap_or(0.0) >= 1.0
+    );
+
+    // The switch moves the caps: forest's container unlimited first, then trade's capped.
+    let out = d
+        .cli(&["switch", "--to", "forest", "--over", "0"])
+        .expect("switch");
+    eventually(Duration::from_secs(5), || {
+        anyhow::ensure!(
+            container_quota(&node, &pod, &forest) == Some(-1),
+            "forest still capped"
+        );
+        anyhow::ensure!(
+            container_quota(&node, &pod, &trade) == Some(1500),
+            "trade not capped"
+        );
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", String::from_utf8_lossy(&out.stdout)));
+
+    // The bad annotation: counted and logged; that pod is meshed without links.
+    let m = d.metrics().unwrap();
+    assert!(
+        prom_value(&m, "sockmesh_k8s_link_cgroups_total", &[("result", "refused")]).unwrap_or(0.0) >= 1.0,
+        "refusal not counted: {m}"
+    );
+    assert!(
+        d.log().contains("is not link=container"),
+        "the refusal was not logged"
+    );
 }

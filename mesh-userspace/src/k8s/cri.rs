@@ -1,5 +1,5 @@
 //! A small CRI client (`runtime.v1.RuntimeService`) over the node's CRI socket: the calls
-//! discovery needs, `ListPodSandbox` and verbose `PodSandboxStatus`. The gRPC code is generated
+//! discovery needs, `ListPodSandbox`, verbose `PodSandboxStatus` and `ListContainers`. The gRPC code is generated
 //! by build.rs from `proto/cri/api.proto`.
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
@@ -61,6 +61,23 @@ impl Cri {
             .list_pod_sandbox(runtime::ListPodSandboxRequest { filter: None })
             .await?;
         Ok(r.into_inner().items)
+    }
+
+    /// The containers of every sandbox (created, running or exited): (sandbox id, name, id).
+    pub async fn containers(&mut self) -> anyhow::Result<Vec<(String, String, String)>> {
+        let r = self
+            .client
+            .list_containers(runtime::ListContainersRequest { filter: None })
+            .await?;
+        Ok(r.into_inner()
+            .containers
+            .into_iter()
+            .filter(|c| c.state != runtime::ContainerState::ContainerExited as i32)
+            .map(|c| {
+                let name = c.metadata.map(|m| m.name).unwrap_or_default();
+                (c.pod_sandbox_id, name, c.id)
+            })
+            .collect())
     }
 
     /// One sandbox's verbose status; `None` when the runtime no longer knows it.

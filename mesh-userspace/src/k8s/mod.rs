@@ -8,8 +8,10 @@
 //!
 //! A pod is enrolled under its UID (Kubernetes names hold dots and may be 253 characters; the
 //! UID is what stays unique), and discovery owns exactly the enrolled pods whose name is a UID.
-//! Pod settings come from annotations: `sockmesh.io/inbound-ports: "8080,9090"` and
-//! `sockmesh.io/colour: gray`.
+//! Pod settings come from annotations: `sockmesh.io/inbound-ports: "8080,9090"`,
+//! `sockmesh.io/colour: gray`, and `sockmesh.io/links: "trade=checkout,forest=game"`: the
+//! named containers' cgroups are registered as those dual links' cgroups as the containers
+//! appear (polled every [`LINKS_POLL`] while one is missing; see [`container_cgroups`]).
 //!
 //! Timing: CNI ADD runs inside `RunPodSandbox`, before the runtime lists the sandbox. A pod that
 //! opts in by annotation (the selector's key and value, default `sockmesh.io/mesh: enabled`) is
@@ -47,6 +49,13 @@ pub const DEFAULT_CRI_SOCKET: &str = "/run/containerd/containerd.sock";
 pub const DEFAULT_SELECTOR: &str = "sockmesh.io/mesh=enabled";
 pub const ANNOTATION_INBOUND_PORTS: &str = "sockmesh.io/inbound-ports";
 pub const ANNOTATION_COLOUR: &str = "sockmesh.io/colour";
+/// Dual links: which of the pod's containers run which link's app,
+/// `"trade=checkout,forest=game"` (a link may name several containers: `forest=a,forest=b`).
+pub const ANNOTATION_LINKS: &str = "sockmesh.io/links";
+/// While a linked pod's containers are not all found, discovery looks again this often...
+const LINKS_POLL: Duration = Duration::from_millis(250);
+/// ...for at most this long after it decided to enrol the pod (then at every resync).
+const LINKS_POLL_MAX: Duration = Duration::from_secs(120);
 /// How long a `cni_add` makes discovery wait for the runtime to list the new sandbox.
 const NEW_SANDBOX_WAIT: Duration = Duration::from_secs(10);
 const NEW_SANDBOX_POLL: Duration = Duration::from_millis(5);
@@ -114,6 +123,10 @@ pub struct Stats {
     pub cni_rechained: AtomicU64,
     /// The conflist could not be read, parsed or written back.
     pub cni_rechain_errors: AtomicU64,
+    /// Linked pods' container cgroups registered (`sockmesh.io/links`), and refusals (a bad
+    /// annotation, a link the policy lacks, a value the kernel refused).
+    pub links_registered: AtomicU64,
+    pub link_errors: AtomicU64,
 }
 
 pub static STATS: Stats = Stats {
@@ -122,6 +135,8 @@ pub static STATS: Stats = Stats {
     add_failed: AtomicU64::new(0),
     cni_rechained: AtomicU64::new(0),
     cni_rechain_errors: AtomicU64::new(0),
+    links_registered: AtomicU64::new(0),
+    link_errors: AtomicU64::new(0),
 };
 
 /// `sockmesh-cni` ADD (admin API): enrol the pod now when its annotations opt it in, then hand
@@ -360,8 +375,110 @@ fn spec_for(
         inbound_exclude_ports: vec![],
         colour: annotations.get(ANNOTATION_COLOUR).cloned(),
         propagate: false,
-        // Dual links' cgroups are not discovered from the CRI (yet): enrol them by hand.
+        // Dual links' cgroups are the containers' (`sockmesh.io/links`): they do not exist
+        // yet when a pod is enrolled; discovery registers them when the containers start.
         links: Default::default(),
+    })
+}
+
+/// `sockmesh.io/links`: link → container names.
+pub fn parse_links(s: &str) -> Result<BTreeMap<String, Vec<String>>, String> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (link, container) = pair
+            .split_once('=')
+            .map(|(l, c)| (l.trim(), c.trim()))
+            .filter(|(l, c)| !l.is_empty() && !c.is_empty())
+            .ok_or_else(|| format!("{ANNOTATION_LINKS}: `{pair}` is not link=container"))?;
+        let names = out.entry(link.to_owned()).or_default();
+        if !names.iter().any(|n| n == container) {
+            names.push(container.to_owned());
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("{ANNOTATION_LINKS}: no link=container pair"));
+    }
+    Ok(out)
+}
+
+/// The cgroup v1 hierarchies that carry the `cpu` or `memory` controller, from
+/// `/proc/self/mountinfo` (a hybrid node mounts them beside the v2 one; a pure v2 node has none).
+pub fn cgroup_v1_mounts(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mut post = post.split_whitespace();
+            let (fstype, _source, opts) = (post.next()?, post.next()?, post.next()?);
+            let point = pre.split_whitespace().nth(4)?;
+            (fstype == "cgroup" && opts.split(',').any(|o| o == "cpu" || o == "memory"))
+                .then(|| PathBuf::from(point))
+        })
+        .collect()
+}
+
+/// The cgroup directories of container `id` under the pod's directories (one per hierarchy):
+/// cgroupfs names it `<id>`, systemd `<prefix>-<id>.scope`. Only directories whose knobs the
+/// link actuator can write: v1 `cpu`/`memory` ones, v2 ones with the `cpu` controller on.
+pub fn container_cgroups(pod_dirs: &[PathBuf], id: &str) -> Vec<PathBuf> {
+    use crate::links::actuator::{detect, Kind};
+    let scope = format!("-{id}.scope");
+    pod_dirs
+        .iter()
+        .flat_map(|pod| std::fs::read_dir(pod).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n == id || n.ends_with(&scope))
+        })
+        .filter(|p| match detect(p) {
+            Ok(Kind::V2) => p.join("cpu.max").exists(),
+            Ok(_) => true,
+            Err(_) => false,
+        })
+        .collect()
+}
+
+/// A linked pod's plan: its UID, link → container names, and its cgroup directory in every
+/// hierarchy.
+#[derive(Debug, Clone)]
+struct LinkPlan {
+    uid: String,
+    containers: BTreeMap<String, Vec<String>>,
+    pod_dirs: Vec<PathBuf>,
+    since: Instant,
+}
+
+/// A selected pod's `sockmesh.io/links` plan (a bad annotation is logged and counted; the pod
+/// is enrolled without links).
+fn plan_links(
+    sb: &cri::Sandbox,
+    spec: &PodSpec,
+    who: &str,
+    mount: &Path,
+    v1_mounts: &[PathBuf],
+) -> Option<LinkPlan> {
+    let a = sb.annotations.get(ANNOTATION_LINKS)?;
+    let containers = match parse_links(a) {
+        Ok(c) => c,
+        Err(e) => {
+            STATS.link_errors.fetch_add(1, Relaxed);
+            warn!(pod = %who, uid = %sb.uid, "{e}: enrolled without link cgroups");
+            return None;
+        }
+    };
+    // The pod's directory in the v2 hierarchy is the enrolment's; in each v1 one, the same
+    // path under that hierarchy's mount.
+    let mut pod_dirs = vec![spec.cgroup.clone()];
+    if let Ok(rel) = spec.cgroup.strip_prefix(mount) {
+        pod_dirs.extend(v1_mounts.iter().map(|m| m.join(rel)));
+    }
+    Some(LinkPlan {
+        uid: sb.uid.clone(),
+        containers,
+        pod_dirs,
+        since: Instant::now(),
     })
 }
 
@@ -382,6 +499,14 @@ struct Discovery {
     decided: BTreeMap<String, Decision>,
     /// netns paths the CNI plugin reported, by sandbox id.
     netns_hints: BTreeMap<String, String>,
+    /// Linked pods (`sockmesh.io/links`), by sandbox id.
+    link_plans: BTreeMap<String, LinkPlan>,
+    /// The link cgroups registered with the daemon, by pod UID.
+    links_applied: BTreeMap<String, BTreeMap<String, Vec<PathBuf>>>,
+    /// Some linked pod still misses a container: look again after [`LINKS_POLL`].
+    links_incomplete: bool,
+    /// cgroup v1 `cpu`/`memory` mounts (read once).
+    v1_mounts: Vec<PathBuf>,
 }
 
 /// Start discovery on the daemon's runtime: the first reconcile runs before this returns, so
@@ -404,6 +529,12 @@ pub async fn start(daemon: Arc<Daemon>, cfg: KubernetesConfig, mount: PathBuf, r
         cri: None,
         decided: BTreeMap::new(),
         netns_hints: BTreeMap::new(),
+        link_plans: BTreeMap::new(),
+        links_applied: BTreeMap::new(),
+        links_incomplete: false,
+        v1_mounts: std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|m| cgroup_v1_mounts(&m))
+            .unwrap_or_default(),
     };
     if let Err(e) = d.reconcile().await {
         warn!(cri = %d.cfg.cri_socket.display(), "first CRI discovery failed (retrying every {}s): {e:#}", d.cfg.resync_secs);
@@ -454,7 +585,8 @@ impl Discovery {
     async fn run(mut self, mut rx: mpsc::Receiver<Notice>) {
         let resync = Duration::from_secs(self.cfg.resync_secs.max(1));
         loop {
-            let notice = tokio::time::timeout(resync, rx.recv()).await;
+            let wait = if self.links_incomplete { LINKS_POLL } else { resync };
+            let notice = tokio::time::timeout(wait, rx.recv()).await;
             let r = match notice {
                 Ok(None) => return,
                 Ok(Some(n)) => self.on_notice(n).await,
@@ -526,7 +658,13 @@ impl Discovery {
                         let who = format!("{}/{}", sb.namespace, sb.name);
                         let hint = self.netns_hints.get(&sb.id).map(String::as_str);
                         match pod_spec(&sb, &self.mount, &self.root, self.daemon.outbound_port(), hint) {
-                            Ok(spec) => Decision::Enrol(Box::new(spec), who),
+                            Ok(spec) => {
+                                if let Some(plan) = plan_links(&sb, &spec, &who, &self.mount, &self.v1_mounts)
+                                {
+                                    self.link_plans.insert(sb.id.clone(), plan);
+                                }
+                                Decision::Enrol(Box::new(spec), who)
+                            }
                             Err(e) => {
                                 warn!(pod = %who, uid = %sb.uid, "selected but not enrolled: {e}");
                                 Decision::Skip
@@ -545,6 +683,7 @@ impl Discovery {
         }
         self.decided.retain(|id, _| listed.contains(id));
         self.netns_hints.retain(|id, _| listed.contains(id));
+        self.link_plans.retain(|id, _| listed.contains(id));
         let enrolled: BTreeSet<String> = self.daemon.pod_names().into_iter().collect();
         // Enrolled at CNI ADD: kept until the runtime lists the sandbox ready (then judged here
         // like every pod) or for PENDING_MAX. Read after `enrolled`: an ADD puts its pod in the
@@ -582,7 +721,62 @@ impl Discovery {
                 Err(e) => warn!(uid = %uid, "unenrol failed: {e}"),
             }
         }
+        self.links_applied.retain(|uid, _| wanted.contains_key(uid));
+        self.apply_links().await?;
         Ok(listed)
+    }
+
+    /// Register linked pods' container cgroups with the daemon as they appear (and again when
+    /// a container is replaced).
+    async fn apply_links(&mut self) -> anyhow::Result<()> {
+        self.links_incomplete = false;
+        if self.link_plans.is_empty() {
+            return Ok(());
+        }
+        let cri = self.cri.as_mut().expect("connected by reconcile");
+        let all = cri.containers().await?;
+        let enrolled: BTreeSet<String> = self.daemon.pod_names().into_iter().collect();
+        for (sandbox, plan) in &self.link_plans {
+            if !enrolled.contains(&plan.uid) {
+                continue;
+            }
+            let mut found: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+            let mut missing = Vec::new();
+            for (link, names) in &plan.containers {
+                for name in names {
+                    let dirs: Vec<PathBuf> = all
+                        .iter()
+                        .filter(|(sb, n, _)| sb == sandbox && n == name)
+                        .flat_map(|(_, _, id)| container_cgroups(&plan.pod_dirs, id))
+                        .collect();
+                    if dirs.is_empty() {
+                        missing.push(name.as_str());
+                    }
+                    found.entry(link.clone()).or_default().extend(dirs);
+                }
+            }
+            found.retain(|_, d| !d.is_empty());
+            if !missing.is_empty() && plan.since.elapsed() < LINKS_POLL_MAX {
+                self.links_incomplete = true;
+            }
+            if found.is_empty() || self.links_applied.get(&plan.uid) == Some(&found) {
+                continue;
+            }
+            match self.daemon.set_pod_links(&plan.uid, &found) {
+                Ok(()) => {
+                    STATS.links_registered.fetch_add(1, Relaxed);
+                    info!(uid = %plan.uid, links = ?found.keys().collect::<Vec<_>>(), missing = ?missing,
+                        "link cgroups registered from the pod's containers");
+                }
+                Err(e) => {
+                    STATS.link_errors.fetch_add(1, Relaxed);
+                    warn!(uid = %plan.uid, "link cgroups refused: {e}");
+                }
+            }
+            // Refused ones too: tried again only when the containers change.
+            self.links_applied.insert(plan.uid.clone(), found);
+        }
+        Ok(())
     }
 }
 
@@ -723,6 +917,71 @@ mod tests {
         assert!(spec.capture);
         a.insert(ANNOTATION_INBOUND_PORTS.into(), "x".into());
         assert!(spec_for(uid, "/n".into(), "/c".into(), &a, 15001).is_err());
+    }
+
+    #[test]
+    fn the_links_annotation_names_containers_per_link() {
+        let l = parse_links(" trade=checkout, forest=game ,forest=game-cache,forest=game").unwrap();
+        assert_eq!(l["trade"], vec!["checkout"]);
+        assert_eq!(l["forest"], vec!["game", "game-cache"]);
+        for bad in ["", "trade", "trade=", "=x", " , "] {
+            let e = parse_links(bad).unwrap_err();
+            assert!(e.starts_with(ANNOTATION_LINKS), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn v1_cpu_and_memory_hierarchies_come_from_mountinfo() {
+        let mi = "\
+25 20 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw
+29 25 0:26 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid - cgroup cgroup rw,cpu,cpuacct
+30 25 0:27 / /sys/fs/cgroup/memory rw,nosuid - cgroup cgroup rw,memory
+31 25 0:28 / /sys/fs/cgroup/cpuset rw,nosuid - cgroup cgroup rw,cpuset
+32 25 0:29 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd
+";
+        assert_eq!(
+            cgroup_v1_mounts(mi),
+            vec![
+                PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"),
+                PathBuf::from("/sys/fs/cgroup/memory")
+            ]
+        );
+        assert!(cgroup_v1_mounts("26 25 0:23 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n").is_empty());
+    }
+
+    #[test]
+    fn container_cgroups_are_found_in_both_layouts_and_only_where_knobs_are() {
+        let base = std::env::temp_dir().join(format!("sockmesh-k8s-links-{}", std::process::id()));
+        let (cpu, v2, v2_off) = (
+            base.join("cpu/podX"),
+            base.join("v2/podX"),
+            base.join("v2off/podX"),
+        );
+        let id = "0123abcd";
+        for (dir, file) in [
+            (cpu.join(id), "cpu.cfs_quota_us"),
+            (cpu.join("other"), "cpu.cfs_quota_us"),
+            (v2.join(format!("cri-containerd-{id}.scope")), "cpu.max"),
+            (v2_off.join(id), "cgroup.procs"),
+        ] {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(file), "").unwrap();
+            if file != "cpu.cfs_quota_us" {
+                std::fs::write(dir.join("cgroup.controllers"), "").unwrap();
+            }
+        }
+        let mut got = container_cgroups(
+            &[cpu.clone(), v2.clone(), v2_off.clone(), base.join("absent")],
+            id,
+        );
+        got.sort();
+        let _ = std::fs::remove_dir_all(&base);
+        // The v2 directory without the cpu controller on is skipped (its knobs cannot be set).
+        assert_eq!(
+            got,
+            vec![cpu.join(id), v2.join(format!("cri-containerd-{id}.scope"))]
+        );
     }
 
     #[test]

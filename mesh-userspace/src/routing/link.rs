@@ -7,6 +7,7 @@
 //! services = ["checkout", "cart"]          # services of the policy; a service is in one link
 //! initial = "active"                       # active | keepalive: the state before any switch
 //! trickle_percent = 1.0                    # keep-alive: share still delivered to the local app
+//!                                          # (or trickle_per_second = 5.0: a rate per service)
 //! keep_paths = ["/health", "/registry"]    # HTTP path prefixes never moved (health, registry)
 //! pool = "pool"                            # optional: a subset (in every service of the link)
 //!                                          # that takes the moved traffic; default: the
@@ -83,8 +84,14 @@ pub struct RawLink {
     pub services: Vec<String>,
     #[serde(default = "keepalive")]
     pub initial: LinkState,
-    #[serde(default = "one_percent")]
-    pub trickle_percent: f64,
+    /// Keep-alive: the share of requests still delivered to the local app (default 1 %).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trickle_percent: Option<f64>,
+    /// Keep-alive: instead of a share, this many requests per second per service still
+    /// delivered to the local app (whatever the traffic: a quiet night keeps the same warmth
+    /// as a peak). Excludes `trickle_percent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trickle_per_second: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keep_paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,9 +120,10 @@ fn keepalive() -> LinkState {
     LinkState::Keepalive
 }
 
-fn one_percent() -> f64 {
-    1.0
-}
+/// The trickle share when neither `trickle_percent` nor `trickle_per_second` is given.
+pub const DEFAULT_TRICKLE_PERCENT: f64 = 1.0;
+/// The highest `trickle_per_second` (above it, a share says it better).
+pub const MAX_TRICKLE_PER_SECOND: f64 = 100_000.0;
 
 fn keepalive_resources() -> RawResources {
     RawResources {
@@ -132,7 +140,12 @@ pub struct Link {
     /// Indexes into the policy's services.
     pub services: Vec<usize>,
     pub initial: LinkState,
+    /// The resting keep-alive share (0 with a rate trickle).
     pub trickle_ppm: u32,
+    /// A rate trickle: per service of the link (same order), a gate letting that many
+    /// requests per second stay local whatever the share says.
+    pub trickle_rate: Option<f64>,
+    pub(super) trickle_gates: Vec<RateGate>,
     pub keep_paths: Vec<String>,
     pub pool: Option<Arc<str>>,
     /// Per service of the link (same order): where moved requests may go (the pool subset's
@@ -163,6 +176,50 @@ impl Link {
     pub fn elsewhere(&self, k: usize) -> &[SocketAddr] {
         &self.elsewhere[k]
     }
+}
+
+/// Lets one request through every `interval` on average, without drift and with a burst of
+/// at most two after a quiet spell (a generic cell rate algorithm: one atomic, no lock).
+#[derive(Debug)]
+pub struct RateGate {
+    interval_ns: u64,
+    /// The earliest time (ns on [`clock_ns`]'s scale) the next request may pass.
+    next: AtomicU64,
+}
+
+impl RateGate {
+    pub fn per_second(rate: f64) -> Self {
+        Self {
+            interval_ns: (1e9 / rate).round().max(1.0) as u64,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a request at `now_ns` passes (and, if so, takes its slot).
+    pub fn admit(&self, now_ns: u64) -> bool {
+        let mut next = self.next.load(Relaxed);
+        loop {
+            if next > now_ns {
+                return false;
+            }
+            // Slots missed by less than one interval are kept (no drift below the rate);
+            // older ones are not banked.
+            let base = next.max(now_ns.saturating_sub(self.interval_ns));
+            match self
+                .next
+                .compare_exchange_weak(next, base + self.interval_ns, Relaxed, Relaxed)
+            {
+                Ok(_) => return true,
+                Err(n) => next = n,
+            }
+        }
+    }
+}
+
+/// Monotonic nanoseconds since the first call (the rate gates' clock).
+pub fn clock_ns() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_nanos() as u64
 }
 
 /// What happened to one request of a linked service arriving at this node.
@@ -372,6 +429,50 @@ mod tests {
         assert_eq!(p.link_outbound(trade, &get("/buy"), &rt, local).endpoint, e);
     }
 
+    fn err_of(text: &str) -> String {
+        compile(parse_toml(text).unwrap()).unwrap_err().field
+    }
+
+    #[test]
+    fn a_rate_gate_passes_its_rate_without_drift_or_a_banked_burst() {
+        let g = RateGate::per_second(20.0); // one per 50 ms
+                                            // Offered at 200/s for 10 s: 200 pass (the first at t = 0), whatever the phase.
+        let passed = (0..2000u64).filter(|i| g.admit(i * 5_000_000)).count();
+        assert_eq!(passed, 200);
+        // Quiet for a minute, then a burst: at most two pass at once (no banked minute).
+        let t = 70_000_000_000;
+        let burst = (0..100).filter(|_| g.admit(t)).count();
+        assert!((1..=2).contains(&burst), "{burst} passed in a burst");
+        // Offered slower than the rate: everything passes.
+        let g = RateGate::per_second(20.0);
+        assert!((0..100u64).all(|i| g.admit(i * 100_000_000)));
+    }
+
+    #[test]
+    fn a_rate_trickle_keeps_its_requests_per_second_local_whatever_the_traffic() {
+        let p =
+            compile(parse_toml(&POLICY.replace("trickle_percent = 10", "trickle_per_second = 50")).unwrap())
+                .unwrap();
+        let rt = LinkRuntime::default();
+        let forest: SocketAddr = "10.0.0.1:8002".parse().unwrap();
+        let l = &p.links()[1];
+        assert_eq!((l.trickle_ppm, l.trickle_rate), (0, Some(50.0)));
+        // Requests as fast as they come: the gate lets the first one or two stay, then one
+        // per 20 ms of the time that passed (the arithmetic is tested on a fake clock above).
+        let start = std::time::Instant::now();
+        let here = (0..20_000)
+            .filter(|_| p.link_route(forest, &get("/play"), &rt, local).is_none())
+            .count() as f64;
+        let most = 2.0 + (start.elapsed().as_secs_f64() * 50.0).ceil();
+        assert!(
+            here >= 1.0 && here <= most,
+            "{here} stayed local (at most {most})"
+        );
+        // Active: everything is local, the gate does not matter.
+        rt.set_share("forest", FULL);
+        assert!((0..1000).all(|_| p.link_route(forest, &get("/play"), &rt, local).is_none()));
+    }
+
     #[test]
     fn counters_survive_a_policy_swap() {
         let router = crate::routing::Router::new(compile(parse_toml(POLICY).unwrap()).unwrap());
@@ -407,6 +508,16 @@ mod tests {
             compile(parse_toml(&text).unwrap()).unwrap_err().field
         };
         assert_eq!(field("trickle_percent = 101.0"), "links[0].trickle_percent");
+        assert_eq!(field("trickle_per_second = 0.0"), "links[0].trickle_per_second");
+        assert_eq!(field("trickle_per_second = 1e9"), "links[0].trickle_per_second");
+        assert_eq!(
+            err_of(&POLICY.replace(
+                "trickle_percent = 10",
+                "trickle_percent = 10\ntrickle_per_second = 5"
+            )),
+            "links[1].trickle_per_second",
+            "a share and a rate at once"
+        );
         assert_eq!(field("keep_paths = [\"health\"]"), "links[0].keep_paths[0]");
         assert_eq!(field("keepalive = { weight = 0 }"), "links[0].keepalive.weight");
         assert_eq!(field("preconnect = 257"), "links[0].preconnect");

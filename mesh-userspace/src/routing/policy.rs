@@ -750,8 +750,27 @@ fn compile_links(
         if l.initial == LinkState::Switching {
             return Err(perr(format!("{f}.initial"), "`active` or `keepalive`"));
         }
-        if !l.trickle_percent.is_finite() || !(0.0..=100.0).contains(&l.trickle_percent) {
-            return Err(perr(format!("{f}.trickle_percent"), "must be 0 to 100"));
+        if let Some(t) = l.trickle_percent {
+            if !t.is_finite() || !(0.0..=100.0).contains(&t) {
+                return Err(perr(format!("{f}.trickle_percent"), "must be 0 to 100"));
+            }
+        }
+        if let Some(r) = l.trickle_per_second {
+            if l.trickle_percent.is_some() {
+                return Err(perr(
+                    format!("{f}.trickle_per_second"),
+                    "give trickle_percent or trickle_per_second, not both",
+                ));
+            }
+            if !r.is_finite() || r <= 0.0 || r > super::link::MAX_TRICKLE_PER_SECOND {
+                return Err(perr(
+                    format!("{f}.trickle_per_second"),
+                    format!(
+                        "must be above 0 and at most {} (use trickle_percent = 0 for none)",
+                        super::link::MAX_TRICKLE_PER_SECOND
+                    ),
+                ));
+            }
         }
         if l.keep_paths.len() > MAX_KEEP_PATHS {
             return Err(perr(
@@ -836,7 +855,23 @@ fn compile_links(
             name,
             services: idx,
             initial: l.initial,
-            trickle_ppm: (l.trickle_percent * 10_000.0).round() as u32,
+            trickle_ppm: match l.trickle_per_second {
+                Some(_) => 0,
+                None => {
+                    (l.trickle_percent.unwrap_or(super::link::DEFAULT_TRICKLE_PERCENT) * 10_000.0).round()
+                        as u32
+                }
+            },
+            trickle_rate: l.trickle_per_second,
+            trickle_gates: l
+                .trickle_per_second
+                .map(|r| {
+                    l.services
+                        .iter()
+                        .map(|_| super::link::RateGate::per_second(r))
+                        .collect()
+                })
+                .unwrap_or_default(),
             keep_paths: l.keep_paths.clone(),
             pool: l.pool.as_deref().map(Into::into),
             elsewhere,
@@ -1267,7 +1302,15 @@ impl Policy {
         let n = link.seq.fetch_add(1, Relaxed);
         let (s, full) = (u128::from(share), u128::from(super::link::FULL));
         let stays = (u128::from(n) + 1) * s / full > u128::from(n) * s / full;
-        if share >= super::link::FULL || stays {
+        // A rate trickle lets its requests per second stay on top of the share (a switch's
+        // ramp only adds to it).
+        if share >= super::link::FULL
+            || stays
+            || link
+                .trickle_gates
+                .get(k)
+                .is_some_and(|g| g.admit(super::link::clock_ns()))
+        {
             count(LinkOutcome::Local);
             return None;
         }

@@ -7,13 +7,16 @@
 //! `tests/peers/link_app.py`: a cache that is cold after start and a pool of connections to its
 //! own backend (a two-tier chain). The client pod sends 100 requests/s to each of `app`'s
 //! services for [`LOAD_SECONDS`]; everything is bounded and removed at the end (Drop guards,
-//! and the demo's signal handler on Ctrl-C).
+//! and the demo's signal handler on Ctrl-C). Where the cgroup v1 `cpu` and `memory` hierarchies
+//! are mounted, each of pod `app`'s apps also runs in its own link cgroups (demo-owned), so the
+//! table shows the CPU cap the switch moves from one link to the other.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
+use sockmesh_tests::cgroup::V1LinkCgroups;
 use sockmesh_tests::daemon::toml_str;
 use sockmesh_tests::{peers_dir, python, Daemon, LineChild, Pod, Server, VirtualNode};
 
@@ -23,7 +26,7 @@ const SWITCH_AT: f64 = 8.0;
 const BACK_AT: f64 = 17.0;
 const RATE: u32 = 100;
 
-fn config(node: &VirtualNode) -> String {
+fn config(node: &VirtualNode, cg: Option<&V1LinkCgroups>) -> String {
     let (app, pool) = (node.pod("app"), node.pod("pool"));
     let mut s = format!(
         "cgroup_root = {}\n",
@@ -56,11 +59,26 @@ initial = "{initial}"
 trickle_percent = 5
 keep_paths = ["/health"]
 pool = "pool"
+keepalive = {{ cpu_percent = 2.0, weight = 1 }}
 "#
         ));
     }
+    let links = cg.map_or(String::new(), |cg| {
+        let list = |l: &str| {
+            cg.dirs(l)
+                .iter()
+                .map(|d| toml_str(&d.to_string_lossy()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "links = {{ trade = [{}], forest = [{}] }}\n",
+            list("trade"),
+            list("forest")
+        )
+    });
     s.push_str(&format!(
-        "\n[[pods]]\nname = \"app\"\nnetns = {}\ncgroup = {}\ninbound_ports = [8001, 8002]\n",
+        "\n[[pods]]\nname = \"app\"\nnetns = {}\ncgroup = {}\ninbound_ports = [8001, 8002]\n{links}",
         toml_str(&app.netns.to_string_lossy()),
         toml_str(&app.cgroup.to_string_lossy())
     ));
@@ -97,8 +115,19 @@ fn states(d: &Daemon) -> Result<Vec<(String, String, f64)>> {
         .collect())
 }
 
+/// A link's CPU cap as the kernel shows it now (`cpu.cfs_quota_us` of its v1 cgroup).
+fn cap(cg: Option<&V1LinkCgroups>, link: &str) -> String {
+    match cg.map(|cg| V1LinkCgroups::knob(&cg.cpu(link), "cpu.cfs_quota_us")) {
+        None => "-".into(),
+        Some(q) => match q.parse::<i64>() {
+            Ok(q) if q >= 0 => format!("{:.1} %", q as f64 / 1000.0),
+            _ => "none".into(),
+        },
+    }
+}
+
 /// One row of the live table from a `link_app.py load --live-ms` line.
-fn row(t: f64, live: &Value, links: &[(String, String, f64)]) -> (String, u64) {
+fn row(t: f64, live: &Value, links: &[(String, String, f64)], cg: Option<&V1LinkCgroups>) -> (String, u64) {
     let mut cells = Vec::new();
     let mut errors = 0;
     for (i, link) in ["trade", "forest"].iter().enumerate() {
@@ -114,7 +143,8 @@ fn row(t: f64, live: &Value, links: &[(String, String, f64)]) -> (String, u64) {
             .map(|l| (l.1.clone(), l.2))
             .unwrap_or_default();
         cells.push(format!(
-            "{state:<9} {share:>6.2} % | {:>5.1} % {:>5.1} % | {:>6.2} {:>6.2}",
+            "{state:<9} {share:>6.2} % {:>7} | {:>5.1} % {:>5.1} % | {:>6.2} {:>6.2}",
+            cap(cg, link),
             100.0 * here as f64 / total as f64,
             100.0 * pool as f64 / total as f64,
             tgt["p50"].as_f64().unwrap_or(0.0),
@@ -130,10 +160,21 @@ pub fn run() -> Result<()> {
     println!("\n[1/4] a virtual node with pods client, app, pool");
     let node = VirtualNode::new(&["client", "app", "pool"])?;
     super::register_cleanup(0, &node);
+    // Declared before the apps: dropped after them (it kills what is left in it, then removes it).
+    let cg = if V1LinkCgroups::available() {
+        Some(V1LinkCgroups::new(node.prefix(), &["trade", "forest"])?)
+    } else {
+        println!("      (no cgroup v1 cpu/memory hierarchies here: the links' CPU caps are left out)");
+        None
+    };
     let mut servers = Vec::new();
     for (pod, tag) in [("app", "app"), ("pool", "pool")] {
         for (port, link) in [(8001, "trade"), (8002, "forest")] {
-            servers.push(app(node.pod(pod), port, &format!("{link}@{tag}"))?);
+            let s = app(node.pod(pod), port, &format!("{link}@{tag}"))?;
+            if let (Some(cg), "app") = (&cg, pod) {
+                cg.enter(link, s.pid())?;
+            }
+            servers.push(s);
         }
     }
     println!(
@@ -146,11 +187,11 @@ pub fn run() -> Result<()> {
     );
 
     println!(
-        "\n[2/4] sockmesh with [[links]]: trade active, forest kept alive (5 % trickle, /health never moved)"
+        "\n[2/4] sockmesh with [[links]]: trade active, forest kept alive (5 % trickle, /health never moved, 2 % of a CPU)"
     );
-    let daemon = Daemon::start(&node, &config(&node))?;
+    let daemon = Daemon::start(&node, &config(&node, cg.as_ref()))?;
     super::register_cleanup(daemon.pid(), &node);
-    let result = tour(&node, &daemon);
+    let result = tour(&node, &daemon, cg.as_ref());
     if result.is_err() {
         eprintln!("\n--- sockmesh log ---\n{}--- end of log ---", daemon.log());
     }
@@ -158,6 +199,8 @@ pub fn run() -> Result<()> {
 
     println!("\n[4/4] cleaning up: stopping sockmesh, the apps, deleting namespaces and cgroups");
     drop(servers);
+    let v1_dirs: Vec<std::path::PathBuf> = cg.iter().flat_map(|c| c.dirs("trade")).collect();
+    drop(cg);
     let root = node.cgroup_root().to_path_buf();
     let netns = node.netns_paths();
     drop(daemon);
@@ -166,6 +209,7 @@ pub fn run() -> Result<()> {
     let left: Vec<String> = netns
         .iter()
         .chain(std::iter::once(&root))
+        .chain(v1_dirs.iter())
         .filter(|p| p.exists())
         .map(|p| p.display().to_string())
         .collect();
@@ -176,7 +220,7 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-fn tour(node: &VirtualNode, d: &Daemon) -> Result<()> {
+fn tour(node: &VirtualNode, d: &Daemon, cg: Option<&V1LinkCgroups>) -> Result<()> {
     println!(
         "\n[3/4] {RATE} requests/s to each link's app in pod `app` for {LOAD_SECONDS} s; switch to forest at {SWITCH_AT} s \
          (over 3 s, 3 steps), back at {BACK_AT} s (instant)"
@@ -206,10 +250,12 @@ fn tour(node: &VirtualNode, d: &Daemon) -> Result<()> {
     println!(
         "      client saw; `at app` includes the /health checks, every 50th request, which are never moved."
     );
-    println!("      The links' cgroups are left out here: tests/dual_link.rs drives them.)");
+    println!("      `cpu cap` is the CFS quota the kernel holds for the link's cgroup now.)");
     println!();
-    println!("        |              trade (checkout)                    ||              forest (game)");
-    println!("   time | state      local | at app  at pool | p50 ms p99 ms || state      local | at app  at pool | p50 ms p99 ms");
+    println!(
+        "        |              trade (checkout)                            ||              forest (game)"
+    );
+    println!("   time | state      local  cpu cap | at app  at pool | p50 ms p99 ms || state      local  cpu cap | at app  at pool | p50 ms p99 ms");
     let started = Instant::now();
     let deadline = started + Duration::from_secs(LOAD_SECONDS + 30);
     let (mut switched, mut back, mut errors) = (false, false, 0);
@@ -233,7 +279,7 @@ fn tour(node: &VirtualNode, d: &Daemon) -> Result<()> {
             break;
         }
         let t = v["live"].as_f64().unwrap_or(0.0);
-        let (text, e) = row(t, &v, &states(d)?);
+        let (text, e) = row(t, &v, &states(d)?, cg);
         errors += e;
         println!("{text}");
         if !switched && t >= SWITCH_AT {
