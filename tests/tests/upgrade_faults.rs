@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sockmesh_tests::upgrade::{
     alive, client_counter, failed_upgrade, gets, grpc_python, grpc_server, kill9, load_client,
-    other_protocol_successor, pinned_links, restart, setup, spawn_upgrade, Load, PausedSuccessor, DRAIN,
-    GRPC_PORT, PORT, VIP,
+    other_protocol_successor, pinned_links, restart, setup, spawn_upgrade, unix_now, Load, PausedSuccessor,
+    DRAIN, GRPC_PORT, PORT, VIP,
 };
 use sockmesh_tests::{
     attached_programs, eventually, peers_dir, require_privileged, sockmesh_bin, Daemon, LineChild, Server,
@@ -32,17 +32,13 @@ fn failed_seconds(load: &Value) -> Vec<(u64, u64)> {
         .collect()
 }
 
-fn unix_now() -> u64 {
-    sockmesh_tests::upgrade::unix_now()
-}
-
 fn summary(load: &Value) -> String {
     let mut s = load.clone();
     s["seconds"] = Value::Null;
     s.to_string()
 }
 
-/// The upgrade command the test ran in a thread: its stderr, and whether it succeeded.
+/// The upgrade command the test ran in a thread: whether it succeeded, and what it printed.
 fn upgrade_result(h: std::thread::JoinHandle<anyhow::Result<std::process::Output>>) -> (bool, String) {
     let out = h.join().expect("upgrade thread").expect("sockmesh upgrade");
     (

@@ -385,7 +385,7 @@ pub fn recv(s: &UnixStream) -> io::Result<(Body, Vec<OwnedFd>)> {
     // Grown as bytes arrive, not allocated as the prefix claims: a peer that announces 1 MiB
     // and sends 3 bytes costs 3 bytes.
     let mut payload = Vec::with_capacity(len.min(READ_CHUNK));
-    (&*s).take(len as u64).read_to_end(&mut payload)?;
+    Read::take(s, len as u64).read_to_end(&mut payload)?;
     if payload.len() < len {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
