@@ -196,6 +196,10 @@ pub mod actuator {
     }
 }
 
+/// How long a switch resumed by a restarted daemon lets traffic refill its pools before it
+/// pre-connects and takes its next step.
+pub const RESUME_SETTLE: Duration = Duration::from_millis(500);
+
 /// The longest a switch waits for its pre-connects before traffic moves anyway.
 pub const PRECONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 
@@ -499,7 +503,7 @@ impl LinkManager {
             rec.over_ms
         ));
         let me = self.clone();
-        tokio::spawn(async move { me.run(shared).await });
+        tokio::spawn(async move { me.run(shared, false).await });
         Ok(json!({ "from": rec.from, "to": rec.to, "steps": rec.steps, "over_ms": rec.over_ms }))
     }
 
@@ -524,11 +528,12 @@ impl LinkManager {
             rec.from, rec.to, rec.done, rec.steps
         ));
         let me = self.clone();
-        tokio::spawn(async move { me.run(shared).await });
+        tokio::spawn(async move { me.run(shared, true).await });
     }
 
-    /// Steps 2 and 3: move traffic, then lower the former active.
-    async fn run(self: Arc<Self>, shared: Arc<crate::proxy::Shared>) {
+    /// Steps 2 and 3: move traffic, then lower the former active. `resumed`: this process
+    /// took the switch over from a previous daemon (its pools are empty, whatever step).
+    async fn run(self: Arc<Self>, shared: Arc<crate::proxy::Shared>, resumed: bool) {
         let Some(rec) = self.st.lock().expect("link state").switch.clone() else {
             return;
         };
@@ -538,15 +543,29 @@ impl LinkManager {
             return;
         };
         let (from_low, to_low) = (from.trickle_ppm, to.trickle_ppm);
-        if rec.done == 0 {
-            // Resources are raised; before any traffic moves, open the upstream connections
-            // the new shares need (a restarted daemon has no pools to size them from).
+        let pause = Duration::from_millis(rec.over_ms / u64::from(rec.steps.max(1)));
+        let mut first_pause = pause;
+        if resumed {
+            // A successor's pools are empty: let the traffic of the step already taken come
+            // back through this process, so the pre-connect is sized from it rather than the
+            // next steps' requests opening connections one by one. Waits (polling) until the
+            // pools show connections, at most until the next step is due (or RESUME_SETTLE).
+            let started = tokio::time::Instant::now();
+            let limit = pause.max(RESUME_SETTLE);
+            while self.preconnect_plan(&shared, &policy, &rec).is_empty() && started.elapsed() < limit {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            first_pause = pause.saturating_sub(started.elapsed());
+        }
+        if rec.done == 0 || resumed {
+            // Resources are raised; before any (more) traffic moves, open the upstream
+            // connections the new shares need.
             self.preconnect(&shared, &policy, &rec).await;
         }
-        let pause = Duration::from_millis(rec.over_ms / u64::from(rec.steps.max(1)));
         for i in rec.done + 1..=rec.steps {
             if i > 1 || rec.done > 0 {
-                tokio::time::sleep(pause).await;
+                let p = if i == rec.done + 1 { first_pause } else { pause };
+                tokio::time::sleep(p).await;
             }
             // Paused: wait for --resume or --abort (an operator's decision, so no time limit).
             while !self.abort.load(Relaxed) && self.is_paused() {
@@ -629,6 +648,70 @@ impl LinkManager {
     /// opens its own connection as before).
     async fn preconnect(&self, shared: &Arc<crate::proxy::Shared>, policy: &Policy, rec: &SwitchRec) {
         let started = std::time::Instant::now();
+        let plan = self.preconnect_plan(shared, policy, rec);
+        if plan.is_empty() {
+            self.note(format!(
+                "switch {} -> {}: nothing to pre-connect (no pooled connection to size from)",
+                rec.from, rec.to
+            ));
+            return;
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (pod, ep, want) in plan {
+            let shared = shared.clone();
+            tasks.spawn(async move {
+                let r = shared
+                    .l7
+                    .http
+                    .preconnect_h1(&shared, &pod, ep, want, PRECONNECT_TIMEOUT)
+                    .await;
+                (pod.name.clone(), ep, want, r)
+            });
+        }
+        let (mut opened, mut failed) = (0usize, 0usize);
+        let mut per = Vec::new();
+        let deadline = tokio::time::Instant::now() + PRECONNECT_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(Some(Ok((pod, ep, want, r)))) => {
+                    let n = match r {
+                        Ok(n) => n,
+                        Err(e) => {
+                            failed += 1;
+                            warn!(target: "sockmesh::links", "pre-connect {pod} -> {ep}: {e}");
+                            0
+                        }
+                    };
+                    opened += n;
+                    per.push(json!({ "pod": pod, "endpoint": ep.to_string(), "pooled_at_least": want, "opened": n }));
+                }
+                Ok(Some(Err(_))) => failed += 1,
+                Ok(None) => break,
+                Err(_) => {
+                    failed += tasks.len();
+                    tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.note(format!(
+            "switch {} -> {}: {opened} upstream connection(s) pre-connected in {ms:.1} ms ({failed} failed) before traffic moves",
+            rec.from, rec.to
+        ));
+        *self.preconnected.lock().expect("preconnect") = Some(json!({
+            "from": rec.from, "to": rec.to, "opened": opened, "failed": failed,
+            "ms": (ms * 10.0).round() / 10.0, "pools": per,
+        }));
+    }
+
+    /// The (pod, endpoint, connections) the switch's pre-connect opens (see [`Self::preconnect`]).
+    fn preconnect_plan(
+        &self,
+        shared: &Arc<crate::proxy::Shared>,
+        policy: &Policy,
+        rec: &SwitchRec,
+    ) -> Vec<(Arc<crate::proxy::PodCtx>, std::net::SocketAddr, usize)> {
         let mut plan: Vec<(Arc<crate::proxy::PodCtx>, std::net::SocketAddr, usize)> = Vec::new();
         for (name, target) in [(&rec.to, true), (&rec.from, false)] {
             let Some(l) = policy.links().iter().find(|l| &*l.name == name.as_str()) else {
@@ -690,56 +773,7 @@ impl LinkManager {
                 }
             }
         }
-        if plan.is_empty() {
-            return;
-        }
-        let mut tasks = tokio::task::JoinSet::new();
-        for (pod, ep, want) in plan {
-            let shared = shared.clone();
-            tasks.spawn(async move {
-                let r = shared
-                    .l7
-                    .http
-                    .preconnect_h1(&shared, &pod, ep, want, PRECONNECT_TIMEOUT)
-                    .await;
-                (pod.name.clone(), ep, want, r)
-            });
-        }
-        let (mut opened, mut failed) = (0usize, 0usize);
-        let mut per = Vec::new();
-        let deadline = tokio::time::Instant::now() + PRECONNECT_TIMEOUT;
-        loop {
-            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
-                Ok(Some(Ok((pod, ep, want, r)))) => {
-                    let n = match r {
-                        Ok(n) => n,
-                        Err(e) => {
-                            failed += 1;
-                            warn!(target: "sockmesh::links", "pre-connect {pod} -> {ep}: {e}");
-                            0
-                        }
-                    };
-                    opened += n;
-                    per.push(json!({ "pod": pod, "endpoint": ep.to_string(), "pooled_at_least": want, "opened": n }));
-                }
-                Ok(Some(Err(_))) => failed += 1,
-                Ok(None) => break,
-                Err(_) => {
-                    failed += tasks.len();
-                    tasks.abort_all();
-                    break;
-                }
-            }
-        }
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        self.note(format!(
-            "switch {} -> {}: {opened} upstream connection(s) pre-connected in {ms:.1} ms ({failed} failed) before traffic moves",
-            rec.from, rec.to
-        ));
-        *self.preconnected.lock().expect("preconnect") = Some(json!({
-            "from": rec.from, "to": rec.to, "opened": opened, "failed": failed,
-            "ms": (ms * 10.0).round() / 10.0, "pools": per,
-        }));
+        plan
     }
 
     fn finish_abort(&self, policy: &Policy, rec: &SwitchRec) {

@@ -755,6 +755,18 @@ fn a_switch_resumes_after_kill_9() {
         !log.contains("step 1/6"),
         "the successor redid early steps: {log}"
     );
+    // The successor's pools are empty: before its next step it sizes a pre-connect from the
+    // traffic it carries by then (here none: the clients' connections opened while no daemon
+    // ran went straight to the apps, the fail-safe, and stay direct until they close), and
+    // says what it did.
+    let pre = log
+        .find("pre-connected in")
+        .or_else(|| log.find("nothing to pre-connect"))
+        .unwrap_or_else(|| panic!("no pre-connect after the restart: {log}"));
+    let next = log
+        .find(&format!("step {}/6", done_at_kill + 1))
+        .unwrap_or_else(|| panic!("no step {} after the restart: {log}", done_at_kill + 1));
+    assert!(pre < next, "pre-connected after the next step: {log}");
     assert_eq!(
         V1LinkCgroups::knob(&s.cg.cpu("trade"), "cpu.cfs_quota_us"),
         "1500"

@@ -8,6 +8,14 @@
 //! - [`report`]: medians, ratios, goals, the table and BENCHMARKS.md;
 //! - [`chart`]: the PNG chart (`docs/bench.png`).
 //!
+//! The row "iptables DNAT, no proxy (netfilter cost)" sends a VIP straight to the server with one
+//! nat OUTPUT DNAT rule in its client pod: its p50 minus direct's is what netfilter (conntrack +
+//! NAT of each packet) costs per round trip here, X. eBPF capture replaces only the nat REDIRECT,
+//! so against the same proxy behind iptables (p50 T) its rate ratio on one connection is at best
+//! about T / (T - X): the report prints that ceiling next to each iptables goal and, under the
+//! goals, how much of a proxy's cost over direct is its two extra socket hops and its own work
+//! (with HAProxy `mode tcp` as the minimal relay), which only the sk_msg short-circuit attacks.
+//!
 //! Safety: traffic stays on loopback or inside the namespaces the bench creates, iptables rules
 //! are only added inside the bench's pod namespaces (they die with them), every load process is
 //! bounded in time, and the node's guards (plus a Ctrl-C handler) tear everything down.

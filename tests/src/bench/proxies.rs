@@ -260,6 +260,28 @@ pub fn add_redirect(pod: &Pod, dst: &str, exclude: &[&str]) -> Result<()> {
     cmd.args(["-w", "5", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", dst])
         .args(exclude)
         .args(["-j", "REDIRECT", "--to-ports", &OUTBOUND_PORT.to_string()]);
+    run_in_pod(pod, cmd)
+}
+
+/// The netfilter-cost pod: inside `pod`'s netns only, a route to `vip` (through `to`, on the
+/// pod's link) and for each port `iptables -t nat -A OUTPUT -p tcp -d <vip> --dport <port> -j
+/// DNAT --to-destination <to>:<port>`: a VIP sent straight to the server, no proxy.
+pub fn add_dnat(pod: &Pod, vip: &str, to: &str, ports: &[u16]) -> Result<()> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["route", "add", &format!("{vip}/32"), "via", to, "dev", "eth0"]);
+    run_in_pod(pod, cmd)?;
+    for port in ports {
+        let mut cmd = Command::new("iptables");
+        cmd.args(["-w", "5", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", vip])
+            .args(["--dport", &port.to_string(), "-j", "DNAT", "--to-destination"])
+            .arg(format!("{to}:{port}"));
+        run_in_pod(pod, cmd)?;
+    }
+    Ok(())
+}
+
+/// Runs `cmd` in `pod`'s cgroup and netns; fails with its stderr.
+fn run_in_pod(pod: &Pod, cmd: Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let out = exec_in(&pod.cgroup, Some(&pod.netns), cmd, Duration::from_secs(30))?;
     if !out.status.success() {

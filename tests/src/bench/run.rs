@@ -45,6 +45,7 @@ pub const PODS: &[&str] = &[
     "ebpf-prop",
     "envoy-ebpf",
     "envoy-ipt",
+    "dnat",
 ];
 
 /// How the client reaches the server.
@@ -80,6 +81,10 @@ pub enum Scenario {
     KernelL4,
     /// The same kind of L4 service (VIP, `protocol = "tcp"`) routed by the proxy.
     ProxyL4,
+    /// No proxy: the client pod's nat OUTPUT DNAT sends [`DNAT_VIP`] straight to the server, so
+    /// the only difference from `Direct` is netfilter (conntrack + NAT) on every packet: what
+    /// eBPF capture can at best save over nat REDIRECT.
+    IptDnat,
 }
 
 /// Which daemon (if any) must run for a scenario.
@@ -91,7 +96,7 @@ pub enum Phase {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 14] = [
+    pub const ALL: [Scenario; 15] = [
         Scenario::Direct,
         Scenario::IptSockmesh,
         Scenario::Ebpf,
@@ -106,6 +111,7 @@ impl Scenario {
         Scenario::EnrolledBypass,
         Scenario::KernelL4,
         Scenario::ProxyL4,
+        Scenario::IptDnat,
     ];
 
     pub fn label(self) -> &'static str {
@@ -124,12 +130,13 @@ impl Scenario {
             Scenario::EnrolledBypass => "enrolled pod, bypassed port",
             Scenario::KernelL4 => "L4 service routed in the kernel",
             Scenario::ProxyL4 => "L4 service via sockmesh proxy",
+            Scenario::IptDnat => "iptables DNAT, no proxy (netfilter cost)",
         }
     }
 
     pub fn phase(self) -> Phase {
         match self {
-            Scenario::Direct | Scenario::Haproxy | Scenario::EnvoyIpt => Phase::NoDaemon,
+            Scenario::Direct | Scenario::Haproxy | Scenario::EnvoyIpt | Scenario::IptDnat => Phase::NoDaemon,
             Scenario::EbpfAccel => Phase::MeshAccel,
             _ => Phase::Mesh,
         }
@@ -148,6 +155,7 @@ impl Scenario {
             Scenario::EbpfL7Prop => "ebpf-prop",
             Scenario::EnvoyEbpf => "envoy-ebpf",
             Scenario::EnvoyIpt => "envoy-ipt",
+            Scenario::IptDnat => "dnat",
         }
     }
 
@@ -236,6 +244,8 @@ impl Workload {
             .filter(|s| {
                 !matches!(s, Scenario::KernelL4 | Scenario::ProxyL4) || matches!(self, Workload::Rr { .. })
             })
+            // The netfilter-cost row: request/response and HTTP only.
+            .filter(|s| *s != Scenario::IptDnat || matches!(self, Workload::Rr { .. } | Workload::Http))
             // The routing policy claims an HTTP port only: the TCP workloads stay L4.
             .filter(|s| self == Workload::Http || !s.routed())
             .filter(|s| have_envoy || !matches!(s, Scenario::EnvoyEbpf | Scenario::EnvoyIpt))
@@ -427,7 +437,7 @@ impl Bench {
             | Scenario::EbpfL7
             | Scenario::EbpfL7Prop
             | Scenario::ProxyL4 => self.daemon.as_ref().map(Daemon::pid),
-            Scenario::KernelL4 => None,
+            Scenario::KernelL4 | Scenario::IptDnat => None,
             Scenario::EnvoyEbpf => self.envoy_ebpf.as_ref().map(Proxy::pid),
             Scenario::EnvoyIpt => self.envoy_ipt.as_ref().map(Proxy::pid),
             Scenario::Haproxy => self.haproxy.as_ref().map(Proxy::pid),
@@ -445,6 +455,9 @@ impl Bench {
         }
         if sc.routed() && wl == Workload::Http {
             return self.pod("server").addr(HTTP_ROUTED_PORT);
+        }
+        if sc == Scenario::IptDnat {
+            return format!("{DNAT_VIP}:{}", wl.port());
         }
         if let Some(vip) = l4_vip(sc) {
             return format!("{vip}:{}", l4_vip_port(wl.port()));
@@ -593,8 +606,9 @@ impl Bench {
         .with_context(|| format!("scenario `{}` does not work", sc.label()))
     }
 
-    /// Packets that hit the nat REDIRECT rule in `pod`.
-    fn redirect_packets(&self, pod: &str) -> Result<u64> {
+    /// Packets that hit the nat rules with `target` (`REDIRECT`, `DNAT`) in `pod`'s OUTPUT chain
+    /// (the nat table sees the first packet of each connection only).
+    fn nat_packets(&self, pod: &str, target: &str) -> Result<u64> {
         let pod = self.pod(pod);
         let mut cmd = Command::new("iptables");
         cmd.args(["-w", "5", "-t", "nat", "-L", "OUTPUT", "-v", "-n", "-x"]);
@@ -602,7 +616,7 @@ impl Bench {
         let text = String::from_utf8_lossy(&out.stdout);
         Ok(text
             .lines()
-            .filter(|l| l.contains("REDIRECT"))
+            .filter(|l| l.split_whitespace().nth(2) == Some(target))
             .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
             .sum())
     }
@@ -659,6 +673,9 @@ pub fn routing_policy(addr: &str) -> String {
 /// The VIPs of the L4 service rows (no interface holds them).
 const KERNEL_L4_VIP: &str = "10.96.1.1";
 const PROXY_L4_VIP: &str = "10.96.1.2";
+/// The VIP the netfilter-cost pod's DNAT rules send to the server (no service, no interface
+/// holds it; only the `dnat` pod has a route to it).
+pub const DNAT_VIP: &str = "10.96.1.3";
 
 fn l4_vip(sc: Scenario) -> Option<&'static str> {
     match sc {
@@ -804,6 +821,8 @@ pub fn run(opts: &Options) -> Result<Results> {
     let mark: Vec<String> = proxies::mark_exclusion();
     let mark: Vec<&str> = mark.iter().map(String::as_str).collect();
     proxies::add_redirect(b.pod("ipt"), &server_ip, &mark)?;
+    // The netfilter-cost pod: DNAT of the VIP's echo and HTTP ports to the server, no proxy.
+    proxies::add_dnat(b.pod("dnat"), DNAT_VIP, &server_ip, &[PORTS.echo, PORTS.http])?;
 
     match &opts.envoy {
         None => {
@@ -914,11 +933,12 @@ fn enter_phase(b: &mut Bench, phase: Phase, first: bool, res: &mut Results) -> R
         .collect();
     for sc in scenarios {
         let ipt_pod = match sc {
-            Scenario::IptSockmesh | Scenario::IptSockmeshL7 => Some("ipt"),
-            Scenario::EnvoyIpt => Some("envoy-ipt"),
+            Scenario::IptSockmesh | Scenario::IptSockmeshL7 => Some(("ipt", "REDIRECT")),
+            Scenario::EnvoyIpt => Some(("envoy-ipt", "REDIRECT")),
+            Scenario::IptDnat => Some(("dnat", "DNAT")),
             _ => None,
         };
-        let pkts0 = ipt_pod.map(|p| b.redirect_packets(p)).transpose()?;
+        let pkts0 = ipt_pod.map(|(p, t)| b.nat_packets(p, t)).transpose()?;
         let cap0 = b
             .daemon
             .as_ref()
@@ -928,13 +948,10 @@ fn enter_phase(b: &mut Bench, phase: Phase, first: bool, res: &mut Results) -> R
         if !first {
             continue;
         }
-        if let (Some(p), Some(before)) = (ipt_pod, pkts0) {
-            let after = b.redirect_packets(p)?;
+        if let (Some((p, t)), Some(before)) = (ipt_pod, pkts0) {
+            let after = b.nat_packets(p, t)?;
             if after <= before {
-                bail!(
-                    "{}: the nat REDIRECT rule in pod {p} matched no packet",
-                    sc.label()
-                );
+                bail!("{}: the nat {t} rule in pod {p} matched no packet", sc.label());
             }
         }
         if matches!(
@@ -1345,6 +1362,18 @@ mod tests {
         assert!(!routed_ok(500.0, 1000));
         assert!(!routed_ok(0.0, 0), "no request at all");
         assert!(!routed_ok(5000.0, 1000));
+    }
+
+    #[test]
+    fn the_netfilter_row_runs_request_response_and_http_without_a_proxy() {
+        for wl in workloads(false) {
+            let want = matches!(wl, Workload::Rr { .. } | Workload::Http);
+            assert_eq!(wl.scenarios(false).contains(&Scenario::IptDnat), want, "{wl:?}");
+        }
+        assert_eq!(Scenario::IptDnat.phase(), Phase::NoDaemon);
+        assert!(PODS.contains(&Scenario::IptDnat.pod()));
+        assert_eq!(Scenario::IptDnat.iptables_peer(), None);
+        assert!(![KERNEL_L4_VIP, PROXY_L4_VIP].contains(&DNAT_VIP));
     }
 
     #[test]
