@@ -21,8 +21,9 @@ use tracing::{info, warn};
 
 use crate::{
     config::{self, Config, PodSpec},
+    conn::{self, Direction, PodCtx, PodStats, Shared},
     ebpf::{Kernel, KernelError},
-    proxy::{self, Direction, PodCtx, PodProxy, PodStats, Shared},
+    proxy::{self, PodProxy},
     routing::Router,
     state,
     sys::{self, NetNs},
@@ -83,7 +84,7 @@ struct EnrolledPod {
     proxy: Option<PodProxy>,
     /// Pod address × meshed port entries this pod put in the inbound map.
     inbound_keys: Vec<InboundKey>,
-    /// The pod's addresses when it was enrolled (in [`proxy::MeshIps`]).
+    /// The pod's addresses when it was enrolled (in [`conn::MeshIps`]).
     addrs: Vec<std::net::IpAddr>,
 }
 
@@ -168,7 +169,7 @@ impl Daemon {
             Router::new(crate::routing::compile(cfg.routing.clone()).expect("validated by config::parse"));
         let colour = kernel.colour();
         let shared = Arc::new(
-            Shared::new(Box::new(proxy::KernelOrigDst), router)
+            Shared::new(Box::new(conn::KernelOrigDst), router)
                 .with_colour(colour)
                 .with_limits(cfg.limits.clone()),
         );
@@ -998,6 +999,11 @@ impl Daemon {
         let _ = state::remove(&crate::links::state_path(&self.cfg.state_file));
     }
 
+    /// How long a stopping (or upgraded) daemon waits for its live connections.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.cfg.drain_timeout_secs)
+    }
+
     /// Upgrade hand-off (`upgrade/`): each pod's listening sockets (duplicated), to pass to
     /// the successor.
     pub(crate) fn listener_fds(
@@ -1018,7 +1024,7 @@ impl Daemon {
 
     /// Upgrade hand-off: a pod's proxy context, for a connection the previous generation
     /// handed over.
-    pub(crate) fn pod_ctx(&self, name: &str) -> Option<Arc<proxy::PodCtx>> {
+    pub(crate) fn pod_ctx(&self, name: &str) -> Option<Arc<PodCtx>> {
         let pods = self.pods.lock().expect("pods lock");
         pods.get(name)?.proxy.as_ref().map(|p| p.pod.clone())
     }

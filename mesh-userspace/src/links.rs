@@ -232,6 +232,16 @@ pub struct Persisted {
     pub last_duration_ms: Option<u64>,
 }
 
+impl Persisted {
+    /// A link's state and local share (a link not listed rests in its `initial` state).
+    fn state_share(&self, l: &crate::routing::link::Link) -> (LinkState, u32) {
+        self.links
+            .get(&*l.name)
+            .copied()
+            .unwrap_or((l.initial, l.resting_share(l.initial)))
+    }
+}
+
 pub struct LinkManager {
     path: PathBuf,
     rt: Arc<LinkRuntime>,
@@ -423,7 +433,7 @@ impl LinkManager {
     /// changed), then runs the traffic steps in a task.
     pub fn start(
         self: &Arc<Self>,
-        shared: Arc<crate::proxy::Shared>,
+        shared: Arc<crate::conn::Shared>,
         to: &str,
         over: Duration,
         steps: u32,
@@ -508,7 +518,7 @@ impl LinkManager {
     }
 
     /// After a restart: go on with a saved switch (raising the target again is harmless).
-    pub fn resume(self: &Arc<Self>, shared: Arc<crate::proxy::Shared>) {
+    pub fn resume(self: &Arc<Self>, shared: Arc<crate::conn::Shared>) {
         let Some(rec) = self.st.lock().expect("link state").switch.clone() else {
             return;
         };
@@ -533,7 +543,7 @@ impl LinkManager {
 
     /// Steps 2 and 3: move traffic, then lower the former active. `resumed`: this process
     /// took the switch over from a previous daemon (its pools are empty, whatever step).
-    async fn run(self: Arc<Self>, shared: Arc<crate::proxy::Shared>, resumed: bool) {
+    async fn run(self: Arc<Self>, shared: Arc<crate::conn::Shared>, resumed: bool) {
         let Some(rec) = self.st.lock().expect("link state").switch.clone() else {
             return;
         };
@@ -646,7 +656,7 @@ impl LinkManager {
     /// At most the link's `preconnect` per (pod, endpoint), concurrently, bounded by
     /// [`PRECONNECT_TIMEOUT`]; failures are counted and logged, never fatal (a request then
     /// opens its own connection as before).
-    async fn preconnect(&self, shared: &Arc<crate::proxy::Shared>, policy: &Policy, rec: &SwitchRec) {
+    async fn preconnect(&self, shared: &Arc<crate::conn::Shared>, policy: &Policy, rec: &SwitchRec) {
         let started = std::time::Instant::now();
         let plan = self.preconnect_plan(shared, policy, rec);
         if plan.is_empty() {
@@ -708,11 +718,11 @@ impl LinkManager {
     /// The (pod, endpoint, connections) the switch's pre-connect opens (see [`Self::preconnect`]).
     fn preconnect_plan(
         &self,
-        shared: &Arc<crate::proxy::Shared>,
+        shared: &Arc<crate::conn::Shared>,
         policy: &Policy,
         rec: &SwitchRec,
-    ) -> Vec<(Arc<crate::proxy::PodCtx>, std::net::SocketAddr, usize)> {
-        let mut plan: Vec<(Arc<crate::proxy::PodCtx>, std::net::SocketAddr, usize)> = Vec::new();
+    ) -> Vec<(Arc<crate::conn::PodCtx>, std::net::SocketAddr, usize)> {
+        let mut plan: Vec<(Arc<crate::conn::PodCtx>, std::net::SocketAddr, usize)> = Vec::new();
         for (name, target) in [(&rec.to, true), (&rec.from, false)] {
             let Some(l) = policy.links().iter().find(|l| &*l.name == name.as_str()) else {
                 continue;
@@ -731,7 +741,7 @@ impl LinkManager {
                 // Per pod: its connections to the service, and the local endpoints it delivers to.
                 let mut pods: BTreeMap<
                     String,
-                    (Arc<crate::proxy::PodCtx>, usize, Vec<std::net::SocketAddr>),
+                    (Arc<crate::conn::PodCtx>, usize, Vec<std::net::SocketAddr>),
                 > = BTreeMap::new();
                 for (pod, ep, n) in counts {
                     let e = pods
@@ -863,11 +873,7 @@ impl LinkManager {
             .links()
             .iter()
             .map(|l| {
-                let (state, share) = st
-                    .links
-                    .get(&*l.name)
-                    .copied()
-                    .unwrap_or((l.initial, l.resting_share(l.initial)));
+                let (state, share) = st.state_share(l);
                 let cgroups: Vec<_> = pods
                     .iter()
                     .flat_map(|(pod, m)| {
@@ -930,11 +936,7 @@ impl LinkManager {
             .links()
             .iter()
             .map(|l| {
-                let (state, share) = st
-                    .links
-                    .get(&*l.name)
-                    .copied()
-                    .unwrap_or((l.initial, l.resting_share(l.initial)));
+                let (state, share) = st.state_share(l);
                 let applied = pods
                     .iter()
                     .flat_map(|(pod, m)| {

@@ -11,6 +11,7 @@ mod admin;
 mod cni;
 mod cni_install;
 mod config;
+mod conn;
 mod daemon;
 mod ebpf;
 mod k8s;

@@ -415,6 +415,14 @@ fn encode_l7(d: &mut DescriptorEncoder, l7: &L7Shared) -> fmt::Result {
             .snapshot()
             .into_iter()
             .map(|((p, r), v)| (vec![("protocol", Esc(p)), ("reason", Esc(r))], v)),
+    )?;
+    counter(
+        d,
+        "sockmesh_upgrade_moved_connections_total",
+        "App connections moved to a new generation by upgrades (kept by the app), by protocol.",
+        crate::upgrade::moved_totals()
+            .into_iter()
+            .map(|(p, v)| (vec![("protocol", Esc(p))], v)),
     )
 }
 
@@ -852,6 +860,11 @@ mod tests {
             ("sockmesh_routing_policy_generation", vec![], 0.0),
             ("sockmesh_protocol_errors_total", vec![("protocol", "http1")], 1.0),
             ("sockmesh_colour_stripped_total", vec![], 0.0),
+            (
+                "sockmesh_upgrade_moved_connections_total",
+                vec![("protocol", "bolt")],
+                0.0,
+            ),
             ("sockmesh_colour_invalid_total", vec![], 0.0),
             (
                 "sockmesh_colour_requests_total",

@@ -256,6 +256,23 @@ impl V1LinkCgroups {
         Ok(())
     }
 
+    /// A pod's `links = { <link> = [dirs...], ... }` config line for these cgroups.
+    pub fn links_toml(&self) -> String {
+        let lists: Vec<String> = self
+            .links
+            .iter()
+            .map(|l| {
+                let dirs: Vec<String> = self
+                    .dirs(l)
+                    .iter()
+                    .map(|d| crate::daemon::toml_str(&d.to_string_lossy()))
+                    .collect();
+                format!("{l} = [{}]", dirs.join(", "))
+            })
+            .collect();
+        format!("links = {{ {} }}", lists.join(", "))
+    }
+
     /// A knob's value as the kernel shows it (empty when unreadable).
     pub fn knob(dir: &Path, file: &str) -> String {
         std::fs::read_to_string(dir.join(file))

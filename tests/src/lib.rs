@@ -23,6 +23,7 @@ pub mod k8s;
 pub mod node;
 pub mod peer;
 pub mod process;
+pub mod rpc;
 pub mod servers;
 pub mod upgrade;
 pub mod util;

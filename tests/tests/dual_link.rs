@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use sockmesh_tests::cgroup::V1LinkCgroups;
 use sockmesh_tests::cluster::Cluster;
-use sockmesh_tests::daemon::{basic_config, pod_toml, toml_str};
+use sockmesh_tests::daemon::{basic_config, pod_toml};
 use sockmesh_tests::process::exec_in;
 use sockmesh_tests::{
     eventually, last_json, peers_dir, python, require_privileged, Daemon, Server, VirtualNode,
@@ -114,18 +114,7 @@ active = {{ cpu_percent = {active_cpu}, weight = 100 }}
 }
 
 fn links_toml(cg: &V1LinkCgroups) -> String {
-    let list = |l: &str| {
-        cg.dirs(l)
-            .iter()
-            .map(|d| toml_str(&d.to_string_lossy()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    format!(
-        "inbound_ports = [8001, 8002]\nlinks = {{ trade = [{}], forest = [{}] }}",
-        list("trade"),
-        list("forest")
-    )
+    format!("inbound_ports = [8001, 8002]\n{}", cg.links_toml())
 }
 
 fn app_server(pod: &sockmesh_tests::Pod, port: u16, name: &str) -> Server {

@@ -27,6 +27,9 @@ use anyhow::{anyhow, bail, ensure, Context};
 use serde_json::Value;
 use sockmesh_tests::daemon::{basic_config, prom_value};
 use sockmesh_tests::process::exec_in;
+use sockmesh_tests::rpc::{
+    node_server, npm_dir, npm_peers_problem, rpc_load, rpc_load_raw, rpc_load_with, rpc_servers, RPC_STATS,
+};
 use sockmesh_tests::util::ensure_eq;
 use sockmesh_tests::{
     eventually, last_json, peers_dir, pod_exec, python, require_privileged, workspace_root, Daemon,
@@ -63,10 +66,6 @@ enum Tool {
     Curl,
 }
 
-fn npm_dir() -> PathBuf {
-    peers_dir().join("npm")
-}
-
 /// The Python that has grpcio: `$SOCKMESH_TEST_PYTHON`, else `<workspace>/target/test-venv`.
 fn grpc_python() -> PathBuf {
     match std::env::var_os("SOCKMESH_TEST_PYTHON") {
@@ -89,13 +88,7 @@ fn tool_problem(tool: Tool) -> Option<String> {
         Tool::Wrk => on_path("wrk", "`wrk`"),
         Tool::H2load => on_path("h2load", "`h2load` (nghttp2-client)"),
         Tool::Curl => on_path("curl", "`curl`"),
-        Tool::NpmPeers => {
-            let m = npm_dir().join("node_modules");
-            let ok = ["sofa-rpc-node", "sofa-bolt-node", "dubbo-remoting"]
-                .iter()
-                .all(|p| m.join(p).join("package.json").is_file());
-            (!ok).then(|| format!("the npm peers are not installed in {}", m.display()))
-        }
+        Tool::NpmPeers => npm_peers_problem(),
         Tool::GrpcPython => {
             let py = grpc_python();
             let ok = Command::new(&py)
@@ -193,14 +186,6 @@ fn daemon(node: &VirtualNode, policy: &str) -> Daemon {
     let d = Daemon::start(node, &basic_config(node, policy)).expect("daemon start");
     d.enroll(node.pod("client")).expect("enroll client");
     d
-}
-
-/// `node npm/<script> <args>` inside `pod`, waiting for `listening`.
-fn node_server(pod: &Pod, script: &str, args: &[&str]) -> Server {
-    let mut cmd = Command::new("node");
-    cmd.current_dir(npm_dir()).arg(npm_dir().join(script)).args(args);
-    Server::start(&pod.cgroup, Some(&pod.netns), cmd)
-        .unwrap_or_else(|e| panic!("{script} in {}: {e:#}", pod.name))
 }
 
 /// Endpoint servers named after their pods (`v1`, `v2`), started by `start(pod, name)`.
@@ -372,61 +357,6 @@ fn run_in(pod: &Pod, mut cmd: Command) -> Output {
 
 // ---------------------------------------------------------------------------------------------
 // clients
-
-/// `node npm/rpc_load.js` from the client pod; its JSON summary.
-fn rpc_load(node: &VirtualNode, protocol: &str, vip_port: u16, requests: u64, header: Option<&str>) -> Value {
-    rpc_load_with(node, protocol, vip_port, requests, header, &[])
-}
-
-fn rpc_load_with(
-    node: &VirtualNode,
-    protocol: &str,
-    vip_port: u16,
-    requests: u64,
-    header: Option<&str>,
-    extra: &[&str],
-) -> Value {
-    let (out, v) = rpc_load_raw(node, protocol, vip_port, requests, header, extra);
-    assert!(
-        out.status.success() && v["answered"].as_u64() == Some(requests) && v["errors"].as_u64() == Some(0),
-        "{protocol}: not every call was answered: {v} stderr {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    v
-}
-
-/// `rpc_load.js` whatever its outcome: the process output and its JSON summary.
-fn rpc_load_raw(
-    node: &VirtualNode,
-    protocol: &str,
-    vip_port: u16,
-    requests: u64,
-    header: Option<&str>,
-    extra: &[&str],
-) -> (Output, Value) {
-    let mut cmd = Command::new("node");
-    cmd.current_dir(npm_dir())
-        .arg(npm_dir().join("rpc_load.js"))
-        .args([
-            "--protocol",
-            protocol,
-            "--connect",
-            &format!("{VIP}:{vip_port}"),
-            "--requests",
-            &requests.to_string(),
-            "--concurrency",
-            "32",
-            "--seconds-limit",
-            "50",
-        ]);
-    if let Some(h) = header {
-        cmd.args(["--header", h]);
-    }
-    cmd.args(extra);
-    let out = run_in(node.pod("client"), cmd);
-    let v = last_json("rpc_load.js", &out);
-    (out, v)
-}
 
 /// `grpc_peer.py call` from the client pod; its JSON summary.
 fn grpc_call(node: &VirtualNode, vip_port: u16, requests: u64, metadata: Option<&str>) -> Value {
@@ -682,29 +612,6 @@ fn grpc_calls_split_90_10_and_metadata_sends_all_to_v2() {
 
 const BOLT_PORT: u16 = 12200;
 const DUBBO_PORT: u16 = 20880;
-const RPC_STATS: u16 = 9903;
-
-fn rpc_servers(node: &VirtualNode, protocol: &str, port: u16) -> Vec<Server> {
-    let port = port.to_string();
-    let stats_port = RPC_STATS.to_string();
-    endpoints(node, |pod, name| {
-        node_server(
-            pod,
-            "rpc_server.js",
-            &[
-                "--protocol",
-                protocol,
-                "--name",
-                name,
-                "--port",
-                &port,
-                "--stats-port",
-                &stats_port,
-            ],
-        )
-    })
-}
-
 fn rpc_split_over_one_connection(protocol: &str, port: u16) {
     let node = node();
     let service = format!("{protocol}-svc");
@@ -715,7 +622,13 @@ fn rpc_split_over_one_connection(protocol: &str, port: u16) {
     let _servers = rpc_servers(&node, protocol, port);
     let before = routed_per_subset(&d, &service, "default");
     let conns_before = client_connections(&d);
-    let v = rpc_load(&node, protocol, port, REQUESTS, None);
+    let v = rpc_load(
+        node.pod("client"),
+        &format!("{VIP}:{port}"),
+        protocol,
+        REQUESTS,
+        None,
+    );
     assert_eq!(
         v["connections"].as_u64(),
         Some(1),
@@ -736,7 +649,13 @@ fn rpc_split_over_one_connection(protocol: &str, port: u16) {
     assert_routed(&d, &service, "default", &before, &counts);
 
     let canary_before = routed_per_subset(&d, &service, "canary");
-    let v = rpc_load(&node, protocol, port, 1000, Some("x-canary=true"));
+    let v = rpc_load(
+        node.pod("client"),
+        &format!("{VIP}:{port}"),
+        protocol,
+        1000,
+        Some("x-canary=true"),
+    );
     assert_eq!(by_server(&v), BTreeMap::from([("v2".into(), 1000)]), "{v}");
     assert_eq!(
         stats(node.pod("v2"), RPC_STATS)["by_header"]["true"].as_u64(),
@@ -755,9 +674,9 @@ fn rpc_split_over_one_connection(protocol: &str, port: u16) {
         // request properties travel in the hessian body, and the match still holds.
         let canary_before = routed_per_subset(&d, &service, "canary");
         let v = rpc_load_with(
-            &node,
+            node.pod("client"),
+            &format!("{VIP}:{port}"),
             protocol,
-            port,
             1000,
             Some("x-canary=true"),
             &["--stock-bolt"],
@@ -792,19 +711,32 @@ fn rpc_colours_over_one_connection(protocol: &str, port: u16) {
     let d = daemon(&node, &format!("{colours}{svc}"));
     let _servers = rpc_servers(&node, protocol, port);
     let n = 2000;
-    let base = rpc_load(&node, protocol, port, n, None);
+    let base = rpc_load(node.pod("client"), &format!("{VIP}:{port}"), protocol, n, None);
     assert_eq!(
         by_server(&base),
         BTreeMap::from([("v1".into(), n)]),
         "base: {base}"
     );
-    let gray = rpc_load(&node, protocol, port, n, Some("x-mesh-colour=gray"));
+    let gray = rpc_load(
+        node.pod("client"),
+        &format!("{VIP}:{port}"),
+        protocol,
+        n,
+        Some("x-mesh-colour=gray"),
+    );
     assert_eq!(
         by_server(&gray),
         BTreeMap::from([("v2".into(), n)]),
         "gray: {gray}"
     );
-    let (_, stress) = rpc_load_raw(&node, protocol, port, 500, Some("x-mesh-colour=stress"), &[]);
+    let (_, stress) = rpc_load_raw(
+        node.pod("client"),
+        &format!("{VIP}:{port}"),
+        protocol,
+        500,
+        Some("x-mesh-colour=stress"),
+        &[],
+    );
     assert_eq!(
         stress["answered"].as_u64(),
         Some(0),
@@ -977,7 +909,13 @@ fn routes_apply_during_bolt_load_loses_nothing_and_later_requests_follow_the_new
     );
 
     // A fresh run: everything to v2.
-    let v = rpc_load(&node, "bolt", BOLT_PORT, 2000, None);
+    let v = rpc_load(
+        node.pod("client"),
+        &format!("{VIP}:{BOLT_PORT}"),
+        "bolt",
+        2000,
+        None,
+    );
     assert_eq!(by_server(&v), BTreeMap::from([("v2".into(), 2000)]), "{v}");
 }
 

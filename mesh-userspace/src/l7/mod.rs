@@ -7,7 +7,7 @@
 //!   each request routed on its own, request ids remapped onto shared upstream connections
 //!   per endpoint.
 //! - opaque TCP (detected, hinted, or a detection timeout): routed once per connection and
-//!   relayed by [`crate::proxy`].
+//!   relayed by the opaque relay (`proxy.rs`), which dispatches here; nothing in `l7` uses it.
 //!
 //! Every handler counts protocol errors in [`L7Errors`] by (protocol, reason) and each request's
 //! outcome in the route's [`crate::routing::RouteStats`].
@@ -26,8 +26,8 @@ use std::{
 use tokio::net::TcpStream;
 
 use crate::{
+    conn::{self, ConnEntry, PodCtx, Shared},
     propagate::{self, ColourKernel},
-    proxy::{self, ConnEntry, PodCtx, Shared},
     routing::{
         colour::{Choice, ColourId, ColourInputs},
         Decision, Policy, RequestInfo, RouteError, Router,
@@ -111,7 +111,7 @@ impl ConnCtx {
     /// Open an upstream connection to `endpoint` from inside the pod's netns with the daemon's
     /// mark (never captured again), bounded by `timeout`.
     pub async fn connect(&self, endpoint: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-        proxy::connect_upstream(&self.pod, endpoint, timeout).await
+        conn::connect_upstream(&self.pod, endpoint, timeout).await
     }
 
     /// Does a request on this connection come from inside the mesh, so that its colour header

@@ -55,6 +55,20 @@
 //!   A Dubbo frame whose Hessian2 body does not decode is different: its framing is intact, so
 //!   only that request gets `BAD_REQUEST` (counted with the Hessian2 reason) and the connection
 //!   carries on, since closing it would fail every unrelated request multiplexed on it.
+//! - **Upgrade** (`sockmesh upgrade`, see [`crate::upgrade`] and docs/upgrade.md). When this
+//!   generation drains, the reader stops at the next frame boundary: every complete frame
+//!   already read is dispatched, the start of a frame that is not complete stays undecoded. The
+//!   connection then waits until every request in flight on it has been answered and written
+//!   back (heartbeats are answered locally, one-way requests end once queued upstream, and every
+//!   request is bounded by its route's timeout, so none of them holds the move up for long) and
+//!   hands the app's socket, the undecoded bytes and their stream offset to the successor, which
+//!   serves it from those bytes ([`serve_bolt_handed_over`], [`serve_dubbo_handed_over`]). The
+//!   app keeps its TCP connection. Requests still in flight at the hand-over deadline (the drain
+//!   deadline less [`crate::upgrade::MUX_HANDOVER_MARGIN`]) keep the connection here: their late
+//!   responses are still written back, then it closes (the drain deadline closes it at the
+//!   latest); counted as `upgrade_not_moved` in the protocol errors. Upstream connections
+//!   ([`MuxPools`]) never move: the successor opens its own. With acceleration on, or once the
+//!   successor is gone, connections finish on this generation as before.
 //!
 //! Not done: a request is never retried once written (even when the connection turns out to
 //! have been closed by the server just before); the per-(pod, endpoint) pool entries are not
@@ -965,27 +979,83 @@ impl MuxPools {
 // ---------------------------------------------------------------------------------------------
 // The app's connection
 
-/// Serve one Bolt connection until it closes.
+/// Serve one Bolt connection until it closes (or an upgrade moves it).
 pub async fn serve_bolt(client: TcpStream, ctx: ConnCtx) {
     serve::<Bolt>(client, ctx).await
 }
 
-/// Serve one Dubbo connection until it closes.
+/// Serve one Dubbo connection until it closes (or an upgrade moves it).
 pub async fn serve_dubbo(client: TcpStream, ctx: ConnCtx) {
     serve::<Dubbo>(client, ctx).await
 }
 
+/// A Bolt connection the previous generation handed over (upgrade): `read` are the bytes it
+/// had read and not decoded (the start of the next frame), `offset` the stream offset they
+/// start at.
+pub async fn serve_bolt_handed_over(client: TcpStream, read: Vec<u8>, offset: u64, ctx: ConnCtx) {
+    serve_with::<Bolt, _>(client, BytesMut::from(&read[..]), offset, ctx, UpgradeDrain).await
+}
+
+/// A Dubbo connection the previous generation handed over; see [`serve_bolt_handed_over`].
+pub async fn serve_dubbo_handed_over(client: TcpStream, read: Vec<u8>, offset: u64, ctx: ConnCtx) {
+    serve_with::<Dubbo, _>(client, BytesMut::from(&read[..]), offset, ctx, UpgradeDrain).await
+}
+
 async fn serve<P: MuxProto>(client: TcpStream, ctx: ConnCtx) {
+    serve_with::<P, _>(client, BytesMut::new(), 0, ctx, UpgradeDrain).await
+}
+
+/// How an app connection learns that it should move to another generation, and moves.
+trait MuxDrain: Send + 'static {
+    /// Resolves when the connection should stop reading at the next frame boundary and be
+    /// handed over: the instant by which the requests in flight must be answered (else it
+    /// stays). Never resolves when there is nothing to hand over to.
+    fn wait(&self) -> impl std::future::Future<Output = Instant> + Send;
+    /// Give the socket (every response written) and the undecoded bytes to the successor.
+    fn hand_over(&self, s: TcpStream, read: Vec<u8>, offset: u64, ctx: &ConnCtx, proto: &'static str);
+}
+
+/// The real one: `sockmesh upgrade` (see [`crate::upgrade`]).
+struct UpgradeDrain;
+
+impl MuxDrain for UpgradeDrain {
+    async fn wait(&self) -> Instant {
+        match crate::upgrade::drain_mux().await {
+            Some(by) => by,
+            // This generation drains but cannot move connections (acceleration on, or the
+            // successor is gone): the connection finishes here.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn hand_over(&self, s: TcpStream, read: Vec<u8>, offset: u64, ctx: &ConnCtx, proto: &'static str) {
+        crate::upgrade::hand_over_mux(s, read, offset, ctx, proto);
+    }
+}
+
+async fn serve_with<P: MuxProto, D: MuxDrain>(
+    client: TcpStream,
+    prefix: BytesMut,
+    offset: u64,
+    ctx: ConnCtx,
+    drain: D,
+) {
     let (mut rd, wr) = client.into_split();
     let (tx, rx) = mpsc::channel::<P::Frame>(QUEUE);
-    let writer = tokio::spawn(app_writer::<P>(wr, rx, ctx.clone()));
+    let mut writer = tokio::spawn(app_writer::<P>(wr, rx, ctx.clone()));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut codec = P::Codec::default();
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut buf = prefix;
+    buf.reserve(8 * 1024);
     let mut eof = false;
     // Bytes read from the app so far: a frame starts at `read - buf.len()` (the stream offset
-    // the kernel's propagation ledger is keyed by).
-    let mut read: u64 = 0;
+    // the kernel's propagation ledger is keyed by). A handed-over connection continues the
+    // count of the generation that read its first bytes.
+    let mut read: u64 = offset + buf.len() as u64;
+    let draining = drain.wait();
+    tokio::pin!(draining);
+    // Set when the connection is to move: answer what is in flight by then, or stay.
+    let mut hand_over_by: Option<Instant> = None;
     loop {
         let start = read - buf.len() as u64;
         let mut prefix = [0u8; 16];
@@ -1018,7 +1088,16 @@ async fn serve<P: MuxProto>(client: TcpStream, ctx: ConnCtx) {
                 break;
             }
         }
-        match rd.read_buf(&mut buf).await {
+        // Every complete frame is decoded and dispatched: `buf` holds at most the start of
+        // the next one. A frame boundary, where an upgrade may stop reading.
+        let got = tokio::select! {
+            by = &mut draining, if hand_over_by.is_none() => {
+                hand_over_by = Some(by);
+                break;
+            }
+            r = rd.read_buf(&mut buf) => r,
+        };
+        match got {
             Ok(0) => eof = true,
             Ok(n) => {
                 read += n as u64;
@@ -1031,12 +1110,47 @@ async fn serve<P: MuxProto>(client: TcpStream, ctx: ConnCtx) {
             }
         }
     }
-    // The writer ends once every request task has sent its response.
+    // The writer ends once every request task has sent its response (and it was written).
     drop(tx);
-    let _ = writer.await;
+    let Some(by) = hand_over_by else {
+        if let Ok(Some(mut w)) = writer.await {
+            let _ = w.shutdown().await;
+        }
+        return;
+    };
+    debug!(client = %ctx.client, in_flight = MAX_IN_FLIGHT - in_flight.available_permits(),
+        "upgrade: {} connection stopped reading at a frame boundary", P::NAME);
+    match tokio::time::timeout_at(by.into(), &mut writer).await {
+        Ok(Ok(Some(w))) => match rd.reunite(w) {
+            Ok(s) => {
+                let at = read - buf.len() as u64;
+                drain.hand_over(s, buf.to_vec(), at, &ctx, P::NAME);
+            }
+            Err(e) => debug!("upgrade: {} connection not handed over: {e}", P::NAME),
+        },
+        // The app's socket failed while answering: nothing to move.
+        Ok(_) => {}
+        Err(_) => {
+            // Requests still in flight at the hand-over deadline: the connection stays on
+            // this generation, late responses are still written back; then it closes (or
+            // the drain deadline closes it).
+            ctx.l7().errors.count(P::NAME, "upgrade_not_moved");
+            tracing::info!(client = %ctx.client, in_flight = MAX_IN_FLIGHT - in_flight.available_permits(),
+                "upgrade: {} requests still in flight at the hand-over deadline: the connection stays and closes", P::NAME);
+            if let Ok(Some(mut w)) = writer.await {
+                let _ = w.shutdown().await;
+            }
+        }
+    }
 }
 
-async fn app_writer<P: MuxProto>(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<P::Frame>, ctx: ConnCtx) {
+/// Write responses back to the app until every sender is gone; the write half back (not shut
+/// down: the connection may move), `None` when a write failed.
+async fn app_writer<P: MuxProto>(
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<P::Frame>,
+    ctx: ConnCtx,
+) -> Option<OwnedWriteHalf> {
     let mut codec = P::Codec::default();
     let mut buf = BytesMut::new();
     while let Some(first) = rx.recv().await {
@@ -1049,7 +1163,7 @@ async fn app_writer<P: MuxProto>(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<P
         }
         if let Err(e) = w.write_all(&buf).await {
             debug!(client = %ctx.client, "write to the app failed: {e}");
-            return;
+            return None;
         }
         ctx.entry.bytes_to_client.fetch_add(buf.len() as u64, Relaxed);
         ctx.pod
@@ -1058,7 +1172,7 @@ async fn app_writer<P: MuxProto>(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<P
             .fetch_add(buf.len() as u64, Relaxed);
         buf.clear();
     }
-    let _ = w.shutdown().await;
+    Some(w)
 }
 
 /// One request from the app, start to finish.
@@ -1175,8 +1289,8 @@ mod tests {
 
     use super::*;
     use crate::{
+        conn::{ConnEntry, Direction, OrigDstSource, PodCtx, Shared},
         protocol::hessian2,
-        proxy::{ConnEntry, Direction, OrigDstSource, PodCtx, Shared},
         routing::{compile, parse_toml, Router},
         sys::NetNs,
     };
@@ -1367,6 +1481,37 @@ mod tests {
     }
 
     async fn mesh<P: MuxProto>(router: Router) -> Mesh {
+        mesh_with::<P, _>(router, || UpgradeDrain).await
+    }
+
+    /// The context of an app connection from `client` in the test mesh.
+    fn test_ctx(shared: &Arc<Shared>, pod: &Arc<PodCtx>, client: SocketAddr) -> ConnCtx {
+        ConnCtx {
+            pod: pod.clone(),
+            shared: shared.clone(),
+            client,
+            orig: VIP.parse().unwrap(),
+            entry: Arc::new(ConnEntry {
+                id: 1,
+                pod: "t".into(),
+                direction: Direction::Outbound,
+                client,
+                original_dst: VIP.parse().unwrap(),
+                upstream_local: Mutex::new(None),
+                bytes_to_upstream: AtomicU64::new(0),
+                bytes_to_client: AtomicU64::new(0),
+                started: Instant::now(),
+            }),
+            inbound: false,
+            local: VIP.parse().unwrap(),
+        }
+    }
+
+    /// A mesh whose app connections learn of a drain from `drain()`.
+    async fn mesh_with<P: MuxProto, D: MuxDrain>(
+        router: Router,
+        drain: impl Fn() -> D + Send + 'static,
+    ) -> Mesh {
         let shared = Arc::new(Shared::new(Box::new(NoOrigDst), router));
         let pod = Arc::new(PodCtx {
             name: "t".into(),
@@ -1385,26 +1530,8 @@ mod tests {
         tokio::spawn(async move {
             loop {
                 let (s, client) = l.accept().await.unwrap();
-                let ctx = ConnCtx {
-                    pod: p2.clone(),
-                    shared: s2.clone(),
-                    client,
-                    orig: VIP.parse().unwrap(),
-                    entry: Arc::new(ConnEntry {
-                        id: 1,
-                        pod: "t".into(),
-                        direction: Direction::Outbound,
-                        client,
-                        original_dst: VIP.parse().unwrap(),
-                        upstream_local: Mutex::new(None),
-                        bytes_to_upstream: AtomicU64::new(0),
-                        bytes_to_client: AtomicU64::new(0),
-                        started: Instant::now(),
-                    }),
-                    inbound: false,
-                    local: VIP.parse().unwrap(),
-                };
-                tokio::spawn(serve::<P>(s, ctx));
+                let ctx = test_ctx(&s2, &p2, client);
+                tokio::spawn(serve_with::<P, D>(s, BytesMut::new(), 0, ctx, drain()));
             }
         });
         Mesh { addr, shared, pod }
@@ -2005,5 +2132,187 @@ mod tests {
         let r = app.call(dubbo_request(&frames::<Dubbo>(DUBBO)[0], 6, &[])).await;
         assert_eq!((r.request_id, r.status), (6, dubbo::status::SERVICE_NOT_FOUND));
         assert_eq!(m.errors("dubbo", "no_route"), 1);
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Upgrade: moving an app connection at a frame boundary
+
+    /// A drain the test starts (`go`: the hand-over deadline); moved connections come out of
+    /// `moved` with their undecoded bytes and the stream offset.
+    #[derive(Clone)]
+    struct TestDrain {
+        go: tokio::sync::watch::Receiver<Option<Instant>>,
+        moved: mpsc::UnboundedSender<(TcpStream, Vec<u8>, u64)>,
+    }
+
+    type Moved = mpsc::UnboundedReceiver<(TcpStream, Vec<u8>, u64)>;
+
+    impl TestDrain {
+        fn new() -> (Self, tokio::sync::watch::Sender<Option<Instant>>, Moved) {
+            let (go_tx, go) = tokio::sync::watch::channel(None);
+            let (moved, moved_rx) = mpsc::unbounded_channel();
+            (Self { go, moved }, go_tx, moved_rx)
+        }
+    }
+
+    impl MuxDrain for TestDrain {
+        async fn wait(&self) -> Instant {
+            let mut go = self.go.clone();
+            let by = match go.wait_for(|g| g.is_some()).await {
+                Ok(by) => *by,
+                Err(_) => None,
+            };
+            match by {
+                Some(by) => by,
+                None => std::future::pending().await,
+            }
+        }
+
+        fn hand_over(&self, s: TcpStream, read: Vec<u8>, offset: u64, _: &ConnCtx, _: &'static str) {
+            let _ = self.moved.send((s, read, offset));
+        }
+    }
+
+    fn encoded<P: MuxProto>(frames: impl IntoIterator<Item = P::Frame>) -> BytesMut {
+        let mut codec = P::Codec::default();
+        let mut out = BytesMut::new();
+        for f in frames {
+            codec.encode(f, &mut out).unwrap();
+        }
+        out
+    }
+
+    /// Until the proxy has read `n` bytes from its app connections.
+    async fn read_by_proxy(m: &Mesh, n: u64) {
+        let t0 = Instant::now();
+        while m.pod.stats.bytes_upstream.load(Relaxed) < n {
+            assert!(
+                t0.elapsed() < WAIT,
+                "the proxy read {} of {n} bytes",
+                m.pod.stats.bytes_upstream.load(Relaxed)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn draining_answers_the_requests_in_flight_then_moves_the_socket_with_a_partial_frame() {
+        const DELAY: Duration = Duration::from_millis(300);
+        let v1 = server::<Bolt>("v1", DELAY, bolt_answer).await;
+        let v2 = server::<Bolt>("v2", DELAY, bolt_answer).await;
+        let (drain, go, mut moved) = TestDrain::new();
+        let next_gen = TestDrain::new().0;
+        let m = mesh_with::<Bolt, _>(policy("bolt", v1.addr, v2.addr, 5_000, 1), move || drain.clone()).await;
+        let t = frames::<Bolt>(BOLT_V1).remove(0);
+        let mut app = App::<Bolt>::connect(&m).await;
+        // Three requests, a heartbeat and a one-way request, then the first 10 bytes of the next
+        // request: the proxy has read everything when the drain starts.
+        let mut oneway = bolt_request(&t, 4, &[]);
+        oneway.cmd_type = bolt::TYPE_REQUEST_ONEWAY;
+        let whole = encoded::<Bolt>([
+            bolt_request(&t, 1, &[]),
+            bolt_request(&t, 2, &[]),
+            bolt_request(&t, 3, &[]),
+            Bolt::heartbeat(5),
+            oneway,
+        ]);
+        let next = encoded::<Bolt>([bolt_request(&t, 6, &[])]);
+        let sent = Instant::now();
+        app.wr.write_all(&whole).await.unwrap();
+        app.wr.write_all(&next[..10]).await.unwrap();
+        read_by_proxy(&m, (whole.len() + 10) as u64).await;
+        go.send_replace(Some(Instant::now() + WAIT));
+        let (s, read, offset) = tokio::time::timeout(WAIT, moved.recv())
+            .await
+            .expect("moved in time")
+            .expect("moved");
+        // Not before the requests in flight were answered (the servers take DELAY)...
+        assert!(sent.elapsed() >= DELAY, "moved after {:?}", sent.elapsed());
+        // ... and written back: the answers are at the app already, the heartbeat's among them;
+        // nothing for the one-way request.
+        let mut ids: Vec<u32> = Vec::new();
+        for _ in 0..4 {
+            let r = app.recv().await;
+            assert!(r.cmd_type == bolt::TYPE_RESPONSE, "{r:?}");
+            ids.push(r.request_id);
+        }
+        ids.sort();
+        assert_eq!(ids, [1, 2, 3, 5]);
+        // The bytes of the next frame moved with the socket, at their stream offset.
+        assert_eq!(read, &next[..10]);
+        assert_eq!(offset, whole.len() as u64);
+        // The next generation serves the same socket from there.
+        let ctx = test_ctx(&m.shared, &m.pod, app.wr.local_addr().unwrap());
+        tokio::spawn(serve_with::<Bolt, _>(
+            s,
+            BytesMut::from(&read[..]),
+            offset,
+            ctx,
+            next_gen,
+        ));
+        app.wr.write_all(&next[10..]).await.unwrap();
+        let r = app.recv().await;
+        assert_eq!((r.request_id, r.status), (6, bolt::status::SUCCESS));
+        let r = app.call(bolt_request(&t, 7, &[])).await;
+        assert_eq!((r.request_id, r.status), (7, bolt::status::SUCCESS));
+        // Each request counted once: 1, 2, 3, the one-way 4, 6 and 7.
+        let s = m.route_view("default", "v1");
+        assert_eq!(s.requests + m.route_view("default", "v2").requests, 6);
+        assert_eq!(m.errors("bolt", "upgrade_not_moved"), 0);
+    }
+
+    #[tokio::test]
+    async fn dubbo_moves_at_a_frame_boundary_too() {
+        let v1 = server::<Dubbo>("v1", Duration::from_millis(100), dubbo_answer).await;
+        let v2 = server::<Dubbo>("v2", Duration::from_millis(100), dubbo_answer).await;
+        let (drain, go, mut moved) = TestDrain::new();
+        let m =
+            mesh_with::<Dubbo, _>(policy("dubbo", v1.addr, v2.addr, 5_000, 1), move || drain.clone()).await;
+        let t = frames::<Dubbo>(DUBBO).remove(0);
+        let mut app = App::<Dubbo>::connect(&m).await;
+        let whole = encoded::<Dubbo>([dubbo_request(&t, 1, &[]), dubbo_request(&t, 2, &[])]);
+        let next = encoded::<Dubbo>([dubbo_request(&t, 3, &[])]);
+        app.wr.write_all(&whole).await.unwrap();
+        app.wr.write_all(&next[..20]).await.unwrap();
+        read_by_proxy(&m, (whole.len() + 20) as u64).await;
+        go.send_replace(Some(Instant::now() + WAIT));
+        let (s, read, offset) = tokio::time::timeout(WAIT, moved.recv()).await.unwrap().unwrap();
+        let mut ids = vec![app.recv().await.request_id, app.recv().await.request_id];
+        ids.sort();
+        assert_eq!(ids, [1, 2]);
+        assert_eq!((read.as_slice(), offset), (&next[..20], whole.len() as u64));
+        let ctx = test_ctx(&m.shared, &m.pod, app.wr.local_addr().unwrap());
+        tokio::spawn(serve_with::<Dubbo, _>(
+            s,
+            BytesMut::from(&read[..]),
+            offset,
+            ctx,
+            TestDrain::new().0,
+        ));
+        app.wr.write_all(&next[20..]).await.unwrap();
+        assert_eq!(app.recv().await.request_id, 3);
+    }
+
+    #[tokio::test]
+    async fn requests_unanswered_by_the_hand_over_deadline_keep_the_connection_until_answered() {
+        let slow = server::<Bolt>("v1", Duration::from_millis(1500), bolt_answer).await;
+        let slow2 = server::<Bolt>("v2", Duration::from_millis(1500), bolt_answer).await;
+        let (drain, go, mut moved) = TestDrain::new();
+        let m = mesh_with::<Bolt, _>(policy("bolt", slow.addr, slow2.addr, 5_000, 1), move || {
+            drain.clone()
+        })
+        .await;
+        let t = frames::<Bolt>(BOLT_V1).remove(0);
+        let mut app = App::<Bolt>::connect(&m).await;
+        let whole = encoded::<Bolt>([bolt_request(&t, 1, &[])]);
+        app.wr.write_all(&whole).await.unwrap();
+        read_by_proxy(&m, whole.len() as u64).await;
+        go.send_replace(Some(Instant::now() + Duration::from_millis(100)));
+        // The late answer still reaches the app, then the connection closes; nothing moved.
+        let got = app.expect_closed().await;
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].request_id, got[0].status), (1, bolt::status::SUCCESS));
+        assert!(moved.try_recv().is_err(), "moved with a request in flight");
+        assert_eq!(m.errors("bolt", "upgrade_not_moved"), 1);
     }
 }

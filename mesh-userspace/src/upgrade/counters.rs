@@ -14,8 +14,8 @@ use std::{
 
 use super::wire::{Counter, PodCounters, RouteCounters, Snapshot};
 use crate::{
+    conn::{PodStats, ProxyErrors},
     daemon::Daemon,
-    proxy::{PodStats, ProxyErrors},
 };
 
 fn proxy_field<'a>(e: &'a ProxyErrors, name: &str) -> Option<&'a AtomicU64> {
@@ -80,6 +80,7 @@ pub fn snapshot(d: &Daemon, pods: &[(String, Arc<PodStats>)], last: bool) -> Sna
                 value,
             })
             .collect(),
+        moved: super::moved_totals().into_iter().map(counter).collect(),
     }
 }
 
@@ -234,6 +235,10 @@ impl Carry {
                 &delta.buckets,
                 delta.latency_sum_us,
             );
+        }
+        for c in &s.moved {
+            let delta = c.value.saturating_sub(before(&prev.moved, &c.name));
+            super::add_moved(&c.name, delta);
         }
         for c in &s.protocol_errors {
             let delta = c.value.saturating_sub(before(&prev.protocol_errors, &c.name));

@@ -7,8 +7,10 @@
 //! *same* listening sockets (pods' outbound and inbound listeners, admin, metrics) and its
 //! lock file by `SCM_RIGHTS`. N+1 adopts the pinned kernel state as a restart does, says
 //! `Ready`, gets `Commit`, starts accepting on the shared sockets and says `Started`; only then
-//! does N stop accepting and drain (HTTP/1.1: `Connection: close` on the next response,
-//! HTTP/2: GOAWAY), sending its counters to N+1 until it exits without unpinning anything.
+//! does N stop accepting and drain, sending its counters to N+1 until it exits without
+//! unpinning anything. While it drains, live app connections move to N+1 with the bytes already
+//! read: HTTP/1.1 at a request boundary, Bolt and Dubbo at a frame boundary once their requests
+//! in flight are answered, opaque TCP as a pair of sockets after a deadline; HTTP/2 gets GOAWAY.
 //! Until `Started`, N has changed nothing: a successor that fails at any step leaves N serving
 //! and its rendezvous in place for the next try.
 //!
@@ -70,6 +72,9 @@ pub struct Status {
     pub moved_read_bytes: u64,
     /// Of `moved`: opaque TCP relays (a pair of sockets each).
     pub moved_opaque: u64,
+    /// Of `moved`: Bolt and Dubbo connections (moved at a frame boundary once every request
+    /// in flight on them was answered).
+    pub moved_mux: u64,
     /// In N+1: the previous generation while it drains.
     pub previous: Option<Previous>,
 }
@@ -95,6 +100,7 @@ impl Status {
             moved: 0,
             moved_read_bytes: 0,
             moved_opaque: 0,
+            moved_mux: 0,
             previous: None,
         }
     }
@@ -225,6 +231,116 @@ fn send_handover(meta: wire::Conn, fds: Vec<OwnedFd>) -> bool {
     match tx {
         Some(tx) => tx.send(HandOver { meta, fds }).is_ok(),
         None => false,
+    }
+}
+
+/// The protocols a moved app connection is counted under in
+/// `sockmesh_upgrade_moved_connections_total` (`tcp`: an opaque relay).
+pub const MOVED_PROTOCOLS: [&str; 4] = ["http1", "bolt", "dubbo", "tcp"];
+/// App connections moved into a generation by upgrades, by [`MOVED_PROTOCOLS`]: this
+/// generation's own and, carried over, its predecessors'.
+static MOVED_TOTAL: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+/// `sockmesh_upgrade_moved_connections_total`: (protocol, connections) along the chain of
+/// generations.
+pub fn moved_totals() -> Vec<(&'static str, u64)> {
+    MOVED_PROTOCOLS
+        .iter()
+        .zip(&MOVED_TOTAL)
+        .map(|(p, n)| (*p, n.load(Relaxed)))
+        .collect()
+}
+
+/// Count `n` connections of `protocol` (one of [`MOVED_PROTOCOLS`]; others are ignored).
+pub(crate) fn add_moved(protocol: &str, n: u64) {
+    if let Some(i) = MOVED_PROTOCOLS.iter().position(|p| *p == protocol) {
+        MOVED_TOTAL[i].fetch_add(n, Relaxed);
+    }
+}
+
+/// What a moved connection is counted as.
+fn moved_protocol(c: &wire::Conn) -> &'static str {
+    if c.opaque {
+        return "tcp";
+    }
+    match wire::AppProtocol::try_from(c.protocol) {
+        Ok(wire::AppProtocol::Http1) => "http1",
+        Ok(wire::AppProtocol::Bolt) => "bolt",
+        Ok(wire::AppProtocol::Dubbo) => "dubbo",
+        Err(_) => "unknown",
+    }
+}
+
+/// A Bolt or Dubbo connection that stopped reading at a frame boundary must have answered its
+/// requests in flight this long before the drain deadline to move (the hand-over itself still
+/// has to reach the successor before this generation exits).
+pub const MUX_HANDOVER_MARGIN: Duration = Duration::from_secs(1);
+
+/// When this generation's drain ends (set as it starts draining).
+static DRAIN_DEADLINE: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+
+fn set_drain_deadline(at: std::time::Instant) {
+    *DRAIN_DEADLINE.lock().expect("drain deadline lock") = Some(at);
+}
+
+/// For a Bolt or Dubbo app connection's reader: resolves when this generation drains, with
+/// the instant by which the connection's requests in flight must be answered for it to move
+/// (the drain deadline less [`MUX_HANDOVER_MARGIN`]); `None` when connections cannot move
+/// (acceleration on, no successor), then the connection finishes on this generation.
+pub async fn drain_mux() -> Option<std::time::Instant> {
+    draining().await;
+    if !can_hand_over() {
+        return None;
+    }
+    let now = std::time::Instant::now();
+    let deadline = DRAIN_DEADLINE
+        .lock()
+        .expect("drain deadline lock")
+        .unwrap_or(now + MUX_HANDOVER_MARGIN);
+    Some(deadline.checked_sub(MUX_HANDOVER_MARGIN).unwrap_or(now).max(now))
+}
+
+/// Hand a Bolt or Dubbo app connection (stopped at a frame boundary, every response written)
+/// to the successor with the bytes read and not decoded (`read`, starting at stream offset
+/// `offset`). Without a successor the socket is closed.
+pub fn hand_over_mux(
+    s: tokio::net::TcpStream,
+    read: Vec<u8>,
+    offset: u64,
+    ctx: &crate::l7::ConnCtx,
+    protocol: &'static str,
+) {
+    let app = match protocol {
+        "bolt" => wire::AppProtocol::Bolt,
+        "dubbo" => wire::AppProtocol::Dubbo,
+        other => {
+            tracing::warn!(
+                protocol = other,
+                "upgrade: no hand-over for this protocol: closed"
+            );
+            return;
+        }
+    };
+    let fd = match s.into_std() {
+        Ok(s) => OwnedFd::from(s),
+        Err(e) => {
+            tracing::warn!("upgrade: connection not handed over: {e}");
+            return;
+        }
+    };
+    let meta = wire::Conn {
+        pod: ctx.pod.name.clone(),
+        inbound: ctx.inbound,
+        client: ctx.client.to_string(),
+        orig: ctx.orig.to_string(),
+        local: ctx.local.to_string(),
+        read,
+        protocol: app as i32,
+        stream_offset: offset,
+        ..Default::default()
+    };
+    if !send_handover(meta, vec![fd]) {
+        tracing::warn!(client = %ctx.client, protocol, "upgrade: no successor to take the connection: closed");
     }
 }
 

@@ -216,10 +216,13 @@ impl Inherited {
                             }
                         }
                         Ok((Body::Conn(c), mut fds)) if fds.len() == 1 + c.opaque as usize => {
+                            super::add_moved(super::moved_protocol(&c), 1);
                             super::status_mut(|st| {
                                 st.moved += 1;
                                 st.moved_read_bytes += (c.read.len() + c.to_client.len()) as u64;
                                 st.moved_opaque += c.opaque as u64;
+                                st.moved_mux +=
+                                    (!c.opaque && c.protocol != wire::AppProtocol::Http1 as i32) as u64;
                             });
                             let opaque = c.opaque;
                             if opaque {
@@ -228,7 +231,7 @@ impl Inherited {
                                 rt.spawn(super::tcp::adopt(daemon.clone(), c, client, upstream));
                             } else {
                                 let fd = fds.pop().expect("one descriptor");
-                                rt.spawn(adopt_http1(daemon.clone(), c, fd));
+                                rt.spawn(adopt_app(daemon.clone(), c, fd));
                             }
                             if !opaque {
                                 test_pause("conn");
@@ -257,10 +260,19 @@ impl Inherited {
     }
 }
 
-/// Serve an HTTP/1.1 app connection the previous generation handed over between requests: the
-/// same socket, the bytes it had read first. Counted as active here (its total was counted by
-/// the generation that accepted it, and carried over).
-async fn adopt_http1(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
+/// Serve an app connection the previous generation handed over: HTTP/1.1 between requests,
+/// Bolt or Dubbo at a frame boundary; the same socket, the bytes it had read first. Counted as
+/// active here (its total was counted by the generation that accepted it, and carried over).
+async fn adopt_app(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
+    let Ok(protocol) = wire::AppProtocol::try_from(c.protocol) else {
+        warn!(
+            protocol = c.protocol,
+            client = %c.client,
+            "upgrade: a handed-over connection of an unknown protocol: closed"
+        );
+        daemon.l7().errors.count("upgrade", "unknown_protocol");
+        return;
+    };
     let parse = |s: &str| s.parse::<SocketAddr>().ok();
     let (Some(client), Some(orig), Some(local)) = (parse(&c.client), parse(&c.orig), parse(&c.local)) else {
         warn!(?c.client, "upgrade: a handed-over connection with bad addresses: closed");
@@ -283,9 +295,9 @@ async fn adopt_http1(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
     };
     let shared = daemon.proxy_shared().clone();
     let dir = if c.inbound {
-        crate::proxy::Direction::Inbound
+        crate::conn::Direction::Inbound
     } else {
-        crate::proxy::Direction::Outbound
+        crate::conn::Direction::Outbound
     };
     let entry = shared.registry.add(&pod.name, dir, client, orig);
     pod.stats
@@ -300,7 +312,27 @@ async fn adopt_http1(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
         inbound: c.inbound,
         local,
     };
-    crate::l7::http::serve_handed_over(s, c.read.into(), ctx).await;
+    match protocol {
+        wire::AppProtocol::Http1 => crate::l7::http::serve_handed_over(s, c.read.into(), ctx).await,
+        wire::AppProtocol::Bolt => {
+            Box::pin(crate::l7::mux::serve_bolt_handed_over(
+                s,
+                c.read,
+                c.stream_offset,
+                ctx,
+            ))
+            .await
+        }
+        wire::AppProtocol::Dubbo => {
+            Box::pin(crate::l7::mux::serve_dubbo_handed_over(
+                s,
+                c.read,
+                c.stream_offset,
+                ctx,
+            ))
+            .await
+        }
+    }
     pod.stats
         .connections_active
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

@@ -26,7 +26,7 @@ use super::{
     counters,
     wire::{self, Body, FdInfo, FdKind, Offer, Refuse},
 };
-use crate::{daemon::Daemon, proxy::Direction};
+use crate::{conn::Direction, daemon::Daemon};
 
 /// The successor must say `Hello` this soon after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -276,6 +276,7 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
     // so that they see a successor to go to).
     let (tx, rx) = std::sync::mpsc::channel::<super::HandOver>();
     *super::HANDOVER.lock().expect("handover lock") = Some(tx);
+    super::set_drain_deadline(Instant::now() + ctx.daemon.drain_timeout());
     super::set_draining();
     super::status_mut(|st| {
         st.phase = "draining";
@@ -319,11 +320,13 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
         if let Some(h) = item {
             if ok {
                 let read = h.meta.read.len() as u64;
+                let mux = !h.meta.opaque && h.meta.protocol != wire::AppProtocol::Http1 as i32;
                 let raw: Vec<_> = h.fds.iter().map(|f| f.as_raw_fd()).collect();
                 match wire::send(&s, Body::Conn(h.meta), &raw) {
                     Ok(()) => super::status_mut(|st| {
                         st.moved += 1;
                         st.moved_read_bytes += read;
+                        st.moved_mux += mux as u64;
                     }),
                     Err(e) => fail(&mut ok, e),
                 }

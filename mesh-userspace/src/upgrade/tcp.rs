@@ -140,8 +140,8 @@ pub enum End {
 
 /// What a relay needs to count and, if it moves, to describe itself.
 pub struct Relay<'a> {
-    pub entry: &'a crate::proxy::ConnEntry,
-    pub stats: &'a crate::proxy::PodStats,
+    pub entry: &'a crate::conn::ConnEntry,
+    pub stats: &'a crate::conn::PodStats,
     pub pod: &'a str,
     pub inbound: bool,
     pub client: SocketAddr,
@@ -195,6 +195,7 @@ pub async fn relay(
         to_client: down.pending().to_vec(),
         client_eof: up.done,
         upstream_eof: down.done,
+        ..Default::default()
     };
     if super::send_handover(meta, vec![OwnedFd::from(c), OwnedFd::from(u)]) {
         End::HandedOver
@@ -234,9 +235,9 @@ pub async fn adopt(daemon: Arc<crate::daemon::Daemon>, c: wire::Conn, client: Ow
     };
     let shared = daemon.proxy_shared().clone();
     let dir = if c.inbound {
-        crate::proxy::Direction::Inbound
+        crate::conn::Direction::Inbound
     } else {
-        crate::proxy::Direction::Outbound
+        crate::conn::Direction::Outbound
     };
     let entry = shared.registry.add(&pod.name, dir, peer, orig);
     *entry.upstream_local.lock().expect("conn lock") = us.local_addr().ok();

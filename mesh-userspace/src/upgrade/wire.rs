@@ -17,7 +17,10 @@ use prost::Message;
 
 /// The hand-off protocol this binary speaks. A successor that speaks another one is refused
 /// before anything moves (Envoy's v1.5→v1.6 hot-restart break is the lesson).
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// 2: a moved app connection (`Conn`) says its protocol (`protocol`, `stream_offset`): Bolt and
+/// Dubbo connections move too. A version-1 successor would serve them as HTTP/1.1.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// A frame larger than this is refused (a counter snapshot of 4096 pods is ~300 KiB).
 pub const MAX_FRAME: usize = 1 << 20;
 /// A frame's payload buffer starts this large and grows with what arrives.
@@ -53,8 +56,9 @@ pub enum Body {
     Conn(Conn),
 }
 
-/// N → N+1 while N drains: one live app connection, stopped at a request boundary; its
-/// socket rides along as the only descriptor.
+/// N → N+1 while N drains: one live app connection, stopped at a request boundary (HTTP/1.1)
+/// or a frame boundary (Bolt, Dubbo); its socket rides along as the only descriptor. Or an
+/// opaque TCP relay (`opaque`), with two.
 #[derive(Clone, PartialEq, Message)]
 pub struct Conn {
     #[prost(string, tag = "1")]
@@ -86,6 +90,22 @@ pub struct Conn {
     /// Opaque TCP: the upstream half-closed (passed on to the client already).
     #[prost(bool, tag = "10")]
     pub upstream_eof: bool,
+    /// The app protocol the successor serves the connection with (not for `opaque`).
+    #[prost(enumeration = "AppProtocol", tag = "11")]
+    pub protocol: i32,
+    /// Bolt, Dubbo: the stream offset of `read`'s first byte (bytes the app sent before it), so
+    /// the successor keeps the offsets the kernel's colour ledger is keyed by.
+    #[prost(uint64, tag = "12")]
+    pub stream_offset: u64,
+}
+
+/// What a moved app connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum AppProtocol {
+    Http1 = 0,
+    Bolt = 1,
+    Dubbo = 2,
 }
 
 /// N+1 → N, first: who is asking, and which protocol it speaks.
@@ -187,6 +207,10 @@ pub struct Snapshot {
     /// Protocol errors, named `protocol/reason`.
     #[prost(message, repeated, tag = "7")]
     pub protocol_errors: Vec<Counter>,
+    /// App connections moved into N (and its predecessors) by upgrades, by protocol
+    /// (`sockmesh_upgrade_moved_connections_total`).
+    #[prost(message, repeated, tag = "8")]
+    pub moved: Vec<Counter>,
 }
 
 /// One route's counters (service, route, subset), as N has them.
@@ -491,6 +515,8 @@ mod tests {
             pod in "[a-z0-9.-]{0,40}",
             read in proptest::collection::vec(any::<u8>(), 0..4096),
             inbound in any::<bool>(),
+            protocol in 0i32..3,
+            stream_offset in any::<u64>(),
         ) {
             let (a, b) = UnixStream::pair().unwrap();
             let c = Conn {
@@ -504,6 +530,8 @@ mod tests {
                 opaque: inbound,
                 client_eof: !inbound,
                 upstream_eof: false,
+                protocol,
+                stream_offset,
             };
             send(&a, Body::Conn(c.clone()), &[a.as_raw_fd()]).unwrap();
             let (got, fds) = recv(&b).unwrap();
@@ -519,6 +547,40 @@ mod tests {
             drop(a);
             while recv(&b).is_ok() {}
         }
+    }
+
+    #[test]
+    fn a_moved_connection_says_its_protocol_and_one_from_version_1_is_http1() {
+        // Version 1 had no protocol field: such a message decodes as HTTP/1.1 (0), which is why
+        // the version went up when Bolt and Dubbo connections started moving.
+        let v1 = Conn {
+            pod: "web".into(),
+            read: b"GET".to_vec(),
+            ..Default::default()
+        };
+        let Body::Conn(got) = decode(&encode(Body::Conn(v1))[4..]).unwrap() else {
+            panic!("not a conn");
+        };
+        assert_eq!(AppProtocol::try_from(got.protocol), Ok(AppProtocol::Http1));
+        let bolt = Conn {
+            protocol: AppProtocol::Bolt as i32,
+            stream_offset: 1 << 40,
+            read: vec![1, 0, 1],
+            ..Default::default()
+        };
+        assert_eq!(
+            decode(&encode(Body::Conn(bolt.clone()))[4..]).unwrap(),
+            Body::Conn(bolt)
+        );
+        // A protocol this binary does not know is visible as such (the successor refuses it).
+        let odd = Conn {
+            protocol: 7,
+            ..Default::default()
+        };
+        let Body::Conn(got) = decode(&encode(Body::Conn(odd))[4..]).unwrap() else {
+            panic!("not a conn");
+        };
+        assert!(AppProtocol::try_from(got.protocol).is_err());
     }
 
     #[test]

@@ -1,9 +1,10 @@
 'use strict';
 
 // A SOFA Bolt or Dubbo 2 endpoint for the routing tests: the real sofa-rpc-node RpcServer with
-// one interface whose `whoami` method answers the server's name (e.g. `v1`).
+// one interface whose `whoami` method answers the server's name (e.g. `v1`) and whose `echo(s)`
+// answers `s` (after `--delay-ms D`, default 0: keeps calls in flight for the upgrade tests).
 //
-//   node rpc_server.js --protocol bolt|dubbo --name v1 --port 12200 --stats-port 9901
+//   node rpc_server.js --protocol bolt|dubbo --name v1 --port 12200 --stats-port 9901 [--delay-ms D]
 //
 // RpcServer listens on every address of its network namespace: run it inside a test netns. A
 // second listener on 127.0.0.1:STATS_PORT answers `GET /` with
@@ -21,7 +22,7 @@ const VERSION = '1.0';
 const quiet = { info() {}, warn() {}, debug() {}, error() {} };
 
 function parseArgs(argv) {
-  const args = { protocol: 'bolt', name: 'server', port: 12200, statsPort: 0 };
+  const args = { protocol: 'bolt', name: 'server', port: 12200, statsPort: 0, delayMs: 0 };
   for (let i = 0; i < argv.length; i += 2) {
     const [ key, value ] = [ argv[i], argv[i + 1] ];
     if (value === undefined) throw new Error(`${key} needs a value`);
@@ -29,6 +30,7 @@ function parseArgs(argv) {
     else if (key === '--name') args.name = value;
     else if (key === '--port') args.port = Number(value);
     else if (key === '--stats-port') args.statsPort = Number(value);
+    else if (key === '--delay-ms') args.delayMs = Number(value);
     else throw new Error(`unknown argument ${key}`);
   }
   return args;
@@ -55,6 +57,11 @@ async function main() {
     async whoami() {
       stats.requests += 1;
       return args.name;
+    },
+    async echo(s) {
+      stats.requests += 1;
+      if (args.delayMs > 0) await new Promise(resolve => setTimeout(resolve, args.delayMs));
+      return s;
     },
   });
   server.on('request', ({ req }) => {

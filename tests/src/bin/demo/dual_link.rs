@@ -63,20 +63,7 @@ keepalive = {{ cpu_percent = 2.0, weight = 1 }}
 "#
         ));
     }
-    let links = cg.map_or(String::new(), |cg| {
-        let list = |l: &str| {
-            cg.dirs(l)
-                .iter()
-                .map(|d| toml_str(&d.to_string_lossy()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        format!(
-            "links = {{ trade = [{}], forest = [{}] }}\n",
-            list("trade"),
-            list("forest")
-        )
-    });
+    let links = cg.map_or(String::new(), |cg| format!("{}\n", cg.links_toml()));
     s.push_str(&format!(
         "\n[[pods]]\nname = \"app\"\nnetns = {}\ncgroup = {}\ninbound_ports = [8001, 8002]\n{links}",
         toml_str(&app.netns.to_string_lossy()),

@@ -1,0 +1,114 @@
+//! HTTP/1.1, HTTP/2 and gRPC: hyper serves the app's connection, each request is routed with
+//! the live policy and forwarded on a pooled upstream connection to the chosen endpoint.
+//!
+//! - The policy is loaded per request, so a swap applies to the next request on every open
+//!   keep-alive connection and drops none.
+//! - Upstream connections are pooled per (pod, endpoint, version) in [`HttpPools`]: HTTP/1.1
+//!   keeps a list of keep-alive connections (one request at a time each), HTTP/2 one
+//!   multiplexed connection. Every upstream socket is opened by [`ConnCtx::connect`] (the pod's
+//!   netns, the daemon's mark).
+//! - Hop-by-hop headers are stripped both ways; `Host`/`:authority` is kept as the app sent it;
+//!   bodies and trailers stream through (gRPC streaming included).
+//! - HTTP/1.1 `Upgrade` (WebSocket and the like) is forwarded on a dedicated upstream
+//!   connection and, on `101`, both sides are spliced byte for byte.
+//!
+//! Answers the proxy makes itself carry `server: sockmesh` and a one-line text body:
+//!
+//! | failure | reason label | HTTP | gRPC (`grpc-status`, HTTP 200 trailers-only) |
+//! |---|---|---|---|
+//! | no route matched | `no_route` | 404 | 12 UNIMPLEMENTED |
+//! | subset without endpoints | `no_endpoint` | 503 | 14 UNAVAILABLE |
+//! | every connect attempt failed | `upstream_connect` | 502 | 14 UNAVAILABLE |
+//! | upstream reset after the request was sent (not replayable) | `upstream_reset` | 502 | 14 UNAVAILABLE |
+//! | no response head within the route's timeout | `timeout` | 504 | 4 DEADLINE_EXCEEDED |
+//! | `CONNECT` | `connect_unsupported` | 501 | 12 UNIMPLEMENTED |
+//!
+//! No route is UNIMPLEMENTED for gRPC because the method is not served at all through this
+//! service; retrying it elsewhere would not help (UNAVAILABLE would invite retries).
+//!
+//! Client-side protocol errors end only the offending connection and are counted by hyper's
+//! classification: `header_too_large` (hyper answers 431), `malformed` (400), `header_timeout`
+//! (an HTTP/1.1 head not complete within `[limits] request_head_timeout_ms` of its first byte:
+//! 408 and closed), `preface_timeout` (HTTP/2 preface not in within that time: closed),
+//! `idle_timeout` (no request for `client_idle_timeout_secs`: closed gracefully; counted, not an
+//! error of the client), `incomplete`, `keepalive_timeout` (HTTP/2 ping unanswered), `io`,
+//! `connection_error`. An HTTP/2 header list over [`MAX_HTTP2_HEADER_LIST_BYTES`] is refused by
+//! the h2 layer with a 431 on that stream only; it does not reach the handler and is not counted.
+//!
+//! Layout: here the entry points ([`serve`], [`serve_handed_over`]), [`HttpVersion`] and what
+//! every request of a connection shares; `session` the app's side of the connection (byte
+//! counting, idle and head clocks, HTTP/1.1 session parking, the hyper server); `forward` one
+//! request (routing, retries, replays, the proxy's own answers); `pool` upstream pools and one
+//! attempt on a pooled connection; `upgrade` HTTP/1.1 `Upgrade` splicing; `headers` header
+//! and gRPC helpers.
+
+mod forward;
+mod headers;
+mod pool;
+mod session;
+#[cfg(test)]
+mod tests;
+mod upgrade;
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use tokio::{net::TcpStream, time::Instant};
+
+use super::ConnCtx;
+pub use pool::HttpPools;
+use session::{serve_with, HeadClock, Inflight};
+
+/// Largest HTTP/2 header list (`SETTINGS_MAX_HEADER_LIST_SIZE`) accepted from the app; a larger
+/// one gets 431 on that stream.
+pub const MAX_HTTP2_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// HTTP/2 PING interval on the app's connection and on upstream connections.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// An HTTP/2 peer that does not answer a PING within this time is disconnected.
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent streams the proxy accepts on one HTTP/2 app connection.
+pub const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// Which HTTP the app's connection speaks (from detection or the service's protocol hint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HttpVersion {
+    Http1,
+    /// HTTP/2 with prior knowledge (the preface), gRPC included.
+    Http2,
+}
+
+impl HttpVersion {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::Http2 => "http2",
+        }
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// What every request of one app connection shares.
+struct ConnState {
+    ctx: ConnCtx,
+    version: HttpVersion,
+    inflight: Arc<Inflight>,
+    head: Arc<HeadClock>,
+}
+
+/// Serve one app connection until it closes.
+pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
+    serve_with(client, Bytes::new(), version, ctx).await
+}
+
+/// An HTTP/1.1 app connection handed over by the previous generation (upgrade), with the bytes
+/// it had already read.
+pub async fn serve_handed_over(client: TcpStream, read: Bytes, ctx: ConnCtx) {
+    serve_with(client, read, HttpVersion::Http1, ctx).await
+}
+
+/// Time left until `deadline` (zero once it passed).
+fn until(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}

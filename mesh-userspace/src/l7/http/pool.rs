@@ -1,0 +1,382 @@
+//! Upstream HTTP connection pools ([`HttpPools`]) per (pod, endpoint, version): HTTP/1.1
+//! keep-alive lists and the one multiplexed HTTP/2 connection, the sweep of idle and dead
+//! connections, the dual-link pre-connect, and one attempt of a request on a pooled (or newly
+//! opened) connection ([`send_once`]).
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
+        Arc, Mutex, Weak,
+    },
+    time::Duration,
+};
+
+use http::{Request, Response};
+use hyper::{body::Incoming, client::conn as hc};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{
+    until, Body, ConnCtx, ConnState, HttpVersion, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT,
+};
+use crate::{conn::PodCtx, routing::colour::ColourId};
+
+/// An idle pooled HTTP/1.1 upstream connection is closed after this long.
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Pooled HTTP/1.1 upstream connections per (pod, endpoint); beyond it, extra connections
+/// serve one request and close.
+pub const MAX_POOLED_HTTP1_PER_ENDPOINT: usize = 256;
+/// How often idle and dead upstream connections are swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Upstream connection pools, per (pod, endpoint, version).
+#[derive(Default)]
+pub struct HttpPools {
+    inner: Arc<PoolsInner>,
+}
+
+#[derive(Default)]
+struct PoolsInner {
+    pools: Mutex<HashMap<PoolKey, Arc<EndpointPool>>>,
+    sweeper: AtomicBool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    pod: String,
+    endpoint: SocketAddr,
+    version: HttpVersion,
+}
+
+struct EndpointPool {
+    /// The pod the connections were opened for; a re-enrolled pod with the same name gets a
+    /// fresh pool (its netns may differ).
+    pod: Weak<PodCtx>,
+    /// HTTP/1.1: connections not known to be closed, ready or busy.
+    h1: Mutex<Vec<PooledH1>>,
+    /// HTTP/2: the one multiplexed connection. Held across connect so concurrent first
+    /// requests share it.
+    h2: tokio::sync::Mutex<Option<hc::http2::SendRequest<Body>>>,
+    /// HTTP/1.1 requests between taking a connection and getting the response head: their
+    /// connections are not in `h1` meanwhile (for [`HttpPools::h1_counts`]).
+    h1_busy: AtomicUsize,
+}
+
+/// Counts one HTTP/1.1 request in flight on a pool until dropped.
+struct Busy<'a>(&'a EndpointPool);
+
+impl<'a> Busy<'a> {
+    fn new(p: &'a EndpointPool) -> Self {
+        p.h1_busy.fetch_add(1, Relaxed);
+        Busy(p)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.h1_busy.fetch_sub(1, Relaxed);
+    }
+}
+
+struct PooledH1 {
+    sender: hc::http1::SendRequest<Body>,
+    since: Instant,
+    /// Our end's address (the app side's peer, for kernel propagation).
+    local: SocketAddr,
+}
+
+impl HttpPools {
+    /// Upstream connections currently pooled (HTTP/1.1 connections plus HTTP/2 connections).
+    #[cfg(test)]
+    pub(super) fn connections(&self) -> usize {
+        let pools = self.inner.pools.lock().expect("http pools lock");
+        pools
+            .values()
+            .map(|p| {
+                p.h1.lock().expect("h1 pool lock").len() + p.h2.try_lock().map_or(1, |s| s.is_some() as usize)
+            })
+            .sum()
+    }
+
+    fn get(&self, ctx: &ConnCtx, endpoint: SocketAddr, version: HttpVersion) -> Arc<EndpointPool> {
+        self.get_for(&ctx.pod, endpoint, version)
+    }
+
+    fn get_for(&self, pod: &Arc<PodCtx>, endpoint: SocketAddr, version: HttpVersion) -> Arc<EndpointPool> {
+        if !self.inner.sweeper.swap(true, Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(&self.inner)));
+        }
+        let key = PoolKey {
+            pod: pod.name.clone(),
+            endpoint,
+            version,
+        };
+        let mut pools = self.inner.pools.lock().expect("http pools lock");
+        if let Some(p) = pools.get(&key) {
+            if Weak::ptr_eq(&p.pod, &Arc::downgrade(pod)) {
+                return p.clone();
+            }
+        }
+        let p = Arc::new(EndpointPool {
+            pod: Arc::downgrade(pod),
+            h1: Mutex::new(Vec::new()),
+            h2: tokio::sync::Mutex::new(None),
+            h1_busy: AtomicUsize::new(0),
+        });
+        pools.insert(key, p.clone());
+        p
+    }
+}
+
+/// Pre-connects (the dual-link switch, [`crate::links`]): opening upstream connections before
+/// traffic moves, so the first requests on the new path do not wait for a connect and the
+/// app's accept.
+impl HttpPools {
+    /// HTTP/1.1 connections pooled now, per (pod, endpoint), to any of `endpoints` (pods still
+    /// enrolled; idle, streaming a body, or carrying a request until its response head;
+    /// connections known to be closed are not counted).
+    pub fn h1_counts(&self, endpoints: &[SocketAddr]) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
+        let pools = self.inner.pools.lock().expect("http pools lock");
+        pools
+            .iter()
+            .filter(|(k, _)| k.version == HttpVersion::Http1 && endpoints.contains(&k.endpoint))
+            .filter_map(|(k, p)| {
+                let pod = p.pod.upgrade()?;
+                let mut h1 = p.h1.lock().expect("h1 pool lock");
+                h1.retain(|c| !c.sender.is_closed());
+                Some((pod, k.endpoint, h1.len() + p.h1_busy.load(Relaxed)))
+            })
+            .collect()
+    }
+
+    /// Open HTTP/1.1 connections from `pod` to `endpoint` (concurrently, each bounded by
+    /// `timeout`) until `want` are pooled (at most [`MAX_POOLED_HTTP1_PER_ENDPOINT`]). Returns
+    /// how many were opened, or the first error when none could be.
+    pub async fn preconnect_h1(
+        &self,
+        shared: &crate::conn::Shared,
+        pod: &Arc<PodCtx>,
+        endpoint: SocketAddr,
+        want: usize,
+        timeout: Duration,
+    ) -> io::Result<usize> {
+        let pool = self.get_for(pod, endpoint, HttpVersion::Http1);
+        let have = {
+            let mut h1 = pool.h1.lock().expect("h1 pool lock");
+            h1.retain(|c| !c.sender.is_closed());
+            h1.len()
+        };
+        let want = want.min(MAX_POOLED_HTTP1_PER_ENDPOINT);
+        if have >= want {
+            return Ok(0);
+        }
+        let propagation = (pod.propagate && shared.colour.is_available()).then(|| shared.colour.clone());
+        let mut opens = tokio::task::JoinSet::new();
+        for _ in have..want {
+            let (pod, propagation) = (pod.clone(), propagation.clone());
+            opens.spawn(async move { open_h1(&pod, propagation, endpoint, timeout).await });
+        }
+        let (mut opened, mut first_err) = (0, None);
+        while let Some(r) = opens.join_next().await {
+            match r.map_err(io::Error::other).and_then(|r| r) {
+                Ok((sender, local)) => {
+                    let mut h1 = pool.h1.lock().expect("h1 pool lock");
+                    if h1.len() < MAX_POOLED_HTTP1_PER_ENDPOINT {
+                        h1.push(PooledH1 {
+                            sender,
+                            since: Instant::now(),
+                            local,
+                        });
+                        opened += 1;
+                    }
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) if opened == 0 => Err(e),
+            _ => Ok(opened),
+        }
+    }
+}
+
+/// Drop closed connections, HTTP/1.1 connections idle for [`UPSTREAM_IDLE_TIMEOUT`] and the
+/// pools of pods that are gone. Ends with the pools.
+async fn sweep(inner: Weak<PoolsInner>) {
+    loop {
+        tokio::time::sleep(SWEEP_INTERVAL).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.pools.lock().expect("http pools lock").retain(|_, p| {
+            if p.pod.strong_count() == 0 {
+                return false;
+            }
+            let mut h1 = p.h1.lock().expect("h1 pool lock");
+            h1.retain(|c| {
+                let idle_too_long = c.sender.is_ready() && c.since.elapsed() >= UPSTREAM_IDLE_TIMEOUT;
+                !c.sender.is_closed() && !idle_too_long
+            });
+            let h2_live = match p.h2.try_lock() {
+                Ok(mut s) => {
+                    if s.as_ref().is_some_and(|s| s.is_closed()) {
+                        *s = None;
+                    }
+                    s.is_some()
+                }
+                Err(_) => true,
+            };
+            !h1.is_empty() || h2_live
+        });
+    }
+}
+
+pub(super) enum Attempt {
+    /// Could not connect; nothing was sent.
+    NotConnected(Request<Body>, io::Error),
+    /// The pooled connection was closed before the request was written.
+    Stale(Request<Body>),
+    /// The request (or part of it) went out and the exchange failed.
+    Sent(hyper::Error),
+}
+
+/// One attempt on a pooled connection to `endpoint`.
+pub(super) async fn send_once(
+    st: &ConnState,
+    endpoint: SocketAddr,
+    req: Request<Body>,
+    deadline: Instant,
+    colour: ColourId,
+) -> Result<Response<Incoming>, Attempt> {
+    let pool = st.ctx.l7().http.get(&st.ctx, endpoint, st.version);
+    match st.version {
+        HttpVersion::Http1 => {
+            let _busy = Busy::new(&pool);
+            let (mut sender, local) = match acquire_h1(&pool, &st.ctx, endpoint, deadline).await {
+                Ok(s) => s,
+                Err(e) => return Err(Attempt::NotConnected(req, e)),
+            };
+            if sender.ready().await.is_err() {
+                return Err(Attempt::Stale(req));
+            }
+            // The app thread that reads this request takes its colour (this connection carries
+            // one request at a time, so the colour is this request's alone).
+            st.ctx.colour_delivery(local, endpoint, colour);
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let mut h1 = pool.h1.lock().expect("h1 pool lock");
+                    if h1.len() < MAX_POOLED_HTTP1_PER_ENDPOINT {
+                        h1.push(PooledH1 {
+                            sender,
+                            since: Instant::now(),
+                            local,
+                        });
+                    }
+                    Ok(resp)
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(req) => Err(Attempt::Stale(req)),
+                    None => Err(Attempt::Sent(e.into_error())),
+                },
+            }
+        }
+        HttpVersion::Http2 => {
+            let mut sender = match acquire_h2(&pool, &st.ctx, endpoint, deadline).await {
+                Ok(s) => s,
+                Err(e) => return Err(Attempt::NotConnected(req, e)),
+            };
+            if sender.ready().await.is_err() {
+                return Err(Attempt::Stale(req));
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(req) => Err(Attempt::Stale(req)),
+                    None => Err(Attempt::Sent(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// A ready pooled HTTP/1.1 connection, or a new one.
+async fn acquire_h1(
+    pool: &EndpointPool,
+    ctx: &ConnCtx,
+    endpoint: SocketAddr,
+    deadline: Instant,
+) -> io::Result<(hc::http1::SendRequest<Body>, SocketAddr)> {
+    {
+        let mut h1 = pool.h1.lock().expect("h1 pool lock");
+        h1.retain(|c| !c.sender.is_closed());
+        if let Some(i) = h1.iter().position(|c| c.sender.is_ready()) {
+            let c = h1.swap_remove(i);
+            return Ok((c.sender, c.local));
+        }
+    }
+    // An inbound delivery connection of a propagating pod: forget its colour when it closes.
+    let propagation = ctx.inbound.then(|| ctx.propagation().cloned()).flatten();
+    open_h1(&ctx.pod, propagation, endpoint, until(deadline)).await
+}
+
+/// A new HTTP/1.1 upstream connection from `pod` to `endpoint` (driven by its own task).
+async fn open_h1(
+    pod: &PodCtx,
+    propagation: Option<crate::propagate::ColourKernel>,
+    endpoint: SocketAddr,
+    timeout: Duration,
+) -> io::Result<(hc::http1::SendRequest<Body>, SocketAddr)> {
+    let tcp = crate::conn::connect_upstream(pod, endpoint, timeout).await?;
+    let local = tcp.local_addr()?;
+    let (sender, conn) = hc::http1::Builder::new()
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(io::Error::other)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!("upstream http1 connection to {endpoint}: {e}");
+        }
+        if let Some(p) = propagation {
+            let (app_local, app_remote) = crate::propagate::app_side_of_delivering(local, endpoint);
+            p.clear_inbound(app_local, app_remote);
+        }
+    });
+    Ok((sender, local))
+}
+
+/// The endpoint's multiplexed HTTP/2 connection, opened on first use or after it closed.
+async fn acquire_h2(
+    pool: &EndpointPool,
+    ctx: &ConnCtx,
+    endpoint: SocketAddr,
+    deadline: Instant,
+) -> io::Result<hc::http2::SendRequest<Body>> {
+    let mut slot = pool.h2.lock().await;
+    if let Some(s) = slot.as_ref() {
+        if !s.is_closed() {
+            return Ok(s.clone());
+        }
+    }
+    *slot = None;
+    let tcp = ctx.connect(endpoint, until(deadline)).await?;
+    let (sender, conn) = hc::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(io::Error::other)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!("upstream http2 connection to {endpoint}: {e}");
+        }
+    });
+    *slot = Some(sender.clone());
+    Ok(sender)
+}
