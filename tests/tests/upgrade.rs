@@ -5,18 +5,19 @@
 //! running generation serving and its rendezvous usable for a later good upgrade.
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sockmesh_tests::daemon::prom_value;
+use sockmesh_tests::daemon::{basic_config, prom_value};
 use sockmesh_tests::upgrade::{
     client_counter, failed_upgrade, fake_successor, grpc_python, grpc_server, p99_in, pinned_links, setup,
     unix_now, Load, DRAIN, GRPC_PORT, PORT, VIP,
 };
 use sockmesh_tests::{
-    attached_programs, peers_dir, python, require_privileged, sockmesh_bin, LineChild, Server, TempDir,
+    attached_programs, peers_dir, python, require_privileged, sockmesh_bin, Daemon, LineChild, Pod, Server,
+    TempDir, VirtualNode,
 };
 
 fn upgrades() -> usize {

@@ -366,7 +366,10 @@ fn test_pause(point: &str) {
         return;
     }
     let dir = Path::new(dir);
-    warn!(point, "SOCKMESH_TEST_UPGRADE_PAUSE: pausing the hand-off (tests only)");
+    warn!(
+        point,
+        "SOCKMESH_TEST_UPGRADE_PAUSE: pausing the hand-off (tests only)"
+    );
     let _ = std::fs::write(dir.join(point), std::process::id().to_string());
     let go = dir.join(format!("{point}.go"));
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
