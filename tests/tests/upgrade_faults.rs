@@ -143,12 +143,19 @@ fn a_refused_or_killed_successor_before_started_leaves_the_old_generation_servin
 
     // 1. The real binary announcing another hand-off protocol: refused at the hello, before
     // anything moves or the kernel state is touched.
+    // The running daemon's protocol, as its lock file advertises it; the successor speaks the
+    // next one.
+    let lock: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.state_file().with_extension("lock")).expect("lock file"),
+    )
+    .expect("lock file JSON");
+    let ours = lock["protocol_version"].as_u64().expect("protocol_version");
     let e = failed_upgrade(
         &d,
-        &other_protocol_successor(&dir, 2),
-        "hand-off protocol 2 is not this daemon's 1",
+        &other_protocol_successor(&dir, ours as u32 + 1),
+        &format!("hand-off protocol {} is not this daemon's {ours}", ours + 1),
     );
-    eprintln!("protocol 2: {e}");
+    eprintln!("protocol {}: {e}", ours + 1);
 
     // 2. kill -9 of the successor holding the offered descriptors (before it adopted the
     // kernel state and said Ready), then 3. after it said Ready and read Commit (it adopted
