@@ -739,10 +739,8 @@ impl LinkManager {
                 known.extend(remote.iter().copied().filter(|a| !all.contains(a)));
                 let counts = shared.l7.http.h1_counts(&known);
                 // Per pod: its connections to the service, and the local endpoints it delivers to.
-                let mut pods: BTreeMap<
-                    String,
-                    (Arc<crate::conn::PodCtx>, usize, Vec<std::net::SocketAddr>),
-                > = BTreeMap::new();
+                let mut pods: BTreeMap<String, (Arc<crate::conn::PodCtx>, usize, Vec<std::net::SocketAddr>)> =
+                    BTreeMap::new();
                 for (pod, ep, n) in counts {
                     let e = pods
                         .entry(pod.name.clone())

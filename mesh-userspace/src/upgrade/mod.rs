@@ -211,6 +211,14 @@ pub fn can_hand_over() -> bool {
     !ACCELERATED.load(Relaxed) && HANDOVER.lock().expect("handover lock").is_some()
 }
 
+/// The hand-off protocol agreed with the successor (see [`wire::negotiate`]).
+static PEER_PROTOCOL: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(wire::PROTOCOL_VERSION);
+
+pub fn set_peer_protocol(v: u32) {
+    PEER_PROTOCOL.store(v, Relaxed);
+}
+
 /// Whether this generation runs with the sockmap short-circuit on (no connection moves).
 static ACCELERATED: AtomicBool = AtomicBool::new(false);
 
@@ -289,7 +297,7 @@ fn set_drain_deadline(at: std::time::Instant) {
 /// (acceleration on, no successor), then the connection finishes on this generation.
 pub async fn drain_mux() -> Option<std::time::Instant> {
     draining().await;
-    if !can_hand_over() {
+    if !can_hand_over() || PEER_PROTOCOL.load(Relaxed) < wire::MUX_MOVES_SINCE {
         return None;
     }
     let now = std::time::Instant::now();

@@ -43,37 +43,69 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
             super::lock_path(state_file).display()
         )
     })?;
-    let conn = UnixStream::connect(&info.rendezvous).with_context(|| {
-        format!(
-            "--upgrade: cannot reach generation {} (pid {}) at {}",
+    // The running generation's hand-off protocol is in its lock file: say Hello in it when
+    // it is older than ours and we still speak it (a version-1 daemon ends the upgrade at a
+    // refused Hello, so asking in ours first would fail it). Otherwise ours; a daemon that
+    // speaks an older one refuses naming it, and we ask again in that one.
+    let mut version = match wire::negotiate(info.protocol_version) {
+        Some(v) if v < wire::PROTOCOL_VERSION => v,
+        _ => wire::PROTOCOL_VERSION,
+    };
+    if version < wire::PROTOCOL_VERSION {
+        info!(
+            "--upgrade: generation {} speaks hand-off protocol {} (this binary {}): using {version}",
             info.generation,
-            info.pid,
-            info.rendezvous.display()
-        )
-    })?;
-    conn.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-    conn.set_write_timeout(Some(ANSWER_TIMEOUT))?;
-    wire::send(
-        &conn,
-        Body::Hello(Hello {
-            protocol_version: test_protocol_version().unwrap_or(wire::PROTOCOL_VERSION),
-            pid: std::process::id(),
-            binary_version: env!("CARGO_PKG_VERSION").into(),
-        }),
-        &[],
-    )?;
-    let (body, fds) = wire::recv(&conn).context("--upgrade: waiting for the offer")?;
-    let offer = match body {
-        Body::Offer(o) => o,
-        Body::Refuse(r) => bail!(
-            "generation {} (pid {}) refused the hand-off: {} (it speaks hand-off protocol {}, this binary {})",
-            info.generation,
-            info.pid,
-            r.reason,
-            r.protocol_version,
+            info.protocol_version,
             wire::PROTOCOL_VERSION
-        ),
-        other => bail!("--upgrade: protocol error: expected offer, got {}", other.name()),
+        );
+    }
+    // Test-only: announce this protocol and take no other (see `test_protocol_version`).
+    let forced = test_protocol_version();
+    let (conn, offer, fds) = loop {
+        let conn = UnixStream::connect(&info.rendezvous).with_context(|| {
+            format!(
+                "--upgrade: cannot reach generation {} (pid {}) at {}",
+                info.generation,
+                info.pid,
+                info.rendezvous.display()
+            )
+        })?;
+        conn.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        conn.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+        wire::send(
+            &conn,
+            Body::Hello(Hello {
+                protocol_version: forced.unwrap_or(version),
+                pid: std::process::id(),
+                binary_version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            &[],
+        )?;
+        let (body, fds) = wire::recv(&conn).context("--upgrade: waiting for the offer")?;
+        match body {
+            Body::Offer(o) => break (conn, o, fds),
+            Body::Refuse(r)
+                if forced.is_none()
+                    && r.protocol_version < version
+                    && wire::negotiate(r.protocol_version).is_some() =>
+            {
+                info!(
+                    "--upgrade: generation {} speaks hand-off protocol {} (this binary {}): asking again in {}",
+                    info.generation, r.protocol_version, version, r.protocol_version
+                );
+                version = r.protocol_version;
+            }
+            Body::Refuse(r) => bail!(
+                "generation {} (pid {}) refused the hand-off: {} (it speaks hand-off protocol {}, this binary {} to {})",
+                info.generation,
+                info.pid,
+                r.reason,
+                r.protocol_version,
+                wire::MIN_PROTOCOL_VERSION,
+                wire::PROTOCOL_VERSION
+            ),
+            other => bail!("--upgrade: protocol error: expected offer, got {}", other.name()),
+        }
     };
     if offer.fds.len() != fds.len() {
         bail!(
@@ -224,16 +256,13 @@ impl Inherited {
                                 st.moved_mux +=
                                     (!c.opaque && c.protocol != wire::AppProtocol::Http1 as i32) as u64;
                             });
-                            let opaque = c.opaque;
-                            if opaque {
+                            if c.opaque {
                                 let upstream = fds.pop().expect("two descriptors");
                                 let client = fds.pop().expect("two descriptors");
                                 rt.spawn(super::tcp::adopt(daemon.clone(), c, client, upstream));
                             } else {
                                 let fd = fds.pop().expect("one descriptor");
                                 rt.spawn(adopt_app(daemon.clone(), c, fd));
-                            }
-                            if !opaque {
                                 test_pause("conn");
                             }
                         }

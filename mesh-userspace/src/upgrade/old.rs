@@ -178,10 +178,11 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
             return Err((pid, format!("refused a successor of uid {cred}")));
         }
     }
-    if hello.protocol_version != wire::PROTOCOL_VERSION {
+    let Some(version) = wire::negotiate(hello.protocol_version) else {
         let why = format!(
-            "hand-off protocol {} is not this daemon's {} (binary {})",
+            "hand-off protocol {} is not one this daemon speaks ({} to {}; binary {})",
             hello.protocol_version,
+            wire::MIN_PROTOCOL_VERSION,
             wire::PROTOCOL_VERSION,
             if hello.binary_version.is_empty() {
                 "unknown"
@@ -192,7 +193,8 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
         let _ = refuse(&s, &why);
         super::status_mut(|st| st.refused += 1);
         return Err((pid, format!("refused: {why}")));
-    }
+    };
+    super::set_peer_protocol(version);
     if let Some(p) = super::status_mut(|st| st.previous.clone()).filter(|p| !p.exited) {
         let why = format!("the previous generation (pid {}) is still draining", p.pid);
         let _ = refuse(&s, &why);
@@ -242,7 +244,7 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
     wire::send(
         &s,
         Body::Offer(Offer {
-            protocol_version: wire::PROTOCOL_VERSION,
+            protocol_version: version,
             generation: super::generation(),
             fds: infos,
             pid: std::process::id(),

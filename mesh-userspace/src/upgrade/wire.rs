@@ -21,6 +21,21 @@ use prost::Message;
 /// 2: a moved app connection (`Conn`) says its protocol (`protocol`, `stream_offset`): Bolt and
 /// Dubbo connections move too. A version-1 successor would serve them as HTTP/1.1.
 pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest hand-off protocol this binary still speaks, both ways: an upgrade from (or a
+/// rollback to) a version-1 binary works, with Bolt and Dubbo connections finishing on the
+/// old generation as version 1 did (only version 2 moves them).
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+/// The first version whose hand-off moves Bolt and Dubbo connections.
+pub const MUX_MOVES_SINCE: u32 = 2;
+
+/// Whether this binary speaks the version another generation asked for (then both speak it).
+/// A successor newer than this daemon is refused with this daemon's version in the `Refuse`
+/// and asks again in it when it still speaks it (see `new::connect`).
+pub fn negotiate(theirs: u32) -> Option<u32> {
+    (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION)
+        .contains(&theirs)
+        .then_some(theirs)
+}
 /// A frame larger than this is refused (a counter snapshot of 4096 pods is ~300 KiB).
 pub const MAX_FRAME: usize = 1 << 20;
 /// A frame's payload buffer starts this large and grows with what arrives.
@@ -426,6 +441,20 @@ pub fn recv(s: &UnixStream) -> io::Result<(Body, Vec<OwnedFd>)> {
 mod tests {
     use super::*;
     use std::io::Write as _;
+
+    #[test]
+    fn generations_agree_on_the_lower_protocol_both_ways() {
+        // An upgrade from a version-1 daemon, and a rollback to a version-1 binary.
+        assert_eq!(negotiate(1), Some(1));
+        assert_eq!(negotiate(PROTOCOL_VERSION), Some(PROTOCOL_VERSION));
+        // A newer successor is refused (naming ours), and asks again in ours if it can.
+        assert_eq!(negotiate(PROTOCOL_VERSION + 1), None);
+        assert_eq!(negotiate(0), None);
+        assert!(
+            MUX_MOVES_SINCE > MIN_PROTOCOL_VERSION,
+            "version 1 never moved Bolt/Dubbo"
+        );
+    }
 
     #[test]
     fn frames_round_trip_with_descriptors() {
