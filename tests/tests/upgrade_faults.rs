@@ -153,7 +153,7 @@ fn a_refused_or_killed_successor_before_started_leaves_the_old_generation_servin
     let e = failed_upgrade(
         &d,
         &other_protocol_successor(&dir, ours as u32 + 1),
-        &format!("hand-off protocol {} is not this daemon's {ours}", ours + 1),
+        &format!("hand-off protocol {} is not one this daemon speaks", ours + 1),
     );
     eprintln!("protocol {}: {e}", ours + 1);
 
