@@ -9,6 +9,14 @@
 bytes, listens on 0.0.0.0:PORT (run it in a test netns), prints `listening 0.0.0.0:PORT`, and
 counts calls and metadata `x-canary` values (written as a JSON line to stdout on exit).
 
+`serve` also answers `/sockmesh.test.Who/Count` (server streaming): `<n>,<interval_ms>` in,
+n messages `0`..`n-1` out, interval_ms apart.
+
+    grpc_peer.py stream --target HOST:PORT --messages N --interval-ms I [--seconds-limit S]
+
+makes one such call, prints `first` when the first message arrived and then
+`{"received","in_order","status","elapsed_ms"}`; exits 0 only when all N arrived in order.
+
 `call` makes N unary calls over ONE channel (one HTTP/2 connection) with at most C in flight,
 each with the given metadata, and prints one JSON line:
 `{"answered","errors","by_server":{"v1":..,"v2":..},"first_error","elapsed_ms"}`. It exits 0 only
@@ -27,6 +35,8 @@ import grpc
 SERVICE = "sockmesh.test.Who"
 METHOD = "Name"
 PATH = f"/{SERVICE}/{METHOD}"
+STREAM_METHOD = "Count"
+STREAM_PATH = f"/{SERVICE}/{STREAM_METHOD}"
 
 
 def serve(a):
@@ -41,8 +51,20 @@ def serve(a):
                 stats["by_header"][canary] = stats["by_header"].get(canary, 0) + 1
         return a.name.encode()
 
+    def count(request, context):
+        # Server streaming: request b"<n>,<interval_ms>" -> messages b"0", b"1", ... b"<n-1>".
+        n, interval = (int(x) for x in request.decode().split(","))
+        for i in range(n):
+            if i:
+                time.sleep(interval / 1000.0)
+            yield str(i).encode()
+
     handler = grpc.method_handlers_generic_handler(
-        SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(name)}
+        SERVICE,
+        {
+            METHOD: grpc.unary_unary_rpc_method_handler(name),
+            STREAM_METHOD: grpc.unary_stream_rpc_method_handler(count),
+        },
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8),
@@ -116,6 +138,30 @@ def call(a):
     return 0 if ok else 1
 
 
+def stream(a):
+    """One server-streaming call of `messages` messages `interval_ms` apart; prints `first`
+    once the first message arrived, then {"received","in_order","status","elapsed_ms"}."""
+    start = time.monotonic()
+    out = {"received": 0, "in_order": True, "status": None, "elapsed_ms": 0}
+    with grpc.insecure_channel(a.target) as channel:
+        call = channel.unary_stream(STREAM_PATH)(
+            f"{a.messages},{a.interval_ms}".encode(), timeout=a.seconds_limit
+        )
+        try:
+            for i, m in enumerate(call):
+                if m != str(i).encode():
+                    out["in_order"] = False
+                out["received"] += 1
+                if i == 0:
+                    print("first", flush=True)
+            out["status"] = str(call.code())
+        except grpc.RpcError as e:
+            out["status"] = f"{e.code()}: {e.details()}"
+    out["elapsed_ms"] = int((time.monotonic() - start) * 1000)
+    print(json.dumps(out), flush=True)
+    return 0 if out["received"] == a.messages and out["in_order"] else 1
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -128,7 +174,14 @@ def main():
     c.add_argument("--concurrency", type=int, default=16)
     c.add_argument("--metadata", action="append", default=[])
     c.add_argument("--seconds-limit", type=float, default=60.0)
+    t = sub.add_parser("stream")
+    t.add_argument("--target", required=True)
+    t.add_argument("--messages", type=int, default=40)
+    t.add_argument("--interval-ms", type=int, default=100)
+    t.add_argument("--seconds-limit", type=float, default=60.0)
     a = ap.parse_args()
+    if a.cmd == "stream":
+        return stream(a)
     return serve(a) if a.cmd == "serve" else call(a)
 
 

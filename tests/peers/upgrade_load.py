@@ -21,8 +21,34 @@
       from stdin sends the rest, reads the answer, sends a third request, and prints
       {"ok": bool, "answers": [...], "port_before", "port_after"} (the same connection
       throughout, unless it failed).
+
+  `serve` also answers `GET /?id=<id>&delay=<s>` after <s> seconds, and `POST /?id=<id>` with
+  `id=<id> sha256=<hex of the body> len=<bytes>`.
+
+  upgrade_load.py pipeline --url U --depth 8 --delay 0.02 --seconds 8 --stop-file F
+      ONE connection; writes `depth` requests back to back in one write (pipelined: the server
+      sees the next ones before answering the first; each answered after `delay` s), reads the
+      `depth` answers, checks each is its own request's, in order, and repeats until the stop
+      file exists (bounded by --seconds). Prints "running <local port>" after the first batch
+      and then {"batches","requests","ok","failed","first_error","port_before","port_after"}.
+      Stops at the first error (no reconnect).
+
+  upgrade_load.py post --url U --mib 4 --mibps 1.5
+      ONE connection; a POST of `mib` MiB of deterministic bytes, paced at `mibps`, then a GET
+      on the same connection. Prints "sending <local port>" once the head and the first chunk
+      are out, then {"ok","sha_match","len","server","elapsed_ms","follow_up","port_before",
+      "port_after"}.
+
+  upgrade_load.py delayed --url U --delay 2
+      ONE connection; `GET /?id=d1&delay=<delay>`, prints "sent <local port>", reads its answer,
+      then `GET /?id=d2` on the same connection. Prints {"ok","answers","elapsed_ms",
+      "port_before","port_after"}.
+
+  upgrade_load.py get --url U --count N
+      N requests, each on a new connection (1 s time-out). Prints {"ok","failed","errors"}.
 """
 import argparse
+import hashlib
 import http.client
 import http.server
 import json
@@ -41,7 +67,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         q = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+        delay = float(q.get("delay", ["0"])[0])
+        if delay > 0:
+            time.sleep(delay)
         body = ("id=" + q.get("id", [""])[0]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # noqa: N802
+        q = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+        left = int(self.headers.get("Content-Length", "0"))
+        h, n = hashlib.sha256(), 0
+        while left > 0:
+            b = self.rfile.read(min(left, 65536))
+            if not b:
+                break
+            h.update(b)
+            n += len(b)
+            left -= len(b)
+        body = ("id=%s sha256=%s len=%d" % (q.get("id", [""])[0], h.hexdigest(), n)).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
@@ -194,6 +241,128 @@ def slow(a):
     return 0
 
 
+def one_conn(a, timeout=10):
+    host, port = a.url.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s, s.makefile("rb"), s.getsockname()[1]
+
+
+def pipeline(a):
+    s, f, before = one_conn(a)
+    out = {"batches": 0, "requests": 0, "ok": 0, "failed": 0, "first_error": None, "port_before": before}
+    end = time.time() + a.seconds
+    k = 0
+    while time.time() < end and not (a.stop_file and os.path.exists(a.stop_file)):
+        ids = []
+        reqs = b""
+        for _ in range(a.depth):
+            k += 1
+            ids.append(f"p-{k}")
+            reqs += f"GET /?id=p-{k}&delay={a.delay} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        try:
+            s.sendall(reqs)
+            out["requests"] += len(ids)
+            for rid in ids:
+                status, body = read_response(f)
+                if not status.startswith("HTTP/1.1 200") or body != f"id={rid}":
+                    raise ValueError(f"{rid}: got {status!r} {body!r}")
+                out["ok"] += 1
+        except (OSError, ValueError) as e:
+            out["failed"] = out["requests"] - out["ok"]
+            out["first_error"] = f"{type(e).__name__}: {e}"
+            break
+        out["batches"] += 1
+        if out["batches"] == 1:
+            print(f"running {before}", flush=True)
+    try:
+        out["port_after"] = s.getsockname()[1]
+    except OSError:
+        out["port_after"] = None
+    print(json.dumps(out), flush=True)
+
+
+def post(a):
+    s, f, before = one_conn(a, timeout=30)
+    size = int(a.mib * 1024 * 1024)
+    chunk = 64 * 1024
+    h = hashlib.sha256()
+    out = {"ok": False, "port_before": before}
+    t0 = time.monotonic()
+    try:
+        s.sendall(f"POST /?id=big HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+        sent, i = 0, 0
+        while sent < size:
+            n = min(chunk, size - sent)
+            block = hashlib.sha256(str(i).encode()).digest() * (n // 32 + 1)
+            block = block[:n]
+            h.update(block)
+            s.sendall(block)
+            sent += n
+            i += 1
+            if i == 1:
+                print(f"sending {before}", flush=True)
+            due = t0 + sent / (a.mibps * 1024 * 1024)
+            if due > time.monotonic():
+                time.sleep(due - time.monotonic())
+        status, body = read_response(f)
+        out["server"] = body
+        out["sha_match"] = f"sha256={h.hexdigest()} len={size}" in body
+        out["len"] = size
+        out["elapsed_ms"] = round((time.monotonic() - t0) * 1000)
+        s.sendall(b"GET /?id=after HTTP/1.1\r\nHost: x\r\n\r\n")
+        out["follow_up"] = read_response(f)
+        out["ok"] = status.startswith("HTTP/1.1 200") and out["sha_match"] and out["follow_up"][1] == "id=after"
+    except OSError as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    try:
+        out["port_after"] = s.getsockname()[1]
+    except OSError:
+        out["port_after"] = None
+    print(json.dumps(out), flush=True)
+
+
+def delayed(a):
+    s, f, before = one_conn(a, timeout=30)
+    out = {"ok": False, "answers": [], "port_before": before}
+    t0 = time.monotonic()
+    try:
+        s.sendall(f"GET /?id=d1&delay={a.delay} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        print(f"sent {before}", flush=True)
+        out["answers"].append(read_response(f))
+        out["elapsed_ms"] = round((time.monotonic() - t0) * 1000)
+        s.sendall(b"GET /?id=d2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        out["answers"].append(read_response(f))
+        out["ok"] = [b for _, b in out["answers"]] == ["id=d1", "id=d2"]
+    except OSError as e:
+        out["answers"].append(("error", f"{type(e).__name__}: {e}"))
+    try:
+        out["port_after"] = s.getsockname()[1]
+    except OSError:
+        out["port_after"] = None
+    print(json.dumps(out), flush=True)
+
+
+def get(a):
+    host, port = a.url.rsplit(":", 1)
+    out = {"ok": 0, "failed": 0, "errors": {}}
+    for i in range(a.count):
+        try:
+            conn = http.client.HTTPConnection(host, int(port), timeout=1)
+            conn.request("GET", f"/?id=g{i}")
+            r = conn.getresponse()
+            if r.status == 200 and r.read() == f"id=g{i}".encode():
+                out["ok"] += 1
+            else:
+                raise http.client.HTTPException(f"status_{r.status}")
+            conn.close()
+        except (OSError, http.client.HTTPException) as e:
+            out["failed"] += 1
+            why = type(e).__name__
+            out["errors"][why] = out["errors"].get(why, 0) + 1
+    print(json.dumps(out), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -208,11 +377,35 @@ def main():
     l.add_argument("--stop-file", default="")
     w = sub.add_parser("slow")
     w.add_argument("--url", required=True)
+    p = sub.add_parser("pipeline")
+    p.add_argument("--url", required=True)
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--delay", type=float, default=0.02)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--stop-file", default="")
+    b = sub.add_parser("post")
+    b.add_argument("--url", required=True)
+    b.add_argument("--mib", type=float, default=4.0)
+    b.add_argument("--mibps", type=float, default=1.5)
+    d = sub.add_parser("delayed")
+    d.add_argument("--url", required=True)
+    d.add_argument("--delay", type=float, default=2.0)
+    g = sub.add_parser("get")
+    g.add_argument("--url", required=True)
+    g.add_argument("--count", type=int, default=10)
     a = ap.parse_args()
     if a.cmd == "serve":
         serve(a)
     elif a.cmd == "slow":
         return slow(a)
+    elif a.cmd == "pipeline":
+        pipeline(a)
+    elif a.cmd == "post":
+        post(a)
+    elif a.cmd == "delayed":
+        delayed(a)
+    elif a.cmd == "get":
+        get(a)
     else:
         load(a)
 

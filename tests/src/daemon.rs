@@ -408,6 +408,31 @@ impl Daemon {
         }
     }
 
+    /// Follow generation `pid` from now on (after [`Daemon::kill`] of the generation this guard
+    /// followed, when its successor carries on): `pid`, `status`, `stop` and drop act on it.
+    /// The caller must have made this process a child subreaper (see [`Daemon::upgrade`]) so
+    /// that the orphaned successor can be reaped.
+    pub fn follow(&mut self, pid: u32) {
+        self.successor = Some(pid);
+    }
+
+    /// Waits (bounded) until the generation this guard follows exits by itself (e.g. a
+    /// generation that handed over and drained); its exit status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = std::time::Instant::now() + timeout;
+        if let Some(pid) = self.successor {
+            let st = wait_pid_status(pid, deadline);
+            if st.is_some() {
+                self.successor = None;
+            }
+            return Ok(st);
+        }
+        match self.child.as_mut() {
+            Some(c) => c.wait_timeout(timeout),
+            None => bail!("daemon already stopped"),
+        }
+    }
+
     /// `sockmesh stop --keep-state`: waits until the daemon no longer answers, then hands its
     /// pinned state over for [`Daemon::start_with_state`].
     pub fn stop_keep_state(&mut self) -> Result<(PathBuf, PathBuf)> {

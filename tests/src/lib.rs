@@ -25,6 +25,7 @@ pub mod peer;
 pub mod process;
 pub mod rpc;
 pub mod servers;
+pub mod upgrade;
 pub mod util;
 
 pub use cgroup::{cgroup2_mount, try_cgroup2_mount};

@@ -11,146 +11,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sockmesh_tests::daemon::{basic_config, prom_value};
+use sockmesh_tests::upgrade::{
+    client_counter, failed_upgrade, fake_successor, grpc_python, grpc_server, p99_in, pinned_links, setup,
+    unix_now, Load, DRAIN, GRPC_PORT, PORT, VIP,
+};
 use sockmesh_tests::{
     attached_programs, peers_dir, python, require_privileged, sockmesh_bin, Daemon, LineChild, Pod, Server,
     TempDir, VirtualNode,
 };
-
-const VIP: &str = "10.96.0.10";
-const PORT: u16 = 8080;
-const GRPC_PORT: u16 = 50051;
-/// The draining generation's deadline (config `drain_timeout_secs`).
-const DRAIN: Duration = Duration::from_secs(5);
-
-/// The client pod (enrolled), the server pod, and a policy that makes `VIP:PORT` an HTTP
-/// service, so the proxy speaks HTTP/1.1 to the client (keep-alive) rather than relaying bytes.
-fn setup() -> (VirtualNode, Server, Daemon) {
-    let node = VirtualNode::new(&["client", "srv"]).expect("virtual node");
-    let srv = node.pod("srv");
-    let mut cmd = Command::new(python());
-    cmd.arg("-u")
-        .arg(peers_dir().join("upgrade_load.py"))
-        .args(["serve", "--port", &PORT.to_string()]);
-    let server = Server::start(&srv.cgroup, Some(&srv.netns), cmd).expect("echo server");
-    let policy = format!(
-        r#"drain_timeout_secs = {drain}
-
-[[services]]
-name = "echo"
-addresses = ["{VIP}:{PORT}"]
-protocol = "http1"
-timeout_ms = 5000
-endpoints = [{{ address = "{ep}", labels = {{ version = "v1" }} }}]
-subsets = [{{ name = "v1", labels = {{ version = "v1" }} }}]
-
-[[services.routes]]
-name = "default"
-split = [{{ subset = "v1", weight = 100 }}]
-
-[[services]]
-name = "who"
-addresses = ["{VIP}:{GRPC_PORT}"]
-protocol = "grpc"
-timeout_ms = 5000
-endpoints = [{{ address = "{grpc_ep}", labels = {{ version = "v1" }} }}]
-subsets = [{{ name = "v1", labels = {{ version = "v1" }} }}]
-
-[[services.routes]]
-name = "default"
-split = [{{ subset = "v1", weight = 100 }}]
-"#,
-        drain = DRAIN.as_secs(),
-        ep = srv.addr(PORT),
-        grpc_ep = srv.addr(GRPC_PORT),
-    );
-    let d = Daemon::start(&node, &basic_config(&node, &policy)).expect("daemon start");
-    d.enroll(node.pod("client")).expect("enroll client");
-    (node, server, d)
-}
-
-/// Constant-rate keep-alive load from the client pod until `stop` exists (bounded by
-/// `max`); `finish` returns its summary.
-struct Load {
-    child: LineChild,
-    stop: PathBuf,
-    max: Duration,
-    _dir: TempDir,
-}
-
-impl Load {
-    fn start(client: &Pod, conns: u32, rate: u32, max: Duration) -> Load {
-        let dir = TempDir::new("load").expect("temp dir");
-        let stop = dir.join("stop");
-        let mut cmd = Command::new(python());
-        cmd.arg("-u")
-            .arg(peers_dir().join("upgrade_load.py"))
-            .args(["load", "--url", &format!("{VIP}:{PORT}")])
-            .args(["--conns", &conns.to_string(), "--rate", &rate.to_string()])
-            .args(["--duration", &max.as_secs().to_string(), "--timeout", "1"])
-            .arg("--stop-file")
-            .arg(&stop);
-        let child = LineChild::spawn(&client.cgroup, Some(&client.netns), cmd).expect("load client");
-        Load {
-            child,
-            stop,
-            max,
-            _dir: dir,
-        }
-    }
-
-    fn finish(mut self) -> Value {
-        std::fs::write(&self.stop, "").expect("stop file");
-        let line = self
-            .child
-            .recv_line(self.max + Duration::from_secs(30))
-            .expect("load summary");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("load printed {line:?}: {e}"))
-    }
-}
-
-fn client_counter(d: &Daemon, name: &str) -> u64 {
-    let st = d.status().expect("status");
-    st["pods"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["name"] == "client")
-        .and_then(|p| p[name].as_u64())
-        .unwrap_or_else(|| panic!("no client pod {name} in status: {}", st["pods"]))
-}
-
-/// Pinned links under the daemon's pin dir (names).
-fn pinned_links(d: &Daemon) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(d.pin_dir().join("links"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-fn p99_in(load: &Value, from: u64, to: u64) -> (f64, u64) {
-    let mut worst = 0.0f64;
-    let mut n = 0;
-    for s in load["seconds"].as_array().into_iter().flatten() {
-        let t = s["t"].as_u64().unwrap_or(0);
-        if t >= from && t <= to {
-            worst = worst.max(s["p99_ms"].as_f64().unwrap_or(0.0));
-            n += s["n"].as_u64().unwrap_or(0);
-        }
-    }
-    (worst, n)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 fn upgrades() -> usize {
     std::env::var("SOCKMESH_TEST_UPGRADES")
@@ -281,34 +149,6 @@ fn chained_upgrades_under_keep_alive_load_lose_no_request() {
     drop(d);
 }
 
-/// A wrapper script that runs `upgrade_fake.py --mode <mode>` with the daemon's arguments.
-fn fake_successor(dir: &TempDir, mode: &str) -> PathBuf {
-    let p = dir.join(format!("fake-{mode}"));
-    std::fs::write(
-        &p,
-        format!(
-            "#!/bin/sh\nexec {} {} --mode {mode} \"$@\"\n",
-            python().display(),
-            peers_dir().join("upgrade_fake.py").display()
-        ),
-    )
-    .expect("write fake successor");
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    p
-}
-
-fn failed_upgrade(d: &Daemon, binary: &Path, expect: &str) -> String {
-    let out = d.upgrade_raw(binary).expect("sockmesh upgrade");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "upgrade with {} succeeded",
-        binary.display()
-    );
-    assert!(err.contains(expect), "expected {expect:?} in: {err}");
-    err
-}
-
 #[test]
 fn failing_successors_leave_the_daemon_serving_and_a_later_upgrade_works() {
     if !require_privileged() {
@@ -404,30 +244,13 @@ fn a_request_half_sent_across_an_upgrade_is_answered_on_the_same_connection() {
     );
 }
 
-/// The Python with grpcio (`cargo xtask bootstrap` makes it; `SOCKMESH_TEST_PYTHON` overrides).
-fn grpc_python() -> PathBuf {
-    match std::env::var_os("SOCKMESH_TEST_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => sockmesh_tests::workspace_root().join("target/test-venv/bin/python"),
-    }
-}
-
 #[test]
 fn grpc_calls_across_an_upgrade_drain_with_goaway_and_none_fails() {
     if !require_privileged() {
         return;
     }
     let (node, _server, mut d) = setup();
-    let srv = node.pod("srv");
-    let mut cmd = Command::new(grpc_python());
-    cmd.arg("-u").arg(peers_dir().join("grpc_peer.py")).args([
-        "serve",
-        "--name",
-        "v1",
-        "--port",
-        &GRPC_PORT.to_string(),
-    ]);
-    let _grpc = Server::start(&srv.cgroup, Some(&srv.netns), cmd).expect("grpc server");
+    let _grpc = grpc_server(node.pod("srv"));
     // One channel (one HTTP/2 connection to the proxy), 4 calls in flight, long enough to span
     // the upgrade: the old generation sends GOAWAY, the channel reconnects to the new one.
     let client = node.pod("client");

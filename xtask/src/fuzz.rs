@@ -1,5 +1,5 @@
 //! `cargo xtask fuzz [--seconds N] [--target NAME]...`: run the protocol codec (and `cni_plan`,
-//! sockmesh-cni's input handling) fuzz targets in
+//! sockmesh-cni's input handling, and `upgrade_wire`, the upgrade's hand-off messages) fuzz targets in
 //! `mesh-userspace/fuzz` for a bounded time each and report executions and crashes.
 //!
 //! Installs cargo-fuzz when it is missing (`cargo install cargo-fuzz --locked`). Each target
@@ -31,6 +31,7 @@ pub const TARGETS: &[&str] = &[
     "hessian2_decode",
     "sofa_decode",
     "cni_plan",
+    "upgrade_wire",
 ];
 
 #[derive(Debug, Args)]

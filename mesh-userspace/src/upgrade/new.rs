@@ -59,6 +59,8 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
             wire::PROTOCOL_VERSION
         );
     }
+    // Test-only: announce this protocol and take no other (see `test_protocol_version`).
+    let forced = test_protocol_version();
     let (conn, offer, fds) = loop {
         let conn = UnixStream::connect(&info.rendezvous).with_context(|| {
             format!(
@@ -73,7 +75,7 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
         wire::send(
             &conn,
             Body::Hello(Hello {
-                protocol_version: version,
+                protocol_version: forced.unwrap_or(version),
                 pid: std::process::id(),
                 binary_version: env!("CARGO_PKG_VERSION").into(),
             }),
@@ -82,7 +84,11 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
         let (body, fds) = wire::recv(&conn).context("--upgrade: waiting for the offer")?;
         match body {
             Body::Offer(o) => break (conn, o, fds),
-            Body::Refuse(r) if r.protocol_version < version && wire::negotiate(r.protocol_version).is_some() => {
+            Body::Refuse(r)
+                if forced.is_none()
+                    && r.protocol_version < version
+                    && wire::negotiate(r.protocol_version).is_some() =>
+            {
                 info!(
                     "--upgrade: generation {} speaks hand-off protocol {} (this binary {}): asking again in {}",
                     info.generation, r.protocol_version, version, r.protocol_version
@@ -135,6 +141,7 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
         "upgrade: took the previous generation's offer"
     );
     *super::INHERITED.lock().expect("inherited lock") = listeners;
+    test_pause("offer");
     super::set_generation(offer.generation + 1);
     super::OWNS_ADMIN.store(false, std::sync::atomic::Ordering::SeqCst);
     super::status_mut(|st| {
@@ -163,7 +170,10 @@ impl Inherited {
         )?;
         self.conn.set_read_timeout(Some(COMMIT_TIMEOUT))?;
         match wire::recv(&self.conn).context("--upgrade: waiting for commit")?.0 {
-            Body::Commit(_) => Ok(()),
+            Body::Commit(_) => {
+                test_pause("commit");
+                Ok(())
+            }
             Body::Abort(a) => bail!("the previous generation aborted the upgrade: {}", a.reason),
             other => bail!("--upgrade: protocol error: expected commit, got {}", other.name()),
         }
@@ -190,6 +200,7 @@ impl Inherited {
             }),
             &[],
         )?;
+        test_pause("started");
         let left = super::drop_unadopted();
         if left > 0 {
             warn!(listeners = left, "closed inherited listeners no pod adopted");
@@ -252,6 +263,7 @@ impl Inherited {
                             } else {
                                 let fd = fds.pop().expect("one descriptor");
                                 rt.spawn(adopt_app(daemon.clone(), c, fd));
+                                test_pause("conn");
                             }
                         }
                         Ok((other, _)) => {
@@ -354,4 +366,43 @@ async fn adopt_app(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
         .connections_active
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     shared.registry.remove(entry.id);
+}
+
+/// Test-only (`SOCKMESH_TEST_HANDOFF_PROTOCOL=N`): announce hand-off protocol N in the
+/// `Hello` instead of this binary's, so the tests can run a real successor that the running
+/// generation must refuse. Not a configuration knob: nothing but the tests sets it.
+fn test_protocol_version() -> Option<u32> {
+    let v = std::env::var("SOCKMESH_TEST_HANDOFF_PROTOCOL").ok()?;
+    let n = v.parse().ok()?;
+    warn!("SOCKMESH_TEST_HANDOFF_PROTOCOL: announcing hand-off protocol {n} (tests only)");
+    Some(n)
+}
+
+/// Test-only (`SOCKMESH_TEST_UPGRADE_PAUSE=<point>:<dir>`): at `point` of the hand-off
+/// (`offer`: descriptors taken, kernel state not yet adopted; `commit`: `Ready` said and
+/// `Commit` read, not accepting yet; `started`: `Started` said; `conn`: the first moved
+/// HTTP/1.1 connection adopted), write this process's pid to `<dir>/<point>` and wait (at most
+/// 60 s) until `<dir>/<point>.go` exists, so that a test can `kill -9` either generation at a
+/// known step. Nothing but the tests sets it.
+fn test_pause(point: &str) {
+    let Ok(v) = std::env::var("SOCKMESH_TEST_UPGRADE_PAUSE") else {
+        return;
+    };
+    let Some((at, dir)) = v.split_once(':') else {
+        return;
+    };
+    if at != point {
+        return;
+    }
+    let dir = Path::new(dir);
+    warn!(
+        point,
+        "SOCKMESH_TEST_UPGRADE_PAUSE: pausing the hand-off (tests only)"
+    );
+    let _ = std::fs::write(dir.join(point), std::process::id().to_string());
+    let go = dir.join(format!("{point}.go"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !go.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -38,6 +38,8 @@ pub fn negotiate(theirs: u32) -> Option<u32> {
 }
 /// A frame larger than this is refused (a counter snapshot of 4096 pods is ~300 KiB).
 pub const MAX_FRAME: usize = 1 << 20;
+/// A frame's payload buffer starts this large and grows with what arrives.
+const READ_CHUNK: usize = 64 * 1024;
 /// Descriptors one frame may carry (the kernel's limit per `SCM_RIGHTS` message is 253).
 pub const MAX_FDS: usize = 253;
 
@@ -419,8 +421,19 @@ pub fn recv(s: &UnixStream) -> io::Result<(Body, Vec<OwnedFd>)> {
             format!("hand-off frame of {len} bytes (at most {MAX_FRAME})"),
         ));
     }
-    let mut payload = vec![0u8; len];
-    (&*s).read_exact(&mut payload)?;
+    // Grown as bytes arrive, not allocated as the prefix claims: a peer that announces 1 MiB
+    // and sends 3 bytes costs 3 bytes.
+    let mut payload = Vec::with_capacity(len.min(READ_CHUNK));
+    Read::take(s, len as u64).read_to_end(&mut payload)?;
+    if payload.len() < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "the other generation closed the hand-off socket mid-frame ({} of {len} bytes)",
+                payload.len()
+            ),
+        ));
+    }
     Ok((decode(&payload)?, fds))
 }
 
@@ -495,6 +508,14 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         (&a).write_all(&[0, 0, 0, 0]).unwrap();
         assert!(recv(&b).is_err());
+        // A frame that claims 1 MiB and brings 3 bytes: EOF, not a 1 MiB buffer waiting.
+        let (a, b) = UnixStream::pair().unwrap();
+        (&a).write_all(&(MAX_FRAME as u32).to_be_bytes()).unwrap();
+        (&a).write_all(&[0x0a, 0, 0]).unwrap();
+        drop(a);
+        let e = recv(&b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        assert!(e.to_string().contains("3 of 1048576 bytes"), "{e}");
         // EOF mid-prefix.
         let (a, b) = UnixStream::pair().unwrap();
         (&a).write_all(&[0, 0]).unwrap();

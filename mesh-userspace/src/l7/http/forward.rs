@@ -174,6 +174,12 @@ pub(super) async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Respon
                     f
                 })
                 .boxed();
+            // While draining for an upgrade, an HTTP/1.1 response marks its request boundary.
+            let body = if st.version == HttpVersion::Http1 {
+                super::session::HeadOut::new(body, st.inflight.clone()).boxed()
+            } else {
+                body
+            };
             Response::from_parts(parts, body)
         }
         Err((reason, msg)) => {

@@ -116,6 +116,10 @@ impl AsyncWrite for Counted {
 pub(super) struct Inflight {
     count: AtomicUsize,
     last_change: Mutex<Instant>,
+    /// While this generation drains: a response's head is written and its body holds back
+    /// ([`HeadOut`]), so hyper reads no further head until it goes on. Stopping the session
+    /// now loses nothing and adds no `Connection: close` to a head.
+    head_out: std::sync::atomic::AtomicBool,
 }
 
 pub(super) struct InflightGuard(Arc<Inflight>);
@@ -125,7 +129,21 @@ impl Inflight {
         Arc::new(Self {
             count: AtomicUsize::new(0),
             last_change: Mutex::new(Instant::now()),
+            head_out: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Resolves (when polled) while a response head is out and its body holds back, taking
+    /// the signal (the body goes on). [`HeadOut`] wakes the task when it starts holding back.
+    async fn head_out(&self) {
+        std::future::poll_fn(|_| {
+            if self.head_out.swap(false, Relaxed) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     pub(super) fn enter(self: &Arc<Self>) -> InflightGuard {
@@ -155,6 +173,82 @@ impl Drop for InflightGuard {
     fn drop(&mut self) {
         *self.0.last_change.lock().expect("inflight lock") = Instant::now();
         self.0.count.fetch_sub(1, Relaxed);
+    }
+}
+
+/// An HTTP/1.1 response body that, while this generation drains for an upgrade with a
+/// successor to hand connections to, holds back before its first frame and says so in
+/// [`Inflight::head_out`]: hyper has written the head and reads no further head until this body
+/// ends, so `h1_session` can stop the session at this request boundary. It holds until
+/// `h1_session` took the signal (it clears the flag), at most [`HEAD_OUT_HOLD`]. (Holding for
+/// one poll was not enough: with pipelined requests in its buffer hyper polls the body again
+/// within the same poll of the connection.)
+pub(super) struct HeadOut {
+    inner: Body,
+    inflight: Arc<Inflight>,
+    hold: Option<Pin<Box<tokio::time::Sleep>>>,
+    done: bool,
+}
+
+impl HeadOut {
+    pub(super) fn new(inner: Body, inflight: Arc<Inflight>) -> HeadOut {
+        HeadOut {
+            inner,
+            inflight,
+            hold: None,
+            done: false,
+        }
+    }
+}
+
+/// The longest a response body holds back for the upgrade's hand-over signal.
+const HEAD_OUT_HOLD: Duration = Duration::from_millis(5);
+
+impl hyper::body::Body for HeadOut {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if !this.done && crate::upgrade::is_draining() && crate::upgrade::can_hand_over() {
+            this.done = true;
+            this.inflight.head_out.store(true, Relaxed);
+            this.hold = Some(Box::pin(tokio::time::sleep(HEAD_OUT_HOLD)));
+            debug!("upgrade: a response head is out; its body holds back");
+            // The session's select runs its other branches now (the hold's timer is the
+            // bound).
+            cx.waker().wake_by_ref();
+        }
+        this.done = true;
+        if let Some(hold) = this.hold.as_mut() {
+            if this.inflight.head_out.load(Relaxed)
+                && std::future::Future::poll(hold.as_mut(), cx).is_pending()
+            {
+                return Poll::Pending;
+            }
+            this.hold = None;
+            this.inflight.head_out.store(false, Relaxed);
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for HeadOut {
+    fn drop(&mut self) {
+        if self.hold.is_some() {
+            self.inflight.head_out.store(false, Relaxed);
+        }
     }
 }
 
@@ -483,10 +577,19 @@ where
                 answer_408(fd);
                 return H1Session::Done(None);
             }
-            // While an upgrade drains this generation: once no request is in flight, stop at
-            // the request boundary and hand the socket (with any bytes already read) to the
-            // successor instead of closing it.
-            hand = crate::upgrade::drain_http1(inflight.idle_for(Duration::from_millis(2))), if !closing => {
+            // While an upgrade drains this generation: stop at a request boundary and hand the
+            // socket (with any bytes already read) to the successor instead of closing it.
+            // The boundary is 2 ms with nothing in flight, or (a pipelining client never
+            // leaves that gap) a response whose head is written and whose body holds back
+            // one poll: hyper then finishes that response (its head already out, so without
+            // the `Connection: close` it would add to a head written after the stop) and reads
+            // no further head; the pipelined requests stay in its read buffer and move.
+            hand = crate::upgrade::drain_http1(async {
+                tokio::select! {
+                    _ = inflight.idle_for(Duration::from_millis(2)) => {}
+                    _ = inflight.head_out() => {}
+                }
+            }), if !closing => {
                 debug!(hand, "upgrade: draining app connection");
                 closing = true;
                 if hand {
