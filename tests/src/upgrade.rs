@@ -31,39 +31,34 @@ pub fn setup() -> (VirtualNode, Server, Daemon) {
         .args(["serve", "--port", &PORT.to_string()]);
     let server = Server::start(&srv.cgroup, Some(&srv.netns), cmd).expect("echo server");
     let policy = format!(
-        r#"drain_timeout_secs = {drain}
+        "drain_timeout_secs = {}\n{}{}",
+        DRAIN.as_secs(),
+        service_toml("echo", "http1", PORT, &srv.addr(PORT), 5000),
+        service_toml("who", "grpc", GRPC_PORT, &srv.addr(GRPC_PORT), 5000),
+    );
+    let d = Daemon::start(&node, &basic_config(&node, &policy)).expect("daemon start");
+    d.enroll(node.pod("client")).expect("enroll client");
+    (node, server, d)
+}
 
+/// A service at `VIP:port` speaking `protocol` with one endpoint `ep` (subset `v1`) and one
+/// route to it, timing out after `timeout_ms`.
+pub fn service_toml(name: &str, protocol: &str, port: u16, ep: &str, timeout_ms: u64) -> String {
+    format!(
+        r#"
 [[services]]
-name = "echo"
-addresses = ["{VIP}:{PORT}"]
-protocol = "http1"
-timeout_ms = 5000
+name = "{name}"
+addresses = ["{VIP}:{port}"]
+protocol = "{protocol}"
+timeout_ms = {timeout_ms}
 endpoints = [{{ address = "{ep}", labels = {{ version = "v1" }} }}]
 subsets = [{{ name = "v1", labels = {{ version = "v1" }} }}]
 
 [[services.routes]]
 name = "default"
 split = [{{ subset = "v1", weight = 100 }}]
-
-[[services]]
-name = "who"
-addresses = ["{VIP}:{GRPC_PORT}"]
-protocol = "grpc"
-timeout_ms = 5000
-endpoints = [{{ address = "{grpc_ep}", labels = {{ version = "v1" }} }}]
-subsets = [{{ name = "v1", labels = {{ version = "v1" }} }}]
-
-[[services.routes]]
-name = "default"
-split = [{{ subset = "v1", weight = 100 }}]
-"#,
-        drain = DRAIN.as_secs(),
-        ep = srv.addr(PORT),
-        grpc_ep = srv.addr(GRPC_PORT),
-    );
-    let d = Daemon::start(&node, &basic_config(&node, &policy)).expect("daemon start");
-    d.enroll(node.pod("client")).expect("enroll client");
-    (node, server, d)
+"#
+    )
 }
 
 /// Constant-rate keep-alive load from the client pod until `stop` exists (bounded by

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sockmesh_tests::daemon::{basic_config, prom_value};
 use sockmesh_tests::upgrade::{
-    client_counter, failed_upgrade, fake_successor, grpc_python, grpc_server, p99_in, pinned_links, setup,
-    unix_now, Load, DRAIN, GRPC_PORT, PORT, VIP,
+    client_counter, failed_upgrade, fake_successor, grpc_python, grpc_server, p99_in, pinned_links,
+    service_toml, setup, unix_now, Load, DRAIN, GRPC_PORT, PORT, VIP,
 };
 use sockmesh_tests::{
     attached_programs, peers_dir, python, require_privileged, sockmesh_bin, Daemon, LineChild, Pod, Server,
@@ -493,29 +493,17 @@ fn bolt_and_dubbo_connections_move_at_a_frame_boundary_across_chained_upgrades()
         DUBBO_PORT,
         &["--delay-ms", &delay],
     );
-    let service = |name: &str, port: u16, pod: &str| {
-        format!(
-            r#"
-[[services]]
-name = "{name}"
-addresses = ["{VIP}:{port}"]
-protocol = "{name}"
-timeout_ms = 5000
-endpoints = [{{ address = "{ep}", labels = {{ version = "v1" }} }}]
-subsets = [{{ name = "v1", labels = {{ version = "v1" }} }}]
-
-[[services.routes]]
-name = "default"
-split = [{{ subset = "v1", weight = 100 }}]
-"#,
-            ep = node.pod(pod).addr(port)
-        )
-    };
     let policy = format!(
         "drain_timeout_secs = {}\n{}{}",
         DRAIN.as_secs(),
-        service("bolt", BOLT_PORT, "bolt"),
-        service("dubbo", DUBBO_PORT, "dubbo")
+        service_toml("bolt", "bolt", BOLT_PORT, &node.pod("bolt").addr(BOLT_PORT), 5000),
+        service_toml(
+            "dubbo",
+            "dubbo",
+            DUBBO_PORT,
+            &node.pod("dubbo").addr(DUBBO_PORT),
+            5000
+        )
     );
     let mut d = Daemon::start(&node, &basic_config(&node, &policy)).expect("daemon start");
     d.enroll(node.pod("client")).expect("enroll client");
@@ -636,22 +624,15 @@ fn a_bolt_connection_with_calls_unanswered_by_the_hand_over_deadline_stays_and_i
     let _bolt =
         sockmesh_tests::rpc::rpc_servers_in(&[node.pod("bolt")], "bolt", BOLT_PORT, &["--delay-ms", "4500"]);
     let policy = format!(
-        r#"drain_timeout_secs = {drain}
-
-[[services]]
-name = "bolt"
-addresses = ["{VIP}:{BOLT_PORT}"]
-protocol = "bolt"
-timeout_ms = 10000
-endpoints = [{{ address = "{ep}", labels = {{ version = "v1" }} }}]
-subsets = [{{ name = "v1", labels = {{ version = "v1" }} }}]
-
-[[services.routes]]
-name = "default"
-split = [{{ subset = "v1", weight = 100 }}]
-"#,
-        drain = DRAIN.as_secs(),
-        ep = node.pod("bolt").addr(BOLT_PORT)
+        "drain_timeout_secs = {}\n{}",
+        DRAIN.as_secs(),
+        service_toml(
+            "bolt",
+            "bolt",
+            BOLT_PORT,
+            &node.pod("bolt").addr(BOLT_PORT),
+            10000
+        )
     );
     let mut d = Daemon::start(&node, &basic_config(&node, &policy)).expect("daemon start");
     d.enroll(node.pod("client")).expect("enroll client");
