@@ -27,6 +27,8 @@ pub const PROTOCOL_VERSION: u32 = 2;
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// The first version whose hand-off moves Bolt and Dubbo connections.
 pub const MUX_MOVES_SINCE: u32 = 2;
+// Version 1 never moved Bolt/Dubbo connections.
+const _: () = assert!(MUX_MOVES_SINCE > MIN_PROTOCOL_VERSION);
 
 /// Whether this binary speaks the version another generation asked for (then both speak it).
 /// A successor newer than this daemon is refused with this daemon's version in the `Refuse`
@@ -450,10 +452,6 @@ mod tests {
         // A newer successor is refused (naming ours), and asks again in ours if it can.
         assert_eq!(negotiate(PROTOCOL_VERSION + 1), None);
         assert_eq!(negotiate(0), None);
-        assert!(
-            MUX_MOVES_SINCE > MIN_PROTOCOL_VERSION,
-            "version 1 never moved Bolt/Dubbo"
-        );
     }
 
     #[test]
