@@ -329,6 +329,18 @@ pub fn hand_over_mux(
             return;
         }
     };
+    hand_over_app(s, read, offset, ctx, app);
+}
+
+/// Queue one app connection (its socket, the bytes read and not yet served from `offset` of
+/// its stream) for the successor; without one the socket is closed.
+fn hand_over_app(
+    s: tokio::net::TcpStream,
+    read: Vec<u8>,
+    offset: u64,
+    ctx: &crate::l7::ConnCtx,
+    protocol: wire::AppProtocol,
+) {
     let fd = match s.into_std() {
         Ok(s) => OwnedFd::from(s),
         Err(e) => {
@@ -343,12 +355,12 @@ pub fn hand_over_mux(
         orig: ctx.orig.to_string(),
         local: ctx.local.to_string(),
         read,
-        protocol: app as i32,
+        protocol: protocol as i32,
         stream_offset: offset,
         ..Default::default()
     };
     if !send_handover(meta, vec![fd]) {
-        tracing::warn!(client = %ctx.client, protocol, "upgrade: no successor to take the connection: closed");
+        tracing::warn!(client = %ctx.client, ?protocol, "upgrade: no successor to take the connection: closed");
     }
 }
 
@@ -359,25 +371,7 @@ static HANDOVER: Mutex<Option<std::sync::mpsc::Sender<HandOver>>> = Mutex::new(N
 /// read) to the successor. Without one the socket is closed (cannot happen while
 /// [`can_hand_over`] said yes, except when the successor died meanwhile).
 pub fn hand_over_http1(s: tokio::net::TcpStream, read: Vec<u8>, ctx: &crate::l7::ConnCtx) {
-    let fd = match s.into_std() {
-        Ok(s) => OwnedFd::from(s),
-        Err(e) => {
-            tracing::warn!("upgrade: connection not handed over: {e}");
-            return;
-        }
-    };
-    let meta = wire::Conn {
-        pod: ctx.pod.name.clone(),
-        inbound: ctx.inbound,
-        client: ctx.client.to_string(),
-        orig: ctx.orig.to_string(),
-        local: ctx.local.to_string(),
-        read,
-        ..Default::default()
-    };
-    if !send_handover(meta, vec![fd]) {
-        tracing::warn!(client = %ctx.client, "upgrade: no successor to take the connection: closed");
-    }
+    hand_over_app(s, read, 0, ctx, wire::AppProtocol::Http1);
 }
 
 /// A response on an HTTP/1.1 app connection while draining: `Connection: close`, so the client
