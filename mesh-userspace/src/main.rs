@@ -1095,21 +1095,35 @@ fn serve_loaded(
         metrics::set_ready();
         // A DaemonSet pod gets SIGTERM on every rolling update: capture and state stay.
         let sigterm_keeps_state = kubernetes.as_ref().is_some_and(|k| k.sigterm_keeps_state);
-        let keep_state = tokio::select! {
-            r = wait_for_signal(signals) => { r?; sigterm_keeps_state }
-            keep = daemon.stop_requested() => keep,
-        };
-        if upgrade::old::handed_off() {
+        let signal = wait_for_signal(signals);
+        tokio::pin!(signal);
+        let keep_state = loop {
+            let keep_state = tokio::select! {
+                r = &mut signal => { r?; sigterm_keeps_state }
+                keep = daemon.stop_requested() => keep,
+            };
+            if !upgrade::old::handed_off() {
+                break keep_state;
+            }
             // The successor serves admin and metrics on the same sockets now.
             admin_task.abort();
             metrics_task.abort();
-        }
-        if keep_state {
+            // Drain; if the successor dies first, serve again (the hand-off is taken back).
+            if !daemon.drain_handed_off().await {
+                break keep_state;
+            }
+            upgrade::old::served_again();
+        };
+        if upgrade::old::handed_off() {
+            // Drained: the successor serves; nothing more to stop here.
+        } else if keep_state {
             info!("stopping, keeping pinned state for the next daemon");
         } else {
             info!("shutting down: capture off, draining, then detaching");
         }
-        daemon.shutdown(keep_state).await;
+        if !upgrade::old::handed_off() {
+            daemon.shutdown(keep_state).await;
+        }
         anyhow::Ok(())
     });
     upgrade::old::finish();
