@@ -324,9 +324,10 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
         *super::HANDOVER.lock().expect("handover lock") = None;
         *ok = false;
     };
+    let moved_before = super::status_mut(|st| st.moved);
     let back = |why: String, pending: Option<super::HandOver>, rx| {
         let gen = started.generation;
-        take_back(ctx, rt, &successor, gen, why, pending, rx)
+        take_back(ctx, rt, &successor, gen, moved_before, why, pending, rx)
     };
     loop {
         let drained = sess.drained.load(SeqCst);
@@ -468,11 +469,13 @@ impl Successor {
 /// generation instead; admin and metrics are served again; the lock file names this generation
 /// and the dead successor's rendezvous socket goes. Connections the successor had received die
 /// with it.
+#[allow(clippy::too_many_arguments)]
 fn take_back(
     ctx: &Ctx,
     rt: &tokio::runtime::Handle,
     successor: &Successor,
     successor_generation: u64,
+    moved_before: u64,
     why: String,
     pending: Option<super::HandOver>,
     rx: std::sync::mpsc::Receiver<super::HandOver>,
@@ -481,7 +484,7 @@ fn take_back(
         return false;
     }
     let pid = successor.pid;
-    let moved = super::status_mut(|st| st.moved);
+    let moved = super::status_mut(|st| st.moved) - moved_before;
     warn!(
         successor = pid,
         generation = successor_generation,
