@@ -25,6 +25,7 @@ pub mod peer;
 pub mod process;
 pub mod rpc;
 pub mod servers;
+pub mod tools;
 pub mod upgrade;
 pub mod util;
 
