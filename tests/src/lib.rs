@@ -17,6 +17,7 @@
 pub mod abuse;
 pub mod bench;
 pub mod cgroup;
+pub mod checks;
 pub mod cluster;
 pub mod daemon;
 pub mod k8s;
