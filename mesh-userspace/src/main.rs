@@ -828,8 +828,18 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf, upgrade: bool) 
     let lock = match &inherited {
         Some(i) => i.lock.try_clone()?,
         None => sys::lock_file(&cfg.state_file.with_extension("lock")).with_context(|| {
+            // Started beside the running one (e.g. a DaemonSet's new pod): say who runs and how
+            // to take over from it instead.
+            let holder = upgrade::read_lock_info(&cfg.state_file)
+                .map(|i| {
+                    format!(
+                        ": generation {} (pid {}) runs; `sockmesh run --upgrade` with the same config takes over from it",
+                        i.generation, i.pid
+                    )
+                })
+                .unwrap_or_default();
             format!(
-                "another sockmesh daemon owns {} (or its lock cannot be taken)",
+                "another sockmesh daemon owns {} (or its lock cannot be taken){holder}",
                 cfg.pin_dir.display()
             )
         })?,
