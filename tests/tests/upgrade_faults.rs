@@ -332,6 +332,45 @@ fn a_successor_killed_after_started_hands_back_to_the_draining_generation_which_
 }
 
 #[test]
+fn a_second_daemon_started_beside_the_running_one_is_refused_naming_it_and_changes_nothing() {
+    if !require_privileged() {
+        return;
+    }
+    // What a DaemonSet's surge pod does today: a plain `run` on the same state while a
+    // generation runs. Refused at the lock, naming the running generation and `--upgrade`.
+    let (node, _server, d) = setup();
+    let pid = d.pid();
+    let programs = attached_programs(node.cgroup_root()).expect("bpftool");
+    let rendezvous = d.rendezvous_sockets();
+    let mut cmd = std::process::Command::new(sockmesh_bin());
+    cmd.arg("run")
+        .arg("--config")
+        .arg(d.config_path())
+        .arg("--pin-dir")
+        .arg(d.pin_dir())
+        .arg("--state-file")
+        .arg(d.state_file())
+        .arg("--admin-socket")
+        .arg(d.admin_socket())
+        .args(["--metrics-addr", "127.0.0.1:0"]);
+    let out = sockmesh_tests::exec_in(node.daemon_cgroup(), None, cmd, Duration::from_secs(60))
+        .expect("second run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("second run: {}", err.trim());
+    assert!(!out.status.success(), "a second daemon started beside pid {pid}");
+    assert!(
+        err.contains(&format!("generation 1 (pid {pid}) runs")) && err.contains("--upgrade"),
+        "{err}"
+    );
+    // The running generation is untouched.
+    assert_eq!(d.pid(), pid);
+    assert_eq!(d.status().expect("status")["upgrade"]["pid"], pid);
+    assert_eq!(d.rendezvous_sockets(), rendezvous);
+    assert_eq!(attached_programs(node.cgroup_root()).expect("bpftool"), programs);
+    assert_eq!(gets(node.pod("client"), &format!("{VIP}:{PORT}"), 3)["ok"], 3);
+}
+
+#[test]
 fn the_old_generation_killed_before_started_takes_its_successor_down_and_capture_goes_direct() {
     if !require_privileged() {
         return;
