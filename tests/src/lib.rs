@@ -19,6 +19,7 @@ pub mod bench;
 pub mod cgroup;
 pub mod cluster;
 pub mod daemon;
+pub mod dual_link;
 pub mod k8s;
 pub mod node;
 pub mod peer;
