@@ -183,13 +183,7 @@ pub fn failed_upgrade(d: &Daemon, binary: &Path, expect: &str) -> String {
     err
 }
 
-/// The Python with grpcio (`cargo xtask bootstrap` makes it; `SOCKMESH_TEST_PYTHON` overrides).
-pub fn grpc_python() -> PathBuf {
-    match std::env::var_os("SOCKMESH_TEST_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => crate::util::workspace_root().join("target/test-venv/bin/python"),
-    }
-}
+pub use crate::tools::grpc_python;
 
 /// The gRPC test server (`grpc_peer.py serve`) in the server pod on [`GRPC_PORT`].
 pub fn grpc_server(srv: &Pod) -> Server {
