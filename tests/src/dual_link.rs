@@ -173,6 +173,8 @@ pub struct Ev {
     /// Index into the names of who answered; `None`: failed.
     pub name: Option<usize>,
     pub health: bool,
+    /// ms it was sent after its slot in the constant-rate schedule (the client stalled).
+    pub late_ms: u64,
 }
 
 /// The requests and the answering apps' names of the load's final JSON line.
@@ -194,6 +196,7 @@ pub fn events(v: &Value) -> (Vec<Ev>, Vec<String>) {
                 latency_ms: e[2].as_f64()?,
                 name: e[3].as_i64().filter(|&i| i >= 0).map(|i| i as usize),
                 health: e[4].as_u64() == Some(1),
+                late_ms: e[5].as_u64().unwrap_or(0),
             })
         })
         .collect();
@@ -222,11 +225,12 @@ mod tests {
     #[test]
     fn the_load_line_is_parsed() {
         let v: Value =
-            serde_json::from_str(r#"{"names":["a@app"],"events":[[1,1000,2.5,0,0],[0,1001,3.0,-1,1]]}"#)
+            serde_json::from_str(r#"{"names":["a@app"],"events":[[1,1000,2.5,0,0,7],[0,1001,3.0,-1,1]]}"#)
                 .unwrap();
         let (evs, names) = events(&v);
         assert_eq!(names, ["a@app"]);
         assert_eq!((evs[0].target, evs[0].sent_ms, evs[0].name), (1, 1000, Some(0)));
         assert!(evs[1].name.is_none() && evs[1].health);
+        assert_eq!((evs[0].late_ms, evs[1].late_ms), (7, 0));
     }
 }
