@@ -72,6 +72,12 @@ pub struct Load {
 
 impl Load {
     pub fn start(client: &Pod, conns: u32, rate: u32, max: Duration) -> Load {
+        Load::start_sampled(client, conns, rate, max, None)
+    }
+
+    /// [`Load::start`], writing every request's due time, latency and outcome to `samples`
+    /// (`upgrade_load.py --samples`) when it finishes.
+    pub fn start_sampled(client: &Pod, conns: u32, rate: u32, max: Duration, samples: Option<&Path>) -> Load {
         let dir = TempDir::new("load").expect("temp dir");
         let stop = dir.join("stop");
         let mut cmd = Command::new(python());
@@ -82,6 +88,9 @@ impl Load {
             .args(["--duration", &max.as_secs().to_string(), "--timeout", "1"])
             .arg("--stop-file")
             .arg(&stop);
+        if let Some(p) = samples {
+            cmd.arg("--samples").arg(p);
+        }
         let child = LineChild::spawn(&client.cgroup, Some(&client.netns), cmd).expect("load client");
         Load {
             child,
