@@ -9,8 +9,9 @@
 //! endpoints a keep-alive link's requests move to.
 
 use std::process::Command;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use crate::{peers_dir, python, Pod, Server};
@@ -117,6 +118,20 @@ pub fn app_server(pod: &Pod, port: u16, name: &str) -> Result<Server> {
         name,
     ]);
     Server::start(&pod.cgroup, Some(&pod.netns), cmd)
+}
+
+/// `/__stats` of the link app on `port` in `pod` (from inside the pod to its own address: not
+/// captured).
+pub fn app_stats(pod: &Pod, port: u16) -> Result<Value> {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "5",
+        &format!("http://127.0.0.1:{port}/__stats"),
+    ]);
+    let o = crate::exec_in(&pod.cgroup, Some(&pod.netns), cmd, Duration::from_secs(10))?;
+    serde_json::from_slice(&o.stdout).with_context(|| format!("stats of {}:{port}: {o:?}", pod.name))
 }
 
 /// The constant-rate load (`link_app.py load`): `rate` requests/s to each target.

@@ -149,16 +149,7 @@ impl Setup {
 
     /// `/__stats` of one app (from inside its pod, to its own address: not captured).
     fn stats(&self, pod: &str, port: u16) -> Value {
-        let p = self.node.pod(pod);
-        let mut cmd = Command::new("curl");
-        cmd.args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://127.0.0.1:{port}/__stats"),
-        ]);
-        let o = exec_in(&p.cgroup, Some(&p.netns), cmd, Duration::from_secs(10)).expect("stats");
-        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stats: {e}: {o:?}"))
+        dual_link::app_stats(self.node.pod(pod), port).expect("stats")
     }
 }
 

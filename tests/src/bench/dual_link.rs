@@ -19,7 +19,6 @@
 //! comparison).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -236,19 +235,9 @@ struct Row {
 }
 
 impl Row {
-    /// `/__stats` of the app on `port` in `pod` (from inside the pod to its own address: not
-    /// captured).
+    /// `/__stats` of the app on `port` in `pod`.
     fn stats(&self, pod: &str, port: u16) -> Result<Value> {
-        let p = self.node.pod(pod);
-        let mut cmd = Command::new("curl");
-        cmd.args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://127.0.0.1:{port}/__stats"),
-        ]);
-        let o = exec_in(&p.cgroup, Some(&p.netns), cmd, Duration::from_secs(10))?;
-        serde_json::from_slice(&o.stdout).with_context(|| format!("stats of {pod}:{port}: {o:?}"))
+        dual_link::app_stats(self.node.pod(pod), port)
     }
 
     fn load(
@@ -425,7 +414,8 @@ fn measure(row: &Row, switches: u32, started: std::time::Instant) -> Result<Dual
         ..DualLinkResult::default()
     };
     if failed > 0 {
-        out.notes.push(format!("{failed} requests FAILED (a switch must lose none)"));
+        out.notes
+            .push(format!("{failed} requests FAILED (a switch must lose none)"));
     }
     for (st, link) in stats.iter().zip(LINKS) {
         if st["slow"].as_array().map_or(0, Vec::len) >= 500 {
