@@ -111,6 +111,13 @@ pub struct Switch {
     /// Connections the app accepted in the warm window, and how many of them the switch's
     /// pre-connect opened.
     pub accepted_warm: u64,
+    /// ms after the switch command the app's accept loop took the last of those connections
+    /// (its own clock: a request on a connection the app has not accepted yet waits for it).
+    #[serde(default)]
+    pub last_accept_ms: Option<u64>,
+    /// ms the daemon's pre-connect took (`switch --json`).
+    #[serde(default)]
+    pub preconnect_ms: Option<f64>,
     pub preconnected: u64,
     /// Requests the app itself took > 5 ms over, in the warm / steady window.
     pub app_slow_warm: usize,
@@ -271,6 +278,7 @@ struct Mark {
     to: usize,
     at: u64,
     preconnected: u64,
+    preconnect_ms: Option<f64>,
 }
 
 /// Runs the row: `switches` switches under constant load (about 10 s + `switches` x 9 s, plus
@@ -386,7 +394,8 @@ fn measure(row: &Row, switches: u32, started: std::time::Instant) -> Result<Dual
         marks.push(Mark {
             to,
             at,
-            preconnected: preconnect.unwrap_or(0),
+            preconnected: preconnect.map_or(0, |p| p.0),
+            preconnect_ms: preconnect.and_then(|p| p.1),
         });
         sample(&mut samples);
         sleep_until(next);
@@ -483,6 +492,12 @@ fn measure(row: &Row, switches: u32, started: std::time::Instant) -> Result<Dual
             late_warm: late(warm),
             late_steady: late(steady),
             accepted_warm: in_window(&times("accept_ms"), m.at, w_end) as u64,
+            last_accept_ms: times("accept_ms")
+                .into_iter()
+                .filter(|&t| t >= m.at && t <= w_end)
+                .max()
+                .map(|t| t - m.at),
+            preconnect_ms: m.preconnect_ms,
             preconnected: m.preconnected,
             app_slow_warm: in_window(&slow_app, m.at, w_end),
             app_slow_steady: in_window(&slow_app, s_start, s_end),
@@ -506,19 +521,21 @@ fn measure(row: &Row, switches: u32, started: std::time::Instant) -> Result<Dual
     Ok(out)
 }
 
-/// Connections the last switch pre-connected to `endpoint` (`switch --json`).
-fn preconnected(d: &Daemon, endpoint: &str) -> u64 {
+/// Connections the last switch pre-connected to `endpoint`, and how long its pre-connect took
+/// in ms (`switch --json`).
+fn preconnected(d: &Daemon, endpoint: &str) -> (u64, Option<f64>) {
     d.cli(&["switch", "--json"])
         .ok()
         .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
-        .map_or(0, |v| {
-            v["preconnect"]["pools"]
+        .map_or((0, None), |v| {
+            let opened = v["preconnect"]["pools"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter(|p| p["pod"] == "app" && p["endpoint"] == endpoint)
                 .filter_map(|p| p["opened"].as_u64())
-                .sum()
+                .sum();
+            (opened, v["preconnect"]["ms"].as_f64())
         })
 }
 

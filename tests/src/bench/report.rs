@@ -335,7 +335,7 @@ pub fn dual_link_rows(d: &DualLinkResult) -> (Vec<&'static str>, Vec<Vec<String>
         "cache misses warm / steady",
         "app > 5 ms warm / steady",
         "late warm / steady",
-        "connections in warm (pre-connected)",
+        "connections in warm (pre-connected, in)",
         "throttled keep-alive (last 4 s)",
         "throttled warm",
         "throttled steady",
@@ -355,7 +355,13 @@ pub fn dual_link_rows(d: &DualLinkResult) -> (Vec<&'static str>, Vec<Vec<String>
                 format!("{} / {}", s.misses_warm, s.misses_steady),
                 format!("{} / {}", s.app_slow_warm, s.app_slow_steady),
                 format!("{} / {}", s.late_warm, s.late_steady),
-                format!("{} ({})", s.accepted_warm, s.preconnected),
+                format!(
+                    "{} ({}, in {}); last accepted at {}",
+                    s.accepted_warm,
+                    s.preconnected,
+                    s.preconnect_ms.map_or("-".into(), |ms| format!("{ms:.1} ms")),
+                    s.last_accept_ms.map_or("-".into(), |ms| format!("+{ms} ms"))
+                ),
                 throttled_text(&s.throttled_keepalive),
                 throttled_text(&s.throttled_warm),
                 throttled_text(&s.throttled_steady),
