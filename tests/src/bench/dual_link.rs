@@ -63,7 +63,7 @@ pub struct Pcts {
 }
 
 impl Pcts {
-    fn of(l: Vec<f64>) -> Pcts {
+    pub fn of(l: Vec<f64>) -> Pcts {
         let (p50, p99, max) = pct(l);
         Pcts { p50, p99, max }
     }

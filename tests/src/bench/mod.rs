@@ -28,3 +28,4 @@ pub mod load;
 pub mod proxies;
 pub mod report;
 pub mod run;
+pub mod upgrade;

@@ -202,7 +202,7 @@ pub fn text_table(header: &[&str], rows: &[Vec<String>]) -> String {
     o
 }
 
-fn md_table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub fn md_table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut o = format!("| {} |\n", header.join(" | "));
     o.push_str(&format!("|{}\n", "---|".repeat(header.len())));
     for r in rows {
@@ -231,11 +231,19 @@ fn latency_workloads(cells: &[Cell]) -> Vec<Workload> {
 
 /// Every goal of the issues, met or not (never asserted).
 pub fn goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
-    if res.only == Some(Part::DualLink) {
-        return dual_link_goals(res);
+    let upgrade = res
+        .upgrade
+        .as_ref()
+        .map(super::upgrade::goals)
+        .unwrap_or_default();
+    match res.only {
+        Some(Part::DualLink) => return dual_link_goals(res),
+        Some(Part::Upgrade) => return upgrade,
+        _ => {}
     }
     let mut g = grid_goals(res, cells);
     g.extend(dual_link_goals(res));
+    g.extend(upgrade);
     g
 }
 
@@ -253,7 +261,7 @@ pub fn dual_link_goals(res: &Results) -> Vec<Goal> {
     );
     let cold_goal = format!("dual links: that warm p99 <= {COLD_GOAL}x a cold-started copy's p99");
     let Some(d) = &res.dual_link else {
-        if res.only == Some(Part::Grid) {
+        if matches!(res.only, Some(Part::Grid | Part::Upgrade)) {
             return Vec::new();
         }
         return [steady_goal, cold_goal]
@@ -940,6 +948,13 @@ pub fn text_report(res: &Results) -> String {
     if let Some(d) = &res.dual_link {
         let _ = writeln!(o, "\nDual links, a warm switch:\n{}", dual_link_section(d, false));
     }
+    if let Some(u) = &res.upgrade {
+        let _ = writeln!(
+            o,
+            "\nLive upgrades under load:\n{}",
+            super::upgrade::section(u, false)
+        );
+    }
     for s in &res.skipped {
         let _ = writeln!(o, "\n!!! {s}");
     }
@@ -1102,6 +1117,13 @@ pub fn markdown(res: &Results, m: &Machine, chart: Option<&str>) -> String {
             o,
             "\n## Dual links: a warm switch\n\n{}",
             dual_link_section(d, true)
+        );
+    }
+    if let Some(u) = &res.upgrade {
+        let _ = writeln!(
+            o,
+            "\n## Live upgrades under load\n\n{}",
+            super::upgrade::section(u, true)
         );
     }
     if cells.is_empty() {

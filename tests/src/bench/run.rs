@@ -315,6 +315,9 @@ pub struct Results {
     /// The dual-link row (None: not run, or failed: see the warnings).
     #[serde(default)]
     pub dual_link: Option<super::dual_link::DualLinkResult>,
+    /// The upgrade row (None: not run, or failed: see the warnings).
+    #[serde(default)]
+    pub upgrade: Option<super::upgrade::UpgradeResult>,
     /// `--only PART`: the run measured that part only.
     #[serde(default)]
     pub only: Option<Part>,
@@ -327,15 +330,18 @@ pub enum Part {
     Grid,
     /// The dual-link warm switch row.
     DualLink,
+    /// The live-upgrade row.
+    Upgrade,
 }
 
 impl Part {
-    pub const NAMES: &'static str = "grid, dual-link";
+    pub const NAMES: &'static str = "grid, dual-link, upgrade";
 
     pub fn parse(s: &str) -> Option<Part> {
         match s {
             "grid" => Some(Part::Grid),
             "dual-link" => Some(Part::DualLink),
+            "upgrade" => Some(Part::Upgrade),
             _ => None,
         }
     }
@@ -344,6 +350,7 @@ impl Part {
         match self {
             Part::Grid => "grid",
             Part::DualLink => "dual-link",
+            Part::Upgrade => "upgrade",
         }
     }
 }
@@ -364,6 +371,8 @@ pub struct Options {
     pub only: Option<Part>,
     /// Switches of the dual-link row.
     pub switches: u32,
+    /// Upgrades of the upgrade row.
+    pub upgrades: u32,
 }
 
 /// What Ctrl-C must tear down: (daemon pid, cgroup root, netns names).
@@ -815,6 +824,14 @@ pub fn run(opts: &Options) -> Result<Results> {
             Ok(d) => res.dual_link = Some(d),
             // The other rows are still worth writing: loudly, in the report's warnings.
             Err(e) => res.warnings.push(format!("DUAL-LINK ROW FAILED: {e:#}")),
+        }
+    }
+    if opts.only.is_none_or(|p| p == Part::Upgrade) {
+        let r = super::upgrade::run(opts.upgrades, &set_cleanup);
+        clear_cleanup();
+        match r {
+            Ok(u) => res.upgrade = Some(u),
+            Err(e) => res.warnings.push(format!("UPGRADE ROW FAILED: {e:#}")),
         }
     }
     res.wall_seconds = wall.elapsed().as_secs_f64();

@@ -21,11 +21,12 @@ use sockmesh_tests::bench::{chart, load, proxies, report, run};
 use sockmesh_tests::{sockmesh_bin, workspace_root};
 
 const USAGE: &str = "usage: sockmesh-bench [--quick] [--out-dir DIR] [--seconds-per-run S] [--rounds N] \
-                     [--profile SECS] [--only grid|dual-link] [--switches N]\n\
+                     [--profile SECS] [--only grid|dual-link|upgrade] [--switches N] [--upgrades N]\n\
                      a full run writes DIR/BENCHMARKS.md and DIR/docs/bench.png (DIR: the workspace \
                      root); --quick writes DIR/BENCHMARKS-quick.md and DIR/bench-quick.png (DIR: \
                      target/bench), and so does --only (one part is never the record); --switches: \
-                     of the dual-link row (default 6, 4 with --quick)";
+                     of the dual-link row (default 6, 4 with --quick); --upgrades: of the upgrade \
+                     row (default 6, 3 with --quick)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -57,6 +58,7 @@ fn main_bench(args: &[String]) -> Result<()> {
     let mut profile = 0u32;
     let mut only = None;
     let mut switches: Option<u32> = None;
+    let mut upgrades: Option<u32> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value\n{USAGE}"));
@@ -74,6 +76,7 @@ fn main_bench(args: &[String]) -> Result<()> {
                 );
             }
             "--switches" => switches = Some(value()?.parse().context("--switches")?),
+            "--upgrades" => upgrades = Some(value()?.parse().context("--upgrades")?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -94,6 +97,10 @@ fn main_bench(args: &[String]) -> Result<()> {
     let switches = switches.unwrap_or(if quick { 4 } else { 6 });
     if !(1..=40).contains(&switches) {
         bail!("--switches must be between 1 and 40");
+    }
+    let upgrades = upgrades.unwrap_or(if quick { 3 } else { 6 });
+    if !(1..=40).contains(&upgrades) {
+        bail!("--upgrades must be between 1 and 40");
     }
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
@@ -119,6 +126,7 @@ fn main_bench(args: &[String]) -> Result<()> {
         data_dir: data_dir.clone(),
         only,
         switches,
+        upgrades,
     };
     let command = format!("sockmesh-bench {}", args.join(" "));
     let res = run::run(&opts)?;
