@@ -187,9 +187,10 @@ impl HttpPools {
     }
 
     /// Open HTTP/1.1 connections from `pod` to `endpoint` until `want` are pooled, spread over
-    /// the workers (each opens its share on its own runtime, into its own pools, concurrently,
-    /// each bounded by `timeout`; at most [`MAX_POOLED_HTTP1_PER_ENDPOINT`] per worker).
-    /// Returns how many were opened, or the first error when none could be.
+    /// the workers in proportion to the HTTP/1.1 connections `pod` uses on each now (evenly
+    /// when it uses none): each worker opens its share on its own runtime, into its own pools
+    /// (concurrently, each bounded by `timeout`; at most [`MAX_POOLED_HTTP1_PER_ENDPOINT`] per
+    /// worker). Returns how many were opened, or the first error when none could be.
     pub async fn preconnect_h1(
         &self,
         shared: &crate::conn::Shared,
@@ -198,13 +199,19 @@ impl HttpPools {
         want: usize,
         timeout: Duration,
     ) -> io::Result<usize> {
-        let n = shared.workers.count();
-        let each = want.div_ceil(n);
+        let all = self.workers.all();
+        let used: Vec<usize> = all.iter().map(|inner| h1_in_use(inner, pod)).collect();
+        let total: usize = used.iter().sum();
+        let share = |i: usize| match total {
+            0 => want.div_ceil(all.len()),
+            _ => (want * used[i]).div_ceil(total),
+        };
         let propagation = (pod.propagate && shared.colour.is_available()).then(|| shared.colour.clone());
         let runs = shared.workers.spawn_each(|i| {
-            let inner = self.workers.all()[i % self.workers.all().len()].clone();
+            let i = i % all.len();
+            let (inner, want) = (all[i].clone(), share(i));
             let (pod, propagation) = (pod.clone(), propagation.clone());
-            async move { preconnect_h1_here(&inner, &pod, propagation, endpoint, each, timeout).await }
+            async move { preconnect_h1_here(&inner, &pod, propagation, endpoint, want, timeout).await }
         });
         let (mut opened, mut first_err) = (0, None);
         for r in runs {
@@ -220,6 +227,22 @@ impl HttpPools {
             _ => Ok(opened),
         }
     }
+}
+
+/// HTTP/1.1 connections `pod` has in one worker's pools, to any endpoint (pooled or busy).
+fn h1_in_use(inner: &PoolsInner, pod: &Arc<PodCtx>) -> usize {
+    let pools = inner.pools.lock().expect("http pools lock");
+    pools
+        .iter()
+        .filter(|(k, p)| {
+            k.version == HttpVersion::Http1 && k.pod == pod.name && Weak::ptr_eq(&p.pod, &Arc::downgrade(pod))
+        })
+        .map(|(_, p)| {
+            let mut h1 = p.h1.lock().expect("h1 pool lock");
+            h1.retain(|c| !c.sender.is_closed());
+            h1.len() + p.h1_busy.load(Relaxed)
+        })
+        .sum()
 }
 
 /// [`HttpPools::preconnect_h1`] in one worker's pools.
