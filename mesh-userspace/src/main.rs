@@ -1017,7 +1017,7 @@ fn serve_loaded(
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let (worker_threads, worker_handles) =
-        conn::worker::start(workers).context("failed to start the proxy workers")?;
+        conn::worker::start(workers, cfg.pin_workers).context("failed to start the proxy workers")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(CONTROL_THREADS)
         .enable_all()

@@ -139,11 +139,12 @@ pub struct Threads {
     threads: Vec<(std::thread::JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>,
 }
 
-/// Start `n` workers. Worker `i` is pinned to the `i`-th CPU of the process's affinity mask
-/// when there are at least `n` of them (best effort: a failure is logged, never fatal).
-pub fn start(n: usize) -> io::Result<(Threads, Vec<Handle>)> {
+/// Start `n` workers. With `pin`, worker `i` is pinned to the `i`-th CPU of the process's
+/// affinity mask when there are at least `n` of them (best effort: a failure is logged, never
+/// fatal).
+pub fn start(n: usize, pin: bool) -> io::Result<(Threads, Vec<Handle>)> {
     let cpus = allowed_cpus();
-    let pin = cpus.len() >= n;
+    let pin = pin && cpus.len() >= n;
     let mut threads = Vec::with_capacity(n);
     let mut handles = Vec::with_capacity(n);
     for i in 0..n {
@@ -232,7 +233,7 @@ mod tests {
 
     #[test]
     fn each_worker_runs_its_own_tasks_and_counts_its_own_accepts() {
-        let (threads, handles) = start(2).unwrap();
+        let (threads, handles) = start(2, true).unwrap();
         let workers = std::sync::Arc::new(Workers::new(handles));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
