@@ -14,6 +14,7 @@
       `connects`). Stops at --duration or when the stop file exists. Prints one JSON line:
       {"requests","ok","failed","errors":{reason:n},"connects","p50_ms","p99_ms","max_ms",
        "seconds":[{"t":unix_s,"n":..,"p99_ms":..,"failed":..}]}
+      --samples FILE also writes one line per request: `<due unix ms> <latency ms> <1|0>`.
 
   upgrade_load.py slow --url 10.96.0.10:8080
       A slow client on one connection: sends a whole request and reads its answer, then the
@@ -200,6 +201,11 @@ def load(a):
             for t, (v, f) in sorted(secs.items())
         ],
     }
+    if a.samples:
+        # One line per request: the unix ms it was due, its latency (ms from due) and 1/0.
+        with open(a.samples, "w") as f:
+            for t, ms, ok in lat:
+                f.write(f"{(t - ms / 1000.0) * 1000.0:.3f} {ms:.3f} {int(ok)}\n")
     print(json.dumps(out), flush=True)
 
 
@@ -375,6 +381,7 @@ def main():
     l.add_argument("--duration", type=float, default=30.0)
     l.add_argument("--timeout", type=float, default=1.0)
     l.add_argument("--stop-file", default="")
+    l.add_argument("--samples", default="", help="write every request's due time, latency and outcome here")
     w = sub.add_parser("slow")
     w.add_argument("--url", required=True)
     p = sub.add_parser("pipeline")

@@ -17,6 +17,7 @@
 pub mod abuse;
 pub mod bench;
 pub mod cgroup;
+pub mod checks;
 pub mod cluster;
 pub mod daemon;
 pub mod k8s;
@@ -25,6 +26,7 @@ pub mod peer;
 pub mod process;
 pub mod rpc;
 pub mod servers;
+pub mod tools;
 pub mod upgrade;
 pub mod util;
 

@@ -72,6 +72,12 @@ pub struct Load {
 
 impl Load {
     pub fn start(client: &Pod, conns: u32, rate: u32, max: Duration) -> Load {
+        Load::start_sampled(client, conns, rate, max, None)
+    }
+
+    /// [`Load::start`], writing every request's due time, latency and outcome to `samples`
+    /// (`upgrade_load.py --samples`) when it finishes.
+    pub fn start_sampled(client: &Pod, conns: u32, rate: u32, max: Duration, samples: Option<&Path>) -> Load {
         let dir = TempDir::new("load").expect("temp dir");
         let stop = dir.join("stop");
         let mut cmd = Command::new(python());
@@ -82,6 +88,9 @@ impl Load {
             .args(["--duration", &max.as_secs().to_string(), "--timeout", "1"])
             .arg("--stop-file")
             .arg(&stop);
+        if let Some(p) = samples {
+            cmd.arg("--samples").arg(p);
+        }
         let child = LineChild::spawn(&client.cgroup, Some(&client.netns), cmd).expect("load client");
         Load {
             child,
@@ -183,13 +192,7 @@ pub fn failed_upgrade(d: &Daemon, binary: &Path, expect: &str) -> String {
     err
 }
 
-/// The Python with grpcio (`cargo xtask bootstrap` makes it; `SOCKMESH_TEST_PYTHON` overrides).
-pub fn grpc_python() -> PathBuf {
-    match std::env::var_os("SOCKMESH_TEST_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => crate::util::workspace_root().join("target/test-venv/bin/python"),
-    }
-}
+pub use crate::tools::grpc_python;
 
 /// The gRPC test server (`grpc_peer.py serve`) in the server pod on [`GRPC_PORT`].
 pub fn grpc_server(srv: &Pod) -> Server {

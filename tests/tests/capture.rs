@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
+use sockmesh_tests::checks::{counter, out_str, python_json, wait_counter_at_least, wait_counter_eq, whoami};
+use sockmesh_tests::cluster::status_dump;
 use sockmesh_tests::daemon::{basic_config, pods_toml, prom_value, toml_str};
 use sockmesh_tests::process::{check_output, exec_in, status_text};
 use sockmesh_tests::util::{ensure_eq, free_tcp_port};
@@ -35,40 +37,6 @@ fn start(pods: &[&str]) -> (VirtualNode, Daemon) {
     (node, daemon)
 }
 
-fn out_str(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn counter(d: &Daemon, name: &str) -> u64 {
-    d.counter(name)
-        .unwrap_or_else(|e| panic!("reading counter {name}: {e:#}"))
-}
-
-/// Waits until `counters.<name>` equals `want` (counters may be summed lazily).
-fn wait_counter_eq(d: &Daemon, name: &str, want: u64) {
-    eventually(SETTLE, || ensure_eq(name, d.counter(name)?, want))
-        .unwrap_or_else(|e| panic!("{e:#}\nstatus: {}", status_dump(d)));
-}
-
-/// Waits until `counters.<name>` is at least `want`; returns the value seen.
-fn wait_counter_at_least(d: &Daemon, name: &str, want: u64) -> u64 {
-    eventually(SETTLE, || {
-        let v = d.counter(name)?;
-        if v >= want {
-            Ok(v)
-        } else {
-            bail!("{name} = {v}, want >= {want}")
-        }
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\nstatus: {}", status_dump(d)))
-}
-
-fn status_dump(d: &Daemon) -> String {
-    d.status()
-        .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
-        .unwrap_or_else(|e| format!("<status failed: {e:#}>"))
-}
-
 /// The status connections of `pod`.
 fn connections_of(d: &Daemon, pod: &str) -> Result<Vec<Value>> {
     let st = d.status()?;
@@ -86,13 +54,6 @@ fn pod_status(d: &Daemon, pod: &str) -> Result<Value> {
         .ok_or_else(|| anyhow!("pod {pod} not in status: {}", st["pods"]))
 }
 
-/// `peer get --connect <addr>` from `pod`; returns stdout (the whoami line).
-fn whoami(pod: &Pod, addr: &str) -> String {
-    let out = pod_exec(pod, PEER, &["get", "--connect", addr]).expect("peer get");
-    check_output(&format!("peer get {addr} from {}", pod.name), &out).unwrap();
-    out_str(&out).trim().to_owned()
-}
-
 /// Asserts a whoami line shows `client` as the source and `server` as the destination.
 fn assert_whoami(line: &str, client: &Pod, server_addr: &str) {
     let want_peer = format!("peer={}:", client.ip);
@@ -102,16 +63,6 @@ fn assert_whoami(line: &str, client: &Pod, server_addr: &str) {
         "server saw {line:?}; expected {want_peer}<port> {want_local} (the client pod's own IP, \
          not 127.0.0.1 or the node)"
     );
-}
-
-/// Runs a python snippet (`python3 -c CODE args...`) in `cgroup`/`netns`; returns its JSON output.
-fn python_json(pod: &Pod, code: &str, args: &[&str]) -> Value {
-    let mut cmd = Command::new(python());
-    cmd.arg("-c").arg(code).args(args);
-    let out = exec_in(&pod.cgroup, Some(&pod.netns), cmd, Duration::from_secs(60)).unwrap();
-    check_output("python snippet", &out).unwrap();
-    serde_json::from_str(out_str(&out).trim())
-        .unwrap_or_else(|e| panic!("python printed non-JSON ({e}): {}", out_str(&out)))
 }
 
 fn interactive(pod: &Pod, addr: &str) -> (LineChild, String) {

@@ -15,15 +15,14 @@ use std::time::Duration;
 
 use anyhow::bail;
 use serde_json::Value;
+use sockmesh_tests::checks::{counter, out_str, peer_load_all_ok, wait_counter_eq, whoami};
 use sockmesh_tests::cluster::{
     connections, enroll_inbound, pod_toml_with_inbound, serve_peer, status_dump, Cluster,
 };
 use sockmesh_tests::daemon::{basic_config, pods_toml};
 use sockmesh_tests::process::{check_output, exec_in};
 use sockmesh_tests::util::ensure_eq;
-use sockmesh_tests::{
-    eventually, pod_exec, python, require_privileged, Daemon, LineChild, Pod, Server, VirtualNode,
-};
+use sockmesh_tests::{eventually, python, require_privileged, Daemon, LineChild, Pod, Server, VirtualNode};
 
 const PEER: &str = env!("CARGO_BIN_EXE_peer");
 const SETTLE: Duration = Duration::from_secs(10);
@@ -31,26 +30,6 @@ const LINE: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-fn out_str(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn counter(d: &Daemon, name: &str) -> u64 {
-    d.counter(name)
-        .unwrap_or_else(|e| panic!("reading counter {name}: {e:#}"))
-}
-
-fn wait_counter_eq(d: &Daemon, name: &str, want: u64) {
-    eventually(SETTLE, || ensure_eq(name, d.counter(name)?, want))
-        .unwrap_or_else(|e| panic!("{e:#}\nstatus: {}", status_dump(d)));
-}
-
-fn whoami(pod: &Pod, addr: &str) -> String {
-    let out = pod_exec(pod, PEER, &["get", "--connect", addr]).expect("peer get");
-    check_output(&format!("peer get {addr} from {}", pod.name), &out).unwrap();
-    out_str(&out).trim().to_owned()
-}
 
 /// Asserts a whoami line shows `source_ip` as the peer and `server_addr` as the local address.
 fn assert_whoami_from(line: &str, source_ip: &str, server_addr: &str) {
@@ -268,24 +247,7 @@ fn fifty_concurrent_cross_node_connections_arrive_byte_exact() {
     let _echo = Server::peer(server, 9000, "echo").unwrap();
     let d1 = Daemon::start(n1, &basic_config(n1, &pods_toml(&[client]))).unwrap();
     let c0 = counter(&d1, "connect_captured");
-    let mut cmd = Command::new(PEER);
-    cmd.args([
-        "load",
-        "--connect",
-        &server.addr(9000),
-        "--connections",
-        &N.to_string(),
-        "--sizes",
-        "1,1000,65536,1MiB",
-        "--seconds-limit",
-        "60",
-    ]);
-    let out = exec_in(&client.cgroup, Some(&client.netns), cmd, Duration::from_secs(75)).unwrap();
-    eprintln!("peer load across nodes: {}", out_str(&out).trim());
-    check_output("peer load across nodes", &out).unwrap();
-    let summary: Value = serde_json::from_str(out_str(&out).trim()).unwrap();
-    assert_eq!(summary["ok"], N, "{summary}");
-    assert_eq!(summary["failed"], 0, "{summary}");
+    peer_load_all_ok(client, &server.addr(9000), N, "peer load across nodes");
     wait_counter_eq(&d1, "connect_captured", c0 + N);
 }
 

@@ -15,15 +15,11 @@
 use std::time::Duration;
 
 use anyhow::bail;
+use sockmesh_tests::checks::{counter, wait_counter_eq, whoami};
 use sockmesh_tests::cluster::{connections, status_dump};
 use sockmesh_tests::daemon::basic_config;
-use sockmesh_tests::process::check_output;
-use sockmesh_tests::util::ensure_eq;
-use sockmesh_tests::{
-    attached_programs, eventually, pod_exec, require_privileged, Daemon, Pod, Server, VirtualNode,
-};
+use sockmesh_tests::{attached_programs, eventually, require_privileged, Daemon, Pod, Server, VirtualNode};
 
-const PEER: &str = env!("CARGO_BIN_EXE_peer");
 const SETTLE: Duration = Duration::from_secs(10);
 
 /// A CNI-like `cgroup/connect4` program made with raw `bpf(2)` calls.
@@ -287,22 +283,6 @@ use foreign::ForeignProg;
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-fn counter(d: &Daemon, name: &str) -> u64 {
-    d.counter(name)
-        .unwrap_or_else(|e| panic!("reading counter {name}: {e:#}"))
-}
-
-fn wait_counter_eq(d: &Daemon, name: &str, want: u64) {
-    eventually(SETTLE, || ensure_eq(name, d.counter(name)?, want))
-        .unwrap_or_else(|e| panic!("{e:#}\nstatus: {}", status_dump(d)));
-}
-
-fn whoami(pod: &Pod, addr: &str) -> String {
-    let out = pod_exec(pod, PEER, &["get", "--connect", addr]).expect("peer get");
-    check_output(&format!("peer get {addr} from {}", pod.name), &out).unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 fn assert_whoami(line: &str, client: &Pod, server_addr: &str) {
     let want_peer = format!("peer={}:", client.ip);

@@ -13,10 +13,13 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use serde_json::Value;
-use sockmesh_tests::cluster::{connections, serve_peer, status_dump};
+use sockmesh_tests::checks::{
+    counter, out_str, peer_load_all_ok, python_json, wait_counter_at_least, wait_counter_eq, whoami,
+};
+use sockmesh_tests::cluster::{connections, serve_peer};
 use sockmesh_tests::daemon::basic_config;
 use sockmesh_tests::node::NodeOptions;
-use sockmesh_tests::process::{check_output, exec_in};
+use sockmesh_tests::process::check_output;
 use sockmesh_tests::util::ensure_eq;
 use sockmesh_tests::{
     eventually, peers_dir, pod_exec, python, require_privileged, Daemon, LineChild, Pod, Server, VirtualNode,
@@ -44,32 +47,6 @@ fn ip6(pod: &Pod) -> String {
     pod.ip6.expect("dual-stack pod").to_string()
 }
 
-fn out_str(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn counter(d: &Daemon, name: &str) -> u64 {
-    d.counter(name)
-        .unwrap_or_else(|e| panic!("reading counter {name}: {e:#}"))
-}
-
-fn wait_counter_eq(d: &Daemon, name: &str, want: u64) {
-    eventually(SETTLE, || ensure_eq(name, d.counter(name)?, want))
-        .unwrap_or_else(|e| panic!("{e:#}\nstatus: {}", status_dump(d)));
-}
-
-fn wait_counter_at_least(d: &Daemon, name: &str, want: u64) {
-    eventually(SETTLE, || {
-        let v = d.counter(name)?;
-        if v >= want {
-            Ok(())
-        } else {
-            bail!("{name} = {v}, want >= {want}")
-        }
-    })
-    .unwrap_or_else(|e| panic!("{e:#}\nstatus: {}", status_dump(d)));
-}
-
 fn pod_status(d: &Daemon, pod: &str) -> Value {
     let st = d.status().unwrap();
     st["pods"]
@@ -94,12 +71,6 @@ fn curl(pod: &Pod, family: &str, url: &str) -> String {
     out_str(&out)
 }
 
-fn whoami(pod: &Pod, addr: &str) -> String {
-    let out = pod_exec(pod, PEER, &["get", "--connect", addr]).expect("peer get");
-    check_output(&format!("peer get {addr} from {}", pod.name), &out).unwrap();
-    out_str(&out).trim().to_owned()
-}
-
 /// Asserts a whoami line shows `client`'s IPv6 address as the source and `server_addr`.
 fn assert_whoami6(line: &str, client: &Pod, server_addr: &str) {
     let want_peer = format!("peer=[{}]:", ip6(client));
@@ -109,15 +80,6 @@ fn assert_whoami6(line: &str, client: &Pod, server_addr: &str) {
         "server saw {line:?}; expected {want_peer}<port> {want_local} (the client pod's own IPv6 \
          address, not ::1 or the node)"
     );
-}
-
-fn python_json(pod: &Pod, code: &str, args: &[&str]) -> Value {
-    let mut cmd = Command::new(python());
-    cmd.arg("-c").arg(code).args(args);
-    let out = exec_in(&pod.cgroup, Some(&pod.netns), cmd, Duration::from_secs(60)).unwrap();
-    check_output("python snippet", &out).unwrap();
-    serde_json::from_str(out_str(&out).trim())
-        .unwrap_or_else(|e| panic!("python printed non-JSON ({e}): {}", out_str(&out)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -325,23 +287,11 @@ fn fifty_concurrent_ipv6_connections_arrive_byte_exact() {
     let _echo = serve_peer(server, &server.addr6(9000), "echo").unwrap();
     daemon.enroll(client).unwrap();
     let c0 = counter(&daemon, "connect_captured");
-    let mut cmd = Command::new(PEER);
-    cmd.args([
-        "load",
-        "--connect",
+    peer_load_all_ok(
+        client,
         &server.addr6(9000),
-        "--connections",
-        &N.to_string(),
-        "--sizes",
-        "1,1000,65536,1MiB",
-        "--seconds-limit",
-        "60",
-    ]);
-    let out = exec_in(&client.cgroup, Some(&client.netns), cmd, Duration::from_secs(75)).unwrap();
-    eprintln!("peer load over IPv6: {}", out_str(&out).trim());
-    check_output("peer load over IPv6 through the daemon", &out).unwrap();
-    let summary: Value = serde_json::from_str(out_str(&out).trim()).unwrap();
-    assert_eq!(summary["ok"], N, "{summary}");
-    assert_eq!(summary["failed"], 0, "{summary}");
+        N,
+        "peer load over IPv6 through the daemon",
+    );
     wait_counter_eq(&daemon, "connect_captured", c0 + N);
 }

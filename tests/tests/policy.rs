@@ -5,27 +5,12 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::process::Command;
 use std::time::Duration;
 
+use sockmesh_tests::checks::whoami;
 use sockmesh_tests::daemon::{basic_config, http_get, pods_toml, prom_value};
-use sockmesh_tests::process::exec_in;
-use sockmesh_tests::{require_privileged, Daemon, Pod, Server, VirtualNode};
+use sockmesh_tests::{require_privileged, Daemon, Server, VirtualNode};
 
-const PEER: &str = env!("CARGO_BIN_EXE_peer");
-
-/// `peer get` from `pod`; the whoami line the server answered.
-fn whoami(pod: &Pod, addr: &str) -> String {
-    let mut cmd = Command::new(PEER);
-    cmd.args(["get", "--connect", addr, "--seconds-limit", "10"]);
-    let out = exec_in(&pod.cgroup, Some(&pod.netns), cmd, Duration::from_secs(20)).expect("peer get");
-    assert!(
-        out.status.success(),
-        "peer get {addr}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 #[test]
 fn bypassed_ports_and_cidrs_are_never_captured_and_counted_by_reason() {

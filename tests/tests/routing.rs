@@ -28,12 +28,13 @@ use serde_json::Value;
 use sockmesh_tests::daemon::{basic_config, prom_value};
 use sockmesh_tests::process::exec_in;
 use sockmesh_tests::rpc::{
-    node_server, npm_dir, npm_peers_problem, rpc_load, rpc_load_raw, rpc_load_with, rpc_servers, RPC_STATS,
+    node_server, npm_dir, rpc_load, rpc_load_raw, rpc_load_with, rpc_servers, RPC_STATS,
 };
+use sockmesh_tests::tools::{grpc_python, require, Tool};
 use sockmesh_tests::util::ensure_eq;
 use sockmesh_tests::{
-    eventually, last_json, peers_dir, pod_exec, python, require_privileged, workspace_root, Daemon,
-    LineChild, Pod, Server, TempDir, VirtualNode,
+    eventually, last_json, peers_dir, pod_exec, python, workspace_root, Daemon, LineChild, Pod, Server,
+    TempDir, VirtualNode,
 };
 
 /// The service address the client dials; no interface anywhere holds it.
@@ -51,85 +52,6 @@ const WRK_IN_FLIGHT: u64 = 8;
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound for waiting on counters to settle.
 const SETTLE: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------------------------
-// tools
-
-/// A tool a test needs, found where `cargo xtask bootstrap` puts it.
-#[derive(Debug, Clone, Copy)]
-enum Tool {
-    Node,
-    NpmPeers,
-    GrpcPython,
-    Wrk,
-    H2load,
-    Curl,
-}
-
-/// The Python that has grpcio: `$SOCKMESH_TEST_PYTHON`, else `<workspace>/target/test-venv`.
-fn grpc_python() -> PathBuf {
-    match std::env::var_os("SOCKMESH_TEST_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join("target/test-venv/bin/python"),
-    }
-}
-
-fn in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-fn tool_problem(tool: Tool) -> Option<String> {
-    let on_path = |cmd: &str, what: &str| in_path(cmd).is_none().then(|| format!("{what} is not on PATH"));
-    let problem = match tool {
-        Tool::Node => on_path("node", "`node`"),
-        Tool::Wrk => on_path("wrk", "`wrk`"),
-        Tool::H2load => on_path("h2load", "`h2load` (nghttp2-client)"),
-        Tool::Curl => on_path("curl", "`curl`"),
-        Tool::NpmPeers => npm_peers_problem(),
-        Tool::GrpcPython => {
-            let py = grpc_python();
-            let ok = Command::new(&py)
-                .args(["-c", "import grpc"])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            (!ok).then(|| format!("{} cannot import grpc", py.display()))
-        }
-    };
-    problem.map(|p| format!("{p} (run `cargo xtask bootstrap`)"))
-}
-
-/// Like `require_privileged`, plus the tools: false (after a banner) when something is missing,
-/// a panic under `SOCKMESH_REQUIRE_PRIVILEGED=1`.
-fn require(tools: &[Tool]) -> bool {
-    if !require_privileged() {
-        return false;
-    }
-    let problems: Vec<String> = tools.iter().filter_map(|&t| tool_problem(t)).collect();
-    if problems.is_empty() {
-        return true;
-    }
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("<unnamed test>")
-        .to_owned();
-    if std::env::var("SOCKMESH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!(
-            "{test}: SOCKMESH_REQUIRE_PRIVILEGED=1 but a tool is missing: {}",
-            problems.join("; ")
-        );
-    }
-    let banner = format!(
-        "\n################################################################\n\
-         ## SKIPPED (missing tool): {test}\n## {}\n\
-         ################################################################\n",
-        problems.join("\n## ")
-    );
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), banner.as_bytes());
-    false
-}
 
 // ---------------------------------------------------------------------------------------------
 // the node, the policy and the servers

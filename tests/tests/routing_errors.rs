@@ -15,7 +15,6 @@
 //!   cargo test -p sockmesh-tests --test routing_errors -- --test-threads=1 --nocapture
 //! ```
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -23,10 +22,11 @@ use anyhow::{anyhow, bail};
 use serde_json::Value;
 use sockmesh_tests::daemon::{basic_config, prom_value};
 use sockmesh_tests::process::{exec_in, status_text};
+use sockmesh_tests::rpc::{node_server, rpc_load_command};
+use sockmesh_tests::tools::{grpc_python, require, Tool};
 use sockmesh_tests::util::ensure_eq;
 use sockmesh_tests::{
-    eventually, last_json, peers_dir, pod_exec, python, require_privileged, workspace_root, Daemon,
-    LineChild, Pod, Server, TempDir, VirtualNode,
+    eventually, last_json, peers_dir, pod_exec, python, Daemon, LineChild, Pod, Server, TempDir, VirtualNode,
 };
 
 /// The service address the client dials; no interface anywhere holds it.
@@ -39,94 +39,6 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(10);
 /// A client that gets an error answer from the proxy gets it at once, not after its own timeout.
 const PROMPT: Duration = Duration::from_secs(5);
-
-// ---------------------------------------------------------------------------------------------
-// tools (as in routing.rs)
-
-#[derive(Debug, Clone, Copy)]
-enum Tool {
-    Node,
-    NpmPeers,
-    GrpcPython,
-    Wrk,
-    H2load,
-    Curl,
-}
-
-fn npm_dir() -> PathBuf {
-    peers_dir().join("npm")
-}
-
-/// The Python that has grpcio: `$SOCKMESH_TEST_PYTHON`, else `<workspace>/target/test-venv`.
-fn grpc_python() -> PathBuf {
-    match std::env::var_os("SOCKMESH_TEST_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => workspace_root().join("target/test-venv/bin/python"),
-    }
-}
-
-fn in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-fn tool_problem(tool: Tool) -> Option<String> {
-    let on_path = |cmd: &str, what: &str| in_path(cmd).is_none().then(|| format!("{what} is not on PATH"));
-    let problem = match tool {
-        Tool::Node => on_path("node", "`node`"),
-        Tool::Wrk => on_path("wrk", "`wrk`"),
-        Tool::H2load => on_path("h2load", "`h2load` (nghttp2-client)"),
-        Tool::Curl => on_path("curl", "`curl`"),
-        Tool::NpmPeers => {
-            let m = npm_dir().join("node_modules");
-            let ok = ["sofa-rpc-node", "sofa-bolt-node", "dubbo-remoting"]
-                .iter()
-                .all(|p| m.join(p).join("package.json").is_file());
-            (!ok).then(|| format!("the npm peers are not installed in {}", m.display()))
-        }
-        Tool::GrpcPython => {
-            let py = grpc_python();
-            let ok = Command::new(&py)
-                .args(["-c", "import grpc"])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            (!ok).then(|| format!("{} cannot import grpc", py.display()))
-        }
-    };
-    problem.map(|p| format!("{p} (run `cargo xtask bootstrap`)"))
-}
-
-/// Like `require_privileged`, plus the tools: false (after a banner) when something is missing,
-/// a panic under `SOCKMESH_REQUIRE_PRIVILEGED=1`.
-fn require(tools: &[Tool]) -> bool {
-    if !require_privileged() {
-        return false;
-    }
-    let problems: Vec<String> = tools.iter().filter_map(|&t| tool_problem(t)).collect();
-    if problems.is_empty() {
-        return true;
-    }
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("<unnamed test>")
-        .to_owned();
-    if std::env::var("SOCKMESH_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!(
-            "{test}: SOCKMESH_REQUIRE_PRIVILEGED=1 but a tool is missing: {}",
-            problems.join("; ")
-        );
-    }
-    let banner = format!(
-        "\n################################################################\n\
-         ## SKIPPED (missing tool): {test}\n## {}\n\
-         ################################################################\n",
-        problems.join("\n## ")
-    );
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), banner.as_bytes());
-    false
-}
 
 // ---------------------------------------------------------------------------------------------
 // the node, the daemon, the servers
@@ -146,14 +58,6 @@ fn daemon(node: &VirtualNode, policy: &str) -> Daemon {
 /// The refused address in the `v2` pod.
 fn dead(node: &VirtualNode) -> String {
     node.pod("v2").addr(DEAD_PORT)
-}
-
-/// `node npm/<script> <args>` inside `pod`, waiting for `listening`.
-fn node_server(pod: &Pod, script: &str, args: &[&str]) -> Server {
-    let mut cmd = Command::new("node");
-    cmd.current_dir(npm_dir()).arg(npm_dir().join(script)).args(args);
-    Server::start(&pod.cgroup, Some(&pod.netns), cmd)
-        .unwrap_or_else(|e| panic!("{script} in {}: {e:#}", pod.name))
 }
 
 /// `name_server.js` (HTTP/1.1) in `pod`, named after it.
@@ -1446,21 +1350,15 @@ fn rpc_load(
     requests: u64,
     concurrency: u32,
 ) -> (Output, Value) {
-    let mut cmd = Command::new("node");
-    cmd.current_dir(npm_dir())
-        .arg(npm_dir().join("rpc_load.js"))
-        .args([
-            "--protocol",
-            protocol,
-            "--connect",
-            &format!("{VIP}:{vip_port}"),
-            "--requests",
-            &requests.to_string(),
-            "--concurrency",
-            &concurrency.to_string(),
-            "--seconds-limit",
-            "20",
-        ]);
+    let mut cmd = rpc_load_command(protocol, &format!("{VIP}:{vip_port}"));
+    cmd.args([
+        "--requests",
+        &requests.to_string(),
+        "--concurrency",
+        &concurrency.to_string(),
+        "--seconds-limit",
+        "20",
+    ]);
     let out = run_in(node.pod("client"), cmd);
     let v = last_json("rpc_load.js", &out);
     eprintln!("{protocol} {VIP}:{vip_port}: {v} ({})", status_text(out.status));

@@ -4,8 +4,11 @@
 
 use std::{
     net::SocketAddr,
-    sync::{atomic::Ordering::Relaxed, Arc},
-    time::Instant,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
 use bytes::BytesMut;
@@ -57,7 +60,10 @@ pub(super) async fn serve_with<P: MuxProto, D: MuxDrain>(
 ) {
     let (mut rd, wr) = client.into_split();
     let (tx, rx) = mpsc::channel::<P::Frame>(QUEUE);
-    let mut writer = tokio::spawn(app_writer::<P>(wr, rx, ctx.clone()));
+    // When the writer last wrote to the app, in ms since `opened` (for the idle clock).
+    let opened = tokio::time::Instant::now();
+    let written = Arc::new(AtomicU64::new(0));
+    let mut writer = tokio::spawn(app_writer::<P>(wr, rx, ctx.clone(), (opened, written.clone())));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut codec = P::Codec::default();
     let mut buf = prefix;
@@ -71,6 +77,15 @@ pub(super) async fn serve_with<P: MuxProto, D: MuxDrain>(
     tokio::pin!(draining);
     // Set when the connection is to move: answer what is in flight by then, or stay.
     let mut hand_over_by: Option<Instant> = None;
+    // The frame clock: a frame must be complete `request_head_timeout` after the read that
+    // brought its first byte (a client trickling a frame holds a connection and its buffer);
+    // with no frame started and nothing in flight, the connection is closed after
+    // `client_idle_timeout` without a byte (a heartbeat is a frame, so it keeps it open).
+    let limits = &ctx.shared.limits;
+    let mut frame_started: Option<tokio::time::Instant> = None;
+    let mut last_read = tokio::time::Instant::now();
+    let clock = tokio::time::sleep_until(last_read + limits.client_idle_timeout);
+    tokio::pin!(clock);
     loop {
         let start = read - buf.len() as u64;
         let mut prefix = [0u8; 16];
@@ -88,6 +103,7 @@ pub(super) async fn serve_with<P: MuxProto, D: MuxDrain>(
                 };
                 let propagated = ctx.propagated_at(start);
                 tokio::spawn(request::<P>(ctx.clone(), frame, propagated, tx.clone(), permit));
+                frame_started = None;
                 continue;
             }
             Ok(None) if eof => break,
@@ -105,16 +121,59 @@ pub(super) async fn serve_with<P: MuxProto, D: MuxDrain>(
         }
         // Every complete frame is decoded and dispatched: `buf` holds at most the start of
         // the next one. A frame boundary, where an upgrade may stop reading.
+        if buf.is_empty() {
+            frame_started = None;
+        } else if frame_started.is_none() {
+            frame_started = Some(last_read);
+        }
+        let due = match frame_started {
+            Some(t) => t + limits.request_head_timeout,
+            None => last_read + limits.client_idle_timeout,
+        };
+        // Only ever brought forward here; a later deadline is taken when the clock fires.
+        if due < clock.deadline() {
+            clock.as_mut().reset(due);
+        }
         let got = tokio::select! {
             by = &mut draining, if hand_over_by.is_none() => {
                 hand_over_by = Some(by);
                 break;
             }
             r = rd.read_buf(&mut buf) => r,
+            () = &mut clock => {
+                let now = tokio::time::Instant::now();
+                if frame_started.is_some() {
+                    if now >= due {
+                        ctx.l7().errors.count(P::NAME, "frame_timeout");
+                        debug!(client = %ctx.client, buffered = buf.len(),
+                            "{} frame not complete within the request head timeout: closing", P::NAME);
+                        break;
+                    }
+                } else {
+                    // A response written to the app counts as activity too.
+                    last_read = last_read.max(opened + Duration::from_millis(written.load(Relaxed)));
+                    if now >= last_read + limits.client_idle_timeout {
+                        if in_flight.available_permits() == MAX_IN_FLIGHT {
+                            ctx.l7().errors.count(P::NAME, "idle_timeout");
+                            debug!(client = %ctx.client, "idle {} app connection: closing", P::NAME);
+                            break;
+                        }
+                        // Requests in flight: the idle clock starts again.
+                        last_read = now;
+                    }
+                }
+                // Not due (bytes came since it was set), or restarted.
+                clock.as_mut().reset(match frame_started {
+                    Some(t) => t + limits.request_head_timeout,
+                    None => last_read + limits.client_idle_timeout,
+                });
+                continue;
+            }
         };
         match got {
             Ok(0) => eof = true,
             Ok(n) => {
+                last_read = tokio::time::Instant::now();
                 read += n as u64;
                 ctx.entry.bytes_to_upstream.fetch_add(n as u64, Relaxed);
                 ctx.pod.stats.bytes_upstream.fetch_add(n as u64, Relaxed);
@@ -165,6 +224,7 @@ async fn app_writer<P: MuxProto>(
     mut w: OwnedWriteHalf,
     mut rx: mpsc::Receiver<P::Frame>,
     ctx: ConnCtx,
+    (opened, written): (tokio::time::Instant, Arc<AtomicU64>),
 ) -> Option<OwnedWriteHalf> {
     let mut codec = P::Codec::default();
     let mut buf = BytesMut::new();
@@ -186,6 +246,7 @@ async fn app_writer<P: MuxProto>(
             .bytes_downstream
             .fetch_add(buf.len() as u64, Relaxed);
         buf.clear();
+        written.store(opened.elapsed().as_millis() as u64, Relaxed);
     }
     Some(w)
 }

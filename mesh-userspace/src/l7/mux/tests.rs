@@ -249,7 +249,18 @@ fn test_ctx(shared: &Arc<Shared>, pod: &Arc<PodCtx>, client: SocketAddr) -> Conn
 
 /// A mesh whose app connections learn of a drain from `drain()`.
 async fn mesh_with<P: MuxProto, D: MuxDrain>(router: Router, drain: impl Fn() -> D + Send + 'static) -> Mesh {
-    let shared = Arc::new(Shared::new(Box::new(NoOrigDst), router));
+    mesh_limited::<P, D>(router, crate::config::Limits::default(), drain).await
+}
+
+/// [`mesh_with`] with its own `[limits]`.
+async fn mesh_limited<P: MuxProto, D: MuxDrain>(
+    router: Router,
+    limits: crate::config::Limits,
+    drain: impl Fn() -> D + Send + 'static,
+) -> Mesh {
+    let mut shared = Shared::new(Box::new(NoOrigDst), router);
+    shared.limits = limits;
+    let shared = Arc::new(shared);
     let pod = Arc::new(PodCtx {
         name: "t".into(),
         netns: NetNs::current().unwrap(),
@@ -816,6 +827,81 @@ async fn bad_input_is_counted_and_closes_only_that_connection() {
         (77, dubbo::status::BAD_REQUEST)
     );
     assert_eq!(m.errors("dubbo", "dubbo_frame_too_large"), 1);
+}
+
+#[tokio::test]
+async fn a_trickled_frame_is_cut_at_the_head_timeout_and_a_silent_connection_at_the_idle_timeout() {
+    const HEAD: Duration = Duration::from_millis(400);
+    const IDLE: Duration = Duration::from_millis(1500);
+    let limits = crate::config::Limits {
+        request_head_timeout: HEAD,
+        client_idle_timeout: IDLE,
+        ..crate::config::Limits::default()
+    };
+    // The servers answer after 2 s: longer than the idle timeout.
+    let v1 = server::<Bolt>("v1", Duration::from_secs(2), bolt_answer).await;
+    let v2 = server::<Bolt>("v2", Duration::from_secs(2), bolt_answer).await;
+    let m = mesh_limited::<Bolt, _>(policy("bolt", v1.addr, v2.addr, 5_000, 1), limits, || {
+        UpgradeDrain
+    })
+    .await;
+    let t = frames::<Bolt>(BOLT_V1).remove(0);
+    let frame = encoded::<Bolt>([bolt_request(&t, 7, &[])]);
+
+    // A frame whose halves come 150 ms apart (well inside the head timeout) is served, and
+    // the connection is not idle while its request is in flight past the idle timeout.
+    let mut ok = App::<Bolt>::connect(&m).await;
+    ok.wr.write_all(&frame[..20]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    ok.wr.write_all(&frame[20..]).await.unwrap();
+    let r = ok.recv().await;
+    let answered = Instant::now();
+    assert_eq!((r.request_id, r.status), (7, bolt::status::SUCCESS));
+
+    // A slowloris: one byte every 100 ms never completes the frame; bytes arriving do not
+    // reset the clock, so the connection is closed one head timeout after its first byte.
+    let mut slow = App::<Bolt>::connect(&m).await;
+    let started = Instant::now();
+    let trickle = {
+        let bytes = frame.clone();
+        let mut wr = slow.wr;
+        tokio::spawn(async move {
+            for b in bytes.iter().take(bytes.len() - 1) {
+                if wr.write_all(&[*b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Held open, never finished.
+            tokio::time::sleep(WAIT).await;
+        })
+    };
+    let got = tokio::time::timeout(WAIT, read_frame::<Bolt>(&mut slow.rd, &mut slow.buf))
+        .await
+        .expect("the proxy closes a trickled frame");
+    assert!(got.is_none(), "no answer to an unfinished frame");
+    let cut_after = started.elapsed();
+    assert!(
+        cut_after >= HEAD,
+        "cut after {cut_after:?}, before the head timeout"
+    );
+    assert!(
+        frame.len() as u128 * 100 > cut_after.as_millis(),
+        "cut only at the frame's end"
+    );
+    assert_eq!(m.errors("bolt", "frame_timeout"), 1);
+    trickle.abort();
+
+    // The first connection, silent since its answer: closed an idle timeout after it,
+    // counted; never as a frame timeout.
+    assert!(ok.expect_closed().await.is_empty());
+    let idle = answered.elapsed();
+    assert!(
+        idle >= IDLE - Duration::from_millis(50),
+        "closed {idle:?} after the last response"
+    );
+    assert_eq!(m.errors("bolt", "idle_timeout"), 1);
+    assert_eq!(m.errors("bolt", "frame_timeout"), 1);
 }
 
 #[tokio::test]
