@@ -11,7 +11,6 @@ use sockmesh_tests::checks::whoami;
 use sockmesh_tests::daemon::{basic_config, http_get, pods_toml, prom_value};
 use sockmesh_tests::{require_privileged, Daemon, Server, VirtualNode};
 
-
 #[test]
 fn bypassed_ports_and_cidrs_are_never_captured_and_counted_by_reason() {
     if !require_privileged() {

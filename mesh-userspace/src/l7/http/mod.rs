@@ -44,6 +44,7 @@
 
 mod forward;
 mod headers;
+mod late_frames;
 mod pool;
 mod session;
 #[cfg(test)]

@@ -26,8 +26,9 @@ use tokio::{
 use tracing::debug;
 
 use super::{
-    forward::handle, Body, ConnCtx, ConnState, HttpVersion, HTTP2_KEEPALIVE_INTERVAL,
-    HTTP2_KEEPALIVE_TIMEOUT, HTTP2_MAX_CONCURRENT_STREAMS, MAX_HTTP2_HEADER_LIST_BYTES,
+    forward::handle, late_frames::LateFramesIo, Body, ConnCtx, ConnState, HttpVersion,
+    HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT, HTTP2_MAX_CONCURRENT_STREAMS,
+    MAX_HTTP2_HEADER_LIST_BYTES,
 };
 
 /// The app's socket, counting bytes into the connection's and the pod's counters.
@@ -376,13 +377,15 @@ pub(super) async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVe
     let inflight = Inflight::new();
     let head = HeadClock::new(version, inflight.clone());
     let keep_open = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let io = TokioIo::new(Counted {
+    let counted = Counted {
         inner: client,
         ctx: ctx.clone(),
         head: head.clone(),
         prefix,
         keep_open: keep_open.clone(),
-    });
+    };
+    // HTTP/2: set just before the session asks hyper to shut down gracefully.
+    let goaway = Arc::new(AtomicBool::new(false));
     let state = Arc::new(ConnState {
         ctx: ctx.clone(),
         version,
@@ -415,6 +418,7 @@ pub(super) async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVe
                     _ = inflight.idle_for(limits.client_idle_timeout), if !closing => {
                         debug!("idle app connection: closing");
                         ctx.l7().errors.count(version.label(), "idle_timeout");
+                        goaway.store(true, Relaxed);
                         conn.as_mut().graceful_shutdown();
                         closing = true;
                     }
@@ -426,6 +430,7 @@ pub(super) async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVe
                     }
                     _ = crate::upgrade::drain_close(version == HttpVersion::Http2), if !closing => {
                         debug!("upgrade: draining app connection");
+                        goaway.store(true, Relaxed);
                         conn.as_mut().graceful_shutdown();
                         closing = true;
                     }
@@ -440,7 +445,7 @@ pub(super) async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVe
                 .header_read_timeout(None)
                 .max_buf_size(limits.max_request_head_bytes)
                 .keep_alive(true);
-            serve_h1(&b, io, svc, &ctx, &inflight, &head, fd).await
+            serve_h1(&b, TokioIo::new(counted), svc, &ctx, &inflight, &head, fd).await
         }
         HttpVersion::Http2 => {
             let mut b = hs::http2::Builder::new(TokioExecutor::new());
@@ -449,6 +454,11 @@ pub(super) async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVe
                 .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
                 .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT);
+            // The app's frames pass LateFramesIo (h2 must not see a WINDOW_UPDATE of a
+            // stream it ignored after its final GOAWAY).
+            let c = ctx.clone();
+            let dropped = Box::new(move || c.l7().errors.count("http2", "window_update_after_goaway"));
+            let io = TokioIo::new(LateFramesIo::new(counted, goaway.clone(), dropped));
             // Boxed: an HTTP/1.1 connection's task keeps no room for it.
             Box::pin(async { drive!(b.serve_connection(io, svc)) }).await
         }

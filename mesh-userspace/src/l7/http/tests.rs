@@ -810,6 +810,101 @@ async fn an_http2_preface_that_never_completes_is_closed_and_counted() {
     .unwrap();
 }
 
+/// One HTTP/2 frame as read from the proxy: (type, flags, stream, payload); `None` at the end
+/// of the connection.
+async fn read_h2_frame(s: &mut TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut h = [0u8; 9];
+    s.read_exact(&mut h).await.ok()?;
+    let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+    let mut payload = vec![0; len];
+    s.read_exact(&mut payload).await.ok()?;
+    let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+    Some((h[3], h[4], id, payload))
+}
+
+fn h2_frame(kind: u8, flags: u8, id: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    v.extend([kind, flags]);
+    v.extend(id.to_be_bytes());
+    v.extend(payload);
+    v
+}
+
+/// The frame sequence of a gRPC client (grpc-core) whose next call crosses the proxy's
+/// graceful close: the call's HEADERS come after the ACK of the shutdown PING, so h2 ignores
+/// them, and its stream WINDOW_UPDATE follows. h2 answered that WINDOW_UPDATE with
+/// GOAWAY(PROTOCOL_ERROR), failing every call still in flight on the connection (seen once in
+/// ~17 runs of the upgrade test: "Stream removed (GOAWAY received; Error code: 1)").
+#[tokio::test]
+async fn a_call_that_crosses_the_final_goaway_gets_a_clean_goaway_not_a_protocol_error() {
+    const GOAWAY: u8 = 0x7;
+    const PING: u8 = 0x6;
+    tokio::time::timeout(BOUND, async {
+        let (v1, _) = upstream("v1").await;
+        let (v2, _) = upstream("v2").await;
+        // The idle timeout closes the connection gracefully like an upgrade's drain does.
+        let limits = crate::config::Limits {
+            client_idle_timeout: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let p = proxy_with(
+            two_versions(v1, v2, "", CANARY_90_10),
+            HttpVersion::Http2,
+            VIP,
+            limits,
+        )
+        .await;
+        let mut s = TcpStream::connect(p.addr).await.unwrap();
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend(h2_frame(0x4, 0, 0, &[]));
+        s.write_all(&hello).await.unwrap();
+        // GOAWAY(2^31-1, NO_ERROR), then the PING whose ACK makes h2 send its final GOAWAY.
+        let mut first_goaway = None;
+        let ping = loop {
+            let (kind, flags, _, payload) = read_h2_frame(&mut s).await.expect("frames");
+            match kind {
+                GOAWAY => first_goaway = Some(payload),
+                PING if flags & 1 == 0 => break payload,
+                _ => {}
+            }
+        };
+        let first = first_goaway.expect("a GOAWAY before the PING");
+        assert_eq!(first[..4], 0x7fff_ffffu32.to_be_bytes());
+        assert_eq!(first[4..8], [0; 4], "NO_ERROR");
+        // GET / with :authority web.test (HPACK: three static entries and one literal).
+        let mut block = vec![0x82, 0x86, 0x84, 0x01, 8];
+        block.extend(b"web.test");
+        let late = [
+            h2_frame(PING, 1, 0, &ping),
+            h2_frame(0x1, 0x4, 1, &block),
+            h2_frame(0x8, 0, 1, &5u32.to_be_bytes()),
+            h2_frame(0x0, 0x1, 1, &[]),
+        ]
+        .concat();
+        s.write_all(&late).await.unwrap();
+        let mut goaways = Vec::new();
+        while let Some((kind, _, _, payload)) = read_h2_frame(&mut s).await {
+            if kind == GOAWAY {
+                let last = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+                goaways.push((last, code));
+            }
+        }
+        // Stream 1 is above the final GOAWAY's last stream: not processed, the client retries
+        // it on a new connection. No PROTOCOL_ERROR (1).
+        assert_eq!(
+            goaways,
+            [(0, 0)],
+            "(last stream, error code) of the final GOAWAYs"
+        );
+        let errors = &p.shared.l7.errors;
+        assert_eq!(errors.get("http2", "window_update_after_goaway"), 1);
+        assert_eq!(errors.get("http2", "connection_error"), 0);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn policy_swap_applies_to_the_next_request_on_the_same_connection() {
     tokio::time::timeout(BOUND, async {
