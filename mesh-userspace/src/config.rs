@@ -67,6 +67,7 @@ struct RawConfig {
     pods: Vec<RawPod>,
     detect_timeout_ms: Option<u64>,
     workers: Option<u32>,
+    pin_workers: Option<bool>,
     #[serde(default)]
     services: Vec<crate::routing::policy::RawService>,
     #[serde(default)]
@@ -327,6 +328,9 @@ pub struct Config {
     pub routing: crate::routing::RawPolicy,
     /// Proxy worker threads; `None`: one per CPU.
     pub workers: Option<usize>,
+    /// `pin_workers` (default true): pin worker `i` to the `i`-th allowed CPU when there are
+    /// enough of them.
+    pub pin_workers: bool,
     /// `[kubernetes]` with `enabled = true`: CRI discovery, DaemonSet behaviour.
     pub kubernetes: Option<crate::k8s::KubernetesConfig>,
     /// `[limits]`: slow and idle clients, per-pod connection cap.
@@ -626,6 +630,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         pods,
         routing,
         workers,
+        pin_workers: raw.pin_workers.unwrap_or(true),
         kubernetes,
         limits,
     })
@@ -812,6 +817,10 @@ mod tests {
         );
         assert!(c.pods.is_empty());
         assert_eq!(c.workers, None, "one worker per CPU unless set");
+        assert!(
+            c.pin_workers,
+            "workers are pinned unless the config says otherwise"
+        );
     }
 
     #[test]
@@ -822,6 +831,7 @@ mod tests {
             outbound_port = 16001
             metrics_addr = "127.0.0.1:9999"
             workers = 3
+            pin_workers = false
             [acceleration]
             enabled = true
             max_msg_bytes = 4096
@@ -842,6 +852,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.outbound_port, 16001);
         assert_eq!(c.workers, Some(3));
+        assert!(!c.pin_workers);
         assert_eq!(c.bypass_ports, vec![22, 53]);
         assert_eq!(c.bypass_cidrs[1].prefix, 32);
         assert_eq!(c.pods.len(), 2);

@@ -151,6 +151,8 @@ pub struct MetricsSnapshot {
     pub errors: Vec<(&'static str, u64)>,
     pub admin_errors: Vec<(&'static str, u64)>,
     pub propagation_available: bool,
+    /// Connections accepted, per proxy worker.
+    pub worker_connections: Vec<u64>,
 }
 
 /// The kernel counters of colour propagation, shown together in status.
@@ -174,6 +176,7 @@ impl Daemon {
         kernel: Kernel,
         accel: AccelState,
         checks: Vec<(String, String)>,
+        workers: conn::Workers,
     ) -> Self {
         let router =
             Router::new(crate::routing::compile(cfg.routing.clone()).expect("validated by config::parse"));
@@ -181,7 +184,8 @@ impl Daemon {
         let shared = Arc::new(
             Shared::new(Box::new(conn::KernelOrigDst), router)
                 .with_colour(colour)
-                .with_limits(cfg.limits.clone()),
+                .with_limits(cfg.limits.clone())
+                .with_workers(workers),
         );
         tracing::info!(
             "per-pod connection cap: {} ([limits] max_connections_per_pod; 0: none)",
@@ -897,7 +901,8 @@ impl Daemon {
             "uptime_s": self.started.elapsed().as_secs(),
             "generation": crate::upgrade::generation(),
             "upgrade": crate::upgrade::status_json(),
-            "workers": tokio::runtime::Handle::try_current().map(|h| h.metrics().num_workers()).ok(),
+            "workers": self.shared.workers.count(),
+            "worker_connections": self.shared.workers.accepted(),
         })
     }
 
@@ -953,6 +958,7 @@ impl Daemon {
             pods,
             kernel: self.kernel.lock().expect("kernel lock").counters(),
             propagation_available: self.shared.colour.status().is_ok(),
+            worker_connections: self.shared.workers.accepted(),
             errors: self.shared.errors.snapshot(),
             admin_errors: self
                 .admin_errors

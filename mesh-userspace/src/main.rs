@@ -45,6 +45,8 @@ use tracing::{error, info, warn};
 
 /// Exit status for an invalid config (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
+/// Threads of the control plane's runtime (admin, metrics, links, Kubernetes, upgrades).
+const CONTROL_THREADS: usize = 2;
 /// Oldest kernel with everything the hooks use (netns cookies in sockops/sk_msg/sockopt,
 /// sk_lookup, bpf links for cgroups).
 const KERNEL_FLOOR: (u32, u32) = (5, 15);
@@ -1018,17 +1020,28 @@ fn serve_loaded(
     let admin_path = cfg.admin_socket.clone();
     let state_file = cfg.state_file.clone();
     let kubernetes = cfg.kubernetes.clone();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cfg.workers {
-        rt.worker_threads(n);
-    }
-    let rt = rt
+    // Thread-per-core: the proxy's workers each run a current-thread runtime of their own
+    // (`conn::worker`); the control plane (admin, metrics, links, Kubernetes, upgrades) runs
+    // on this small one and reaches the workers through their handles.
+    let workers = cfg
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let (worker_threads, worker_handles) =
+        conn::worker::start(workers, cfg.pin_workers).context("failed to start the proxy workers")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(CONTROL_THREADS)
         .enable_all()
-        .thread_name("sockmesh")
+        .thread_name("sockmesh-ctl")
         .build()
         .context("failed to start the runtime")?;
-    let workers = rt.metrics().num_workers();
-    let daemon = Arc::new(daemon::Daemon::new(cfg, root.clone(), kernel, accel, checks));
+    let daemon = Arc::new(daemon::Daemon::new(
+        cfg,
+        root.clone(),
+        kernel,
+        accel,
+        checks,
+        conn::Workers::new(worker_handles),
+    ));
     // Before any pod is adopted, so that no request sees the config's policy in between.
     if let Some(r) = resumed_routing {
         daemon.resume_routing(r);
@@ -1145,6 +1158,7 @@ fn serve_loaded(
         let _ = std::fs::remove_file(daemon.admin_socket());
     }
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    worker_threads.stop();
     // Dropping the daemon drops the kernel handle: unpinned links detach now.
     drop(daemon);
     info!("bye");

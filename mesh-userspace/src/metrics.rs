@@ -232,6 +232,16 @@ pub fn encode_scrape(d: &mut DescriptorEncoder, s: &Scrape) -> fmt::Result {
         "Connections open now, per pod.",
         m.pods.iter().map(|p| (pod(p), p.connections_active)),
     )?;
+    let workers: Vec<String> = (0..m.worker_connections.len()).map(|i| i.to_string()).collect();
+    counter(
+        d,
+        "sockmesh_worker_connections_total",
+        "Connections accepted, per proxy worker (each serves its connections to the end).",
+        workers
+            .iter()
+            .zip(&m.worker_connections)
+            .map(|(w, n)| (vec![("worker", Esc(w))], *n)),
+    )?;
     counter(
         d,
         "sockmesh_bytes_total",
@@ -647,6 +657,7 @@ mod tests {
                 errors: vec![("upstream_refused", 1)],
                 admin_errors: vec![("bad_name", 4)],
                 propagation_available: true,
+                worker_connections: vec![5, 6],
             };
             encode_scrape(
                 &mut d,
@@ -838,6 +849,7 @@ mod tests {
                 1.0,
             ),
             ("sockmesh_bytes_total", vec![("direction", "downstream")], 4096.0),
+            ("sockmesh_worker_connections_total", vec![("worker", "1")], 6.0),
             ("sockmesh_propagation_available", vec![], 1.0),
             (
                 "sockmesh_kernel_events_total",

@@ -2,6 +2,10 @@
 //! namespace, and opaque TCP relaying to the original destination, connecting from inside the
 //! same namespace so the server sees the pod's address. The original destination comes through
 //! an [`OrigDstSource`], so the relaying logic can be tested without a kernel.
+//!
+//! Every proxy worker ([`crate::conn::worker`]) runs an accept loop on each of a pod's
+//! listeners (a duplicate descriptor of the same socket, registered with that worker's own
+//! runtime); a connection is served, start to end, by the worker that accepted it.
 
 use std::{
     io,
@@ -121,7 +125,7 @@ pub fn inbound_listener(pod: &PodCtx, port: u16, v6: bool) -> io::Result<std::ne
     })
 }
 
-/// Serve a pod's listeners until [`PodProxy::stop`].
+/// Serve a pod's listeners, on every worker, until [`PodProxy::stop`].
 pub fn serve(
     pod: Arc<PodCtx>,
     shared: Arc<Shared>,
@@ -135,14 +139,23 @@ pub fn serve(
     for (l, dir) in listeners {
         addrs.push(l.local_addr()?);
         handoff.push((l.local_addr()?, dir, std::os::fd::OwnedFd::from(l.try_clone()?)));
-        let l = TcpListener::from_std(l)?;
-        tasks.push(tokio::spawn(accept_loop(
-            l,
-            dir,
-            pod.clone(),
-            shared.clone(),
-            stop_rx.clone(),
-        )));
+        // One duplicate per worker, registered with that worker's reactor (`spawn_each` runs
+        // this inside its runtime's context).
+        let mut failed = None;
+        let loops = shared.workers.spawn_each(|_| {
+            let l = l.try_clone().and_then(TcpListener::from_std);
+            if let Err(e) = &l {
+                failed.get_or_insert(io::Error::new(e.kind(), e.to_string()));
+            }
+            accept_loop(l.ok(), dir, pod.clone(), shared.clone(), stop_rx.clone())
+        });
+        tasks.extend(loops);
+        if let Some(e) = failed {
+            for t in &tasks {
+                t.abort();
+            }
+            return Err(e);
+        }
     }
     Ok(PodProxy {
         stop,
@@ -154,12 +167,16 @@ pub fn serve(
 }
 
 async fn accept_loop(
-    l: TcpListener,
+    l: Option<TcpListener>,
     dir: Direction,
     pod: Arc<PodCtx>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // None: the listener could not be set up on this worker; `serve` fails and aborts us.
+    let Some(l) = l else {
+        return;
+    };
     loop {
         tokio::select! {
             r = l.accept() => match r {
@@ -206,6 +223,7 @@ async fn accept_loop(
 }
 
 fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>, shared: &Arc<Shared>) {
+    shared.workers.note_accepted();
     let Some(held) = admit(pod, shared) else {
         reset(s);
         return;

@@ -55,6 +55,14 @@ pub fn render(st: &Value) -> String {
         },
         s(&accel["detail"])
     );
+    if let Some(per) = st["worker_connections"].as_array() {
+        let per: Vec<String> = per
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("w{i} {}", s(n)))
+            .collect();
+        let _ = writeln!(o, "connections accepted per worker: {}", per.join(", "));
+    }
     if !st["generation"].is_null() {
         o.push_str(&crate::upgrade::render_status(&st["generation"], &st["upgrade"]));
     }
@@ -475,6 +483,7 @@ mod tests {
             "kernel": {"release": "6.18"},
             "uptime_s": 3,
             "workers": 2,
+            "worker_connections": [7, 5],
             "acceleration": {"enabled": false, "detail": "off in config"},
             "pods": [{"name": "web", "cgroup_id": 9, "netns": "/run/netns/web", "external_proxy": false,
                        "listeners": ["127.0.0.1:15001"], "connections_active": 1, "connections_total": 2}],
@@ -490,5 +499,9 @@ mod tests {
         assert!(!out.contains("Proxy errors"), "{out}");
         assert!(out.contains("web"), "{out}");
         assert!(out.contains("up 3s, 2 proxy workers"), "{out}");
+        assert!(
+            out.contains("connections accepted per worker: w0 7, w1 5"),
+            "{out}"
+        );
     }
 }

@@ -501,6 +501,65 @@ fn payloads_from_1_byte_to_64_mib_arrive_intact_over_100_concurrent_connections(
     }
 }
 
+#[test]
+fn with_two_workers_both_accept_connections_and_every_connection_is_answered() {
+    if !require_privileged() {
+        return;
+    }
+    let node = VirtualNode::new(&["client", "server"]).expect("virtual node");
+    let (client, server) = (node.pod("client"), node.pod("server"));
+    let _echo = Server::peer(server, 9000, "echo").unwrap();
+    let cfg = basic_config(&node, &format!("workers = 2\n{}", pods_toml(&[client])));
+    let daemon = Daemon::start(&node, &cfg).expect("daemon start");
+    let text = daemon.status_text().unwrap();
+    assert!(text.contains("2 proxy workers"), "{text}");
+    let c0 = counter(&daemon, "connect_captured");
+
+    // Many connections at once, each echoing its payload back intact.
+    let conns = 300u64;
+    let mut cmd = Command::new(PEER);
+    cmd.args([
+        "load",
+        "--connect",
+        &server.addr(9000),
+        "--connections",
+        &conns.to_string(),
+        "--sizes",
+        "1,1000,65536",
+        "--seconds-limit",
+        "60",
+    ]);
+    let out = exec_in(&client.cgroup, Some(&client.netns), cmd, Duration::from_secs(75)).unwrap();
+    check_output("peer load through the daemon", &out).unwrap();
+    let summary: Value = serde_json::from_str(out_str(&out).trim()).unwrap();
+    assert_eq!(summary["ok"], conns, "{summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+    wait_counter_eq(&daemon, "connect_captured", c0 + conns);
+
+    // Both workers took connections, and together all of them.
+    let m = daemon.metrics().unwrap();
+    let per: Vec<f64> = ["0", "1"]
+        .iter()
+        .map(|w| prom_value(&m, "sockmesh_worker_connections_total", &[("worker", w)]).unwrap_or(0.0))
+        .collect();
+    assert!(
+        per.iter().all(|n| *n > 0.0),
+        "sockmesh_worker_connections_total per worker: {per:?} (both workers should accept)"
+    );
+    assert!(
+        per.iter().sum::<f64>() >= conns as f64,
+        "sockmesh_worker_connections_total per worker: {per:?}, {conns} connections made"
+    );
+    assert_eq!(
+        prom_value(&m, "sockmesh_worker_connections_total", &[("worker", "2")]),
+        None,
+        "only two workers"
+    );
+    let text = daemon.status_text().unwrap();
+    assert!(text.contains("connections accepted per worker: w0 "), "{text}");
+    eprintln!("connections accepted per worker: {per:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // what the application and third parties see
 

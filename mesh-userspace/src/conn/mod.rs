@@ -5,6 +5,7 @@
 //!   pod addresses, and admission under the per-pod connection cap.
 //! - [`registry`]: live connections, as `status` shows them.
 //! - [`upstream`]: connecting upstream from inside the pod's netns with the daemon's mark.
+//! - [`worker`]: the proxy's workers (thread-per-core), per-worker values and their counters.
 //! - here: [`Shared`], the node-wide state every pod's listeners share, the original
 //!   destination source, and a connection's [`Direction`].
 //!
@@ -15,6 +16,7 @@
 pub mod pod;
 pub mod registry;
 pub mod upstream;
+pub mod worker;
 
 use std::{io, net::SocketAddr, os::fd::AsRawFd, sync::atomic::AtomicU64};
 
@@ -26,6 +28,7 @@ pub use pod::{MemoryTrim, MeshIps, PodCtx, PodStats, ProxyErrors};
 pub use registry::{ConnEntry, Registry};
 pub use upstream::{connect_upstream, UPSTREAM_CONNECT_TIMEOUT};
 pub(crate) use upstream::{reset, upstream_socket};
+pub use worker::Workers;
 
 use crate::{l7::L7Shared, routing::Router, sys};
 
@@ -73,6 +76,8 @@ pub struct Shared {
     pub pod_cap: AtomicU64,
     /// Live connections, and the heap trim after large closes.
     pub memory: MemoryTrim,
+    /// The proxy's workers: where listeners' accept loops run (none in unit tests).
+    pub workers: Workers,
 }
 
 impl Shared {
@@ -90,7 +95,17 @@ impl Shared {
             limits: crate::config::Limits::default(),
             pod_cap: AtomicU64::new(0),
             memory: MemoryTrim::default(),
+            workers: Workers::default(),
         }
+    }
+
+    /// Served by these workers: each gets its own upstream pools.
+    pub fn with_workers(mut self, workers: Workers) -> Self {
+        let n = workers.count();
+        self.l7.http = crate::l7::http::HttpPools::new(n);
+        self.l7.mux = crate::l7::mux::MuxPools::new(n);
+        self.workers = workers;
+        self
     }
 
     /// With the config's `[limits]`; the per-pod cap is resolved against the open-files

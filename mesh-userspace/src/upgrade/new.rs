@@ -223,7 +223,6 @@ impl Inherited {
             "upgrade: took over; the previous generation drains"
         );
         let conn = self.conn;
-        let rt = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("sockmesh-upgrade-carry".into())
             .spawn(move || {
@@ -259,10 +258,13 @@ impl Inherited {
                             if c.opaque {
                                 let upstream = fds.pop().expect("two descriptors");
                                 let client = fds.pop().expect("two descriptors");
-                                rt.spawn(super::tcp::adopt(daemon.clone(), c, client, upstream));
+                                // Served by a proxy worker, in turn, like an accepted one.
+                                let workers = &daemon.proxy_shared().workers;
+                                workers.spawn_any(super::tcp::adopt(daemon.clone(), c, client, upstream));
                             } else {
                                 let fd = fds.pop().expect("one descriptor");
-                                rt.spawn(adopt_app(daemon.clone(), c, fd));
+                                let workers = &daemon.proxy_shared().workers;
+                                workers.spawn_any(adopt_app(daemon.clone(), c, fd));
                                 test_pause("conn");
                             }
                         }

@@ -1,4 +1,5 @@
-//! Upstream HTTP connection pools ([`HttpPools`]) per (pod, endpoint, version): HTTP/1.1
+//! Upstream HTTP connection pools ([`HttpPools`]) per proxy worker and (pod, endpoint,
+//! version): HTTP/1.1
 //! keep-alive lists and the one multiplexed HTTP/2 connection, the sweep of idle and dead
 //! connections, the dual-link pre-connect, and one attempt of a request on a pooled (or newly
 //! opened) connection ([`send_once`]).
@@ -23,7 +24,10 @@ use tracing::debug;
 use super::{
     until, Body, ConnCtx, ConnState, HttpVersion, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT,
 };
-use crate::{conn::PodCtx, routing::colour::ColourId};
+use crate::{
+    conn::{worker::PerWorker, PodCtx},
+    routing::colour::ColourId,
+};
 
 /// An idle pooled HTTP/1.1 upstream connection is closed after this long.
 pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -33,10 +37,11 @@ pub const MAX_POOLED_HTTP1_PER_ENDPOINT: usize = 256;
 /// How often idle and dead upstream connections are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(15);
 
-/// Upstream connection pools, per (pod, endpoint, version).
+/// Upstream connection pools, per proxy worker and (pod, endpoint, version): a request only
+/// ever uses the pools of the worker serving its connection.
 #[derive(Default)]
 pub struct HttpPools {
-    inner: Arc<PoolsInner>,
+    workers: PerWorker<Arc<PoolsInner>>,
 }
 
 #[derive(Default)]
@@ -90,46 +95,65 @@ struct PooledH1 {
 }
 
 impl HttpPools {
+    /// Pools for `workers` proxy workers.
+    pub fn new(workers: usize) -> Self {
+        Self {
+            workers: PerWorker::new(workers, |_| Arc::default()),
+        }
+    }
+
     /// Upstream connections currently pooled (HTTP/1.1 connections plus HTTP/2 connections).
     #[cfg(test)]
     pub(super) fn connections(&self) -> usize {
-        let pools = self.inner.pools.lock().expect("http pools lock");
-        pools
-            .values()
-            .map(|p| {
-                p.h1.lock().expect("h1 pool lock").len() + p.h2.try_lock().map_or(1, |s| s.is_some() as usize)
-            })
-            .sum()
+        let mut n = 0;
+        for inner in self.workers.all() {
+            let pools = inner.pools.lock().expect("http pools lock");
+            n += pools
+                .values()
+                .map(|p| {
+                    p.h1.lock().expect("h1 pool lock").len()
+                        + p.h2.try_lock().map_or(1, |s| s.is_some() as usize)
+                })
+                .sum::<usize>();
+        }
+        n
     }
 
     fn get(&self, ctx: &ConnCtx, endpoint: SocketAddr, version: HttpVersion) -> Arc<EndpointPool> {
-        self.get_for(&ctx.pod, endpoint, version)
+        get_for(self.workers.here(), &ctx.pod, endpoint, version)
     }
+}
 
-    fn get_for(&self, pod: &Arc<PodCtx>, endpoint: SocketAddr, version: HttpVersion) -> Arc<EndpointPool> {
-        if !self.inner.sweeper.swap(true, Relaxed) {
-            tokio::spawn(sweep(Arc::downgrade(&self.inner)));
-        }
-        let key = PoolKey {
-            pod: pod.name.clone(),
-            endpoint,
-            version,
-        };
-        let mut pools = self.inner.pools.lock().expect("http pools lock");
-        if let Some(p) = pools.get(&key) {
-            if Weak::ptr_eq(&p.pod, &Arc::downgrade(pod)) {
-                return p.clone();
-            }
-        }
-        let p = Arc::new(EndpointPool {
-            pod: Arc::downgrade(pod),
-            h1: Mutex::new(Vec::new()),
-            h2: tokio::sync::Mutex::new(None),
-            h1_busy: AtomicUsize::new(0),
-        });
-        pools.insert(key, p.clone());
-        p
+/// The pool of `pod` to `endpoint` in one worker's pools (its sweeper starts on first use, on
+/// the worker running this).
+fn get_for(
+    inner: &Arc<PoolsInner>,
+    pod: &Arc<PodCtx>,
+    endpoint: SocketAddr,
+    version: HttpVersion,
+) -> Arc<EndpointPool> {
+    if !inner.sweeper.swap(true, Relaxed) {
+        tokio::spawn(sweep(Arc::downgrade(inner)));
     }
+    let key = PoolKey {
+        pod: pod.name.clone(),
+        endpoint,
+        version,
+    };
+    let mut pools = inner.pools.lock().expect("http pools lock");
+    if let Some(p) = pools.get(&key) {
+        if Weak::ptr_eq(&p.pod, &Arc::downgrade(pod)) {
+            return p.clone();
+        }
+    }
+    let p = Arc::new(EndpointPool {
+        pod: Arc::downgrade(pod),
+        h1: Mutex::new(Vec::new()),
+        h2: tokio::sync::Mutex::new(None),
+        h1_busy: AtomicUsize::new(0),
+    });
+    pools.insert(key, p.clone());
+    p
 }
 
 /// Pre-connects (the dual-link switch, [`crate::links`]): opening upstream connections before
@@ -138,24 +162,35 @@ impl HttpPools {
 impl HttpPools {
     /// HTTP/1.1 connections pooled now, per (pod, endpoint), to any of `endpoints` (pods still
     /// enrolled; idle, streaming a body, or carrying a request until its response head;
-    /// connections known to be closed are not counted).
+    /// connections known to be closed are not counted), summed over the workers.
     pub fn h1_counts(&self, endpoints: &[SocketAddr]) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
-        let pools = self.inner.pools.lock().expect("http pools lock");
-        pools
-            .iter()
-            .filter(|(k, _)| k.version == HttpVersion::Http1 && endpoints.contains(&k.endpoint))
-            .filter_map(|(k, p)| {
-                let pod = p.pod.upgrade()?;
-                let mut h1 = p.h1.lock().expect("h1 pool lock");
-                h1.retain(|c| !c.sender.is_closed());
-                Some((pod, k.endpoint, h1.len() + p.h1_busy.load(Relaxed)))
-            })
-            .collect()
+        let mut out: Vec<(Arc<PodCtx>, SocketAddr, usize)> = Vec::new();
+        for inner in self.workers.all() {
+            let pools = inner.pools.lock().expect("http pools lock");
+            let here = pools
+                .iter()
+                .filter(|(k, _)| k.version == HttpVersion::Http1 && endpoints.contains(&k.endpoint))
+                .filter_map(|(k, p)| {
+                    let pod = p.pod.upgrade()?;
+                    let mut h1 = p.h1.lock().expect("h1 pool lock");
+                    h1.retain(|c| !c.sender.is_closed());
+                    Some((pod, k.endpoint, h1.len() + p.h1_busy.load(Relaxed)))
+                });
+            for (pod, ep, n) in here {
+                match out.iter_mut().find(|(p, e, _)| Arc::ptr_eq(p, &pod) && *e == ep) {
+                    Some(row) => row.2 += n,
+                    None => out.push((pod, ep, n)),
+                }
+            }
+        }
+        out
     }
 
-    /// Open HTTP/1.1 connections from `pod` to `endpoint` (concurrently, each bounded by
-    /// `timeout`) until `want` are pooled (at most [`MAX_POOLED_HTTP1_PER_ENDPOINT`]). Returns
-    /// how many were opened, or the first error when none could be.
+    /// Open HTTP/1.1 connections from `pod` to `endpoint` until `want` are pooled, spread over
+    /// the workers in proportion to the HTTP/1.1 connections `pod` uses on each now (evenly
+    /// when it uses none): each worker opens its share on its own runtime, into its own pools
+    /// (concurrently, each bounded by `timeout`; at most [`MAX_POOLED_HTTP1_PER_ENDPOINT`] per
+    /// worker). Returns how many were opened, or the first error when none could be.
     pub async fn preconnect_h1(
         &self,
         shared: &crate::conn::Shared,
@@ -164,36 +199,24 @@ impl HttpPools {
         want: usize,
         timeout: Duration,
     ) -> io::Result<usize> {
-        let pool = self.get_for(pod, endpoint, HttpVersion::Http1);
-        let have = {
-            let mut h1 = pool.h1.lock().expect("h1 pool lock");
-            h1.retain(|c| !c.sender.is_closed());
-            h1.len()
+        let all = self.workers.all();
+        let used: Vec<usize> = all.iter().map(|inner| h1_in_use(inner, pod)).collect();
+        let total: usize = used.iter().sum();
+        let share = |i: usize| match total {
+            0 => want.div_ceil(all.len()),
+            _ => (want * used[i]).div_ceil(total),
         };
-        let want = want.min(MAX_POOLED_HTTP1_PER_ENDPOINT);
-        if have >= want {
-            return Ok(0);
-        }
         let propagation = (pod.propagate && shared.colour.is_available()).then(|| shared.colour.clone());
-        let mut opens = tokio::task::JoinSet::new();
-        for _ in have..want {
+        let runs = shared.workers.spawn_each(|i| {
+            let i = i % all.len();
+            let (inner, want) = (all[i].clone(), share(i));
             let (pod, propagation) = (pod.clone(), propagation.clone());
-            opens.spawn(async move { open_h1(&pod, propagation, endpoint, timeout).await });
-        }
+            async move { preconnect_h1_here(&inner, &pod, propagation, endpoint, want, timeout).await }
+        });
         let (mut opened, mut first_err) = (0, None);
-        while let Some(r) = opens.join_next().await {
-            match r.map_err(io::Error::other).and_then(|r| r) {
-                Ok((sender, local)) => {
-                    let mut h1 = pool.h1.lock().expect("h1 pool lock");
-                    if h1.len() < MAX_POOLED_HTTP1_PER_ENDPOINT {
-                        h1.push(PooledH1 {
-                            sender,
-                            since: Instant::now(),
-                            local,
-                        });
-                        opened += 1;
-                    }
-                }
+        for r in runs {
+            match r.await.map_err(io::Error::other).and_then(|r| r) {
+                Ok(k) => opened += k,
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
@@ -203,6 +226,71 @@ impl HttpPools {
             Some(e) if opened == 0 => Err(e),
             _ => Ok(opened),
         }
+    }
+}
+
+/// HTTP/1.1 connections `pod` has in one worker's pools, to any endpoint (pooled or busy).
+fn h1_in_use(inner: &PoolsInner, pod: &Arc<PodCtx>) -> usize {
+    let pools = inner.pools.lock().expect("http pools lock");
+    pools
+        .iter()
+        .filter(|(k, p)| {
+            k.version == HttpVersion::Http1 && k.pod == pod.name && Weak::ptr_eq(&p.pod, &Arc::downgrade(pod))
+        })
+        .map(|(_, p)| {
+            let mut h1 = p.h1.lock().expect("h1 pool lock");
+            h1.retain(|c| !c.sender.is_closed());
+            h1.len() + p.h1_busy.load(Relaxed)
+        })
+        .sum()
+}
+
+/// [`HttpPools::preconnect_h1`] in one worker's pools.
+async fn preconnect_h1_here(
+    inner: &Arc<PoolsInner>,
+    pod: &Arc<PodCtx>,
+    propagation: Option<crate::propagate::ColourKernel>,
+    endpoint: SocketAddr,
+    want: usize,
+    timeout: Duration,
+) -> io::Result<usize> {
+    let pool = get_for(inner, pod, endpoint, HttpVersion::Http1);
+    let have = {
+        let mut h1 = pool.h1.lock().expect("h1 pool lock");
+        h1.retain(|c| !c.sender.is_closed());
+        h1.len()
+    };
+    let want = want.min(MAX_POOLED_HTTP1_PER_ENDPOINT);
+    if have >= want {
+        return Ok(0);
+    }
+    let mut opens = tokio::task::JoinSet::new();
+    for _ in have..want {
+        let (pod, propagation) = (pod.clone(), propagation.clone());
+        opens.spawn(async move { open_h1(&pod, propagation, endpoint, timeout).await });
+    }
+    let (mut opened, mut first_err) = (0, None);
+    while let Some(r) = opens.join_next().await {
+        match r.map_err(io::Error::other).and_then(|r| r) {
+            Ok((sender, local)) => {
+                let mut h1 = pool.h1.lock().expect("h1 pool lock");
+                if h1.len() < MAX_POOLED_HTTP1_PER_ENDPOINT {
+                    h1.push(PooledH1 {
+                        sender,
+                        since: Instant::now(),
+                        local,
+                    });
+                    opened += 1;
+                }
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) if opened == 0 => Err(e),
+        _ => Ok(opened),
     }
 }
 

@@ -71,7 +71,7 @@ impl MuxProto for Bolt {
     const MAX_ID: u64 = u32::MAX as u64;
 
     fn pool(pools: &MuxPools) -> &Pool<Self> {
-        &pools.bolt
+        &pools.here().bolt
     }
 
     fn id(f: &BoltFrame) -> u64 {

@@ -41,7 +41,7 @@ impl MuxProto for Dubbo {
     const MAX_ID: u64 = u64::MAX;
 
     fn pool(pools: &MuxPools) -> &Pool<Self> {
-        &pools.dubbo
+        &pools.here().dubbo
     }
 
     fn id(f: &DubboFrame) -> u64 {

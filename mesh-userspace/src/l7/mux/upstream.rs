@@ -28,7 +28,7 @@ use super::{
     Bolt, CallError, Dubbo, MuxProto, CONNS_PER_ENDPOINT, QUEUE, UPSTREAM_HEARTBEAT, UPSTREAM_IDLE_CLOSE,
     WRITE_BATCH,
 };
-use crate::l7::ConnCtx;
+use crate::{conn::worker::PerWorker, l7::ConnCtx};
 
 struct UpState<F> {
     alive: bool,
@@ -378,17 +378,39 @@ impl<P: MuxProto> Pool<P> {
     }
 }
 
-/// Shared upstream connections, per (pod, endpoint, protocol).
+/// Shared upstream connections, per proxy worker and (pod, endpoint, protocol): a request
+/// only ever uses the connections of the worker serving its app connection.
 #[derive(Default)]
 pub struct MuxPools {
+    workers: PerWorker<WorkerPools>,
+}
+
+/// One worker's upstream connections.
+#[derive(Default)]
+pub(super) struct WorkerPools {
     pub(super) bolt: Pool<Bolt>,
     pub(super) dubbo: Pool<Dubbo>,
 }
 
 impl MuxPools {
+    /// Pools for `workers` proxy workers.
+    pub fn new(workers: usize) -> Self {
+        Self {
+            workers: PerWorker::new(workers, |_| WorkerPools::default()),
+        }
+    }
+
+    /// The pools of the worker running this.
+    pub(super) fn here(&self) -> &WorkerPools {
+        self.workers.here()
+    }
+
     /// Live upstream connections: (Bolt, Dubbo). Approximate while connects are under way.
     #[allow(dead_code)] // for status and tests
     pub fn live_connections(&self) -> (usize, usize) {
-        (self.bolt.live(), self.dubbo.live())
+        self.workers
+            .all()
+            .iter()
+            .fold((0, 0), |(b, d), w| (b + w.bolt.live(), d + w.dubbo.live()))
     }
 }
