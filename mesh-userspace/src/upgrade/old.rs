@@ -494,12 +494,11 @@ fn take_back(
     // Handed-over connections from now on (the drives that had decided to move theirs, and the
     // one whose sending failed) are this generation's again: serve them as a successor would.
     let daemon = ctx.daemon.clone();
-    let handle = rt.clone();
     let _ = std::thread::Builder::new()
         .name("sockmesh-upgrade-back".into())
         .spawn(move || {
             for h in pending.into_iter().chain(rx.iter()) {
-                serve_here(&daemon, &handle, h);
+                serve_here(&daemon, h);
             }
         });
     // Admin and metrics from the kept sockets.
@@ -556,17 +555,19 @@ fn take_back(
     true
 }
 
-/// Serve a connection that was on its way to the successor here instead.
-fn serve_here(daemon: &Arc<Daemon>, rt: &tokio::runtime::Handle, mut h: super::HandOver) {
+/// Serve a connection that was on its way to the successor here instead, on a proxy worker
+/// in turn (like an accepted one).
+fn serve_here(daemon: &Arc<Daemon>, mut h: super::HandOver) {
+    let workers = &daemon.proxy_shared().workers;
     if h.meta.opaque {
         if h.fds.len() != 2 {
             return;
         }
         let upstream = h.fds.pop().expect("two descriptors");
         let client = h.fds.pop().expect("two descriptors");
-        rt.spawn(super::tcp::adopt(daemon.clone(), h.meta, client, upstream));
+        workers.spawn_any(super::tcp::adopt(daemon.clone(), h.meta, client, upstream));
     } else if let Some(fd) = h.fds.pop() {
-        rt.spawn(super::new::adopt_app(daemon.clone(), h.meta, fd));
+        workers.spawn_any(super::new::adopt_app(daemon.clone(), h.meta, fd));
     }
 }
 
