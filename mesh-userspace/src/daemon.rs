@@ -125,7 +125,17 @@ pub struct Daemon {
     kernel_down: Mutex<std::collections::BTreeSet<std::net::SocketAddr>>,
     /// Health checks of kernel-routed endpoints (`health_check_ms`).
     kernel_health: Mutex<crate::kroute::Health>,
+    /// After an upgrade hand-off: the pods' own copies of their listening sockets, kept while
+    /// this generation drains (see [`Daemon::drain_handed_off`]).
+    paused: Mutex<Vec<PausedPod>>,
 }
+
+/// A pod's listeners while its generation drains after a hand-off: not accepted from, kept open.
+type PausedPod = (
+    String,
+    Arc<PodCtx>,
+    Vec<(std::net::SocketAddr, Direction, std::os::fd::OwnedFd)>,
+);
 
 pub struct PodMetrics {
     pub name: String,
@@ -198,6 +208,7 @@ impl Daemon {
             applied_routing: Mutex::new(None),
             kernel_down: Mutex::new(Default::default()),
             kernel_health: Mutex::new(Default::default()),
+            paused: Mutex::new(Vec::new()),
         }
     }
 
@@ -292,6 +303,11 @@ impl Daemon {
             tokio::time::sleep(every).await;
             if self.shutting_down.load(Relaxed) {
                 return;
+            }
+            if crate::upgrade::is_draining() {
+                // Handed over: the successor writes the tables (this generation may serve
+                // again if it dies).
+                continue;
             }
             let netns = self
                 .pods
@@ -506,7 +522,7 @@ impl Daemon {
     }
 
     fn enroll_inner(&self, spec: PodSpec) -> Result<(), DaemonError> {
-        if self.shutting_down.load(Relaxed) {
+        if self.shutting_down.load(Relaxed) || crate::upgrade::is_draining() {
             return Err(DaemonError::ShuttingDown);
         }
         config::check_pod_name(&spec.name).map_err(DaemonError::BadName)?;
@@ -775,6 +791,10 @@ impl Daemon {
 
     /// Stop capturing the pod's new connections; connections already proxied run to their end.
     pub async fn unenroll(&self, name: &str) -> Result<(), DaemonError> {
+        if crate::upgrade::is_draining() {
+            // Handed over: the pod's kernel entries are the successor's to change.
+            return Err(DaemonError::ShuttingDown);
+        }
         let pod = {
             let mut pods = self.pods.lock().expect("pods lock");
             self.links.forget_pod(name);
@@ -997,6 +1017,151 @@ impl Daemon {
         }
         // Link states go with the enrolment (the cgroups keep their last values).
         let _ = state::remove(&crate::links::state_path(&self.cfg.state_file));
+    }
+
+    /// After an upgrade hand-off (the successor accepts from the same listening sockets): stop
+    /// accepting, but keep the pods, their kernel entries and this generation's own copies of
+    /// the listeners, and wait for the live connections up to the drain deadline, and at least
+    /// [`crate::upgrade::STANDBY_AFTER_HANDOFF`] (within the deadline). Returns true
+    /// when the hand-off was taken back meanwhile (the successor died,
+    /// [`crate::upgrade::taken_back`]): this generation then serves again (see
+    /// [`Daemon::serve_again`]); false when the drain is over and it is to exit.
+    ///
+    /// Keeping the listeners is what makes the take-back work: a listening socket lives as
+    /// long as one process holds it, so with the successor dead the accept queues, the
+    /// `SM_LISTENERS` sockmap entries sk_lookup redirects to and the outbound listener
+    /// connect4's liveness check (`bpf_sk_lookup_tcp`) looks for all stay: capture never falls
+    /// back to direct, and connects queue until this generation accepts again.
+    pub async fn drain_handed_off(&self) -> bool {
+        let proxies: Vec<(String, PodProxy)> = self
+            .pods
+            .lock()
+            .expect("pods lock")
+            .iter_mut()
+            .filter_map(|(n, p)| p.proxy.take().map(|x| (n.clone(), x)))
+            .collect();
+        for (name, mut proxy) in proxies {
+            let fds = std::mem::take(&mut proxy.handoff);
+            self.paused
+                .lock()
+                .expect("paused lock")
+                .push((name, proxy.pod.clone(), fds));
+            proxy.stop().await;
+        }
+        let start = Instant::now();
+        let deadline = start + self.drain_timeout();
+        let standby = start + crate::upgrade::STANDBY_AFTER_HANDOFF;
+        loop {
+            if crate::upgrade::taken_back() {
+                break;
+            }
+            let now = Instant::now();
+            if (self.shared.registry.is_empty() && now >= standby) || now >= deadline {
+                if crate::upgrade::drain_over() {
+                    let left = self.shared.registry.len();
+                    if left > 0 {
+                        warn!(
+                            connections = left,
+                            "drain deadline passed; closing remaining connections"
+                        );
+                    }
+                    return false;
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.serve_again();
+        true
+    }
+
+    /// The hand-off was taken back: accept again on the kept listeners, and write this
+    /// generation's kernel state again over whatever the successor wrote (pod entries, listener
+    /// slots, inbound entries, config, kernel-routed services), the enrolment state file too.
+    fn serve_again(&self) {
+        let paused = std::mem::take(&mut *self.paused.lock().expect("paused lock"));
+        let mut pods = self.pods.lock().expect("pods lock");
+        for (name, ctx, fds) in paused {
+            let Some(p) = pods.get_mut(&name) else { continue };
+            let mut listeners = Vec::new();
+            for (addr, dir, fd) in fds {
+                let l = std::net::TcpListener::from(fd);
+                match l.set_nonblocking(true) {
+                    Ok(()) => listeners.push((l, dir)),
+                    Err(e) => warn!(pod = %name, %addr, "listener not served again: {e}"),
+                }
+            }
+            match proxy::serve(ctx, self.shared.clone(), listeners) {
+                Ok(x) => p.proxy = Some(x),
+                Err(e) => warn!(pod = %name, "not accepting again: {e}"),
+            }
+        }
+        {
+            let mut k = self.kernel.lock().expect("kernel lock");
+            if let Err(e) = k.rewrite_config() {
+                warn!("the kernel config was not written again: {e}");
+            }
+            let ours: Vec<u64> = pods
+                .values()
+                .filter(|p| p.spec.capture)
+                .map(|p| p.cgroup_id)
+                .collect();
+            for (cg, _) in k.pod_entries() {
+                if !ours.contains(&cg) {
+                    let _ = k.remove_pod(cg);
+                }
+            }
+            let keys: Vec<InboundKey> = pods.values().flat_map(|p| p.inbound_keys.clone()).collect();
+            for (key, _) in k.inbound_entries() {
+                if !keys.contains(&key) {
+                    k.remove_inbound(&key);
+                }
+            }
+            for p in pods.values() {
+                if p.spec.capture {
+                    let info = PodInfo::new(
+                        p.pod_id,
+                        pod_flags(p.spec.propagate, self.colour_id(&p.spec)),
+                        p.netns_cookie,
+                    );
+                    if let Err(e) = k.add_pod(p.cgroup_id, info) {
+                        warn!(pod = %p.spec.name, "pod entry not written again: {e}");
+                    }
+                }
+                for (addr, dir, fd) in p.proxy.iter().flat_map(|x| x.handoff.iter()) {
+                    if *dir == Direction::Inbound {
+                        let slot = listener_slot(p.pod_id, addr.is_ipv6());
+                        if let Err(e) = k.set_listener(slot, fd) {
+                            warn!(pod = %p.spec.name, %addr, "listener slot not written again: {e}");
+                        }
+                    }
+                }
+                for key in &p.inbound_keys {
+                    let port = key.port as u16;
+                    let r = if p.spec.inbound_exclude_ports.contains(&port) {
+                        k.add_inbound_exclude(*key)
+                    } else {
+                        let v6 = key.family == mesh_common::AF_INET6;
+                        k.add_inbound(
+                            *key,
+                            InboundTarget {
+                                slot: listener_slot(p.pod_id, v6),
+                                pod_id: p.pod_id,
+                            },
+                        )
+                    };
+                    if let Err(e) = r {
+                        warn!(pod = %p.spec.name, "inbound entry not written again: {e}");
+                    }
+                }
+            }
+        }
+        self.persist(&pods);
+        drop(pods);
+        self.write_kernel_routes();
+        // The hand-off's stop request is void: the next one (a signal, `stop`) counts.
+        self.stop.send_replace(None);
+        info!("serving again: the hand-off was taken back");
     }
 
     /// How long a stopping (or upgraded) daemon waits for its live connections.

@@ -411,6 +411,12 @@ impl Kernel {
             })
     }
 
+    /// Write this process's config again (an upgrade taken back: the successor that died had
+    /// written its own).
+    pub fn rewrite_config(&mut self) -> Result<(), KernelError> {
+        self.write_config()
+    }
+
     /// Stop capturing new connections (shutdown, first phase). Hooks stay attached but idle.
     pub fn disable(&mut self) -> Result<(), KernelError> {
         self.config.flags &= !FLAG_ENABLED;

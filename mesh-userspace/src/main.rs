@@ -828,8 +828,18 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf, upgrade: bool) 
     let lock = match &inherited {
         Some(i) => i.lock.try_clone()?,
         None => sys::lock_file(&cfg.state_file.with_extension("lock")).with_context(|| {
+            // Started beside the running one (e.g. a DaemonSet's new pod): say who runs and how
+            // to take over from it instead.
+            let holder = upgrade::read_lock_info(&cfg.state_file)
+                .map(|i| {
+                    format!(
+                        ": generation {} (pid {}) runs; `sockmesh run --upgrade` with the same config takes over from it",
+                        i.generation, i.pid
+                    )
+                })
+                .unwrap_or_default();
             format!(
-                "another sockmesh daemon owns {} (or its lock cannot be taken)",
+                "another sockmesh daemon owns {} (or its lock cannot be taken){holder}",
                 cfg.pin_dir.display()
             )
         })?,
@@ -1095,21 +1105,35 @@ fn serve_loaded(
         metrics::set_ready();
         // A DaemonSet pod gets SIGTERM on every rolling update: capture and state stay.
         let sigterm_keeps_state = kubernetes.as_ref().is_some_and(|k| k.sigterm_keeps_state);
-        let keep_state = tokio::select! {
-            r = wait_for_signal(signals) => { r?; sigterm_keeps_state }
-            keep = daemon.stop_requested() => keep,
-        };
-        if upgrade::old::handed_off() {
+        let signal = wait_for_signal(signals);
+        tokio::pin!(signal);
+        let keep_state = loop {
+            let keep_state = tokio::select! {
+                r = &mut signal => { r?; sigterm_keeps_state }
+                keep = daemon.stop_requested() => keep,
+            };
+            if !upgrade::old::handed_off() {
+                break keep_state;
+            }
             // The successor serves admin and metrics on the same sockets now.
             admin_task.abort();
             metrics_task.abort();
-        }
-        if keep_state {
+            // Drain; if the successor dies first, serve again (the hand-off is taken back).
+            if !daemon.drain_handed_off().await {
+                break keep_state;
+            }
+            upgrade::old::served_again();
+        };
+        if upgrade::old::handed_off() {
+            // Drained: the successor serves; nothing more to stop here.
+        } else if keep_state {
             info!("stopping, keeping pinned state for the next daemon");
         } else {
             info!("shutting down: capture off, draining, then detaching");
         }
-        daemon.shutdown(keep_state).await;
+        if !upgrade::old::handed_off() {
+            daemon.shutdown(keep_state).await;
+        }
         anyhow::Ok(())
     });
     upgrade::old::finish();

@@ -423,6 +423,14 @@ fn encode_l7(d: &mut DescriptorEncoder, l7: &L7Shared) -> fmt::Result {
         crate::upgrade::moved_totals()
             .into_iter()
             .map(|(p, v)| (vec![("protocol", Esc(p))], v)),
+    )?;
+    counter(
+        d,
+        "sockmesh_upgrade_total",
+        "Upgrade hand-offs this generation took part in as the old one, by result (successor_died: handed over, then taken back when the successor died while this generation drained).",
+        crate::upgrade::outcome_totals()
+            .into_iter()
+            .map(|(r, v)| (vec![("result", Esc(r))], v)),
     )
 }
 

@@ -27,7 +27,10 @@ use std::{
     os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{
+            AtomicBool, AtomicU64, AtomicU8,
+            Ordering::{Relaxed, SeqCst},
+        },
         Mutex, OnceLock,
     },
     time::Duration,
@@ -40,6 +43,11 @@ use serde_json::json;
 /// closed (gracefully, when idle). Connections that do send one get `Connection: close` on its
 /// response and are closed by the client's own reconnect.
 pub const HTTP1_DRAIN_IDLE_CLOSE: Duration = Duration::from_secs(1);
+
+/// After a hand-off the old generation stays at least this long (bounded by its drain
+/// deadline), even with every connection moved: if the successor dies meanwhile, it takes the
+/// hand-off back and serves again (a successor that dies later is a daemon crash).
+pub const STANDBY_AFTER_HANDOFF: Duration = Duration::from_secs(2);
 
 /// This process's generation (1 for a daemon started from nothing).
 static GENERATION: AtomicU64 = AtomicU64::new(1);
@@ -77,6 +85,9 @@ pub struct Status {
     pub moved_mux: u64,
     /// In N+1: the previous generation while it drains.
     pub previous: Option<Previous>,
+    /// Of `succeeded`: hand-offs this generation took back because its successor died while
+    /// this generation still drained (it serves again).
+    pub taken_back: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -102,6 +113,7 @@ impl Status {
             moved_opaque: 0,
             moved_mux: 0,
             previous: None,
+            taken_back: 0,
         }
     }
 }
@@ -128,6 +140,17 @@ pub fn status_json() -> serde_json::Value {
     v
 }
 
+/// `sockmesh_upgrade_total`: (result, hand-offs) of this process as the old generation.
+pub fn outcome_totals() -> Vec<(&'static str, u64)> {
+    let st = STATUS.lock().expect("upgrade status lock");
+    vec![
+        ("succeeded", st.succeeded),
+        ("failed", st.failed.saturating_sub(st.refused)),
+        ("refused", st.refused),
+        ("successor_died", st.taken_back),
+    ]
+}
+
 /// The `generation` line of `sockmesh status`.
 pub fn render_status(generation: &serde_json::Value, up: &serde_json::Value) -> String {
     let mut line = format!("generation {generation}");
@@ -146,6 +169,12 @@ pub fn render_status(generation: &serde_json::Value, up: &serde_json::Value) -> 
             );
         }
     }
+    let back = up["taken_back"].as_u64().unwrap_or(0);
+    if back > 0 {
+        line += &format!(
+            "; took the hand-off back {back} time(s) (the successor died while this generation drained)"
+        );
+    }
     let failed = up["failed"].as_u64().unwrap_or(0);
     if failed > 0 {
         line += &format!(
@@ -163,7 +192,47 @@ fn drain_tx() -> &'static tokio::sync::watch::Sender<bool> {
 
 /// This generation handed over: connections finish and close.
 pub fn set_draining() {
+    AFTER_HANDOFF.store(HANDOFF_DRAINING, SeqCst);
     drain_tx().send_replace(true);
+}
+
+/// After a hand-off: this generation drains ...
+const HANDOFF_DRAINING: u8 = 0;
+/// ... took it back (its successor died first) and serves again ...
+const HANDOFF_TAKEN_BACK: u8 = 1;
+/// ... or drained and exits.
+const HANDOFF_DRAINED: u8 = 2;
+static AFTER_HANDOFF: AtomicU8 = AtomicU8::new(HANDOFF_DRAINING);
+
+/// The successor died while this generation drained: take the hand-off back unless the drain
+/// is already over (then this generation exits as it would have). Connections stop draining.
+fn take_back() -> bool {
+    let won = AFTER_HANDOFF
+        .compare_exchange(HANDOFF_DRAINING, HANDOFF_TAKEN_BACK, SeqCst, SeqCst)
+        .is_ok();
+    if won {
+        drain_tx().send_replace(false);
+    }
+    won
+}
+
+/// Whether this generation took its hand-off back (checked by its drain, see
+/// [`crate::daemon::Daemon::drain_handed_off`]).
+pub fn taken_back() -> bool {
+    is_handoff_state(HANDOFF_TAKEN_BACK)
+}
+
+fn is_handoff_state(s: u8) -> bool {
+    AFTER_HANDOFF.load(SeqCst) == s
+}
+
+/// The drain after a hand-off is over: true when this generation is to exit now, false when
+/// it took the hand-off back meanwhile (it serves again).
+pub fn drain_over() -> bool {
+    AFTER_HANDOFF
+        .compare_exchange(HANDOFF_DRAINING, HANDOFF_DRAINED, SeqCst, SeqCst)
+        .is_ok()
+        || is_handoff_state(HANDOFF_DRAINED)
 }
 
 pub fn is_draining() -> bool {

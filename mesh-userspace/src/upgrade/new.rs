@@ -292,7 +292,7 @@ impl Inherited {
 /// Serve an app connection the previous generation handed over: HTTP/1.1 between requests,
 /// Bolt or Dubbo at a frame boundary; the same socket, the bytes it had read first. Counted as
 /// active here (its total was counted by the generation that accepted it, and carried over).
-async fn adopt_app(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
+pub(super) async fn adopt_app(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
     let Ok(protocol) = wire::AppProtocol::try_from(c.protocol) else {
         warn!(
             protocol = c.protocol,

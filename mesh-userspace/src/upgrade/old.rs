@@ -49,6 +49,12 @@ pub struct Ctx {
     pub metrics: OwnedFd,
 }
 
+struct Listening {
+    ctx: Ctx,
+    /// The daemon's runtime: to serve admin, metrics and connections again after a take-back.
+    rt: tokio::runtime::Handle,
+}
+
 struct Session {
     /// Set by main once the drain is over: the session sends the last snapshot and ends.
     drained: AtomicBool,
@@ -94,7 +100,8 @@ pub fn listen(ctx: Ctx) -> io::Result<PathBuf> {
     )?;
     *OWN_PATH.lock().expect("path lock") = Some(path.clone());
     info!(path = %path.display(), generation = g, "upgrade rendezvous listening");
-    let ctx = Arc::new(ctx);
+    let rt = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+    let ctx = Arc::new(Listening { ctx, rt });
     std::thread::Builder::new()
         .name("sockmesh-upgrade".into())
         .spawn(move || {
@@ -114,7 +121,7 @@ pub fn listen(ctx: Ctx) -> io::Result<PathBuf> {
                 }
                 let ctx = ctx.clone();
                 std::thread::spawn(move || {
-                    let r = session(&ctx, s);
+                    let r = session(&ctx.ctx, &ctx.rt, s);
                     BUSY.store(false, SeqCst);
                     if let Err((pid, e)) = r {
                         warn!(
@@ -161,7 +168,7 @@ fn expect(s: &UnixStream, timeout: Duration, want: &'static str) -> Result<Body,
 }
 
 /// One hand-off. Errors carry the successor's pid (0 before its hello).
-fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
+fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), (u32, String)> {
     let hello = match expect(&s, HELLO_TIMEOUT, "hello") {
         Ok(Body::Hello(h)) => h,
         Ok(_) => unreachable!("expect checks the kind"),
@@ -170,14 +177,19 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
     let pid = hello.pid;
     super::status_mut(|st| st.attempts += 1);
     // SO_PEERCRED: only our own user may take the daemon over (the socket is 0600 anyway).
-    if let Ok(cred) = peer_uid(&s) {
+    let cred = peer_cred(&s).ok();
+    if let Some(cred) = cred {
         // SAFETY: geteuid has no preconditions.
-        if cred != unsafe { libc::geteuid() } {
+        if cred.uid != unsafe { libc::geteuid() } {
             let _ = refuse(&s, "not the daemon's user");
             super::status_mut(|st| st.refused += 1);
-            return Err((pid, format!("refused a successor of uid {cred}")));
+            return Err((pid, format!("refused a successor of uid {}", cred.uid)));
         }
     }
+    // The successor's process as the kernel knows it (the hello's pid is its own word): after
+    // `Started`, its death while this generation drains is seen on a pidfd of it.
+    let watch = cred.map(|c| c.pid as u32).filter(|p| *p > 0).unwrap_or(pid);
+    let successor = Successor::new(watch);
     let Some(version) = wire::negotiate(hello.protocol_version) else {
         let why = format!(
             "hand-off protocol {} is not one this daemon speaks ({} to {}; binary {})",
@@ -302,7 +314,8 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
     let pods = ctx.daemon.pod_stats();
     ctx.daemon.request_stop(true);
     // Connections as they come, counters every SNAPSHOT_EVERY, until the drain is over; then
-    // the last counters.
+    // the last counters. If the successor dies meanwhile, this generation takes the hand-off
+    // back (see `take_back`).
     let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
     let mut ok = true;
     let mut next_snapshot = Instant::now();
@@ -311,9 +324,24 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
         *super::HANDOVER.lock().expect("handover lock") = None;
         *ok = false;
     };
+    let moved_before = super::status_mut(|st| st.moved);
+    let back = |why: String, pending: Option<super::HandOver>, rx| {
+        let gen = started.generation;
+        take_back(ctx, rt, &successor, gen, moved_before, why, pending, rx)
+    };
     loop {
         let drained = sess.drained.load(SeqCst);
-        let wait = next_snapshot.saturating_duration_since(Instant::now());
+        if !drained && successor.exited(Duration::ZERO) {
+            if back("it exited".into(), None, rx) {
+                sess.done.store(true, SeqCst);
+                return Ok(());
+            }
+            *super::HANDOVER.lock().expect("handover lock") = None;
+            break;
+        }
+        let wait = next_snapshot
+            .saturating_duration_since(Instant::now())
+            .min(DEATH_CHECK_EVERY);
         let item = if drained {
             rx.try_recv().ok()
         } else {
@@ -324,12 +352,21 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
                 let read = h.meta.read.len() as u64;
                 let mux = !h.meta.opaque && h.meta.protocol != wire::AppProtocol::Http1 as i32;
                 let raw: Vec<_> = h.fds.iter().map(|f| f.as_raw_fd()).collect();
-                match wire::send(&s, Body::Conn(h.meta), &raw) {
+                match wire::send(&s, Body::Conn(h.meta.clone()), &raw) {
                     Ok(()) => super::status_mut(|st| {
                         st.moved += 1;
                         st.moved_read_bytes += read;
                         st.moved_mux += mux as u64;
                     }),
+                    // Not sent: the connection is still this generation's to serve.
+                    Err(e) if !drained && successor.exited(DEATH_CONFIRM) => {
+                        if back(format!("sending a connection: {e}"), Some(h), rx) {
+                            sess.done.store(true, SeqCst);
+                            return Ok(());
+                        }
+                        *super::HANDOVER.lock().expect("handover lock") = None;
+                        break;
+                    }
                     Err(e) => fail(&mut ok, e),
                 }
             }
@@ -342,6 +379,14 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
         if ok && Instant::now() >= next_snapshot {
             let snap = counters::snapshot(&ctx.daemon, &pods, false);
             if let Err(e) = wire::send(&s, Body::Snapshot(snap), &[]) {
+                if !drained && successor.exited(DEATH_CONFIRM) {
+                    if back(format!("sending counters: {e}"), None, rx) {
+                        sess.done.store(true, SeqCst);
+                        return Ok(());
+                    }
+                    *super::HANDOVER.lock().expect("handover lock") = None;
+                    break;
+                }
                 fail(&mut ok, e);
             }
             next_snapshot = Instant::now() + SNAPSHOT_EVERY;
@@ -359,7 +404,178 @@ fn session(ctx: &Ctx, s: UnixStream) -> Result<(), (u32, String)> {
     Ok(())
 }
 
-fn peer_uid(s: &UnixStream) -> io::Result<u32> {
+/// How often a draining generation looks whether its successor still runs.
+const DEATH_CHECK_EVERY: Duration = Duration::from_millis(50);
+/// After a failed write to the successor: how long to wait for its exit to show.
+const DEATH_CONFIRM: Duration = Duration::from_secs(1);
+
+/// The successor's process, watched through a pidfd (or `/proc` where pidfds are missing).
+struct Successor {
+    pid: u32,
+    pidfd: Option<OwnedFd>,
+}
+
+impl Successor {
+    fn new(pid: u32) -> Self {
+        // SAFETY: pidfd_open takes a pid and flags; a non-negative result is a new descriptor
+        // this process owns.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        let pidfd = (fd >= 0).then(|| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) });
+        Self { pid, pidfd }
+    }
+
+    /// Whether the successor has exited (waiting up to `wait` for it).
+    fn exited(&self, wait: Duration) -> bool {
+        match &self.pidfd {
+            Some(fd) => {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd, valid for the call.
+                let r = unsafe { libc::poll(&mut p, 1, wait.as_millis() as i32) };
+                r > 0 && p.revents & libc::POLLIN != 0
+            }
+            None => {
+                let deadline = Instant::now() + wait;
+                loop {
+                    let stat =
+                        std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+                    let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
+                    if stat.is_empty() || state == Some('Z') {
+                        return true;
+                    }
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+}
+
+/// The successor died after `Started` while this generation still drains: serve again, as if
+/// the hand-off had not happened. Returns false when the drain was already over (this
+/// generation exits as it would have; nothing is taken back).
+///
+/// What this generation kept makes it possible: its own copies of the listening sockets (the
+/// pods' accept queues, sockmap entries and outbound listeners never closed, see
+/// [`crate::daemon::Daemon::drain_handed_off`], which accepts again and writes this
+/// generation's kernel state over the successor's), of the admin and metrics sockets, of the
+/// lock (the `flock` is shared) and its rendezvous socket (never removed). Here: connections
+/// still on their way to the successor (and the one whose sending failed) are served by this
+/// generation instead; admin and metrics are served again; the lock file names this generation
+/// and the dead successor's rendezvous socket goes. Connections the successor had received die
+/// with it.
+#[allow(clippy::too_many_arguments)]
+fn take_back(
+    ctx: &Ctx,
+    rt: &tokio::runtime::Handle,
+    successor: &Successor,
+    successor_generation: u64,
+    moved_before: u64,
+    why: String,
+    pending: Option<super::HandOver>,
+    rx: std::sync::mpsc::Receiver<super::HandOver>,
+) -> bool {
+    if !super::take_back() {
+        return false;
+    }
+    let pid = successor.pid;
+    let moved = super::status_mut(|st| st.moved) - moved_before;
+    warn!(
+        successor = pid,
+        generation = successor_generation,
+        lost = moved,
+        "upgrade: the successor died while this generation drained ({why}): taking the hand-off back; the {moved} connection(s) it had received are lost"
+    );
+    // Handed-over connections from now on (the drives that had decided to move theirs, and the
+    // one whose sending failed) are this generation's again: serve them as a successor would.
+    let daemon = ctx.daemon.clone();
+    let handle = rt.clone();
+    let _ = std::thread::Builder::new()
+        .name("sockmesh-upgrade-back".into())
+        .spawn(move || {
+            for h in pending.into_iter().chain(rx.iter()) {
+                serve_here(&daemon, &handle, h);
+            }
+        });
+    // Admin and metrics from the kept sockets.
+    let serving = (|| -> io::Result<Vec<tokio::task::AbortHandle>> {
+        let _g = rt.enter();
+        let a = std::os::unix::net::UnixListener::from(ctx.admin.try_clone()?);
+        a.set_nonblocking(true)?;
+        let m = std::net::TcpListener::from(ctx.metrics.try_clone()?);
+        m.set_nonblocking(true)?;
+        let a = tokio::net::UnixListener::from_std(a)?;
+        let m = tokio::net::TcpListener::from_std(m)?;
+        Ok(vec![
+            rt.spawn(crate::admin::serve(a, ctx.daemon.clone()))
+                .abort_handle(),
+            rt.spawn(crate::metrics::serve(m, ctx.daemon.clone()))
+                .abort_handle(),
+        ])
+    })();
+    match serving {
+        Ok(tasks) => stop_on_handoff(tasks),
+        Err(e) => warn!("upgrade: admin and metrics not served again: {e}"),
+    }
+    super::OWNS_ADMIN.store(true, SeqCst);
+    // The lock file names this generation again; the dead successor's rendezvous socket goes
+    // (its owner is gone: nobody else may remove it, and a later upgrade must find ours).
+    let own = OWN_PATH.lock().expect("path lock").clone();
+    if let Some(own) = own {
+        let info = super::LockInfo {
+            pid: std::process::id(),
+            generation: super::generation(),
+            rendezvous: own,
+            protocol_version: wire::PROTOCOL_VERSION,
+        };
+        if let Err(e) = super::write_lock_info(&ctx.lock, &info) {
+            warn!("upgrade: the lock file was not rewritten: {e}");
+        }
+    }
+    let theirs = super::rendezvous_path(&ctx.state_file, successor_generation);
+    if theirs.exists() {
+        let _ = std::fs::remove_file(&theirs);
+    }
+    // It was started by this process: reap it (no effect on a process of another parent).
+    // SAFETY: waitpid on one pid, without blocking.
+    unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), libc::WNOHANG) };
+    *SESSION.lock().expect("session lock") = None;
+    super::status_mut(|st| {
+        st.phase = "idle";
+        st.peer_pid = None;
+        st.taken_back += 1;
+        st.last_error = Some(format!(
+            "the successor (pid {pid}, generation {successor_generation}) died while this generation drained ({why}): took the hand-off back; {moved} connection(s) it had received were lost"
+        ));
+    });
+    true
+}
+
+/// Serve a connection that was on its way to the successor here instead.
+fn serve_here(daemon: &Arc<Daemon>, rt: &tokio::runtime::Handle, mut h: super::HandOver) {
+    if h.meta.opaque {
+        if h.fds.len() != 2 {
+            return;
+        }
+        let upstream = h.fds.pop().expect("two descriptors");
+        let client = h.fds.pop().expect("two descriptors");
+        rt.spawn(super::tcp::adopt(daemon.clone(), h.meta, client, upstream));
+    } else if let Some(fd) = h.fds.pop() {
+        rt.spawn(super::new::adopt_app(daemon.clone(), h.meta, fd));
+    }
+}
+
+/// Main, once it serves again after a take-back: upgrades are welcome again.
+pub fn served_again() {
+    HANDED_OFF.store(false, SeqCst);
+}
+
+fn peer_cred(s: &UnixStream) -> io::Result<libc::ucred> {
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`.
@@ -375,7 +591,7 @@ fn peer_uid(s: &UnixStream) -> io::Result<u32> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok(cred)
 }
 
 /// At exit of a generation that handed over: send the last counters (bounded), then remove
