@@ -17,16 +17,16 @@ matters for a warm switch:
 serve: HTTP/1.1 keep-alive, thread per connection. `GET /k/<key>` answers `<name>` (200);
 `GET /health` answers `<name> ok` without touching cache or backend; `GET /__stats` answers
 JSON {"name","served","health","misses","pool_opened","pool_size","accepted","accept_ms",
-"peers","slow"}: `accepted` connections (`accept_ms`: when, epoch ms, the last 2,000; `peers`:
+"peers","slow","miss_ms"}: `accepted` connections (`accept_ms`: when, epoch ms, the last 2,000; `peers`:
 how many from each address), `slow`: the last
 500 requests that took the app more than 5 ms to answer ([epoch ms, ms]), so a test can tell
-the app's own time from the path's. Prints `listening 0.0.0.0:P`.
+the app's own time from the path's; `miss_ms`: when the last 2,000 cache misses happened. Prints `listening 0.0.0.0:P`.
 
 load: open-loop constant rate R per target for S seconds; C threads per target, each with its
 own keep-alive connection (reconnects when the server closes it; a connect refused is retried,
 as it carries no request, and counted in `connect_retries`). Every `--health-every`-th request
 is a `GET /health`. Prints one JSON line {"targets":[...], "names":[...], "events":[[target,
-sent_ms_epoch, latency_ms, name index (-1: error), health 0/1], ...], "errors":n,
+sent_ms_epoch, latency_ms, name index (-1: error), health 0/1, ms sent after its slot], ...], "errors":n,
 "connect_retries":n, "late":n} (`late`: requests sent more than 50 ms after their slot).
 With --live-ms, also a line every M ms while it runs: {"live": seconds, "targets": [{"served_by":
 {name: n}, "p50", "p99", "max"}, ...]} for the requests answered in that interval (the demo).
@@ -113,6 +113,7 @@ def serve(args):
     cache = set()
     stats = {"served": 0, "health": 0, "misses": 0, "accepted": 0}
     accept_ms = []
+    miss_ms = []
     peers = {}
     slow = []
     lock = threading.Lock()
@@ -143,7 +144,7 @@ def serve(args):
                     with lock:
                         body = json.dumps(dict(stats, name=args.name, pool_opened=pool.opened,
                                                pool_size=pool.idle.qsize(), accept_ms=accept_ms,
-                                               slow=slow, peers=peers)).encode()
+                                               slow=slow, peers=peers, miss_ms=miss_ms)).encode()
                 elif path.startswith("/health"):
                     with lock:
                         stats["health"] += 1
@@ -156,6 +157,8 @@ def serve(args):
                         stats["served"] += 1
                         if miss:
                             stats["misses"] += 1
+                            miss_ms.append(int(t_req * 1000))
+                            del miss_ms[:-2000]
                     if miss:
                         time.sleep(args.cold_ms / 1000.0)
                     pool.call(key)
@@ -250,7 +253,7 @@ def load(args):
             if result < 0:
                 counters["errors"] += 1
             latency = round((time.time() - sent) * 1000, 2)
-            local.append([ti, int(sent * 1000), latency, result, int(health)])
+            local.append([ti, int(sent * 1000), latency, result, int(health), max(0, int((sent - slot) * 1000))])
             if args.live_ms > 0:
                 with live_lock:
                     live.append((ti, latency, names[result] if result >= 0 else None))

@@ -20,6 +20,7 @@ pub mod cgroup;
 pub mod checks;
 pub mod cluster;
 pub mod daemon;
+pub mod dual_link;
 pub mod k8s;
 pub mod node;
 pub mod peer;

@@ -20,11 +20,14 @@ use serde_json::Value;
 use sockmesh_tests::cgroup::V1LinkCgroups;
 use sockmesh_tests::cluster::Cluster;
 use sockmesh_tests::daemon::{basic_config, pod_toml};
-use sockmesh_tests::process::exec_in;
-use sockmesh_tests::{
-    eventually, last_json, peers_dir, python, require_privileged, Daemon, Server, VirtualNode,
+use sockmesh_tests::dual_link::{
+    self, events, pct, services_toml, trickle_percent as percent, Ev, Links, Load,
 };
+use sockmesh_tests::process::exec_in;
+use sockmesh_tests::{eventually, last_json, require_privileged, Daemon, Server, VirtualNode};
 
+/// The links, each over the service of the same name: trade on port 8001, forest on 8002.
+const LINKS: [&str; 2] = ["trade", "forest"];
 const RATE: u32 = 200;
 const CONCURRENCY: u32 = 8;
 /// Keys the load draws from: a working set the keep-alive trickle (10 requests/s) fills in a
@@ -52,65 +55,23 @@ fn v1_cgroups(prefix: &str) -> V1LinkCgroups {
 }
 
 fn policy(node: &VirtualNode, forest_active_cpu: f64, trickle: &str) -> String {
-    let mut s = services_toml(node.pod("app"), node.pod("pool"));
+    let mut s = services_toml(node.pod("app"), node.pod("pool"), LINKS);
     s.push_str(&links_policy_toml(forest_active_cpu, trickle, Some("pool")));
     s
 }
 
-/// Services `trade` (VIP 10.96.2.1:80, port 8001) and `forest` (10.96.2.2:80, port 8002), each
-/// with an endpoint in `app` and one in `other` (labelled `pool = "yes"`).
-fn services_toml(app: &sockmesh_tests::Pod, pool: &sockmesh_tests::Pod) -> String {
-    let mut s = String::new();
-    for (name, vip, port) in [("trade", "10.96.2.1:80", 8001), ("forest", "10.96.2.2:80", 8002)] {
-        s.push_str(&format!(
-            r#"
-[[services]]
-name = "{name}"
-addresses = ["{vip}"]
-protocol = "http1"
-timeout_ms = 10000
-endpoints = [
-  {{ address = "{}" }},
-  {{ address = "{}", labels = {{ pool = "yes" }} }},
-]
-subsets = [{{ name = "all" }}, {{ name = "pool", labels = {{ pool = "yes" }} }}]
-"#,
-            app.addr(port),
-            pool.addr(port)
-        ));
-    }
-    s
-}
-
-/// The links `trade` (active) and `forest` (keep-alive), moving to subset `pool` or (`None`)
-/// to the service's endpoints on other nodes.
-/// The links' trickle setting as a share (`trickle` in the helpers below is a TOML line).
-fn percent(p: f64) -> String {
-    format!("trickle_percent = {p}")
-}
-
-fn links_policy_toml(forest_active_cpu: f64, trickle: &str, pool: Option<&str>) -> String {
-    let pool = pool.map_or(String::new(), |p| format!("pool = \"{p}\""));
-    let mut s = String::new();
-    for (name, initial, active_cpu) in [
-        ("trade", "active", ACTIVE_CPU),
-        ("forest", "keepalive", forest_active_cpu),
-    ] {
-        s.push_str(&format!(
-            r#"
-[[links]]
-name = "{name}"
-services = ["{name}"]
-initial = "{initial}"
-{trickle}
-keep_paths = ["/health"]
-{pool}
-keepalive = {{ cpu_percent = {KEEPALIVE_CPU}, weight = 1, memory_high = {KEEPALIVE_MEMORY} }}
-active = {{ cpu_percent = {active_cpu}, weight = 100 }}
-"#
-        ));
-    }
-    s
+/// The links `trade` (active) and `forest` (keep-alive) over the services of the same names,
+/// moving to subset `pool` or (`None`) to the service's endpoints on other nodes; `trickle` is
+/// a TOML line ([`percent`]).
+fn links_policy_toml(forest_active_cpu: f64, trickle: &str, pool: Option<&'static str>) -> String {
+    let l = Links {
+        trickle: trickle.to_owned(),
+        pool,
+        keepalive_cpu: KEEPALIVE_CPU,
+        keepalive_memory: KEEPALIVE_MEMORY,
+        active_cpu: [ACTIVE_CPU, forest_active_cpu],
+    };
+    dual_link::links_toml(LINKS, LINKS, &l)
 }
 
 fn links_toml(cg: &V1LinkCgroups) -> String {
@@ -118,15 +79,7 @@ fn links_toml(cg: &V1LinkCgroups) -> String {
 }
 
 fn app_server(pod: &sockmesh_tests::Pod, port: u16, name: &str) -> Server {
-    let mut cmd = Command::new(python());
-    cmd.arg("-u").arg(peers_dir().join("link_app.py")).args([
-        "serve",
-        "--port",
-        &port.to_string(),
-        "--name",
-        name,
-    ]);
-    Server::start(&pod.cgroup, Some(&pod.netns), cmd).expect("link app")
+    dual_link::app_server(pod, port, name).expect("link app")
 }
 
 /// Everything a test needs; fields drop in reverse order: servers before the cgroups.
@@ -196,16 +149,7 @@ impl Setup {
 
     /// `/__stats` of one app (from inside its pod, to its own address: not captured).
     fn stats(&self, pod: &str, port: u16) -> Value {
-        let p = self.node.pod(pod);
-        let mut cmd = Command::new("curl");
-        cmd.args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://127.0.0.1:{port}/__stats"),
-        ]);
-        let o = exec_in(&p.cgroup, Some(&p.netns), cmd, Duration::from_secs(10)).expect("stats");
-        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("stats: {e}: {o:?}"))
+        dual_link::app_stats(self.node.pod(pod), port).expect("stats")
     }
 }
 
@@ -216,62 +160,22 @@ fn load_from(
     seconds: u32,
     health_every: u32,
 ) -> std::thread::JoinHandle<Value> {
-    let mut cmd = Command::new(python());
-    cmd.arg("-u").arg(peers_dir().join("link_app.py")).arg("load");
-    for t in targets {
-        cmd.args(["--target", t]);
+    let cmd = Load {
+        targets: targets.to_vec(),
+        rate: RATE,
+        seconds: f64::from(seconds),
+        keys: KEYS,
+        concurrency: CONCURRENCY,
+        health_every,
+        live_ms: 0,
     }
-    cmd.args([
-        "--rate",
-        &RATE.to_string(),
-        "--seconds",
-        &seconds.to_string(),
-        "--keys",
-        &KEYS.to_string(),
-        "--concurrency",
-        &CONCURRENCY.to_string(),
-        "--health-every",
-        &health_every.to_string(),
-    ]);
+    .command();
     let (cgroup, netns) = (client.cgroup.clone(), client.netns.clone());
     let limit = Duration::from_secs(u64::from(seconds) + 60);
     std::thread::spawn(move || {
         let out = exec_in(&cgroup, Some(&netns), cmd, limit).expect("load");
         last_json("link_app.py load", &out)
     })
-}
-
-/// One request of the load's output.
-#[derive(Debug, Clone, Copy)]
-struct Ev {
-    target: usize,
-    sent_ms: u64,
-    latency_ms: f64,
-    /// Index into the names; `None`: failed.
-    name: Option<usize>,
-    health: bool,
-}
-
-fn events(v: &Value) -> (Vec<Ev>, Vec<String>) {
-    let names = v["names"]
-        .as_array()
-        .expect("names")
-        .iter()
-        .map(|n| n.as_str().unwrap_or_default().to_owned())
-        .collect();
-    let evs = v["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .map(|e| Ev {
-            target: e[0].as_u64().unwrap() as usize,
-            sent_ms: e[1].as_u64().unwrap(),
-            latency_ms: e[2].as_f64().unwrap(),
-            name: e[3].as_i64().filter(|&i| i >= 0).map(|i| i as usize),
-            health: e[4].as_u64() == Some(1),
-        })
-        .collect();
-    (evs, names)
 }
 
 fn served_by(evs: &[Ev], names: &[String], target: usize, from: u64, to: u64, who: &str) -> (usize, usize) {
@@ -284,14 +188,6 @@ fn served_by(evs: &[Ev], names: &[String], target: usize, from: u64, to: u64, wh
         .filter(|e| e.name.is_some_and(|i| names[i] == who))
         .count();
     (n, sel.len())
-}
-
-/// p50, p99, max of latencies.
-fn pct(mut l: Vec<f64>) -> (f64, f64, f64) {
-    assert!(!l.is_empty());
-    l.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let at = |q: f64| l[((l.len() as f64 * q).ceil() as usize).clamp(1, l.len()) - 1];
-    (at(0.50), at(0.99), *l.last().unwrap())
 }
 
 /// CPU time (ms) a process's threads have run so far, in ns precision: the sum of
@@ -1031,7 +927,7 @@ fn keepalive_moves_to_the_other_nodes_active_copy() {
     let cluster = Cluster::new(&[&["client", "app"], &["app"]]).expect("cluster");
     let (n1, n2) = (cluster.node(0), cluster.node(1));
     let (app1, app2) = (n1.pod("app"), n2.pod("app"));
-    let services = services_toml(app1, app2);
+    let services = services_toml(app1, app2, LINKS);
     let inbound = "inbound_ports = [8001, 8002]";
     let mut c1 = services.clone();
     c1.push_str(&links_policy_toml(ACTIVE_CPU, &percent(TRICKLE_PERCENT), None));

@@ -31,7 +31,9 @@ pub struct Options {
     #[arg(long, value_name = "SECS")]
     profile: Option<u32>,
     /// Passed to `sockmesh-bench` (`--out-dir DIR` to write the report and chart under DIR,
-    /// `--seconds-per-run`, `--rounds`)
+    /// `--seconds-per-run`, `--rounds`; `--only grid|dual-link|upgrade` to measure one
+    /// part, written like `--quick`, never the record; `--switches N` of the dual-link row,
+    /// `--upgrades N` of the upgrade row)
     #[arg(last = true, value_name = "BENCH_ARGS")]
     args: Vec<String>,
 }

@@ -6,7 +6,9 @@
 //!   `sockmesh-bench`;
 //! - [`proxies`]: Envoy and HAProxy configs, the pod-local iptables rules, `/proc` readings;
 //! - [`report`]: medians, ratios, goals, the table and BENCHMARKS.md;
-//! - [`chart`]: the PNG chart (`docs/bench.png`).
+//! - [`chart`]: the PNG chart (`docs/bench.png`);
+//! - [`dual_link`]: the dual-link row (issue 10): warm switches of active / keep-alive links
+//!   on a node of its own, after the table (`--only dual-link` runs it alone).
 //!
 //! The row "iptables DNAT, no proxy (netfilter cost)" sends a VIP straight to the server with one
 //! nat OUTPUT DNAT rule in its client pod: its p50 minus direct's is what netfilter (conntrack +
@@ -21,7 +23,9 @@
 //! bounded in time, and the node's guards (plus a Ctrl-C handler) tear everything down.
 
 pub mod chart;
+pub mod dual_link;
 pub mod load;
 pub mod proxies;
 pub mod report;
 pub mod run;
+pub mod upgrade;

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use super::run::{rate, Results, Sample, Scenario, Workload};
+use super::dual_link::{DualLinkResult, Throttled};
+use super::run::{rate, Part, Results, Sample, Scenario, Workload};
 
 /// Summary of one (scenario, workload) cell over its runs.
 #[derive(Debug, Clone)]
@@ -201,7 +202,7 @@ pub fn text_table(header: &[&str], rows: &[Vec<String>]) -> String {
     o
 }
 
-fn md_table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub fn md_table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut o = format!("| {} |\n", header.join(" | "));
     o.push_str(&format!("|{}\n", "---|".repeat(header.len())));
     for r in rows {
@@ -228,8 +229,207 @@ fn latency_workloads(cells: &[Cell]) -> Vec<Workload> {
     v
 }
 
-/// Every goal of the issue, met or not (never asserted).
+/// Every goal of the issues, met or not (never asserted).
 pub fn goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
+    let upgrade = res
+        .upgrade
+        .as_ref()
+        .map(super::upgrade::goals)
+        .unwrap_or_default();
+    match res.only {
+        Some(Part::DualLink) => return dual_link_goals(res),
+        Some(Part::Upgrade) => return upgrade,
+        _ => {}
+    }
+    let mut g = grid_goals(res, cells);
+    g.extend(dual_link_goals(res));
+    g.extend(upgrade);
+    g
+}
+
+/// The goal of a warm switch against steady state (issue 10).
+pub const WARM_GOAL: f64 = 1.2;
+/// And against a cold-started copy.
+pub const COLD_GOAL: f64 = 0.5;
+
+/// Issue 10's latency goals for a warm switch, read on the dual-link row (none when the run
+/// left the row out on purpose).
+pub fn dual_link_goals(res: &Results) -> Vec<Goal> {
+    let steady_goal = format!(
+        "dual links: p99 of the first 1,000 requests on the newly active link <= {WARM_GOAL}x its \
+         steady-state p99 (median over the switches)"
+    );
+    let cold_goal = format!("dual links: that warm p99 <= {COLD_GOAL}x a cold-started copy's p99");
+    let Some(d) = &res.dual_link else {
+        if matches!(res.only, Some(Part::Grid | Part::Upgrade)) {
+            return Vec::new();
+        }
+        return [steady_goal, cold_goal]
+            .into_iter()
+            .map(|goal| Goal {
+                goal,
+                measured: "not measured".into(),
+                met: None,
+            })
+            .collect();
+    };
+    let ratios: Vec<String> = d.switches.iter().map(|s| format!("{:.2}", s.ratio())).collect();
+    let m = d.median_ratio();
+    let quiet = match d.quiet_median_ratio() {
+        (_, 0) => "none of the switches had both windows without late requests".to_owned(),
+        (q, n) => format!("{q:.2}x over the {n} switches whose windows had no late request"),
+    };
+    let mut g = vec![Goal {
+        goal: steady_goal,
+        measured: format!(
+            "{m:.2}x (median of {} switches; per switch {}; {quiet}); warm p99 {:.2} ms (median){}",
+            d.switches.len(),
+            ratios.join(", "),
+            d.median_warm_p99(),
+            late_text(d.late)
+        ),
+        met: (!d.switches.is_empty()).then_some(m <= WARM_GOAL),
+    }];
+    let (measured, met) = match &d.cold {
+        Some(c) if c.p99 > 0.0 => {
+            let r = d.median_warm_p99() / c.p99;
+            (
+                format!(
+                    "{r:.2}x: warm {:.2} ms (median) vs cold {:.2} ms (p50 / p99 / max {}){}",
+                    d.median_warm_p99(),
+                    c.p99,
+                    c.text(),
+                    late_text(d.cold_late)
+                ),
+                Some(r <= COLD_GOAL),
+            )
+        }
+        _ => ("not measured".into(), None),
+    };
+    g.push(Goal {
+        goal: cold_goal,
+        measured,
+        met,
+    });
+    g
+}
+
+fn late_text(late: u64) -> String {
+    if late > 0 {
+        format!(" ({late} requests sent late: the machine stalled)")
+    } else {
+        String::new()
+    }
+}
+
+fn throttled_text(t: &Option<Throttled>) -> String {
+    t.map_or("-".into(), |t| {
+        format!(
+            "{}/{} ({:.1} ms), {} faults",
+            t.throttled_periods, t.periods, t.throttled_ms, t.major_faults
+        )
+    })
+}
+
+/// The dual-link row per switch: (header, rows).
+pub fn dual_link_rows(d: &DualLinkResult) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    let h = vec![
+        "#",
+        "to",
+        "warm p50 / p99 / max ms",
+        "steady p50 / p99 / max ms",
+        "warm/steady p99",
+        "warm above steady p99: first 500 ms / later",
+        "cache misses warm / steady",
+        "app > 5 ms warm / steady",
+        "late warm / steady",
+        "connections in warm (pre-connected, in)",
+        "throttled keep-alive (last 4 s)",
+        "throttled warm",
+        "throttled steady",
+    ];
+    let rows = d
+        .switches
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            vec![
+                (i + 1).to_string(),
+                s.to.clone(),
+                s.warm.text(),
+                s.steady.text(),
+                format!("{:.2}", s.ratio()),
+                format!("{} / {}", s.slow_early, s.slow_later),
+                format!("{} / {}", s.misses_warm, s.misses_steady),
+                format!("{} / {}", s.app_slow_warm, s.app_slow_steady),
+                format!("{} / {}", s.late_warm, s.late_steady),
+                format!(
+                    "{} ({}, in {}); last accepted at {}",
+                    s.accepted_warm,
+                    s.preconnected,
+                    s.preconnect_ms.map_or("-".into(), |ms| format!("{ms:.1} ms")),
+                    s.last_accept_ms.map_or("-".into(), |ms| format!("+{ms} ms"))
+                ),
+                throttled_text(&s.throttled_keepalive),
+                throttled_text(&s.throttled_warm),
+                throttled_text(&s.throttled_steady),
+            ]
+        })
+        .collect();
+    (h, rows)
+}
+
+/// What the dual-link row is, in a paragraph.
+fn dual_link_intro(d: &DualLinkResult) -> String {
+    format!(
+        "One constant-rate load of {} requests/s to each of two links' apps in the same pod (a \
+         cache cold after start, 15 keys, a backend pool costing 40 ms a connection; 5 % trickle, \
+         keep-alive CPU cap 1.5 % of a CPU{}), {} switches `sockmesh switch --to X --over 0` \
+         alternating forest, trade, ... 9 s apart. Per switch, the first {} requests the newly \
+         active app served (warm) against the last {} it served before the next switch (steady: \
+         the same link later in the same run); the figure is the median warm/steady p99 ratio. \
+         \"Above steady p99\": warm requests slower than the steady p99, by when they were sent \
+         after the switch; cache misses of the app in each window's time (a miss costs 20 ms); \
+         \"app > 5 ms\": requests the app itself took over 5 ms to answer (its own clock); \
+         \"late\": requests of the window the load sent more than 50 ms after their slot (the \
+         client stalled: a window with many is the machine's, not the switch's); connections the app accepted in the warm window and how many the \
+         switch pre-connected; CFS throttling of the link's `cpu` cgroup (throttled / periods, \
+         time) in its last 4 s of keep-alive, the warm and the steady window, with the major page \
+         faults of its `memory` cgroup. \
+         {} requests, {} failed, {} late; {:.0} s.",
+        d.rate,
+        if d.cgroups {
+            ""
+        } else {
+            ": NOT APPLIED, no cgroup v1 cpu/memory hierarchies here"
+        },
+        d.switches.len(),
+        d.window,
+        d.window,
+        d.requests,
+        d.failed,
+        d.late,
+        d.seconds
+    )
+}
+
+/// The dual-link section: a paragraph and the per-switch table (markdown or text).
+pub fn dual_link_section(d: &DualLinkResult, md: bool) -> String {
+    let (h, rows) = dual_link_rows(d);
+    let mut o = format!("{}\n\n", dual_link_intro(d));
+    o.push_str(&if md {
+        md_table(&h, &rows)
+    } else {
+        text_table(&h, &rows)
+    });
+    for n in &d.notes {
+        let _ = writeln!(o, "\nNote: {n}");
+    }
+    o
+}
+
+/// The goals of the scenario x workload table.
+fn grid_goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
     let mut g = Vec::new();
     let wls = latency_workloads(cells);
 
@@ -730,7 +930,11 @@ fn met_text(m: Option<bool>) -> &'static str {
 pub fn text_report(res: &Results) -> String {
     let cells = cells(res);
     let (h, rows) = table_rows(&cells);
-    let mut o = text_table(&h, &rows);
+    let mut o = if cells.is_empty() {
+        String::new()
+    } else {
+        text_table(&h, &rows)
+    };
     o.push_str("\nGoals:\n");
     for g in goals(res, &cells) {
         let _ = writeln!(o, "  [{}] {}: {}", met_text(g.met), g.goal, g.measured);
@@ -740,6 +944,16 @@ pub fn text_report(res: &Results) -> String {
     }
     if let Some(p) = netfilter_floor(&cells) {
         let _ = writeln!(o, "\nWhy the iptables goals are not met here:\n{p}");
+    }
+    if let Some(d) = &res.dual_link {
+        let _ = writeln!(o, "\nDual links, a warm switch:\n{}", dual_link_section(d, false));
+    }
+    if let Some(u) = &res.upgrade {
+        let _ = writeln!(
+            o,
+            "\nLive upgrades under load:\n{}",
+            super::upgrade::section(u, false)
+        );
     }
     for s in &res.skipped {
         let _ = writeln!(o, "\n!!! {s}");
@@ -837,6 +1051,9 @@ pub fn markdown(res: &Results, m: &Machine, chart: Option<&str>) -> String {
     if res.profile_seconds > 0 {
         xtask.push_str(&format!(" --profile {}", res.profile_seconds));
     }
+    if let Some(p) = res.only {
+        xtask.push_str(&format!(" -- --only {}", p.name()));
+    }
     let _ = writeln!(o, "# sockmesh benchmarks\n");
     let _ = writeln!(
         o,
@@ -848,6 +1065,13 @@ pub fn markdown(res: &Results, m: &Machine, chart: Option<&str>) -> String {
         let _ = writeln!(
             o,
             "**This is a `--quick` smoke run**: fewer workloads and short runs, so the numbers are noisy.\n"
+        );
+    }
+    if let Some(p) = res.only {
+        let _ = writeln!(
+            o,
+            "**This run measured one part of the bench only (`--only {}`).**\n",
+            p.name()
         );
     }
     if let Some(c) = chart {
@@ -886,6 +1110,27 @@ pub fn markdown(res: &Results, m: &Machine, chart: Option<&str>) -> String {
     }
     if let Some(p) = netfilter_floor(&cells) {
         let _ = writeln!(o, "\n### Why the iptables goals are not met here\n\n{p}");
+    }
+
+    if let Some(d) = &res.dual_link {
+        let _ = writeln!(
+            o,
+            "\n## Dual links: a warm switch\n\n{}",
+            dual_link_section(d, true)
+        );
+    }
+    if let Some(u) = &res.upgrade {
+        let _ = writeln!(
+            o,
+            "\n## Live upgrades under load\n\n{}",
+            super::upgrade::section(u, true)
+        );
+    }
+    if cells.is_empty() {
+        for w in &res.warnings {
+            let _ = writeln!(o, "\nWarning: {w}");
+        }
+        return o;
     }
 
     let _ = writeln!(o, "\n## Results\n");
@@ -1271,6 +1516,76 @@ mod tests {
         let md = markdown(&res, &Machine::default(), None);
         assert!(!md.contains("### Why the iptables goals"), "{md}");
         assert!(!text_report(&res).contains("Why the iptables goals"));
+    }
+
+    #[test]
+    fn the_dual_link_row_has_its_goals_and_section() {
+        use crate::bench::dual_link::{DualLinkResult, Pcts, Switch};
+        let sw = |warm: f64, steady: f64, late: usize| Switch {
+            to: "forest".into(),
+            warm: Pcts {
+                p50: 1.0,
+                p99: warm,
+                max: 9.0,
+            },
+            steady: Pcts {
+                p50: 1.0,
+                p99: steady,
+                max: 9.0,
+            },
+            late_warm: late,
+            ..Switch::default()
+        };
+        let mut res = Results {
+            dual_link: Some(DualLinkResult {
+                rate: 250,
+                window: 1000,
+                switches: vec![sw(2.0, 2.0, 0), sw(6.0, 2.0, 40), sw(2.2, 2.0, 0)],
+                cold: Some(Pcts {
+                    p50: 0.5,
+                    p99: 20.0,
+                    max: 30.0,
+                }),
+                cgroups: true,
+                ..DualLinkResult::default()
+            }),
+            only: Some(Part::DualLink),
+            ..Results::default()
+        };
+        let g = goals(&res, &cells(&res));
+        assert_eq!(g.len(), 2, "only the dual-link goals: {g:#?}");
+        // Ratios 1.0, 3.0, 1.1: median 1.1 (met); quiet switches 1.0 and 1.1.
+        assert_eq!(g[0].met, Some(true), "{g:#?}");
+        assert!(
+            g[0].measured
+                .starts_with("1.10x (median of 3 switches; per switch 1.00, 3.00, 1.10; 1.05x over the 2"),
+            "{g:#?}"
+        );
+        // Warm 2.2 ms (median) against cold 20 ms.
+        assert_eq!(g[1].met, Some(true));
+        assert!(g[1].measured.starts_with("0.11x"), "{g:#?}");
+        let md = markdown(&res, &Machine::default(), None);
+        assert!(md.contains("## Dual links: a warm switch"), "{md}");
+        assert!(
+            md.contains("| 2 | forest | 1.00 / 6.00 / 9.00 | 1.00 / 2.00 / 9.00 | 3.00 |"),
+            "{md}"
+        );
+        assert!(
+            !md.contains("## Results"),
+            "no grid in a dual-link-only run: {md}"
+        );
+        assert!(md.contains("--only dual-link"), "{md}");
+        assert!(text_report(&res).contains("Dual links, a warm switch"));
+        // A full run that lost the row says so; a grid-only run does not mention it.
+        res.only = None;
+        res.dual_link = None;
+        let g = dual_link_goals(&res);
+        assert!(
+            g.iter().all(|g| g.measured == "not measured" && g.met.is_none()),
+            "{g:#?}"
+        );
+        res.only = Some(Part::Grid);
+        assert!(dual_link_goals(&res).is_empty());
     }
 
     #[test]

@@ -312,6 +312,47 @@ pub struct Results {
     /// `--profile` seconds (0: none).
     #[serde(default)]
     pub profile_seconds: u32,
+    /// The dual-link row (None: not run, or failed: see the warnings).
+    #[serde(default)]
+    pub dual_link: Option<super::dual_link::DualLinkResult>,
+    /// The upgrade row (None: not run, or failed: see the warnings).
+    #[serde(default)]
+    pub upgrade: Option<super::upgrade::UpgradeResult>,
+    /// `--only PART`: the run measured that part only.
+    #[serde(default)]
+    pub only: Option<Part>,
+}
+
+/// A part of the bench, for `--only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Part {
+    /// The scenario x workload table (with the hook cost and the profile).
+    Grid,
+    /// The dual-link warm switch row.
+    DualLink,
+    /// The live-upgrade row.
+    Upgrade,
+}
+
+impl Part {
+    pub const NAMES: &'static str = "grid, dual-link, upgrade";
+
+    pub fn parse(s: &str) -> Option<Part> {
+        match s {
+            "grid" => Some(Part::Grid),
+            "dual-link" => Some(Part::DualLink),
+            "upgrade" => Some(Part::Upgrade),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Grid => "grid",
+            Part::DualLink => "dual-link",
+            Part::Upgrade => "upgrade",
+        }
+    }
 }
 
 /// What the bench was asked to do.
@@ -326,6 +367,12 @@ pub struct Options {
     /// Seconds of `perf record` on the daemon during eBPF HTTP load, routed (L7) (0 = no profile).
     pub profile_seconds: u32,
     pub data_dir: PathBuf,
+    /// Measure this part only (None: everything).
+    pub only: Option<Part>,
+    /// Switches of the dual-link row.
+    pub switches: u32,
+    /// Upgrades of the upgrade row.
+    pub upgrades: u32,
 }
 
 /// What Ctrl-C must tear down: (daemon pid, cgroup root, netns names).
@@ -366,7 +413,7 @@ pub fn install_signal_cleanup() {
     });
 }
 
-fn set_cleanup(daemon_pid: u32, node: &VirtualNode) {
+pub(crate) fn set_cleanup(daemon_pid: u32, node: &VirtualNode) {
     let (root, netns) = node.resources();
     if let Ok(mut g) = CLEANUP.lock() {
         *g = Some((daemon_pid, root, netns));
@@ -755,7 +802,7 @@ fn rotate<T: Clone>(v: &[T], by: usize) -> Vec<T> {
     v[k..].iter().chain(&v[..k]).cloned().collect()
 }
 
-/// Runs the whole bench and returns the samples.
+/// Runs the whole bench (or the `--only` part) and returns the samples.
 pub fn run(opts: &Options) -> Result<Results> {
     let wall = Instant::now();
     let mut res = Results {
@@ -763,8 +810,36 @@ pub fn run(opts: &Options) -> Result<Results> {
         rounds: opts.rounds,
         quick: opts.quick,
         profile_seconds: opts.profile_seconds,
+        only: opts.only,
         ..Results::default()
     };
+    if opts.only.is_none_or(|p| p == Part::Grid) {
+        run_grid(opts, &mut res)?;
+    }
+    if opts.only.is_none_or(|p| p == Part::DualLink) {
+        // On a node of its own, after the grid's is gone: nothing else of the bench runs.
+        let r = super::dual_link::run(opts.switches, &set_cleanup);
+        clear_cleanup();
+        match r {
+            Ok(d) => res.dual_link = Some(d),
+            // The other rows are still worth writing: loudly, in the report's warnings.
+            Err(e) => res.warnings.push(format!("DUAL-LINK ROW FAILED: {e:#}")),
+        }
+    }
+    if opts.only.is_none_or(|p| p == Part::Upgrade) {
+        let r = super::upgrade::run(opts.upgrades, &set_cleanup);
+        clear_cleanup();
+        match r {
+            Ok(u) => res.upgrade = Some(u),
+            Err(e) => res.warnings.push(format!("UPGRADE ROW FAILED: {e:#}")),
+        }
+    }
+    res.wall_seconds = wall.elapsed().as_secs_f64();
+    Ok(res)
+}
+
+/// The scenario x workload table, the hook cost and the profile.
+fn run_grid(opts: &Options, res: &mut Results) -> Result<()> {
     let haproxy_bin = which_or(&opts.haproxy, "haproxy")?;
     which_or(&opts.wrk, "wrk")?;
     which_or(&None, "iptables")?;
@@ -832,7 +907,7 @@ pub fn run(opts: &Options) -> Result<Results> {
             eprintln!("\n!!!!!!!! {msg} !!!!!!!!\n");
             res.skipped.push(msg);
         }
-        Some(envoy) => match start_envoys(&mut b, envoy, &mut res) {
+        Some(envoy) => match start_envoys(&mut b, envoy, res) {
             Ok(()) => {}
             Err(e) => {
                 let msg = format!("ENVOY SKIPPED: Envoy failed to start: {e:#}");
@@ -864,7 +939,7 @@ pub fn run(opts: &Options) -> Result<Results> {
     let mut done = 0usize;
     for round in 0..opts.rounds {
         for phase in rotate(&phases, round as usize) {
-            let before = enter_phase(&mut b, phase, round == 0, &mut res)?;
+            let before = enter_phase(&mut b, phase, round == 0, res)?;
             let cells = rotate(&groups[&phase], round as usize * 3);
             for (sc, wl) in cells {
                 done += 1;
@@ -888,7 +963,7 @@ pub fn run(opts: &Options) -> Result<Results> {
                 res.samples.push(s);
             }
             if phase == Phase::Mesh {
-                hook_pairs(&b, &mut res)?;
+                hook_pairs(&b, res)?;
                 match hook_cpu(&b, Scenario::EnrolledBypass)
                     .and_then(|e| Ok((e, hook_cpu(&b, Scenario::NotEnrolled)?)))
                 {
@@ -899,22 +974,21 @@ pub fn run(opts: &Options) -> Result<Results> {
                     Err(e) => res.warnings.push(format!("hook CPU time not measured: {e:#}")),
                 }
             }
-            b.stop_daemon(&mut res, &before);
+            b.stop_daemon(res, &before);
         }
         check_proxies(&mut b)?;
     }
 
     if opts.profile_seconds > 0 {
-        match profile(&mut b, opts, &mut res) {
+        match profile(&mut b, opts, res) {
             Ok(p) => res.profile = Some(p),
             Err(e) => res.warnings.push(format!("profile failed: {e:#}")),
         }
     }
     b.server.check_alive()?;
-    res.wall_seconds = wall.elapsed().as_secs_f64();
     drop(b);
     clear_cleanup();
-    Ok(res)
+    Ok(())
 }
 
 /// Starts the phase's daemon (if any) and, in round 0, checks that each of its scenarios really

@@ -21,10 +21,12 @@ use sockmesh_tests::bench::{chart, load, proxies, report, run};
 use sockmesh_tests::{sockmesh_bin, workspace_root};
 
 const USAGE: &str = "usage: sockmesh-bench [--quick] [--out-dir DIR] [--seconds-per-run S] [--rounds N] \
-                     [--profile SECS]\n\
+                     [--profile SECS] [--only grid|dual-link|upgrade] [--switches N] [--upgrades N]\n\
                      a full run writes DIR/BENCHMARKS.md and DIR/docs/bench.png (DIR: the workspace \
                      root); --quick writes DIR/BENCHMARKS-quick.md and DIR/bench-quick.png (DIR: \
-                     target/bench)";
+                     target/bench), and so does --only (one part is never the record); --switches: \
+                     of the dual-link row (default 6, 4 with --quick); --upgrades: of the upgrade \
+                     row (default 6, 3 with --quick)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,6 +56,9 @@ fn main_bench(args: &[String]) -> Result<()> {
     let mut seconds: Option<f64> = None;
     let mut rounds: Option<u32> = None;
     let mut profile = 0u32;
+    let mut only = None;
+    let mut switches: Option<u32> = None;
+    let mut upgrades: Option<u32> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().with_context(|| format!("{a} needs a value\n{USAGE}"));
@@ -63,6 +68,15 @@ fn main_bench(args: &[String]) -> Result<()> {
             "--seconds-per-run" => seconds = Some(value()?.parse().context("--seconds-per-run")?),
             "--rounds" => rounds = Some(value()?.parse().context("--rounds")?),
             "--profile" => profile = value()?.parse().context("--profile")?,
+            "--only" => {
+                let v = value()?;
+                only = Some(
+                    run::Part::parse(v)
+                        .with_context(|| format!("--only {v:?}: one of {}\n{USAGE}", run::Part::NAMES))?,
+                );
+            }
+            "--switches" => switches = Some(value()?.parse().context("--switches")?),
+            "--upgrades" => upgrades = Some(value()?.parse().context("--upgrades")?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -79,6 +93,14 @@ fn main_bench(args: &[String]) -> Result<()> {
     let seconds = seconds.unwrap_or(if quick { 0.4 } else { 0.9 });
     if !(0.1..=60.0).contains(&seconds) {
         bail!("--seconds-per-run must be between 0.1 and 60");
+    }
+    let switches = switches.unwrap_or(if quick { 4 } else { 6 });
+    if !(1..=40).contains(&switches) {
+        bail!("--switches must be between 1 and 40");
+    }
+    let upgrades = upgrades.unwrap_or(if quick { 3 } else { 6 });
+    if !(1..=40).contains(&upgrades) {
+        bail!("--upgrades must be between 1 and 40");
     }
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
@@ -102,6 +124,9 @@ fn main_bench(args: &[String]) -> Result<()> {
         wrk: None,
         profile_seconds: profile,
         data_dir: data_dir.clone(),
+        only,
+        switches,
+        upgrades,
     };
     let command = format!("sockmesh-bench {}", args.join(" "));
     let res = run::run(&opts)?;
@@ -115,13 +140,18 @@ fn main_bench(args: &[String]) -> Result<()> {
     }
     let cells = report::cells(&res);
     let root = workspace_root();
-    let out = report::outputs(&root, quick, out_dir.as_deref());
+    // One part of the bench is never the record either.
+    let out = report::outputs(&root, quick || only.is_some(), out_dir.as_deref());
     let png = &out.chart;
-    let chart_ref = match chart::render(&cells, png) {
-        Ok(()) => Some(out.chart_link.as_str()),
-        Err(e) => {
-            eprintln!("warning: no chart: {e:#}");
-            None
+    let chart_ref = if cells.is_empty() {
+        None
+    } else {
+        match chart::render(&cells, png) {
+            Ok(()) => Some(out.chart_link.as_str()),
+            Err(e) => {
+                eprintln!("warning: no chart: {e:#}");
+                None
+            }
         }
     };
     // Paths relative to the workspace root, so the command works in any checkout.
@@ -137,10 +167,14 @@ fn main_bench(args: &[String]) -> Result<()> {
     }
     std::fs::write(md, report::markdown(&res, &machine, chart_ref))
         .with_context(|| format!("write {}", md.display()))?;
-    println!("wrote {}, {} and {}", md.display(), png.display(), json.display());
-    if quick {
+    if chart_ref.is_some() {
+        println!("wrote {}, {} and {}", md.display(), png.display(), json.display());
+    } else {
+        println!("wrote {} and {}", md.display(), json.display());
+    }
+    if quick || only.is_some() {
         println!(
-            "(a --quick smoke run: BENCHMARKS.md and docs/bench.png are left alone; a full \
+            "(a --quick or --only run: BENCHMARKS.md and docs/bench.png are left alone; a full \
              `cargo xtask bench` writes them)"
         );
     }

@@ -11,20 +11,21 @@
 //! are mounted, each of pod `app`'s apps also runs in its own link cgroups (demo-owned), so the
 //! table shows the CPU cap the switch moves from one link to the other.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use sockmesh_tests::cgroup::V1LinkCgroups;
 use sockmesh_tests::daemon::toml_str;
-use sockmesh_tests::{peers_dir, python, Daemon, LineChild, Pod, Server, VirtualNode};
+use sockmesh_tests::{dual_link, Daemon, LineChild, VirtualNode};
 
 /// How long the load runs; the switches happen at [`SWITCH_AT`] and [`BACK_AT`].
 const LOAD_SECONDS: u64 = 26;
 const SWITCH_AT: f64 = 8.0;
 const BACK_AT: f64 = 17.0;
 const RATE: u32 = 100;
+/// The services of trade and forest.
+const SERVICES: [&str; 2] = ["checkout", "game"];
 
 fn config(node: &VirtualNode, cg: Option<&V1LinkCgroups>) -> String {
     let (app, pool) = (node.pod("app"), node.pod("pool"));
@@ -32,37 +33,12 @@ fn config(node: &VirtualNode, cg: Option<&V1LinkCgroups>) -> String {
         "cgroup_root = {}\n",
         toml_str(&node.cgroup_root().to_string_lossy())
     );
-    for (name, vip, port) in [("checkout", "10.96.2.1:80", 8001), ("game", "10.96.2.2:80", 8002)] {
-        s.push_str(&format!(
-            r#"
-[[services]]
-name = "{name}"
-addresses = ["{vip}"]
-protocol = "http1"
-endpoints = [
-  {{ address = "{}" }},
-  {{ address = "{}", labels = {{ pool = "yes" }} }},
-]
-subsets = [{{ name = "all" }}, {{ name = "pool", labels = {{ pool = "yes" }} }}]
-"#,
-            app.addr(port),
-            pool.addr(port)
-        ));
-    }
-    for (link, service, initial) in [("trade", "checkout", "active"), ("forest", "game", "keepalive")] {
-        s.push_str(&format!(
-            r#"
-[[links]]
-name = "{link}"
-services = ["{service}"]
-initial = "{initial}"
-trickle_percent = 5
-keep_paths = ["/health"]
-pool = "pool"
-keepalive = {{ cpu_percent = 2.0, weight = 1 }}
-"#
-        ));
-    }
+    s.push_str(&dual_link::services_toml(app, pool, SERVICES));
+    let links = dual_link::Links {
+        keepalive_cpu: 2.0,
+        ..dual_link::Links::default()
+    };
+    s.push_str(&dual_link::links_toml(["trade", "forest"], SERVICES, &links));
     let links = cg.map_or(String::new(), |cg| format!("{}\n", cg.links_toml()));
     s.push_str(&format!(
         "\n[[pods]]\nname = \"app\"\nnetns = {}\ncgroup = {}\ninbound_ports = [8001, 8002]\n{links}",
@@ -70,18 +46,6 @@ keepalive = {{ cpu_percent = 2.0, weight = 1 }}
         toml_str(&app.cgroup.to_string_lossy())
     ));
     s
-}
-
-fn app(pod: &Pod, port: u16, name: &str) -> Result<Server> {
-    let mut cmd = Command::new(python());
-    cmd.arg("-u").arg(peers_dir().join("link_app.py")).args([
-        "serve",
-        "--port",
-        &port.to_string(),
-        "--name",
-        name,
-    ]);
-    Server::start(&pod.cgroup, Some(&pod.netns), cmd)
 }
 
 /// Each link's state and local share now (`sockmesh switch --json`).
@@ -157,7 +121,7 @@ pub fn run() -> Result<()> {
     let mut servers = Vec::new();
     for (pod, tag) in [("app", "app"), ("pool", "pool")] {
         for (port, link) in [(8001, "trade"), (8002, "forest")] {
-            let s = app(node.pod(pod), port, &format!("{link}@{tag}"))?;
+            let s = dual_link::app_server(node.pod(pod), port, &format!("{link}@{tag}"))?;
             if let (Some(cg), "app") = (&cg, pod) {
                 cg.enter(link, s.pid())?;
             }
@@ -213,25 +177,17 @@ fn tour(node: &VirtualNode, d: &Daemon, cg: Option<&V1LinkCgroups>) -> Result<()
          (over 3 s, 3 steps), back at {BACK_AT} s (instant)"
     );
     let client = node.pod("client");
-    let mut cmd = Command::new(python());
-    cmd.arg("-u").arg(peers_dir().join("link_app.py")).arg("load");
-    for port in [8001, 8002] {
-        cmd.args(["--target", &node.pod("app").addr(port)]);
+    let app = node.pod("app");
+    let cmd = dual_link::Load {
+        targets: dual_link::PORTS.iter().map(|&p| app.addr(p)).collect(),
+        rate: RATE,
+        seconds: LOAD_SECONDS as f64,
+        keys: 15,
+        concurrency: 4,
+        health_every: 50,
+        live_ms: 1000,
     }
-    cmd.args([
-        "--rate",
-        &RATE.to_string(),
-        "--seconds",
-        &LOAD_SECONDS.to_string(),
-        "--keys",
-        "15",
-        "--concurrency",
-        "4",
-        "--health-every",
-        "50",
-        "--live-ms",
-        "1000",
-    ]);
+    .command();
     let mut load = LineChild::spawn(&client.cgroup, Some(&client.netns), cmd)?;
     println!("      (per second: each link's state and local share, where its requests were served, the latencies the");
     println!(
