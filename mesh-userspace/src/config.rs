@@ -98,7 +98,9 @@ struct RawLimits {
 pub struct Limits {
     /// An HTTP/1.1 request head must be complete this long after its first byte (else 408 and
     /// the connection is closed); an HTTP/2 client must send its preface this long after the
-    /// connection is accepted. Counted as `header_timeout` / `preface_timeout`.
+    /// connection is accepted; an HTTP/2, Bolt or Dubbo frame (an HTTP/2 header block) must be
+    /// complete this long after the read that brought its first byte. Counted as
+    /// `header_timeout` / `preface_timeout` / `frame_timeout`.
     pub request_head_timeout: std::time::Duration,
     /// Largest HTTP/1.1 request head (431 and closed beyond, `header_too_large`).
     pub max_request_head_bytes: usize,

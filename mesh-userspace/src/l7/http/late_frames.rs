@@ -1,5 +1,6 @@
-//! The app's HTTP/2 frames on their way to h2 while the proxy closes the connection gracefully
-//! (upgrade drain, idle timeout): [`LateFrames`] drops the one kind of frame h2 0.4 turns into a
+//! The app's HTTP/2 frames on their way to h2, parsed for their 9-byte headers: the frame clock
+//! (slow frames after the preface, below), and, while the proxy closes the connection gracefully
+//! (upgrade drain, idle timeout), [`LateFrames`] drops the one kind of frame h2 0.4 turns into a
 //! connection error after its final GOAWAY.
 //!
 //! h2's graceful shutdown sends GOAWAY(2^31-1) and a PING; when the PING's ACK comes back it
@@ -17,18 +18,32 @@
 //! this filter does for WINDOW_UPDATE: after the shutdown PING ACK, a stream WINDOW_UPDATE of
 //! a stream above the highest one opened before it is dropped (and counted). The client
 //! learns from the final GOAWAY that such a stream was not processed and retries it.
+//!
+//! The same parse keeps the frame clock of the connection (the slowloris defence after the
+//! preface; h2 has none, and its keep-alive PING is answered by a trickling client too): a
+//! frame, or a header block (HEADERS or PUSH_PROMISE without END_HEADERS and its CONTINUATION
+//! frames), is *in progress* from the read that brought its first byte until its last byte is
+//! read. [`FrameStart`] holds when the one in progress began; the session closes the connection
+//! once that is `request_head_timeout` ago (`frame_timeout`). Complete frames never count, so a
+//! large upload in many frames is not limited, only one frame (at most 16 KiB, h2's default
+//! `SETTINGS_MAX_FRAME_SIZE`) or one header block taking that long.
 
 use std::{
+    future::Future,
     io,
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         Arc,
     },
     task::{ready, Context, Poll},
+    time::Duration,
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::{Instant, Sleep},
+};
 use tracing::debug;
 
 /// The HTTP/2 client connection preface.
@@ -36,9 +51,12 @@ const PREFACE_LEN: usize = 24;
 /// A frame header.
 const HEADER_LEN: usize = 9;
 const HEADERS: u8 = 0x1;
+const PUSH_PROMISE: u8 = 0x5;
 const PING: u8 = 0x6;
 const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
 const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
 /// The payload of h2's graceful-shutdown PING (h2 0.4 `frame::ping::SHUTDOWN_PAYLOAD`).
 pub(super) const H2_SHUTDOWN_PING: [u8; 8] = [0x0b, 0x7b, 0xa2, 0xf0, 0x8b, 0x9b, 0xfe, 0x54];
 
@@ -65,6 +83,11 @@ pub(super) struct LateFrames {
     acked: bool,
     /// WINDOW_UPDATE frames dropped.
     pub(super) dropped: u64,
+    /// A header block is open: its HEADERS or PUSH_PROMISE had no END_HEADERS, the
+    /// CONTINUATION with it has not come yet.
+    in_block: bool,
+    /// A frame (or header block) ended since [`LateFrames::take_ended`] was last called.
+    ended: bool,
 }
 
 impl LateFrames {
@@ -80,7 +103,21 @@ impl LateFrames {
             armed: false,
             acked: false,
             dropped: 0,
+            in_block: false,
+            ended: false,
         }
+    }
+
+    /// A frame or header block is in progress: part of it was read, not all (the preface does
+    /// not count; the session's head clock has it).
+    pub(super) fn in_progress(&self) -> bool {
+        self.carry_len > 0 || self.payload_left > 0 || self.in_block
+    }
+
+    /// Whether a frame (outside a header block) or a header block ended since the last call:
+    /// then what is in progress now began in the latest read.
+    pub(super) fn take_ended(&mut self) -> bool {
+        std::mem::take(&mut self.ended)
     }
 
     /// The proxy is about to ask h2 for a graceful shutdown.
@@ -145,6 +182,11 @@ impl LateFrames {
                 self.max_opened = self.max_opened.max(id);
             }
             self.ping = (kind == PING && flags & ACK != 0 && len == 8).then_some(([0; 8], 0));
+            match kind {
+                HEADERS | PUSH_PROMISE => self.in_block = flags & END_HEADERS == 0,
+                CONTINUATION if flags & END_HEADERS != 0 => self.in_block = false,
+                _ => {}
+            }
             if drop {
                 self.dropped += 1;
             } else {
@@ -167,14 +209,88 @@ impl LateFrames {
             }
         }
         self.dropping = false;
+        if !self.in_block {
+            self.ended = true;
+        }
     }
 }
 
+/// When the app's frame or header block in progress began (see the module docs): set by
+/// [`LateFramesIo`] on the read path, watched by [`frame_expired`] in the session's loop.
+#[derive(Debug)]
+pub(super) struct FrameStart {
+    base: Instant,
+    /// Nanoseconds after `base`; [`FrameStart::NONE`]: nothing in progress.
+    at: AtomicU64,
+}
+
+impl FrameStart {
+    const NONE: u64 = u64::MAX;
+
+    pub(super) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            base: Instant::now(),
+            at: AtomicU64::new(Self::NONE),
+        })
+    }
+
+    fn set(&self, t: Option<Instant>) {
+        let at = t.map_or(Self::NONE, |t| {
+            t.saturating_duration_since(self.base)
+                .as_nanos()
+                .min(u128::from(Self::NONE - 1)) as u64
+        });
+        self.at.store(at, Relaxed);
+    }
+
+    pub(super) fn get(&self) -> Option<Instant> {
+        match self.at.load(Relaxed) {
+            Self::NONE => None,
+            n => Some(self.base + Duration::from_nanos(n)),
+        }
+    }
+}
+
+/// Where the frame clock waits while no frame is in progress.
+const NO_FRAME: Duration = Duration::from_secs(24 * 3600);
+
+/// The frame clock of one connection: resolves once the frame or header block in progress
+/// (`start`) began `timeout` ago. `clock` is the connection's one timer; it is only brought
+/// forward here and a later start is taken when it fires, so a busy connection whose frames
+/// cross reads pays no timer update per read. Poll it after the connection in the same task
+/// (a `biased` select): the reads that move `start` wake that task, not this future.
+pub(super) async fn frame_expired(start: &FrameStart, mut clock: Pin<&mut Sleep>, timeout: Duration) {
+    std::future::poll_fn(|cx| loop {
+        let due = start.get().map(|t| t + timeout);
+        if let Some(d) = due {
+            if d < clock.deadline() {
+                clock.as_mut().reset(d);
+            }
+        }
+        ready!(clock.as_mut().poll(cx));
+        match due {
+            Some(d) if Instant::now() >= d => return Poll::Ready(()),
+            Some(d) => clock.as_mut().reset(d),
+            None => clock.as_mut().reset(Instant::now() + NO_FRAME),
+        }
+    })
+    .await
+}
+
+/// A timer for [`frame_expired`] (nothing in progress yet).
+pub(super) fn frame_clock() -> Sleep {
+    tokio::time::sleep(NO_FRAME)
+}
+
 /// The app's side of an HTTP/2 connection for hyper: reads pass [`LateFrames`] (each dropped
-/// frame calls `on_drop`), writes go straight through.
+/// frame calls `on_drop`) and move [`FrameStart`], writes go straight through.
 pub(super) struct LateFramesIo<T> {
     inner: T,
     frames: LateFrames,
+    /// When the frame or header block in progress began (shared with the session).
+    start: Arc<FrameStart>,
+    /// `start` is set.
+    started: bool,
     /// Set by the session just before it asks hyper for a graceful shutdown.
     goaway: Arc<AtomicBool>,
     /// Filtered bytes that did not fit the caller's buffer.
@@ -184,10 +300,17 @@ pub(super) struct LateFramesIo<T> {
 }
 
 impl<T> LateFramesIo<T> {
-    pub(super) fn new(inner: T, goaway: Arc<AtomicBool>, on_drop: Box<dyn Fn() + Send>) -> Self {
+    pub(super) fn new(
+        inner: T,
+        goaway: Arc<AtomicBool>,
+        start: Arc<FrameStart>,
+        on_drop: Box<dyn Fn() + Send>,
+    ) -> Self {
         Self {
             inner,
             frames: LateFrames::new(),
+            start,
+            started: false,
             goaway,
             out: Vec::new(),
             on_drop,
@@ -242,6 +365,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for LateFramesIo<T> {
                     v.drain(..fit);
                     this.out = v;
                 }
+            }
+            // The frame clock: what is in progress after this read began in it if something
+            // ended in it (or nothing was in progress before).
+            let ended = f.take_ended();
+            if f.in_progress() {
+                if ended || !this.started {
+                    this.start.set(Some(Instant::now()));
+                    this.started = true;
+                }
+            } else if this.started {
+                this.start.set(None);
+                this.started = false;
             }
             if f.dropped > dropped {
                 debug!("HTTP/2 app connection: a WINDOW_UPDATE of a stream opened after the final GOAWAY dropped");
@@ -342,6 +477,51 @@ mod tests {
         }
     }
 
+    /// The frame clock's view in every cut of the input: after each read, whether a frame or
+    /// header block is in progress, and whether one ended in that read.
+    #[test]
+    fn frames_and_header_blocks_are_in_progress_until_their_last_byte_in_any_cut() {
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // (bytes, ends a unit): a frame outside a header block ends one; HEADERS or
+        // PUSH_PROMISE without END_HEADERS and the CONTINUATIONs before the last do not.
+        let units: Vec<(Vec<u8>, bool)> = vec![
+            (frame(0x4, 0, 0, &[]), true),
+            (frame(HEADERS, END_HEADERS, 1, &[0x82, 0x86, 0x84]), true),
+            (frame(0x0, 0, 1, &[9; 40]), true),
+            (frame(HEADERS, 0x1, 3, &[0x82]), false),
+            (frame(CONTINUATION, 0, 3, &[0x86]), false),
+            (frame(CONTINUATION, END_HEADERS, 3, &[0x84]), true),
+            (frame(PUSH_PROMISE, 0, 3, &[0, 0, 0, 2, 0x82]), false),
+            (frame(CONTINUATION, END_HEADERS, 3, &[]), true),
+            (window_update(0), true),
+        ];
+        let mut input = preface.clone();
+        // Offsets where nothing is in progress.
+        let mut bounds = vec![];
+        for (bytes, ends) in &units {
+            input.extend(bytes);
+            if *ends {
+                bounds.push(input.len());
+            }
+        }
+        for chunk in 1..=input.len() {
+            let mut f = LateFrames::new();
+            let mut at = 0;
+            for c in input.chunks(chunk) {
+                let mut v = f.take_carry().unwrap_or_default();
+                v.extend_from_slice(c);
+                let n = f.filter(&mut v);
+                assert_eq!(n + f.carry_len, v.len(), "nothing dropped");
+                let before = at;
+                at += c.len();
+                let idle = at <= preface.len() || bounds.contains(&at);
+                assert_eq!(f.in_progress(), !idle, "reads of {chunk}, at {at}");
+                let ended = bounds.iter().any(|b| (before + 1..=at).contains(b));
+                assert_eq!(f.take_ended(), ended, "reads of {chunk}, at {at}");
+            }
+        }
+    }
+
     /// Yields its bytes a few at a time (reads of 1..=7 bytes in turn).
     struct Trickle(Vec<u8>, usize);
 
@@ -372,6 +552,7 @@ mod tests {
             let mut io = LateFramesIo::new(
                 Trickle(input.clone(), 0),
                 Arc::new(AtomicBool::new(true)),
+                FrameStart::new(),
                 Box::new(move || {
                     d.fetch_add(1, Relaxed);
                 }),

@@ -30,7 +30,8 @@
 //! classification: `header_too_large` (hyper answers 431), `malformed` (400), `header_timeout`
 //! (an HTTP/1.1 head not complete within `[limits] request_head_timeout_ms` of its first byte:
 //! 408 and closed), `preface_timeout` (HTTP/2 preface not in within that time: closed),
-//! `idle_timeout` (no request for `client_idle_timeout_secs`: closed gracefully; counted, not an
+//! `frame_timeout` (an HTTP/2 frame or header block not complete within that time of the read
+//! that brought its first byte: closed, see `late_frames`), `idle_timeout` (no request for `client_idle_timeout_secs`: closed gracefully; counted, not an
 //! error of the client), `incomplete`, `keepalive_timeout` (HTTP/2 ping unanswered), `io`,
 //! `connection_error`. An HTTP/2 header list over [`MAX_HTTP2_HEADER_LIST_BYTES`] is refused by
 //! the h2 layer with a 431 on that stream only; it does not reach the handler and is not counted.

@@ -26,9 +26,10 @@ use tokio::{
 use tracing::debug;
 
 use super::{
-    forward::handle, late_frames::LateFramesIo, Body, ConnCtx, ConnState, HttpVersion,
-    HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT, HTTP2_MAX_CONCURRENT_STREAMS,
-    MAX_HTTP2_HEADER_LIST_BYTES,
+    forward::handle,
+    late_frames::{frame_clock, frame_expired, FrameStart, LateFramesIo},
+    Body, ConnCtx, ConnState, HttpVersion, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT,
+    HTTP2_MAX_CONCURRENT_STREAMS, MAX_HTTP2_HEADER_LIST_BYTES,
 };
 
 /// The app's socket, counting bytes into the connection's and the pod's counters.
@@ -405,16 +406,25 @@ pub(super) async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVe
             Ok::<_, Infallible>(resp)
         }
     });
-    // Run the connection; after the idle timeout ask it to finish gracefully and keep driving
-    // it until it does.
+    // Run the HTTP/2 connection; after the idle timeout ask it to finish gracefully and keep
+    // driving it until it does. `$frame_start`: when the app's frame (or header block) in
+    // progress began (see late_frames). `Err`: the counted reason it was cut.
     macro_rules! drive {
-        ($conn:expr) => {{
+        ($conn:expr, $frame_start:expr) => {{
             let conn = $conn;
             tokio::pin!(conn);
+            let clock = frame_clock();
+            tokio::pin!(clock);
             let mut closing = false;
             loop {
                 tokio::select! {
-                    r = conn.as_mut() => break Some(r),
+                    // The connection first: its reads move `frame_start` (see frame_expired).
+                    biased;
+                    r = conn.as_mut() => break Ok(r),
+                    // Also while closing: a trickled frame holds the connection just the same.
+                    _ = frame_expired(&$frame_start, clock.as_mut(), limits.request_head_timeout) => {
+                        break Err("frame_timeout");
+                    }
                     _ = inflight.idle_for(limits.client_idle_timeout), if !closing => {
                         debug!("idle app connection: closing");
                         ctx.l7().errors.count(version.label(), "idle_timeout");
@@ -423,10 +433,7 @@ pub(super) async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVe
                         closing = true;
                     }
                     _ = head.expired(limits.request_head_timeout), if !closing => {
-                        if version == HttpVersion::Http1 {
-                            answer_408(fd);
-                        }
-                        break None;
+                        break Err("preface_timeout");
                     }
                     _ = crate::upgrade::drain_close(version == HttpVersion::Http2), if !closing => {
                         debug!("upgrade: draining app connection");
@@ -445,7 +452,9 @@ pub(super) async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVe
                 .header_read_timeout(None)
                 .max_buf_size(limits.max_request_head_bytes)
                 .keep_alive(true);
-            serve_h1(&b, TokioIo::new(counted), svc, &ctx, &inflight, &head, fd).await
+            serve_h1(&b, TokioIo::new(counted), svc, &ctx, &inflight, &head, fd)
+                .await
+                .ok_or("header_timeout")
         }
         HttpVersion::Http2 => {
             let mut b = hs::http2::Builder::new(TokioExecutor::new());
@@ -458,19 +467,24 @@ pub(super) async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVe
             // stream it ignored after its final GOAWAY).
             let c = ctx.clone();
             let dropped = Box::new(move || c.l7().errors.count("http2", "window_update_after_goaway"));
-            let io = TokioIo::new(LateFramesIo::new(counted, goaway.clone(), dropped));
+            let frame_start = FrameStart::new();
+            let io = TokioIo::new(LateFramesIo::new(
+                counted,
+                goaway.clone(),
+                frame_start.clone(),
+                dropped,
+            ));
             // Boxed: an HTTP/1.1 connection's task keeps no room for it.
-            Box::pin(async { drive!(b.serve_connection(io, svc)) }).await
+            Box::pin(async { drive!(b.serve_connection(io, svc), frame_start) }).await
         }
     };
-    let Some(result) = result else {
-        let reason = match version {
-            HttpVersion::Http1 => "header_timeout",
-            HttpVersion::Http2 => "preface_timeout",
-        };
-        debug!(reason, "slow app connection: closed");
-        ctx.l7().errors.count(version.label(), reason);
-        return;
+    let result = match result {
+        Ok(r) => r,
+        Err(reason) => {
+            debug!(reason, "slow app connection: closed");
+            ctx.l7().errors.count(version.label(), reason);
+            return;
+        }
     };
     if let Err(e) = result {
         let reason = conn_error_reason(&e, version);

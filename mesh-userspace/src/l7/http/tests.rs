@@ -905,6 +905,245 @@ async fn a_call_that_crosses_the_final_goaway_gets_a_clean_goaway_not_a_protocol
     .unwrap();
 }
 
+/// A raw HTTP/2 connection to the proxy that has sent its preface and an empty SETTINGS.
+async fn h2_raw(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[]));
+    let mut s = s;
+    s.write_all(&hello).await.unwrap();
+    s
+}
+
+/// The HPACK block of `method` (2: GET, 3: POST) `/` with `:authority web.test`.
+fn h2_request_block(method: u8) -> Vec<u8> {
+    let mut block = vec![0x80 | method, 0x86, 0x84, 0x01, 8];
+    block.extend(b"web.test");
+    block
+}
+
+/// Writes `parts` to `s` one after the other, `gap` apart, while reading (and discarding) what
+/// the proxy sends, until the proxy closes the connection. Returns how many parts were written
+/// by then and the time from the first one to the close.
+async fn trickle_until_closed(mut s: TcpStream, parts: &[Vec<u8>], gap: Duration) -> (usize, Duration) {
+    let (mut rd, mut wr) = s.split();
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    let write = async {
+        for p in parts {
+            if wr.write_all(p).await.is_err() {
+                break;
+            }
+            sent += 1;
+            tokio::time::sleep(gap).await;
+        }
+        std::future::pending::<()>().await;
+    };
+    let mut sink = Vec::new();
+    tokio::select! {
+        _ = write => unreachable!(),
+        _ = rd.read_to_end(&mut sink) => {}
+    }
+    (sent, started.elapsed())
+}
+
+/// Slow HTTP/2 frames after the preface: a HEADERS frame trickled a byte at a time, a DATA
+/// frame that stops halfway, and a header block whose CONTINUATION frames (each complete)
+/// trickle, each hold a connection; h2 itself never ends them (its keep-alive PING is answered
+/// by such a client). The proxy closes each once it has been in progress for the head
+/// time-out, counted once as `frame_timeout`.
+#[tokio::test]
+async fn slow_http2_frames_and_header_blocks_are_cut_at_the_head_timeout() {
+    const TIMEOUT: Duration = Duration::from_millis(1000);
+    tokio::time::timeout(BOUND, async {
+        let (v1, _) = upstream("v1").await;
+        let (v2, _) = upstream("v2").await;
+        let limits = crate::config::Limits {
+            request_head_timeout: TIMEOUT,
+            ..Default::default()
+        };
+        let p = proxy_with(
+            two_versions(v1, v2, "", CANARY_90_10),
+            HttpVersion::Http2,
+            VIP,
+            limits,
+        )
+        .await;
+        let errors = &p.shared.l7.errors;
+
+        // A HEADERS frame of 49 bytes, one byte every 100 ms (it would take 4.9 s).
+        let mut block = h2_request_block(2);
+        block.extend(std::iter::repeat_n(0x82, 36));
+        let headers = h2_frame(0x1, 0x5, 1, &block);
+        let bytes: Vec<Vec<u8>> = headers.iter().map(|b| vec![*b]).collect();
+        let s = h2_raw(p.addr).await;
+        let (sent, took) = trickle_until_closed(s, &bytes, Duration::from_millis(100)).await;
+        assert!(
+            sent < bytes.len(),
+            "closed only after the whole frame was sent ({took:?})"
+        );
+        assert!(took >= TIMEOUT, "closed after {took:?}, {sent} bytes");
+        eventually("frame_timeout counted", || {
+            errors.get("http2", "frame_timeout") == 1
+        })
+        .await;
+
+        // A POST whose first DATA frame stops halfway.
+        let mut s = h2_raw(p.addr).await;
+        let mut post = h2_frame(0x1, 0x4, 1, &h2_request_block(3));
+        post.extend(&h2_frame(0x0, 0x1, 1, &[7; 100])[..9 + 50]);
+        let (sent, took) = trickle_until_closed(s, &[post], Duration::from_secs(30)).await;
+        assert_eq!(sent, 1);
+        assert!(took >= TIMEOUT, "closed after {took:?}");
+        eventually("frame_timeout counted", || {
+            errors.get("http2", "frame_timeout") == 2
+        })
+        .await;
+
+        // A header block in one-byte fragments: HEADERS without END_HEADERS, then a complete
+        // CONTINUATION every 300 ms (it would take 3.9 s).
+        s = h2_raw(p.addr).await;
+        let block = h2_request_block(2);
+        let mut parts = vec![h2_frame(0x1, 0x1, 1, &block[..1])];
+        for (i, b) in block[1..].iter().enumerate() {
+            let last = i + 2 == block.len();
+            parts.push(h2_frame(0x9, if last { 0x4 } else { 0 }, 1, &[*b]));
+        }
+        let (sent, took) = trickle_until_closed(s, &parts, Duration::from_millis(300)).await;
+        assert!(
+            sent < parts.len(),
+            "closed only after the whole block was sent ({took:?})"
+        );
+        assert!(took >= TIMEOUT, "closed after {took:?}, {sent} frames");
+        eventually("frame_timeout counted", || {
+            errors.get("http2", "frame_timeout") == 3
+        })
+        .await;
+
+        // Counted once per connection, and nothing else went wrong.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(errors.get("http2", "frame_timeout"), 3);
+        assert_eq!(errors.get("http2", "preface_timeout"), 0);
+        // A real client is served.
+        let mut c = h2_client(p.addr).await;
+        let resp = c.send_request(get("/").body(empty()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    })
+    .await
+    .unwrap();
+}
+
+/// A request body that yields `chunks` chunks of `size` bytes, `gap` apart.
+struct SlowBody {
+    chunks: usize,
+    size: usize,
+    gap: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl hyper::body::Body for SlowBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        if self.chunks == 0 {
+            return Poll::Ready(None);
+        }
+        let gap = self.gap;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+        std::task::ready!(std::future::Future::poll(sleep.as_mut(), cx));
+        self.sleep = None;
+        self.chunks -= 1;
+        Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(vec![
+            b'x';
+            self.size
+        ])))))
+    }
+}
+
+/// The frame clock counts a frame only while it is incomplete: a header block sent in parts
+/// within the head time-out, and an upload of many frames that lasts twice the time-out, are
+/// served.
+#[tokio::test]
+async fn an_http2_header_block_in_parts_and_a_long_upload_are_served() {
+    const TIMEOUT: Duration = Duration::from_millis(1000);
+    tokio::time::timeout(BOUND, async {
+        let (v1, _) = upstream("v1").await;
+        let (v2, _) = upstream("v2").await;
+        let limits = crate::config::Limits {
+            request_head_timeout: TIMEOUT,
+            ..Default::default()
+        };
+        let p = proxy_with(
+            two_versions(v1, v2, "", CANARY_90_10),
+            HttpVersion::Http2,
+            VIP,
+            limits,
+        )
+        .await;
+        let errors = &p.shared.l7.errors;
+
+        // GET / as HEADERS + CONTINUATION + CONTINUATION, 150 ms apart.
+        let mut s = h2_raw(p.addr).await;
+        let block = h2_request_block(2);
+        let parts = [
+            h2_frame(0x1, 0x1, 1, &block[..4]),
+            h2_frame(0x9, 0, 1, &block[4..8]),
+            h2_frame(0x9, 0x4, 1, &block[8..]),
+        ];
+        for part in &parts {
+            s.write_all(part).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        let body = loop {
+            let (kind, flags, id, payload) = read_h2_frame(&mut s).await.expect("an answer");
+            if kind == 0x0 && id == 1 && flags & 0x1 != 0 {
+                break payload;
+            }
+        };
+        assert!(
+            body == b"v1" || body == b"v2",
+            "{:?}",
+            String::from_utf8_lossy(&body)
+        );
+
+        // A gRPC upload (the upstream echoes it) of 20 chunks of 16 KiB, 100 ms apart.
+        let mut c = h2_client(p.addr).await;
+        let (chunks, size) = (20, 16 * 1024);
+        let req = Request::post("http://web.test/pkg.Echo/Say")
+            .header(header::CONTENT_TYPE, "application/grpc")
+            .body(
+                SlowBody {
+                    chunks,
+                    size,
+                    gap: Duration::from_millis(100),
+                    sleep: None,
+                }
+                .boxed(),
+            )
+            .unwrap();
+        let started = std::time::Instant::now();
+        let resp = c.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let echoed = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(echoed.len(), chunks * size);
+        let took = started.elapsed();
+        assert!(
+            took > TIMEOUT,
+            "the upload took {took:?}: not longer than the time-out"
+        );
+        assert_eq!(errors.get("http2", "frame_timeout"), 0);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn policy_swap_applies_to_the_next_request_on_the_same_connection() {
     tokio::time::timeout(BOUND, async {
