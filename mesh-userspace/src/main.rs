@@ -797,6 +797,12 @@ fn preflight(root: &Path, mount: &Path) -> anyhow::Result<(Vec<(String, String)>
 }
 
 fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf, upgrade: bool) -> anyhow::Result<()> {
+    // A successor prepares beside the generation that serves: nicer, until it takes over.
+    let prepare_nice = if upgrade {
+        upgrade::new::lower_priority_while_preparing()
+    } else {
+        None
+    };
     let (mut checks, optional_off) = preflight(&root, &mount)?;
     // Every proxied connection costs two descriptors: take all the host allows.
     match sys::raise_nofile_limit() {
@@ -877,7 +883,7 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf, upgrade: bool) 
             "present".into()
         },
     ));
-    let result = serve_loaded(cfg, root, &mount, checks, &lock, inherited);
+    let result = serve_loaded(cfg, root, &mount, checks, &lock, inherited, prepare_nice);
     // Leave the mount if anything is pinned in it (our kept state, or anybody else's).
     if mounted_bpffs
         && std::fs::read_dir(bpffs)
@@ -954,6 +960,7 @@ fn serve_loaded(
     mut checks: Vec<(String, String)>,
     lock: &std::fs::File,
     inherited: Option<upgrade::new::Inherited>,
+    prepare_nice: Option<i32>,
 ) -> anyhow::Result<()> {
     let opts = ebpf::KernelOptions {
         cgroup_root: &root,
@@ -1050,6 +1057,10 @@ fn serve_loaded(
     // A successor: everything is ready to take over; wait for the running generation's go.
     if let Some(i) = &inherited {
         i.ready()?;
+    }
+    // It serves from here on: the priority it had before it prepared, on every thread.
+    if let Some(nice) = prepare_nice {
+        upgrade::new::restore_priority(nice);
     }
     let result = rt.block_on(async {
         // Handlers first: a successor is signalled as soon as it serves (before it would

@@ -408,3 +408,49 @@ fn test_pause(point: &str) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// How much nicer a successor is while it prepares (loads, adopts, builds its runtimes): its
+/// start-up work shares the node's CPUs with the generation that still serves every request,
+/// and on a small node it showed up as the slowest requests of the upgrade window.
+const PREPARE_NICE: i32 = 10;
+
+/// A successor's preparation runs at a lower CPU priority ([`PREPARE_NICE`] more): called
+/// first thing, so that every thread it starts inherits it. Returns the nice value to go
+/// back to ([`restore_priority`]), `None` when it could not be changed.
+pub fn lower_priority_while_preparing() -> Option<i32> {
+    // SAFETY: getpriority/setpriority on the calling thread; errno is cleared first because
+    // -1 is a valid nice value.
+    unsafe {
+        *libc::__errno_location() = 0;
+        let old = libc::getpriority(libc::PRIO_PROCESS, 0);
+        if old == -1 && *libc::__errno_location() != 0 {
+            return None;
+        }
+        (libc::setpriority(libc::PRIO_PROCESS, 0, (old + PREPARE_NICE).min(19)) == 0).then_some(old)
+    }
+}
+
+/// Back to `nice` for every thread of the process (on Linux a nice value is per thread),
+/// once the successor takes over. Raising the priority again needs CAP_SYS_NICE (the daemon
+/// runs as root); a failure is logged and the daemon serves on.
+pub fn restore_priority(nice: i32) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    let mut failed = 0;
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<libc::id_t>().ok()) else {
+            continue;
+        };
+        // SAFETY: setpriority on one of this process's threads.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        warn!(
+            threads = failed,
+            nice, "upgrade: could not restore the CPU priority of some threads"
+        );
+    }
+}
