@@ -390,6 +390,27 @@ async fn relay(
 ) -> bool {
     let sock = match upstream_socket(&pod, target) {
         Ok(s) => s,
+        Err(e) if crate::sys::is_out_of_fds(&e) => {
+            // The accept got the last descriptor and its upstream socket none: the same
+            // shortage as an accept that fails (counted and logged the same way), except that
+            // this connection is reset.
+            shared.errors.upstream_socket_failed.fetch_add(1, Relaxed);
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            if let Some(n) = shared.errors.note_no_descriptors(now_ms) {
+                let (soft, hard) = crate::sys::nofile_limit().unwrap_or((0, 0));
+                warn!(
+                    pod = %pod.name,
+                    "out of file descriptors: {n} connection(s) since the last report could not get their descriptors \
+                     (here the upstream socket: {e}); limit {soft} (hard {hard}); this one is reset \
+                     (counted as accept_no_descriptors)"
+                );
+            }
+            reset(client);
+            return false;
+        }
         Err(e) => {
             shared.errors.upstream_socket_failed.fetch_add(1, Relaxed);
             warn!("failed to create upstream socket: {e}");

@@ -89,10 +89,17 @@ fn the_daemon_raises_its_descriptor_limit_and_reports_running_out_as_its_own_rea
         "the start-up checks name the limit: {checks}"
     );
 
-    // Squeeze the running daemon's soft limit: a few descriptors above what it holds now.
-    let open = fds["open"].as_u64().unwrap();
+    // Squeeze the running daemon's soft limit: a few descriptors above what it holds now. An
+    // even number: a proxied connection takes two (the accepted socket, then the upstream
+    // one), so with an odd spare the last descriptor would go to an accept whose upstream
+    // socket then fails, over and over, and accept would never run out. Counted from /proc
+    // once the status request's own connection is closed (status's `open` includes it).
     let hard = fds["hard_limit"].as_u64().unwrap();
     let pid = daemon.pid();
+    std::thread::sleep(Duration::from_millis(300));
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the daemon's descriptors")
+        .count() as u64;
     set_nofile(pid, open + 8, hard);
     eventually(Duration::from_secs(5), || {
         let l = daemon.status()?["open_files"]["limit"].as_u64().unwrap_or(0);
