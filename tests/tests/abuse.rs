@@ -362,7 +362,14 @@ fn idle_round(mesh: &Mesh, target: &str, proto: &str, conns: usize, min_hold: Du
         Ok(())
     })
     .expect("descriptors given back");
+    // The daemon trims its heap every 2 s after connections closed (conn/pod.rs MemoryTrim):
+    // wait (bounded) until RSS is three quarters of the way back, or report what it is.
+    let back_to = rss_before_kib + rss_held_kib.saturating_sub(rss_before_kib) / 4;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     std::thread::sleep(Duration::from_secs(3));
+    while abuse::rss_kib(pid).unwrap() > back_to && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let r = IdleReport {
         rss_before_kib,
         rss_held_kib,

@@ -151,7 +151,8 @@ pub(crate) fn admit(pod: &PodCtx, shared: &Arc<Shared>) -> Option<Held> {
 /// parked their buffers: glibc keeps freed heap pages otherwise, so RSS would stay at the peak
 /// of a connection burst. A task started with the first connection checks every
 /// [`TRIM_EVERY`] and trims when at least [`TRIM_AFTER`] connections were freed since the last
-/// trim (at most one `malloc_trim` per interval, none while nothing changes).
+/// trim, or when some were and none in the last interval (the end of a burst); at most one
+/// `malloc_trim` per interval, none while nothing changes.
 #[derive(Debug, Default)]
 pub struct MemoryTrim {
     /// Connections closed or parked since the last trim.
@@ -180,10 +181,17 @@ impl MemoryTrim {
 }
 
 async fn trimmer(freed: Arc<AtomicU64>, trims: Arc<AtomicU64>) {
+    let mut seen = 0;
     loop {
         tokio::time::sleep(TRIM_EVERY).await;
-        if freed.load(Relaxed) >= TRIM_AFTER {
+        let now = freed.load(Relaxed);
+        // Many freed, or a burst that has ended (nothing freed in the last interval): the
+        // tail of a burst (under TRIM_AFTER after the last trim) is given back too.
+        let ended = now > 0 && now == seen;
+        seen = now;
+        if now >= TRIM_AFTER || ended {
             freed.store(0, Relaxed);
+            seen = 0;
             trims.fetch_add(1, Relaxed);
             let _ = tokio::task::spawn_blocking(trim_heap).await;
         }
