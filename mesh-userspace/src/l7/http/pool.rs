@@ -87,6 +87,23 @@ impl Drop for Busy<'_> {
     }
 }
 
+impl EndpointPool {
+    /// Keeps an HTTP/1.1 connection for the next request, unless the endpoint already has
+    /// [`MAX_POOLED_HTTP1_PER_ENDPOINT`]; whether it was kept.
+    fn park_h1(&self, sender: hc::http1::SendRequest<Body>, local: SocketAddr) -> bool {
+        let mut h1 = self.h1.lock().expect("h1 pool lock");
+        let room = h1.len() < MAX_POOLED_HTTP1_PER_ENDPOINT;
+        if room {
+            h1.push(PooledH1 {
+                sender,
+                since: Instant::now(),
+                local,
+            });
+        }
+        room
+    }
+}
+
 struct PooledH1 {
     sender: hc::http1::SendRequest<Body>,
     since: Instant,
@@ -273,13 +290,7 @@ async fn preconnect_h1_here(
     while let Some(r) = opens.join_next().await {
         match r.map_err(io::Error::other).and_then(|r| r) {
             Ok((sender, local)) => {
-                let mut h1 = pool.h1.lock().expect("h1 pool lock");
-                if h1.len() < MAX_POOLED_HTTP1_PER_ENDPOINT {
-                    h1.push(PooledH1 {
-                        sender,
-                        since: Instant::now(),
-                        local,
-                    });
+                if pool.park_h1(sender, local) {
                     opened += 1;
                 }
             }
@@ -358,14 +369,7 @@ pub(super) async fn send_once(
             st.ctx.colour_delivery(local, endpoint, colour);
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    let mut h1 = pool.h1.lock().expect("h1 pool lock");
-                    if h1.len() < MAX_POOLED_HTTP1_PER_ENDPOINT {
-                        h1.push(PooledH1 {
-                            sender,
-                            since: Instant::now(),
-                            local,
-                        });
-                    }
+                    pool.park_h1(sender, local);
                     Ok(resp)
                 }
                 Err(mut e) => match e.take_message() {
