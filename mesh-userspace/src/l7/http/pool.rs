@@ -50,11 +50,18 @@ struct PoolsInner {
     sweeper: AtomicBool,
 }
 
+/// A pool's key. The pod is its `PodCtx`'s address: the pool's `Weak` keeps that allocation
+/// (so the address) from being reused while the pool exists, and a re-enrolled pod, a new
+/// `PodCtx`, gets pools of its own. A lookup per request so allocates and hashes no name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct PoolKey {
-    pod: String,
+    pod: usize,
     endpoint: SocketAddr,
     version: HttpVersion,
+}
+
+fn pod_key(pod: &Arc<PodCtx>) -> usize {
+    Arc::as_ptr(pod) as usize
 }
 
 struct EndpointPool {
@@ -153,15 +160,13 @@ fn get_for(
         tokio::spawn(sweep(Arc::downgrade(inner)));
     }
     let key = PoolKey {
-        pod: pod.name.clone(),
+        pod: pod_key(pod),
         endpoint,
         version,
     };
     let mut pools = inner.pools.lock().expect("http pools lock");
     if let Some(p) = pools.get(&key) {
-        if Weak::ptr_eq(&p.pod, &Arc::downgrade(pod)) {
-            return p.clone();
-        }
+        return p.clone();
     }
     let p = Arc::new(EndpointPool {
         pod: Arc::downgrade(pod),
@@ -252,7 +257,9 @@ fn h1_in_use(inner: &PoolsInner, pod: &Arc<PodCtx>) -> usize {
     pools
         .iter()
         .filter(|(k, p)| {
-            k.version == HttpVersion::Http1 && k.pod == pod.name && Weak::ptr_eq(&p.pod, &Arc::downgrade(pod))
+            k.version == HttpVersion::Http1
+                && k.pod == pod_key(pod)
+                && std::ptr::eq(p.pod.as_ptr(), Arc::as_ptr(pod))
         })
         .map(|(_, p)| {
             let mut h1 = p.h1.lock().expect("h1 pool lock");
