@@ -32,7 +32,8 @@ pub struct Options {
     profile: Option<u32>,
     /// Passed to `sockmesh-bench` (`--out-dir DIR` to write the report and chart under DIR,
     /// `--seconds-per-run`, `--rounds`; `--only grid|dual-link|upgrade` to measure one
-    /// part, written like `--quick`, never the record; `--switches N` of the dual-link row,
+    /// part, written like `--quick`, never the record (`--only syscalls`: system calls, context
+    /// switches and CPU per HTTP request by proxy); `--switches N` of the dual-link row,
     /// `--upgrades N` of the upgrade row)
     #[arg(last = true, value_name = "BENCH_ARGS")]
     args: Vec<String>,
