@@ -1748,4 +1748,38 @@ mod tests {
         }
         assert!(workloads(true).len() < workloads(false).len());
     }
+
+    #[test]
+    fn perf_stat_counts_become_per_request_rows() {
+        let csv = "# started on Mon Dec  7 20:00:00 2026\n\n\
+                   8000,,syscalls:sys_enter_recvfrom,4000000,100.00,,\n\
+                   0,,syscalls:sys_enter_futex,4000000,100.00,,\n\
+                   <not counted>,,syscalls:sys_enter_splice,0,100.00,,\n\
+                   8400,,raw_syscalls:sys_enter,4000000,100.00,,\n\
+                   1500,,context-switches,4000000,100.00,,\n\
+                   160.5,msec,task-clock,160500000,100.00,0.040,CPUs utilized\n";
+        let got = parse_perf_stat(csv);
+        assert_eq!(
+            got,
+            vec![
+                ("recvfrom".to_owned(), 8000.0),
+                ("**all system calls**".to_owned(), 8400.0),
+                ("context-switches".to_owned(), 1500.0),
+                ("task-clock us".to_owned(), 160500.0),
+            ]
+        );
+        let mut per = BTreeMap::new();
+        let evs: BTreeMap<String, Vec<f64>> = got
+            .into_iter()
+            .map(|(e, v)| (e, vec![v / 4000.0, v / 2000.0, v / 8000.0]))
+            .collect();
+        per.insert(Scenario::EbpfL7, evs);
+        let table = syscall_table(&per);
+        // The median of the three runs, per request; the total after the named calls.
+        assert!(table.contains("| recvfrom | 2.00 |"), "{table}");
+        assert!(table.contains("| **all system calls** | 2.10 |"), "{table}");
+        assert!(table.contains("| task-clock us | 40.1"), "{table}");
+        let recv = table.find("recvfrom").unwrap();
+        assert!(recv < table.find("all system calls").unwrap(), "{table}");
+    }
 }
