@@ -343,6 +343,8 @@ pub(super) async fn adopt_app(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
         inbound: c.inbound,
         local,
     };
+    // From the previous generation's stop to here, the app's next request waited (if it sent one).
+    super::record_handover_wait(c.stopped_unix_us);
     match protocol {
         wire::AppProtocol::Http1 => crate::l7::http::serve_handed_over(s, c.read.into(), ctx).await,
         wire::AppProtocol::Bolt => {

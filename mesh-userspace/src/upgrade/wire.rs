@@ -114,6 +114,12 @@ pub struct Conn {
     /// the successor keeps the offsets the kernel's colour ledger is keyed by.
     #[prost(uint64, tag = "12")]
     pub stream_offset: u64,
+    /// When N stopped serving the connection (unix time, microseconds; 0 when unknown, as
+    /// from a binary before it was added): the successor measures how long the app's next
+    /// request could have waited for the move (`sockmesh_upgrade_handover_wait_seconds`).
+    /// Optional: a peer that does not know the field skips it (any protocol version).
+    #[prost(uint64, tag = "13")]
+    pub stopped_unix_us: u64,
 }
 
 /// What a moved app connection speaks.
@@ -477,7 +483,7 @@ mod tests {
             ],
         };
         send(&a, Body::Offer(offer.clone()), &[l1.as_raw_fd(), l2.as_raw_fd()]).unwrap();
-        send(&a, Body::Commit(Commit {}), &[]).unwrap();
+        send(&a, Body::Commit(Commit::default()), &[]).unwrap();
         let (got, fds) = recv(&b).unwrap();
         assert_eq!(got, Body::Offer(offer));
         assert_eq!(fds.len(), 2);
@@ -488,7 +494,7 @@ mod tests {
         let _c = std::net::TcpStream::connect(l1.local_addr().unwrap()).unwrap();
         passed.accept().unwrap();
         let (got, fds) = recv(&b).unwrap();
-        assert_eq!(got, Body::Commit(Commit {}));
+        assert_eq!(got, Body::Commit(Commit::default()));
         assert!(fds.is_empty());
     }
 
@@ -559,6 +565,7 @@ mod tests {
                 upstream_eof: false,
                 protocol,
                 stream_offset,
+                stopped_unix_us: stream_offset / 2,
             };
             send(&a, Body::Conn(c.clone()), &[a.as_raw_fd()]).unwrap();
             let (got, fds) = recv(&b).unwrap();
@@ -574,6 +581,29 @@ mod tests {
             drop(a);
             while recv(&b).is_ok() {}
         }
+    }
+
+    #[test]
+    fn the_stop_time_in_conn_is_skipped_by_binaries_before_it() {
+        // What a binary before the field decoded: a Conn without the stop time. prost skips
+        // unknown fields, so either side may be the older one.
+        #[derive(Clone, PartialEq, Message)]
+        struct OldConn {
+            #[prost(string, tag = "1")]
+            pod: String,
+            #[prost(uint64, tag = "12")]
+            stream_offset: u64,
+        }
+        let conn = Conn {
+            pod: "web".into(),
+            stream_offset: 9,
+            stopped_unix_us: 1_800_000_000_000_000,
+            ..Default::default()
+        };
+        let old = OldConn::decode(&*conn.encode_to_vec()).unwrap();
+        assert_eq!((old.pod.as_str(), old.stream_offset), ("web", 9));
+        let from_old = Conn::decode(&*old.encode_to_vec()).unwrap();
+        assert_eq!(from_old.stopped_unix_us, 0);
     }
 
     #[test]
