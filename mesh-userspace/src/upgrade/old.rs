@@ -286,26 +286,27 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
         t.abort();
     }
     super::OWNS_ADMIN.store(false, SeqCst);
-    // Live HTTP/1.1 connections come through this channel once idle (before draining starts,
-    // so that they see a successor to go to).
-    let (tx, rx) = std::sync::mpsc::channel::<super::HandOver>();
-    *super::HANDOVER.lock().expect("handover lock") = Some(tx);
-    super::set_drain_deadline(Instant::now() + ctx.daemon.drain_timeout());
-    super::set_draining();
-    super::status_mut(|st| {
-        st.phase = "draining";
-        st.succeeded += 1;
-    });
+    super::status_mut(|st| st.succeeded += 1);
     OUTCOMES
         .lock()
         .expect("outcomes")
         .push((pid, Ok(started.generation)));
     // Let the admin request that started the upgrade answer before this generation stops
-    // (the drain can be over within milliseconds once connections move).
+    // (the drain can be over within milliseconds once connections move). Connections go on
+    // being served here meanwhile: they stop only once this thread forwards them (below).
+    // Stopping them first left every moved connection waiting 5-26 ms for this (the admin
+    // request looks every 20 ms), and the app's next request with it.
     let picked = Instant::now() + Duration::from_secs(2);
     while OUTCOMES.lock().expect("outcomes").iter().any(|(p, _)| *p == pid) && Instant::now() < picked {
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(1));
     }
+    // Live app connections come through this channel once at a boundary (set before draining
+    // starts, so that they see a successor to go to); this thread forwards them at once.
+    let (tx, rx) = std::sync::mpsc::channel::<super::HandOver>();
+    *super::HANDOVER.lock().expect("handover lock") = Some(tx);
+    super::set_drain_deadline(Instant::now() + ctx.daemon.drain_timeout());
+    super::set_draining();
+    super::status_mut(|st| st.phase = "draining");
     info!(
         successor = pid,
         generation = started.generation,
@@ -694,7 +695,7 @@ pub async fn start(binary: &Path) -> Result<serde_json::Value, String> {
             });
             return Err(e);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
