@@ -88,6 +88,21 @@ pub struct Status {
     /// Of `succeeded`: hand-offs this generation took back because its successor died while
     /// this generation still drained (it serves again).
     pub taken_back: u64,
+    /// In N+1: the upstream connections it opened before it took over, to the sizes of the
+    /// previous generation's pools.
+    pub preconnected: Option<Preconnected>,
+}
+
+/// A successor's pre-connect before `Started` (see `new::preconnect`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Preconnected {
+    /// (pod, endpoint) pools the previous generation named.
+    pub pools: u64,
+    /// Connections opened.
+    pub opened: u64,
+    /// Pools none of whose connections opened (or that this generation does not serve).
+    pub failed: u64,
+    pub ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -114,6 +129,7 @@ impl Status {
             moved_mux: 0,
             previous: None,
             taken_back: 0,
+            preconnected: None,
         }
     }
 }
@@ -619,6 +635,24 @@ pub fn fresh_start(state_file: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_moved_connections_wait_lands_in_its_bucket_and_an_unknown_stop_is_not_counted() {
+        // The histogram is the process's: compare before and after (no other test records).
+        let (before, sum0, _) = handover_wait();
+        record_handover_wait(0);
+        record_handover_wait(unix_us() - 300_000);
+        record_handover_wait(unix_us() - 2_000_000);
+        let (after, sum1, max) = handover_wait();
+        let d: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        // 300 ms: the 0.5 s bucket (index 8); 2 s: above the last bound.
+        assert_eq!(d, vec![0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1], "{d:?}");
+        assert!(sum1 - sum0 >= 2.3 && max >= 2.0, "sum {} max {max}", sum1 - sum0);
+        assert_eq!(
+            status_json()["handover_wait"]["connections"],
+            after.iter().sum::<u64>()
+        );
+    }
 
     #[test]
     fn rendezvous_names_are_per_generation_and_found_again() {

@@ -267,7 +267,10 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
     drop(fds);
     expect(&s, READY_TIMEOUT, "ready").map_err(|e| (pid, e))?;
     super::status_mut(|st| st.phase = "ready");
-    wire::send(&s, Body::Commit(wire::Commit {}), &[]).map_err(|e| (pid, format!("sending commit: {e}")))?;
+    // The upstream pools in use now: the successor opens as many before it takes over.
+    let pools = pool_sizes(&ctx.daemon);
+    wire::send(&s, Body::Commit(wire::Commit { pools }), &[])
+        .map_err(|e| (pid, format!("sending commit: {e}")))?;
     super::status_mut(|st| st.phase = "committed");
     let started = match expect(&s, STARTED_TIMEOUT, "started").map_err(|e| (pid, e))? {
         Body::Started(st) => st,
@@ -403,6 +406,27 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
     }
     sess.done.store(true, SeqCst);
     Ok(())
+}
+
+/// At most this many (pod, endpoint) pools are named in `Commit` (the largest): about 60
+/// bytes each, well inside [`wire::MAX_FRAME`]; the others open on first use as before.
+const MAX_COMMIT_POOLS: usize = 4096;
+
+/// The HTTP/1.1 upstream connections this generation has per (pod, endpoint), pooled or busy
+/// (see [`wire::Commit::pools`]), the [`MAX_COMMIT_POOLS`] largest.
+fn pool_sizes(daemon: &Daemon) -> Vec<wire::PoolSize> {
+    let mut v = daemon.l7().http.h1_counts_all();
+    if v.len() > MAX_COMMIT_POOLS {
+        v.sort_by(|a, b| b.2.cmp(&a.2));
+        v.truncate(MAX_COMMIT_POOLS);
+    }
+    v.into_iter()
+        .map(|(pod, ep, n)| wire::PoolSize {
+            pod: pod.name.clone(),
+            endpoint: ep.to_string(),
+            connections: u32::try_from(n).unwrap_or(u32::MAX),
+        })
+        .collect()
 }
 
 /// How often a draining generation looks whether its successor still runs.

@@ -200,7 +200,25 @@ pub struct Ready {
 
 /// N → N+1: go (start accepting on the shared listeners, serve admin and metrics).
 #[derive(Clone, PartialEq, Message)]
-pub struct Commit {}
+pub struct Commit {
+    /// The HTTP/1.1 upstream connections N has pooled or busy now, per (pod, endpoint): the
+    /// successor opens as many before it says `Started`, so that the connections that move to
+    /// it find warm upstreams. Optional (empty from a binary before it was added, and ignored
+    /// by one that does not know it): any protocol version.
+    #[prost(message, repeated, tag = "1")]
+    pub pools: Vec<PoolSize>,
+}
+
+/// One (pod, endpoint)'s HTTP/1.1 upstream connections in the running generation.
+#[derive(Clone, PartialEq, Message)]
+pub struct PoolSize {
+    #[prost(string, tag = "1")]
+    pub pod: String,
+    #[prost(string, tag = "2")]
+    pub endpoint: String,
+    #[prost(uint32, tag = "3")]
+    pub connections: u32,
+}
 
 /// N+1 → N: accepting. N stops accepting and drains.
 #[derive(Clone, PartialEq, Message)]
@@ -584,9 +602,11 @@ mod tests {
     }
 
     #[test]
-    fn the_stop_time_in_conn_is_skipped_by_binaries_before_it() {
-        // What a binary before the field decoded: a Conn without the stop time. prost skips
-        // unknown fields, so either side may be the older one.
+    fn the_pool_sizes_in_commit_and_the_stop_time_in_conn_are_skipped_by_binaries_before_them() {
+        // What a binary before the fields decoded: a Commit without fields, a Conn without
+        // the stop time. prost skips unknown fields, so either side may be the older one.
+        #[derive(Clone, PartialEq, Message)]
+        struct OldCommit {}
         #[derive(Clone, PartialEq, Message)]
         struct OldConn {
             #[prost(string, tag = "1")]
@@ -594,6 +614,19 @@ mod tests {
             #[prost(uint64, tag = "12")]
             stream_offset: u64,
         }
+        let commit = Commit {
+            pools: vec![PoolSize {
+                pod: "client".into(),
+                endpoint: "10.0.0.2:8080".into(),
+                connections: 8,
+            }],
+        };
+        assert_eq!(OldCommit::decode(&*commit.encode_to_vec()).unwrap(), OldCommit {});
+        // ... and the other way: an old Commit (empty) is a Commit without pools.
+        assert_eq!(
+            Commit::decode(&*OldCommit {}.encode_to_vec()).unwrap(),
+            Commit::default()
+        );
         let conn = Conn {
             pod: "web".into(),
             stream_offset: 9,
@@ -604,6 +637,11 @@ mod tests {
         assert_eq!((old.pod.as_str(), old.stream_offset), ("web", 9));
         let from_old = Conn::decode(&*old.encode_to_vec()).unwrap();
         assert_eq!(from_old.stopped_unix_us, 0);
+        // Both round-trip in the envelope.
+        assert_eq!(
+            decode(&encode(Body::Commit(commit.clone()))[4..]).unwrap(),
+            Body::Commit(commit)
+        );
     }
 
     #[test]

@@ -133,7 +133,10 @@ impl HttpPools {
     /// Upstream HTTP connections (HTTP/1.1 and HTTP/2) this process opened: (for requests,
     /// ahead of traffic by a pre-connect).
     pub fn connects(&self) -> (u64, u64) {
-        (self.opened.request.load(Relaxed), self.opened.preconnect.load(Relaxed))
+        (
+            self.opened.request.load(Relaxed),
+            self.opened.preconnect.load(Relaxed),
+        )
     }
 
     /// Upstream connections currently pooled (HTTP/1.1 connections plus HTTP/2 connections).
@@ -199,6 +202,14 @@ impl HttpPools {
     /// connections known to be closed are not counted), summed over the workers.
     pub fn h1_counts(&self, endpoints: &[SocketAddr]) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
         self.h1_counts_where(|ep| endpoints.contains(ep))
+    }
+
+    /// [`Self::h1_counts`] to every endpoint (what a successor pre-connects before it takes
+    /// over, [`crate::upgrade`]); pools without a connection are left out.
+    pub fn h1_counts_all(&self) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
+        let mut v = self.h1_counts_where(|_| true);
+        v.retain(|(_, _, n)| *n > 0);
+        v
     }
 
     fn h1_counts_where(&self, want: impl Fn(&SocketAddr) -> bool) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
@@ -385,10 +396,11 @@ pub(super) async fn send_once(
     match st.version {
         HttpVersion::Http1 => {
             let _busy = Busy::new(&pool);
-            let (mut sender, local) = match acquire_h1(&pool, &pools.opened, &st.ctx, endpoint, deadline).await {
-                Ok(s) => s,
-                Err(e) => return Err(Attempt::NotConnected(req, e)),
-            };
+            let (mut sender, local) =
+                match acquire_h1(&pool, &pools.opened, &st.ctx, endpoint, deadline).await {
+                    Ok(s) => s,
+                    Err(e) => return Err(Attempt::NotConnected(req, e)),
+                };
             if sender.ready().await.is_err() {
                 return Err(Attempt::Stale(req));
             }
