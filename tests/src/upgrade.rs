@@ -364,7 +364,9 @@ pub fn upstream_connects(d: &Daemon) -> anyhow::Result<(u64, u64)> {
     let get = |kind: &str| {
         crate::daemon::prom_value(&text, "sockmesh_upstream_http_connects_total", &[("kind", kind)])
             .map(|v| v as u64)
-            .ok_or_else(|| anyhow::anyhow!("no sockmesh_upstream_http_connects_total{{kind={kind:?}}} in /metrics"))
+            .ok_or_else(|| {
+                anyhow::anyhow!("no sockmesh_upstream_http_connects_total{{kind={kind:?}}} in /metrics")
+            })
     };
     Ok((get("request")?, get("preconnect")?))
 }

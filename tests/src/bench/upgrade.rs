@@ -332,8 +332,12 @@ pub fn section(u: &UpgradeResult, md: bool) -> String {
          (the window) against an equally long stretch of steady traffic {:.1} s later (before the \
          next upgrade); the figure is the median window/steady p99 ratio. The old generation stays \
          2 s after handing over (to take the hand-off back should the new one die), so an upgrade \
-         takes about 2.5 s. {} requests, {} failed, {} connections opened; \
-         {:.0} s.\n\n",
+         takes about 2.5 s. The last three columns say what a window's slow requests waited for: \
+         how many were slower than the steady p99 and on how many of the connections (a cost each \
+         moved connection pays once shows as one per connection), the upstream connections the new \
+         generation opened for requests (a cold pool) and ahead of them (its pre-connect to the old \
+         generation's pool sizes), and how long the moved connections waited between the two \
+         generations. {} requests, {} failed, {} connections opened; {:.0} s.\n\n",
         u.conns,
         u.rate,
         u.upgrades.len(),
@@ -402,7 +406,13 @@ mod tests {
         assert_eq!(goals(&u)[1].met, Some(false));
         u.upgrades = vec![upgrade(9.0, 2.0), upgrade(5.0, 2.0)];
         assert_eq!(goals(&u)[0].met, Some(false));
+        u.upgrades[0].slow = 12;
+        u.upgrades[0].slow_conns = 8;
+        u.upgrades[0].preconnects = 8;
+        u.upgrades[0].wait_mean_ms = 0.3;
+        u.upgrades[0].wait_max_ms = 0.5;
         let md = section(&u, true);
         assert!(md.contains("| 1 |") && md.contains("4.50"), "{md}");
+        assert!(md.contains("| 12 (8) | 0 / 8 | 0.3 / 0.5 |"), "{md}");
     }
 }
