@@ -417,7 +417,7 @@ const MAX_COMMIT_POOLS: usize = 4096;
 fn pool_sizes(daemon: &Daemon) -> Vec<wire::PoolSize> {
     let mut v = daemon.l7().http.h1_counts_all();
     if v.len() > MAX_COMMIT_POOLS {
-        v.sort_by(|a, b| b.2.cmp(&a.2));
+        v.sort_by_key(|p| std::cmp::Reverse(p.2));
         v.truncate(MAX_COMMIT_POOLS);
     }
     v.into_iter()
