@@ -136,13 +136,13 @@ fn chained_upgrades_under_keep_alive_load_lose_no_request() {
     assert_eq!(summary["failed"], 0, "failed requests: {}", summary["errors"]);
     assert!(summary["ok"].as_u64().unwrap() > 1000, "{summary}");
     // The moved connections' first requests found the pre-connected upstreams: most
-    // generations opened none for requests during the hand-off (without the pre-connect each
-    // opened one per moved connection and worker; a stall that bunches the requests of several
-    // connections on one worker can still need one more than the pool holds).
-    let opened_for_requests: u64 = request_connects.iter().sum();
+    // generations opened none for requests during the hand-off (without the pre-connect every
+    // one opened several: 4-10 in the bench's windows; a stall that bunches the requests of
+    // several connections on one worker can still need one more than the pool holds).
+    let none = request_connects.iter().filter(|c| **c == 0).count();
     assert!(
-        opened_for_requests < n as u64,
-        "upstream connects for requests during the hand-offs: {request_connects:?}"
+        none * 2 > n,
+        "upstream connects for requests during each hand-off: {request_connects:?}"
     );
     // Live connections were moved between requests, not closed and re-established.
     assert_eq!(summary["connects"], 8, "the client had to reconnect: {summary}");
