@@ -829,7 +829,7 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf, upgrade: bool) 
     // One daemon per pinned state: a second one would adopt the first one's links. A
     // successor (`--upgrade`) shares the running daemon's lock, passed with its listeners.
     let inherited = if upgrade {
-        Some(upgrade::new::connect(&cfg.state_file)?)
+        Some(upgrade::new::connect(&cfg.state_file, worker_count(&cfg))?)
     } else {
         None
     };
@@ -897,6 +897,12 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf, upgrade: bool) 
 
 /// Decide whether the short-circuit stays on: the data-path self-test must pass; the
 /// blocking-reader check must pass too when acceleration is on by default (`Auto`).
+/// The proxy workers to start: `workers`, or one per CPU.
+fn worker_count(cfg: &config::Config) -> usize {
+    cfg.workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 fn accel_selftest(
     kernel: &mut ebpf::Kernel,
     mode: config::AccelMode,
@@ -1030,9 +1036,7 @@ fn serve_loaded(
     // Thread-per-core: the proxy's workers each run a current-thread runtime of their own
     // (`conn::worker`); the control plane (admin, metrics, links, Kubernetes, upgrades) runs
     // on this small one and reaches the workers through their handles.
-    let workers = cfg
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = worker_count(&cfg);
     let (worker_threads, worker_handles) =
         conn::worker::start(workers, cfg.pin_workers).context("failed to start the proxy workers")?;
     let rt = tokio::runtime::Builder::new_multi_thread()

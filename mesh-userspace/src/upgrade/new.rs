@@ -36,7 +36,8 @@ pub struct Inherited {
 }
 
 /// Find the running generation through the lock file next to `state_file` and take its offer.
-pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
+/// `workers`: this generation's proxy workers (N grows its listener groups to as many).
+pub fn connect(state_file: &Path, workers: usize) -> anyhow::Result<Inherited> {
     let info = super::read_lock_info(state_file).ok_or_else(|| {
         anyhow!(
             "--upgrade: {} names no running daemon to take over from",
@@ -78,6 +79,7 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
                 protocol_version: forced.unwrap_or(version),
                 pid: std::process::id(),
                 binary_version: env!("CARGO_PKG_VERSION").into(),
+                workers: workers as u32,
             }),
             &[],
         )?;
@@ -107,6 +109,18 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
             other => bail!("--upgrade: protocol error: expected offer, got {}", other.name()),
         }
     };
+    // Version 3: descriptors beyond one message follow the offer.
+    let mut fds = fds;
+    while fds.len() < offer.fds.len() && offer.protocol_version >= wire::LISTENER_GROUPS_SINCE {
+        match wire::recv(&conn).context("--upgrade: waiting for the offer's descriptors")? {
+            (Body::Fds(f), more) if more.len() == f.count as usize && !more.is_empty() => fds.extend(more),
+            (other, more) => bail!(
+                "--upgrade: protocol error: expected the offer's descriptors, got {} with {}",
+                other.name(),
+                more.len()
+            ),
+        }
+    }
     if offer.fds.len() != fds.len() {
         bail!(
             "--upgrade: the offer describes {} descriptors but {} came",
@@ -126,7 +140,7 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
                     .addr
                     .parse()
                     .map_err(|_| anyhow!("--upgrade: bad listener address {:?}", fi.addr))?;
-                listeners.push((fi.pod.clone(), addr, fd));
+                listeners.push((fi.pod.clone(), addr, fi.member, fd));
             }
             FdKind::Unknown => warn!("--upgrade: ignoring a descriptor of unknown kind {}", fi.kind),
         }
@@ -285,6 +299,16 @@ impl Inherited {
                             }
                         }
                     }
+                }
+                // The previous generation is done (it can no longer take the hand-off back):
+                // listener groups smaller than this generation's workers (a single socket from
+                // a binary before hand-off protocol 3) get their members now.
+                let added = daemon.grow_listeners(daemon.proxy_shared().workers.count());
+                if added > 0 {
+                    info!(
+                        added,
+                        "upgrade: listener groups grown to this generation's workers"
+                    );
                 }
             })?;
         Ok(())

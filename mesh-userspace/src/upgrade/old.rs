@@ -218,8 +218,23 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
         st.phase = "offered";
         st.peer_pid = Some(pid);
     });
+    // Version 3: first grow each listener group to the successor's worker count, so that
+    // every member it will accept on is one this generation holds (and accepts on) too: if the
+    // successor dies, no member closes with connections in its queue.
+    let groups = version >= wire::LISTENER_GROUPS_SINCE;
+    if groups && hello.workers > 0 {
+        let added = ctx.daemon.grow_listeners(hello.workers as usize);
+        if added > 0 {
+            info!(
+                added,
+                workers = hello.workers,
+                "upgrade: listener groups grown to the successor's workers"
+            );
+        }
+    }
     // What moves: the lock, admin and metrics listeners, every pod's listeners (the same
-    // sockets: their accept queues, and the sk_lookup sockmap entries, stay as they are).
+    // sockets: their accept queues, and the sk_lookup sockmap entries, stay as they are);
+    // an older successor gets member 0 of each group only.
     let mut infos = Vec::new();
     let mut fds: Vec<OwnedFd> = Vec::new();
     let dup = |fd: &dyn AsFd| fd.as_fd().try_clone_to_owned().map_err(|e| (pid, e.to_string()));
@@ -233,9 +248,10 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
             kind: kind as i32,
             pod: String::new(),
             addr: String::new(),
+            member: 0,
         });
     }
-    for (pod, addr, dir, fd) in ctx.daemon.listener_fds() {
+    for (pod, addr, dir, member, fd) in ctx.daemon.listener_fds(groups) {
         infos.push(FdInfo {
             kind: match dir {
                 Direction::Outbound => FdKind::Outbound,
@@ -243,16 +259,18 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
             } as i32,
             pod,
             addr: addr.to_string(),
+            member,
         });
         fds.push(fd);
     }
-    if fds.len() > wire::MAX_FDS {
+    if !groups && fds.len() > wire::MAX_FDS {
         let _ = refuse(&s, "too many listeners for one hand-off message");
         return Err((pid, format!("{} listeners exceed one message", fds.len())));
     }
     let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
     s.set_write_timeout(Some(HELLO_TIMEOUT))
         .map_err(|e| (pid, e.to_string()))?;
+    let mut chunks = raw.chunks(wire::MAX_FDS);
     wire::send(
         &s,
         Body::Offer(Offer {
@@ -261,9 +279,20 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
             fds: infos,
             pid: std::process::id(),
         }),
-        &raw,
+        chunks.next().unwrap_or(&[]),
     )
     .map_err(|e| (pid, format!("sending the offer: {e}")))?;
+    // Version 3: the descriptors that did not fit the offer's message.
+    for more in chunks {
+        wire::send(
+            &s,
+            Body::Fds(wire::Fds {
+                count: more.len() as u32,
+            }),
+            more,
+        )
+        .map_err(|e| (pid, format!("sending the offer's descriptors: {e}")))?;
+    }
     drop(fds);
     expect(&s, READY_TIMEOUT, "ready").map_err(|e| (pid, e))?;
     super::status_mut(|st| st.phase = "ready");

@@ -20,7 +20,13 @@ use prost::Message;
 ///
 /// 2: a moved app connection (`Conn`) says its protocol (`protocol`, `stream_offset`): Bolt and
 /// Dubbo connections move too. A version-1 successor would serve them as HTTP/1.1.
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// 3: listening addresses are `SO_REUSEPORT` groups: the successor says its worker count
+/// (`Hello.workers`), the offer carries every member of each group (`FdInfo.member`), and
+/// descriptors beyond one message's [`MAX_FDS`] follow in [`Fds`] frames. A version-2
+/// successor takes one socket per address, so it is sent member 0 only and the draining
+/// generation closes the others (their queues migrate, see `Daemon::drain_handed_off`).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest hand-off protocol this binary still speaks, both ways: an upgrade from (or a
 /// rollback to) a version-1 binary works, with Bolt and Dubbo connections finishing on the
 /// old generation as version 1 did (only version 2 moves them).
@@ -29,6 +35,9 @@ pub const MIN_PROTOCOL_VERSION: u32 = 1;
 pub const MUX_MOVES_SINCE: u32 = 2;
 // Version 1 never moved Bolt/Dubbo connections.
 const _: () = assert!(MUX_MOVES_SINCE > MIN_PROTOCOL_VERSION);
+/// The first version whose successor takes whole listener groups.
+pub const LISTENER_GROUPS_SINCE: u32 = 3;
+const _: () = assert!(LISTENER_GROUPS_SINCE > MIN_PROTOCOL_VERSION);
 
 /// Whether this binary speaks the version another generation asked for (then both speak it).
 /// A successor newer than this daemon is refused with this daemon's version in the `Refuse`
@@ -47,7 +56,7 @@ pub const MAX_FDS: usize = 253;
 
 #[derive(Clone, PartialEq, Message)]
 pub struct Envelope {
-    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
     pub body: Option<Body>,
 }
 
@@ -71,6 +80,16 @@ pub enum Body {
     Abort(Abort),
     #[prost(message, tag = "9")]
     Conn(Conn),
+    #[prost(message, tag = "10")]
+    Fds(Fds),
+}
+
+/// N → N+1 right after an `Offer` whose descriptors do not fit one message (version 3): the
+/// next ones, in the order of the offer's `fds`, at most [`MAX_FDS`] per frame.
+#[derive(Clone, PartialEq, Message)]
+pub struct Fds {
+    #[prost(uint32, tag = "1")]
+    pub count: u32,
 }
 
 /// N → N+1 while N drains: one live app connection, stopped at a request boundary (HTTP/1.1)
@@ -135,6 +154,10 @@ pub struct Hello {
     /// `sockmesh --version` of the successor, for the logs.
     #[prost(string, tag = "3")]
     pub binary_version: String,
+    /// Version 3: the successor's proxy workers. N grows each listener group to at least this
+    /// many members before the offer (0: unknown, no growth).
+    #[prost(uint32, tag = "4")]
+    pub workers: u32,
 }
 
 /// N → N+1: no hand-off (wrong protocol, another upgrade in progress, ...). N is untouched.
@@ -169,6 +192,10 @@ pub struct FdInfo {
     pub pod: String,
     #[prost(string, tag = "3")]
     pub addr: String,
+    /// Version 3: the listener's place in its address's `SO_REUSEPORT` group (0: the socket in
+    /// the `SM_LISTENERS` slot).
+    #[prost(uint32, tag = "4")]
+    pub member: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -293,6 +320,7 @@ impl Body {
             Body::Snapshot(_) => "snapshot",
             Body::Abort(_) => "abort",
             Body::Conn(_) => "conn",
+            Body::Fds(_) => "fds",
         }
     }
 }
@@ -468,11 +496,13 @@ mod tests {
                     kind: FdKind::Outbound as i32,
                     pod: "web".into(),
                     addr: l1.local_addr().unwrap().to_string(),
+                    member: 0,
                 },
                 FdInfo {
                     kind: FdKind::Inbound as i32,
                     pod: "web".into(),
                     addr: l2.local_addr().unwrap().to_string(),
+                    member: 1,
                 },
             ],
         };
@@ -617,6 +647,7 @@ mod tests {
             protocol_version: 99,
             pid: 1,
             binary_version: String::new(),
+            workers: 0,
         }));
         assert_eq!(f, vec![0, 0, 0, 6, 0x0a, 4, 0x08, 99, 0x10, 1]);
     }
