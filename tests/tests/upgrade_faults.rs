@@ -292,6 +292,15 @@ fn a_successor_killed_after_started_hands_back_to_the_draining_generation_which_
     assert_eq!(lock["generation"], 1, "{lock}");
     assert_eq!(d.rendezvous_sockets().len(), 1, "{:?}", d.rendezvous_sockets());
     assert_eq!(gets(client, &format!("{VIP}:{PORT}"), 3)["ok"], 3);
+    // Its listener groups are whole: one socket per worker, each accepted on again (the
+    // successor died holding copies of the same sockets; none of them closed).
+    let workers = st["workers"].as_u64().expect("workers") as usize;
+    let listening = client.listening_sockets(15001).expect("ss");
+    assert_eq!(
+        listening.iter().filter(|l| l.contains("127.0.0.1:15001")).count(),
+        workers,
+        "{listening:?}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     // A later upgrade works (and this time completes).
     d.upgrade(&sockmesh_bin(), DRAIN)
