@@ -221,12 +221,17 @@ pub struct PausedSuccessor {
 
 impl PausedSuccessor {
     pub fn new(point: &str) -> PausedSuccessor {
+        PausedSuccessor::with_env(point, "")
+    }
+
+    /// [`PausedSuccessor::new`] with more environment for the successor (`VAR=value ...`).
+    pub fn with_env(point: &str, env: &str) -> PausedSuccessor {
         let dir = TempDir::new("paused").expect("temp dir");
         let binary = successor_script(
             &dir,
             &format!("paused-{point}"),
             &format!(
-                "SOCKMESH_TEST_UPGRADE_PAUSE={point}:{} exec {} \"$@\"",
+                "{env} SOCKMESH_TEST_UPGRADE_PAUSE={point}:{} exec {} \"$@\"",
                 dir.path().display(),
                 crate::util::sockmesh_bin().display()
             ),
