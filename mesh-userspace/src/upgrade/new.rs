@@ -110,17 +110,7 @@ pub fn connect(state_file: &Path, workers: usize) -> anyhow::Result<Inherited> {
         }
     };
     // Version 3: descriptors beyond one message follow the offer.
-    let mut fds = fds;
-    while fds.len() < offer.fds.len() && offer.protocol_version >= wire::LISTENER_GROUPS_SINCE {
-        match wire::recv(&conn).context("--upgrade: waiting for the offer's descriptors")? {
-            (Body::Fds(f), more) if more.len() == f.count as usize && !more.is_empty() => fds.extend(more),
-            (other, more) => bail!(
-                "--upgrade: protocol error: expected the offer's descriptors, got {} with {}",
-                other.name(),
-                more.len()
-            ),
-        }
-    }
+    let fds = wire::recv_offer_fds(&conn, &offer, fds).context("--upgrade: the offer's descriptors")?;
     if offer.fds.len() != fds.len() {
         bail!(
             "--upgrade: the offer describes {} descriptors but {} came",

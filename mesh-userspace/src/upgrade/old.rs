@@ -270,29 +270,17 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
     let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
     s.set_write_timeout(Some(HELLO_TIMEOUT))
         .map_err(|e| (pid, e.to_string()))?;
-    let mut chunks = raw.chunks(wire::MAX_FDS);
-    wire::send(
+    wire::send_offer(
         &s,
-        Body::Offer(Offer {
+        Offer {
             protocol_version: version,
             generation: super::generation(),
             fds: infos,
             pid: std::process::id(),
-        }),
-        chunks.next().unwrap_or(&[]),
+        },
+        &raw,
     )
     .map_err(|e| (pid, format!("sending the offer: {e}")))?;
-    // Version 3: the descriptors that did not fit the offer's message.
-    for more in chunks {
-        wire::send(
-            &s,
-            Body::Fds(wire::Fds {
-                count: more.len() as u32,
-            }),
-            more,
-        )
-        .map_err(|e| (pid, format!("sending the offer's descriptors: {e}")))?;
-    }
     drop(fds);
     expect(&s, READY_TIMEOUT, "ready").map_err(|e| (pid, e))?;
     super::status_mut(|st| st.phase = "ready");

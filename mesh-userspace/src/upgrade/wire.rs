@@ -386,6 +386,54 @@ pub fn send(s: &UnixStream, body: Body, fds: &[RawFd]) -> io::Result<()> {
     (&*s).write_all(&frame[sent..])
 }
 
+/// Send an `Offer` with its descriptors: the first [`MAX_FDS`] on the offer's frame, the rest
+/// (version 3 only) in [`Fds`] frames right after it.
+pub fn send_offer(s: &UnixStream, offer: Offer, fds: &[RawFd]) -> io::Result<()> {
+    if fds.len() > MAX_FDS && offer.protocol_version < LISTENER_GROUPS_SINCE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} descriptors do not fit one message of hand-off protocol {}",
+                fds.len(),
+                offer.protocol_version
+            ),
+        ));
+    }
+    let mut chunks = fds.chunks(MAX_FDS);
+    send(s, Body::Offer(offer), chunks.next().unwrap_or(&[]))?;
+    for more in chunks {
+        send(
+            s,
+            Body::Fds(Fds {
+                count: more.len() as u32,
+            }),
+            more,
+        )?;
+    }
+    Ok(())
+}
+
+/// After an `Offer` that came with `fds`: the descriptors that follow it in [`Fds`] frames
+/// (version 3), until there are as many as the offer describes.
+pub fn recv_offer_fds(s: &UnixStream, offer: &Offer, mut fds: Vec<OwnedFd>) -> io::Result<Vec<OwnedFd>> {
+    while fds.len() < offer.fds.len() && offer.protocol_version >= LISTENER_GROUPS_SINCE {
+        match recv(s)? {
+            (Body::Fds(f), more) if more.len() == f.count as usize && !more.is_empty() => fds.extend(more),
+            (other, more) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "expected the offer's descriptors, got {} with {}",
+                        other.name(),
+                        more.len()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(fds)
+}
+
 /// Receive one frame and the descriptors that came with it (close-on-exec set).
 pub fn recv(s: &UnixStream) -> io::Result<(Body, Vec<OwnedFd>)> {
     let mut len = [0u8; 4];
@@ -520,6 +568,54 @@ mod tests {
         let (got, fds) = recv(&b).unwrap();
         assert_eq!(got, Body::Commit(Commit {}));
         assert!(fds.is_empty());
+    }
+
+    #[test]
+    fn an_offer_of_more_descriptors_than_one_message_takes_follows_in_fds_frames() {
+        // 600 listener descriptors: a node of 75 pods with two workers (4 addresses each).
+        let (a, b) = UnixStream::pair().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let raw: Vec<RawFd> = vec![l.as_raw_fd(); 600];
+        let info = |i: usize| FdInfo {
+            kind: FdKind::Outbound as i32,
+            pod: format!("pod{}", i / 4),
+            addr: l.local_addr().unwrap().to_string(),
+            member: (i % 2) as u32,
+        };
+        let offer = Offer {
+            protocol_version: LISTENER_GROUPS_SINCE,
+            generation: 1,
+            pid: 1,
+            fds: (0..600).map(info).collect(),
+        };
+        let sender = std::thread::spawn({
+            let offer = offer.clone();
+            move || send_offer(&a, offer, &raw)
+        });
+        let (got, fds) = recv(&b).unwrap();
+        let Body::Offer(got) = got else {
+            panic!("not an offer")
+        };
+        assert_eq!(got, offer);
+        assert_eq!(
+            fds.len(),
+            MAX_FDS,
+            "the offer's own frame carries one message's worth"
+        );
+        let fds = recv_offer_fds(&b, &got, fds).unwrap();
+        sender.join().unwrap().unwrap();
+        assert_eq!(fds.len(), 600);
+        // Each is the same listening socket.
+        let last = std::net::TcpListener::from(fds.into_iter().last().unwrap());
+        assert_eq!(last.local_addr().unwrap(), l.local_addr().unwrap());
+        // Version 2 cannot carry them: refused before anything is sent.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let old = Offer {
+            protocol_version: 2,
+            ..offer
+        };
+        let e = send_offer(&a, old, &vec![l.as_raw_fd(); 300]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
     }
 
     #[test]
