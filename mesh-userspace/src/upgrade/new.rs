@@ -36,7 +36,9 @@ pub struct Inherited {
 }
 
 /// Find the running generation through the lock file next to `state_file` and take its offer.
-pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
+/// `take_over`: this is a `run --take-over` beside it (see [`wire::Hello::take_over`]), not its
+/// child started by `sockmesh upgrade`.
+pub fn connect(state_file: &Path, take_over: bool) -> anyhow::Result<Inherited> {
     let info = super::read_lock_info(state_file).ok_or_else(|| {
         anyhow!(
             "--upgrade: {} names no running daemon to take over from",
@@ -77,7 +79,8 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
             Body::Hello(Hello {
                 protocol_version: forced.unwrap_or(version),
                 pid: std::process::id(),
-                binary_version: env!("CARGO_PKG_VERSION").into(),
+                binary_version: super::takeover::binary_version(),
+                take_over,
             }),
             &[],
         )?;

@@ -80,6 +80,29 @@ pub fn handed_off() -> bool {
     HANDED_OFF.load(SeqCst)
 }
 
+/// The successor this generation handed over to: (generation, pid as it said, whether it is a
+/// `run --take-over` beside this one rather than this process's child).
+static SUCCESSOR: Mutex<Option<(u64, u32, bool)>> = Mutex::new(None);
+
+/// The generation this one handed over to and its pid, while handed over.
+pub fn successor() -> Option<(u64, u32)> {
+    SUCCESSOR
+        .lock()
+        .expect("successor lock")
+        .filter(|_| handed_off())
+        .map(|(g, p, _)| (g, p))
+}
+
+/// Whether this generation handed over to a `run --take-over` (a DaemonSet's surge pod): after
+/// its drain it stays, not ready and serving nothing, until SIGTERM, instead of exiting.
+pub fn handed_to_take_over() -> bool {
+    handed_off()
+        && SUCCESSOR
+            .lock()
+            .expect("successor lock")
+            .is_some_and(|(_, _, t)| t)
+}
+
 /// Listen on this generation's rendezvous socket and advertise it in the lock file.
 pub fn listen(ctx: Ctx) -> io::Result<PathBuf> {
     let g = super::generation();
@@ -96,6 +119,7 @@ pub fn listen(ctx: Ctx) -> io::Result<PathBuf> {
             generation: g,
             rendezvous: path.clone(),
             protocol_version: wire::PROTOCOL_VERSION,
+            binary_version: super::takeover::binary_version(),
         },
     )?;
     *OWN_PATH.lock().expect("path lock") = Some(path.clone());
@@ -213,7 +237,12 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
         super::status_mut(|st| st.refused += 1);
         return Err((pid, format!("refused: {why}")));
     }
-    info!(successor = pid, version = %hello.binary_version, "upgrade: successor says hello");
+    info!(
+        successor = pid,
+        version = %hello.binary_version,
+        take_over = hello.take_over,
+        "upgrade: successor says hello"
+    );
     super::status_mut(|st| {
         st.phase = "offered";
         st.peer_pid = Some(pid);
@@ -279,6 +308,7 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
         done: AtomicBool::new(false),
     });
     *SESSION.lock().expect("session lock") = Some(sess.clone());
+    *SUCCESSOR.lock().expect("successor lock") = Some((started.generation, pid, hello.take_over));
     HANDED_OFF.store(true, SeqCst);
     // From now on admin and metrics requests reach the successor only (requests already
     // accepted, this upgrade's own among them, are still answered).
@@ -531,6 +561,7 @@ fn take_back(
             generation: super::generation(),
             rendezvous: own,
             protocol_version: wire::PROTOCOL_VERSION,
+            binary_version: super::takeover::binary_version(),
         };
         if let Err(e) = super::write_lock_info(&ctx.lock, &info) {
             warn!("upgrade: the lock file was not rewritten: {e}");

@@ -135,6 +135,11 @@ pub struct Hello {
     /// `sockmesh --version` of the successor, for the logs.
     #[prost(string, tag = "3")]
     pub binary_version: String,
+    /// The successor is a `run --take-over` beside N (a DaemonSet's surge pod), not N's own
+    /// child: after the drain N stays, serving nothing and not ready, until SIGTERM (its
+    /// container's exit would make the kubelet restart it). Older daemons ignore it and exit.
+    #[prost(bool, tag = "4")]
+    pub take_over: bool,
 }
 
 /// N → N+1: no hand-off (wrong protocol, another upgrade in progress, ...). N is untouched.
@@ -617,6 +622,7 @@ mod tests {
             protocol_version: 99,
             pid: 1,
             binary_version: String::new(),
+            take_over: false,
         }));
         assert_eq!(f, vec![0, 0, 0, 6, 0x0a, 4, 0x08, 99, 0x10, 1]);
     }
