@@ -326,15 +326,19 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
         st.phase = "draining";
         st.succeeded += 1;
     });
-    OUTCOMES
-        .lock()
-        .expect("outcomes")
-        .push((pid, Ok(started.generation)));
-    // Let the admin request that started the upgrade answer before this generation stops
-    // (the drain can be over within milliseconds once connections move).
-    let picked = Instant::now() + Duration::from_secs(2);
-    while OUTCOMES.lock().expect("outcomes").iter().any(|(p, _)| *p == pid) && Instant::now() < picked {
-        std::thread::sleep(Duration::from_millis(5));
+    // A `run --take-over` was started by nobody here: no admin request waits for its outcome
+    // (and the connections on their way to it must not wait either).
+    if !hello.take_over {
+        OUTCOMES
+            .lock()
+            .expect("outcomes")
+            .push((pid, Ok(started.generation)));
+        // Let the admin request that started the upgrade answer before this generation stops
+        // (the drain can be over within milliseconds once connections move).
+        let picked = Instant::now() + Duration::from_secs(2);
+        while OUTCOMES.lock().expect("outcomes").iter().any(|(p, _)| *p == pid) && Instant::now() < picked {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
     info!(
         successor = pid,
