@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use sockmesh_tests::upgrade::{client_counter, pinned_links, setup_with, Load, DRAIN};
+use sockmesh_tests::upgrade::{client_counter, p99_in, pinned_links, setup_with, unix_now, Load, DRAIN};
 use sockmesh_tests::{attached_programs, eventually, require_privileged, Daemon};
 
 /// `old` serves; `new` is a `run --take-over` started beside it. Waits until `new` is ready,
@@ -68,6 +68,21 @@ fn takes_over(old: &mut Daemon, new: &mut Daemon, generation: u64) {
     .expect("the new generation saw the old one's last counters");
 }
 
+/// On failed requests: when they failed, against what each generation logged.
+fn explain_failures(summary: &serde_json::Value, generations: &[&Daemon]) {
+    if summary["failed"] == 0 {
+        return;
+    }
+    for s in summary["seconds"].as_array().into_iter().flatten() {
+        if s["failed"].as_u64().unwrap_or(0) > 0 {
+            eprintln!("second {}: {s}", s["t"]);
+        }
+    }
+    for (i, d) in generations.iter().enumerate() {
+        eprintln!("===== generation {} (pid {}) =====\n{}", i + 1, d.pid(), d.log());
+    }
+}
+
 /// SIGTERM (the kubelet deleting the old pod): exit 0.
 fn sigterm_exits_0(d: &mut Daemon) {
     let st = d.stop();
@@ -91,11 +106,14 @@ fn a_take_over_run_beside_the_daemon_takes_the_node_and_the_old_one_idles_until_
     let links = pinned_links(&n1);
     let load = Load::start(node.pod("client"), 8, 25, Duration::from_secs(150));
     std::thread::sleep(Duration::from_secs(2));
+    let steady_until = unix_now();
 
+    let from2 = unix_now();
     let mut n2 = n1
         .start_take_over(&node.create_cgroup("pod-2").expect("cgroup"), &[], &[])
         .expect("second run");
     takes_over(&mut n1, &mut n2, 2);
+    let to2 = unix_now();
     sigterm_exits_0(&mut n1);
     // The node is the successor's: capture and serving go on, the kernel side untouched.
     std::thread::sleep(Duration::from_secs(1));
@@ -105,10 +123,12 @@ fn a_take_over_run_beside_the_daemon_takes_the_node_and_the_old_one_idles_until_
     assert_eq!(pinned_links(&n2), links);
 
     // Chained: a third `run` takes over from the second.
+    let from3 = unix_now();
     let mut n3 = n2
         .start_take_over(&node.create_cgroup("pod-3").expect("cgroup"), &[], &[])
         .expect("third run");
     takes_over(&mut n2, &mut n3, 3);
+    let to3 = unix_now();
     sigterm_exits_0(&mut n2);
     std::thread::sleep(Duration::from_secs(2));
 
@@ -117,6 +137,15 @@ fn a_take_over_run_beside_the_daemon_takes_the_node_and_the_old_one_idles_until_
         "load across two take-overs: connects {} ok {} failed {} p99 {} ms",
         summary["connects"], summary["ok"], summary["failed"], summary["p99_ms"]
     );
+    let (steady, _) = p99_in(&summary, 0, steady_until);
+    for (i, (from, to)) in [(from2, to2), (from3, to3)].iter().enumerate() {
+        let (p99, n) = p99_in(&summary, *from, *to);
+        eprintln!(
+            "take-over {}: {n} requests in its window, window p99 {p99:.1} ms (steady {steady:.1} ms)",
+            i + 1
+        );
+    }
+    explain_failures(&summary, &[&n1, &n2, &n3]);
     assert_eq!(summary["failed"], 0, "failed requests: {}", summary["errors"]);
     assert!(summary["ok"].as_u64().unwrap() > 500, "{summary}");
     // The connections moved with each hand-off: none was re-established.
@@ -178,6 +207,7 @@ fn an_older_run_never_takes_over_from_a_newer_daemon_unless_asked() {
         "load: connects {} ok {} failed {}",
         summary["connects"], summary["ok"], summary["failed"]
     );
+    explain_failures(&summary, &[&n1, &rollback]);
     assert_eq!(summary["failed"], 0, "failed requests: {}", summary["errors"]);
     assert_eq!(summary["connects"], 4, "{summary}");
 }
