@@ -56,9 +56,14 @@ pub fn whoami(pod: &Pod, addr: &str) -> String {
 
 /// Runs a Python snippet (`python3 -c CODE args...`) in `pod`; its JSON output.
 pub fn python_json(pod: &Pod, code: &str, args: &[&str]) -> Value {
+    python_json_within(pod, code, args, Duration::from_secs(60))
+}
+
+/// [`python_json`] for a snippet that may run longer than a minute (killed after `limit`).
+pub fn python_json_within(pod: &Pod, code: &str, args: &[&str], limit: Duration) -> Value {
     let mut cmd = Command::new(python());
     cmd.arg("-c").arg(code).args(args);
-    let out = exec_in(&pod.cgroup, Some(&pod.netns), cmd, Duration::from_secs(60)).unwrap();
+    let out = exec_in(&pod.cgroup, Some(&pod.netns), cmd, limit).unwrap();
     check_output("python snippet", &out).unwrap();
     serde_json::from_str(out_str(&out).trim())
         .unwrap_or_else(|e| panic!("python printed non-JSON ({e}): {}", out_str(&out)))

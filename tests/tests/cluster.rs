@@ -15,14 +15,13 @@ use std::time::Duration;
 
 use anyhow::bail;
 use serde_json::Value;
-use sockmesh_tests::checks::{counter, out_str, peer_load_all_ok, wait_counter_eq, whoami};
+use sockmesh_tests::checks::{counter, peer_load_all_ok, python_json_within, wait_counter_eq, whoami};
 use sockmesh_tests::cluster::{
     connections, enroll_inbound, pod_toml_with_inbound, serve_peer, status_dump, Cluster,
 };
 use sockmesh_tests::daemon::{basic_config, pods_toml};
-use sockmesh_tests::process::{check_output, exec_in};
 use sockmesh_tests::util::ensure_eq;
-use sockmesh_tests::{eventually, python, require_privileged, Daemon, LineChild, Pod, Server, VirtualNode};
+use sockmesh_tests::{eventually, require_privileged, Daemon, LineChild, Pod, Server, VirtualNode};
 
 const PEER: &str = env!("CARGO_BIN_EXE_peer");
 const SETTLE: Duration = Duration::from_secs(10);
@@ -104,16 +103,10 @@ for i in range(n):
             fails.append({"i": i, "target": t, "error": repr(e)})
 print(json.dumps({"ok": ok, "fails": fails[:20], "n_fails": len(fails)}))
 "#;
-    let mut cmd = Command::new(python());
-    cmd.arg("-c")
-        .arg(code)
-        .arg(n.to_string())
-        .arg(pod.ip.to_string())
-        .args(targets);
-    let out = exec_in(&pod.cgroup, Some(&pod.netns), cmd, Duration::from_secs(170)).unwrap();
-    check_output("sequential requests", &out).unwrap();
-    serde_json::from_str(out_str(&out).trim())
-        .unwrap_or_else(|e| panic!("python printed non-JSON ({e}): {}", out_str(&out)))
+    let (n, src) = (n.to_string(), pod.ip.to_string());
+    let mut args = vec![n.as_str(), src.as_str()];
+    args.extend(targets.iter().map(String::as_str));
+    python_json_within(pod, code, &args, Duration::from_secs(170))
 }
 
 // ---------------------------------------------------------------------------------------------
