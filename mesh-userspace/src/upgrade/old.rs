@@ -212,7 +212,9 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
     }
     // The successor's process as the kernel knows it (the hello's pid is its own word): after
     // `Started`, its death while this generation drains is seen on a pidfd of it.
-    let watch = cred.map(|c| c.pid as u32).filter(|p| *p > 0).unwrap_or(pid);
+    // A successor in another pid namespace (a DaemonSet's other pod) has pid 0 here: it is not
+    // watched (its `Hello` pid is its own namespace's, e.g. 1), so no take-back.
+    let watch = cred.map(|c| c.pid as u32).unwrap_or(pid);
     let successor = Successor::new(watch);
     let Some(version) = wire::negotiate(hello.protocol_version) else {
         let why = format!(
@@ -451,6 +453,9 @@ struct Successor {
 
 impl Successor {
     fn new(pid: u32) -> Self {
+        if pid == 0 {
+            return Self { pid, pidfd: None };
+        }
         // SAFETY: pidfd_open takes a pid and flags; a non-negative result is a new descriptor
         // this process owns.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -460,6 +465,11 @@ impl Successor {
 
     /// Whether the successor has exited (waiting up to `wait` for it).
     fn exited(&self, wait: Duration) -> bool {
+        if self.pid == 0 {
+            // Not visible from here (see `session`): never seen to exit.
+            std::thread::sleep(wait);
+            return false;
+        }
         match &self.pidfd {
             Some(fd) => {
                 let mut p = libc::pollfd {
