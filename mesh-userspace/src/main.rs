@@ -852,17 +852,18 @@ fn serve(
         upgrade::takeover::block_signals();
         probe::set_not_ready("starting");
     }
+    // A successor prepares beside the generation that serves: nicer, until it takes over (or,
+    // for a `--take-over` that finds no daemon, until it serves), from its preflight on.
+    let mut prepare_nice = if upgrade || take_over.is_some() {
+        upgrade::new::lower_priority_while_preparing()
+    } else {
+        None
+    };
     // A successor by `sockmesh upgrade` answers its probe once it serves (the running
     // generation answers on the same path until then); any other `run` from the start.
     if !upgrade {
         probe::start();
     }
-    // A successor prepares beside the generation that serves: nicer, until it takes over.
-    let mut prepare_nice = if upgrade {
-        upgrade::new::lower_priority_while_preparing()
-    } else {
-        None
-    };
     let (mut checks, optional_off) = preflight(&root, &mount)?;
     // Every proxied connection costs two descriptors: take all the host allows.
     match sys::raise_nofile_limit() {
