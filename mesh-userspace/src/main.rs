@@ -1124,10 +1124,12 @@ fn serve_loaded(
         daemon.resume_routing(r);
     }
     daemon.write_kernel_routes();
-    // A successor: everything is ready to take over; wait for the running generation's go.
-    if let Some(i) = &inherited {
-        i.ready()?;
-    }
+    // A successor: everything is ready to take over; wait for the running generation's go
+    // (it names its upstream pools, opened below before taking over).
+    let warm = match &inherited {
+        Some(i) => i.ready()?,
+        None => Vec::new(),
+    };
     // It serves from here on: the priority it had before it prepared, on every thread.
     if let Some(nice) = prepare_nice {
         upgrade::new::restore_priority(nice);
@@ -1179,6 +1181,8 @@ fn serve_loaded(
         let metrics_task = tokio::spawn(metrics::serve(metrics, daemon.clone()));
         upgrade::old::stop_on_handoff(vec![admin_task.abort_handle(), metrics_task.abort_handle()]);
         if let Some(i) = inherited {
+            // Warm upstream pools for the connections about to move here, then take over.
+            upgrade::new::preconnect(&daemon, warm).await;
             i.started(daemon.clone())?;
             // (A no-op when it answers already: `--take-over` did from the start.)
             probe::start();

@@ -438,6 +438,29 @@ fn encode_l7(d: &mut DescriptorEncoder, l7: &L7Shared) -> fmt::Result {
             .into_iter()
             .map(|(p, v)| (vec![("protocol", Esc(p))], v)),
     )?;
+    let (buckets, sum, _) = crate::upgrade::handover_wait();
+    let count: u64 = buckets.iter().sum();
+    let mut h = d.encode_descriptor(
+        "sockmesh_upgrade_handover_wait_seconds",
+        "Moved app connections this process took over, by how long each waited between the previous generation stopping it and this one serving it.",
+        None,
+        MetricType::Histogram,
+    )?;
+    let les = crate::upgrade::HANDOVER_WAIT_BUCKETS
+        .iter()
+        .copied()
+        .chain([f64::MAX]);
+    let buckets: Vec<(f64, u64)> = les.zip(buckets).collect();
+    h.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+    let (request, preconnect) = l7.http.connects();
+    counter(
+        d,
+        "sockmesh_upstream_http_connects_total",
+        "Upstream HTTP connections this process opened: for a request that found no pooled connection (kind=request), or ahead of traffic (kind=preconnect: a dual-link switch, a new generation before it takes over).",
+        [("request", request), ("preconnect", preconnect)]
+            .into_iter()
+            .map(|(k, v)| (vec![("kind", Esc(k))], v)),
+    )?;
     counter(
         d,
         "sockmesh_upgrade_total",

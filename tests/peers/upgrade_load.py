@@ -14,7 +14,7 @@
       `connects`). Stops at --duration or when the stop file exists. Prints one JSON line:
       {"requests","ok","failed","errors":{reason:n},"connects","p50_ms","p99_ms","max_ms",
        "seconds":[{"t":unix_s,"n":..,"p99_ms":..,"failed":..}]}
-      --samples FILE also writes one line per request: `<due unix ms> <latency ms> <1|0>`.
+      --samples FILE also writes one line per request: `<due unix ms> <latency ms> <1|0> <connection>`.
 
   upgrade_load.py slow --url 10.96.0.10:8080
       A slow client on one connection: sends a whole request and reads its answer, then the
@@ -126,7 +126,7 @@ class Counting(http.client.HTTPConnection):
 def load(a):
     host, port = a.url.rsplit(":", 1)
     lock = threading.Lock()
-    lat = []  # (finish unix time, latency ms, ok)
+    lat = []  # (finish unix time, latency ms, ok, connection index)
     errors = {}
     end = time.time() + a.duration
     stop = threading.Event()
@@ -163,7 +163,7 @@ def load(a):
             t = time.time()
             ms = (time.monotonic() - due) * 1000.0
             with lock:
-                lat.append((t, ms, ok))
+                lat.append((t, ms, ok, w))
                 if why:
                     errors[why] = errors.get(why, 0) + 1
 
@@ -176,9 +176,9 @@ def load(a):
     for t in threads:
         t.join(a.timeout + 2)
     with lock:
-        all_ms = sorted(ms for _, ms, _ in lat)
+        all_ms = sorted(ms for _, ms, _, _ in lat)
         secs = {}
-        for t, ms, ok in lat:
+        for t, ms, ok, _ in lat:
             s = secs.setdefault(int(t), [[], 0])
             s[0].append(ms)
             if not ok:
@@ -189,8 +189,8 @@ def load(a):
 
     out = {
         "requests": len(lat),
-        "ok": sum(1 for _, _, ok in lat if ok),
-        "failed": sum(1 for _, _, ok in lat if not ok),
+        "ok": sum(1 for _, _, ok, _ in lat if ok),
+        "failed": sum(1 for _, _, ok, _ in lat if not ok),
         "errors": errors,
         "connects": Counting.connects,
         "p50_ms": pct(all_ms, 0.50),
@@ -202,10 +202,11 @@ def load(a):
         ],
     }
     if a.samples:
-        # One line per request: the unix ms it was due, its latency (ms from due) and 1/0.
+        # One line per request: the unix ms it was due, its latency (ms from due), 1/0 and the
+        # index of the connection it went on.
         with open(a.samples, "w") as f:
-            for t, ms, ok in lat:
-                f.write(f"{(t - ms / 1000.0) * 1000.0:.3f} {ms:.3f} {int(ok)}\n")
+            for t, ms, ok, w in lat:
+                f.write(f"{(t - ms / 1000.0) * 1000.0:.3f} {ms:.3f} {int(ok)} {w}\n")
     print(json.dumps(out), flush=True)
 
 

@@ -362,3 +362,17 @@ pub fn load_client(client: &Pod, mode: &str, args: &[&str]) -> LineChild {
         .args(args);
     LineChild::spawn(&client.cgroup, Some(&client.netns), cmd).expect("client")
 }
+
+/// The daemon's `sockmesh_upstream_http_connects_total`: (for requests, pre-connected ahead of
+/// traffic), since its generation started.
+pub fn upstream_connects(d: &Daemon) -> anyhow::Result<(u64, u64)> {
+    let text = d.metrics()?;
+    let get = |kind: &str| {
+        crate::daemon::prom_value(&text, "sockmesh_upstream_http_connects_total", &[("kind", kind)])
+            .map(|v| v as u64)
+            .ok_or_else(|| {
+                anyhow::anyhow!("no sockmesh_upstream_http_connects_total{{kind={kind:?}}} in /metrics")
+            })
+    };
+    Ok((get("request")?, get("preconnect")?))
+}

@@ -13,7 +13,7 @@ use serde_json::Value;
 use sockmesh_tests::daemon::{basic_config, prom_value};
 use sockmesh_tests::upgrade::{
     client_counter, failed_upgrade, fake_successor, grpc_python, grpc_server, p99_in, pinned_links,
-    service_toml, setup, unix_now, Load, DRAIN, GRPC_PORT, PORT, VIP,
+    service_toml, setup, unix_now, upstream_connects, Load, DRAIN, GRPC_PORT, PORT, VIP,
 };
 use sockmesh_tests::{
     attached_programs, peers_dir, python, require_privileged, sockmesh_bin, Daemon, LineChild, Pod, Server,
@@ -47,6 +47,7 @@ fn chained_upgrades_under_keep_alive_load_lose_no_request() {
     let steady_until = unix_now();
     let mut windows = Vec::new();
     let mut totals = vec![client_counter(&d, "connections_total")];
+    let mut request_connects = Vec::new();
     for i in 0..n {
         let t0 = Instant::now();
         let from = unix_now();
@@ -78,11 +79,38 @@ fn chained_upgrades_under_keep_alive_load_lose_no_request() {
             i + 1
         );
         totals.push(total);
+        // The new generation opened its upstream pools before it took over, to the previous
+        // one's sizes: its upstream connects are pre-connects, counted in /metrics, and each
+        // moved connection's wait between the two generations was measured.
+        let up = &st["upgrade"];
+        let pre = &up["preconnected"];
+        assert!(
+            pre["opened"].as_u64().unwrap_or(0) >= 1 && pre["failed"] == 0,
+            "upgrade {}: no upstream connection pre-connected: {up}",
+            i + 1
+        );
+        let (for_requests, ahead) = upstream_connects(&d).expect("metrics");
+        assert_eq!(
+            Some(ahead),
+            pre["opened"].as_u64(),
+            "upgrade {}: pre-connects in /metrics vs status: {up}",
+            i + 1
+        );
+        request_connects.push(for_requests);
+        assert_eq!(
+            up["handover_wait"]["connections"],
+            up["moved"],
+            "upgrade {}: every moved connection's wait is in the histogram: {up}",
+            i + 1
+        );
         eprintln!(
-            "upgrade {}: pid {old} -> {} in {took:?}, connections_total {total}, {} live connections moved",
+            "upgrade {}: pid {old} -> {} in {took:?}, connections_total {total}, {} live connections moved (waited {} ms mean, {} ms max), {ahead} upstream connections pre-connected in {} ms, {for_requests} opened for requests",
             i + 1,
             d.pid(),
-            st["upgrade"]["moved"]
+            up["moved"],
+            up["handover_wait"]["mean_ms"],
+            up["handover_wait"]["max_ms"],
+            pre["ms"],
         );
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -107,6 +135,15 @@ fn chained_upgrades_under_keep_alive_load_lose_no_request() {
     }
     assert_eq!(summary["failed"], 0, "failed requests: {}", summary["errors"]);
     assert!(summary["ok"].as_u64().unwrap() > 1000, "{summary}");
+    // The moved connections' first requests found the pre-connected upstreams: most
+    // generations opened none for requests during the hand-off (without the pre-connect every
+    // one opened several: 4-10 in the bench's windows; a stall that bunches the requests of
+    // several connections on one worker can still need one more than the pool holds).
+    let none = request_connects.iter().filter(|c| **c == 0).count();
+    assert!(
+        none * 2 > n,
+        "upstream connects for requests during each hand-off: {request_connects:?}"
+    );
     // Live connections were moved between requests, not closed and re-established.
     assert_eq!(summary["connects"], 8, "the client had to reconnect: {summary}");
     // The last generation serves; the first is long gone; the kernel side never moved.

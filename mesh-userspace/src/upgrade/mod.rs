@@ -89,6 +89,21 @@ pub struct Status {
     /// Of `succeeded`: hand-offs this generation took back because its successor died while
     /// this generation still drained (it serves again).
     pub taken_back: u64,
+    /// In N+1: the upstream connections it opened before it took over, to the sizes of the
+    /// previous generation's pools.
+    pub preconnected: Option<Preconnected>,
+}
+
+/// A successor's pre-connect before `Started` (see `new::preconnect`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Preconnected {
+    /// (pod, endpoint) pools the previous generation named.
+    pub pools: u64,
+    /// Connections opened.
+    pub opened: u64,
+    /// Pools none of whose connections opened (or that this generation does not serve).
+    pub failed: u64,
+    pub ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -115,6 +130,7 @@ impl Status {
             moved_mux: 0,
             previous: None,
             taken_back: 0,
+            preconnected: None,
         }
     }
 }
@@ -138,6 +154,13 @@ pub fn status_json() -> serde_json::Value {
     let mut v = serde_json::to_value(&st).unwrap_or(json!({}));
     v["in_progress"] = in_progress.into();
     v["pid"] = std::process::id().into();
+    let (buckets, sum, max) = handover_wait();
+    let n: u64 = buckets.iter().sum();
+    v["handover_wait"] = json!({
+        "connections": n,
+        "max_ms": (max * 1e4).round() / 10.0,
+        "mean_ms": if n > 0 { (sum / n as f64 * 1e4).round() / 10.0 } else { 0.0 },
+    });
     v
 }
 
@@ -349,6 +372,59 @@ fn moved_protocol(c: &wire::Conn) -> &'static str {
     }
 }
 
+/// Upper bounds (seconds) of `sockmesh_upgrade_handover_wait_seconds`' buckets.
+pub const HANDOVER_WAIT_BUCKETS: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0];
+
+/// Moved app connections this process adopted, by how long they waited between the previous
+/// generation stopping them and this one serving them: per bucket (not cumulative, the last
+/// one above 1 s), the sum and the largest (microseconds).
+struct HandoverWait {
+    buckets: [AtomicU64; HANDOVER_WAIT_BUCKETS.len() + 1],
+    sum_us: AtomicU64,
+    max_us: AtomicU64,
+}
+
+static HANDOVER_WAIT: HandoverWait = HandoverWait {
+    buckets: [const { AtomicU64::new(0) }; HANDOVER_WAIT_BUCKETS.len() + 1],
+    sum_us: AtomicU64::new(0),
+    max_us: AtomicU64::new(0),
+};
+
+/// Now, in microseconds of unix time (both generations read the same clock).
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A moved app connection is served here: count how long it waited since the previous
+/// generation stopped it at `stopped_unix_us` (0: a binary that does not say; not counted).
+pub fn record_handover_wait(stopped_unix_us: u64) {
+    if stopped_unix_us == 0 {
+        return;
+    }
+    let us = unix_us().saturating_sub(stopped_unix_us);
+    let secs = us as f64 / 1e6;
+    let i = HANDOVER_WAIT_BUCKETS
+        .iter()
+        .position(|le| secs <= *le)
+        .unwrap_or(HANDOVER_WAIT_BUCKETS.len());
+    HANDOVER_WAIT.buckets[i].fetch_add(1, Relaxed);
+    HANDOVER_WAIT.sum_us.fetch_add(us, Relaxed);
+    HANDOVER_WAIT.max_us.fetch_max(us, Relaxed);
+}
+
+/// `sockmesh_upgrade_handover_wait_seconds`: (per-bucket counts as in
+/// [`HANDOVER_WAIT_BUCKETS`] plus one above, sum in seconds, largest in seconds).
+pub fn handover_wait() -> (Vec<u64>, f64, f64) {
+    let w = &HANDOVER_WAIT;
+    (
+        w.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+        w.sum_us.load(Relaxed) as f64 / 1e6,
+        w.max_us.load(Relaxed) as f64 / 1e6,
+    )
+}
+
 /// A Bolt or Dubbo connection that stopped reading at a frame boundary must have answered its
 /// requests in flight this long before the drain deadline to move (the hand-over itself still
 /// has to reach the successor before this generation exits).
@@ -427,6 +503,7 @@ fn hand_over_app(
         read,
         protocol: protocol as i32,
         stream_offset: offset,
+        stopped_unix_us: unix_us(),
         ..Default::default()
     };
     if !send_handover(meta, vec![fd]) {
@@ -563,6 +640,24 @@ pub fn fresh_start(state_file: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_moved_connections_wait_lands_in_its_bucket_and_an_unknown_stop_is_not_counted() {
+        // The histogram is the process's: compare before and after (no other test records).
+        let (before, sum0, _) = handover_wait();
+        record_handover_wait(0);
+        record_handover_wait(unix_us() - 300_000);
+        record_handover_wait(unix_us() - 2_000_000);
+        let (after, sum1, max) = handover_wait();
+        let d: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        // 300 ms: the 0.5 s bucket (index 8); 2 s: above the last bound.
+        assert_eq!(d, vec![0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1], "{d:?}");
+        assert!(sum1 - sum0 >= 2.3 && max >= 2.0, "sum {} max {max}", sum1 - sum0);
+        assert_eq!(
+            status_json()["handover_wait"]["connections"],
+            after.iter().sum::<u64>()
+        );
+    }
 
     #[test]
     fn rendezvous_names_are_per_generation_and_found_again() {

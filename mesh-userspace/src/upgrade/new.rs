@@ -162,8 +162,9 @@ pub fn connect(state_file: &Path, take_over: bool) -> anyhow::Result<Inherited> 
 }
 
 impl Inherited {
-    /// Kernel state adopted: tell N, and wait for its `Commit`.
-    pub fn ready(&self) -> anyhow::Result<()> {
+    /// Kernel state adopted: tell N, and wait for its `Commit`; returns the upstream pool sizes
+    /// it names (empty from a binary that does not send them), for [`preconnect`].
+    pub fn ready(&self) -> anyhow::Result<Vec<wire::PoolSize>> {
         wire::send(
             &self.conn,
             Body::Ready(wire::Ready {
@@ -173,9 +174,9 @@ impl Inherited {
         )?;
         self.conn.set_read_timeout(Some(COMMIT_TIMEOUT))?;
         match wire::recv(&self.conn).context("--upgrade: waiting for commit")?.0 {
-            Body::Commit(_) => {
+            Body::Commit(c) => {
                 test_pause("commit");
-                Ok(())
+                Ok(c.pools)
             }
             Body::Abort(a) => bail!("the previous generation aborted the upgrade: {}", a.reason),
             other => bail!("--upgrade: protocol error: expected commit, got {}", other.name()),
@@ -294,6 +295,76 @@ impl Inherited {
     }
 }
 
+/// The whole pre-connect before `Started` takes at most this long (it delays the hand-off).
+const PRECONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Pods enrolled, before `Started`: open the HTTP/1.1 upstream connections the previous
+/// generation had per (pod, endpoint) (`pools`, from its `Commit`), so that the connections it
+/// moves here find warm pools instead of each first request waiting for a connect. Spread
+/// over the workers as the moved connections are (evenly), concurrently, bounded by
+/// [`PRECONNECT_TIMEOUT`]; failures are logged and counted in the status, never fatal (a
+/// request then opens its own connection).
+pub async fn preconnect(daemon: &Arc<Daemon>, pools: Vec<wire::PoolSize>) {
+    if pools.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let shared = daemon.proxy_shared().clone();
+    let (n, mut failed) = (pools.len() as u64, 0u64);
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in pools {
+        let (Some(pod), Ok(ep)) = (daemon.pod_ctx(&p.pod), p.endpoint.parse::<SocketAddr>()) else {
+            warn!(pod = %p.pod, endpoint = %p.endpoint, "upgrade: no pre-connect for a pool of a pod this generation does not serve");
+            failed += 1;
+            continue;
+        };
+        let shared = shared.clone();
+        tasks.spawn(async move {
+            let want = p.connections as usize;
+            let r = shared
+                .l7
+                .http
+                .preconnect_h1(&shared, &pod, ep, want, PRECONNECT_TIMEOUT)
+                .await;
+            (p.pod, ep, r)
+        });
+    }
+    let mut opened = 0u64;
+    let deadline = tokio::time::Instant::now() + PRECONNECT_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+            Ok(Some(Ok((_, _, Ok(k))))) => opened += k as u64,
+            Ok(Some(Ok((pod, ep, Err(e))))) => {
+                warn!(%pod, endpoint = %ep, "upgrade: pre-connect: {e}");
+                failed += 1;
+            }
+            Ok(Some(Err(_))) => failed += 1,
+            Ok(None) => break,
+            Err(_) => {
+                failed += tasks.len() as u64;
+                tasks.abort_all();
+                break;
+            }
+        }
+    }
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    info!(
+        pools = n,
+        opened,
+        failed,
+        ms = format!("{ms:.1}"),
+        "upgrade: pre-connected the upstream pools before taking over"
+    );
+    super::status_mut(|st| {
+        st.preconnected = Some(super::Preconnected {
+            pools: n,
+            opened,
+            failed,
+            ms: (ms * 10.0).round() / 10.0,
+        })
+    });
+}
+
 /// Serve an app connection the previous generation handed over: HTTP/1.1 between requests,
 /// Bolt or Dubbo at a frame boundary; the same socket, the bytes it had read first. Counted as
 /// active here (its total was counted by the generation that accepted it, and carried over).
@@ -346,6 +417,8 @@ pub(super) async fn adopt_app(daemon: Arc<Daemon>, c: wire::Conn, fd: OwnedFd) {
         inbound: c.inbound,
         local,
     };
+    // From the previous generation's stop to here, the app's next request waited (if it sent one).
+    super::record_handover_wait(c.stopped_unix_us);
     match protocol {
         wire::AppProtocol::Http1 => crate::l7::http::serve_handed_over(s, c.read.into(), ctx).await,
         wire::AppProtocol::Bolt => {

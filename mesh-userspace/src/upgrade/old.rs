@@ -298,7 +298,10 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
     drop(fds);
     expect(&s, READY_TIMEOUT, "ready").map_err(|e| (pid, e))?;
     super::status_mut(|st| st.phase = "ready");
-    wire::send(&s, Body::Commit(wire::Commit {}), &[]).map_err(|e| (pid, format!("sending commit: {e}")))?;
+    // The upstream pools in use now: the successor opens as many before it takes over.
+    let pools = pool_sizes(&ctx.daemon);
+    wire::send(&s, Body::Commit(wire::Commit { pools }), &[])
+        .map_err(|e| (pid, format!("sending commit: {e}")))?;
     super::status_mut(|st| st.phase = "committed");
     let started = match expect(&s, STARTED_TIMEOUT, "started").map_err(|e| (pid, e))? {
         Body::Started(st) => st,
@@ -318,30 +321,30 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
         t.abort();
     }
     super::OWNS_ADMIN.store(false, SeqCst);
-    // Live HTTP/1.1 connections come through this channel once idle (before draining starts,
-    // so that they see a successor to go to).
-    let (tx, rx) = std::sync::mpsc::channel::<super::HandOver>();
-    *super::HANDOVER.lock().expect("handover lock") = Some(tx);
-    super::set_drain_deadline(Instant::now() + ctx.daemon.drain_timeout());
-    super::set_draining();
-    super::status_mut(|st| {
-        st.phase = "draining";
-        st.succeeded += 1;
-    });
-    // A `run --take-over` was started by nobody here: no admin request waits for its outcome
-    // (and the connections on their way to it must not wait either).
+    super::status_mut(|st| st.succeeded += 1);
+    // A `run --take-over` was started by nobody here: no admin request waits for its outcome.
     if !hello.take_over {
         OUTCOMES
             .lock()
             .expect("outcomes")
             .push((pid, Ok(started.generation)));
         // Let the admin request that started the upgrade answer before this generation stops
-        // (the drain can be over within milliseconds once connections move).
+        // (the drain can be over within milliseconds once connections move). Connections go on
+        // being served here meanwhile: they stop only once this thread forwards them (below).
+        // Stopping them first left every moved connection waiting 5-26 ms for this (the admin
+        // request looks every 20 ms), and the app's next request with it.
         let picked = Instant::now() + Duration::from_secs(2);
         while OUTCOMES.lock().expect("outcomes").iter().any(|(p, _)| *p == pid) && Instant::now() < picked {
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
+    // Live app connections come through this channel once at a boundary (set before draining
+    // starts, so that they see a successor to go to); this thread forwards them at once.
+    let (tx, rx) = std::sync::mpsc::channel::<super::HandOver>();
+    *super::HANDOVER.lock().expect("handover lock") = Some(tx);
+    super::set_drain_deadline(Instant::now() + ctx.daemon.drain_timeout());
+    super::set_draining();
+    super::status_mut(|st| st.phase = "draining");
     info!(
         successor = pid,
         generation = started.generation,
@@ -438,6 +441,27 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
     }
     sess.done.store(true, SeqCst);
     Ok(())
+}
+
+/// At most this many (pod, endpoint) pools are named in `Commit` (the largest): about 60
+/// bytes each, well inside [`wire::MAX_FRAME`]; the others open on first use as before.
+const MAX_COMMIT_POOLS: usize = 4096;
+
+/// The HTTP/1.1 upstream connections this generation has per (pod, endpoint), pooled or busy
+/// (see [`wire::Commit::pools`]), the [`MAX_COMMIT_POOLS`] largest.
+fn pool_sizes(daemon: &Daemon) -> Vec<wire::PoolSize> {
+    let mut v = daemon.l7().http.h1_counts_all();
+    if v.len() > MAX_COMMIT_POOLS {
+        v.sort_by_key(|p| std::cmp::Reverse(p.2));
+        v.truncate(MAX_COMMIT_POOLS);
+    }
+    v.into_iter()
+        .map(|(pod, ep, n)| wire::PoolSize {
+            pod: pod.name.clone(),
+            endpoint: ep.to_string(),
+            connections: u32::try_from(n).unwrap_or(u32::MAX),
+        })
+        .collect()
 }
 
 /// How often a draining generation looks whether its successor still runs.
@@ -739,7 +763,7 @@ pub async fn start(binary: &Path) -> Result<serde_json::Value, String> {
             });
             return Err(e);
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

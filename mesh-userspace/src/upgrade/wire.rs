@@ -114,6 +114,12 @@ pub struct Conn {
     /// the successor keeps the offsets the kernel's colour ledger is keyed by.
     #[prost(uint64, tag = "12")]
     pub stream_offset: u64,
+    /// When N stopped serving the connection (unix time, microseconds; 0 when unknown, as
+    /// from a binary before it was added): the successor measures how long the app's next
+    /// request could have waited for the move (`sockmesh_upgrade_handover_wait_seconds`).
+    /// Optional: a peer that does not know the field skips it (any protocol version).
+    #[prost(uint64, tag = "13")]
+    pub stopped_unix_us: u64,
 }
 
 /// What a moved app connection speaks.
@@ -199,7 +205,25 @@ pub struct Ready {
 
 /// N → N+1: go (start accepting on the shared listeners, serve admin and metrics).
 #[derive(Clone, PartialEq, Message)]
-pub struct Commit {}
+pub struct Commit {
+    /// The HTTP/1.1 upstream connections N has pooled or busy now, per (pod, endpoint): the
+    /// successor opens as many before it says `Started`, so that the connections that move to
+    /// it find warm upstreams. Optional (empty from a binary before it was added, and ignored
+    /// by one that does not know it): any protocol version.
+    #[prost(message, repeated, tag = "1")]
+    pub pools: Vec<PoolSize>,
+}
+
+/// One (pod, endpoint)'s HTTP/1.1 upstream connections in the running generation.
+#[derive(Clone, PartialEq, Message)]
+pub struct PoolSize {
+    #[prost(string, tag = "1")]
+    pub pod: String,
+    #[prost(string, tag = "2")]
+    pub endpoint: String,
+    #[prost(uint32, tag = "3")]
+    pub connections: u32,
+}
 
 /// N+1 → N: accepting. N stops accepting and drains.
 #[derive(Clone, PartialEq, Message)]
@@ -482,7 +506,7 @@ mod tests {
             ],
         };
         send(&a, Body::Offer(offer.clone()), &[l1.as_raw_fd(), l2.as_raw_fd()]).unwrap();
-        send(&a, Body::Commit(Commit {}), &[]).unwrap();
+        send(&a, Body::Commit(Commit::default()), &[]).unwrap();
         let (got, fds) = recv(&b).unwrap();
         assert_eq!(got, Body::Offer(offer));
         assert_eq!(fds.len(), 2);
@@ -493,7 +517,7 @@ mod tests {
         let _c = std::net::TcpStream::connect(l1.local_addr().unwrap()).unwrap();
         passed.accept().unwrap();
         let (got, fds) = recv(&b).unwrap();
-        assert_eq!(got, Body::Commit(Commit {}));
+        assert_eq!(got, Body::Commit(Commit::default()));
         assert!(fds.is_empty());
     }
 
@@ -564,6 +588,7 @@ mod tests {
                 upstream_eof: false,
                 protocol,
                 stream_offset,
+                stopped_unix_us: stream_offset / 2,
             };
             send(&a, Body::Conn(c.clone()), &[a.as_raw_fd()]).unwrap();
             let (got, fds) = recv(&b).unwrap();
@@ -579,6 +604,49 @@ mod tests {
             drop(a);
             while recv(&b).is_ok() {}
         }
+    }
+
+    #[test]
+    fn the_pool_sizes_in_commit_and_the_stop_time_in_conn_are_skipped_by_binaries_before_them() {
+        // What a binary before the fields decoded: a Commit without fields, a Conn without
+        // the stop time. prost skips unknown fields, so either side may be the older one.
+        #[derive(Clone, PartialEq, Message)]
+        struct OldCommit {}
+        #[derive(Clone, PartialEq, Message)]
+        struct OldConn {
+            #[prost(string, tag = "1")]
+            pod: String,
+            #[prost(uint64, tag = "12")]
+            stream_offset: u64,
+        }
+        let commit = Commit {
+            pools: vec![PoolSize {
+                pod: "client".into(),
+                endpoint: "10.0.0.2:8080".into(),
+                connections: 8,
+            }],
+        };
+        assert_eq!(OldCommit::decode(&*commit.encode_to_vec()).unwrap(), OldCommit {});
+        // ... and the other way: an old Commit (empty) is a Commit without pools.
+        assert_eq!(
+            Commit::decode(&*OldCommit {}.encode_to_vec()).unwrap(),
+            Commit::default()
+        );
+        let conn = Conn {
+            pod: "web".into(),
+            stream_offset: 9,
+            stopped_unix_us: 1_800_000_000_000_000,
+            ..Default::default()
+        };
+        let old = OldConn::decode(&*conn.encode_to_vec()).unwrap();
+        assert_eq!((old.pod.as_str(), old.stream_offset), ("web", 9));
+        let from_old = Conn::decode(&*old.encode_to_vec()).unwrap();
+        assert_eq!(from_old.stopped_unix_us, 0);
+        // Both round-trip in the envelope.
+        assert_eq!(
+            decode(&encode(Body::Commit(commit.clone()))[4..]).unwrap(),
+            Body::Commit(commit)
+        );
     }
 
     #[test]

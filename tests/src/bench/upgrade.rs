@@ -45,6 +45,25 @@ pub struct Upgrade {
     pub steady_n: usize,
     /// Live connections the new generation took over (status `upgrade.moved`).
     pub moved: u64,
+    /// Window requests slower than the steady stretch's p99, and on how many distinct
+    /// connections (one per connection: a cost each connection pays once, at its move).
+    #[serde(default)]
+    pub slow: usize,
+    #[serde(default)]
+    pub slow_conns: usize,
+    /// Upstream HTTP connections the new generation opened by the end of the window: for
+    /// requests that found no pooled one, and pre-connected before it took over
+    /// (`sockmesh_upstream_http_connects_total`).
+    #[serde(default)]
+    pub request_connects: u64,
+    #[serde(default)]
+    pub preconnects: u64,
+    /// How long the moved connections waited between the old generation stopping them and
+    /// the new one serving them (status `upgrade.handover_wait`): mean and largest.
+    #[serde(default)]
+    pub wait_mean_ms: f64,
+    #[serde(default)]
+    pub wait_max_ms: f64,
 }
 
 impl Upgrade {
@@ -83,11 +102,13 @@ impl UpgradeResult {
     }
 }
 
-/// One request of the load: when it was due (unix ms), its latency, whether it succeeded.
+/// One request of the load: when it was due (unix ms), its latency, whether it succeeded, the
+/// connection it went on.
 struct Sample {
     due_ms: f64,
     latency_ms: f64,
     ok: bool,
+    conn: u32,
 }
 
 fn unix_ms() -> f64 {
@@ -109,6 +130,7 @@ fn read_samples(path: &std::path::Path) -> Result<Vec<Sample>> {
             due_ms: due.parse().context("due")?,
             latency_ms: lat.parse().context("latency")?,
             ok: ok == "1",
+            conn: f.next().and_then(|c| c.parse().ok()).unwrap_or(0),
         });
     }
     Ok(out)
@@ -120,6 +142,26 @@ fn in_range(samples: &[Sample], from: f64, to: f64) -> Vec<f64> {
         .filter(|s| s.due_ms >= from && s.due_ms < to)
         .map(|s| s.latency_ms)
         .collect()
+}
+
+/// Requests due in `from..to` slower than `over` ms, and the distinct connections they went on.
+fn slow_in_range(samples: &[Sample], from: f64, to: f64, over: f64) -> (usize, usize) {
+    let slow: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.due_ms >= from && s.due_ms < to && s.latency_ms > over)
+        .collect();
+    let conns: std::collections::BTreeSet<u32> = slow.iter().map(|s| s.conn).collect();
+    (slow.len(), conns.len())
+}
+
+/// What the bench reads from the new generation right after an upgrade.
+struct Evidence {
+    took_ms: f64,
+    moved: u64,
+    request_connects: u64,
+    preconnects: u64,
+    wait_mean_ms: f64,
+    wait_max_ms: f64,
 }
 
 /// Runs the row: `upgrades` upgrades under load; `on_node(daemon pid, node)` is told of every
@@ -150,11 +192,23 @@ pub fn run(upgrades: u32, on_node: &dyn Fn(u32, &VirtualNode)) -> Result<Upgrade
         on_node(d.pid(), &node);
         let st = d.status()?;
         let moved = st["upgrade"]["moved"].as_u64().unwrap_or(0);
+        let wait = &st["upgrade"]["handover_wait"];
+        let (request_connects, preconnects) = crate::upgrade::upstream_connects(&d)?;
+        let ev = Evidence {
+            took_ms,
+            moved,
+            request_connects,
+            preconnects,
+            wait_mean_ms: wait["mean_ms"].as_f64().unwrap_or(0.0),
+            wait_max_ms: wait["max_ms"].as_f64().unwrap_or(0.0),
+        };
         eprintln!(
-            "bench upgrade {}/{upgrades}: {took_ms:.0} ms, {moved} connections moved",
-            i + 1
+            "bench upgrade {}/{upgrades}: {took_ms:.0} ms, {moved} connections moved (waited {:.1} ms mean, {:.1} max); the new generation opened {request_connects} upstream connections for requests, {preconnects} ahead",
+            i + 1,
+            ev.wait_mean_ms,
+            ev.wait_max_ms
         );
-        windows.push((from, to, phase_end, took_ms, moved));
+        windows.push((from, to, phase_end, ev));
         let rest = Duration::from_millis(PHASE_MS).saturating_sub(phase.elapsed());
         std::thread::sleep(rest);
     }
@@ -168,18 +222,27 @@ pub fn run(upgrades: u32, on_node: &dyn Fn(u32, &VirtualNode)) -> Result<Upgrade
         connects: summary["connects"].as_u64().unwrap_or(0),
         ..UpgradeResult::default()
     };
-    for (from, to, phase_end, took_ms, moved) in windows {
+    for (from, to, phase_end, ev) in windows {
         let window = in_range(&samples, from, to);
         // As long as the window, before the next upgrade starts.
         let steady_from = to + STEADY_AFTER_MS as f64;
         let steady = in_range(&samples, steady_from, (steady_from + (to - from)).min(phase_end));
+        let steady_n = steady.len();
+        let steady = Pcts::of(steady);
+        let (slow, slow_conns) = slow_in_range(&samples, from, to, steady.p99);
         res.upgrades.push(Upgrade {
-            took_ms,
+            took_ms: ev.took_ms,
             window_n: window.len(),
             window: Pcts::of(window),
-            steady_n: steady.len(),
-            steady: Pcts::of(steady),
-            moved,
+            steady_n,
+            steady,
+            moved: ev.moved,
+            slow,
+            slow_conns,
+            request_connects: ev.request_connects,
+            preconnects: ev.preconnects,
+            wait_mean_ms: ev.wait_mean_ms,
+            wait_max_ms: ev.wait_max_ms,
         });
     }
     res.seconds = started.elapsed().as_secs_f64();
@@ -234,6 +297,9 @@ pub fn rows(u: &UpgradeResult) -> (Vec<&'static str>, Vec<Vec<String>>) {
         "steady p50 / p99 / max ms (requests)",
         "window/steady p99",
         "connections moved",
+        "window requests > steady p99 (connections)",
+        "new generation's upstream connects: for requests / ahead",
+        "moved connections' wait mean / max ms",
     ];
     let rows = u
         .upgrades
@@ -247,6 +313,9 @@ pub fn rows(u: &UpgradeResult) -> (Vec<&'static str>, Vec<Vec<String>>) {
                 format!("{} ({})", x.steady.text(), x.steady_n),
                 format!("{:.2}", x.ratio()),
                 x.moved.to_string(),
+                format!("{} ({})", x.slow, x.slow_conns),
+                format!("{} / {}", x.request_connects, x.preconnects),
+                format!("{:.1} / {:.1}", x.wait_mean_ms, x.wait_max_ms),
             ]
         })
         .collect();
@@ -263,8 +332,12 @@ pub fn section(u: &UpgradeResult, md: bool) -> String {
          (the window) against an equally long stretch of steady traffic {:.1} s later (before the \
          next upgrade); the figure is the median window/steady p99 ratio. The old generation stays \
          2 s after handing over (to take the hand-off back should the new one die), so an upgrade \
-         takes about 2.5 s. {} requests, {} failed, {} connections opened; \
-         {:.0} s.\n\n",
+         takes about 2.5 s. The last three columns say what a window's slow requests waited for: \
+         how many were slower than the steady p99 and on how many of the connections (a cost each \
+         moved connection pays once shows as one per connection), the upstream connections the new \
+         generation opened for requests (a cold pool) and ahead of them (its pre-connect to the old \
+         generation's pool sizes), and how long the moved connections waited between the two \
+         generations. {} requests, {} failed, {} connections opened; {:.0} s.\n\n",
         u.conns,
         u.rate,
         u.upgrades.len(),
@@ -304,6 +377,7 @@ mod tests {
             },
             steady_n: 1200,
             moved: 8,
+            ..Upgrade::default()
         }
     }
 
@@ -332,7 +406,13 @@ mod tests {
         assert_eq!(goals(&u)[1].met, Some(false));
         u.upgrades = vec![upgrade(9.0, 2.0), upgrade(5.0, 2.0)];
         assert_eq!(goals(&u)[0].met, Some(false));
+        u.upgrades[0].slow = 12;
+        u.upgrades[0].slow_conns = 8;
+        u.upgrades[0].preconnects = 8;
+        u.upgrades[0].wait_mean_ms = 0.3;
+        u.upgrades[0].wait_max_ms = 0.5;
         let md = section(&u, true);
         assert!(md.contains("| 1 |") && md.contains("4.50"), "{md}");
+        assert!(md.contains("| 12 (8) | 0 / 8 | 0.3 / 0.5 |"), "{md}");
     }
 }

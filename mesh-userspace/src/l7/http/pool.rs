@@ -9,7 +9,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
         Arc, Mutex, Weak,
     },
     time::Duration,
@@ -42,6 +42,16 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(15);
 #[derive(Default)]
 pub struct HttpPools {
     workers: PerWorker<Arc<PoolsInner>>,
+    opened: Arc<Opened>,
+}
+
+/// Upstream HTTP connections this process opened (`sockmesh_upstream_http_connects_total`).
+#[derive(Default)]
+struct Opened {
+    /// For a request that found no ready pooled connection (it waited for the connect).
+    request: AtomicU64,
+    /// Ahead of traffic: the dual-link switch's pre-connect, a successor's before it takes over.
+    preconnect: AtomicU64,
 }
 
 #[derive(Default)]
@@ -116,7 +126,17 @@ impl HttpPools {
     pub fn new(workers: usize) -> Self {
         Self {
             workers: PerWorker::new(workers, |_| Arc::default()),
+            opened: Arc::default(),
         }
+    }
+
+    /// Upstream HTTP connections (HTTP/1.1 and HTTP/2) this process opened: (for requests,
+    /// ahead of traffic by a pre-connect).
+    pub fn connects(&self) -> (u64, u64) {
+        (
+            self.opened.request.load(Relaxed),
+            self.opened.preconnect.load(Relaxed),
+        )
     }
 
     /// Upstream connections currently pooled (HTTP/1.1 connections plus HTTP/2 connections).
@@ -181,12 +201,24 @@ impl HttpPools {
     /// enrolled; idle, streaming a body, or carrying a request until its response head;
     /// connections known to be closed are not counted), summed over the workers.
     pub fn h1_counts(&self, endpoints: &[SocketAddr]) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
+        self.h1_counts_where(|ep| endpoints.contains(ep))
+    }
+
+    /// [`Self::h1_counts`] to every endpoint (what a successor pre-connects before it takes
+    /// over, [`crate::upgrade`]); pools without a connection are left out.
+    pub fn h1_counts_all(&self) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
+        let mut v = self.h1_counts_where(|_| true);
+        v.retain(|(_, _, n)| *n > 0);
+        v
+    }
+
+    fn h1_counts_where(&self, want: impl Fn(&SocketAddr) -> bool) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
         let mut out: Vec<(Arc<PodCtx>, SocketAddr, usize)> = Vec::new();
         for inner in self.workers.all() {
             let pools = inner.pools.lock().expect("http pools lock");
             let here = pools
                 .iter()
-                .filter(|(k, _)| k.version == HttpVersion::Http1 && endpoints.contains(&k.endpoint))
+                .filter(|(k, _)| k.version == HttpVersion::Http1 && want(&k.endpoint))
                 .filter_map(|(k, p)| {
                     let pod = p.pod.upgrade()?;
                     let mut h1 = p.h1.lock().expect("h1 pool lock");
@@ -227,8 +259,14 @@ impl HttpPools {
         let runs = shared.workers.spawn_each(|i| {
             let i = i % all.len();
             let (inner, want) = (all[i].clone(), share(i));
-            let (pod, propagation) = (pod.clone(), propagation.clone());
-            async move { preconnect_h1_here(&inner, &pod, propagation, endpoint, want, timeout).await }
+            let (pod, propagation, counted) = (pod.clone(), propagation.clone(), self.opened.clone());
+            async move {
+                let r = preconnect_h1_here(&inner, &pod, propagation, endpoint, want, timeout).await;
+                if let Ok(n) = r {
+                    counted.preconnect.fetch_add(n as u64, Relaxed);
+                }
+                r
+            }
         });
         let (mut opened, mut first_err) = (0, None);
         for r in runs {
@@ -353,14 +391,16 @@ pub(super) async fn send_once(
     deadline: Instant,
     colour: ColourId,
 ) -> Result<Response<Incoming>, Attempt> {
-    let pool = st.ctx.l7().http.get(&st.ctx, endpoint, st.version);
+    let pools = &st.ctx.l7().http;
+    let pool = pools.get(&st.ctx, endpoint, st.version);
     match st.version {
         HttpVersion::Http1 => {
             let _busy = Busy::new(&pool);
-            let (mut sender, local) = match acquire_h1(&pool, &st.ctx, endpoint, deadline).await {
-                Ok(s) => s,
-                Err(e) => return Err(Attempt::NotConnected(req, e)),
-            };
+            let (mut sender, local) =
+                match acquire_h1(&pool, &pools.opened, &st.ctx, endpoint, deadline).await {
+                    Ok(s) => s,
+                    Err(e) => return Err(Attempt::NotConnected(req, e)),
+                };
             if sender.ready().await.is_err() {
                 return Err(Attempt::Stale(req));
             }
@@ -379,7 +419,7 @@ pub(super) async fn send_once(
             }
         }
         HttpVersion::Http2 => {
-            let mut sender = match acquire_h2(&pool, &st.ctx, endpoint, deadline).await {
+            let mut sender = match acquire_h2(&pool, &pools.opened, &st.ctx, endpoint, deadline).await {
                 Ok(s) => s,
                 Err(e) => return Err(Attempt::NotConnected(req, e)),
             };
@@ -400,6 +440,7 @@ pub(super) async fn send_once(
 /// A ready pooled HTTP/1.1 connection, or a new one.
 async fn acquire_h1(
     pool: &EndpointPool,
+    opened: &Opened,
     ctx: &ConnCtx,
     endpoint: SocketAddr,
     deadline: Instant,
@@ -414,7 +455,9 @@ async fn acquire_h1(
     }
     // An inbound delivery connection of a propagating pod: forget its colour when it closes.
     let propagation = ctx.inbound.then(|| ctx.propagation().cloned()).flatten();
-    open_h1(&ctx.pod, propagation, endpoint, until(deadline)).await
+    let c = open_h1(&ctx.pod, propagation, endpoint, until(deadline)).await?;
+    opened.request.fetch_add(1, Relaxed);
+    Ok(c)
 }
 
 /// A new HTTP/1.1 upstream connection from `pod` to `endpoint` (driven by its own task).
@@ -445,6 +488,7 @@ async fn open_h1(
 /// The endpoint's multiplexed HTTP/2 connection, opened on first use or after it closed.
 async fn acquire_h2(
     pool: &EndpointPool,
+    opened: &Opened,
     ctx: &ConnCtx,
     endpoint: SocketAddr,
     deadline: Instant,
@@ -469,6 +513,7 @@ async fn acquire_h2(
             debug!("upstream http2 connection to {endpoint}: {e}");
         }
     });
+    opened.request.fetch_add(1, Relaxed);
     *slot = Some(sender.clone());
     Ok(sender)
 }

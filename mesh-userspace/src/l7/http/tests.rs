@@ -1471,6 +1471,8 @@ async fn preconnected_connections_are_pooled_and_reused() {
                 assert_eq!((st, body.as_str()), (StatusCode::OK, "up"));
             }
             assert_eq!(accepted.load(Relaxed), 4, "a request opened its own connection");
+            // Counted as pre-connects, none for the requests.
+            assert_eq!(pools.connects(), (0, 4));
             // Nothing listening: the error, and nothing pooled for it.
             let dead = dead_addr();
             assert!(pools
@@ -1478,6 +1480,10 @@ async fn preconnected_connections_are_pooled_and_reused() {
                 .await
                 .is_err());
             assert_eq!(pools.h1_counts(&[dead])[0].2, 0);
+            // What an upgrade's Commit names: the pools with connections, the dead one left out.
+            let all = pools.h1_counts_all();
+            assert_eq!(all.len(), 1, "{:?}", all.iter().map(|(_, e, n)| (e, n)).collect::<Vec<_>>());
+            assert_eq!((all[0].1, all[0].2), (ep, 4));
         })
         .await
         .expect("bounded");
