@@ -19,6 +19,7 @@
 pub mod counters;
 pub mod new;
 pub mod old;
+pub mod takeover;
 pub mod tcp;
 pub mod wire;
 
@@ -587,6 +588,10 @@ pub struct LockInfo {
     pub generation: u64,
     pub rendezvous: PathBuf,
     pub protocol_version: u32,
+    /// The daemon's `sockmesh --version` (empty in lock files of binaries before `--take-over`):
+    /// a `run --take-over` never takes over from a newer one unless asked.
+    #[serde(default)]
+    pub binary_version: String,
 }
 
 /// The lock file of a state file (the daemon's `flock`).

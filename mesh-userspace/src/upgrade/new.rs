@@ -37,7 +37,9 @@ pub struct Inherited {
 
 /// Find the running generation through the lock file next to `state_file` and take its offer.
 /// `workers`: this generation's proxy workers (N grows its listener groups to as many).
-pub fn connect(state_file: &Path, workers: usize) -> anyhow::Result<Inherited> {
+/// `take_over`: this is a `run --take-over` beside it (see [`wire::Hello::take_over`]), not its
+/// child started by `sockmesh upgrade`.
+pub fn connect(state_file: &Path, workers: usize, take_over: bool) -> anyhow::Result<Inherited> {
     let info = super::read_lock_info(state_file).ok_or_else(|| {
         anyhow!(
             "--upgrade: {} names no running daemon to take over from",
@@ -78,8 +80,9 @@ pub fn connect(state_file: &Path, workers: usize) -> anyhow::Result<Inherited> {
             Body::Hello(Hello {
                 protocol_version: forced.unwrap_or(version),
                 pid: std::process::id(),
-                binary_version: env!("CARGO_PKG_VERSION").into(),
+                binary_version: super::takeover::binary_version(),
                 workers: workers as u32,
+                take_over,
             }),
             &[],
         )?;

@@ -164,6 +164,11 @@ pub struct Hello {
     /// many members before the offer (0: unknown, no growth).
     #[prost(uint32, tag = "4")]
     pub workers: u32,
+    /// The successor is a `run --take-over` beside N (a DaemonSet's surge pod), not N's own
+    /// child: after the drain N stays, serving nothing and not ready, until SIGTERM (its
+    /// container's exit would make the kubelet restart it). Older daemons ignore it and exit.
+    #[prost(bool, tag = "5")]
+    pub take_over: bool,
 }
 
 /// N → N+1: no hand-off (wrong protocol, another upgrade in progress, ...). N is untouched.
@@ -812,6 +817,7 @@ mod tests {
             pid: 1,
             binary_version: String::new(),
             workers: 0,
+            take_over: false,
         }));
         assert_eq!(f, vec![0, 0, 0, 6, 0x0a, 4, 0x08, 99, 0x10, 1]);
     }
