@@ -68,6 +68,7 @@ struct RawConfig {
     detect_timeout_ms: Option<u64>,
     workers: Option<u32>,
     pin_workers: Option<bool>,
+    reuseport_listeners: Option<bool>,
     #[serde(default)]
     services: Vec<crate::routing::policy::RawService>,
     #[serde(default)]
@@ -333,6 +334,9 @@ pub struct Config {
     /// `pin_workers` (default true): pin worker `i` to the `i`-th allowed CPU when there are
     /// enough of them.
     pub pin_workers: bool,
+    /// `reuseport_listeners` (default true): each listening address of a pod is an
+    /// `SO_REUSEPORT` group of one socket per worker; false: one socket every worker accepts on.
+    pub reuseport_listeners: bool,
     /// `[kubernetes]` with `enabled = true`: CRI discovery, DaemonSet behaviour.
     pub kubernetes: Option<crate::k8s::KubernetesConfig>,
     /// `[limits]`: slow and idle clients, per-pod connection cap.
@@ -633,6 +637,7 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         routing,
         workers,
         pin_workers: raw.pin_workers.unwrap_or(true),
+        reuseport_listeners: raw.reuseport_listeners.unwrap_or(true),
         kubernetes,
         limits,
     })
@@ -823,6 +828,10 @@ mod tests {
             c.pin_workers,
             "workers are pinned unless the config says otherwise"
         );
+        assert!(
+            c.reuseport_listeners,
+            "listener groups unless the config says otherwise"
+        );
     }
 
     #[test]
@@ -834,6 +843,7 @@ mod tests {
             metrics_addr = "127.0.0.1:9999"
             workers = 3
             pin_workers = false
+            reuseport_listeners = false
             [acceleration]
             enabled = true
             max_msg_bytes = 4096
@@ -855,6 +865,7 @@ mod tests {
         assert_eq!(c.outbound_port, 16001);
         assert_eq!(c.workers, Some(3));
         assert!(!c.pin_workers);
+        assert!(!c.reuseport_listeners);
         assert_eq!(c.bypass_ports, vec![22, 53]);
         assert_eq!(c.bypass_cidrs[1].prefix, 32);
         assert_eq!(c.pods.len(), 2);

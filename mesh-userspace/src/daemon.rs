@@ -128,14 +128,13 @@ pub struct Daemon {
     /// After an upgrade hand-off: the pods' own copies of their listening sockets, kept while
     /// this generation drains (see [`Daemon::drain_handed_off`]).
     paused: Mutex<Vec<PausedPod>>,
+    /// Pods whose `net.ipv4.tcp_migrate_req` this generation turned on (see
+    /// [`Daemon::close_extra_members`]).
+    migrate_restore: Mutex<Vec<Arc<PodCtx>>>,
 }
 
 /// A pod's listeners while its generation drains after a hand-off: not accepted from, kept open.
-type PausedPod = (
-    String,
-    Arc<PodCtx>,
-    Vec<(std::net::SocketAddr, Direction, std::os::fd::OwnedFd)>,
-);
+type PausedPod = (String, Arc<PodCtx>, Vec<proxy::ListenerGroup>);
 
 pub struct PodMetrics {
     pub name: String,
@@ -185,7 +184,7 @@ impl Daemon {
             Shared::new(Box::new(conn::KernelOrigDst), router)
                 .with_colour(colour)
                 .with_limits(cfg.limits.clone())
-                .with_workers(workers),
+                .with_workers(workers.with_listener_groups(cfg.reuseport_listeners)),
         );
         tracing::info!(
             "per-pod connection cap: {} ([limits] max_connections_per_pod; 0: none)",
@@ -213,6 +212,7 @@ impl Daemon {
             kernel_down: Mutex::new(Default::default()),
             kernel_health: Mutex::new(Default::default()),
             paused: Mutex::new(Vec::new()),
+            migrate_restore: Mutex::new(Vec::new()),
         }
     }
 
@@ -597,8 +597,9 @@ impl Daemon {
         // The pod's addresses: its requests to other pods come from inside the mesh.
         let addrs = sys::local_addrs_in(&ctx.netns).map_err(io_err)?;
         let mut listeners = Vec::new();
+        let members = self.shared.workers.group_size();
         if !spec.external_proxy {
-            for l in proxy::outbound_listeners(&ctx).map_err(io_err)? {
+            for l in proxy::outbound_listeners(&ctx, members).map_err(io_err)? {
                 listeners.push((l, Direction::Outbound));
             }
         }
@@ -623,9 +624,10 @@ impl Daemon {
                     if fam.is_empty() {
                         continue;
                     }
-                    let l = proxy::inbound_listener(&ctx, ctx.inbound_port, v6).map_err(io_err)?;
+                    let l = proxy::inbound_listener(&ctx, ctx.inbound_port, v6, members).map_err(io_err)?;
                     let slot = listener_slot(pod_id, v6);
-                    k.set_listener(slot, &l).map_err(kerr)?;
+                    // Member 0: sk_lookup's assign of it selects within its reuseport group.
+                    k.set_listener(slot, &l[0]).map_err(kerr)?;
                     listeners.push((l, Direction::Inbound));
                     for a in fam {
                         for port in &ports {
@@ -855,6 +857,12 @@ impl Daemon {
                     "colour_id": self.colour_id(&p.spec),
                     "propagate": p.spec.propagate,
                     "listeners": p.proxy.as_ref().map(|x| x.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
+                    "listener_groups": p.proxy.as_ref().map(|x| x.groups.iter().map(|g| json!({
+                        "address": g.addr.to_string(),
+                        "direction": if g.dir == Direction::Inbound { "inbound" } else { "outbound" },
+                        "members": g.members.len(),
+                        "reuseport": g.reuseport(),
+                    })).collect::<Vec<_>>()).unwrap_or_default(),
                     "connections_active": p.stats.connections_active.load(Relaxed),
                     "connections_total": p.stats.connections_total.load(Relaxed),
                     "connections_held": p.stats.held.load(Relaxed),
@@ -1046,13 +1054,16 @@ impl Daemon {
             .iter_mut()
             .filter_map(|(n, p)| p.proxy.take().map(|x| (n.clone(), x)))
             .collect();
+        // An older successor (hand-off protocol 2) took member 0 of each group only.
+        let single = !crate::upgrade::peer_takes_groups();
         for (name, mut proxy) in proxies {
-            let fds = std::mem::take(&mut proxy.handoff);
-            self.paused
-                .lock()
-                .expect("paused lock")
-                .push((name, proxy.pod.clone(), fds));
+            let mut groups = std::mem::take(&mut proxy.groups);
+            let pod = proxy.pod.clone();
             proxy.stop().await;
+            if single {
+                self.close_extra_members(&pod, &mut groups);
+            }
+            self.paused.lock().expect("paused lock").push((name, pod, groups));
         }
         let start = Instant::now();
         let deadline = start + self.drain_timeout();
@@ -1064,6 +1075,7 @@ impl Daemon {
             let now = Instant::now();
             if (self.shared.registry.is_empty() && now >= standby) || now >= deadline {
                 if crate::upgrade::drain_over() {
+                    self.restore_migrate_req();
                     let left = self.shared.registry.len();
                     if left > 0 {
                         warn!(
@@ -1077,8 +1089,69 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.restore_migrate_req();
         self.serve_again();
         true
+    }
+
+    /// After a hand-off to an older successor (it took member 0 of each listener group only):
+    /// close the other members now that this generation stopped accepting on them, with the
+    /// pod netns's `net.ipv4.tcp_migrate_req` on (Linux 5.14+), so that the connections in
+    /// their accept queues, and handshakes under way, move to a member that stays (member 0,
+    /// which the successor accepts on) instead of being reset (`inet_csk_listen_stop` →
+    /// `reuseport_migrate_sock`). The setting goes back when this generation is done
+    /// ([`Daemon::restore_migrate_req`]).
+    fn close_extra_members(&self, pod: &Arc<PodCtx>, groups: &mut [proxy::ListenerGroup]) {
+        let extra: usize = groups.iter().map(|g| g.members.len().saturating_sub(1)).sum();
+        if extra == 0 {
+            return;
+        }
+        match sys::set_migrate_req(&pod.netns, true) {
+            Ok(true) => self
+                .migrate_restore
+                .lock()
+                .expect("migrate lock")
+                .push(pod.clone()),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(pod = %pod.name, "net.ipv4.tcp_migrate_req not set: connections queued on the closed listener members are reset: {e}")
+            }
+        }
+        let mut queued = 0;
+        for g in groups.iter_mut() {
+            for m in g.members.drain(1..) {
+                queued += sys::accept_queue_len(&m).unwrap_or(0);
+            }
+        }
+        info!(
+            pod = %pod.name,
+            members = extra,
+            queued,
+            "closed the listener members the older successor does not take; their queued connections migrate to member 0"
+        );
+    }
+
+    /// Set `net.ipv4.tcp_migrate_req` back to off in the pods where
+    /// [`Daemon::close_extra_members`] turned it on.
+    fn restore_migrate_req(&self) {
+        for pod in std::mem::take(&mut *self.migrate_restore.lock().expect("migrate lock")) {
+            if let Err(e) = sys::set_migrate_req(&pod.netns, false) {
+                warn!(pod = %pod.name, "net.ipv4.tcp_migrate_req not set back: {e}");
+            }
+        }
+    }
+
+    /// Give every pod's listener groups at least `to` members (see [`PodProxy::grow`]); nothing
+    /// with `reuseport_listeners = false`. Returns the members added.
+    pub(crate) fn grow_listeners(&self, to: usize) -> usize {
+        if self.shared.workers.group_size().is_none() {
+            return 0;
+        }
+        let mut pods = self.pods.lock().expect("pods lock");
+        pods.values_mut()
+            .filter_map(|p| p.proxy.as_mut())
+            .map(|x| x.grow(&self.shared, to))
+            .sum()
     }
 
     /// The hand-off was taken back: accept again on the kept listeners, and write this
@@ -1087,18 +1160,30 @@ impl Daemon {
     fn serve_again(&self) {
         let paused = std::mem::take(&mut *self.paused.lock().expect("paused lock"));
         let mut pods = self.pods.lock().expect("pods lock");
-        for (name, ctx, fds) in paused {
+        for (name, ctx, groups) in paused {
             let Some(p) = pods.get_mut(&name) else { continue };
             let mut listeners = Vec::new();
-            for (addr, dir, fd) in fds {
-                let l = std::net::TcpListener::from(fd);
-                match l.set_nonblocking(true) {
-                    Ok(()) => listeners.push((l, dir)),
-                    Err(e) => warn!(pod = %name, %addr, "listener not served again: {e}"),
+            for g in groups {
+                let mut members = Vec::new();
+                for fd in g.members {
+                    let l = std::net::TcpListener::from(fd);
+                    match l.set_nonblocking(true) {
+                        Ok(()) => members.push(l),
+                        Err(e) => warn!(pod = %name, addr = %g.addr, "listener not served again: {e}"),
+                    }
+                }
+                if !members.is_empty() {
+                    listeners.push((members, g.dir));
                 }
             }
             match proxy::serve(ctx, self.shared.clone(), listeners) {
-                Ok(x) => p.proxy = Some(x),
+                Ok(mut x) => {
+                    // After an older successor only member 0 of each group is left.
+                    if let Some(n) = self.shared.workers.group_size() {
+                        x.grow(&self.shared, n);
+                    }
+                    p.proxy = Some(x)
+                }
                 Err(e) => warn!(pod = %name, "not accepting again: {e}"),
             }
         }
@@ -1134,11 +1219,12 @@ impl Daemon {
                         warn!(pod = %p.spec.name, "pod entry not written again: {e}");
                     }
                 }
-                for (addr, dir, fd) in p.proxy.iter().flat_map(|x| x.handoff.iter()) {
-                    if *dir == Direction::Inbound {
-                        let slot = listener_slot(p.pod_id, addr.is_ipv6());
-                        if let Err(e) = k.set_listener(slot, fd) {
-                            warn!(pod = %p.spec.name, %addr, "listener slot not written again: {e}");
+                for g in p.proxy.iter().flat_map(|x| x.groups.iter()) {
+                    let Some(m0) = g.members.first() else { continue };
+                    if g.dir == Direction::Inbound {
+                        let slot = listener_slot(p.pod_id, g.addr.is_ipv6());
+                        if let Err(e) = k.set_listener(slot, m0) {
+                            warn!(pod = %p.spec.name, addr = %g.addr, "listener slot not written again: {e}");
                         }
                     }
                 }
@@ -1175,18 +1261,23 @@ impl Daemon {
         Duration::from_secs(self.cfg.drain_timeout_secs)
     }
 
-    /// Upgrade hand-off (`upgrade/`): each pod's listening sockets (duplicated), to pass to
-    /// the successor.
+    /// Upgrade hand-off (`upgrade/`): each pod's listening sockets (duplicated) with their
+    /// place in their group, to pass to the successor: every member (`all`), or member 0 of
+    /// each address (an older successor takes one socket per address).
     pub(crate) fn listener_fds(
         &self,
-    ) -> Vec<(String, std::net::SocketAddr, Direction, std::os::fd::OwnedFd)> {
+        all: bool,
+    ) -> Vec<(String, std::net::SocketAddr, Direction, u32, std::os::fd::OwnedFd)> {
         let pods = self.pods.lock().expect("pods lock");
         let mut out = Vec::new();
         for p in pods.values() {
-            for (addr, dir, fd) in p.proxy.iter().flat_map(|x| x.handoff.iter()) {
-                match fd.try_clone() {
-                    Ok(fd) => out.push((p.spec.name.clone(), *addr, *dir, fd)),
-                    Err(e) => warn!(pod = %p.spec.name, %addr, "listener not handed over: {e}"),
+            for g in p.proxy.iter().flat_map(|x| x.groups.iter()) {
+                let n = if all { g.members.len() } else { 1 };
+                for (j, fd) in g.members.iter().take(n).enumerate() {
+                    match fd.try_clone() {
+                        Ok(fd) => out.push((p.spec.name.clone(), g.addr, g.dir, j as u32, fd)),
+                        Err(e) => warn!(pod = %p.spec.name, addr = %g.addr, "listener not handed over: {e}"),
+                    }
                 }
             }
         }

@@ -17,6 +17,7 @@ mod ebpf;
 mod k8s;
 mod kroute;
 mod metrics;
+mod probe;
 mod propagate;
 mod proxy;
 // Protocol detection and codecs; not wired into the proxy yet (issue 4).
@@ -89,6 +90,36 @@ enum Cmd {
         /// anew: `sockmesh upgrade` starts the new binary with this.
         #[arg(long)]
         upgrade: bool,
+        /// Take over by itself from a daemon already running on this node (found through the
+        /// lock file), with the same hand-off as `--upgrade`; start fresh when none runs. For a
+        /// DaemonSet's rolling update with `maxSurge`: the new pod's `run` takes the node while
+        /// the old pod still runs. `older` (the default) never takes over from a newer daemon
+        /// (hand-off protocol, then version): it waits, not ready. `any`: also from a newer one
+        /// (a rollback).
+        #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "older")]
+        take_over: Option<upgrade::takeover::Mode>,
+        /// Serve this process's own readiness and health on this Unix socket (`sockmesh probe`):
+        /// unlike the metrics endpoint, which moves to the next generation, it always answers
+        /// for this process.
+        #[arg(long)]
+        probe_socket: Option<PathBuf>,
+    },
+    /// Ask a daemon's probe socket (`run --probe-socket`) whether its process is ready or
+    /// healthy: exit 0 if so, 1 with the reason if not. For the kubelet's exec probes.
+    Probe {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(value_parser = ["ready", "healthz"])]
+        what: String,
+    },
+    /// Internal: what a generation that handed over to a `run --take-over` becomes (same pid):
+    /// it holds nothing, answers its probe not ready, and exits 0 at SIGTERM.
+    #[command(hide = true)]
+    HandedOver {
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        probe_socket: Option<PathBuf>,
     },
     /// Upgrade the running daemon under load: start BINARY as the next generation, which takes
     /// over the listeners (no connect is refused) while this one drains and exits. If the new
@@ -271,6 +302,8 @@ fn main() -> ExitCode {
             state_file,
             workers,
             upgrade,
+            take_over,
+            probe_socket,
         } => {
             init_tracing();
             let overrides = Overrides {
@@ -281,8 +314,15 @@ fn main() -> ExitCode {
                 state_file,
                 workers,
                 upgrade,
+                take_over,
             };
+            probe::configure(probe_socket);
             run(config.as_deref(), overrides)
+        }
+        Cmd::Probe { socket, what } => probe::query(&socket, &what),
+        Cmd::HandedOver { reason, probe_socket } => {
+            init_tracing();
+            upgrade::takeover::idle(probe_socket, &reason)
         }
         Cmd::Enroll {
             name,
@@ -647,6 +687,7 @@ struct Overrides {
     state_file: Option<PathBuf>,
     workers: Option<u32>,
     upgrade: bool,
+    take_over: Option<upgrade::takeover::Mode>,
 }
 
 fn run(config_path: Option<&Path>, o: Overrides) -> ExitCode {
@@ -658,6 +699,7 @@ fn run(config_path: Option<&Path>, o: Overrides) -> ExitCode {
         state_file,
         workers,
         upgrade,
+        take_over,
     } = o;
     // Config first: an invalid one exits 64 and attaches nothing.
     let text = match config_path {
@@ -721,7 +763,9 @@ fn run(config_path: Option<&Path>, o: Overrides) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match serve(cfg, root, mount, upgrade) {
+    // `--upgrade` is the explicit take-over: it wins.
+    let take_over = take_over.filter(|_| !upgrade);
+    match serve(cfg, root, mount, upgrade, take_over) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -796,13 +840,30 @@ fn preflight(root: &Path, mount: &Path) -> anyhow::Result<(Vec<(String, String)>
     Ok((checks, optional_off))
 }
 
-fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf, upgrade: bool) -> anyhow::Result<()> {
-    // A successor prepares beside the generation that serves: nicer, until it takes over.
-    let prepare_nice = if upgrade {
+fn serve(
+    mut cfg: config::Config,
+    root: PathBuf,
+    mount: PathBuf,
+    upgrade: bool,
+    take_over: Option<upgrade::takeover::Mode>,
+) -> anyhow::Result<()> {
+    if take_over.is_some() {
+        // Before any thread starts: a waiting `--take-over` takes SIGTERM itself.
+        upgrade::takeover::block_signals();
+        probe::set_not_ready("starting");
+    }
+    // A successor prepares beside the generation that serves: nicer, until it takes over (or,
+    // for a `--take-over` that finds no daemon, until it serves), from its preflight on.
+    let mut prepare_nice = if upgrade || take_over.is_some() {
         upgrade::new::lower_priority_while_preparing()
     } else {
         None
     };
+    // A successor by `sockmesh upgrade` answers its probe once it serves (the running
+    // generation answers on the same path until then); any other `run` from the start.
+    if !upgrade {
+        probe::start();
+    }
     let (mut checks, optional_off) = preflight(&root, &mount)?;
     // Every proxied connection costs two descriptors: take all the host allows.
     match sys::raise_nofile_limit() {
@@ -828,14 +889,26 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf, upgrade: bool) 
     }
     // One daemon per pinned state: a second one would adopt the first one's links. A
     // successor (`--upgrade`) shares the running daemon's lock, passed with its listeners.
-    let inherited = if upgrade {
-        Some(upgrade::new::connect(&cfg.state_file)?)
+    let (inherited, taken_lock) = if upgrade {
+        (
+            Some(upgrade::new::connect(&cfg.state_file, worker_count(&cfg), false)?),
+            None,
+        )
+    } else if let Some(mode) = take_over {
+        let start = upgrade::takeover::acquire(&cfg.state_file, mode, worker_count(&cfg), &mut prepare_nice);
+        upgrade::takeover::unblock_signals();
+        match start? {
+            upgrade::takeover::Start::Fresh(f) => (None, Some(f)),
+            upgrade::takeover::Start::TakeOver(i) => (Some(i), None),
+            upgrade::takeover::Start::Stop => return Ok(()),
+        }
     } else {
-        None
+        (None, None)
     };
-    let lock = match &inherited {
-        Some(i) => i.lock.try_clone()?,
-        None => sys::lock_file(&cfg.state_file.with_extension("lock")).with_context(|| {
+    let lock = match (&inherited, taken_lock) {
+        (Some(i), _) => i.lock.try_clone()?,
+        (None, Some(f)) => f,
+        (None, None) => sys::lock_file(&cfg.state_file.with_extension("lock")).with_context(|| {
             // Started beside the running one (e.g. a DaemonSet's new pod): say who runs and how
             // to take over from it instead.
             let holder = upgrade::read_lock_info(&cfg.state_file)
@@ -897,6 +970,12 @@ fn serve(mut cfg: config::Config, root: PathBuf, mount: PathBuf, upgrade: bool) 
 
 /// Decide whether the short-circuit stays on: the data-path self-test must pass; the
 /// blocking-reader check must pass too when acceleration is on by default (`Auto`).
+/// The proxy workers to start: `workers`, or one per CPU.
+fn worker_count(cfg: &config::Config) -> usize {
+    cfg.workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 fn accel_selftest(
     kernel: &mut ebpf::Kernel,
     mode: config::AccelMode,
@@ -1030,9 +1109,7 @@ fn serve_loaded(
     // Thread-per-core: the proxy's workers each run a current-thread runtime of their own
     // (`conn::worker`); the control plane (admin, metrics, links, Kubernetes, upgrades) runs
     // on this small one and reaches the workers through their handles.
-    let workers = cfg
-        .workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = worker_count(&cfg);
     let (worker_threads, worker_handles) =
         conn::worker::start(workers, cfg.pin_workers).context("failed to start the proxy workers")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1114,6 +1191,8 @@ fn serve_loaded(
             // Warm upstream pools for the connections about to move here, then take over.
             upgrade::new::preconnect(&daemon, warm).await;
             i.started(daemon.clone())?;
+            // (A no-op when it answers already: `--take-over` did from the start.)
+            probe::start();
         }
         // Listen for the next generation (per-generation rendezvous, advertised in the lock).
         if let Err(e) = upgrade::old::listen(upgrade::old::Ctx {
@@ -1126,18 +1205,21 @@ fn serve_loaded(
             warn!("upgrades unavailable: the rendezvous socket failed: {e}");
         }
         tokio::spawn(daemon.clone().forward_bpf_logs());
+        tokio::spawn(probe::tick());
         tokio::spawn(daemon.clone().kernel_health_loop());
         if let Some(k) = &kubernetes {
             k8s::start(daemon.clone(), k.clone(), mount.to_path_buf(), root.clone()).await;
         }
         metrics::set_ready();
+        probe::clear();
         // A DaemonSet pod gets SIGTERM on every rolling update: capture and state stay.
         let sigterm_keeps_state = kubernetes.as_ref().is_some_and(|k| k.sigterm_keeps_state);
         let signal = wait_for_signal(signals);
         tokio::pin!(signal);
+        let mut signalled = false;
         let keep_state = loop {
             let keep_state = tokio::select! {
-                r = &mut signal => { r?; sigterm_keeps_state }
+                r = &mut signal => { r?; signalled = true; sigterm_keeps_state }
                 keep = daemon.stop_requested() => keep,
             };
             if !upgrade::old::handed_off() {
@@ -1162,7 +1244,25 @@ fn serve_loaded(
         if !upgrade::old::handed_off() {
             daemon.shutdown(keep_state).await;
         }
-        anyhow::Ok(())
+        // Handed over to a `run --take-over` beside this one (a DaemonSet's new pod): exiting
+        // would make the kubelet restart this container, so stay until SIGTERM (unless it came
+        // during the drain: the pod is being deleted already).
+        let mut idle = None;
+        if upgrade::old::handed_to_take_over() {
+            let term = signalled
+                || tokio::time::timeout(std::time::Duration::ZERO, &mut signal)
+                    .await
+                    .is_ok();
+            if term {
+                info!("drained after handing over; SIGTERM came meanwhile: exiting");
+            } else if let Some((g, pid)) = upgrade::old::successor() {
+                idle = Some(format!(
+                    "handed over to generation {g} (pid {pid}), a `run --take-over` beside this one, and drained: \
+                     this generation serves nothing and holds nothing, and waits for SIGTERM (exit 0, nothing detached)"
+                ));
+            }
+        }
+        anyhow::Ok(idle)
     });
     upgrade::old::finish();
     if upgrade::old::handed_off() {
@@ -1176,8 +1276,15 @@ fn serve_loaded(
     worker_threads.stop();
     // Dropping the daemon drops the kernel handle: unpinned links detach now.
     drop(daemon);
+    if let Ok(Some(reason)) = &result {
+        // Same pid, nothing held: see `become_idle`.
+        let e = upgrade::takeover::become_idle(reason);
+        error!("could not become idle after the hand-off: {e:#}; staying as this process");
+        upgrade::takeover::idle(None, reason);
+        return Ok(());
+    }
     info!("bye");
-    result
+    result.map(drop)
 }
 
 /// `sockmesh uninstall`: stop the daemon if it answers, then remove every pin and the state file.

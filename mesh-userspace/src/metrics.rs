@@ -97,6 +97,10 @@ pub fn set_ready() {
     READY.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
+pub fn is_ready() -> bool {
+    READY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Escape a label value per the exposition format.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")

@@ -3,13 +3,15 @@
 //! same namespace so the server sees the pod's address. The original destination comes through
 //! an [`OrigDstSource`], so the relaying logic can be tested without a kernel.
 //!
-//! Every proxy worker ([`crate::conn::worker`]) runs an accept loop on each of a pod's
-//! listeners (a duplicate descriptor of the same socket, registered with that worker's own
-//! runtime); a connection is served, start to end, by the worker that accepted it.
+//! Each listening address of a pod is an `SO_REUSEPORT` group of one socket per proxy worker
+//! ([`crate::conn::worker`]); each worker accepts on its own member only (registered with its
+//! own runtime), so the kernel's choice of member is the choice of worker and a new connection
+//! wakes one thread. A connection is served, start to end, by the worker that accepted it.
 
 use std::{
     io,
     net::SocketAddr,
+    os::fd::OwnedFd,
     sync::{atomic::Ordering::Relaxed, Arc},
     time::{Duration, Instant},
 };
@@ -35,13 +37,36 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// queue has been quiet this long, so connects captured just before unenroll are not lost.
 const ACCEPT_DRAIN_QUIET: Duration = Duration::from_millis(200);
 
+/// One listening address of a pod: the members of an `SO_REUSEPORT` group (one per worker,
+/// each accepted on by its own worker only, so a new connection wakes one thread), member 0
+/// first (the socket in the pod's `SM_LISTENERS` slot: sk_lookup assigns it and the kernel
+/// picks a member of its group, see ARCHITECTURE.md "Listeners"). Or one socket without
+/// `SO_REUSEPORT` (`reuseport_listeners = false`, or inherited from a generation before
+/// hand-off protocol 3) that every worker accepts on.
+pub struct ListenerGroup {
+    pub addr: SocketAddr,
+    pub dir: Direction,
+    /// This generation's own copies, kept for an upgrade hand-off (`upgrade/`) and the take-back.
+    pub members: Vec<OwnedFd>,
+}
+
+impl ListenerGroup {
+    /// Whether member 0 has `SO_REUSEPORT` (a group that can take more members).
+    pub fn reuseport(&self) -> bool {
+        self.members
+            .first()
+            .and_then(|m| socket2::SockRef::from(m).reuse_port().ok())
+            .unwrap_or(false)
+    }
+}
+
 /// A pod's running listeners. Dropping it without [`PodProxy::stop`] aborts them at once.
 pub struct PodProxy {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     pub listeners: Vec<SocketAddr>,
-    /// Duplicates of the listening sockets, for an upgrade hand-off (`upgrade/`).
-    pub handoff: Vec<(SocketAddr, Direction, std::os::fd::OwnedFd)>,
+    /// Every listening address's sockets (see [`ListenerGroup`]).
+    pub groups: Vec<ListenerGroup>,
     /// The pod, for connections handed over by a previous generation.
     pub pod: Arc<PodCtx>,
 }
@@ -54,6 +79,54 @@ impl PodProxy {
             let _ = t.await;
         }
     }
+
+    /// Give every group with fewer than `to` members new ones (bound in the pod's netns with
+    /// `SO_REUSEPORT`; a socket without it gets it first, so the group forms around it), each
+    /// accepted on by worker `index % workers`. The upgrade hand-off calls this for a successor
+    /// with more workers, so that every member it will accept on is one this generation holds
+    /// and accepts on too: no member is ever closed with connections in its queue. A member
+    /// that cannot be added is logged and the group serves with what it has. Returns the
+    /// members added.
+    pub fn grow(&mut self, shared: &Arc<Shared>, to: usize) -> usize {
+        let mut added = 0;
+        for g in &mut self.groups {
+            if g.members.len() >= to {
+                continue;
+            }
+            if let Some(m0) = g.members.first() {
+                if let Err(e) = socket2::SockRef::from(m0).set_reuse_port(true) {
+                    warn!(pod = %self.pod.name, addr = %g.addr, "listener group not grown: {e}");
+                    continue;
+                }
+            }
+            while g.members.len() < to {
+                let j = g.members.len();
+                let l = match bind_in(&self.pod.netns, g.addr, true) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        warn!(pod = %self.pod.name, addr = %g.addr, members = j,
+                            "listener group not grown (its workers share its members): {e}");
+                        break;
+                    }
+                };
+                let copy = match l.try_clone() {
+                    Ok(c) => OwnedFd::from(c),
+                    Err(e) => {
+                        warn!(pod = %self.pod.name, addr = %g.addr, "listener group not grown: {e}");
+                        break;
+                    }
+                };
+                let stop = self.stop.subscribe();
+                let (pod, sh, dir) = (self.pod.clone(), shared.clone(), g.dir);
+                self.tasks.push(shared.workers.spawn_on(j, move || {
+                    accept_loop(TcpListener::from_std(l).ok(), dir, pod, sh, stop)
+                }));
+                g.members.push(copy);
+                added += 1;
+            }
+        }
+        added
+    }
 }
 
 impl Drop for PodProxy {
@@ -64,14 +137,18 @@ impl Drop for PodProxy {
     }
 }
 
-/// Create a listening socket inside `ns`.
-pub fn bind_in(ns: &NetNs, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// Create a listening socket inside `ns`, with `SO_REUSEPORT` when it is (or may become) a
+/// member of a group.
+pub fn bind_in(ns: &NetNs, addr: SocketAddr, reuseport: bool) -> io::Result<std::net::TcpListener> {
     ns.run(|| -> io::Result<std::net::TcpListener> {
         let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         if addr.is_ipv6() {
             s.set_only_v6(true)?;
         }
         s.set_reuse_address(true)?;
+        if reuseport {
+            s.set_reuse_port(true)?;
+        }
         s.bind(&addr.into())?;
         s.listen(LISTEN_BACKLOG)?;
         s.set_nonblocking(true)?;
@@ -80,88 +157,156 @@ pub fn bind_in(ns: &NetNs, addr: SocketAddr) -> io::Result<std::net::TcpListener
     .map_err(|e| io::Error::other(e.to_string()))?
 }
 
+/// The sockets of one listening address: after an upgrade the previous generation's (the same
+/// accept queues), else `members` new ones in an `SO_REUSEPORT` group (`None`: one socket
+/// without it). The first must bind; a later member that cannot is logged, and the workers
+/// share the members there are.
+fn open_group(
+    pod: &PodCtx,
+    addr: SocketAddr,
+    members: Option<usize>,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let inherited = crate::upgrade::take_group(&pod.name, addr);
+    if !inherited.is_empty() {
+        return Ok(inherited);
+    }
+    let n = members.unwrap_or(1).max(1);
+    let mut out = Vec::with_capacity(n);
+    for j in 0..n {
+        match bind_in(&pod.netns, addr, members.is_some()) {
+            Ok(l) => out.push(l),
+            Err(e) if j == 0 => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("failed to listen on {addr} in pod `{}`: {e}", pod.name),
+                ))
+            }
+            Err(e) => {
+                warn!(pod = %pod.name, %addr, members = j, "listener group smaller than the workers (they share its members): {e}");
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The pod's outbound listeners: 127.0.0.1 (required) and ::1 (when the pod has IPv6; without
 /// it IPv6 connects are simply not captured: the hook finds no listener and lets them go).
-pub fn outbound_listeners(pod: &PodCtx) -> io::Result<Vec<std::net::TcpListener>> {
+/// Each a group of `members` sockets (see [`ListenerGroup`]).
+pub fn outbound_listeners(
+    pod: &PodCtx,
+    members: Option<usize>,
+) -> io::Result<Vec<Vec<std::net::TcpListener>>> {
     let v4: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, pod.outbound_port).into();
     let v6: SocketAddr = (std::net::Ipv6Addr::LOCALHOST, pod.outbound_port).into();
     // After an upgrade: the previous generation's sockets (same accept queues), not new ones.
     let inherited: Vec<_> = [v4, v6]
         .into_iter()
-        .filter_map(|a| crate::upgrade::take_listener(&pod.name, a))
+        .map(|a| crate::upgrade::take_group(&pod.name, a))
+        .filter(|g| !g.is_empty())
         .collect();
     if !inherited.is_empty() {
         return Ok(inherited);
     }
-    let mut out = vec![bind_in(&pod.netns, v4).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("failed to listen on {v4} in pod `{}`: {e}", pod.name),
-        )
-    })?];
-    match bind_in(&pod.netns, v6) {
+    let mut out = vec![open_group(pod, v4, members)?];
+    match open_group(pod, v6, members) {
         Ok(l) => out.push(l),
         Err(e) => warn!(pod = %pod.name, "no IPv6 outbound listener: {e}"),
     }
     Ok(out)
 }
 
-/// The pod's inbound listener for one family, on loopback: it is only ever reached through
-/// `sk_lookup`, which hands it connections for the pod's own addresses.
-pub fn inbound_listener(pod: &PodCtx, port: u16, v6: bool) -> io::Result<std::net::TcpListener> {
+/// The pod's inbound listener group for one family, on loopback: it is only ever reached
+/// through `sk_lookup`, which hands it connections for the pod's own addresses (member 0 is
+/// the socket in the sockmap).
+pub fn inbound_listener(
+    pod: &PodCtx,
+    port: u16,
+    v6: bool,
+    members: Option<usize>,
+) -> io::Result<Vec<std::net::TcpListener>> {
     let addr: SocketAddr = if v6 {
         (std::net::Ipv6Addr::LOCALHOST, port).into()
     } else {
         (std::net::Ipv4Addr::LOCALHOST, port).into()
     };
-    if let Some(l) = crate::upgrade::take_listener(&pod.name, addr) {
-        return Ok(l);
-    }
-    bind_in(&pod.netns, addr).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("failed to listen on {addr} in pod `{}`: {e}", pod.name),
-        )
-    })
+    open_group(pod, addr, members)
 }
 
-/// Serve a pod's listeners, on every worker, until [`PodProxy::stop`].
+/// The workers that accept on member `j` of a group of `m` members when there are `w`:
+/// with at least as many members as workers, one (worker `j % w`, which takes members `j`,
+/// `j + w`, ...); with fewer, the members are shared (`m = 1`: every worker accepts on the one
+/// socket, woken together).
+pub fn acceptors(j: usize, m: usize, w: usize) -> Vec<usize> {
+    let w = w.max(1);
+    if m >= w {
+        vec![j % w]
+    } else {
+        (0..w).filter(|x| x % m.max(1) == j).collect()
+    }
+}
+
+/// Serve a pod's listener groups until [`PodProxy::stop`]: each member on the workers
+/// [`acceptors`] gives it, as a duplicate registered with that worker's reactor.
 pub fn serve(
     pod: Arc<PodCtx>,
     shared: Arc<Shared>,
-    listeners: Vec<(std::net::TcpListener, Direction)>,
+    listeners: Vec<(Vec<std::net::TcpListener>, Direction)>,
 ) -> io::Result<PodProxy> {
     let (stop, stop_rx) = watch::channel(false);
     let pod_ctx = pod.clone();
     let mut tasks = Vec::new();
     let mut addrs = Vec::new();
-    let mut handoff = Vec::new();
-    for (l, dir) in listeners {
-        addrs.push(l.local_addr()?);
-        handoff.push((l.local_addr()?, dir, std::os::fd::OwnedFd::from(l.try_clone()?)));
-        // One duplicate per worker, registered with that worker's reactor (`spawn_each` runs
-        // this inside its runtime's context).
-        let mut failed = None;
-        let loops = shared.workers.spawn_each(|_| {
-            let l = l.try_clone().and_then(TcpListener::from_std);
-            if let Err(e) = &l {
-                failed.get_or_insert(io::Error::new(e.kind(), e.to_string()));
-            }
-            accept_loop(l.ok(), dir, pod.clone(), shared.clone(), stop_rx.clone())
-        });
-        tasks.extend(loops);
-        if let Some(e) = failed {
-            for t in &tasks {
-                t.abort();
-            }
-            return Err(e);
+    let mut groups = Vec::new();
+    let w = shared.workers.count();
+    let abort = |tasks: &[JoinHandle<()>]| {
+        for t in tasks {
+            t.abort();
         }
+    };
+    for (members, dir) in listeners {
+        let Some(first) = members.first() else { continue };
+        let addr = first.local_addr()?;
+        addrs.push(addr);
+        let mut copies = Vec::with_capacity(members.len());
+        let m = members.len();
+        for (j, l) in members.iter().enumerate() {
+            copies.push(OwnedFd::from(l.try_clone()?));
+            for worker in acceptors(j, m, w) {
+                let l = match l.try_clone() {
+                    Ok(l) => l,
+                    Err(e) => {
+                        abort(&tasks);
+                        return Err(e);
+                    }
+                };
+                let mut failed = None;
+                let (pod, sh, rx) = (pod.clone(), shared.clone(), stop_rx.clone());
+                let t = shared.workers.spawn_on(worker, || {
+                    let l = TcpListener::from_std(l);
+                    if let Err(e) = &l {
+                        failed = Some(io::Error::new(e.kind(), e.to_string()));
+                    }
+                    accept_loop(l.ok(), dir, pod, sh, rx)
+                });
+                tasks.push(t);
+                if let Some(e) = failed {
+                    abort(&tasks);
+                    return Err(e);
+                }
+            }
+        }
+        groups.push(ListenerGroup {
+            addr,
+            dir,
+            members: copies,
+        });
     }
     Ok(PodProxy {
         stop,
         tasks,
         listeners: addrs,
-        handoff,
+        groups,
         pod: pod_ctx,
     })
 }
@@ -737,6 +882,69 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(shared.errors.orig_dst_unknown.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn each_member_has_its_own_worker_and_fewer_members_are_shared() {
+        // One member per worker: each its own.
+        assert_eq!(
+            (0..2).map(|j| acceptors(j, 2, 2)).collect::<Vec<_>>(),
+            [vec![0], vec![1]]
+        );
+        // More members than workers (inherited from a generation with more): a worker takes
+        // several.
+        assert_eq!(
+            (0..3).map(|j| acceptors(j, 3, 2)).collect::<Vec<_>>(),
+            [vec![0], vec![1], vec![0]]
+        );
+        // One socket: every worker accepts on it (the shared mode).
+        assert_eq!(acceptors(0, 1, 3), vec![0, 1, 2]);
+        // Two members, four workers: each member two workers.
+        assert_eq!(acceptors(1, 2, 4), vec![1, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_plain_listener_grows_into_a_reuseport_group_that_keeps_serving() {
+        let upstream = banner_server("hi\n").await;
+        let shared = Arc::new(Shared::new(Box::new(FixedOrigDst(upstream)), Router::default()));
+        let p = pod();
+        // Without SO_REUSEPORT, as a binary before hand-off protocol 3 created it.
+        let l = bind_in(&p.netns, "127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut proxy = serve(p.clone(), shared.clone(), vec![(vec![l], Direction::Outbound)]).unwrap();
+        assert!(!proxy.groups[0].reuseport());
+        assert_eq!(proxy.grow(&shared, 3), 2);
+        assert_eq!(
+            proxy.grow(&shared, 3),
+            0,
+            "a group never grows twice to the same size"
+        );
+        let g = &proxy.groups[0];
+        assert_eq!(g.members.len(), 3);
+        assert!(g.reuseport(), "member 0 got SO_REUSEPORT");
+        for m in &g.members {
+            let a = socket2::SockRef::from(m)
+                .local_addr()
+                .unwrap()
+                .as_socket()
+                .unwrap();
+            assert_eq!(a, addr);
+        }
+        // Every connection is answered, whichever member the kernel picked.
+        for _ in 0..60 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            let mut b = [0u8; 3];
+            tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut b))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&b, b"hi\n");
+        }
+        // The kernel spread them: each member's queue was accepted from (none left queued).
+        for m in &proxy.groups[0].members {
+            assert_eq!(crate::sys::accept_queue_len(m).unwrap(), 0);
+        }
+        proxy.stop().await;
     }
 
     #[tokio::test]

@@ -116,10 +116,21 @@ pub fn render(st: &Value) -> String {
     let rows: Vec<Vec<String>> = pods
         .iter()
         .map(|p| {
-            let listeners = p["listeners"]
-                .as_array()
-                .map(|l| l.iter().map(s).collect::<Vec<_>>().join(","))
-                .unwrap_or_default();
+            // `addr×n`: an SO_REUSEPORT group of n sockets (one per worker).
+            let listeners = match p["listener_groups"].as_array().filter(|g| !g.is_empty()) {
+                Some(groups) => groups
+                    .iter()
+                    .map(|g| match g["members"].as_u64() {
+                        Some(n) if n > 1 => format!("{}×{n}", s(&g["address"])),
+                        _ => s(&g["address"]),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+                None => p["listeners"]
+                    .as_array()
+                    .map(|l| l.iter().map(s).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default(),
+            };
             vec![
                 s(&p["name"]),
                 s(&p["cgroup_id"]),
@@ -486,7 +497,9 @@ mod tests {
             "worker_connections": [7, 5],
             "acceleration": {"enabled": false, "detail": "off in config"},
             "pods": [{"name": "web", "cgroup_id": 9, "netns": "/run/netns/web", "external_proxy": false,
-                       "listeners": ["127.0.0.1:15001"], "connections_active": 1, "connections_total": 2}],
+                       "listeners": ["127.0.0.1:15001", "[::1]:15001"],
+                       "listener_groups": [{"address": "127.0.0.1:15001", "members": 2}, {"address": "[::1]:15001", "members": 1}],
+                       "connections_active": 1, "connections_total": 2}],
             "connections": [{"id": 1, "pod": "web", "client": "127.0.0.1:40000", "original_dst": "198.18.0.3:80",
                               "upstream_local": "198.18.0.2:5000", "bytes_to_upstream": 10, "bytes_to_client": 20, "age_ms": 5}],
             "counters": {"connect_captured": 2, "connect_not_enrolled": 0},
@@ -494,6 +507,7 @@ mod tests {
         });
         let out = render(&st);
         assert!(out.contains("198.18.0.3:80"), "{out}");
+        assert!(out.contains("127.0.0.1:15001×2,[::1]:15001 "), "{out}");
         assert!(out.contains("connect_captured"), "{out}");
         assert!(!out.contains("connect_not_enrolled"), "{out}");
         assert!(!out.contains("Proxy errors"), "{out}");

@@ -203,6 +203,43 @@ fn setns(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Set `net.ipv4.tcp_migrate_req` (Linux 5.14+, per netns) of `ns`: with it on, a closed
+/// member of an `SO_REUSEPORT` group hands its queued connections to another member instead of
+/// resetting them. Returns whether it changed.
+pub fn set_migrate_req(ns: &NetNs, on: bool) -> io::Result<bool> {
+    ns.run(|| -> io::Result<bool> {
+        // /proc/sys/net is the namespace of the thread that opens it.
+        let path = "/proc/sys/net/ipv4/tcp_migrate_req";
+        let was = std::fs::read_to_string(path)?.trim() != "0";
+        if was != on {
+            std::fs::write(path, if on { "1" } else { "0" })?;
+        }
+        Ok(was != on)
+    })
+    .map_err(|e| io::Error::other(e.to_string()))?
+}
+
+/// The connections waiting in a listening socket's accept queue (`TCP_INFO`'s `tcpi_unacked`
+/// for a listener).
+pub fn accept_queue_len(fd: &impl AsRawFd) -> io::Result<u64> {
+    // SAFETY: tcp_info is plain data; the kernel writes at most `len` bytes of it.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        if libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(info.tcpi_unacked as u64)
+    }
+}
+
 /// The pod's own addresses: every address on a non-loopback interface of `ns`, IPv6
 /// link-local excluded.
 pub fn local_addrs_in(ns: &NetNs) -> io::Result<Vec<std::net::IpAddr>> {

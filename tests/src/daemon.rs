@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
 use crate::node::{Pod, VirtualNode};
-use crate::process::{describe, run_host, spawn_in_with, status_text, GuardedChild};
+use crate::process::{run_host, spawn_in_with, status_text, GuardedChild};
 use crate::util::{eventually, free_tcp_port, sockmesh_bin, TempDir};
 
 /// How long the daemon gets to answer `status` after start.
@@ -37,8 +37,11 @@ pub struct Daemon {
     /// After [`Daemon::upgrade`]: the generation now running (not our child until the one
     /// that started it exits; this process is a child subreaper, so then it is).
     successor: Option<u32>,
-    /// Dropped last: holds the config, the log and the admin socket.
-    dir: TempDir,
+    /// This process's own probe socket (`run --probe-socket`).
+    probe_socket: PathBuf,
+    /// Dropped last: holds the config, the log and the admin socket (shared with the daemons
+    /// started beside this one by [`Daemon::start_take_over`]).
+    dir: std::sync::Arc<TempDir>,
 }
 
 impl Daemon {
@@ -61,16 +64,22 @@ impl Daemon {
         config_toml: &str,
         state: Option<(PathBuf, PathBuf)>,
     ) -> Result<Daemon> {
-        let bin = sockmesh_bin();
+        Self::start_with_args(cgroup, config_toml, state, &[])
+    }
+
+    /// Like [`Daemon::start_with_state`], with extra `run` arguments (e.g. `--take-over`).
+    pub fn start_with_args(
+        cgroup: &Path,
+        config_toml: &str,
+        state: Option<(PathBuf, PathBuf)>,
+        args: &[&str],
+    ) -> Result<Daemon> {
         let dir = TempDir::new("daemon")?;
         let config_path = dir.join("sockmesh.toml");
         std::fs::write(&config_path, config_toml)
             .with_context(|| format!("failed to write {}", config_path.display()))?;
         let admin_socket = dir.join("admin.sock");
         let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
-        let log_path = dir.join("daemon.log");
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("failed to create {}", log_path.display()))?;
 
         // Each daemon gets its own pinned state (bpffs) and state file, removed on drop, so
         // daemons never adopt each other's links, whatever the config says.
@@ -84,39 +93,21 @@ impl Daemon {
                 dir.join("state.json"),
             )
         });
-        let mut cmd = Command::new(&bin);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .arg("--state-file")
-            .arg(&state_file)
-            .arg("--admin-socket")
-            .arg(&admin_socket)
-            .arg("--metrics-addr")
-            .arg(metrics_addr.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log));
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
-        let what = describe(&cmd);
-        let child = spawn_in_with(cgroup, None, cmd, libc::SIGTERM)?.with_term_grace(STOP_GRACE);
-        let mut daemon = Daemon {
-            bin,
-            admin_socket,
-            metrics_addr,
-            log_path,
-            config_path,
-            pin_dir,
-            state_file,
-            owns_state: true,
-            child: Some(child),
-            successor: None,
-            dir,
-        };
+        let mut daemon = Daemon::spawn(
+            cgroup,
+            std::sync::Arc::new(dir),
+            Paths {
+                config_path,
+                admin_socket,
+                metrics_addr,
+                pin_dir,
+                state_file,
+            },
+            "daemon",
+            args,
+            &[],
+        )?;
+        let what = format!("sockmesh run {}", args.join(" "));
         let ready = eventually(READY_TIMEOUT, || {
             if let Some(s) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 // Not worth polling further: report at once.
@@ -130,6 +121,129 @@ impl Daemon {
                 daemon.print_log("daemon failed to start");
                 Err(e.context(format!("`{what}` did not become ready")))
             }
+        }
+    }
+
+    /// A `sockmesh run --take-over` (with `args`, e.g. `--take-over=any`, and `env`) started
+    /// beside this daemon in `cgroup`, as a DaemonSet's surge pod would be: the same config,
+    /// pinned state, state file (and lock), admin socket and metrics address; its own log and
+    /// probe socket. Not waited for: it may wait (not ready) or take over. It does not own
+    /// the pinned state until [`Daemon::hand_state_to`] says so.
+    pub fn start_take_over(&self, cgroup: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Daemon> {
+        let n = crate::util::unique();
+        let mut all = vec!["--take-over"];
+        if args.iter().any(|a| a.starts_with("--take-over")) {
+            all.clear();
+        }
+        all.extend_from_slice(args);
+        let mut d = Daemon::spawn(
+            cgroup,
+            self.dir.clone(),
+            Paths {
+                config_path: self.config_path.clone(),
+                admin_socket: self.admin_socket.clone(),
+                metrics_addr: self.metrics_addr,
+                pin_dir: self.pin_dir.clone(),
+                state_file: self.state_file.clone(),
+            },
+            &format!("take-over-{n}"),
+            &all,
+            env,
+        )?;
+        d.owns_state = false;
+        Ok(d)
+    }
+
+    /// The pinned state (uninstalled when its owner drops) now belongs to `other` (a daemon
+    /// that took the node over from this one).
+    pub fn hand_state_to(&mut self, other: &mut Daemon) {
+        other.owns_state = self.owns_state;
+        self.owns_state = false;
+    }
+
+    fn spawn(
+        cgroup: &Path,
+        dir: std::sync::Arc<TempDir>,
+        p: Paths,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
+        let bin = sockmesh_bin();
+        let Paths {
+            config_path,
+            admin_socket,
+            metrics_addr,
+            pin_dir,
+            state_file,
+        } = p;
+        let log_path = dir.join(format!("{name}.log"));
+        let probe_socket = dir.join(format!("{name}.probe.sock"));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("failed to create {}", log_path.display()))?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .arg("--state-file")
+            .arg(&state_file)
+            .arg("--admin-socket")
+            .arg(&admin_socket)
+            .arg("--metrics-addr")
+            .arg(metrics_addr.to_string())
+            .arg("--probe-socket")
+            .arg(&probe_socket)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = spawn_in_with(cgroup, None, cmd, libc::SIGTERM)?.with_term_grace(STOP_GRACE);
+        Ok(Daemon {
+            bin,
+            admin_socket,
+            metrics_addr,
+            log_path,
+            config_path,
+            pin_dir,
+            state_file,
+            owns_state: true,
+            child: Some(child),
+            successor: None,
+            probe_socket,
+            dir,
+        })
+    }
+
+    /// `GET /<what>` (`ready`, `healthz`) on this process's own probe socket: the status code
+    /// and the body.
+    pub fn probe(&self, what: &str) -> Result<(u16, String)> {
+        let mut s = std::os::unix::net::UnixStream::connect(&self.probe_socket)
+            .with_context(|| format!("connect {}", self.probe_socket.display()))?;
+        s.set_read_timeout(Some(CLI_TIMEOUT))?;
+        s.set_write_timeout(Some(CLI_TIMEOUT))?;
+        write!(s, "GET /{what} HTTP/1.0\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let code = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow!("probe answered {resp:?}"))?;
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+        Ok((code, body.trim().to_owned()))
+    }
+
+    /// Whether this guard's process still runs (not exited, not a zombie).
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) if self.successor.is_none() => matches!(c.try_wait(), Ok(None)),
+            _ => false,
         }
     }
 
@@ -172,6 +286,10 @@ impl Daemon {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    pub fn probe_socket(&self) -> &Path {
+        &self.probe_socket
     }
 
     /// The daemon's pid (0 once stopped).
@@ -474,6 +592,15 @@ impl Daemon {
         }
         st
     }
+}
+
+/// Where a daemon's files are.
+struct Paths {
+    config_path: PathBuf,
+    admin_socket: PathBuf,
+    metrics_addr: SocketAddr,
+    pin_dir: PathBuf,
+    state_file: PathBuf,
 }
 
 /// How long `sockmesh upgrade` may take (the new generation adopts the kernel state and runs

@@ -553,8 +553,15 @@ plugin_dir = ""
                     host(p)
                 } else if vol.get("configMap").is_some() {
                     config_map_dir.to_path_buf()
+                } else if vol.get("emptyDir").is_some() {
+                    // The pod's own directory, as the kubelet's under its pod dir.
+                    let d = self
+                        .dir
+                        .join(format!("pods/{}/{}", pod.uid, m["name"].as_str().unwrap_or("")));
+                    std::fs::create_dir_all(&d)?;
+                    d
                 } else {
-                    bail!("volume {vol} is neither hostPath nor configMap");
+                    bail!("volume {vol} is neither hostPath, configMap nor emptyDir");
                 };
                 let propagation = match m["mountPropagation"].as_str() {
                     Some("HostToContainer") => MountPropagation::PropagationHostToContainer,

@@ -112,6 +112,24 @@ impl Pod {
         Ok(())
     }
 
+    /// The listening TCP sockets bound to `port` in the pod's netns, as `ss -Htlnp` prints
+    /// them (one line each, with the owning process): what an operator checks to see the
+    /// daemon's listener groups.
+    pub fn listening_sockets(&self, port: u16) -> Result<Vec<String>> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns.display())).args([
+            "ss",
+            "-Htlnp",
+            &format!("sport = :{port}"),
+        ]);
+        let out = run_host_ok(cmd, Duration::from_secs(10))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// `ip:port` as a string.
     pub fn addr(&self, port: u16) -> String {
         format!("{}:{port}", self.ip)

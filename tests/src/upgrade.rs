@@ -23,6 +23,11 @@ pub const DRAIN: Duration = Duration::from_secs(5);
 /// The client pod (enrolled), the server pod, and a policy that makes `VIP:PORT` an HTTP
 /// service, so the proxy speaks HTTP/1.1 to the client (keep-alive) rather than relaying bytes.
 pub fn setup() -> (VirtualNode, Server, Daemon) {
+    setup_with(&[])
+}
+
+/// [`setup`], the daemon started with extra `run` arguments (e.g. `--take-over`).
+pub fn setup_with(args: &[&str]) -> (VirtualNode, Server, Daemon) {
     let node = VirtualNode::new(&["client", "srv"]).expect("virtual node");
     let srv = node.pod("srv");
     let mut cmd = Command::new(python());
@@ -36,7 +41,8 @@ pub fn setup() -> (VirtualNode, Server, Daemon) {
         service_toml("echo", "http1", PORT, &srv.addr(PORT), 5000),
         service_toml("who", "grpc", GRPC_PORT, &srv.addr(GRPC_PORT), 5000),
     );
-    let d = Daemon::start(&node, &basic_config(&node, &policy)).expect("daemon start");
+    let d = Daemon::start_with_args(node.daemon_cgroup(), &basic_config(&node, &policy), None, args)
+        .expect("daemon start");
     d.enroll(node.pod("client")).expect("enroll client");
     (node, server, d)
 }
@@ -221,12 +227,17 @@ pub struct PausedSuccessor {
 
 impl PausedSuccessor {
     pub fn new(point: &str) -> PausedSuccessor {
+        PausedSuccessor::with_env(point, "")
+    }
+
+    /// [`PausedSuccessor::new`] with more environment for the successor (`VAR=value ...`).
+    pub fn with_env(point: &str, env: &str) -> PausedSuccessor {
         let dir = TempDir::new("paused").expect("temp dir");
         let binary = successor_script(
             &dir,
             &format!("paused-{point}"),
             &format!(
-                "SOCKMESH_TEST_UPGRADE_PAUSE={point}:{} exec {} \"$@\"",
+                "{env} SOCKMESH_TEST_UPGRADE_PAUSE={point}:{} exec {} \"$@\"",
                 dir.path().display(),
                 crate::util::sockmesh_bin().display()
             ),

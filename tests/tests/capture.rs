@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
 use sockmesh_tests::checks::{counter, out_str, python_json, wait_counter_at_least, wait_counter_eq, whoami};
-use sockmesh_tests::cluster::status_dump;
+use sockmesh_tests::cluster::{enroll_inbound, status_dump};
 use sockmesh_tests::daemon::{basic_config, pods_toml, prom_value, toml_str};
 use sockmesh_tests::process::{check_output, exec_in, status_text};
 use sockmesh_tests::util::{ensure_eq, free_tcp_port};
@@ -501,27 +501,27 @@ fn payloads_from_1_byte_to_64_mib_arrive_intact_over_100_concurrent_connections(
     }
 }
 
-#[test]
-fn with_two_workers_both_accept_connections_and_every_connection_is_answered() {
-    if !require_privileged() {
-        return;
-    }
-    let node = VirtualNode::new(&["client", "server"]).expect("virtual node");
-    let (client, server) = (node.pod("client"), node.pod("server"));
-    let _echo = Server::peer(server, 9000, "echo").unwrap();
-    let cfg = basic_config(&node, &format!("workers = 2\n{}", pods_toml(&[client])));
-    let daemon = Daemon::start(&node, &cfg).expect("daemon start");
-    let text = daemon.status_text().unwrap();
-    assert!(text.contains("2 proxy workers"), "{text}");
-    let c0 = counter(&daemon, "connect_captured");
+/// Connections accepted per worker (`sockmesh_worker_connections_total{worker}`, workers 0, 1).
+fn per_worker(daemon: &Daemon) -> Vec<f64> {
+    let m = daemon.metrics().unwrap();
+    assert_eq!(
+        prom_value(&m, "sockmesh_worker_connections_total", &[("worker", "2")]),
+        None,
+        "only two workers"
+    );
+    ["0", "1"]
+        .iter()
+        .map(|w| prom_value(&m, "sockmesh_worker_connections_total", &[("worker", w)]).unwrap_or(0.0))
+        .collect()
+}
 
-    // Many connections at once, each echoing its payload back intact.
-    let conns = 300u64;
+/// `conns` echo connections from `from` to `to:9000` at once, every payload back intact.
+fn echo_load(from: &Pod, to: &Pod, conns: u64) {
     let mut cmd = Command::new(PEER);
     cmd.args([
         "load",
         "--connect",
-        &server.addr(9000),
+        &to.addr(9000),
         "--connections",
         &conns.to_string(),
         "--sizes",
@@ -529,35 +529,135 @@ fn with_two_workers_both_accept_connections_and_every_connection_is_answered() {
         "--seconds-limit",
         "60",
     ]);
-    let out = exec_in(&client.cgroup, Some(&client.netns), cmd, Duration::from_secs(75)).unwrap();
+    let out = exec_in(&from.cgroup, Some(&from.netns), cmd, Duration::from_secs(75)).unwrap();
     check_output("peer load through the daemon", &out).unwrap();
     let summary: Value = serde_json::from_str(out_str(&out).trim()).unwrap();
     assert_eq!(summary["ok"], conns, "{summary}");
     assert_eq!(summary["failed"], 0, "{summary}");
-    wait_counter_eq(&daemon, "connect_captured", c0 + conns);
+}
 
-    // Both workers took connections, and together all of them.
-    let m = daemon.metrics().unwrap();
-    let per: Vec<f64> = ["0", "1"]
-        .iter()
-        .map(|w| prom_value(&m, "sockmesh_worker_connections_total", &[("worker", w)]).unwrap_or(0.0))
-        .collect();
-    assert!(
-        per.iter().all(|n| *n > 0.0),
-        "sockmesh_worker_connections_total per worker: {per:?} (both workers should accept)"
-    );
-    assert!(
-        per.iter().sum::<f64>() >= conns as f64,
-        "sockmesh_worker_connections_total per worker: {per:?}, {conns} connections made"
-    );
+/// The listener group of `addr` in a pod's status (`listener_groups`).
+fn listener_group(daemon: &Daemon, pod: &str, addr: &str) -> Value {
+    let p = pod_status(daemon, pod).unwrap();
+    p["listener_groups"]
+        .as_array()
+        .and_then(|gs| gs.iter().find(|g| g["address"] == addr))
+        .cloned()
+        .unwrap_or_else(|| panic!("no listener group {addr} in {p}"))
+}
+
+#[test]
+fn with_two_workers_each_has_its_own_listener_and_both_accept_outbound_and_inbound() {
+    if !require_privileged() {
+        return;
+    }
+    // client: enrolled outbound; server: inbound port 9000 (enrolled later); ext: not enrolled.
+    let node = VirtualNode::new(&["client", "server", "ext"]).expect("virtual node");
+    let (client, server, ext) = (node.pod("client"), node.pod("server"), node.pod("ext"));
+    let _echo = Server::peer(server, 9000, "echo").unwrap();
+    let cfg = basic_config(&node, &format!("workers = 2\n{}", pods_toml(&[client])));
+    let daemon = Daemon::start(&node, &cfg).expect("daemon start");
+    let text = daemon.status_text().unwrap();
+    assert!(text.contains("2 proxy workers"), "{text}");
+    // An SO_REUSEPORT group per address: one listening socket per worker, as `ss` shows them
+    // in the pod's netns (each worker accepts on its own, so a connection wakes one thread).
+    let v4 = client.listening_sockets(15001).unwrap();
     assert_eq!(
-        prom_value(&m, "sockmesh_worker_connections_total", &[("worker", "2")]),
-        None,
-        "only two workers"
+        v4.iter().filter(|l| l.contains("127.0.0.1:15001")).count(),
+        2,
+        "{v4:?}"
+    );
+    assert!(v4.iter().all(|l| l.contains("sockmesh")), "{v4:?}");
+    let g = listener_group(&daemon, "client", "127.0.0.1:15001");
+    assert_eq!(
+        (g["members"].as_u64(), g["reuseport"].as_bool()),
+        (Some(2), Some(true)),
+        "{g}"
+    );
+    assert!(text.contains("127.0.0.1:15001×2"), "{text}");
+
+    // Outbound: many connections at once, each echoing its payload back intact, spread over
+    // both workers (the kernel picks a member of the group).
+    let conns = 300u64;
+    let c0 = counter(&daemon, "connect_captured");
+    let before = per_worker(&daemon);
+    echo_load(client, server, conns);
+    wait_counter_eq(&daemon, "connect_captured", c0 + conns);
+    let out: Vec<f64> = per_worker(&daemon)
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
+    eprintln!("outbound connections accepted per worker: {out:?}");
+    assert!(
+        out.iter().all(|n| *n > 0.0),
+        "outbound, per worker: {out:?} (both workers should accept)"
+    );
+    assert!(
+        out.iter().sum::<f64>() >= conns as f64,
+        "outbound, per worker: {out:?}"
+    );
+
+    // Inbound: sk_lookup assigns member 0 of the server's inbound group (the socket in the
+    // sockmap) and the kernel still picks within the group.
+    enroll_inbound(&daemon, server, &[9000]).unwrap();
+    let inb = server.listening_sockets(15006).unwrap();
+    assert_eq!(
+        inb.iter().filter(|l| l.contains("127.0.0.1:15006")).count(),
+        2,
+        "{inb:?}"
+    );
+    let assigned = counter(&daemon, "lookup_assigned");
+    let before = per_worker(&daemon);
+    echo_load(ext, server, conns);
+    wait_counter_at_least(&daemon, "lookup_assigned", assigned + conns);
+    let inbound: Vec<f64> = per_worker(&daemon)
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a - b)
+        .collect();
+    eprintln!("inbound connections accepted per worker: {inbound:?}");
+    assert!(
+        inbound.iter().all(|n| *n > 0.0),
+        "inbound, per worker: {inbound:?} (both workers should accept)"
+    );
+    assert!(
+        inbound.iter().sum::<f64>() >= conns as f64,
+        "inbound, per worker: {inbound:?}"
     );
     let text = daemon.status_text().unwrap();
     assert!(text.contains("connections accepted per worker: w0 "), "{text}");
-    eprintln!("connections accepted per worker: {per:?}");
+}
+
+#[test]
+fn with_listener_groups_off_every_worker_shares_one_socket() {
+    if !require_privileged() {
+        return;
+    }
+    let node = VirtualNode::new(&["client", "server"]).expect("virtual node");
+    let (client, server) = (node.pod("client"), node.pod("server"));
+    let _echo = Server::peer(server, 9000, "echo").unwrap();
+    let cfg = basic_config(
+        &node,
+        &format!(
+            "workers = 2\nreuseport_listeners = false\n{}",
+            pods_toml(&[client])
+        ),
+    );
+    let daemon = Daemon::start(&node, &cfg).expect("daemon start");
+    let v4 = client.listening_sockets(15001).unwrap();
+    assert_eq!(
+        v4.iter().filter(|l| l.contains("127.0.0.1:15001")).count(),
+        1,
+        "{v4:?}"
+    );
+    let g = listener_group(&daemon, "client", "127.0.0.1:15001");
+    assert_eq!(
+        (g["members"].as_u64(), g["reuseport"].as_bool()),
+        (Some(1), Some(false)),
+        "{g}"
+    );
+    echo_load(client, server, 100);
 }
 
 // ---------------------------------------------------------------------------------------------

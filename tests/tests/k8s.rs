@@ -434,7 +434,8 @@ impl Drop for UninstallOnDrop {
 }
 
 /// The DaemonSet's own pod template runs the agent: its image (`cargo xtask image`), its init
-/// container chaining the plugin, its command, capabilities and mounts. Only node paths are
+/// container chaining the plugin, its command, capabilities and mounts, and a rolling update in
+/// the surge order (the new pod takes over before the old one is deleted). Only node paths are
 /// swapped for the test's (hostPath volumes, the plugin's admin socket path) and the ConfigMap
 /// gets the test's cgroup root, pin dir and metrics port, as a kustomize overlay would.
 #[test]
@@ -604,7 +605,32 @@ fn daemonset_pod_template_runs_the_agent() {
         status(&host_admin).unwrap()
     );
 
-    // Rolling update: the kubelet's SIGTERM (grace period from the template), a new pod.
+    // Rolling update, surge order (maxSurge 1, maxUnavailable 0): the new pod starts while the
+    // old one runs, its agent takes the node over (`run --take-over`) and its readiness probe
+    // (the template's own) passes; the old agent's fails, and the controller deletes its pod:
+    // the kubelet's SIGTERM (grace period from the template).
+    let ready: Vec<String> = template["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
+        .as_array()
+        .expect("an exec readiness probe")
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let ready: Vec<&str> = ready.iter().map(String::as_str).collect();
+    let (agent2, ids2) = node
+        .run_template("sockmesh-system", "sockmesh-fghij", &template, &host, &cm_dir)
+        .expect("the updated agent pod");
+    eventually(Duration::from_secs(30), || {
+        let (rc, out) = node.exec(&ids2["sockmesh"], &ready)?;
+        anyhow::ensure!(rc == 0, "the new agent is not ready: {out}");
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", node.container_log(&agent2, "sockmesh")));
+    let (rc, out) = node.exec(&ids["sockmesh"], &ready).unwrap();
+    assert!(
+        rc != 0 && out.contains("handed over"),
+        "the old agent's probe: {rc} {out}"
+    );
+    assert_eq!(status(&host_admin).unwrap()["generation"], 2);
     let grace = template["spec"]["terminationGracePeriodSeconds"]
         .as_i64()
         .unwrap();
@@ -620,9 +646,6 @@ fn daemonset_pod_template_runs_the_agent() {
         "SIGTERM removed the pins"
     );
     node.remove_pod(&agent).unwrap();
-    let (agent2, _) = node
-        .run_template("sockmesh-system", "sockmesh-fghij", &template, &host, &cm_dir)
-        .expect("the updated agent pod");
     eventually(Duration::from_secs(15), || {
         anyhow::ensure!(
             enrolled(&status(&host_admin)?).contains(&web.uid),

@@ -10,14 +10,16 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sockmesh_tests::daemon::{basic_config, prom_value};
+use sockmesh_tests::cluster::pod_toml_with_inbound;
+use sockmesh_tests::daemon::{basic_config, pods_toml, prom_value};
 use sockmesh_tests::upgrade::{
-    client_counter, failed_upgrade, fake_successor, grpc_python, grpc_server, p99_in, pinned_links,
-    service_toml, setup, unix_now, upstream_connects, Load, DRAIN, GRPC_PORT, PORT, VIP,
+    client_counter, failed_upgrade, fake_successor, grpc_python, grpc_server, other_protocol_successor,
+    p99_in, pinned_links, service_toml, setup, successor_script, unix_now, upstream_connects, Load, DRAIN,
+    GRPC_PORT, PORT, VIP,
 };
 use sockmesh_tests::{
-    attached_programs, peers_dir, python, require_privileged, sockmesh_bin, Daemon, LineChild, Pod, Server,
-    TempDir, VirtualNode,
+    attached_programs, eventually, peers_dir, python, require_privileged, sockmesh_bin, Daemon, LineChild,
+    Pod, Server, TempDir, VirtualNode,
 };
 
 fn upgrades() -> usize {
@@ -237,6 +239,143 @@ fn failing_successors_leave_the_daemon_serving_and_a_later_upgrade_works() {
         summary["connects"], summary["ok"], summary["failed"], summary["p99_ms"]
     );
     assert_eq!(summary["failed"], 0, "failed requests: {}", summary["errors"]);
+    assert!(
+        !d.log().contains("panicked"),
+        "a generation panicked:\n{}",
+        d.log()
+    );
+}
+
+/// Listening sockets on `port` in `pod`'s netns bound to 127.0.0.1 (`ss`).
+fn members(pod: &Pod, port: u16) -> usize {
+    let lines = pod.listening_sockets(port).expect("ss");
+    lines
+        .iter()
+        .filter(|l| l.contains(&format!("127.0.0.1:{port}")))
+        .count()
+}
+
+/// Waits (bounded) until `pod` has `want` listening sockets on 127.0.0.1:`port`.
+fn wait_members(pod: &Pod, port: u16, want: usize, when: &str) {
+    eventually(Duration::from_secs(10), || {
+        let n = members(pod, port);
+        anyhow::ensure!(
+            n == want,
+            "{when}: {n} listening sockets on {port} in {}, want {want}",
+            pod.name
+        );
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// `workers = n` in the daemon's config file (the successor reads the same file).
+fn set_workers(d: &Daemon, n: usize) {
+    let cfg = std::fs::read_to_string(d.config_path()).expect("config");
+    let kept: Vec<&str> = cfg.lines().filter(|l| !l.starts_with("workers =")).collect();
+    std::fs::write(d.config_path(), format!("workers = {n}\n{}\n", kept.join("\n"))).expect("config");
+}
+
+#[test]
+fn listener_groups_follow_the_worker_count_across_upgrades_and_no_new_connection_fails() {
+    if !require_privileged() {
+        return;
+    }
+    // Each connection from the client to srv:9000 passes the client's outbound group and the
+    // server's inbound group (sk_lookup).
+    let node = VirtualNode::new(&["client", "srv"]).expect("virtual node");
+    let (client, srv) = (node.pod("client"), node.pod("srv"));
+    let _who = Server::peer(srv, 9000, "whoami").unwrap();
+    let cfg = basic_config(
+        &node,
+        &format!(
+            "workers = 2\ndrain_timeout_secs = {}\n{}{}",
+            DRAIN.as_secs(),
+            pods_toml(&[client]),
+            pod_toml_with_inbound(srv, &[9000])
+        ),
+    );
+    let mut d = Daemon::start(&node, &cfg).expect("daemon start");
+    wait_members(client, 15001, 2, "start");
+    wait_members(srv, 15006, 2, "start");
+    // New connections back to back from two threads all along.
+    let mut cmd = Command::new(sockmesh_tests::util::peer_bin());
+    cmd.args([
+        "conns",
+        "--connect",
+        &srv.addr(9000),
+        "--threads",
+        "2",
+        "--seconds",
+        "45",
+    ]);
+    let mut churn = LineChild::spawn(&client.cgroup, Some(&client.netns), cmd).expect("peer conns");
+    std::thread::sleep(Duration::from_secs(2));
+    let dir = TempDir::new("successors").expect("temp dir");
+    // (workers of the successor, its binary, listening sockets per address afterwards)
+    let steps: [(usize, PathBuf, usize, &str); 4] = [
+        // More workers: the old generation grows each group before the offer.
+        (3, sockmesh_bin(), 3, "2 -> 3 workers"),
+        // Fewer: the group stays; one worker accepts on all three members.
+        (1, sockmesh_bin(), 3, "3 -> 1 worker"),
+        // A successor speaking hand-off protocol 2 takes one socket per address: the old
+        // generation closes the other members (their queues migrate to member 0); once the
+        // old generation is gone, the successor grows the group to its own workers.
+        (
+            2,
+            other_protocol_successor(&dir, 2),
+            2,
+            "to a protocol-2 successor",
+        ),
+        // (The test's protocol switch would pass on to the successor's successor.)
+        (
+            2,
+            successor_script(
+                &dir,
+                "clean-env",
+                &format!(
+                    "unset SOCKMESH_TEST_HANDOFF_PROTOCOL; exec {} \"$@\"",
+                    sockmesh_bin().display()
+                ),
+            ),
+            2,
+            "back to protocol 3",
+        ),
+    ];
+    for (workers, bin, want, what) in &steps {
+        set_workers(&d, *workers);
+        d.upgrade(bin, DRAIN)
+            .unwrap_or_else(|e| panic!("upgrade {what}: {e:#}"));
+        assert_eq!(d.status().expect("status")["workers"], *workers as u64, "{what}");
+        wait_members(client, 15001, *want, what);
+        wait_members(srv, 15006, *want, what);
+        eprintln!("{what}: {want} listening sockets per address");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let line = churn
+        .recv_line(Duration::from_secs(90))
+        .expect("peer conns summary");
+    let summary: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+    eprintln!(
+        "new connections across the upgrades: ok {} failed {} errors {}",
+        summary["ok"], summary["failed"], summary["errors"]
+    );
+    for l in d
+        .log()
+        .lines()
+        .filter(|l| l.contains("listener members") || l.contains("groups grown"))
+    {
+        eprintln!("daemon: {l}");
+    }
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert!(summary["ok"].as_u64().unwrap_or(0) > 100, "{summary}");
+    // Both hooks captured throughout: the inbound group was assigned by sk_lookup.
+    let st = d.status().expect("status");
+    assert!(
+        st["counters"]["lookup_assigned"].as_u64().unwrap_or(0) >= summary["ok"].as_u64().unwrap(),
+        "{}",
+        st["counters"]
+    );
     assert!(
         !d.log().contains("panicked"),
         "a generation panicked:\n{}",

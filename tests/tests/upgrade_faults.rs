@@ -68,11 +68,16 @@ struct MidHandOff {
 
 impl MidHandOff {
     fn start(point: &str) -> MidHandOff {
+        MidHandOff::start_with(point, "")
+    }
+
+    /// [`MidHandOff::start`] with the successor's environment extended by `env`.
+    fn start_with(point: &str, env: &str) -> MidHandOff {
         let (node, _server, d) = setup();
         let programs = attached_programs(node.cgroup_root()).expect("bpftool");
         let load = Load::start(node.pod("client"), 4, 25, Duration::from_secs(180));
         std::thread::sleep(Duration::from_secs(2));
-        let paused = PausedSuccessor::new(point);
+        let paused = PausedSuccessor::with_env(point, env);
         let up = spawn_upgrade(&d, paused.binary());
         let successor = paused.wait(Duration::from_secs(60));
         MidHandOff {
@@ -292,6 +297,15 @@ fn a_successor_killed_after_started_hands_back_to_the_draining_generation_which_
     assert_eq!(lock["generation"], 1, "{lock}");
     assert_eq!(d.rendezvous_sockets().len(), 1, "{:?}", d.rendezvous_sockets());
     assert_eq!(gets(client, &format!("{VIP}:{PORT}"), 3)["ok"], 3);
+    // Its listener groups are whole: one socket per worker, each accepted on again (the
+    // successor died holding copies of the same sockets; none of them closed).
+    let workers = st["workers"].as_u64().expect("workers") as usize;
+    let listening = client.listening_sockets(15001).expect("ss");
+    assert_eq!(
+        listening.iter().filter(|l| l.contains("127.0.0.1:15001")).count(),
+        workers,
+        "{listening:?}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     // A later upgrade works (and this time completes).
     d.upgrade(&sockmesh_bin(), DRAIN)
@@ -324,6 +338,68 @@ fn a_successor_killed_after_started_hands_back_to_the_draining_generation_which_
     assert_eq!(procs, vec![d.pid()], "processes in the daemon's cgroup");
     assert_eq!(attached_programs(node.cgroup_root()).expect("bpftool"), programs);
     assert_eq!(d.rendezvous_sockets().len(), 1, "{:?}", d.rendezvous_sockets());
+    assert!(
+        !d.log().contains("panicked"),
+        "a generation panicked:\n{}",
+        d.log()
+    );
+}
+
+/// Listening sockets on 127.0.0.1:15001 in the client pod (`ss`).
+fn outbound_members(node: &VirtualNode) -> usize {
+    let l = node.pod("client").listening_sockets(15001).expect("ss");
+    l.iter().filter(|l| l.contains("127.0.0.1:15001")).count()
+}
+
+#[test]
+fn a_protocol_2_successor_killed_after_started_hands_back_and_the_groups_grow_again() {
+    if !require_privileged() {
+        return;
+    }
+    // A successor announcing hand-off protocol 2 takes member 0 of each listener group; the
+    // old generation closed the other members (queues migrated) once it stopped accepting.
+    let m = MidHandOff::start_with("started", "SOCKMESH_TEST_HANDOFF_PROTOCOL=2");
+    let (node, d, load, _paused, up, successor) = (m.node, m.d, m.load, m.paused, m.up, m.successor);
+    let workers = d.status().expect("status")["workers"].as_u64().expect("workers") as usize;
+    eventually(Duration::from_secs(10), || {
+        let n = outbound_members(&node);
+        anyhow::ensure!(n == 1, "{n} listening sockets, want member 0 only");
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let old = d.pid();
+    kill9(successor);
+    let (ok, out) = upgrade_result(up);
+    assert!(ok, "{out}");
+    // Taken back: the old generation serves member 0 again and grows the group back to one
+    // socket per worker.
+    eventually(Duration::from_secs(10), || {
+        let st = d.status()?;
+        anyhow::ensure!(
+            st["upgrade"]["pid"] == old && st["upgrade"]["taken_back"] == 1,
+            "{}",
+            st["upgrade"]
+        );
+        let n = outbound_members(&node);
+        anyhow::ensure!(n == workers, "{n} listening sockets, want {workers}");
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("not taken back with whole groups: {e:#}"));
+    assert_eq!(gets(node.pod("client"), &format!("{VIP}:{PORT}"), 20)["ok"], 20);
+    let moved = d.status().expect("status")["upgrade"]["moved"]
+        .as_u64()
+        .expect("moved");
+    let load = load.finish();
+    eprintln!(
+        "{moved} connection(s) moved to the killed successor; load {}",
+        summary(&load)
+    );
+    assert!(
+        load["failed"].as_u64().unwrap() <= moved,
+        "{} failed requests, {moved} connections were in the successor: {}",
+        load["failed"],
+        summary(&load)
+    );
     assert!(
         !d.log().contains("panicked"),
         "a generation panicked:\n{}",

@@ -64,6 +64,9 @@ pub struct Workers {
     handles: Vec<Handle>,
     next: AtomicUsize,
     accepted: PerWorker<Counter>,
+    /// `reuseport_listeners`: a pod's listening address is an `SO_REUSEPORT` group of one
+    /// socket per worker (`proxy.rs`), not one socket every worker accepts on.
+    groups: bool,
 }
 
 impl Default for Workers {
@@ -80,7 +83,21 @@ impl Workers {
             handles,
             next: AtomicUsize::new(0),
             accepted: PerWorker::new(n, |_| Counter::default()),
+            groups: true,
         }
+    }
+
+    /// `reuseport_listeners = false`: one listening socket per address, accepted on by every
+    /// worker.
+    pub fn with_listener_groups(mut self, on: bool) -> Self {
+        self.groups = on;
+        self
+    }
+
+    /// How many sockets a new listening address gets: one per worker in an `SO_REUSEPORT`
+    /// group, or `None`: one socket without `SO_REUSEPORT` (`reuseport_listeners = false`).
+    pub fn group_size(&self) -> Option<usize> {
+        self.groups.then(|| self.count())
     }
 
     /// How many workers serve connections (1 without workers: the caller's runtime).
@@ -108,6 +125,23 @@ impl Workers {
                 h.spawn(f(i))
             })
             .collect()
+    }
+
+    /// Run `f()`'s future on worker `i` (modulo the count; the current runtime without
+    /// workers). `f` runs inside that worker's runtime context, so a listener it registers
+    /// belongs to that worker's reactor.
+    pub fn spawn_on<F, Fut>(&self, i: usize, f: F) -> JoinHandle<Fut::Output>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future + Send + 'static,
+        Fut::Output: Send + 'static,
+    {
+        if self.handles.is_empty() {
+            return tokio::spawn(f());
+        }
+        let h = &self.handles[i % self.handles.len()];
+        let _in = h.enter();
+        h.spawn(f())
     }
 
     /// Run a future on the next worker in turn (a connection handed over by an upgrade).

@@ -19,6 +19,7 @@
 pub mod counters;
 pub mod new;
 pub mod old;
+pub mod takeover;
 pub mod tcp;
 pub mod wire;
 
@@ -56,8 +57,9 @@ static DRAINING: OnceLock<tokio::sync::watch::Sender<bool>> = OnceLock::new();
 /// False once the admin socket path belongs to the successor (or, in a successor, until it
 /// took over): only then may this process remove it at exit.
 static OWNS_ADMIN: AtomicBool = AtomicBool::new(true);
-/// Listening sockets received from the previous generation, not yet adopted by a pod.
-static INHERITED: Mutex<Vec<(String, SocketAddr, OwnedFd)>> = Mutex::new(Vec::new());
+/// Listening sockets received from the previous generation, not yet adopted by a pod: pod,
+/// address, member of the address's group (see [`crate::proxy::ListenerGroup`]), socket.
+static INHERITED: Mutex<Vec<(String, SocketAddr, u32, OwnedFd)>> = Mutex::new(Vec::new());
 static STATUS: Mutex<Status> = Mutex::new(Status::new());
 
 /// What `sockmesh status` shows about upgrades.
@@ -538,17 +540,39 @@ pub fn owns_admin_socket() -> bool {
     OWNS_ADMIN.load(Relaxed)
 }
 
-/// A listener the previous generation passed for `pod` bound to `addr`, if any (taken: a
-/// second call gets `None`).
-pub fn take_listener(pod: &str, addr: SocketAddr) -> Option<std::net::TcpListener> {
+/// The listening sockets the previous generation passed for `pod` bound to `addr`, member 0
+/// first (taken: a second call gets none). Empty when there are none.
+pub fn take_group(pod: &str, addr: SocketAddr) -> Vec<std::net::TcpListener> {
     let mut v = INHERITED.lock().expect("inherited lock");
-    let i = v.iter().position(|(p, a, _)| p == pod && *a == addr)?;
-    let (_, _, fd) = v.swap_remove(i);
-    let l = std::net::TcpListener::from(fd);
-    if let Err(e) = l.set_nonblocking(true) {
-        tracing::warn!(pod, %addr, "inherited listener: {e}");
+    let mut group = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        if v[i].0 == pod && v[i].1 == addr {
+            let (_, _, member, fd) = v.swap_remove(i);
+            group.push((member, fd));
+        } else {
+            i += 1;
+        }
     }
-    Some(l)
+    group.sort_by_key(|(m, _)| *m);
+    group
+        .into_iter()
+        .map(|(_, fd)| {
+            let l = std::net::TcpListener::from(fd);
+            if let Err(e) = l.set_nonblocking(true) {
+                tracing::warn!(pod, %addr, "inherited listener: {e}");
+            }
+            l
+        })
+        .collect()
+}
+
+/// Whether the successor takes whole listener groups (hand-off protocol 3 on both sides; set
+/// at its `Hello`). An older successor takes one socket per address: the draining generation
+/// then closes the other members once it stopped accepting (see
+/// [`crate::daemon::Daemon::drain_handed_off`]).
+pub fn peer_takes_groups() -> bool {
+    PEER_PROTOCOL.load(Relaxed) >= wire::LISTENER_GROUPS_SINCE
 }
 
 /// Close the inherited listeners no pod adopted (their pods are gone).
@@ -564,6 +588,10 @@ pub struct LockInfo {
     pub generation: u64,
     pub rendezvous: PathBuf,
     pub protocol_version: u32,
+    /// The daemon's `sockmesh --version` (empty in lock files of binaries before `--take-over`):
+    /// a `run --take-over` never takes over from a newer one unless asked.
+    #[serde(default)]
+    pub binary_version: String,
 }
 
 /// The lock file of a state file (the daemon's `flock`).

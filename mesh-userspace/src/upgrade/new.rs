@@ -36,7 +36,10 @@ pub struct Inherited {
 }
 
 /// Find the running generation through the lock file next to `state_file` and take its offer.
-pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
+/// `workers`: this generation's proxy workers (N grows its listener groups to as many).
+/// `take_over`: this is a `run --take-over` beside it (see [`wire::Hello::take_over`]), not its
+/// child started by `sockmesh upgrade`.
+pub fn connect(state_file: &Path, workers: usize, take_over: bool) -> anyhow::Result<Inherited> {
     let info = super::read_lock_info(state_file).ok_or_else(|| {
         anyhow!(
             "--upgrade: {} names no running daemon to take over from",
@@ -77,7 +80,9 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
             Body::Hello(Hello {
                 protocol_version: forced.unwrap_or(version),
                 pid: std::process::id(),
-                binary_version: env!("CARGO_PKG_VERSION").into(),
+                binary_version: super::takeover::binary_version(),
+                workers: workers as u32,
+                take_over,
             }),
             &[],
         )?;
@@ -107,6 +112,8 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
             other => bail!("--upgrade: protocol error: expected offer, got {}", other.name()),
         }
     };
+    // Version 3: descriptors beyond one message follow the offer.
+    let fds = wire::recv_offer_fds(&conn, &offer, fds).context("--upgrade: the offer's descriptors")?;
     if offer.fds.len() != fds.len() {
         bail!(
             "--upgrade: the offer describes {} descriptors but {} came",
@@ -126,7 +133,7 @@ pub fn connect(state_file: &Path) -> anyhow::Result<Inherited> {
                     .addr
                     .parse()
                     .map_err(|_| anyhow!("--upgrade: bad listener address {:?}", fi.addr))?;
-                listeners.push((fi.pod.clone(), addr, fd));
+                listeners.push((fi.pod.clone(), addr, fi.member, fd));
             }
             FdKind::Unknown => warn!("--upgrade: ignoring a descriptor of unknown kind {}", fi.kind),
         }
@@ -286,6 +293,16 @@ impl Inherited {
                             }
                         }
                     }
+                }
+                // The previous generation is done (it can no longer take the hand-off back):
+                // listener groups smaller than this generation's workers (a single socket from
+                // a binary before hand-off protocol 3) get their members now.
+                let added = daemon.grow_listeners(daemon.proxy_shared().workers.count());
+                if added > 0 {
+                    info!(
+                        added,
+                        "upgrade: listener groups grown to this generation's workers"
+                    );
                 }
             })?;
         Ok(())

@@ -80,6 +80,29 @@ pub fn handed_off() -> bool {
     HANDED_OFF.load(SeqCst)
 }
 
+/// The successor this generation handed over to: (generation, pid as it said, whether it is a
+/// `run --take-over` beside this one rather than this process's child).
+static SUCCESSOR: Mutex<Option<(u64, u32, bool)>> = Mutex::new(None);
+
+/// The generation this one handed over to and its pid, while handed over.
+pub fn successor() -> Option<(u64, u32)> {
+    SUCCESSOR
+        .lock()
+        .expect("successor lock")
+        .filter(|_| handed_off())
+        .map(|(g, p, _)| (g, p))
+}
+
+/// Whether this generation handed over to a `run --take-over` (a DaemonSet's surge pod): after
+/// its drain it stays, not ready and serving nothing, until SIGTERM, instead of exiting.
+pub fn handed_to_take_over() -> bool {
+    handed_off()
+        && SUCCESSOR
+            .lock()
+            .expect("successor lock")
+            .is_some_and(|(_, _, t)| t)
+}
+
 /// Listen on this generation's rendezvous socket and advertise it in the lock file.
 pub fn listen(ctx: Ctx) -> io::Result<PathBuf> {
     let g = super::generation();
@@ -96,6 +119,7 @@ pub fn listen(ctx: Ctx) -> io::Result<PathBuf> {
             generation: g,
             rendezvous: path.clone(),
             protocol_version: wire::PROTOCOL_VERSION,
+            binary_version: super::takeover::binary_version(),
         },
     )?;
     *OWN_PATH.lock().expect("path lock") = Some(path.clone());
@@ -188,7 +212,9 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
     }
     // The successor's process as the kernel knows it (the hello's pid is its own word): after
     // `Started`, its death while this generation drains is seen on a pidfd of it.
-    let watch = cred.map(|c| c.pid as u32).filter(|p| *p > 0).unwrap_or(pid);
+    // A successor in another pid namespace (a DaemonSet's other pod) has pid 0 here: it is not
+    // watched (its `Hello` pid is its own namespace's, e.g. 1), so no take-back.
+    let watch = cred.map(|c| c.pid as u32).unwrap_or(pid);
     let successor = Successor::new(watch);
     let Some(version) = wire::negotiate(hello.protocol_version) else {
         let why = format!(
@@ -213,13 +239,33 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
         super::status_mut(|st| st.refused += 1);
         return Err((pid, format!("refused: {why}")));
     }
-    info!(successor = pid, version = %hello.binary_version, "upgrade: successor says hello");
+    info!(
+        successor = pid,
+        version = %hello.binary_version,
+        take_over = hello.take_over,
+        "upgrade: successor says hello"
+    );
     super::status_mut(|st| {
         st.phase = "offered";
         st.peer_pid = Some(pid);
     });
+    // Version 3: first grow each listener group to the successor's worker count, so that
+    // every member it will accept on is one this generation holds (and accepts on) too: if the
+    // successor dies, no member closes with connections in its queue.
+    let groups = version >= wire::LISTENER_GROUPS_SINCE;
+    if groups && hello.workers > 0 {
+        let added = ctx.daemon.grow_listeners(hello.workers as usize);
+        if added > 0 {
+            info!(
+                added,
+                workers = hello.workers,
+                "upgrade: listener groups grown to the successor's workers"
+            );
+        }
+    }
     // What moves: the lock, admin and metrics listeners, every pod's listeners (the same
-    // sockets: their accept queues, and the sk_lookup sockmap entries, stay as they are).
+    // sockets: their accept queues, and the sk_lookup sockmap entries, stay as they are);
+    // an older successor gets member 0 of each group only.
     let mut infos = Vec::new();
     let mut fds: Vec<OwnedFd> = Vec::new();
     let dup = |fd: &dyn AsFd| fd.as_fd().try_clone_to_owned().map_err(|e| (pid, e.to_string()));
@@ -233,9 +279,10 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
             kind: kind as i32,
             pod: String::new(),
             addr: String::new(),
+            member: 0,
         });
     }
-    for (pod, addr, dir, fd) in ctx.daemon.listener_fds() {
+    for (pod, addr, dir, member, fd) in ctx.daemon.listener_fds(groups) {
         infos.push(FdInfo {
             kind: match dir {
                 Direction::Outbound => FdKind::Outbound,
@@ -243,24 +290,25 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
             } as i32,
             pod,
             addr: addr.to_string(),
+            member,
         });
         fds.push(fd);
     }
-    if fds.len() > wire::MAX_FDS {
+    if !groups && fds.len() > wire::MAX_FDS {
         let _ = refuse(&s, "too many listeners for one hand-off message");
         return Err((pid, format!("{} listeners exceed one message", fds.len())));
     }
     let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
     s.set_write_timeout(Some(HELLO_TIMEOUT))
         .map_err(|e| (pid, e.to_string()))?;
-    wire::send(
+    wire::send_offer(
         &s,
-        Body::Offer(Offer {
+        Offer {
             protocol_version: version,
             generation: super::generation(),
             fds: infos,
             pid: std::process::id(),
-        }),
+        },
         &raw,
     )
     .map_err(|e| (pid, format!("sending the offer: {e}")))?;
@@ -282,6 +330,7 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
         done: AtomicBool::new(false),
     });
     *SESSION.lock().expect("session lock") = Some(sess.clone());
+    *SUCCESSOR.lock().expect("successor lock") = Some((started.generation, pid, hello.take_over));
     HANDED_OFF.store(true, SeqCst);
     // From now on admin and metrics requests reach the successor only (requests already
     // accepted, this upgrade's own among them, are still answered).
@@ -290,18 +339,21 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
     }
     super::OWNS_ADMIN.store(false, SeqCst);
     super::status_mut(|st| st.succeeded += 1);
-    OUTCOMES
-        .lock()
-        .expect("outcomes")
-        .push((pid, Ok(started.generation)));
-    // Let the admin request that started the upgrade answer before this generation stops
-    // (the drain can be over within milliseconds once connections move). Connections go on
-    // being served here meanwhile: they stop only once this thread forwards them (below).
-    // Stopping them first left every moved connection waiting 5-26 ms for this (the admin
-    // request looks every 20 ms), and the app's next request with it.
-    let picked = Instant::now() + Duration::from_secs(2);
-    while OUTCOMES.lock().expect("outcomes").iter().any(|(p, _)| *p == pid) && Instant::now() < picked {
-        std::thread::sleep(Duration::from_millis(1));
+    // A `run --take-over` was started by nobody here: no admin request waits for its outcome.
+    if !hello.take_over {
+        OUTCOMES
+            .lock()
+            .expect("outcomes")
+            .push((pid, Ok(started.generation)));
+        // Let the admin request that started the upgrade answer before this generation stops
+        // (the drain can be over within milliseconds once connections move). Connections go on
+        // being served here meanwhile: they stop only once this thread forwards them (below).
+        // Stopping them first left every moved connection waiting 5-26 ms for this (the admin
+        // request looks every 20 ms), and the app's next request with it.
+        let picked = Instant::now() + Duration::from_secs(2);
+        while OUTCOMES.lock().expect("outcomes").iter().any(|(p, _)| *p == pid) && Instant::now() < picked {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
     // Live app connections come through this channel once at a boundary (set before draining
     // starts, so that they see a successor to go to); this thread forwards them at once.
@@ -442,6 +494,9 @@ struct Successor {
 
 impl Successor {
     fn new(pid: u32) -> Self {
+        if pid == 0 {
+            return Self { pid, pidfd: None };
+        }
         // SAFETY: pidfd_open takes a pid and flags; a non-negative result is a new descriptor
         // this process owns.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -451,6 +506,11 @@ impl Successor {
 
     /// Whether the successor has exited (waiting up to `wait` for it).
     fn exited(&self, wait: Duration) -> bool {
+        if self.pid == 0 {
+            // Not visible from here (see `session`): never seen to exit.
+            std::thread::sleep(wait);
+            return false;
+        }
         match &self.pidfd {
             Some(fd) => {
                 let mut p = libc::pollfd {
@@ -556,6 +616,7 @@ fn take_back(
             generation: super::generation(),
             rendezvous: own,
             protocol_version: wire::PROTOCOL_VERSION,
+            binary_version: super::takeover::binary_version(),
         };
         if let Err(e) = super::write_lock_info(&ctx.lock, &info) {
             warn!("upgrade: the lock file was not rewritten: {e}");

@@ -20,7 +20,13 @@ use prost::Message;
 ///
 /// 2: a moved app connection (`Conn`) says its protocol (`protocol`, `stream_offset`): Bolt and
 /// Dubbo connections move too. A version-1 successor would serve them as HTTP/1.1.
-pub const PROTOCOL_VERSION: u32 = 2;
+///
+/// 3: listening addresses are `SO_REUSEPORT` groups: the successor says its worker count
+/// (`Hello.workers`), the offer carries every member of each group (`FdInfo.member`), and
+/// descriptors beyond one message's [`MAX_FDS`] follow in [`Fds`] frames. A version-2
+/// successor takes one socket per address, so it is sent member 0 only and the draining
+/// generation closes the others (their queues migrate, see `Daemon::drain_handed_off`).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest hand-off protocol this binary still speaks, both ways: an upgrade from (or a
 /// rollback to) a version-1 binary works, with Bolt and Dubbo connections finishing on the
 /// old generation as version 1 did (only version 2 moves them).
@@ -29,6 +35,9 @@ pub const MIN_PROTOCOL_VERSION: u32 = 1;
 pub const MUX_MOVES_SINCE: u32 = 2;
 // Version 1 never moved Bolt/Dubbo connections.
 const _: () = assert!(MUX_MOVES_SINCE > MIN_PROTOCOL_VERSION);
+/// The first version whose successor takes whole listener groups.
+pub const LISTENER_GROUPS_SINCE: u32 = 3;
+const _: () = assert!(LISTENER_GROUPS_SINCE > MIN_PROTOCOL_VERSION);
 
 /// Whether this binary speaks the version another generation asked for (then both speak it).
 /// A successor newer than this daemon is refused with this daemon's version in the `Refuse`
@@ -47,7 +56,7 @@ pub const MAX_FDS: usize = 253;
 
 #[derive(Clone, PartialEq, Message)]
 pub struct Envelope {
-    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "Body", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
     pub body: Option<Body>,
 }
 
@@ -71,6 +80,16 @@ pub enum Body {
     Abort(Abort),
     #[prost(message, tag = "9")]
     Conn(Conn),
+    #[prost(message, tag = "10")]
+    Fds(Fds),
+}
+
+/// N → N+1 right after an `Offer` whose descriptors do not fit one message (version 3): the
+/// next ones, in the order of the offer's `fds`, at most [`MAX_FDS`] per frame.
+#[derive(Clone, PartialEq, Message)]
+pub struct Fds {
+    #[prost(uint32, tag = "1")]
+    pub count: u32,
 }
 
 /// N → N+1 while N drains: one live app connection, stopped at a request boundary (HTTP/1.1)
@@ -141,6 +160,15 @@ pub struct Hello {
     /// `sockmesh --version` of the successor, for the logs.
     #[prost(string, tag = "3")]
     pub binary_version: String,
+    /// Version 3: the successor's proxy workers. N grows each listener group to at least this
+    /// many members before the offer (0: unknown, no growth).
+    #[prost(uint32, tag = "4")]
+    pub workers: u32,
+    /// The successor is a `run --take-over` beside N (a DaemonSet's surge pod), not N's own
+    /// child: after the drain N stays, serving nothing and not ready, until SIGTERM (its
+    /// container's exit would make the kubelet restart it). Older daemons ignore it and exit.
+    #[prost(bool, tag = "5")]
+    pub take_over: bool,
 }
 
 /// N → N+1: no hand-off (wrong protocol, another upgrade in progress, ...). N is untouched.
@@ -175,6 +203,10 @@ pub struct FdInfo {
     pub pod: String,
     #[prost(string, tag = "3")]
     pub addr: String,
+    /// Version 3: the listener's place in its address's `SO_REUSEPORT` group (0: the socket in
+    /// the `SM_LISTENERS` slot).
+    #[prost(uint32, tag = "4")]
+    pub member: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -317,6 +349,7 @@ impl Body {
             Body::Snapshot(_) => "snapshot",
             Body::Abort(_) => "abort",
             Body::Conn(_) => "conn",
+            Body::Fds(_) => "fds",
         }
     }
 }
@@ -380,6 +413,54 @@ pub fn send(s: &UnixStream, body: Body, fds: &[RawFd]) -> io::Result<()> {
     }
     use std::io::Write as _;
     (&*s).write_all(&frame[sent..])
+}
+
+/// Send an `Offer` with its descriptors: the first [`MAX_FDS`] on the offer's frame, the rest
+/// (version 3 only) in [`Fds`] frames right after it.
+pub fn send_offer(s: &UnixStream, offer: Offer, fds: &[RawFd]) -> io::Result<()> {
+    if fds.len() > MAX_FDS && offer.protocol_version < LISTENER_GROUPS_SINCE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} descriptors do not fit one message of hand-off protocol {}",
+                fds.len(),
+                offer.protocol_version
+            ),
+        ));
+    }
+    let mut chunks = fds.chunks(MAX_FDS);
+    send(s, Body::Offer(offer), chunks.next().unwrap_or(&[]))?;
+    for more in chunks {
+        send(
+            s,
+            Body::Fds(Fds {
+                count: more.len() as u32,
+            }),
+            more,
+        )?;
+    }
+    Ok(())
+}
+
+/// After an `Offer` that came with `fds`: the descriptors that follow it in [`Fds`] frames
+/// (version 3), until there are as many as the offer describes.
+pub fn recv_offer_fds(s: &UnixStream, offer: &Offer, mut fds: Vec<OwnedFd>) -> io::Result<Vec<OwnedFd>> {
+    while fds.len() < offer.fds.len() && offer.protocol_version >= LISTENER_GROUPS_SINCE {
+        match recv(s)? {
+            (Body::Fds(f), more) if more.len() == f.count as usize && !more.is_empty() => fds.extend(more),
+            (other, more) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "expected the offer's descriptors, got {} with {}",
+                        other.name(),
+                        more.len()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(fds)
 }
 
 /// Receive one frame and the descriptors that came with it (close-on-exec set).
@@ -492,11 +573,13 @@ mod tests {
                     kind: FdKind::Outbound as i32,
                     pod: "web".into(),
                     addr: l1.local_addr().unwrap().to_string(),
+                    member: 0,
                 },
                 FdInfo {
                     kind: FdKind::Inbound as i32,
                     pod: "web".into(),
                     addr: l2.local_addr().unwrap().to_string(),
+                    member: 1,
                 },
             ],
         };
@@ -514,6 +597,54 @@ mod tests {
         let (got, fds) = recv(&b).unwrap();
         assert_eq!(got, Body::Commit(Commit::default()));
         assert!(fds.is_empty());
+    }
+
+    #[test]
+    fn an_offer_of_more_descriptors_than_one_message_takes_follows_in_fds_frames() {
+        // 600 listener descriptors: a node of 75 pods with two workers (4 addresses each).
+        let (a, b) = UnixStream::pair().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let raw: Vec<RawFd> = vec![l.as_raw_fd(); 600];
+        let info = |i: usize| FdInfo {
+            kind: FdKind::Outbound as i32,
+            pod: format!("pod{}", i / 4),
+            addr: l.local_addr().unwrap().to_string(),
+            member: (i % 2) as u32,
+        };
+        let offer = Offer {
+            protocol_version: LISTENER_GROUPS_SINCE,
+            generation: 1,
+            pid: 1,
+            fds: (0..600).map(info).collect(),
+        };
+        let sender = std::thread::spawn({
+            let offer = offer.clone();
+            move || send_offer(&a, offer, &raw)
+        });
+        let (got, fds) = recv(&b).unwrap();
+        let Body::Offer(got) = got else {
+            panic!("not an offer")
+        };
+        assert_eq!(got, offer);
+        assert_eq!(
+            fds.len(),
+            MAX_FDS,
+            "the offer's own frame carries one message's worth"
+        );
+        let fds = recv_offer_fds(&b, &got, fds).unwrap();
+        sender.join().unwrap().unwrap();
+        assert_eq!(fds.len(), 600);
+        // Each is the same listening socket.
+        let last = std::net::TcpListener::from(fds.into_iter().last().unwrap());
+        assert_eq!(last.local_addr().unwrap(), l.local_addr().unwrap());
+        // Version 2 cannot carry them: refused before anything is sent.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let old = Offer {
+            protocol_version: 2,
+            ..offer
+        };
+        let e = send_offer(&a, old, &vec![l.as_raw_fd(); 300]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
     }
 
     #[test]
@@ -685,6 +816,8 @@ mod tests {
             protocol_version: 99,
             pid: 1,
             binary_version: String::new(),
+            workers: 0,
+            take_over: false,
         }));
         assert_eq!(f, vec![0, 0, 0, 6, 0x0a, 4, 0x08, 99, 0x10, 1]);
     }
