@@ -876,10 +876,7 @@ impl ServiceTables {
             }
         }
         let write_us = started.elapsed().as_micros() as u64;
-        let flipped_at_unix_us = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
+        let flipped_at_unix_us = crate::sys::unix_us();
         let stale: Vec<SvcKey> = self
             .svc
             .keys()

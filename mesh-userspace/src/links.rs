@@ -17,7 +17,7 @@ use std::{
         atomic::{AtomicBool, Ordering::Relaxed},
         Arc, Mutex,
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -255,12 +255,6 @@ pub struct LinkManager {
     preconnected: Mutex<Option<serde_json::Value>>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// `<state_file>.links.json`.
 pub fn state_path(state_file: &Path) -> PathBuf {
     let mut s = state_file.as_os_str().to_owned();
@@ -307,7 +301,7 @@ impl LinkManager {
         if l.len() >= 50 {
             l.pop_front();
         }
-        l.push_back(format!("{} {msg}", now_ms()));
+        l.push_back(format!("{} {msg}", crate::sys::unix_ms()));
     }
 
     fn error(&self, msg: String) {
@@ -484,7 +478,7 @@ impl LinkManager {
                 steps,
                 done: 0,
                 over_ms: over.as_millis() as u64,
-                started_unix_ms: now_ms(),
+                started_unix_ms: crate::sys::unix_ms(),
                 paused: false,
             };
             for l in [&from, &to.to_owned()] {
@@ -619,7 +613,7 @@ impl LinkManager {
         if let Err(e) = Self::apply(&self.dirs_of(&rec.from), &from.keepalive) {
             self.error(format!("lowering {} to keep-alive: {e}", rec.from));
         }
-        let took = now_ms().saturating_sub(rec.started_unix_ms);
+        let took = crate::sys::unix_ms().saturating_sub(rec.started_unix_ms);
         {
             let mut st = self.st.lock().expect("link state");
             st.links
@@ -906,7 +900,7 @@ impl LinkManager {
                 "from": s.from, "to": s.to, "steps": s.steps, "done": s.done,
                 "over_ms": s.over_ms,
                 "paused": s.paused,
-                "elapsed_ms": now_ms().saturating_sub(s.started_unix_ms),
+                "elapsed_ms": crate::sys::unix_ms().saturating_sub(s.started_unix_ms),
             })
         });
         json!({

@@ -53,17 +53,10 @@ pub fn clear() {
     *NOT_READY.lock().expect("probe lock") = None;
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Called every second by the control runtime: `/healthz` sees it hang.
 pub async fn tick() {
     loop {
-        BEAT.store(unix_ms(), Relaxed);
+        BEAT.store(crate::sys::unix_ms(), Relaxed);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
@@ -86,7 +79,7 @@ fn readiness() -> Result<(), String> {
 
 fn health() -> Result<(), String> {
     let beat = BEAT.load(Relaxed);
-    let age = unix_ms().saturating_sub(beat);
+    let age = crate::sys::unix_ms().saturating_sub(beat);
     if beat != 0 && age > STALE.as_millis() as u64 {
         return Err(format!("the control runtime has not run for {age} ms"));
     }

@@ -311,14 +311,6 @@ pub fn serve(
     })
 }
 
-/// Wall-clock ms (the once-per-10-s report of running out of descriptors).
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 async fn accept_loop(
     l: Option<TcpListener>,
     dir: Direction,
@@ -337,7 +329,7 @@ async fn accept_loop(
                 Err(e) if crate::sys::is_out_of_fds(&e) => {
                     // The connection stays in the kernel's accept queue; back off so the loop
                     // does not spin while descriptors are short.
-                    let now_ms = unix_ms();
+                    let now_ms = crate::sys::unix_ms();
                     if let Some(n) = shared.errors.note_no_descriptors(now_ms) {
                         let (soft, hard) = crate::sys::nofile_limit().unwrap_or((0, 0));
                         // Listing /proc/self/fd needs a descriptor too.
@@ -545,7 +537,7 @@ async fn relay(
             // shortage as an accept that fails (counted and logged the same way), except that
             // this connection is reset.
             shared.errors.upstream_socket_failed.fetch_add(1, Relaxed);
-            let now_ms = unix_ms();
+            let now_ms = crate::sys::unix_ms();
             if let Some(n) = shared.errors.note_no_descriptors(now_ms) {
                 let (soft, hard) = crate::sys::nofile_limit().unwrap_or((0, 0));
                 warn!(

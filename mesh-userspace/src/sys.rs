@@ -460,3 +460,15 @@ mod fd_tests {
         assert!(!is_out_of_fds(&io::Error::from_raw_os_error(libc::ECONNABORTED)));
     }
 }
+
+/// Now, in milliseconds of Unix time (0 before 1970).
+pub fn unix_ms() -> u64 {
+    unix_us() / 1000
+}
+
+/// Now, in microseconds of Unix time (0 before 1970): comparable across processes.
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}

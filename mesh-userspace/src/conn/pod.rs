@@ -103,14 +103,6 @@ impl ProxyErrors {
     }
 }
 
-/// Milliseconds since the Unix epoch (for log throttling).
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// One connection counted against its pod's cap (and in the node's total) until dropped.
 pub(crate) struct Held {
     stats: Arc<PodStats>,
@@ -130,7 +122,7 @@ pub(crate) fn admit(pod: &PodCtx, shared: &Arc<Shared>) -> Option<Held> {
     let cap = shared.pod_cap.load(Relaxed);
     if cap != 0 && held > cap {
         pod.stats.held.fetch_sub(1, Relaxed);
-        if shared.errors.note_pod_limit(now_ms()) {
+        if shared.errors.note_pod_limit(crate::sys::unix_ms()) {
             warn!(
                 pod = %pod.name,
                 "pod holds {cap} proxied connections, its cap ([limits] max_connections_per_pod): \

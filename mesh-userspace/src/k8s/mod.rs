@@ -163,7 +163,7 @@ pub async fn cni_add(daemon: &Arc<Daemon>, add: CniAdd) -> Result<(), String> {
                     uid = %uid,
                     sandbox = %add.sandbox_id,
                     enrol_ms = start.elapsed().as_millis() as u64,
-                    unix_ms = unix_ms(),
+                    unix_ms = crate::sys::unix_ms(),
                     "enrolled at CNI ADD"
                 );
                 Ok(())
@@ -224,13 +224,6 @@ fn enrol_at_add(daemon: &Daemon, ctx: &AddCtx, add: &CniAdd) -> Result<String, S
         e.to_string()
     })?;
     Ok(uid.to_string())
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 /// Hand a `sockmesh-cni` notice to discovery (admin API). Never blocks.

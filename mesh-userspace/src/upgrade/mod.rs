@@ -391,12 +391,7 @@ static HANDOVER_WAIT: HandoverWait = HandoverWait {
     max_us: AtomicU64::new(0),
 };
 
-/// Now, in microseconds of unix time (both generations read the same clock).
-pub fn unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
-}
+pub use crate::sys::unix_us;
 
 /// A moved app connection is served here: count how long it waited since the previous
 /// generation stopped it at `stopped_unix_us` (0: a binary that does not say; not counted).
