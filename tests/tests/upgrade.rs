@@ -523,8 +523,11 @@ fn streams_in_flight_move_with_their_buffered_bytes_and_arrive_intact() {
     let (node, _server, mut d) = setup();
     let srv = node.pod("srv");
     let _echo = Server::peer(srv, 9001, "echo").expect("echo server");
-    // 4 connections each streaming 1 GiB through the proxy to the echo server and verifying
+    // 4 connections each streaming 3 GiB through the proxy to the echo server and verifying
     // every byte that comes back: the move happens mid-stream, with bytes in the relay's buffers.
+    // Long enough that none ends before the move (2 s into the drain): with one socket per
+    // worker, a stream alone on its worker finished 1 GiB in under 3 s and stayed on the old
+    // generation (correctly, but the test expects all four to move).
     let client = node.pod("client");
     let mut cmd = sockmesh_tests::peer_command();
     cmd.args([
@@ -534,7 +537,7 @@ fn streams_in_flight_move_with_their_buffered_bytes_and_arrive_intact() {
         "--connections",
         "4",
         "--sizes",
-        "1024MiB",
+        "3072MiB",
         "--seconds-limit",
         "120",
     ])
