@@ -44,6 +44,8 @@
 //! and gRPC helpers.
 
 mod forward;
+mod h1client;
+mod h1wire;
 mod headers;
 mod late_frames;
 mod pool;
@@ -89,7 +91,11 @@ impl HttpVersion {
     }
 }
 
+/// A request body on its way upstream (the app's, or an empty replay).
 type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A response body on its way to the app (an upstream's, or the proxy's own answer).
+type RespBody = BoxBody<Bytes, BoxError>;
 
 /// What every request of one app connection shares.
 struct ConnState {
