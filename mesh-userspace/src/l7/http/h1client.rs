@@ -115,7 +115,7 @@ impl Drop for H1Conn {
 /// Why an exchange failed.
 pub(super) enum Failed {
     /// Not a byte was written: the request, whole again.
-    NotSent(Request<Body>),
+    NotSent(Box<Request<Body>>),
     /// The request (or part of it) went out and no valid response came (closed, reset, or the
     /// app's request body failed).
     Sent(BoxError),
@@ -306,7 +306,10 @@ pub(super) async fn exchange(conn: &mut H1Conn, req: Request<Body>) -> Result<Ex
                     ended: body_done,
                     rest: body,
                 };
-                return Err(Failed::NotSent(Request::from_parts(parts, body.boxed())));
+                return Err(Failed::NotSent(Box::new(Request::from_parts(
+                    parts,
+                    body.boxed(),
+                ))));
             }
             Err(e) => return Err(Failed::Sent(e.into())),
         }

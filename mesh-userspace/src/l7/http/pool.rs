@@ -435,7 +435,7 @@ pub(super) async fn send_once(
                     *resp.headers_mut() = ex.head.headers;
                     Ok(resp)
                 }
-                Err(Failed::NotSent(req)) => Err(Attempt::Stale(req)),
+                Err(Failed::NotSent(req)) => Err(Attempt::Stale(*req)),
                 Err(Failed::Sent(e)) => Err(Attempt::Sent(e)),
                 Err(Failed::Malformed(e)) => Err(Attempt::Malformed(e.0)),
             }
