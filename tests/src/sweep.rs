@@ -20,12 +20,11 @@ use crate::{cgroup, node};
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 const RMDIR_TIMEOUT: Duration = Duration::from_secs(10);
 const BPFFS: &str = "/sys/fs/bpf";
-/// cgroup v1 hierarchies the dual-link tests create `<prefix>/<link>` directories in.
-const V1_CONTROLLERS: [&str; 2] = ["cpu", "memory"];
 
 /// What the harness names, by the prefix that precedes the owner's pid.
 pub struct Owned {
-    /// cgroup v2 roots (`<cgroup2>/<prefix><pid>-<n>`) and cgroup v1 `cpu`/`memory` dirs.
+    /// cgroup v2 roots (`<cgroup2>/<prefix><pid>-<n>`) and their twins in cgroup v1 hierarchies
+    /// (the dual-link tests' `cpu`/`memory` dirs, runc's pod cgroups).
     pub cgroups: &'static [&'static str],
     /// Pinned state directories under `/sys/fs/bpf`.
     pub pin_dirs: &'static [&'static str],
@@ -123,13 +122,64 @@ fn unpin_tree(dir: &Path, removed: &mut usize) -> std::io::Result<()> {
     }
 }
 
-/// Whether something is mounted at or below `dir` (a node runtime's rootfs in a temp dir):
-/// such a temp dir is left alone rather than deleted through the mount.
-fn has_mounts_below(dir: &Path) -> bool {
+/// Mount points at or below `dir`, deepest first.
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+    v
+}
+
+/// Mount points of the cgroup v1 hierarchies (fstype `cgroup`).
+fn cgroup1_mounts() -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .any(|m| Path::new(m).starts_with(dir))
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (right.split_whitespace().next() == Some("cgroup")).then(|| PathBuf::from(mount_point))
+        })
+        .collect()
+}
+
+/// SIGKILLs every process whose command line names a path inside one of `dirs` (a node
+/// runtime and its shims, configured in a dead test's temp dir, run in no test cgroup);
+/// returns how many.
+fn kill_processes_naming(dirs: &[PathBuf]) -> usize {
+    if dirs.is_empty() {
+        return 0;
+    }
+    let me = std::process::id();
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let names = cmdline.split(|b| *b == 0).any(|arg| {
+            let arg = String::from_utf8_lossy(arg);
+            dirs.iter().any(|d| {
+                let d = d.to_string_lossy();
+                arg.match_indices(&*d)
+                    .any(|(i, _)| matches!(arg.as_bytes().get(i + d.len()), None | Some(b'/')))
+            })
+        });
+        if names {
+            // SAFETY: kill has no memory preconditions; the process runs from a dead test's dir.
+            if unsafe { libc::kill(pid as i32, libc::SIGKILL) } == 0 {
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 /// Where to look (the machine's places, or a test's stand-ins).
@@ -145,11 +195,7 @@ impl Places {
     pub fn machine() -> Places {
         Places {
             cgroup2: cgroup::try_cgroup2_mount().ok(),
-            cgroup1: V1_CONTROLLERS
-                .iter()
-                .map(|c| Path::new("/sys/fs/cgroup").join(c))
-                .filter(|d| d.join("cgroup.procs").exists())
-                .collect(),
+            cgroup1: cgroup1_mounts(),
             bpffs: PathBuf::from(BPFFS),
             netns: PathBuf::from(node::NETNS_DIR),
             temp: std::env::temp_dir(),
@@ -159,8 +205,10 @@ impl Places {
 
 /// Removes what dead harness processes left in `places`; returns one line per thing removed
 /// (and per problem, prefixed `failed:`). Order: the processes still in their cgroups (a
-/// daemon of a killed test keeps its links' fds), the pinned state, the cgroups bottom-up, the
-/// network namespaces (their veths and bridges go with them), the temp dirs.
+/// daemon of a killed test keeps its links' fds) and those whose command line names a dead
+/// test's temp dir (a Kubernetes node's containerd and shims), the pinned state, the cgroups
+/// bottom-up, the network namespaces (their veths and bridges go with them), the temp dirs
+/// (mounts below them detached first).
 pub fn sweep(places: &Places) -> Vec<String> {
     let mut log = Vec::new();
     let mut cgroups: Vec<(PathBuf, u32)> = Vec::new();
@@ -185,6 +233,18 @@ pub fn sweep(places: &Places) -> Vec<String> {
                 Err(e) => log.push(format!("failed: {e:#}")),
             }
         }
+    }
+    let temp = dead_entries(&places.temp, OWNED.temp);
+    let temp_dirs: Vec<PathBuf> = temp
+        .iter()
+        .filter(|(p, _)| p.is_dir())
+        .map(|(p, _)| p.clone())
+        .collect();
+    match kill_processes_naming(&temp_dirs) {
+        0 => {}
+        n => log.push(format!(
+            "killed {n} process(es) running from dead test processes' temp dirs"
+        )),
     }
     for (dir, pid) in dead_entries(&places.bpffs, OWNED.pin_dirs) {
         if !dir.is_dir() {
@@ -218,11 +278,18 @@ pub fn sweep(places: &Places) -> Vec<String> {
             Err(e) => log.push(format!("failed: delete netns {}: {e}", path.display())),
         }
     }
-    for (path, pid) in dead_entries(&places.temp, OWNED.temp) {
+    for (path, pid) in temp {
         let result = if path.is_dir() {
-            if has_mounts_below(&path) {
+            // A node runtime's mounts (rootfs, shm): detached, never deleted through.
+            for m in mounts_below(&path) {
+                if let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) {
+                    // SAFETY: a valid C string; MNT_DETACH of a mount inside a dead test's dir.
+                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                }
+            }
+            if !mounts_below(&path).is_empty() {
                 log.push(format!(
-                    "failed: {} (of dead test process {pid}) has mounts below it: left alone",
+                    "failed: {} (of dead test process {pid}) still has mounts below it: left alone",
                     path.display()
                 ));
                 continue;
