@@ -391,6 +391,12 @@ impl Daemon {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Panics (with the log) if any generation of this daemon panicked.
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        assert!(!log.contains("panicked"), "a generation panicked:\n{log}");
+    }
+
     fn print_log(&self, why: &str) {
         eprintln!("==================== sockmesh log ({why}) ====================");
         eprintln!("{}", self.log());

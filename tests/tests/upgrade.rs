@@ -239,11 +239,7 @@ fn failing_successors_leave_the_daemon_serving_and_a_later_upgrade_works() {
         summary["connects"], summary["ok"], summary["failed"], summary["p99_ms"]
     );
     assert_eq!(summary["failed"], 0, "failed requests: {}", summary["errors"]);
-    assert!(
-        !d.log().contains("panicked"),
-        "a generation panicked:\n{}",
-        d.log()
-    );
+    d.assert_no_panic();
 }
 
 /// Listening sockets on `port` in `pod`'s netns bound to 127.0.0.1 (`ss`).
@@ -376,11 +372,7 @@ fn listener_groups_follow_the_worker_count_across_upgrades_and_no_new_connection
         "{}",
         st["counters"]
     );
-    assert!(
-        !d.log().contains("panicked"),
-        "a generation panicked:\n{}",
-        d.log()
-    );
+    d.assert_no_panic();
 }
 
 #[test]
