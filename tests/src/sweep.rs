@@ -135,6 +135,16 @@ fn mounts_below(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Detaches (`MNT_DETACH`) every mount at or below `dir`, deepest first.
+pub fn detach_mounts_below(dir: &Path) {
+    for m in mounts_below(dir) {
+        if let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a valid C string; umount2 has no memory preconditions.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
 /// Mount points of the cgroup v1 hierarchies (fstype `cgroup`).
 fn cgroup1_mounts() -> Vec<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -147,11 +157,11 @@ fn cgroup1_mounts() -> Vec<PathBuf> {
         .collect()
 }
 
-/// SIGKILLs every process whose command line names a path inside one of `dirs` (a node
-/// runtime and its shims, configured in a dead test's temp dir, run in no test cgroup);
-/// returns how many.
-fn kill_processes_naming(dirs: &[PathBuf]) -> usize {
-    if dirs.is_empty() {
+/// SIGKILLs every process whose command line names one of `paths` or a path inside one (a node
+/// runtime and its shims, configured in a test's temp dir, run in no test cgroup); returns how
+/// many.
+pub fn kill_processes_naming(paths: &[PathBuf]) -> usize {
+    if paths.is_empty() {
         return 0;
     }
     let me = std::process::id();
@@ -166,7 +176,7 @@ fn kill_processes_naming(dirs: &[PathBuf]) -> usize {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let names = cmdline.split(|b| *b == 0).any(|arg| {
             let arg = String::from_utf8_lossy(arg);
-            dirs.iter().any(|d| {
+            paths.iter().any(|d| {
                 let d = d.to_string_lossy();
                 arg.match_indices(&*d)
                     .any(|(i, _)| matches!(arg.as_bytes().get(i + d.len()), None | Some(b'/')))
@@ -281,12 +291,7 @@ pub fn sweep(places: &Places) -> Vec<String> {
     for (path, pid) in temp {
         let result = if path.is_dir() {
             // A node runtime's mounts (rootfs, shm): detached, never deleted through.
-            for m in mounts_below(&path) {
-                if let Ok(c) = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()) {
-                    // SAFETY: a valid C string; MNT_DETACH of a mount inside a dead test's dir.
-                    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-                }
-            }
+            detach_mounts_below(&path);
             if !mounts_below(&path).is_empty() {
                 log.push(format!(
                     "failed: {} (of dead test process {pid}) still has mounts below it: left alone",
