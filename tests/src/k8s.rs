@@ -762,29 +762,11 @@ plugin_dir = ""
             c.stop();
         }
         // Shims of this containerd (they outlive it): by their -address argument.
-        let sock = self.socket.display().to_string();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&sock) {
-                // SAFETY: kill has no memory preconditions; the pid is a shim of our containerd.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
+        crate::sweep::kill_processes_naming(std::slice::from_ref(&self.socket));
         // Mounts under our dir (rootfs, shm) deepest first, then our pods' netns.
-        let dir = self.dir.path().display().to_string();
-        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
-            .filter(|m| m.starts_with(&dir))
-            .collect();
-        mounts.extend(self.netns_seen.iter().filter(|n| !n.is_empty()).cloned());
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in &mounts {
-            if let Ok(c) = std::ffi::CString::new(m.as_str()) {
+        crate::sweep::detach_mounts_below(self.dir.path());
+        for n in self.netns_seen.iter().filter(|n| !n.is_empty()) {
+            if let Ok(c) = std::ffi::CString::new(n.as_str()) {
                 // SAFETY: a valid C string; MNT_DETACH on a path we own.
                 unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
             }

@@ -12,7 +12,8 @@
 //!
 //! Safety rules the harness keeps: nothing is attached or created outside the test-owned cgroup
 //! subtree; traffic only goes to loopback or to namespaces the harness created; every wait is
-//! bounded.
+//! bounded. What a killed test process left behind (no `Drop` ran) is removed by the next harness
+//! start ([`sweep`]): every resource name carries its owner's pid.
 
 pub mod abuse;
 pub mod bench;
@@ -27,6 +28,7 @@ pub mod peer;
 pub mod process;
 pub mod rpc;
 pub mod servers;
+pub mod sweep;
 pub mod tools;
 pub mod upgrade;
 pub mod util;

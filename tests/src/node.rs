@@ -199,6 +199,7 @@ impl VirtualNode {
     /// addresses and an optional gateway on the bridge (see [`NodeOptions`]).
     pub fn with_options(pods: &[&str], options: NodeOptions) -> Result<VirtualNode> {
         validate_pod_names(pods)?;
+        crate::sweep::sweep_once();
         if options.index > MAX_NODE_INDEX {
             bail!("node index {} > {MAX_NODE_INDEX}", options.index);
         }
@@ -414,22 +415,26 @@ pub fn teardown_resources(cgroup_root: Option<&Path>, netns_names: &[String]) ->
     // Pods first, the node (bridge) last.
     for name in netns_names.iter().rev() {
         if let Err(e) = ip(&["netns", "del", name]) {
-            // Fall back to what `ip netns del` does: detach the bind mount, remove the file.
             let path = Path::new(NETNS_DIR).join(name);
             if path.exists() {
-                if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
-                    // SAFETY: plain syscall with a valid NUL-terminated path.
-                    unsafe {
-                        libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-                    }
-                }
-                if let Err(e2) = std::fs::remove_file(&path) {
+                if let Err(e2) = remove_netns_file(&path) {
                     problems.push(format!("{e:#}; fallback failed: {e2}"));
                 }
             }
         }
     }
     problems
+}
+
+/// What `ip netns del` does: detach the namespace's bind mount at `path`, remove the file.
+pub fn remove_netns_file(path: &Path) -> std::io::Result<()> {
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: plain syscall with a valid NUL-terminated path.
+        unsafe {
+            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+    std::fs::remove_file(path)
 }
 
 impl Drop for VirtualNode {

@@ -183,9 +183,13 @@ fn privilege_problem(need_daemon: bool) -> Option<String> {
 
 /// For tests that need root, the cgroup v2 mount and the `sockmesh` binary. Returns `false` (after a
 /// loud `SKIPPED` banner) when something is missing, or panics when `SOCKMESH_REQUIRE_PRIVILEGED=1`.
+/// The first call of a process sweeps what killed test processes left ([`crate::sweep`]).
 pub fn require_privileged() -> bool {
     match privilege_problem(true) {
-        None => true,
+        None => {
+            crate::sweep::sweep_once();
+            true
+        }
         Some(why) => skip_or_panic(&current_test_name(), &why),
     }
 }
@@ -193,7 +197,10 @@ pub fn require_privileged() -> bool {
 /// Like [`require_privileged`] for harness tests that do not run the daemon.
 pub fn require_root() -> bool {
     match privilege_problem(false) {
-        None => true,
+        None => {
+            crate::sweep::sweep_once();
+            true
+        }
         Some(why) => skip_or_panic(&current_test_name(), &why),
     }
 }

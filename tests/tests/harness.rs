@@ -1,6 +1,7 @@
-//! Tests of the virtual-node harness itself (root, no daemon): pods talk over the bridge, processes
-//! land in the right cgroup and netns, the peers work, and teardown leaves nothing behind, even
-//! after a panic. Run with `--test-threads=1`.
+//! Tests of the virtual-node harness itself (root; no daemon but in the sweep test): pods talk over
+//! the bridge, processes land in the right cgroup and netns, the peers work, teardown leaves nothing
+//! behind, even after a panic, and the next harness start sweeps what a killed test process left.
+//! Run with `--test-threads=1`.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -10,7 +11,9 @@ use std::time::Duration;
 use serde_json::Value;
 use sockmesh_tests::cgroup::{cgroup_of_pid, procs};
 use sockmesh_tests::process::check_output;
-use sockmesh_tests::{eventually, pod_exec, require_root, spawn_in, LineChild, Server, VirtualNode};
+use sockmesh_tests::{
+    eventually, pod_exec, require_privileged, require_root, spawn_in, LineChild, Server, VirtualNode,
+};
 
 const PEER: &str = env!("CARGO_BIN_EXE_peer");
 
@@ -281,4 +284,167 @@ fn stdin_is_not_inherited_by_pod_exec() {
     let out = pod_exec(node.pod("a"), "cat", &[] as &[&str]).unwrap();
     assert!(out.status.success());
     let _ = Stdio::null();
+}
+
+/// Which part [`a_killed_test_process_leftovers_go_at_the_next_harness_start`] plays in a child
+/// process: `leak` (a test that builds a node with a daemon, then is killed) or `start` (the
+/// next test process: it only starts the harness).
+const SWEEP_ROLE: &str = "SOCKMESH_TEST_SWEEP_ROLE";
+const SWEEP_TEST: &str = "a_killed_test_process_leftovers_go_at_the_next_harness_start";
+
+/// `bpftool link show`: every BPF link's `(id, cgroup id)` (0 for links of other kinds).
+fn bpf_links() -> Vec<(u64, u64)> {
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["-j", "link", "show"]);
+    let out = sockmesh_tests::run_host(cmd, Duration::from_secs(30)).unwrap();
+    check_output("bpftool link show", &out).unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| Some((l["id"].as_u64()?, l["cgroup_id"].as_u64().unwrap_or(0))))
+        .collect()
+}
+
+/// The ids of the links attached to the cgroup at `path`, sorted.
+fn cgroup_links(path: &std::path::Path) -> Vec<u64> {
+    let id = sockmesh_tests::cgroup::cgroup_id(path).unwrap();
+    let mut v: Vec<u64> = bpf_links()
+        .into_iter()
+        .filter(|l| l.1 == id)
+        .map(|l| l.0)
+        .collect();
+    v.sort();
+    v
+}
+
+/// This test binary running only this test, as `role`.
+fn sweep_child(role: &str) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([SWEEP_TEST, "--exact", "--nocapture", "--test-threads=1"])
+        .env(SWEEP_ROLE, role);
+    cmd
+}
+
+#[test]
+fn a_killed_test_process_leftovers_go_at_the_next_harness_start() {
+    use sockmesh_tests::daemon::basic_config;
+    use sockmesh_tests::Daemon;
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+
+    match std::env::var(SWEEP_ROLE).as_deref() {
+        Ok("leak") => {
+            assert!(require_privileged());
+            let node = VirtualNode::new(&["a"]).unwrap();
+            let daemon = Daemon::start(&node, &basic_config(&node, "")).unwrap();
+            let leaked = serde_json::json!({
+                "cgroup": node.cgroup_root(),
+                "netns": node.netns_paths(),
+                "pin_dir": daemon.pin_dir(),
+                "temp": daemon.dir(),
+                "daemon": daemon.pid(),
+            });
+            println!("leaked {leaked}");
+            // Killed long before this ends; if not, the guards clean up and the parent fails.
+            std::thread::sleep(Duration::from_secs(120));
+            return;
+        }
+        Ok("start") => {
+            assert!(require_privileged());
+            return;
+        }
+        _ => {}
+    }
+    if !require_privileged() {
+        return;
+    }
+    // A live test's node and daemon, which no sweep may touch.
+    let live = VirtualNode::new(&["live"]).unwrap();
+    let live_daemon = Daemon::start(&live, &basic_config(&live, "")).unwrap();
+    let live_pin = live_daemon.pin_dir().to_path_buf();
+    let live_links = cgroup_links(live.cgroup_root());
+    assert!(!live_links.is_empty());
+
+    // A test process in its own process group, killed the way `timeout -s KILL` kills one: the
+    // whole group at once, so neither it nor its daemon cleans up.
+    let mut cmd = sweep_child("leak");
+    cmd.process_group(0).stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = sockmesh_tests::GuardedChild::new(cmd.spawn().unwrap(), "leaking test process");
+    let stdout = child.child_mut().stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            // After libtest's `test <name> ... ` on the same line.
+            if let Some((_, j)) = line.split_once("leaked ") {
+                let _ = tx.send(j.to_owned());
+            }
+        }
+    });
+    let leaked: Value = serde_json::from_str(&rx.recv_timeout(Duration::from_secs(90)).unwrap()).unwrap();
+    let path = |k: &str| PathBuf::from(leaked[k].as_str().unwrap());
+    let (cgroup, pin_dir, temp) = (path("cgroup"), path("pin_dir"), path("temp"));
+    let netns: Vec<PathBuf> = leaked["netns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| PathBuf::from(n.as_str().unwrap()))
+        .collect();
+    let links = cgroup_links(&cgroup);
+    assert!(!links.is_empty(), "the leaking daemon attached no link");
+    // SAFETY: kill has no memory preconditions; the group is the child's own.
+    assert_eq!(unsafe { libc::kill(-(child.pid() as i32), libc::SIGKILL) }, 0);
+    let st = child
+        .wait_timeout(Duration::from_secs(30))
+        .unwrap()
+        .expect("killed child exits");
+    assert!(!st.success());
+    let daemon_pid = leaked["daemon"].as_u64().unwrap();
+    eventually(Duration::from_secs(10), || {
+        match std::fs::read_to_string(format!("/proc/{daemon_pid}/stat")) {
+            Ok(s) if !s.contains(") Z ") => anyhow::bail!("daemon {daemon_pid} still runs"),
+            _ => Ok(()),
+        }
+    })
+    .unwrap();
+    // What the killed test left: its cgroup, netns, pinned links (still attached) and temp dir.
+    assert!(cgroup.is_dir() && pin_dir.is_dir() && temp.is_dir());
+    assert!(netns.iter().all(|n| n.exists()), "{netns:?}");
+    assert_eq!(
+        cgroup_links(&cgroup),
+        links,
+        "the pinned links outlive their daemon"
+    );
+
+    // The next test process's harness start sweeps all of it, and says so.
+    let out = sockmesh_tests::run_host(sweep_child("start"), Duration::from_secs(120)).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("next test process:\n{err}");
+    check_output("next test process", &out).unwrap();
+    for gone in [&cgroup, &pin_dir, &temp] {
+        assert!(!gone.exists(), "{} left", gone.display());
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with("harness sweep: ") && l.contains(&*gone.to_string_lossy())),
+            "the sweep did not name {}",
+            gone.display()
+        );
+    }
+    for n in &netns {
+        assert!(!n.exists(), "{} left", n.display());
+    }
+    eventually(Duration::from_secs(10), || {
+        let all = bpf_links();
+        match links.iter().find(|l| all.iter().any(|a| a.0 == **l)) {
+            Some(l) => anyhow::bail!("link {l} still exists"),
+            None => Ok(()),
+        }
+    })
+    .unwrap();
+
+    // The live test's resources are untouched and its daemon still serves.
+    assert!(live.cgroup_root().is_dir() && live_pin.is_dir());
+    assert!(live.netns_paths().iter().all(|n| n.exists()));
+    assert_eq!(cgroup_links(live.cgroup_root()), live_links);
+    live_daemon.status().unwrap();
 }

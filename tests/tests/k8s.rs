@@ -325,21 +325,22 @@ fn kubernetes_node_end_to_end() {
     // back (bounded: cni_check_ms is 200 here), counts it, and the next pod is still enrolled
     // by the plugin during ADD.
     rewrite_without_plugin(&conflist).unwrap();
+    // The file is rewritten before the counter and the log line: wait for all three.
     eventually(Duration::from_secs(5), || {
         let text = std::fs::read_to_string(&conflist)?;
         anyhow::ensure!(text.contains("sockmesh-cni"), "not chained back yet: {text}");
+        let m = d2.metrics()?;
+        anyhow::ensure!(
+            prom_value(&m, "sockmesh_k8s_cni_rechained_total", &[]).unwrap_or(0.0) >= 1.0,
+            "chained back but not counted: {m}"
+        );
+        anyhow::ensure!(
+            d2.log().contains("chained it back"),
+            "the re-chain was not logged"
+        );
         Ok(())
     })
-    .expect("sockmesh-cni chained back into the rewritten conflist");
-    let m = d2.metrics().unwrap();
-    assert!(
-        prom_value(&m, "sockmesh_k8s_cni_rechained_total", &[]).unwrap_or(0.0) >= 1.0,
-        "{m}"
-    );
-    assert!(
-        d2.log().contains("chained it back"),
-        "the re-chain was not logged"
-    );
+    .expect("sockmesh-cni chained back into the rewritten conflist, counted and logged");
     let after = node.run_pod("default", "after.rewrite", &[], &[MESH]).unwrap();
     assert!(
         enrolled(&d2.status().unwrap()).contains(&after.uid),
