@@ -28,7 +28,7 @@ use tracing::debug;
 use super::{
     forward::handle,
     late_frames::{frame_clock, frame_expired, FrameStart, LateFramesIo},
-    Body, ConnCtx, ConnState, HttpVersion, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT,
+    ConnCtx, ConnState, HttpVersion, RespBody, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT,
     HTTP2_MAX_CONCURRENT_STREAMS, MAX_HTTP2_HEADER_LIST_BYTES,
 };
 
@@ -186,14 +186,14 @@ impl Drop for InflightGuard {
 /// one poll was not enough: with pipelined requests in its buffer hyper polls the body again
 /// within the same poll of the connection.)
 pub(super) struct HeadOut {
-    inner: Body,
+    inner: RespBody,
     inflight: Arc<Inflight>,
     hold: Option<Pin<Box<tokio::time::Sleep>>>,
     done: bool,
 }
 
 impl HeadOut {
-    pub(super) fn new(inner: Body, inflight: Arc<Inflight>) -> HeadOut {
+    pub(super) fn new(inner: RespBody, inflight: Arc<Inflight>) -> HeadOut {
         HeadOut {
             inner,
             inflight,
@@ -208,12 +208,12 @@ const HEAD_OUT_HOLD: Duration = Duration::from_millis(5);
 
 impl hyper::body::Body for HeadOut {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = super::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, super::BoxError>>> {
         let this = &mut *self;
         if !this.done && crate::upgrade::is_draining() && crate::upgrade::can_hand_over() {
             this.done = true;
@@ -511,7 +511,7 @@ async fn serve_h1<S>(
     fd: std::os::fd::RawFd,
 ) -> Option<Result<(), hyper::Error>>
 where
-    S: hyper::service::HttpService<Incoming, ResBody = Body> + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = RespBody> + Unpin,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let limits = &ctx.shared.limits;
@@ -573,7 +573,7 @@ async fn h1_session<S>(
     fd: std::os::fd::RawFd,
 ) -> H1Session<S>
 where
-    S: hyper::service::HttpService<Incoming, ResBody = Body> + Unpin,
+    S: hyper::service::HttpService<Incoming, ResBody = RespBody> + Unpin,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let limits = &ctx.shared.limits;
