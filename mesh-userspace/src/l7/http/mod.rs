@@ -116,6 +116,8 @@ struct ConnState {
     version: HttpVersion,
     inflight: Arc<Inflight>,
     head: Arc<HeadClock>,
+    /// HTTP/1.1: the upstream pool the latest request went to (the pre-connect's sizing).
+    last_pool: pool::LastPool,
 }
 
 /// Serve one app connection until it closes.

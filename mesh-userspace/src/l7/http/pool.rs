@@ -91,6 +91,38 @@ struct EndpointPool {
     /// the connection's close): their connections are not in `h1` meanwhile (for
     /// [`HttpPools::h1_counts`]).
     h1_busy: AtomicUsize,
+    /// HTTP/1.1 app connections on this worker whose latest request went to this pool
+    /// ([`LastPool`]): each carries one request at a time, so at most this many of the pool's
+    /// connections can be busy at once while they keep sending here. What a switch's
+    /// pre-connect sizes from ([`HttpPools::h1_demand`]).
+    h1_users: AtomicUsize,
+}
+
+/// The pool an HTTP/1.1 app connection's latest request went to, counted in that pool's
+/// `h1_users` until the connection sends elsewhere or closes. Set per request, but the count
+/// only moves when the endpoint changes.
+#[derive(Default)]
+pub(super) struct LastPool(Mutex<Option<Arc<EndpointPool>>>);
+
+impl LastPool {
+    fn note(&self, pool: &Arc<EndpointPool>) {
+        let mut last = self.0.lock().expect("last pool lock");
+        if last.as_ref().is_some_and(|p| Arc::ptr_eq(p, pool)) {
+            return;
+        }
+        pool.h1_users.fetch_add(1, Relaxed);
+        if let Some(old) = last.replace(pool.clone()) {
+            old.h1_users.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+impl Drop for LastPool {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.get_mut().ok().and_then(|p| p.take()) {
+            p.h1_users.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 /// Counts one HTTP/1.1 request in flight on a pool until dropped.
@@ -124,6 +156,17 @@ impl EndpointPool {
         }
         drop(h1);
         false
+    }
+
+    /// HTTP/1.1 connections held: idle ones not known to be closed, and busy ones.
+    fn h1_held(&self) -> usize {
+        self.prune_h1(false) + self.h1_busy.load(Relaxed)
+    }
+
+    /// The connections this worker's app connections may need at once here: the larger of
+    /// those held and the app connections whose latest request came here.
+    fn h1_demand(&self) -> usize {
+        self.h1_held().max(self.h1_users.load(Relaxed))
     }
 
     /// Drop the idle HTTP/1.1 connections the upstream closed (and those idle for
@@ -218,6 +261,7 @@ fn get_for(
         h1: Mutex::new(Vec::new()),
         h2: tokio::sync::Mutex::new(None),
         h1_busy: AtomicUsize::new(0),
+        h1_users: AtomicUsize::new(0),
     });
     pools.insert(key, p.clone());
     p
@@ -230,19 +274,32 @@ impl HttpPools {
     /// HTTP/1.1 connections pooled now, per (pod, endpoint), to any of `endpoints` (pods still
     /// enrolled; idle, streaming a body, or carrying a request until its response head;
     /// connections known to be closed are not counted), summed over the workers.
+    #[cfg(test)]
     pub fn h1_counts(&self, endpoints: &[SocketAddr]) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
-        self.h1_counts_where(|ep| endpoints.contains(ep))
+        self.h1_counts_where(|ep| endpoints.contains(ep), EndpointPool::h1_held)
+    }
+
+    /// The HTTP/1.1 connections each (pod, endpoint) may need at once, summed over the
+    /// workers: per worker the larger of [`Self::h1_counts`]'s and the app connections whose
+    /// latest request went there (each may send its next request at any moment; a pool sized
+    /// from the connections held alone falls short when their requests come in a burst).
+    pub fn h1_demand(&self, endpoints: &[SocketAddr]) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
+        self.h1_counts_where(|ep| endpoints.contains(ep), EndpointPool::h1_demand)
     }
 
     /// [`Self::h1_counts`] to every endpoint (what a successor pre-connects before it takes
     /// over, [`crate::upgrade`]); pools without a connection are left out.
     pub fn h1_counts_all(&self) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
-        let mut v = self.h1_counts_where(|_| true);
+        let mut v = self.h1_counts_where(|_| true, EndpointPool::h1_held);
         v.retain(|(_, _, n)| *n > 0);
         v
     }
 
-    fn h1_counts_where(&self, want: impl Fn(&SocketAddr) -> bool) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
+    fn h1_counts_where(
+        &self,
+        want: impl Fn(&SocketAddr) -> bool,
+        count: impl Fn(&EndpointPool) -> usize,
+    ) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
         let mut out: Vec<(Arc<PodCtx>, SocketAddr, usize)> = Vec::new();
         for inner in self.workers.all() {
             let pools = inner.pools.lock().expect("http pools lock");
@@ -251,7 +308,7 @@ impl HttpPools {
                 .filter(|(k, _)| k.version == HttpVersion::Http1 && want(&k.endpoint))
                 .filter_map(|(k, p)| {
                     let pod = p.pod.upgrade()?;
-                    Some((pod, k.endpoint, p.prune_h1(false) + p.h1_busy.load(Relaxed)))
+                    Some((pod, k.endpoint, count(p)))
                 });
             for (pod, ep, n) in here {
                 match out.iter_mut().find(|(p, e, _)| Arc::ptr_eq(p, &pod) && *e == ep) {
@@ -264,8 +321,9 @@ impl HttpPools {
     }
 
     /// Open HTTP/1.1 connections from `pod` to `endpoint` until `want` are pooled, spread over
-    /// the workers in proportion to the HTTP/1.1 connections `pod` uses on each now (evenly
-    /// when it uses none): each worker opens its share on its own runtime, into its own pools
+    /// the workers in proportion to `pod`'s HTTP/1.1 demand ([`Self::h1_demand`]) on each to
+    /// `size_from` (the endpoints whose traffic moves to `endpoint`; evenly when there is
+    /// none): each worker opens its share on its own runtime, into its own pools
     /// (concurrently, each bounded by `timeout`; at most [`MAX_POOLED_HTTP1_PER_ENDPOINT`] per
     /// worker). Returns how many were opened, or the first error when none could be.
     pub async fn preconnect_h1(
@@ -274,10 +332,11 @@ impl HttpPools {
         pod: &Arc<PodCtx>,
         endpoint: SocketAddr,
         want: usize,
+        size_from: &[SocketAddr],
         timeout: Duration,
     ) -> io::Result<usize> {
         let all = self.workers.all();
-        let used: Vec<usize> = all.iter().map(|inner| h1_in_use(inner, pod)).collect();
+        let used: Vec<usize> = all.iter().map(|inner| h1_demand_here(inner, pod, size_from)).collect();
         let total: usize = used.iter().sum();
         let share = |i: usize| match total {
             0 => want.div_ceil(all.len()),
@@ -312,17 +371,18 @@ impl HttpPools {
     }
 }
 
-/// HTTP/1.1 connections `pod` has in one worker's pools, to any endpoint (pooled or busy).
-fn h1_in_use(inner: &PoolsInner, pod: &Arc<PodCtx>) -> usize {
+/// `pod`'s HTTP/1.1 demand in one worker's pools to `endpoints` ([`EndpointPool::h1_demand`]).
+fn h1_demand_here(inner: &PoolsInner, pod: &Arc<PodCtx>, endpoints: &[SocketAddr]) -> usize {
     let pools = inner.pools.lock().expect("http pools lock");
     pools
         .iter()
         .filter(|(k, p)| {
             k.version == HttpVersion::Http1
                 && k.pod == pod_key(pod)
+                && endpoints.contains(&k.endpoint)
                 && std::ptr::eq(p.pod.as_ptr(), Arc::as_ptr(pod))
         })
-        .map(|(_, p)| p.prune_h1(false) + p.h1_busy.load(Relaxed))
+        .map(|(_, p)| p.h1_demand())
         .sum()
 }
 
@@ -387,7 +447,7 @@ async fn sweep(inner: Weak<PoolsInner>) {
                 }
                 Err(_) => true,
             };
-            h1_left > 0 || p.h1_busy.load(Relaxed) > 0 || h2_live
+            h1_left > 0 || p.h1_busy.load(Relaxed) > 0 || p.h1_users.load(Relaxed) > 0 || h2_live
         });
     }
 }
@@ -415,6 +475,7 @@ pub(super) async fn send_once(
     let pool = pools.get(&st.ctx, endpoint, st.version);
     match st.version {
         HttpVersion::Http1 => {
+            st.last_pool.note(&pool);
             let busy = Busy::new(pool.clone());
             let mut conn = match acquire_h1(&pool, &pools.opened, &st.ctx, endpoint, deadline).await {
                 Ok(c) => c,

@@ -392,6 +392,7 @@ pub(super) async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVe
         version,
         inflight: inflight.clone(),
         head: head.clone(),
+        last_pool: Default::default(),
     });
     let svc = service_fn(move |req| {
         let state = state.clone();

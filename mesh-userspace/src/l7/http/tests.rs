@@ -1499,7 +1499,7 @@ async fn preconnected_connections_are_pooled_and_reused() {
             .await;
             let pools = &p.shared.l7.http;
             let opened = pools
-                .preconnect_h1(&p.shared, &p.pod, ep, 4, Duration::from_secs(2))
+                .preconnect_h1(&p.shared, &p.pod, ep, 4, &[ep], Duration::from_secs(2))
                 .await
                 .unwrap();
             assert_eq!(opened, 4);
@@ -1508,8 +1508,8 @@ async fn preconnected_connections_are_pooled_and_reused() {
             assert_eq!(counts.len(), 1);
             assert_eq!((counts[0].0.name.as_str(), counts[0].1, counts[0].2), ("t", ep, 4));
             // Already there: nothing more is opened.
-            let again = pools.preconnect_h1(&p.shared, &p.pod, ep, 3, Duration::from_secs(2));
-            assert_eq!(again.await.unwrap(), 0);
+            let again = pools.preconnect_h1(&p.shared, &p.pod, ep, 3, &[ep], Duration::from_secs(2)).await;
+            assert_eq!(again.unwrap(), 0);
             let mut c = h1_client(p.addr).await;
             for _ in 0..20 {
                 let (st, _, body) = send1(&mut c, get("/x").body(empty()).unwrap()).await;
@@ -1518,10 +1518,27 @@ async fn preconnected_connections_are_pooled_and_reused() {
             assert_eq!(accepted.load(Relaxed), 4, "a request opened its own connection");
             // Counted as pre-connects, none for the requests.
             assert_eq!(pools.connects(), (0, 4));
+            // What a switch sizes from: every app connection that sent here may send again at
+            // once, though sequential requests kept to the pool's 4.
+            let mut more = Vec::new();
+            for _ in 0..6 {
+                let mut c = h1_client(p.addr).await;
+                let (st, _, _) = send1(&mut c, get("/x").body(empty()).unwrap()).await;
+                assert_eq!(st, StatusCode::OK);
+                more.push(c);
+            }
+            assert_eq!(accepted.load(Relaxed), 4);
+            assert_eq!(pools.h1_counts(&[ep])[0].2, 4);
+            assert_eq!(pools.h1_demand(&[ep])[0].2, 7);
+            drop(more);
+            eventually("the closed app connections leave the demand", || {
+                pools.h1_demand(&[ep])[0].2 == 4
+            })
+            .await;
             // Nothing listening: the error, and nothing pooled for it.
             let dead = dead_addr();
             assert!(pools
-                .preconnect_h1(&p.shared, &p.pod, dead, 2, Duration::from_secs(2))
+                .preconnect_h1(&p.shared, &p.pod, dead, 2, &[dead], Duration::from_secs(2))
                 .await
                 .is_err());
             assert_eq!(pools.h1_counts(&[dead])[0].2, 0);
