@@ -205,7 +205,12 @@ pub const PRECONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 
 /// One pool of a switch's pre-connect: the pod, the endpoint, how many connections, and the
 /// endpoints whose traffic moves there (how it is spread over the workers).
-type Preconnect = (Arc<crate::conn::PodCtx>, std::net::SocketAddr, usize, Vec<std::net::SocketAddr>);
+type Preconnect = (
+    Arc<crate::conn::PodCtx>,
+    std::net::SocketAddr,
+    usize,
+    Vec<std::net::SocketAddr>,
+);
 
 /// A switch in progress (persisted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

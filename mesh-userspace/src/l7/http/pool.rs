@@ -336,7 +336,10 @@ impl HttpPools {
         timeout: Duration,
     ) -> io::Result<usize> {
         let all = self.workers.all();
-        let used: Vec<usize> = all.iter().map(|inner| h1_demand_here(inner, pod, size_from)).collect();
+        let used: Vec<usize> = all
+            .iter()
+            .map(|inner| h1_demand_here(inner, pod, size_from))
+            .collect();
         let total: usize = used.iter().sum();
         let share = |i: usize| match total {
             0 => want.div_ceil(all.len()),
