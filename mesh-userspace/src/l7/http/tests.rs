@@ -37,6 +37,9 @@ use crate::{
     sys::NetNs,
 };
 
+/// The instruction counter (`cargo xtask instructions`).
+mod instructions;
+
 /// Every test is bounded by this.
 const BOUND: Duration = Duration::from_secs(20);
 /// The app's original destination the test services claim.
