@@ -432,7 +432,9 @@ enum BodyState {
 /// ends cleanly on a reusable connection with no byte left over, the connection is parked; a
 /// body dropped before its end, an error, or extra bytes close the connection. Errors end the
 /// body (hyper then cuts the app's connection: the head is already out) and are counted
-/// (`upstream_malformed` for bad framing, `upstream_reset` for a close or reset mid-body).
+/// (`upstream_malformed` for bad framing, `upstream_reset` for a close or reset mid-body,
+/// `upstream_body_timeout` when the upstream sends nothing for `[limits]
+/// upstream_body_idle_timeout_secs` while the body waits for it).
 pub(super) struct H1Body {
     conn: Option<H1Conn>,
     state: BodyState,
@@ -440,6 +442,9 @@ pub(super) struct H1Body {
     pending: Option<Frame<Bytes>>,
     park: Option<Park>,
     shared: Arc<Shared>,
+    /// Armed when a read finds nothing (most bodies end within their first read and never
+    /// arm it), pushed back by every read that brings bytes.
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl H1Body {
@@ -457,6 +462,7 @@ impl H1Body {
             pending: None,
             park: Some(park),
             shared,
+            idle: None,
         };
         if matches!(b.state, BodyState::Done | BodyState::Length(0)) {
             b.finish();
@@ -551,7 +557,31 @@ impl hyper::body::Body for H1Body {
                 }
             }
             let conn = this.conn.as_mut().expect("checked above");
-            match ready!(conn.poll_fill(cx)) {
+            let filled = match conn.poll_fill(cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    let limit = this.shared.limits.upstream_body_idle_timeout;
+                    let idle = this
+                        .idle
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                    ready!(idle.as_mut().poll(cx));
+                    return this.fail(
+                        "upstream_body_timeout",
+                        format!(
+                            "the upstream sent nothing within the response body for {} s",
+                            limit.as_secs_f64()
+                        )
+                        .into(),
+                    );
+                }
+            };
+            if let (Some(idle), Ok(n)) = (this.idle.as_mut(), &filled) {
+                if *n > 0 {
+                    let limit = this.shared.limits.upstream_body_idle_timeout;
+                    idle.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
+            }
+            match filled {
                 Ok(0) if matches!(this.state, BodyState::UntilClose) => {
                     this.reusable = false;
                     this.finish();

@@ -356,6 +356,67 @@ mod tests {
         }
     }
 
+    /// Responses captured from real servers (Node.js `http`, Python `http.server`; also the
+    /// fuzz target's seeds): head, framing, keep-alive and body as those servers meant them.
+    #[test]
+    fn responses_captured_from_real_servers_parse() {
+        let cases: [(&[u8], u16, Framing, bool, &[u8]); 5] = [
+            (
+                include_bytes!("../../protocol/testdata/http1_node_chunked_trailers.s2c.bin"),
+                200,
+                Framing::Chunked,
+                true,
+                b"hello world",
+            ),
+            (
+                include_bytes!("../../protocol/testdata/http1_node_chunked_json.s2c.bin"),
+                200,
+                Framing::Chunked,
+                true,
+                b"{\"ok\":true}",
+            ),
+            (
+                include_bytes!("../../protocol/testdata/http1_node_204.s2c.bin"),
+                204,
+                Framing::Empty,
+                true,
+                b"",
+            ),
+            (
+                include_bytes!("../../protocol/testdata/http1_python_length.s2c.bin"),
+                200,
+                Framing::Length(20),
+                true,
+                b"content-length body\n",
+            ),
+            (
+                include_bytes!("../../protocol/testdata/http1_python_http10_close.s2c.bin"),
+                200,
+                Framing::UntilClose,
+                false,
+                b"until close body from python http.server\n",
+            ),
+        ];
+        for (wire, status, framing, keep, body) in cases {
+            let (head, n) = parse_response_head(wire).unwrap().expect("a complete head");
+            assert_eq!(head.status.as_u16(), status);
+            let f = response_framing(false, head.status, &head.headers).unwrap();
+            assert_eq!(f, framing);
+            assert_eq!(keep_alive(&head), keep);
+            let rest = &wire[n..];
+            match f {
+                Framing::Chunked => {
+                    let (data, trailers, left) = decode_all(rest).unwrap();
+                    assert_eq!((data.as_slice(), left), (body, 0));
+                    if status == 200 && body == b"hello world" {
+                        assert_eq!(trailers.expect("trailers")["x-sum"], "11");
+                    }
+                }
+                _ => assert_eq!(rest, body),
+            }
+        }
+    }
+
     #[test]
     fn chunked_bodies_decode_with_extensions_and_trailers() {
         let (data, t, left) =

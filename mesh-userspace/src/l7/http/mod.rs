@@ -32,8 +32,9 @@
 //! | `CONNECT` | `connect_unsupported` | 501 | 12 UNIMPLEMENTED |
 //!
 //! An HTTP/1.1 upstream's response body that fails after its head was passed on (a bad chunk:
-//! `upstream_malformed`; closed or reset before its end: `upstream_reset`) cannot be answered
-//! any more: the app's connection is cut, and the reason is counted in the protocol errors.
+//! `upstream_malformed`; closed or reset before its end: `upstream_reset`; nothing sent for
+//! `[limits] upstream_body_idle_timeout_secs`: `upstream_body_timeout`) cannot be answered any
+//! more: the app's connection is cut, and the reason is counted in the protocol errors.
 //!
 //! No route is UNIMPLEMENTED for gRPC because the method is not served at all through this
 //! service; retrying it elsewhere would not help (UNAVAILABLE would invite retries).

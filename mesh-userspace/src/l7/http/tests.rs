@@ -1737,6 +1737,47 @@ async fn bad_upstream_responses_are_answered_502_counted_and_the_proxy_goes_on()
     .unwrap();
 }
 
+/// An upstream that stops within a response body is given up after
+/// `upstream_body_idle_timeout`: the app's connection is cut (the head is out), the upstream
+/// connection closed and not pooled, the failure counted; the next request is served.
+#[tokio::test]
+async fn an_upstream_stalled_within_a_body_is_given_up_and_counted() {
+    tokio::time::timeout(BOUND, async {
+        let (up, accepted) = scripted_upstream(scripted_answer).await;
+        let limits = crate::config::Limits {
+            upstream_body_idle_timeout: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let p = proxy_with(one_endpoint(up), HttpVersion::Http1, VIP, limits).await;
+        let mut c = h1_client(p.addr).await;
+        c.ready().await.unwrap();
+        let started = std::time::Instant::now();
+        let resp = c.send_request(get("/half").body(empty()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(
+            resp.into_body().collect().await.is_err(),
+            "the body must fail, not look complete"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(p.shared.l7.errors.get("http1", "upstream_body_timeout"), 1);
+        assert_eq!(
+            p.shared.l7.http.h1_counts(&[up])[0].2,
+            0,
+            "the stalled connection is not kept"
+        );
+        let mut c = h1_client(p.addr).await;
+        let (st, _, body) = send1(&mut c, get("/cl").body(empty()).unwrap()).await;
+        assert_eq!((st, body.as_str()), (StatusCode::OK, "hello"));
+        assert_eq!(accepted.load(Relaxed), 2);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_response_body_dropped_midway_closes_its_upstream_connection() {
     tokio::time::timeout(BOUND, async {
