@@ -22,6 +22,8 @@
 //!   (buildah, from scratch) as a docker-archive for `ctr -n k8s.io images import` (as root).
 //! - `cargo xtask fuzz [--seconds N]`: run every protocol codec fuzz target for N seconds
 //!   (nightly, cargo-fuzz) and report executions and crashes.
+//! - `cargo xtask instructions [--requests N]`: the proxy's CPU instructions per HTTP/1.1
+//!   request, counted by callgrind (needs valgrind), and the functions they go to.
 
 mod bench;
 mod bootstrap;
@@ -30,6 +32,7 @@ mod daemon;
 mod demo;
 mod exec;
 mod fuzz;
+mod instructions;
 mod k8s;
 mod test;
 mod vm;
@@ -72,6 +75,13 @@ enum Command {
     Bench(bench::Options),
     /// Run the protocol codec fuzz targets for a bounded time each (nightly, cargo-fuzz)
     Fuzz(fuzz::Options),
+    /// Count the proxy's CPU instructions per HTTP/1.1 request with callgrind (needs valgrind)
+    ///
+    /// Sequential 1 KiB GETs over one keep-alive connection through an in-process proxy, minus
+    /// the same client and upstream talking directly, divided by the requests; then the
+    /// functions with the largest differences. Needs valgrind (apt-get install valgrind), not
+    /// root. The callgrind files stay in target/instructions/.
+    Instructions(instructions::Options),
     /// Run the privileged suite inside QEMU on Debian's 6.1 and 6.12 kernels (as root)
     VmTest(vm::Options),
     /// Build the Kubernetes node agent image (sockmesh + sockmesh-cni, from scratch) into
@@ -96,6 +106,7 @@ fn main() -> ExitCode {
         Command::VmTest(opts) => vm::run(opts),
         Command::Bench(opts) => bench::run(opts).map(|()| ExitCode::SUCCESS),
         Command::Fuzz(opts) => fuzz::run(opts).map(|()| ExitCode::SUCCESS),
+        Command::Instructions(opts) => instructions::run(opts).map(|()| ExitCode::SUCCESS),
         Command::Image(opts) => k8s::run(opts).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|err| {
