@@ -61,6 +61,11 @@ pub(super) fn request_host<'a>(
 /// Remove the headers that describe one hop only: `Connection` and every header it names,
 /// `Keep-Alive`, `Proxy-*`, `TE` (except `trailers`), `Transfer-Encoding` and `Upgrade`.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (standard names compare as tags, no
+    // hashing) spares the lookups and removals below.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -105,6 +110,17 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether `name` is one [`strip_hop_by_hop`] always removes, or `Connection` (which names
+/// more).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str().starts_with("proxy-")
+}
+
 /// `grpc-message` is percent-encoded (printable ASCII except `%` passes as is).
 pub(super) fn grpc_message(msg: &str) -> String {
     let mut out = String::with_capacity(msg.len());
@@ -139,6 +155,22 @@ mod tests {
             .map(|(k, v)| format!("{k}={}", v.to_str().unwrap()))
             .collect();
         assert_eq!(left, ["host=a", "te=trailers"]);
+    }
+
+    #[test]
+    fn end_to_end_headers_are_left_as_they_are() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.append("x-proxy", HeaderValue::from_static("1"));
+        h.append("x-proxy", HeaderValue::from_static("2"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        // One hop-by-hop name among them: only it goes.
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]
