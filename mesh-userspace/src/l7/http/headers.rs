@@ -12,13 +12,22 @@ use crate::routing::HeaderLookup;
 
 /// The size of an HTTP/1.1 request head as sent (request line, headers, CRLFs).
 pub(super) fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let line = req.method().as_str().len() + uri_len(req.uri()) + 12;
     let headers: usize = req
         .headers()
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum();
     line + headers + 2
+}
+
+/// The length of `uri` as `Display` writes it (scheme `://`, authority, path, `?` query),
+/// without writing it.
+fn uri_len(uri: &Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path().len()
+        + uri.query().map_or(0, |q| q.len() + 1)
 }
 
 /// Case-insensitive lookup over an `http::HeaderMap` (its `&str` lookup ignores ASCII case).
@@ -171,6 +180,23 @@ mod tests {
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h, before);
+    }
+
+    #[test]
+    fn uri_length_is_that_of_the_uri_as_written() {
+        for u in [
+            "/",
+            "*",
+            "/a/b?c=d&e",
+            "/?",
+            "http://example.com",
+            "http://example.com:8080/x?y",
+            "example.com:443",
+            "https://user@h/p",
+        ] {
+            let uri: Uri = u.parse().unwrap();
+            assert_eq!(uri_len(&uri), uri.to_string().len(), "{u}");
+        }
     }
 
     #[test]
