@@ -41,9 +41,16 @@ pub struct ResponseHead {
 /// Parse a response head at the start of `buf`: the head and its length, `None` while it is
 /// incomplete (and within [`MAX_RESPONSE_HEAD_BYTES`]).
 pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, WireError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut r = httparse::Response::new(&mut fields);
-    let n = match r.parse(buf) {
+    // Left uninitialised (httparse fills what it parses): initialising 128 fields costs more
+    // than parsing a short head.
+    let mut fields =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut r = httparse::Response::new(&mut []);
+    let n = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut r,
+        buf,
+        &mut fields,
+    ) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD_BYTES => {
             return Err(bad(format!("response head over {MAX_RESPONSE_HEAD_BYTES} bytes")))
