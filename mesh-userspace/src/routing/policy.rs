@@ -184,8 +184,10 @@ impl RawMatch {
         fn eq(want: &Option<String>, got: Option<&str>) -> bool {
             want.as_deref().is_none_or(|w| got == Some(w))
         }
-        let host = req.host.map(strip_port);
-        eq(&self.host, host.as_deref())
+        // The host is normalised only for a route that matches on it.
+        self.host
+            .as_deref()
+            .is_none_or(|w| req.host.map(strip_port).as_deref() == Some(w))
             && eq(&self.path_exact, req.path)
             && self
                 .path_prefix
