@@ -123,7 +123,7 @@ pub struct Decision {
     pub endpoint: SocketAddr,
     /// The other endpoints of the same subset, in the order retries should use them (the first
     /// attempt's endpoint again when it is alone).
-    pub retry_endpoints: Arc<[SocketAddr]>,
+    pub retry_endpoints: RetryOrder,
     /// Per-request timeout (whole request: connect, send, response head or frame).
     pub timeout: Duration,
     /// Extra attempts allowed when the request is safe to retry (nothing was sent upstream,
@@ -141,7 +141,56 @@ impl Decision {
         if n == 0 || self.retry_endpoints.is_empty() {
             return self.endpoint;
         }
-        self.retry_endpoints[(n as usize - 1) % self.retry_endpoints.len()]
+        self.retry_endpoints
+            .get((n as usize - 1) % self.retry_endpoints.len())
+            .unwrap_or(self.endpoint)
+    }
+}
+
+/// The endpoints retries use, in order: `len` endpoints of a shared list from `start` on,
+/// wrapping around. A request's order is a rotation of its subset's endpoints, so making one
+/// allocates nothing.
+#[derive(Debug, Clone, Default)]
+pub struct RetryOrder {
+    list: Option<Arc<[SocketAddr]>>,
+    start: usize,
+    len: usize,
+}
+
+impl RetryOrder {
+    /// `len` endpoints of `list` from `start` on, wrapping around.
+    pub fn rotation(list: &Arc<[SocketAddr]>, start: usize, len: usize) -> Self {
+        Self {
+            list: (!list.is_empty()).then(|| list.clone()),
+            start,
+            len: if list.is_empty() { 0 } else { len },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The `i`th endpoint of the order.
+    pub fn get(&self, i: usize) -> Option<SocketAddr> {
+        let list = self.list.as_ref()?;
+        (i < self.len).then(|| list[(self.start + i) % list.len()])
+    }
+
+    #[cfg(test)]
+    pub fn iter(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        (0..self.len).filter_map(|i| self.get(i))
+    }
+}
+
+impl From<Vec<SocketAddr>> for RetryOrder {
+    fn from(v: Vec<SocketAddr>) -> Self {
+        let len = v.len();
+        Self::rotation(&v.into(), 0, len)
     }
 }
 
@@ -199,5 +248,29 @@ impl Router {
 impl Default for Router {
     fn default() -> Self {
         Self::new(Policy::empty())
+    }
+}
+
+#[cfg(test)]
+mod retry_order_tests {
+    use super::*;
+
+    #[test]
+    fn a_rotation_is_the_other_endpoints_from_the_next_one_on() {
+        for n in 1..5usize {
+            let list: Arc<[SocketAddr]> = (0..n)
+                .map(|i| SocketAddr::from(([10, 0, 0, i as u8], 80)))
+                .collect();
+            for first in 0..n {
+                let order = RetryOrder::rotation(&list, first + 1, (n - 1).max(1));
+                let want: Vec<SocketAddr> = (1..n.max(2)).map(|k| list[(first + k) % n]).collect();
+                assert_eq!(order.iter().collect::<Vec<_>>(), want, "n {n} first {first}");
+                assert_eq!(order.len(), want.len());
+            }
+        }
+        let v: Vec<SocketAddr> = vec!["10.0.0.9:1".parse().unwrap(), "10.0.0.8:1".parse().unwrap()];
+        assert_eq!(RetryOrder::from(v.clone()).iter().collect::<Vec<_>>(), v);
+        assert!(RetryOrder::default().is_empty());
+        assert_eq!(RetryOrder::default().get(0), None);
     }
 }

@@ -51,7 +51,7 @@ use super::{
         Ingress, RawColour, RawIngress, Source,
     },
     kernel::{self, KernelPlan, KernelService, ServiceFacts, ServiceMode},
-    ConnPlan, Decision, ProtocolHint, RequestInfo, RouteError, RouteStats, RouteStatsView,
+    ConnPlan, Decision, ProtocolHint, RequestInfo, RetryOrder, RouteError, RouteStats, RouteStatsView,
 };
 
 pub const DEFAULT_DETECT_TIMEOUT_MS: u64 = 300;
@@ -1146,7 +1146,7 @@ impl Policy {
             route: "passthrough".into(),
             subset: "passthrough".into(),
             endpoint: orig,
-            retry_endpoints: Arc::new([]),
+            retry_endpoints: RetryOrder::default(),
             timeout: Duration::from_millis(DEFAULT_TIMEOUT_MS),
             retries: DEFAULT_RETRIES,
             stats: self.passthrough.clone(),
@@ -1211,7 +1211,8 @@ impl Policy {
         let subset = &svc.subsets[split.subset];
         let n = endpoints.len();
         let first = subset.next.fetch_add(1, Relaxed) % n;
-        let retry_endpoints: Arc<[SocketAddr]> = (1..n.max(2)).map(|k| endpoints[(first + k) % n]).collect();
+        // The others from the next one on (the chosen one again when it is alone).
+        let retry_endpoints = RetryOrder::rotation(endpoints, first + 1, (n - 1).max(1));
         Ok(Decision {
             service: svc.name.clone(),
             route: route.name.clone(),
@@ -1976,7 +1977,7 @@ mod tests {
                 let d = p.route_coloured(vip(), &req, colour).unwrap();
                 assert_eq!(endpoint_colour(d.endpoint), name, "{d:?}");
                 for r in d.retry_endpoints.iter() {
-                    assert_eq!(endpoint_colour(*r), name, "retry {r}");
+                    assert_eq!(endpoint_colour(r), name, "retry {r}");
                 }
                 if &*d.subset == "v2" {
                     v2[usize::from(colour)] += 1;
