@@ -301,8 +301,10 @@ async fn forward(
 ) -> Result<Response<RespBody>, Failure> {
     let (mut parts, body) = req.into_parts();
     upstream_parts(&mut parts, st.version, d.endpoint);
-    let no_body = body.is_end_stream();
-    let replay = (idempotent(&parts.method) && no_body).then(|| Replay {
+    let replayable = idempotent(&parts.method) && body.is_end_stream();
+    // HTTP/1.1 gives the head back when an attempt fails after sending (`Attempt::Sent`), so
+    // only HTTP/2 keeps a copy from the start.
+    let mut replay = (replayable && st.version == HttpVersion::Http2).then(|| Replay {
         method: parts.method.clone(),
         uri: parts.uri.clone(),
         version: parts.version,
@@ -346,8 +348,19 @@ async fn forward(
                         format!("upstream {endpoint} sent a bad response: {m}"),
                     ))
                 }
-                Err(Attempt::Sent(e)) => {
+                Err(Attempt::Sent(e, head)) => {
                     let f = ("upstream_reset", format!("upstream {endpoint} failed: {e}"));
+                    if !replayable {
+                        return Err(f);
+                    }
+                    if let (None, Some(head)) = (&replay, head) {
+                        replay = Some(Replay {
+                            method: head.method,
+                            uri: head.uri,
+                            version: head.version,
+                            headers: head.headers,
+                        });
+                    }
                     if replay.is_none() {
                         return Err(f);
                     }

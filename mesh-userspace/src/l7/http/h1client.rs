@@ -117,8 +117,8 @@ pub(super) enum Failed {
     /// Not a byte was written: the request, whole again.
     NotSent(Box<Request<Body>>),
     /// The request (or part of it) went out and no valid response came (closed, reset, or the
-    /// app's request body failed).
-    Sent(BoxError),
+    /// app's request body failed); with the request's head, for a replay.
+    Sent(BoxError, Box<http::request::Parts>),
     /// The upstream's answer was not a valid HTTP/1.1 response.
     Malformed(WireError),
 }
@@ -232,7 +232,28 @@ impl hyper::body::Body for Prefixed {
 
 /// Write the request on `conn`, then read the response head (interim 1xx responses skipped).
 pub(super) async fn exchange(conn: &mut H1Conn, req: Request<Body>) -> Result<Exchanged, Failed> {
-    let (parts, mut body) = req.into_parts();
+    let (parts, body) = req.into_parts();
+    match exchange_parts(conn, &parts, body).await {
+        Ok(x) => Ok(x),
+        Err(Fail::NotSent(body)) => Err(Failed::NotSent(Box::new(Request::from_parts(parts, body)))),
+        Err(Fail::Sent(e)) => Err(Failed::Sent(e, Box::new(parts))),
+        Err(Fail::Malformed(e)) => Err(Failed::Malformed(e)),
+    }
+}
+
+/// [`Failed`] without the request's head (the caller keeps it).
+enum Fail {
+    NotSent(Body),
+    Sent(BoxError),
+    Malformed(WireError),
+}
+
+/// [`exchange`] of a request head the caller keeps.
+async fn exchange_parts(
+    conn: &mut H1Conn,
+    parts: &http::request::Parts,
+    mut body: Body,
+) -> Result<Exchanged, Fail> {
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -276,17 +297,17 @@ pub(super) async fn exchange(conn: &mut H1Conn, req: Request<Body>) -> Result<Ex
             None => break,
             Some(None) => {
                 body_done = true;
-                enc.end(&mut out).map_err(Failed::Sent)?;
+                enc.end(&mut out).map_err(Fail::Sent)?;
             }
             Some(Some(Ok(f))) => {
                 let copy = match f.data_ref() {
                     Some(d) => Frame::data(d.clone()),
                     None => Frame::trailers(f.trailers_ref().cloned().unwrap_or_default()),
                 };
-                enc.frame(f, &mut out).map_err(Failed::Sent)?;
+                enc.frame(f, &mut out).map_err(Fail::Sent)?;
                 taken.push_back(copy);
             }
-            Some(Some(Err(e))) => return Err(Failed::Sent(e.into())),
+            Some(Some(Err(e))) => return Err(Fail::Sent(e.into())),
         }
     }
     // First write: a failure before any byte went out gives the request back.
@@ -306,12 +327,9 @@ pub(super) async fn exchange(conn: &mut H1Conn, req: Request<Body>) -> Result<Ex
                     ended: body_done,
                     rest: body,
                 };
-                return Err(Failed::NotSent(Box::new(Request::from_parts(
-                    parts,
-                    body.boxed(),
-                ))));
+                return Err(Fail::NotSent(body.boxed()));
             }
-            Err(e) => return Err(Failed::Sent(e.into())),
+            Err(e) => return Err(Fail::Sent(e.into())),
         }
     }
     drop(taken);
@@ -323,14 +341,14 @@ pub(super) async fn exchange(conn: &mut H1Conn, req: Request<Body>) -> Result<Ex
         tokio::select! {
             biased;
             r = conn.io.readable() => {
-                r.map_err(|e| Failed::Sent(e.into()))?;
+                r.map_err(|e| Fail::Sent(e.into()))?;
                 match conn.fill_now() {
                     Ok(Some(0)) | Err(_) => {
                         unfinished = true;
                         break;
                     }
                     Ok(Some(_)) => {
-                        if skip_interim(&mut conn.buf).map_err(Failed::Malformed)? {
+                        if skip_interim(&mut conn.buf).map_err(Fail::Malformed)? {
                             unfinished = true;
                             break;
                         }
@@ -339,31 +357,31 @@ pub(super) async fn exchange(conn: &mut H1Conn, req: Request<Body>) -> Result<Ex
                 }
             }
             w = conn.io.writable(), if !out.is_empty() => {
-                w.map_err(|e| Failed::Sent(e.into()))?;
+                w.map_err(|e| Fail::Sent(e.into()))?;
                 match conn.io.try_write(&out) {
                     Ok(n) => { out.drain(..n); }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(Failed::Sent(e.into())),
+                    Err(e) => return Err(Fail::Sent(e.into())),
                 }
             }
             f = body.frame(), if out.is_empty() && !body_done => match f {
                 None => {
                     body_done = true;
-                    enc.end(&mut out).map_err(Failed::Sent)?;
+                    enc.end(&mut out).map_err(Fail::Sent)?;
                 }
-                Some(Ok(f)) => enc.frame(f, &mut out).map_err(Failed::Sent)?,
-                Some(Err(e)) => return Err(Failed::Sent(e.into())),
+                Some(Ok(f)) => enc.frame(f, &mut out).map_err(Fail::Sent)?,
+                Some(Err(e)) => return Err(Fail::Sent(e.into())),
             },
         }
     }
     drop(body);
     // The response head.
     loop {
-        match parse_response_head(&conn.buf).map_err(Failed::Malformed)? {
+        match parse_response_head(&conn.buf).map_err(Fail::Malformed)? {
             Some((head, n)) => {
                 conn.buf.advance(n);
                 if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
-                    return Err(Failed::Malformed(WireError(
+                    return Err(Fail::Malformed(WireError(
                         "101 Switching Protocols to a request without Upgrade".into(),
                     )));
                 }
@@ -371,7 +389,7 @@ pub(super) async fn exchange(conn: &mut H1Conn, req: Request<Body>) -> Result<Ex
                     continue;
                 }
                 let framing =
-                    response_framing(head_request, head.status, &head.headers).map_err(Failed::Malformed)?;
+                    response_framing(head_request, head.status, &head.headers).map_err(Fail::Malformed)?;
                 let reusable = keep_alive(&head) && !unfinished && framing != Framing::UntilClose;
                 return Ok(Exchanged {
                     head,
@@ -383,17 +401,17 @@ pub(super) async fn exchange(conn: &mut H1Conn, req: Request<Body>) -> Result<Ex
                 let had = conn.buf.len();
                 match conn.fill().await {
                     Ok(0) if had == 0 => {
-                        return Err(Failed::Sent(
+                        return Err(Fail::Sent(
                             "the upstream closed the connection before responding".into(),
                         ))
                     }
                     Ok(0) => {
-                        return Err(Failed::Sent(
+                        return Err(Fail::Sent(
                             "the upstream closed the connection within the response head".into(),
                         ))
                     }
                     Ok(_) => {}
-                    Err(e) => return Err(Failed::Sent(e.into())),
+                    Err(e) => return Err(Fail::Sent(e.into())),
                 }
             }
         }

@@ -507,8 +507,9 @@ pub(super) enum Attempt {
     NotConnected(Request<Body>, io::Error),
     /// The pooled connection was closed before the request was written.
     Stale(Request<Body>),
-    /// The request (or part of it) went out and the exchange failed.
-    Sent(BoxError),
+    /// The request (or part of it) went out and the exchange failed; HTTP/1.1 gives its head
+    /// back (for a replay without cloning it up front).
+    Sent(BoxError, Option<Box<http::request::Parts>>),
     /// The upstream answered with bytes that are not a valid HTTP/1.1 response head.
     Malformed(String),
 }
@@ -547,7 +548,7 @@ pub(super) async fn send_once(
                     Ok(resp)
                 }
                 Err(Failed::NotSent(req)) => Err(Attempt::Stale(*req)),
-                Err(Failed::Sent(e)) => Err(Attempt::Sent(e)),
+                Err(Failed::Sent(e, head)) => Err(Attempt::Sent(e, Some(head))),
                 Err(Failed::Malformed(e)) => Err(Attempt::Malformed(e.0)),
             }
         }
@@ -563,7 +564,7 @@ pub(super) async fn send_once(
                 Ok(resp) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed())),
                 Err(mut e) => match e.take_message() {
                     Some(req) => Err(Attempt::Stale(req)),
-                    None => Err(Attempt::Sent(e.into_error().into())),
+                    None => Err(Attempt::Sent(e.into_error().into(), None)),
                 },
             }
         }
