@@ -101,6 +101,8 @@ pub enum Framing {
 }
 
 /// The framing of a response to a `head_request` (or not) with `status` and `headers`.
+///
+/// One pass over the fields (a response has few; a lookup per name costs a hash each).
 pub fn response_framing(
     head_request: bool,
     status: StatusCode,
@@ -113,33 +115,41 @@ pub fn response_framing(
     {
         return Ok(Framing::Empty);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    let mut last_coding: Option<&HeaderValue> = None;
+    let mut length: Result<Option<u64>, WireError> = Ok(None);
+    for (name, v) in headers {
+        if name == header::TRANSFER_ENCODING {
+            last_coding = Some(v);
+        } else if name == header::CONTENT_LENGTH {
+            if let Ok(l) = &length {
+                length = add_length(*l, v);
+            }
+        }
+    }
+    if let Some(v) = last_coding {
         // The final coding decides; anything but chunked runs until close. A Content-Length
         // alongside is ignored (and the connection is not reused: see `keep_alive`).
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim);
+        let last = v.to_str().ok().and_then(|v| v.rsplit(',').next()).map(str::trim);
         return Ok(match last {
             Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
             _ => Framing::UntilClose,
         });
     }
-    let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let n = parse_length(part.trim_ascii())
-                .ok_or_else(|| bad(format!("malformed content-length {v:?}")))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(bad("conflicting content-length values"));
-            }
-            length = Some(n);
+    Ok(length?.map_or(Framing::UntilClose, Framing::Length))
+}
+
+/// The length so far with one more `Content-Length` value (a comma-separated list of equal
+/// lengths is one length).
+fn add_length(mut length: Option<u64>, v: &HeaderValue) -> Result<Option<u64>, WireError> {
+    for part in v.as_bytes().split(|&b| b == b',') {
+        let n =
+            parse_length(part.trim_ascii()).ok_or_else(|| bad(format!("malformed content-length {v:?}")))?;
+        if length.is_some_and(|l| l != n) {
+            return Err(bad("conflicting content-length values"));
         }
+        length = Some(n);
     }
-    Ok(length.map_or(Framing::UntilClose, Framing::Length))
+    Ok(length)
 }
 
 fn parse_length(s: &[u8]) -> Option<u64> {
@@ -149,28 +159,31 @@ fn parse_length(s: &[u8]) -> Option<u64> {
     std::str::from_utf8(s).ok()?.parse().ok()
 }
 
-/// Whether `token` is among the comma-separated values of `name`.
-pub fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+/// Whether `token` is among the comma-separated values of `v`.
+fn value_has_token(v: &HeaderValue, token: &str) -> bool {
+    v.to_str()
+        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 /// Whether the upstream keeps the connection open after this response (HTTP/1.1 unless
 /// `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`; never when both
-/// Transfer-Encoding and Content-Length were sent).
+/// Transfer-Encoding and Content-Length were sent). One pass over the fields.
 pub fn keep_alive(head: &ResponseHead) -> bool {
-    let h = &head.headers;
-    if has_token(h, header::CONNECTION, "close") {
+    let (mut close, mut keep, mut coding, mut length) = (false, false, false, false);
+    for (name, v) in &head.headers {
+        if name == header::CONNECTION {
+            close |= value_has_token(v, "close");
+            keep |= value_has_token(v, "keep-alive");
+        } else if name == header::TRANSFER_ENCODING {
+            coding = true;
+        } else if name == header::CONTENT_LENGTH {
+            length = true;
+        }
+    }
+    if close || (coding && length) {
         return false;
     }
-    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
-        return false;
-    }
-    !head.http10 || has_token(h, header::CONNECTION, "keep-alive")
+    !head.http10 || keep
 }
 
 /// What the chunked decoder produced.
@@ -458,6 +471,130 @@ mod tests {
             }
         }
         assert_eq!((data.as_slice(), d.is_done()), (&b"abc"[..], true));
+    }
+
+    /// The lookup-per-name versions the one-pass ones replaced: the reference they must agree with.
+    mod by_lookups {
+        use super::super::*;
+
+        /// The framing of a response to a `head_request` (or not) with `status` and `headers`.
+        pub(super) fn response_framing_by_lookups(
+            head_request: bool,
+            status: StatusCode,
+            headers: &HeaderMap,
+        ) -> Result<Framing, WireError> {
+            if head_request
+                || status.is_informational()
+                || status == StatusCode::NO_CONTENT
+                || status == StatusCode::NOT_MODIFIED
+            {
+                return Ok(Framing::Empty);
+            }
+            if headers.contains_key(header::TRANSFER_ENCODING) {
+                // The final coding decides; anything but chunked runs until close. A Content-Length
+                // alongside is ignored (and the connection is not reused: see `keep_alive`).
+                let last = headers
+                    .get_all(header::TRANSFER_ENCODING)
+                    .iter()
+                    .next_back()
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.rsplit(',').next())
+                    .map(str::trim);
+                return Ok(match last {
+                    Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+                    _ => Framing::UntilClose,
+                });
+            }
+            let mut length = None;
+            for v in headers.get_all(header::CONTENT_LENGTH) {
+                for part in v.as_bytes().split(|&b| b == b',') {
+                    let n = parse_length(part.trim_ascii())
+                        .ok_or_else(|| bad(format!("malformed content-length {v:?}")))?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(bad("conflicting content-length values"));
+                    }
+                    length = Some(n);
+                }
+            }
+            Ok(length.map_or(Framing::UntilClose, Framing::Length))
+        }
+
+        /// Whether `token` is among the comma-separated values of `name`.
+        fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+            headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case(token))
+        }
+
+        /// Whether the upstream keeps the connection open after this response (HTTP/1.1 unless
+        /// `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`; never when both
+        /// Transfer-Encoding and Content-Length were sent).
+        pub(super) fn keep_alive_by_lookups(head: &ResponseHead) -> bool {
+            let h = &head.headers;
+            if has_token(h, header::CONNECTION, "close") {
+                return false;
+            }
+            if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+                return false;
+            }
+            !head.http10 || has_token(h, header::CONNECTION, "keep-alive")
+        }
+    }
+
+    #[test]
+    fn one_pass_framing_and_keep_alive_agree_with_lookups_per_name() {
+        let fields: &[&str] = &[
+            "Content-Length: 3",
+            "Content-Length: 3, 3",
+            "Content-Length: 3, 4",
+            "Content-Length: 4",
+            "Content-Length: x",
+            "Content-Length: ",
+            "Transfer-Encoding: chunked",
+            "Transfer-Encoding: gzip, chunked",
+            "Transfer-Encoding: chunked, gzip",
+            "Transfer-Encoding: gzip",
+            "Connection: close",
+            "Connection: Keep-Alive",
+            "Connection: upgrade, close",
+            "Connection: keep-alive, x",
+            "X-Other: 1",
+        ];
+        let mut heads = 0;
+        for status in [
+            "200 OK",
+            "204 No Content",
+            "304 Not Modified",
+            "100 Continue",
+            "404 Not Found",
+        ] {
+            for version in ["HTTP/1.1", "HTTP/1.0"] {
+                for a in 0..=fields.len() {
+                    for b in a..=fields.len() {
+                        let mut text = format!("{version} {status}\r\n");
+                        for f in [a, b].iter().filter_map(|&i| fields.get(i)) {
+                            text.push_str(f);
+                            text.push_str("\r\n");
+                        }
+                        text.push_str("\r\n");
+                        let (h, _) = parse_response_head(text.as_bytes()).unwrap().unwrap();
+                        for head_request in [false, true] {
+                            assert_eq!(
+                                response_framing(head_request, h.status, &h.headers),
+                                by_lookups::response_framing_by_lookups(head_request, h.status, &h.headers),
+                                "{text:?}"
+                            );
+                        }
+                        assert_eq!(keep_alive(&h), by_lookups::keep_alive_by_lookups(&h), "{text:?}");
+                        heads += 1;
+                    }
+                }
+            }
+        }
+        assert!(heads > 1000);
     }
 
     #[test]
