@@ -251,6 +251,56 @@ impl Default for Router {
     }
 }
 
+/// Hashes keys looked up per request (addresses, the upstream pools' keys) with a
+/// multiply-rotate mix instead of SipHash. The maps it serves are filled from the daemon's
+/// own data (the policy, enrolled pods), never from what a client sends, so flooding
+/// resistance buys nothing there.
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+/// The `BuildHasher` of maps keyed with [`KeyHasher`].
+pub type KeyHash = std::hash::BuildHasherDefault<KeyHasher>;
+
+impl KeyHasher {
+    fn add(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, v: u8) {
+        self.add(v.into());
+    }
+
+    fn write_u16(&mut self, v: u16) {
+        self.add(v.into());
+    }
+
+    fn write_u32(&mut self, v: u32) {
+        self.add(v.into());
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.add(v);
+    }
+
+    fn write_usize(&mut self, v: usize) {
+        self.add(v as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod retry_order_tests {
     use super::*;

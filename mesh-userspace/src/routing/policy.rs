@@ -51,7 +51,8 @@ use super::{
         Ingress, RawColour, RawIngress, Source,
     },
     kernel::{self, KernelPlan, KernelService, ServiceFacts, ServiceMode},
-    ConnPlan, Decision, ProtocolHint, RequestInfo, RetryOrder, RouteError, RouteStats, RouteStatsView,
+    ConnPlan, Decision, KeyHash, ProtocolHint, RequestInfo, RetryOrder, RouteError, RouteStats,
+    RouteStatsView,
 };
 
 pub const DEFAULT_DETECT_TIMEOUT_MS: u64 = 300;
@@ -314,10 +315,10 @@ pub struct Policy {
     raw: RawPolicy,
     detect_timeout: Duration,
     services: Vec<Service>,
-    by_addr: HashMap<SocketAddr, usize>,
+    by_addr: HashMap<SocketAddr, usize, KeyHash>,
     by_host: HashMap<String, usize>,
     /// Endpoint address → service, to find the service of a pod's inbound request.
-    by_endpoint: HashMap<SocketAddr, usize>,
+    by_endpoint: HashMap<SocketAddr, usize, KeyHash>,
     passthrough: Arc<RouteStats>,
     colours: Colours,
     ingress: Vec<Ingress>,
@@ -400,8 +401,8 @@ pub fn compile(raw: RawPolicy) -> Result<Policy, PolicyError> {
     }
     let colours = compile_colours(&raw)?;
     let mut services = Vec::new();
-    let mut by_endpoint = HashMap::new();
-    let mut by_addr = HashMap::new();
+    let mut by_endpoint = HashMap::default();
+    let mut by_addr = HashMap::default();
     let mut by_host = HashMap::new();
     let mut names = HashSet::new();
     let mut kernel_plan = KernelPlan::default();

@@ -6,7 +6,6 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasherDefault, Hasher},
     io,
     net::SocketAddr,
     sync::{
@@ -30,7 +29,7 @@ use super::{
 };
 use crate::{
     conn::{worker::PerWorker, PodCtx},
-    routing::colour::ColourId,
+    routing::{colour::ColourId, KeyHash},
 };
 
 /// An idle pooled HTTP/1.1 upstream connection is closed after this long.
@@ -60,7 +59,7 @@ struct Opened {
 
 #[derive(Default)]
 struct PoolsInner {
-    pools: Mutex<HashMap<PoolKey, Arc<EndpointPool>, BuildHasherDefault<KeyHasher>>>,
+    pools: Mutex<HashMap<PoolKey, Arc<EndpointPool>, KeyHash>>,
     sweeper: AtomicBool,
 }
 
@@ -72,52 +71,6 @@ struct PoolKey {
     pod: usize,
     endpoint: SocketAddr,
     version: HttpVersion,
-}
-
-/// Hashes a [`PoolKey`] (looked up per request) with a multiply-rotate mix instead of SipHash:
-/// the keys are the daemon's own (a pod's address, an endpoint of the policy), nothing a
-/// client chooses, so flooding resistance buys nothing here.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl KeyHasher {
-    fn add(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-impl Hasher for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
-        }
-    }
-
-    fn write_u8(&mut self, v: u8) {
-        self.add(v.into());
-    }
-
-    fn write_u16(&mut self, v: u16) {
-        self.add(v.into());
-    }
-
-    fn write_u32(&mut self, v: u32) {
-        self.add(v.into());
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.add(v);
-    }
-
-    fn write_usize(&mut self, v: usize) {
-        self.add(v as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
 
 fn pod_key(pod: &Arc<PodCtx>) -> usize {
