@@ -375,32 +375,12 @@ fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>,
     let pod = pod.clone();
     let shared = shared.clone();
     tokio::spawn(async move {
-        let _held = held;
-        let orig = match dir {
-            Direction::Outbound => shared.orig.orig_dst(&s),
-            Direction::Inbound => s.local_addr(),
-        };
-        let orig = match orig {
-            Ok(a) => a,
-            Err(e) => {
-                shared.errors.orig_dst_unknown.fetch_add(1, Relaxed);
-                warn!(pod = %pod.name, client = %peer, "no original destination, closing: {e}");
-                reset(s);
-                return;
-            }
-        };
-        let span = tracing::debug_span!("conn", pod = %pod.name, ?dir, client = %peer, orig = %orig);
-        if is_proxy_itself(&pod, orig) {
-            // Would connect to ourselves.
-            shared.errors.orig_dst_is_proxy.fetch_add(1, Relaxed);
+        // Counted against the pod until the task ends (captured, not copied into the task).
+        let _ = &held;
+        let Some((orig, span, plan)) = plan(&s, peer, dir, &pod, &shared) else {
             reset(s);
             return;
-        }
-        let plan = shared
-            .l7
-            .router
-            .current()
-            .connection_for(orig, dir == Direction::Inbound);
+        };
         match plan {
             ConnPlan::Opaque => {
                 // Boxed like the L7 path: each connection's task holds only its own path's state.
@@ -413,17 +393,53 @@ fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>,
                 // idle connections) should not carry room for it. Detection and routing return
                 // the protocol's handler, boxed on its own, so that a long-lived connection
                 // keeps only the handler's state, not theirs.
-                let conn = Box::pin(dispatch(s, peer, orig, dir, hint, detect_timeout, &pod, &shared))
-                    .instrument(span.clone())
+                let mut conn = Box::pin(dispatch(s, peer, orig, dir, hint, detect_timeout, &pod, &shared))
+                    .instrument(span)
                     .await;
-                if let Some(c) = conn {
-                    c.serve.instrument(span).await;
+                // Awaited in place: the task keeps one copy of the handler's box and span.
+                if let Some(L7Conn { serve, entry_id }) = &mut conn {
+                    serve.await;
                     pod.stats.connections_active.fetch_sub(1, Relaxed);
-                    shared.registry.remove(c.entry_id);
+                    shared.registry.remove(*entry_id);
                 }
             }
         }
     });
+}
+
+/// Where an accepted connection was meant to go, its span, and how it is served; `None` (counted
+/// and logged): reset it.
+fn plan(
+    s: &TcpStream,
+    peer: SocketAddr,
+    dir: Direction,
+    pod: &PodCtx,
+    shared: &Shared,
+) -> Option<(SocketAddr, tracing::Span, ConnPlan)> {
+    let orig = match dir {
+        Direction::Outbound => shared.orig.orig_dst(s),
+        Direction::Inbound => s.local_addr(),
+    };
+    let orig = match orig {
+        Ok(a) => a,
+        Err(e) => {
+            shared.errors.orig_dst_unknown.fetch_add(1, Relaxed);
+            warn!(pod = %pod.name, client = %peer, "no original destination, closing: {e}");
+            return None;
+        }
+    };
+    let span = tracing::debug_span!("conn", pod = %pod.name, ?dir, client = %peer, orig = %orig);
+    if is_proxy_itself(pod, orig) {
+        // Would connect to ourselves.
+        shared.errors.orig_dst_is_proxy.fetch_add(1, Relaxed);
+        return None;
+    }
+    let plan = shared
+        .l7
+        .router
+        .current()
+        .connection_for(orig, dir == Direction::Inbound);
+    Some((orig, span, plan))
 }
 
 fn is_proxy_itself(pod: &PodCtx, orig: SocketAddr) -> bool {
@@ -433,7 +449,8 @@ fn is_proxy_itself(pod: &PodCtx, orig: SocketAddr) -> bool {
 /// An L7 connection's handler, counted in `connections_active` and listed in `status` (entry
 /// `entry_id`) until it returns.
 struct L7Conn {
-    serve: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// In the connection's span.
+    serve: tracing::instrument::Instrumented<Pin<Box<dyn Future<Output = ()> + Send>>>,
     entry_id: u64,
 }
 
@@ -533,7 +550,11 @@ async fn dispatch(
         Detection::Dubbo => Box::pin(l7::mux::serve_dubbo(s, ctx)),
         Detection::Opaque | Detection::NeedMore => unreachable!("relayed above"),
     };
-    Some(L7Conn { serve, entry_id })
+    Some(L7Conn {
+        // dispatch runs in the connection's span.
+        serve: serve.instrument(tracing::Span::current()),
+        entry_id,
+    })
 }
 
 /// Relay a connection to `orig` byte for byte to `target` (the original destination, or the

@@ -508,44 +508,52 @@ pub const H1_PARK_AFTER: Duration = Duration::from_secs(1);
 /// [`H1_PARK_AFTER`]), with the idle and head time-outs. While parked (also before the first
 /// request) the connection holds only `io` (the socket and its [`ConnState`]) and the three
 /// futures it waits on: a session and everything it needs are made with the next byte.
-async fn serve_h1(mut io: TokioIo<Counted>) {
-    let st = io.inner().st.clone();
-    let limits = &st.ctx.shared.limits;
-    let result = loop {
-        if io.inner().prefix.is_empty() {
-            tokio::select! {
-                r = io.inner().inner.readable() => {
-                    if r.is_err() {
+///
+/// (A function returning a block rather than an `async fn`: the block keeps `io` where it was
+/// captured, an `async fn` would keep a second copy of its argument.)
+#[allow(clippy::manual_async_fn)]
+fn serve_h1(mut io: TokioIo<Counted>) -> impl Future<Output = ()> + Send {
+    async move {
+        let st = io.inner().st.clone();
+        let limits = &st.ctx.shared.limits;
+        let result = loop {
+            if io.inner().prefix.is_empty() {
+                tokio::select! {
+                    // Readiness through the socket's own reader slot (no waiter of its own to
+                    // keep: nothing else reads while parked).
+                    r = std::future::poll_fn(|cx| io.inner().inner.poll_read_ready(cx)) => {
+                        if r.is_err() {
+                            break Some(Ok(()));
+                        }
+                    }
+                    _ = st.inflight.idle_for(limits.client_idle_timeout) => {
+                        debug!("idle app connection: closing");
+                        st.ctx.l7().errors.count("http1", "idle_timeout");
+                        break Some(Ok(()));
+                    }
+                    // An upgrade drains this generation: a parked connection is between requests.
+                    hand = crate::upgrade::drain_http1(std::future::ready(())) => {
+                        debug!(hand, "upgrade: draining a parked app connection");
+                        if hand {
+                            let counted = io.into_inner();
+                            let read = counted.prefix.to_vec();
+                            crate::upgrade::hand_over_http1(counted.inner, read, &st.ctx);
+                        }
                         break Some(Ok(()));
                     }
                 }
-                _ = st.inflight.idle_for(limits.client_idle_timeout) => {
-                    debug!("idle app connection: closing");
-                    st.ctx.l7().errors.count("http1", "idle_timeout");
-                    break Some(Ok(()));
-                }
-                // An upgrade drains this generation: a parked connection is between requests.
-                hand = crate::upgrade::drain_http1(std::future::ready(())) => {
-                    debug!(hand, "upgrade: draining a parked app connection");
-                    if hand {
-                        let counted = io.into_inner();
-                        let read = counted.prefix.to_vec();
-                        crate::upgrade::hand_over_http1(counted.inner, read, &st.ctx);
-                    }
-                    break Some(Ok(()));
+            }
+            // Boxed: a parked connection keeps no room for hyper's session state.
+            match Box::pin(h1_session(io)).await {
+                H1Session::Done(r) => break r,
+                H1Session::Parked(i) => {
+                    io = i;
+                    st.ctx.shared.memory.freed();
                 }
             }
-        }
-        // Boxed: a parked connection keeps no room for hyper's session state.
-        match Box::pin(h1_session(io)).await {
-            H1Session::Done(r) => break r,
-            H1Session::Parked(i) => {
-                io = i;
-                st.ctx.shared.memory.freed();
-            }
-        }
-    };
-    finish(&st, result.ok_or("header_timeout"));
+        };
+        finish(&st, result.ok_or("header_timeout"));
+    }
 }
 
 /// How one hyper session on an HTTP/1.1 app connection ended.
