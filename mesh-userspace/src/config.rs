@@ -91,6 +91,7 @@ struct RawLimits {
     request_head_timeout_ms: Option<u64>,
     max_request_head_bytes: Option<u64>,
     client_idle_timeout_secs: Option<u64>,
+    upstream_body_idle_timeout_secs: Option<u64>,
     max_connections_per_pod: Option<u64>,
 }
 
@@ -107,6 +108,10 @@ pub struct Limits {
     pub max_request_head_bytes: usize,
     /// An HTTP app connection with no request in flight for this long is closed gracefully.
     pub client_idle_timeout: std::time::Duration,
+    /// An HTTP/1.1 upstream that sends nothing for this long within a response body (its head
+    /// already passed on) is given up: its connection and the app's are closed, counted as
+    /// `upstream_body_timeout`.
+    pub upstream_body_idle_timeout: std::time::Duration,
     /// Concurrent proxied connections one pod may hold (its outbound ones, and the inbound ones
     /// to it); beyond, new ones are reset and counted as `pod_connection_limit`. `None`: a quarter
     /// of the daemon's open-files limit (each connection holds two descriptors, so one pod can
@@ -117,6 +122,7 @@ pub struct Limits {
 pub const DEFAULT_REQUEST_HEAD_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_MAX_REQUEST_HEAD_BYTES: u64 = 64 * 1024;
 pub const DEFAULT_CLIENT_IDLE_TIMEOUT_SECS: u64 = 300;
+pub const DEFAULT_UPSTREAM_BODY_IDLE_TIMEOUT_SECS: u64 = 300;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -151,10 +157,20 @@ fn parse_limits(raw: RawLimits) -> Result<Limits, ConfigError> {
     if !(1..=86_400).contains(&idle) {
         return Err(err("limits.client_idle_timeout_secs", "must be 1 to 86400"));
     }
+    let body_idle = raw
+        .upstream_body_idle_timeout_secs
+        .unwrap_or(DEFAULT_UPSTREAM_BODY_IDLE_TIMEOUT_SECS);
+    if !(1..=86_400).contains(&body_idle) {
+        return Err(err(
+            "limits.upstream_body_idle_timeout_secs",
+            "must be 1 to 86400",
+        ));
+    }
     Ok(Limits {
         request_head_timeout: std::time::Duration::from_millis(head_ms),
         max_request_head_bytes: head_bytes as usize,
         client_idle_timeout: std::time::Duration::from_secs(idle),
+        upstream_body_idle_timeout: std::time::Duration::from_secs(body_idle),
         max_connections_per_pod: raw.max_connections_per_pod,
     })
 }
@@ -795,18 +811,23 @@ mod tests {
         );
         let l = parse(
             "[limits]\nrequest_head_timeout_ms = 1500\nmax_request_head_bytes = 16384\n\
-             client_idle_timeout_secs = 60\nmax_connections_per_pod = 0\n",
+             client_idle_timeout_secs = 60\nupstream_body_idle_timeout_secs = 30\nmax_connections_per_pod = 0\n",
         )
         .unwrap()
         .limits;
         assert_eq!(l.request_head_timeout, std::time::Duration::from_millis(1500));
         assert_eq!(l.max_request_head_bytes, 16384);
         assert_eq!(l.client_idle_timeout, std::time::Duration::from_secs(60));
+        assert_eq!(l.upstream_body_idle_timeout, std::time::Duration::from_secs(30));
         assert_eq!(l.pod_connection_cap(20_000), 0, "0: no cap");
         for (text, field) in [
             ("request_head_timeout_ms = 10", "limits.request_head_timeout_ms"),
             ("max_request_head_bytes = 100", "limits.max_request_head_bytes"),
             ("client_idle_timeout_secs = 0", "limits.client_idle_timeout_secs"),
+            (
+                "upstream_body_idle_timeout_secs = 0",
+                "limits.upstream_body_idle_timeout_secs",
+            ),
         ] {
             assert_eq!(parse(&format!("[limits]\n{text}\n")).unwrap_err().field, field);
         }

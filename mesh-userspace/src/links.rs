@@ -203,6 +203,15 @@ pub const RESUME_SETTLE: Duration = Duration::from_millis(500);
 /// The longest a switch waits for its pre-connects before traffic moves anyway.
 pub const PRECONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 
+/// One pool of a switch's pre-connect: the pod, the endpoint, how many connections, and the
+/// endpoints whose traffic moves there (how it is spread over the workers).
+type Preconnect = (
+    Arc<crate::conn::PodCtx>,
+    std::net::SocketAddr,
+    usize,
+    Vec<std::net::SocketAddr>,
+);
+
 /// A switch in progress (persisted).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwitchRec {
@@ -637,7 +646,9 @@ impl LinkManager {
     }
 
     /// Open, before traffic moves, the upstream HTTP/1.1 connections the switch's new shares
-    /// will need, sized from the connections in use now (the pools are per (pod, endpoint)):
+    /// will need, sized from the demand now (the pools are per (pod, endpoint); the demand is
+    /// the larger of the connections held and the app connections sending there, each of
+    /// which may send at once, [`crate::l7::http::HttpPools::h1_demand`]):
     ///
     /// - the target link: each pod that delivers to a local endpoint of its services (the
     ///   trickle keeps such a pool open) or has such an endpoint on one of its own addresses
@@ -645,7 +656,8 @@ impl LinkManager {
     ///   moved traffic's connections will be needed locally);
     /// - the former active link: each pod that delivers locally gets, to each endpoint
     ///   elsewhere, its share of the connections it has to the service now;
-    /// - both plus half again: the pools do not count the connections busy at that moment.
+    /// - both plus half again, for app connections that open after the count;
+    /// - spread over the workers as the demand is ([`crate::l7::http::HttpPools::preconnect_h1`]).
     ///
     /// At most the link's `preconnect` per (pod, endpoint), concurrently, bounded by
     /// [`PRECONNECT_TIMEOUT`]; failures are counted and logged, never fatal (a request then
@@ -661,13 +673,13 @@ impl LinkManager {
             return;
         }
         let mut tasks = tokio::task::JoinSet::new();
-        for (pod, ep, want) in plan {
+        for (pod, ep, want, size_from) in plan {
             let shared = shared.clone();
             tasks.spawn(async move {
                 let r = shared
                     .l7
                     .http
-                    .preconnect_h1(&shared, &pod, ep, want, PRECONNECT_TIMEOUT)
+                    .preconnect_h1(&shared, &pod, ep, want, &size_from, PRECONNECT_TIMEOUT)
                     .await;
                 (pod.name.clone(), ep, want, r)
             });
@@ -709,14 +721,14 @@ impl LinkManager {
         }));
     }
 
-    /// The (pod, endpoint, connections) the switch's pre-connect opens (see [`Self::preconnect`]).
+    /// The (pod, endpoint, connections, endpoints sized from) the switch's pre-connect opens (see [`Self::preconnect`]).
     fn preconnect_plan(
         &self,
         shared: &Arc<crate::conn::Shared>,
         policy: &Policy,
         rec: &SwitchRec,
-    ) -> Vec<(Arc<crate::conn::PodCtx>, std::net::SocketAddr, usize)> {
-        let mut plan: Vec<(Arc<crate::conn::PodCtx>, std::net::SocketAddr, usize)> = Vec::new();
+    ) -> Vec<Preconnect> {
+        let mut plan: Vec<Preconnect> = Vec::new();
         for (name, target) in [(&rec.to, true), (&rec.from, false)] {
             let Some(l) = policy.links().iter().find(|l| &*l.name == name.as_str()) else {
                 continue;
@@ -731,7 +743,7 @@ impl LinkManager {
                 let remote: Vec<_> = l.elsewhere(k).iter().filter(|a| !is_local(a)).copied().collect();
                 let mut known = all.clone();
                 known.extend(remote.iter().copied().filter(|a| !all.contains(a)));
-                let counts = shared.l7.http.h1_counts(&known);
+                let counts = shared.l7.http.h1_demand(&known);
                 // Per pod: its connections to the service, and the local endpoints it delivers to.
                 let mut pods: BTreeMap<String, (Arc<crate::conn::PodCtx>, usize, Vec<std::net::SocketAddr>)> =
                     BTreeMap::new();
@@ -759,17 +771,16 @@ impl LinkManager {
                     if locals.is_empty() || total == 0 {
                         continue;
                     }
-                    // The pools hold the connections not busy right now: half again for the
-                    // requests in flight when they were counted.
+                    // Half again for app connections that open after the count.
                     let total = total + total.div_ceil(2);
                     if target {
                         for ep in locals {
-                            plan.push((pod.clone(), ep, total.min(max)));
+                            plan.push((pod.clone(), ep, total.min(max), known.clone()));
                         }
                     } else if !remote.is_empty() {
                         let each = total.div_ceil(remote.len()).min(max);
                         for ep in &remote {
-                            plan.push((pod.clone(), *ep, each));
+                            plan.push((pod.clone(), *ep, each, known.clone()));
                         }
                     }
                 }

@@ -515,9 +515,8 @@ pub fn measure_rate(pod: &crate::Pod, target: &str, rps: u64, seconds: u64) -> R
 fn status_kib(pid: u32, key: &str) -> Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read /proc/{pid}/status"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    crate::util::status_field(&text, key)
+        .and_then(|v| v.trim_end_matches("kB").trim().parse().ok())
         .ok_or_else(|| anyhow!("no {key} in /proc/{pid}/status"))
 }
 

@@ -70,12 +70,7 @@ pub fn running(pid: u32) -> bool {
     }
     match std::fs::read_to_string(format!("/proc/{pid}/status")) {
         Ok(s) => {
-            let field = |k: &str| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix(k))
-                    .map(|v| v.trim().to_owned())
-                    .unwrap_or_default()
-            };
+            let field = |k: &str| crate::util::status_field(&s, k).unwrap_or_default();
             let state = field("State:");
             let threads: u32 = field("Threads:").parse().unwrap_or(1);
             !((state.starts_with('Z') || state.starts_with('X')) && threads <= 1)

@@ -10,6 +10,11 @@ use anyhow::{anyhow, bail, Context, Result};
 /// One counter for every unique name the harness makes in this process (nodes, temp dirs).
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
+/// The value of `key` (e.g. `"VmRSS:"`) in a `/proc/<pid>/status`-style text, trimmed.
+pub fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status.lines().find_map(|l| l.strip_prefix(key)).map(str::trim)
+}
+
 /// A process-unique number.
 pub fn unique() -> u64 {
     UNIQUE.fetch_add(1, Ordering::Relaxed)

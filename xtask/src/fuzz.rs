@@ -1,5 +1,6 @@
 //! `cargo xtask fuzz [--seconds N] [--target NAME]...`: run the protocol codec (and `cni_plan`,
-//! sockmesh-cni's input handling, and `upgrade_wire`, the upgrade's hand-off messages) fuzz targets in
+//! sockmesh-cni's input handling, `upgrade_wire`, the upgrade's hand-off messages, and
+//! `h1_response`, the HTTP/1.1 upstream client's response parsers) fuzz targets in
 //! `mesh-userspace/fuzz` for a bounded time each and report executions and crashes.
 //!
 //! Installs cargo-fuzz when it is missing (`cargo install cargo-fuzz --locked`). Each target
@@ -32,6 +33,7 @@ pub const TARGETS: &[&str] = &[
     "sofa_decode",
     "cni_plan",
     "upgrade_wire",
+    "h1_response",
 ];
 
 #[derive(Debug, Args)]

@@ -101,7 +101,7 @@ pub struct RawLink {
     #[serde(default)]
     pub active: RawResources,
     /// At most this many upstream HTTP/1.1 connections per (pod, endpoint) opened when a
-    /// switch starts, before traffic moves (sized from the connections in use); 0: none.
+    /// switch starts, before traffic moves (sized from the demand now, see `HttpPools::h1_demand`); 0: none.
     #[serde(default = "default_preconnect")]
     pub preconnect: u32,
 }

@@ -338,7 +338,7 @@ pub async fn preconnect(daemon: &Arc<Daemon>, pools: Vec<wire::PoolSize>) {
             let r = shared
                 .l7
                 .http
-                .preconnect_h1(&shared, &pod, ep, want, PRECONNECT_TIMEOUT)
+                .preconnect_h1(&shared, &pod, ep, want, &[ep], PRECONNECT_TIMEOUT)
                 .await;
             (p.pod, ep, r)
         });

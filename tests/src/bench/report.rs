@@ -81,6 +81,21 @@ pub fn cells(res: &Results) -> Vec<Cell> {
         .collect()
 }
 
+/// Per round that ran both: `a`'s rate over `b`'s on `wl`.
+pub fn round_ratios(res: &Results, a: Scenario, b: Scenario, wl: Workload) -> Vec<f64> {
+    let of = |sc: Scenario| -> BTreeMap<u32, f64> {
+        res.samples
+            .iter()
+            .filter(|s| s.scenario == sc && s.workload == wl)
+            .map(|s| (s.round, rate(s)))
+            .collect()
+    };
+    let (x, y) = (of(a), of(b));
+    x.iter()
+        .filter_map(|(round, xa)| ratio(*xa, *y.get(round)?))
+        .collect()
+}
+
 pub fn find(cells: &[Cell], sc: Scenario, wl: Workload) -> Option<&Cell> {
     cells.iter().find(|c| c.scenario == sc && c.workload == wl)
 }
@@ -513,10 +528,29 @@ fn grid_goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
                 find(cells, Scenario::KernelL4, wl),
                 find(cells, Scenario::Direct, wl),
             ) {
-                let r = ratio(k.rate, d.rate).unwrap_or(0.0);
+                // Judged on the rounds' own ratios (each round runs both, so a slow stretch of
+                // the machine weighs on both sides of its ratio), their median and range; the
+                // ratio of the two medians is shown too.
+                let paired = round_ratios(res, Scenario::KernelL4, Scenario::Direct, wl);
+                let of_medians = ratio(k.rate, d.rate).unwrap_or(0.0);
+                let r = if paired.is_empty() {
+                    of_medians
+                } else {
+                    median(&paired)
+                };
                 met &= r >= 0.95;
                 any = true;
-                parts.push(format!("{}: {r:.2}x", wl.label()));
+                parts.push(if paired.is_empty() {
+                    format!("{}: {r:.2}x", wl.label())
+                } else {
+                    format!(
+                        "{}: {r:.2}x (median of {} rounds' ratios, {:.2}-{:.2}; of the medians {of_medians:.2}x)",
+                        wl.label(),
+                        paired.len(),
+                        paired.iter().copied().fold(f64::INFINITY, f64::min),
+                        paired.iter().copied().fold(0.0, f64::max),
+                    )
+                });
             }
         }
         g.push(Goal {
@@ -579,7 +613,7 @@ fn grid_goals(res: &Results, cells: &[Cell]) -> Vec<Goal> {
     let l4 = per_cpu(Scenario::Ebpf);
     for (peer, factor, name) in [
         (Scenario::Haproxy, 1.0, "HAProxy"),
-        (Scenario::EnvoyEbpf, 2.5, "Envoy"),
+        (Scenario::EnvoyEbpf, 3.0, "Envoy"),
     ] {
         let theirs = per_cpu(peer);
         let (measured, met) = match (ours, theirs) {
@@ -1353,7 +1387,7 @@ mod tests {
                 .find(|g| g.goal.contains(s))
                 .unwrap_or_else(|| panic!("no goal {s:?} in {goals:#?}"))
         };
-        // L7: 30000 req per CPU-s vs HAProxy's 25000 (met), vs 2.5x Envoy's 15000 (not met).
+        // L7: 30000 req per CPU-s vs HAProxy's 25000 (met), vs 3x Envoy's 15000 (not met).
         let hp = find_goal("1x HAProxy");
         assert_eq!(hp.met, Some(true), "{hp:?}");
         assert!(
@@ -1362,7 +1396,7 @@ mod tests {
             "{hp:?}"
         );
         assert!(hp.measured.contains("L4: 80000"), "{hp:?}");
-        assert_eq!(find_goal("2.5x Envoy").met, Some(false));
+        assert_eq!(find_goal("3x Envoy").met, Some(false));
         let p50 = find_goal("L7 HTTP p50 <= 2.0x direct (sockmesh routing");
         assert_eq!(p50.met, Some(true), "{p50:?}");
         assert!(p50.measured.starts_with("1.50x"), "{p50:?}");
@@ -1400,6 +1434,40 @@ mod tests {
         assert_eq!(g.met, Some(true), "{g:?}");
         assert!(g.measured.contains("TCP RR 64B x1: 0.98x"), "{g:?}");
         assert_eq!(goal_for(40_000).met, Some(false));
+    }
+
+    #[test]
+    fn the_kernel_l4_goal_is_judged_on_each_rounds_own_ratio() {
+        // The machine slows down from round to round for both sides, and the kernel side of
+        // round 1 alone hits a stall: 0.98x in two rounds of three, while the ratio of the
+        // medians (39,200 / 45,000) would say 0.87x.
+        let rr = Workload::Rr { size: 64, conns: 1 };
+        let mut samples = Vec::new();
+        for (round, direct, kernel) in [(0, 50_000, 49_000), (1, 45_000, 38_000), (2, 40_000, 39_200)] {
+            let mut d = sample(Scenario::Direct, rr, direct, 0.0, 20.0);
+            let mut k = sample(Scenario::KernelL4, rr, kernel, 0.0, 20.0);
+            (d.round, k.round) = (round, round);
+            samples.extend([d, k]);
+        }
+        let res = Results {
+            samples,
+            ..Results::default()
+        };
+        assert_eq!(
+            round_ratios(&res, Scenario::KernelL4, Scenario::Direct, rr).len(),
+            3
+        );
+        let g = goals(&res, &cells(&res))
+            .into_iter()
+            .find(|g| g.goal.starts_with("kernel-routed L4"))
+            .expect("kernel L4 goal");
+        assert_eq!(g.met, Some(true), "{g:?}");
+        assert!(
+            g.measured
+                .contains("TCP RR 64B x1: 0.98x (median of 3 rounds' ratios"),
+            "{g:?}"
+        );
+        assert!(g.measured.contains("of the medians 0.87x"), "{g:?}");
     }
 
     #[test]

@@ -1426,12 +1426,7 @@ fn thread_switches(pid: u32) -> BTreeMap<String, u64> {
         let Ok(st) = std::fs::read_to_string(t.path().join("status")) else {
             continue;
         };
-        let field = |k: &str| {
-            st.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map(|v| v.trim().to_owned())
-                .unwrap_or_default()
-        };
+        let field = |k: &str| crate::util::status_field(&st, k).unwrap_or_default();
         let name = field("Name:");
         for (k, tag) in [
             ("voluntary_ctxt_switches:", "vol"),

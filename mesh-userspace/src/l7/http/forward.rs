@@ -22,7 +22,7 @@ use super::{
     },
     pool::{send_once, Attempt},
     upgrade::forward_upgrade,
-    Body, ConnState, HttpVersion,
+    Body, ConnState, HttpVersion, RespBody,
 };
 use crate::routing::{colour::COLOUR_HEADER, Decision, Outcome, ProtocolHint, RequestInfo, RouteStats};
 
@@ -39,7 +39,7 @@ fn idempotent(m: &Method) -> bool {
 }
 
 /// A response the proxy makes itself.
-fn local_reply(status: StatusCode, grpc_code: u8, grpc: bool, msg: &str) -> Response<Body> {
+fn local_reply(status: StatusCode, grpc_code: u8, grpc: bool, msg: &str) -> Response<RespBody> {
     let mut b = Response::builder().header(header::SERVER, "sockmesh");
     let body = if grpc {
         // Trailers-only: the status travels in the (only) header block.
@@ -60,7 +60,7 @@ fn local_reply(status: StatusCode, grpc_code: u8, grpc: bool, msg: &str) -> Resp
 }
 
 /// The answer for a failure label (see the table in the module docs).
-fn failure_reply(reason: &'static str, grpc: bool, msg: &str) -> Response<Body> {
+fn failure_reply(reason: &'static str, grpc: bool, msg: &str) -> Response<RespBody> {
     let (status, code) = match reason {
         "no_route" => (StatusCode::NOT_FOUND, 12),
         "no_endpoint" | "colour_unavailable" => (StatusCode::SERVICE_UNAVAILABLE, 14),
@@ -76,7 +76,7 @@ fn failure_reply(reason: &'static str, grpc: bool, msg: &str) -> Response<Body> 
 }
 
 /// One request from the app: route it, forward it, answer.
-pub(super) async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<Body> {
+pub(super) async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<RespBody> {
     let started = Instant::now();
     let guard = st.in_flight();
     st.head.request_started();
@@ -159,7 +159,9 @@ pub(super) async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Respon
     let result = if req.method() == Method::CONNECT {
         Err(("connect_unsupported", "CONNECT is not proxied".to_owned()))
     } else if st.version == HttpVersion::Http1 && req.headers().contains_key(header::UPGRADE) {
-        forward_upgrade(&st, req, &decision, started).await
+        forward_upgrade(&st, req, &decision, started)
+            .await
+            .map(|r| r.map(|b| b.map_err(super::BoxError::from).boxed()))
     } else {
         forward(&st, req, &decision, started).await
     };
@@ -296,7 +298,7 @@ async fn forward(
     req: Request<Incoming>,
     d: &Decision,
     started: Instant,
-) -> Result<Response<Incoming>, Failure> {
+) -> Result<Response<RespBody>, Failure> {
     let (mut parts, body) = req.into_parts();
     upstream_parts(&mut parts, st.version, d.endpoint);
     let no_body = body.is_end_stream();
@@ -337,6 +339,12 @@ async fn forward(
                         "upstream_connect",
                         format!("upstream {endpoint} unreachable: {e}"),
                     )
+                }
+                Err(Attempt::Malformed(m)) => {
+                    return Err((
+                        "upstream_malformed",
+                        format!("upstream {endpoint} sent a bad response: {m}"),
+                    ))
                 }
                 Err(Attempt::Sent(e)) => {
                     let f = ("upstream_reset", format!("upstream {endpoint} failed: {e}"));

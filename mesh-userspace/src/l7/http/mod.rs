@@ -4,9 +4,16 @@
 //! - The policy is loaded per request, so a swap applies to the next request on every open
 //!   keep-alive connection and drops none.
 //! - Upstream connections are pooled per (pod, endpoint, version) in [`HttpPools`]: HTTP/1.1
-//!   keeps a list of keep-alive connections (one request at a time each), HTTP/2 one
+//!   keeps a list of idle keep-alive connections (one request at a time each), HTTP/2 one
 //!   multiplexed connection. Every upstream socket is opened by [`ConnCtx::connect`] (the pod's
 //!   netns, the daemon's mark).
+//! - HTTP/1.1 upstream is not hyper's client but `h1client`, driven by the request's own task:
+//!   it writes the head it serialises and the body, reads the response head (`httparse`, at most
+//!   [`h1wire::MAX_RESPONSE_HEAD_BYTES`], interim 1xx skipped), and the response body reads the
+//!   connection as the app's side polls it and parks it back in the pool when it ended cleanly
+//!   and neither side closes it (no connection task, no channel, no wake-up between tasks; a
+//!   pooled connection the upstream closed is noticed from tokio's cached readiness, without a
+//!   system call). HTTP/2 upstream and `Upgrade` forwarding use hyper's client.
 //! - Hop-by-hop headers are stripped both ways; `Host`/`:authority` is kept as the app sent it;
 //!   bodies and trailers stream through (gRPC streaming included).
 //! - HTTP/1.1 `Upgrade` (WebSocket and the like) is forwarded on a dedicated upstream
@@ -20,8 +27,14 @@
 //! | subset without endpoints | `no_endpoint` | 503 | 14 UNAVAILABLE |
 //! | every connect attempt failed | `upstream_connect` | 502 | 14 UNAVAILABLE |
 //! | upstream reset after the request was sent (not replayable) | `upstream_reset` | 502 | 14 UNAVAILABLE |
+//! | HTTP/1.1 upstream's response head malformed, over 64 KiB, or with a bad `Content-Length` (not retried) | `upstream_malformed` | 502 | 14 UNAVAILABLE |
 //! | no response head within the route's timeout | `timeout` | 504 | 4 DEADLINE_EXCEEDED |
 //! | `CONNECT` | `connect_unsupported` | 501 | 12 UNIMPLEMENTED |
+//!
+//! An HTTP/1.1 upstream's response body that fails after its head was passed on (a bad chunk:
+//! `upstream_malformed`; closed or reset before its end: `upstream_reset`; nothing sent for
+//! `[limits] upstream_body_idle_timeout_secs`: `upstream_body_timeout`) cannot be answered any
+//! more: the app's connection is cut, and the reason is counted in the protocol errors.
 //!
 //! No route is UNIMPLEMENTED for gRPC because the method is not served at all through this
 //! service; retrying it elsewhere would not help (UNAVAILABLE would invite retries).
@@ -40,10 +53,13 @@
 //! every request of a connection shares; `session` the app's side of the connection (byte
 //! counting, idle and head clocks, HTTP/1.1 session parking, the hyper server); `forward` one
 //! request (routing, retries, replays, the proxy's own answers); `pool` upstream pools and one
-//! attempt on a pooled connection; `upgrade` HTTP/1.1 `Upgrade` splicing; `headers` header
-//! and gRPC helpers.
+//! attempt on a pooled connection; `h1client` the HTTP/1.1 upstream client (`h1wire` its
+//! parsers and head writer, no I/O: the `h1_response` fuzz target); `upgrade` HTTP/1.1
+//! `Upgrade` splicing; `headers` header and gRPC helpers.
 
 mod forward;
+mod h1client;
+mod h1wire;
 mod headers;
 mod late_frames;
 mod pool;
@@ -89,7 +105,11 @@ impl HttpVersion {
     }
 }
 
+/// A request body on its way upstream (the app's, or an empty replay).
 type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A response body on its way to the app (an upstream's, or the proxy's own answer).
+type RespBody = BoxBody<Bytes, BoxError>;
 
 /// What every request of one app connection shares, with the connection's clocks: one
 /// allocation per connection, which a parked HTTP/1.1 connection keeps (with its socket).
@@ -101,6 +121,8 @@ struct ConnState {
     /// Set when the connection is being handed over (upgrade): hyper's final shutdown must
     /// not reach the socket (it is shared with the next generation).
     keep_open: std::sync::atomic::AtomicBool,
+    /// HTTP/1.1: the upstream pool the latest request went to (the pre-connect's sizing).
+    last_pool: pool::LastPool,
 }
 
 /// Serve one app connection until it closes. The future holds only what the connection keeps

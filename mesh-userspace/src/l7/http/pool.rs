@@ -16,13 +16,16 @@ use std::{
 };
 
 use http::{Request, Response};
-use hyper::{body::Incoming, client::conn as hc};
+use http_body_util::BodyExt;
+use hyper::client::conn as hc;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::{
-    until, Body, ConnCtx, ConnState, HttpVersion, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT,
+    h1client::{exchange, Failed, H1Body, H1Conn, Park},
+    until, Body, BoxError, ConnCtx, ConnState, HttpVersion, RespBody, HTTP2_KEEPALIVE_INTERVAL,
+    HTTP2_KEEPALIVE_TIMEOUT,
 };
 use crate::{
     conn::{worker::PerWorker, PodCtx},
@@ -78,27 +81,61 @@ struct EndpointPool {
     /// The pod the connections were opened for; a re-enrolled pod with the same name gets a
     /// fresh pool (its netns may differ).
     pod: Weak<PodCtx>,
-    /// HTTP/1.1: connections not known to be closed, ready or busy.
+    /// HTTP/1.1: idle connections not known to be closed (a connection is out of the list
+    /// while it carries a request and its response body).
     h1: Mutex<Vec<PooledH1>>,
     /// HTTP/2: the one multiplexed connection. Held across connect so concurrent first
     /// requests share it.
     h2: tokio::sync::Mutex<Option<hc::http2::SendRequest<Body>>>,
-    /// HTTP/1.1 requests between taking a connection and getting the response head: their
-    /// connections are not in `h1` meanwhile (for [`HttpPools::h1_counts`]).
+    /// HTTP/1.1 requests between taking a connection and the end of their response body (or
+    /// the connection's close): their connections are not in `h1` meanwhile (for
+    /// [`HttpPools::h1_counts`]).
     h1_busy: AtomicUsize,
+    /// HTTP/1.1 app connections on this worker whose latest request went to this pool
+    /// ([`LastPool`]): each carries one request at a time, so at most this many of the pool's
+    /// connections can be busy at once while they keep sending here. What a switch's
+    /// pre-connect sizes from ([`HttpPools::h1_demand`]).
+    h1_users: AtomicUsize,
+}
+
+/// The pool an HTTP/1.1 app connection's latest request went to, counted in that pool's
+/// `h1_users` until the connection sends elsewhere or closes. Set per request, but the count
+/// only moves when the endpoint changes.
+#[derive(Default)]
+pub(super) struct LastPool(Mutex<Option<Arc<EndpointPool>>>);
+
+impl LastPool {
+    fn note(&self, pool: &Arc<EndpointPool>) {
+        let mut last = self.0.lock().expect("last pool lock");
+        if last.as_ref().is_some_and(|p| Arc::ptr_eq(p, pool)) {
+            return;
+        }
+        pool.h1_users.fetch_add(1, Relaxed);
+        if let Some(old) = last.replace(pool.clone()) {
+            old.h1_users.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+impl Drop for LastPool {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.get_mut().ok().and_then(|p| p.take()) {
+            p.h1_users.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 /// Counts one HTTP/1.1 request in flight on a pool until dropped.
-struct Busy<'a>(&'a EndpointPool);
+struct Busy(Arc<EndpointPool>);
 
-impl<'a> Busy<'a> {
-    fn new(p: &'a EndpointPool) -> Self {
+impl Busy {
+    fn new(p: Arc<EndpointPool>) -> Self {
         p.h1_busy.fetch_add(1, Relaxed);
         Busy(p)
     }
 }
 
-impl Drop for Busy<'_> {
+impl Drop for Busy {
     fn drop(&mut self) {
         self.0.h1_busy.fetch_sub(1, Relaxed);
     }
@@ -107,25 +144,56 @@ impl Drop for Busy<'_> {
 impl EndpointPool {
     /// Keeps an HTTP/1.1 connection for the next request, unless the endpoint already has
     /// [`MAX_POOLED_HTTP1_PER_ENDPOINT`]; whether it was kept.
-    fn park_h1(&self, sender: hc::http1::SendRequest<Body>, local: SocketAddr) -> bool {
+    fn park_h1(&self, conn: H1Conn) -> bool {
         let mut h1 = self.h1.lock().expect("h1 pool lock");
         let room = h1.len() < MAX_POOLED_HTTP1_PER_ENDPOINT;
         if room {
             h1.push(PooledH1 {
-                sender,
+                conn,
                 since: Instant::now(),
-                local,
             });
+            return true;
         }
-        room
+        drop(h1);
+        false
+    }
+
+    /// HTTP/1.1 connections held: idle ones not known to be closed, and busy ones.
+    fn h1_held(&self) -> usize {
+        self.prune_h1(false) + self.h1_busy.load(Relaxed)
+    }
+
+    /// The connections this worker's app connections may need at once here: the larger of
+    /// those held and the app connections whose latest request came here.
+    fn h1_demand(&self) -> usize {
+        self.h1_held().max(self.h1_users.load(Relaxed))
+    }
+
+    /// Drop the idle HTTP/1.1 connections the upstream closed (and those idle for
+    /// [`UPSTREAM_IDLE_TIMEOUT`] when `expire`); how many are left. The dropped ones close
+    /// outside the lock.
+    fn prune_h1(&self, expire: bool) -> usize {
+        let mut dead = Vec::new();
+        let mut h1 = self.h1.lock().expect("h1 pool lock");
+        let mut i = 0;
+        while i < h1.len() {
+            let c = &mut h1[i];
+            if c.conn.idle_usable() && !(expire && c.since.elapsed() >= UPSTREAM_IDLE_TIMEOUT) {
+                i += 1;
+            } else {
+                dead.push(h1.swap_remove(i));
+            }
+        }
+        let left = h1.len();
+        drop(h1);
+        drop(dead);
+        left
     }
 }
 
 struct PooledH1 {
-    sender: hc::http1::SendRequest<Body>,
+    conn: H1Conn,
     since: Instant,
-    /// Our end's address (the app side's peer, for kernel propagation).
-    local: SocketAddr,
 }
 
 impl HttpPools {
@@ -193,6 +261,7 @@ fn get_for(
         h1: Mutex::new(Vec::new()),
         h2: tokio::sync::Mutex::new(None),
         h1_busy: AtomicUsize::new(0),
+        h1_users: AtomicUsize::new(0),
     });
     pools.insert(key, p.clone());
     p
@@ -205,19 +274,32 @@ impl HttpPools {
     /// HTTP/1.1 connections pooled now, per (pod, endpoint), to any of `endpoints` (pods still
     /// enrolled; idle, streaming a body, or carrying a request until its response head;
     /// connections known to be closed are not counted), summed over the workers.
+    #[cfg(test)]
     pub fn h1_counts(&self, endpoints: &[SocketAddr]) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
-        self.h1_counts_where(|ep| endpoints.contains(ep))
+        self.h1_counts_where(|ep| endpoints.contains(ep), EndpointPool::h1_held)
+    }
+
+    /// The HTTP/1.1 connections each (pod, endpoint) may need at once, summed over the
+    /// workers: per worker the larger of [`Self::h1_counts`]'s and the app connections whose
+    /// latest request went there (each may send its next request at any moment; a pool sized
+    /// from the connections held alone falls short when their requests come in a burst).
+    pub fn h1_demand(&self, endpoints: &[SocketAddr]) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
+        self.h1_counts_where(|ep| endpoints.contains(ep), EndpointPool::h1_demand)
     }
 
     /// [`Self::h1_counts`] to every endpoint (what a successor pre-connects before it takes
     /// over, [`crate::upgrade`]); pools without a connection are left out.
     pub fn h1_counts_all(&self) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
-        let mut v = self.h1_counts_where(|_| true);
+        let mut v = self.h1_counts_where(|_| true, EndpointPool::h1_held);
         v.retain(|(_, _, n)| *n > 0);
         v
     }
 
-    fn h1_counts_where(&self, want: impl Fn(&SocketAddr) -> bool) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
+    fn h1_counts_where(
+        &self,
+        want: impl Fn(&SocketAddr) -> bool,
+        count: impl Fn(&EndpointPool) -> usize,
+    ) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
         let mut out: Vec<(Arc<PodCtx>, SocketAddr, usize)> = Vec::new();
         for inner in self.workers.all() {
             let pools = inner.pools.lock().expect("http pools lock");
@@ -226,9 +308,7 @@ impl HttpPools {
                 .filter(|(k, _)| k.version == HttpVersion::Http1 && want(&k.endpoint))
                 .filter_map(|(k, p)| {
                     let pod = p.pod.upgrade()?;
-                    let mut h1 = p.h1.lock().expect("h1 pool lock");
-                    h1.retain(|c| !c.sender.is_closed());
-                    Some((pod, k.endpoint, h1.len() + p.h1_busy.load(Relaxed)))
+                    Some((pod, k.endpoint, count(p)))
                 });
             for (pod, ep, n) in here {
                 match out.iter_mut().find(|(p, e, _)| Arc::ptr_eq(p, &pod) && *e == ep) {
@@ -241,8 +321,9 @@ impl HttpPools {
     }
 
     /// Open HTTP/1.1 connections from `pod` to `endpoint` until `want` are pooled, spread over
-    /// the workers in proportion to the HTTP/1.1 connections `pod` uses on each now (evenly
-    /// when it uses none): each worker opens its share on its own runtime, into its own pools
+    /// the workers in proportion to `pod`'s HTTP/1.1 demand ([`Self::h1_demand`]) on each to
+    /// `size_from` (the endpoints whose traffic moves to `endpoint`; evenly when there is
+    /// none): each worker opens its share on its own runtime, into its own pools
     /// (concurrently, each bounded by `timeout`; at most [`MAX_POOLED_HTTP1_PER_ENDPOINT`] per
     /// worker). Returns how many were opened, or the first error when none could be.
     pub async fn preconnect_h1(
@@ -251,10 +332,14 @@ impl HttpPools {
         pod: &Arc<PodCtx>,
         endpoint: SocketAddr,
         want: usize,
+        size_from: &[SocketAddr],
         timeout: Duration,
     ) -> io::Result<usize> {
         let all = self.workers.all();
-        let used: Vec<usize> = all.iter().map(|inner| h1_in_use(inner, pod)).collect();
+        let used: Vec<usize> = all
+            .iter()
+            .map(|inner| h1_demand_here(inner, pod, size_from))
+            .collect();
         let total: usize = used.iter().sum();
         let share = |i: usize| match total {
             0 => want.div_ceil(all.len()),
@@ -289,21 +374,18 @@ impl HttpPools {
     }
 }
 
-/// HTTP/1.1 connections `pod` has in one worker's pools, to any endpoint (pooled or busy).
-fn h1_in_use(inner: &PoolsInner, pod: &Arc<PodCtx>) -> usize {
+/// `pod`'s HTTP/1.1 demand in one worker's pools to `endpoints` ([`EndpointPool::h1_demand`]).
+fn h1_demand_here(inner: &PoolsInner, pod: &Arc<PodCtx>, endpoints: &[SocketAddr]) -> usize {
     let pools = inner.pools.lock().expect("http pools lock");
     pools
         .iter()
         .filter(|(k, p)| {
             k.version == HttpVersion::Http1
                 && k.pod == pod_key(pod)
+                && endpoints.contains(&k.endpoint)
                 && std::ptr::eq(p.pod.as_ptr(), Arc::as_ptr(pod))
         })
-        .map(|(_, p)| {
-            let mut h1 = p.h1.lock().expect("h1 pool lock");
-            h1.retain(|c| !c.sender.is_closed());
-            h1.len() + p.h1_busy.load(Relaxed)
-        })
+        .map(|(_, p)| p.h1_demand())
         .sum()
 }
 
@@ -317,11 +399,7 @@ async fn preconnect_h1_here(
     timeout: Duration,
 ) -> io::Result<usize> {
     let pool = get_for(inner, pod, endpoint, HttpVersion::Http1);
-    let have = {
-        let mut h1 = pool.h1.lock().expect("h1 pool lock");
-        h1.retain(|c| !c.sender.is_closed());
-        h1.len()
-    };
+    let have = pool.prune_h1(false);
     let want = want.min(MAX_POOLED_HTTP1_PER_ENDPOINT);
     if have >= want {
         return Ok(0);
@@ -334,8 +412,8 @@ async fn preconnect_h1_here(
     let (mut opened, mut first_err) = (0, None);
     while let Some(r) = opens.join_next().await {
         match r.map_err(io::Error::other).and_then(|r| r) {
-            Ok((sender, local)) => {
-                if pool.park_h1(sender, local) {
+            Ok(conn) => {
+                if pool.park_h1(conn) {
                     opened += 1;
                 }
             }
@@ -362,11 +440,7 @@ async fn sweep(inner: Weak<PoolsInner>) {
             if p.pod.strong_count() == 0 {
                 return false;
             }
-            let mut h1 = p.h1.lock().expect("h1 pool lock");
-            h1.retain(|c| {
-                let idle_too_long = c.sender.is_ready() && c.since.elapsed() >= UPSTREAM_IDLE_TIMEOUT;
-                !c.sender.is_closed() && !idle_too_long
-            });
+            let h1_left = p.prune_h1(true);
             let h2_live = match p.h2.try_lock() {
                 Ok(mut s) => {
                     if s.as_ref().is_some_and(|s| s.is_closed()) {
@@ -376,7 +450,7 @@ async fn sweep(inner: Weak<PoolsInner>) {
                 }
                 Err(_) => true,
             };
-            !h1.is_empty() || h2_live
+            h1_left > 0 || p.h1_busy.load(Relaxed) > 0 || p.h1_users.load(Relaxed) > 0 || h2_live
         });
     }
 }
@@ -387,7 +461,9 @@ pub(super) enum Attempt {
     /// The pooled connection was closed before the request was written.
     Stale(Request<Body>),
     /// The request (or part of it) went out and the exchange failed.
-    Sent(hyper::Error),
+    Sent(BoxError),
+    /// The upstream answered with bytes that are not a valid HTTP/1.1 response head.
+    Malformed(String),
 }
 
 /// One attempt on a pooled connection to `endpoint`.
@@ -397,32 +473,35 @@ pub(super) async fn send_once(
     req: Request<Body>,
     deadline: Instant,
     colour: ColourId,
-) -> Result<Response<Incoming>, Attempt> {
+) -> Result<Response<RespBody>, Attempt> {
     let pools = &st.ctx.l7().http;
     let pool = pools.get(&st.ctx, endpoint, st.version);
     match st.version {
         HttpVersion::Http1 => {
-            let _busy = Busy::new(&pool);
-            let (mut sender, local) =
-                match acquire_h1(&pool, &pools.opened, &st.ctx, endpoint, deadline).await {
-                    Ok(s) => s,
-                    Err(e) => return Err(Attempt::NotConnected(req, e)),
-                };
-            if sender.ready().await.is_err() {
-                return Err(Attempt::Stale(req));
-            }
+            st.last_pool.note(&pool);
+            let busy = Busy::new(pool.clone());
+            let mut conn = match acquire_h1(&pool, &pools.opened, &st.ctx, endpoint, deadline).await {
+                Ok(c) => c,
+                Err(e) => return Err(Attempt::NotConnected(req, e)),
+            };
             // The app thread that reads this request takes its colour (this connection carries
             // one request at a time, so the colour is this request's alone).
-            st.ctx.colour_delivery(local, endpoint, colour);
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    pool.park_h1(sender, local);
+            st.ctx.colour_delivery(conn.local, endpoint, colour);
+            match exchange(&mut conn, req).await {
+                Ok(ex) => {
+                    let park: Park = Box::new(move |c| {
+                        let busy = busy;
+                        busy.0.park_h1(c);
+                    });
+                    let body = H1Body::new(conn, &ex, park, st.ctx.shared.clone());
+                    let mut resp = Response::new(body.boxed());
+                    *resp.status_mut() = ex.head.status;
+                    *resp.headers_mut() = ex.head.headers;
                     Ok(resp)
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(req) => Err(Attempt::Stale(req)),
-                    None => Err(Attempt::Sent(e.into_error())),
-                },
+                Err(Failed::NotSent(req)) => Err(Attempt::Stale(*req)),
+                Err(Failed::Sent(e)) => Err(Attempt::Sent(e)),
+                Err(Failed::Malformed(e)) => Err(Attempt::Malformed(e.0)),
             }
         }
         HttpVersion::Http2 => {
@@ -434,31 +513,43 @@ pub(super) async fn send_once(
                 return Err(Attempt::Stale(req));
             }
             match sender.try_send_request(req).await {
-                Ok(resp) => Ok(resp),
+                Ok(resp) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed())),
                 Err(mut e) => match e.take_message() {
                     Some(req) => Err(Attempt::Stale(req)),
-                    None => Err(Attempt::Sent(e.into_error())),
+                    None => Err(Attempt::Sent(e.into_error().into())),
                 },
             }
         }
     }
 }
 
-/// A ready pooled HTTP/1.1 connection, or a new one.
+/// An idle pooled HTTP/1.1 connection the upstream has not closed (the most recently parked
+/// first), or a new one.
 async fn acquire_h1(
     pool: &EndpointPool,
     opened: &Opened,
     ctx: &ConnCtx,
     endpoint: SocketAddr,
     deadline: Instant,
-) -> io::Result<(hc::http1::SendRequest<Body>, SocketAddr)> {
-    {
+) -> io::Result<H1Conn> {
+    let mut dead = Vec::new();
+    let found = {
         let mut h1 = pool.h1.lock().expect("h1 pool lock");
-        h1.retain(|c| !c.sender.is_closed());
-        if let Some(i) = h1.iter().position(|c| c.sender.is_ready()) {
-            let c = h1.swap_remove(i);
-            return Ok((c.sender, c.local));
+        loop {
+            match h1.pop() {
+                Some(mut c) => {
+                    if c.conn.idle_usable() {
+                        break Some(c.conn);
+                    }
+                    dead.push(c);
+                }
+                None => break None,
+            }
         }
+    };
+    drop(dead);
+    if let Some(c) = found {
+        return Ok(c);
     }
     // An inbound delivery connection of a propagating pod: forget its colour when it closes.
     let propagation = ctx.inbound.then(|| ctx.propagation().cloned()).flatten();
@@ -467,29 +558,15 @@ async fn acquire_h1(
     Ok(c)
 }
 
-/// A new HTTP/1.1 upstream connection from `pod` to `endpoint` (driven by its own task).
+/// A new HTTP/1.1 upstream connection from `pod` to `endpoint`.
 async fn open_h1(
     pod: &PodCtx,
     propagation: Option<crate::propagate::ColourKernel>,
     endpoint: SocketAddr,
     timeout: Duration,
-) -> io::Result<(hc::http1::SendRequest<Body>, SocketAddr)> {
+) -> io::Result<H1Conn> {
     let tcp = crate::conn::connect_upstream(pod, endpoint, timeout).await?;
-    let local = tcp.local_addr()?;
-    let (sender, conn) = hc::http1::Builder::new()
-        .handshake(TokioIo::new(tcp))
-        .await
-        .map_err(io::Error::other)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            debug!("upstream http1 connection to {endpoint}: {e}");
-        }
-        if let Some(p) = propagation {
-            let (app_local, app_remote) = crate::propagate::app_side_of_delivering(local, endpoint);
-            p.clear_inbound(app_local, app_remote);
-        }
-    });
-    Ok((sender, local))
+    H1Conn::new(tcp, endpoint, propagation)
 }
 
 /// The endpoint's multiplexed HTTP/2 connection, opened on first use or after it closed.

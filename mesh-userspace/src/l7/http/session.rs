@@ -30,7 +30,7 @@ use tracing::debug;
 use super::{
     forward::handle,
     late_frames::{frame_clock, frame_expired, FrameStart, LateFramesIo},
-    Body, ConnCtx, ConnState, HttpVersion, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT,
+    ConnCtx, ConnState, HttpVersion, RespBody, HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT,
     HTTP2_MAX_CONCURRENT_STREAMS, MAX_HTTP2_HEADER_LIST_BYTES,
 };
 
@@ -174,6 +174,7 @@ impl ConnState {
             inflight: Inflight::new(),
             head: HeadClock::new(),
             keep_open: AtomicBool::new(false),
+            last_pool: Default::default(),
         });
         if version == HttpVersion::Http2 {
             st.head.start();
@@ -225,14 +226,14 @@ impl Drop for InflightGuard {
 /// one poll was not enough: with pipelined requests in its buffer hyper polls the body again
 /// within the same poll of the connection.)
 pub(super) struct HeadOut {
-    inner: Body,
+    inner: RespBody,
     st: Arc<ConnState>,
     hold: Option<Pin<Box<tokio::time::Sleep>>>,
     done: bool,
 }
 
 impl HeadOut {
-    pub(super) fn new(inner: Body, st: Arc<ConnState>) -> HeadOut {
+    pub(super) fn new(inner: RespBody, st: Arc<ConnState>) -> HeadOut {
         HeadOut {
             inner,
             st,
@@ -247,12 +248,12 @@ const HEAD_OUT_HOLD: Duration = Duration::from_millis(5);
 
 impl hyper::body::Body for HeadOut {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = super::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, super::BoxError>>> {
         let this = &mut *self;
         if !this.done && crate::upgrade::is_draining() && crate::upgrade::can_hand_over() {
             this.done = true;
@@ -407,7 +408,7 @@ pub(super) fn serve_with(
 }
 
 /// One request of the connection `st`, for hyper.
-async fn respond(req: Request<Incoming>, st: Arc<ConnState>) -> Result<Response<Body>, Infallible> {
+async fn respond(req: Request<Incoming>, st: Arc<ConnState>) -> Result<Response<RespBody>, Infallible> {
     let version = st.version;
     let mut resp = handle(req, st).await;
     // A draining generation (upgrade) that cannot hand the connection over: the client's next

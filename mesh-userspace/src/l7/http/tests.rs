@@ -1243,54 +1243,99 @@ async fn resetter() -> SocketAddr {
     addr
 }
 
-/// A hand-written HTTP/1.1 server: answers every request on a connection with `response`,
-/// and closes the connection `close_after` after the first answer when set (without
-/// `connection: close`, as an idle timeout would). Counts accepted connections.
-async fn raw_upstream(
-    response: &'static [u8],
-    close_after: Option<Duration>,
-) -> (SocketAddr, Arc<AtomicU64>) {
+/// What a scripted upstream does after writing an answer.
+#[derive(Debug, Clone, Copy)]
+enum Then {
+    KeepOpen,
+    Close,
+    /// Close after this long (without `connection: close`, as an idle timeout would).
+    CloseAfter(Duration),
+}
+
+/// A hand-written HTTP/1.1 server: reads each request (head, then a Content-Length or chunked
+/// body), writes what `answer` returns for (head, body), then goes on as it says. Counts
+/// accepted connections.
+async fn scripted_upstream<F>(answer: F) -> (SocketAddr, Arc<AtomicU64>)
+where
+    F: Fn(&str, &[u8]) -> (Vec<u8>, Then) + Send + Sync + 'static,
+{
+    use super::h1wire::{Chunk, ChunkDecoder};
+    use bytes::{Buf, BytesMut};
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let accepted = Arc::new(AtomicU64::new(0));
-    let a = accepted.clone();
+    let (a, answer) = (accepted.clone(), Arc::new(answer));
     tokio::spawn(async move {
         loop {
             let (mut s, _) = l.accept().await.unwrap();
             a.fetch_add(1, Relaxed);
+            let answer = answer.clone();
             tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 1024];
+                let mut seen = BytesMut::new();
                 loop {
                     let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match s.read(&mut buf).await {
+                        match s.read_buf(&mut seen).await {
                             Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            Ok(_) => continue,
                         }
-                        continue;
                     };
-                    let head = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
-                    let body_len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse().unwrap());
-                    while seen.len() < end + 4 + body_len {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                    seen.advance(end + 4);
+                    let lower = head.to_ascii_lowercase();
+                    let mut body = Vec::new();
+                    if lower.contains("transfer-encoding: chunked") {
+                        let mut dec = ChunkDecoder::new();
+                        loop {
+                            match dec.decode(&mut seen).unwrap() {
+                                Some(Chunk::Data(d)) => body.extend_from_slice(&d),
+                                Some(Chunk::Trailers(_)) => {}
+                                Some(Chunk::End) => break,
+                                None => match s.read_buf(&mut seen).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(_) => {}
+                                },
+                            }
                         }
+                    } else {
+                        let len: usize = lower
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        while seen.len() < len {
+                            match s.read_buf(&mut seen).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) => {}
+                            }
+                        }
+                        body = seen.split_to(len).to_vec();
                     }
-                    seen.drain(..end + 4 + body_len);
-                    s.write_all(response).await.unwrap();
-                    if let Some(after) = close_after {
-                        tokio::time::sleep(after).await;
+                    let (response, then) = answer(&head, &body);
+                    if s.write_all(&response).await.is_err() {
                         return;
+                    }
+                    match then {
+                        Then::KeepOpen => {}
+                        Then::Close => return,
+                        Then::CloseAfter(after) => {
+                            tokio::time::sleep(after).await;
+                            return;
+                        }
                     }
                 }
             });
         }
     });
     (addr, accepted)
+}
+
+/// A hand-written HTTP/1.1 server answering every request on a connection with `response`,
+/// and closing the connection `close_after` after the first answer when set.
+async fn raw_upstream(
+    response: &'static [u8],
+    close_after: Option<Duration>,
+) -> (SocketAddr, Arc<AtomicU64>) {
+    let then = close_after.map_or(Then::KeepOpen, Then::CloseAfter);
+    scripted_upstream(move |_, _| (response.to_vec(), then)).await
 }
 
 fn one_endpoint(addr: SocketAddr) -> Policy {
@@ -1454,7 +1499,7 @@ async fn preconnected_connections_are_pooled_and_reused() {
             .await;
             let pools = &p.shared.l7.http;
             let opened = pools
-                .preconnect_h1(&p.shared, &p.pod, ep, 4, Duration::from_secs(2))
+                .preconnect_h1(&p.shared, &p.pod, ep, 4, &[ep], Duration::from_secs(2))
                 .await
                 .unwrap();
             assert_eq!(opened, 4);
@@ -1463,8 +1508,8 @@ async fn preconnected_connections_are_pooled_and_reused() {
             assert_eq!(counts.len(), 1);
             assert_eq!((counts[0].0.name.as_str(), counts[0].1, counts[0].2), ("t", ep, 4));
             // Already there: nothing more is opened.
-            let again = pools.preconnect_h1(&p.shared, &p.pod, ep, 3, Duration::from_secs(2));
-            assert_eq!(again.await.unwrap(), 0);
+            let again = pools.preconnect_h1(&p.shared, &p.pod, ep, 3, &[ep], Duration::from_secs(2)).await;
+            assert_eq!(again.unwrap(), 0);
             let mut c = h1_client(p.addr).await;
             for _ in 0..20 {
                 let (st, _, body) = send1(&mut c, get("/x").body(empty()).unwrap()).await;
@@ -1473,10 +1518,27 @@ async fn preconnected_connections_are_pooled_and_reused() {
             assert_eq!(accepted.load(Relaxed), 4, "a request opened its own connection");
             // Counted as pre-connects, none for the requests.
             assert_eq!(pools.connects(), (0, 4));
+            // What a switch sizes from: every app connection that sent here may send again at
+            // once, though sequential requests kept to the pool's 4.
+            let mut more = Vec::new();
+            for _ in 0..6 {
+                let mut c = h1_client(p.addr).await;
+                let (st, _, _) = send1(&mut c, get("/x").body(empty()).unwrap()).await;
+                assert_eq!(st, StatusCode::OK);
+                more.push(c);
+            }
+            assert_eq!(accepted.load(Relaxed), 4);
+            assert_eq!(pools.h1_counts(&[ep])[0].2, 4);
+            assert_eq!(pools.h1_demand(&[ep])[0].2, 7);
+            drop(more);
+            eventually("the closed app connections leave the demand", || {
+                pools.h1_demand(&[ep])[0].2 == 4
+            })
+            .await;
             // Nothing listening: the error, and nothing pooled for it.
             let dead = dead_addr();
             assert!(pools
-                .preconnect_h1(&p.shared, &p.pod, dead, 2, Duration::from_secs(2))
+                .preconnect_h1(&p.shared, &p.pod, dead, 2, &[dead], Duration::from_secs(2))
                 .await
                 .is_err());
             assert_eq!(pools.h1_counts(&[dead])[0].2, 0);
@@ -1487,4 +1549,259 @@ async fn preconnected_connections_are_pooled_and_reused() {
         })
         .await
         .expect("bounded");
+}
+
+/// The answers of the scripted upstream the HTTP/1.1 client tests talk to, by path.
+fn scripted_answer(head: &str, body: &[u8]) -> (Vec<u8>, Then) {
+    let path = head.split(' ').nth(1).unwrap_or("");
+    let keep = |b: &[u8]| (b.to_vec(), Then::KeepOpen);
+    match path {
+        "/cl" if head.starts_with("HEAD ") => keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+        "/cl" => keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"),
+        "/chunked" => keep(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n\
+              5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-sum: 11\r\n\r\n",
+        ),
+        "/continue" => keep(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+        "/nocontent" => keep(b"HTTP/1.1 204 No Content\r\n\r\n"),
+        "/notmodified" => keep(b"HTTP/1.1 304 Not Modified\r\ncontent-length: 5\r\n\r\n"),
+        "/echo" => {
+            let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+            let mut r = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nx-chunked: {chunked}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            r.extend_from_slice(body);
+            (r, Then::KeepOpen)
+        }
+        "/eof" => (b"HTTP/1.1 200 OK\r\n\r\nuntil close".to_vec(), Then::Close),
+        // Both keep the connection open: the proxy must not reuse it anyway.
+        "/close" => keep(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"),
+        "/http10" => keep(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"),
+        "/garbage" => keep(b"HTTX/1.1 200 OK\r\n\r\n"),
+        "/huge" => keep(format!("HTTP/1.1 200 OK\r\nx-big: {}\r\n\r\n", "a".repeat(70 * 1024)).as_bytes()),
+        "/badlength" => keep(b"HTTP/1.1 200 OK\r\ncontent-length: 12x\r\n\r\n"),
+        "/badchunk" => keep(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"),
+        "/short" => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".to_vec(),
+            Then::Close,
+        ),
+        "/half" => {
+            let mut r = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n".to_vec();
+            r.extend_from_slice(&[b'x'; 50]);
+            (r, Then::KeepOpen)
+        }
+        _ => keep(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"),
+    }
+}
+
+#[tokio::test]
+async fn http1_upstream_bodies_of_every_framing_arrive_on_one_reused_connection() {
+    tokio::time::timeout(BOUND, async {
+        let (up, accepted) = scripted_upstream(scripted_answer).await;
+        let p = proxy(one_endpoint(up), HttpVersion::Http1, VIP).await;
+        let mut c = h1_client(p.addr).await;
+        for round in 0..2 {
+            let (st, _, body) = send1(&mut c, get("/cl").body(empty()).unwrap()).await;
+            assert_eq!((st, body.as_str()), (StatusCode::OK, "hello"), "round {round}");
+            // Chunked, with an extension and trailers (passed on: the client asked for them).
+            c.ready().await.unwrap();
+            let req = get("/chunked")
+                .header(header::TE, "trailers")
+                .body(empty())
+                .unwrap();
+            let resp = c.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let got = resp.into_body().collect().await.unwrap();
+            let trailers = got.trailers().cloned();
+            assert_eq!(got.to_bytes(), "hello world");
+            assert_eq!(trailers.expect("trailers")["x-sum"], "11");
+            // The 100 Continue is skipped.
+            let (st, _, body) = send1(&mut c, get("/continue").body(empty()).unwrap()).await;
+            assert_eq!((st, body.as_str()), (StatusCode::OK, "ok"));
+            // No body: HEAD (its content-length kept), 204, 304.
+            let head = Request::head("/cl")
+                .header(header::HOST, "web.test")
+                .body(empty())
+                .unwrap();
+            let (st, h, body) = send1(&mut c, head).await;
+            assert_eq!(
+                (st, body.as_str(), h[header::CONTENT_LENGTH].to_str().unwrap()),
+                (StatusCode::OK, "", "5")
+            );
+            let (st, _, body) = send1(&mut c, get("/nocontent").body(empty()).unwrap()).await;
+            assert_eq!((st, body.as_str()), (StatusCode::NO_CONTENT, ""));
+            let (st, _, body) = send1(&mut c, get("/notmodified").body(empty()).unwrap()).await;
+            assert_eq!((st, body.as_str()), (StatusCode::NOT_MODIFIED, ""));
+            // Uploads: with a length as is, without one chunked (trailers included).
+            let post = Request::post("/echo").header(header::HOST, "web.test");
+            let (st, h, body) = send1(&mut c, post.body(full("sized body")).unwrap()).await;
+            assert_eq!(
+                (st, body.as_str(), h["x-chunked"].to_str().unwrap()),
+                (StatusCode::OK, "sized body", "false")
+            );
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-check", HeaderValue::from_static("1"));
+            let frames = Frames(
+                [
+                    hyper::body::Frame::data(Bytes::from_static(b"in ")),
+                    hyper::body::Frame::data(Bytes::from_static(b"parts")),
+                    hyper::body::Frame::trailers(trailers),
+                ]
+                .into(),
+            );
+            let post = Request::post("/echo").header(header::HOST, "web.test");
+            let (st, h, body) = send1(&mut c, post.body(frames.boxed()).unwrap()).await;
+            assert_eq!(
+                (st, body.as_str(), h["x-chunked"].to_str().unwrap()),
+                (StatusCode::OK, "in parts", "true")
+            );
+        }
+        assert_eq!(
+            accepted.load(Relaxed),
+            1,
+            "one upstream connection for every request"
+        );
+        assert_eq!(p.shared.l7.http.connections(), 1);
+        assert_eq!(p.shared.l7.http.connects(), (1, 0));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn http1_upstream_responses_that_end_their_connection_are_not_reused() {
+    tokio::time::timeout(BOUND, async {
+        let (up, accepted) = scripted_upstream(scripted_answer).await;
+        let p = proxy(one_endpoint(up), HttpVersion::Http1, VIP).await;
+        let mut c = h1_client(p.addr).await;
+        for (path, want) in [("/eof", "until close"), ("/close", "ok"), ("/http10", "ok")] {
+            for _ in 0..2 {
+                let (st, _, body) = send1(&mut c, get(path).body(empty()).unwrap()).await;
+                assert_eq!((st, body.as_str()), (StatusCode::OK, want), "{path}");
+            }
+        }
+        assert_eq!(accepted.load(Relaxed), 6, "a connection per request");
+        assert_eq!(p.shared.l7.http.connections(), 0);
+        assert_eq!(p.shared.l7.http.connects(), (6, 0));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn bad_upstream_responses_are_answered_502_counted_and_the_proxy_goes_on() {
+    tokio::time::timeout(BOUND, async {
+        let (up, _) = scripted_upstream(scripted_answer).await;
+        let p = proxy(one_endpoint(up), HttpVersion::Http1, VIP).await;
+        let errors = &p.shared.l7.errors;
+        let mut c = h1_client(p.addr).await;
+        // Malformed, oversized (70 KiB) and bad-length heads: the proxy answers.
+        for (i, path) in ["/garbage", "/huge", "/badlength"].into_iter().enumerate() {
+            let (st, h, _) = send1(&mut c, get(path).body(empty()).unwrap()).await;
+            assert_eq!(
+                (st, h["sockmesh-error"].to_str().unwrap()),
+                (StatusCode::BAD_GATEWAY, "upstream_malformed"),
+                "{path}"
+            );
+            assert_eq!(errors.get("http1", "upstream_malformed"), i as u64 + 1, "{path}");
+        }
+        let v = p.shared.l7.router.current().stats()[0].view();
+        assert_eq!(v.failures.get("upstream_malformed"), Some(&3), "{v:?}");
+        let (st, _, body) = send1(&mut c, get("/cl").body(empty()).unwrap()).await;
+        assert_eq!((st, body.as_str()), (StatusCode::OK, "hello"));
+        // A bad chunk or an early close after the head is out: the app's connection is cut.
+        for (path, reason) in [("/badchunk", "upstream_malformed"), ("/short", "upstream_reset")] {
+            let before = errors.get("http1", reason);
+            let mut c2 = h1_client(p.addr).await;
+            c2.ready().await.unwrap();
+            // hyper may find the error before the head is flushed: no response at all then.
+            let failed = match c2.send_request(get(path).body(empty()).unwrap()).await {
+                Ok(resp) => {
+                    assert_eq!(resp.status(), StatusCode::OK);
+                    resp.into_body().collect().await.is_err()
+                }
+                Err(_) => true,
+            };
+            assert!(failed, "{path}: the response must fail, not look complete");
+            assert_eq!(errors.get("http1", reason), before + 1, "{path}");
+        }
+        let (st, _, body) = send1(&mut c, get("/cl").body(empty()).unwrap()).await;
+        assert_eq!((st, body.as_str()), (StatusCode::OK, "hello"));
+    })
+    .await
+    .unwrap();
+}
+
+/// An upstream that stops within a response body is given up after
+/// `upstream_body_idle_timeout`: the app's connection is cut (the head is out), the upstream
+/// connection closed and not pooled, the failure counted; the next request is served.
+#[tokio::test]
+async fn an_upstream_stalled_within_a_body_is_given_up_and_counted() {
+    tokio::time::timeout(BOUND, async {
+        let (up, accepted) = scripted_upstream(scripted_answer).await;
+        let limits = crate::config::Limits {
+            upstream_body_idle_timeout: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let p = proxy_with(one_endpoint(up), HttpVersion::Http1, VIP, limits).await;
+        let mut c = h1_client(p.addr).await;
+        c.ready().await.unwrap();
+        let started = std::time::Instant::now();
+        let resp = c.send_request(get("/half").body(empty()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(
+            resp.into_body().collect().await.is_err(),
+            "the body must fail, not look complete"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(p.shared.l7.errors.get("http1", "upstream_body_timeout"), 1);
+        assert_eq!(
+            p.shared.l7.http.h1_counts(&[up])[0].2,
+            0,
+            "the stalled connection is not kept"
+        );
+        let mut c = h1_client(p.addr).await;
+        let (st, _, body) = send1(&mut c, get("/cl").body(empty()).unwrap()).await;
+        assert_eq!((st, body.as_str()), (StatusCode::OK, "hello"));
+        assert_eq!(accepted.load(Relaxed), 2);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_response_body_dropped_midway_closes_its_upstream_connection() {
+    tokio::time::timeout(BOUND, async {
+        let (up, accepted) = scripted_upstream(scripted_answer).await;
+        let p = proxy(one_endpoint(up), HttpVersion::Http1, VIP).await;
+        let pools = &p.shared.l7.http;
+        let mut c = h1_client(p.addr).await;
+        c.ready().await.unwrap();
+        let resp = c.send_request(get("/half").body(empty()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        // Busy while its body streams.
+        assert_eq!(pools.h1_counts(&[up])[0].2, 1);
+        drop((resp, c));
+        eventually("the half-read connection gone", || {
+            pools.h1_counts(&[up])[0].2 == 0
+        })
+        .await;
+        let mut c = h1_client(p.addr).await;
+        let (st, _, body) = send1(&mut c, get("/cl").body(empty()).unwrap()).await;
+        assert_eq!((st, body.as_str()), (StatusCode::OK, "hello"));
+        assert_eq!(
+            accepted.load(Relaxed),
+            2,
+            "the half-read connection was not reused"
+        );
+        assert_eq!(pools.h1_counts(&[up])[0].2, 1);
+    })
+    .await
+    .unwrap();
 }
