@@ -9,9 +9,11 @@
 //! wakes one thread. A connection is served, start to end, by the worker that accepted it.
 
 use std::{
+    future::Future,
     io,
     net::SocketAddr,
     os::fd::OwnedFd,
+    pin::Pin,
     sync::{atomic::Ordering::Relaxed, Arc},
     time::{Duration, Instant},
 };
@@ -373,32 +375,12 @@ fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>,
     let pod = pod.clone();
     let shared = shared.clone();
     tokio::spawn(async move {
-        let _held = held;
-        let orig = match dir {
-            Direction::Outbound => shared.orig.orig_dst(&s),
-            Direction::Inbound => s.local_addr(),
-        };
-        let orig = match orig {
-            Ok(a) => a,
-            Err(e) => {
-                shared.errors.orig_dst_unknown.fetch_add(1, Relaxed);
-                warn!(pod = %pod.name, client = %peer, "no original destination, closing: {e}");
-                reset(s);
-                return;
-            }
-        };
-        let span = tracing::debug_span!("conn", pod = %pod.name, ?dir, client = %peer, orig = %orig);
-        if is_proxy_itself(&pod, orig) {
-            // Would connect to ourselves.
-            shared.errors.orig_dst_is_proxy.fetch_add(1, Relaxed);
+        // Counted against the pod until the task ends (captured, not copied into the task).
+        let _ = &held;
+        let Some((orig, span, plan)) = plan(&s, peer, dir, &pod, &shared) else {
             reset(s);
             return;
-        }
-        let plan = shared
-            .l7
-            .router
-            .current()
-            .connection_for(orig, dir == Direction::Inbound);
+        };
         match plan {
             ConnPlan::Opaque => {
                 // Boxed like the L7 path: each connection's task holds only its own path's state.
@@ -408,21 +390,72 @@ fn spawn_conn(s: TcpStream, peer: SocketAddr, dir: Direction, pod: &Arc<PodCtx>,
             }
             ConnPlan::L7 { hint, detect_timeout } => {
                 // Boxed: the L7 handlers' state is large, and a relayed connection's task (most
-                // idle connections) should not carry room for it.
-                Box::pin(dispatch(s, peer, orig, dir, hint, detect_timeout, pod, shared))
+                // idle connections) should not carry room for it. Detection and routing return
+                // the protocol's handler, boxed on its own, so that a long-lived connection
+                // keeps only the handler's state, not theirs.
+                let mut conn = Box::pin(dispatch(s, peer, orig, dir, hint, detect_timeout, &pod, &shared))
                     .instrument(span)
-                    .await
+                    .await;
+                // Awaited in place: the task keeps one copy of the handler's box and span.
+                if let Some(L7Conn { serve, entry_id }) = &mut conn {
+                    serve.await;
+                    pod.stats.connections_active.fetch_sub(1, Relaxed);
+                    shared.registry.remove(*entry_id);
+                }
             }
         }
     });
+}
+
+/// Where an accepted connection was meant to go, its span, and how it is served; `None` (counted
+/// and logged): reset it.
+fn plan(
+    s: &TcpStream,
+    peer: SocketAddr,
+    dir: Direction,
+    pod: &PodCtx,
+    shared: &Shared,
+) -> Option<(SocketAddr, tracing::Span, ConnPlan)> {
+    let orig = match dir {
+        Direction::Outbound => shared.orig.orig_dst(s),
+        Direction::Inbound => s.local_addr(),
+    };
+    let orig = match orig {
+        Ok(a) => a,
+        Err(e) => {
+            shared.errors.orig_dst_unknown.fetch_add(1, Relaxed);
+            warn!(pod = %pod.name, client = %peer, "no original destination, closing: {e}");
+            return None;
+        }
+    };
+    let span = tracing::debug_span!("conn", pod = %pod.name, ?dir, client = %peer, orig = %orig);
+    if is_proxy_itself(pod, orig) {
+        // Would connect to ourselves.
+        shared.errors.orig_dst_is_proxy.fetch_add(1, Relaxed);
+        return None;
+    }
+    let plan = shared
+        .l7
+        .router
+        .current()
+        .connection_for(orig, dir == Direction::Inbound);
+    Some((orig, span, plan))
 }
 
 fn is_proxy_itself(pod: &PodCtx, orig: SocketAddr) -> bool {
     orig.ip().is_loopback() && (orig.port() == pod.outbound_port || orig.port() == pod.inbound_port)
 }
 
-/// A connection a routing policy cares about: find its protocol (hint or detection), then hand
-/// it to that protocol's handler; opaque TCP is routed once and relayed.
+/// An L7 connection's handler, counted in `connections_active` and listed in `status` (entry
+/// `entry_id`) until it returns.
+struct L7Conn {
+    /// In the connection's span.
+    serve: tracing::instrument::Instrumented<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    entry_id: u64,
+}
+
+/// A connection a routing policy cares about: find its protocol (hint or detection), then
+/// return that protocol's handler; opaque TCP is routed once and relayed here (`None`).
 #[allow(clippy::too_many_arguments)]
 async fn dispatch(
     s: TcpStream,
@@ -431,9 +464,9 @@ async fn dispatch(
     dir: Direction,
     hint: ProtocolHint,
     detect_timeout: Duration,
-    pod: Arc<PodCtx>,
-    shared: Arc<Shared>,
-) {
+    pod: &Arc<PodCtx>,
+    shared: &Arc<Shared>,
+) -> Option<L7Conn> {
     let detected = match hint {
         ProtocolHint::Auto => detect::peek_detect(&s, detect_timeout, None).await,
         ProtocolHint::Http1 => Detection::Http1,
@@ -472,7 +505,7 @@ async fn dispatch(
                 shared.l7.errors.count("tcp", e.reason());
                 debug!("{e}");
                 reset(s);
-                return;
+                return None;
             }
         };
         debug!(
@@ -483,6 +516,7 @@ async fn dispatch(
             "opaque TCP routed"
         );
         let started = Instant::now();
+        let (pod, shared) = (pod.clone(), shared.clone());
         let ok = Box::pin(relay(s, peer, orig, decision.endpoint, dir, pod, shared)).await;
         decision.stats.record(
             if ok {
@@ -492,31 +526,35 @@ async fn dispatch(
             },
             started.elapsed(),
         );
-        return;
+        return None;
     }
     let _ = s.set_nodelay(true);
     let entry = shared.registry.add(&pod.name, dir, peer, orig);
     pod.stats.connections_total.fetch_add(1, Relaxed);
     pod.stats.connections_active.fetch_add(1, Relaxed);
+    let entry_id = entry.id;
     let ctx = ConnCtx {
         pod: pod.clone(),
         shared: shared.clone(),
         client: peer,
         orig,
-        entry: entry.clone(),
+        entry,
         inbound: dir == Direction::Inbound,
         local: s.local_addr().unwrap_or(orig),
     };
     // Each handler boxed: a connection holds only its own protocol's state.
-    match detected {
-        Detection::Http1 => Box::pin(l7::http::serve(s, l7::http::HttpVersion::Http1, ctx)).await,
-        Detection::Http2 => Box::pin(l7::http::serve(s, l7::http::HttpVersion::Http2, ctx)).await,
-        Detection::Bolt { .. } => Box::pin(l7::mux::serve_bolt(s, ctx)).await,
-        Detection::Dubbo => Box::pin(l7::mux::serve_dubbo(s, ctx)).await,
+    let serve: Pin<Box<dyn Future<Output = ()> + Send>> = match detected {
+        Detection::Http1 => l7::http::serve(s, l7::http::HttpVersion::Http1, ctx),
+        Detection::Http2 => l7::http::serve(s, l7::http::HttpVersion::Http2, ctx),
+        Detection::Bolt { .. } => Box::pin(l7::mux::serve_bolt(s, ctx)),
+        Detection::Dubbo => Box::pin(l7::mux::serve_dubbo(s, ctx)),
         Detection::Opaque | Detection::NeedMore => unreachable!("relayed above"),
-    }
-    pod.stats.connections_active.fetch_sub(1, Relaxed);
-    shared.registry.remove(entry.id);
+    };
+    Some(L7Conn {
+        // dispatch runs in the connection's span.
+        serve: serve.instrument(tracing::Span::current()),
+        entry_id,
+    })
 }
 
 /// Relay a connection to `orig` byte for byte to `target` (the original destination, or the

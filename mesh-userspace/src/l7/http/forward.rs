@@ -78,7 +78,7 @@ fn failure_reply(reason: &'static str, grpc: bool, msg: &str) -> Response<RespBo
 /// One request from the app: route it, forward it, answer.
 pub(super) async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Response<RespBody> {
     let started = Instant::now();
-    let guard = st.inflight.enter();
+    let guard = st.in_flight();
     st.head.request_started();
     let grpc = is_grpc(req.headers());
     let proto = if grpc { "grpc" } else { st.version.label() };
@@ -178,7 +178,7 @@ pub(super) async fn handle(req: Request<Incoming>, st: Arc<ConnState>) -> Respon
                 .boxed();
             // While draining for an upgrade, an HTTP/1.1 response marks its request boundary.
             let body = if st.version == HttpVersion::Http1 {
-                super::session::HeadOut::new(body, st.inflight.clone()).boxed()
+                super::session::HeadOut::new(body, st.clone()).boxed()
             } else {
                 body
             };

@@ -68,7 +68,7 @@ mod session;
 mod tests;
 mod upgrade;
 
-use std::{sync::Arc, time::Duration};
+use std::{future::Future, pin::Pin, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -111,25 +111,38 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A response body on its way to the app (an upstream's, or the proxy's own answer).
 type RespBody = BoxBody<Bytes, BoxError>;
 
-/// What every request of one app connection shares.
+/// What every request of one app connection shares, with the connection's clocks: one
+/// allocation per connection, which a parked HTTP/1.1 connection keeps (with its socket).
 struct ConnState {
     ctx: ConnCtx,
     version: HttpVersion,
-    inflight: Arc<Inflight>,
-    head: Arc<HeadClock>,
+    inflight: Inflight,
+    head: HeadClock,
+    /// Set when the connection is being handed over (upgrade): hyper's final shutdown must
+    /// not reach the socket (it is shared with the next generation).
+    keep_open: std::sync::atomic::AtomicBool,
     /// HTTP/1.1: the upstream pool the latest request went to (the pre-connect's sizing).
     last_pool: pool::LastPool,
 }
 
-/// Serve one app connection until it closes.
-pub async fn serve(client: TcpStream, version: HttpVersion, ctx: ConnCtx) {
-    serve_with(client, Bytes::new(), version, ctx).await
+/// Serve one app connection until it closes. The future holds only what the connection keeps
+/// while idle (its socket and its [`ConnState`]); the HTTP/2 or HTTP/1.1 driver is chosen here.
+pub fn serve(
+    client: TcpStream,
+    version: HttpVersion,
+    ctx: ConnCtx,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    serve_with(client, Bytes::new(), version, ctx)
 }
 
 /// An HTTP/1.1 app connection handed over by the previous generation (upgrade), with the bytes
 /// it had already read.
-pub async fn serve_handed_over(client: TcpStream, read: Bytes, ctx: ConnCtx) {
-    serve_with(client, read, HttpVersion::Http1, ctx).await
+pub fn serve_handed_over(
+    client: TcpStream,
+    read: Bytes,
+    ctx: ConnCtx,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    serve_with(client, read, HttpVersion::Http1, ctx)
 }
 
 /// Time left until `deadline` (zero once it passed).

@@ -1,10 +1,11 @@
 //! The app's side of an HTTP connection: the byte-counting socket ([`Counted`]), requests in
 //! flight for the idle timeout ([`Inflight`]), the request-head clock and its 408
-//! ([`HeadClock`]), and the connection driver ([`serve_with`]) with its HTTP/1.1 hyper
-//! sessions, parked while the connection is idle.
+//! ([`HeadClock`]), and the connection drivers ([`serve_with`]): HTTP/2, and HTTP/1.1 with its
+//! hyper sessions parked while the connection is idle.
 
 use std::{
     convert::Infallible,
+    future::Future,
     io,
     pin::Pin,
     sync::{
@@ -16,6 +17,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use http::{Request, Response};
 use hyper::{body::Incoming, server::conn as hs, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
@@ -35,14 +37,10 @@ use super::{
 /// The app's socket, counting bytes into the connection's and the pod's counters.
 struct Counted {
     inner: TcpStream,
-    ctx: ConnCtx,
-    head: Arc<HeadClock>,
+    st: Arc<ConnState>,
     /// Bytes read but not parsed: by a parked HTTP/1.1 session, or by a previous generation
     /// before it handed the connection over (upgrade). Replayed first, not counted again.
     prefix: Bytes,
-    /// Set when the connection is being handed over: hyper's final shutdown must not reach
-    /// the socket (it is shared with the next generation).
-    keep_open: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AsyncRead for Counted {
@@ -61,9 +59,10 @@ impl AsyncRead for Counted {
         ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
-            self.ctx.entry.bytes_to_upstream.fetch_add(n, Relaxed);
-            self.ctx.pod.stats.bytes_upstream.fetch_add(n, Relaxed);
-            self.head.on_read(n);
+            let st = &*self.st;
+            st.ctx.entry.bytes_to_upstream.fetch_add(n, Relaxed);
+            st.ctx.pod.stats.bytes_upstream.fetch_add(n, Relaxed);
+            st.on_read(n);
         }
         Poll::Ready(Ok(()))
     }
@@ -71,8 +70,9 @@ impl AsyncRead for Counted {
 
 impl Counted {
     fn count_written(&self, n: usize) {
-        self.ctx.entry.bytes_to_client.fetch_add(n as u64, Relaxed);
-        self.ctx.pod.stats.bytes_downstream.fetch_add(n as u64, Relaxed);
+        let ctx = &self.st.ctx;
+        ctx.entry.bytes_to_client.fetch_add(n as u64, Relaxed);
+        ctx.pod.stats.bytes_downstream.fetch_add(n as u64, Relaxed);
     }
 }
 
@@ -102,10 +102,10 @@ impl AsyncWrite for Counted {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if self.keep_open.load(Relaxed) {
+        if self.st.keep_open.load(Relaxed) {
             return Pin::new(&mut self.inner).poll_flush(cx);
         }
-        if self.head.parking.load(Relaxed) {
+        if self.st.head.parking.load(Relaxed) {
             // hyper ends its session on an idle connection we park: the socket stays open.
             return Poll::Ready(Ok(()));
         }
@@ -121,18 +121,19 @@ pub(super) struct Inflight {
     /// While this generation drains: a response's head is written and its body holds back
     /// ([`HeadOut`]), so hyper reads no further head until it goes on. Stopping the session
     /// now loses nothing and adds no `Connection: close` to a head.
-    head_out: std::sync::atomic::AtomicBool,
+    head_out: AtomicBool,
 }
 
-pub(super) struct InflightGuard(Arc<Inflight>);
+/// A request in flight on its connection, until dropped.
+pub(super) struct InflightGuard(Arc<ConnState>);
 
 impl Inflight {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
+    fn new() -> Self {
+        Self {
             count: AtomicUsize::new(0),
             last_change: Mutex::new(Instant::now()),
-            head_out: std::sync::atomic::AtomicBool::new(false),
-        })
+            head_out: AtomicBool::new(false),
+        }
     }
 
     /// Resolves (when polled) while a response head is out and its body holds back, taking
@@ -146,12 +147,6 @@ impl Inflight {
             }
         })
         .await
-    }
-
-    pub(super) fn enter(self: &Arc<Self>) -> InflightGuard {
-        self.count.fetch_add(1, Relaxed);
-        *self.last_change.lock().expect("inflight lock") = Instant::now();
-        InflightGuard(self.clone())
     }
 
     /// Resolves once nothing has been in flight for `idle`.
@@ -171,10 +166,55 @@ impl Inflight {
     }
 }
 
+impl ConnState {
+    fn new(ctx: ConnCtx, version: HttpVersion) -> Arc<Self> {
+        let st = Arc::new(Self {
+            ctx,
+            version,
+            inflight: Inflight::new(),
+            head: HeadClock::new(),
+            keep_open: AtomicBool::new(false),
+            last_pool: Default::default(),
+        });
+        if version == HttpVersion::Http2 {
+            st.head.start();
+        }
+        st
+    }
+
+    /// A request of this connection is in flight until the guard is dropped.
+    pub(super) fn in_flight(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.count.fetch_add(1, Relaxed);
+        *self.inflight.last_change.lock().expect("inflight lock") = Instant::now();
+        InflightGuard(self.clone())
+    }
+
+    /// `n` bytes were read from the app: the request-head clock starts (HTTP/1.1, nothing in
+    /// flight) or counts them towards the preface (HTTP/2).
+    fn on_read(&self, n: u64) {
+        let head = &self.head;
+        match self.version {
+            HttpVersion::Http1 => {
+                if !head.running.load(Relaxed) && self.inflight.count.load(Relaxed) == 0 {
+                    head.start();
+                }
+            }
+            HttpVersion::Http2 => {
+                if head.running.load(Relaxed)
+                    && head.read.fetch_add(n as usize, Relaxed) + n as usize >= HTTP2_PREFACE_LEN
+                {
+                    head.stop();
+                }
+            }
+        }
+    }
+}
+
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        *self.0.last_change.lock().expect("inflight lock") = Instant::now();
-        self.0.count.fetch_sub(1, Relaxed);
+        let inflight = &self.0.inflight;
+        *inflight.last_change.lock().expect("inflight lock") = Instant::now();
+        inflight.count.fetch_sub(1, Relaxed);
     }
 }
 
@@ -187,16 +227,16 @@ impl Drop for InflightGuard {
 /// within the same poll of the connection.)
 pub(super) struct HeadOut {
     inner: RespBody,
-    inflight: Arc<Inflight>,
+    st: Arc<ConnState>,
     hold: Option<Pin<Box<tokio::time::Sleep>>>,
     done: bool,
 }
 
 impl HeadOut {
-    pub(super) fn new(inner: RespBody, inflight: Arc<Inflight>) -> HeadOut {
+    pub(super) fn new(inner: RespBody, st: Arc<ConnState>) -> HeadOut {
         HeadOut {
             inner,
-            inflight,
+            st,
             hold: None,
             done: false,
         }
@@ -217,7 +257,7 @@ impl hyper::body::Body for HeadOut {
         let this = &mut *self;
         if !this.done && crate::upgrade::is_draining() && crate::upgrade::can_hand_over() {
             this.done = true;
-            this.inflight.head_out.store(true, Relaxed);
+            this.st.inflight.head_out.store(true, Relaxed);
             this.hold = Some(Box::pin(tokio::time::sleep(HEAD_OUT_HOLD)));
             debug!("upgrade: a response head is out; its body holds back");
             // The session's select runs its other branches now (the hold's timer is the
@@ -226,13 +266,13 @@ impl hyper::body::Body for HeadOut {
         }
         this.done = true;
         if let Some(hold) = this.hold.as_mut() {
-            if this.inflight.head_out.load(Relaxed)
+            if this.st.inflight.head_out.load(Relaxed)
                 && std::future::Future::poll(hold.as_mut(), cx).is_pending()
             {
                 return Poll::Pending;
             }
             this.hold = None;
-            this.inflight.head_out.store(false, Relaxed);
+            this.st.inflight.head_out.store(false, Relaxed);
         }
         Pin::new(&mut this.inner).poll_frame(cx)
     }
@@ -249,7 +289,7 @@ impl hyper::body::Body for HeadOut {
 impl Drop for HeadOut {
     fn drop(&mut self) {
         if self.hold.is_some() {
-            self.inflight.head_out.store(false, Relaxed);
+            self.st.inflight.head_out.store(false, Relaxed);
         }
     }
 }
@@ -261,8 +301,6 @@ impl Drop for HeadOut {
 /// while a keep-alive connection waits for its next request, so it closed every idle
 /// keep-alive connection after the timeout.
 pub(super) struct HeadClock {
-    version: HttpVersion,
-    inflight: Arc<Inflight>,
     running: AtomicBool,
     started: Mutex<Option<Instant>>,
     /// Bytes read so far (HTTP/2, until the preface is in).
@@ -278,37 +316,14 @@ pub(super) struct HeadClock {
 const HTTP2_PREFACE_LEN: usize = 24;
 
 impl HeadClock {
-    fn new(version: HttpVersion, inflight: Arc<Inflight>) -> Arc<Self> {
-        let c = Arc::new(Self {
-            version,
-            inflight,
+    fn new() -> Self {
+        Self {
             running: AtomicBool::new(false),
             started: Mutex::new(None),
             read: AtomicUsize::new(0),
             notify: tokio::sync::Notify::new(),
             parking: AtomicBool::new(false),
             served: AtomicUsize::new(0),
-        });
-        if version == HttpVersion::Http2 {
-            c.start();
-        }
-        c
-    }
-
-    fn on_read(&self, n: u64) {
-        match self.version {
-            HttpVersion::Http1 => {
-                if !self.running.load(Relaxed) && self.inflight.count.load(Relaxed) == 0 {
-                    self.start();
-                }
-            }
-            HttpVersion::Http2 => {
-                if self.running.load(Relaxed)
-                    && self.read.fetch_add(n as usize, Relaxed) + n as usize >= HTTP2_PREFACE_LEN
-                {
-                    self.stop();
-                }
-            }
         }
     }
 
@@ -372,126 +387,116 @@ connection: close\r\ncontent-length: 0\r\n\r\n";
     }
 }
 
-pub(super) async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVersion, ctx: ConnCtx) {
-    let limits = &ctx.shared.limits;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
-    let inflight = Inflight::new();
-    let head = HeadClock::new(version, inflight.clone());
-    let keep_open = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let counted = Counted {
+/// Serve one app connection: its [`ConnState`] and its driver, boxed. An HTTP/1.1 driver
+/// ([`serve_h1`]) holds only the socket and the state while parked; HTTP/2's is apart.
+pub(super) fn serve_with(
+    client: TcpStream,
+    prefix: Bytes,
+    version: HttpVersion,
+    ctx: ConnCtx,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    let st = ConnState::new(ctx, version);
+    let io = Counted {
         inner: client,
-        ctx: ctx.clone(),
-        head: head.clone(),
+        st,
         prefix,
-        keep_open: keep_open.clone(),
     };
-    // HTTP/2: set just before the session asks hyper to shut down gracefully.
-    let goaway = Arc::new(AtomicBool::new(false));
-    let state = Arc::new(ConnState {
-        ctx: ctx.clone(),
-        version,
-        inflight: inflight.clone(),
-        head: head.clone(),
-        last_pool: Default::default(),
-    });
-    let svc = service_fn(move |req| {
-        let state = state.clone();
-        async move {
-            let mut resp = handle(req, state).await;
-            // A draining generation (upgrade) that cannot hand the connection over: the
-            // client's next request goes to the successor on a new connection.
-            crate::upgrade::close_after_response(
-                version == HttpVersion::Http1 && !crate::upgrade::can_hand_over(),
-                &mut resp,
-            );
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    // Run the HTTP/2 connection; after the idle timeout ask it to finish gracefully and keep
-    // driving it until it does. `$frame_start`: when the app's frame (or header block) in
-    // progress began (see late_frames). `Err`: the counted reason it was cut.
-    macro_rules! drive {
-        ($conn:expr, $frame_start:expr) => {{
-            let conn = $conn;
-            tokio::pin!(conn);
-            let clock = frame_clock();
-            tokio::pin!(clock);
-            let mut closing = false;
-            loop {
-                tokio::select! {
-                    // The connection first: its reads move `frame_start` (see frame_expired).
-                    biased;
-                    r = conn.as_mut() => break Ok(r),
-                    // Also while closing: a trickled frame holds the connection just the same.
-                    _ = frame_expired(&$frame_start, clock.as_mut(), limits.request_head_timeout) => {
-                        break Err("frame_timeout");
-                    }
-                    _ = inflight.idle_for(limits.client_idle_timeout), if !closing => {
-                        debug!("idle app connection: closing");
-                        ctx.l7().errors.count(version.label(), "idle_timeout");
-                        goaway.store(true, Relaxed);
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                    _ = head.expired(limits.request_head_timeout), if !closing => {
-                        break Err("preface_timeout");
-                    }
-                    _ = crate::upgrade::drain_close(version == HttpVersion::Http2), if !closing => {
-                        debug!("upgrade: draining app connection");
-                        goaway.store(true, Relaxed);
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                }
-            }
-        }};
+    match version {
+        HttpVersion::Http1 => Box::pin(serve_h1(TokioIo::new(io))),
+        HttpVersion::Http2 => Box::pin(serve_h2(io)),
     }
-    let result = match version {
-        HttpVersion::Http1 => {
-            let mut b = hs::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(None)
-                .max_buf_size(limits.max_request_head_bytes)
-                .keep_alive(true);
-            serve_h1(&b, TokioIo::new(counted), svc, &ctx, &inflight, &head, fd)
-                .await
-                .ok_or("header_timeout")
+}
+
+/// One request of the connection `st`, for hyper.
+async fn respond(req: Request<Incoming>, st: Arc<ConnState>) -> Result<Response<RespBody>, Infallible> {
+    let version = st.version;
+    let mut resp = handle(req, st).await;
+    // A draining generation (upgrade) that cannot hand the connection over: the client's next
+    // request goes to the successor on a new connection.
+    crate::upgrade::close_after_response(
+        version == HttpVersion::Http1 && !crate::upgrade::can_hand_over(),
+        &mut resp,
+    );
+    Ok(resp)
+}
+
+/// Count how the connection ended: `Err`, the reason it was cut; `Ok(Err)`, hyper's error.
+fn finish(st: &ConnState, result: Result<Result<(), hyper::Error>, &'static str>) {
+    let version = st.version;
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let reason = conn_error_reason(&e, version);
+            debug!(reason, "app connection ended: {e}");
+            st.ctx.l7().errors.count(version.label(), reason);
         }
-        HttpVersion::Http2 => {
-            let mut b = hs::http2::Builder::new(TokioExecutor::new());
-            b.timer(TokioTimer::new())
-                .max_header_list_size(MAX_HTTP2_HEADER_LIST_BYTES)
-                .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
-                .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
-                .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT);
-            // The app's frames pass LateFramesIo (h2 must not see a WINDOW_UPDATE of a
-            // stream it ignored after its final GOAWAY).
-            let c = ctx.clone();
-            let dropped = Box::new(move || c.l7().errors.count("http2", "window_update_after_goaway"));
-            let frame_start = FrameStart::new();
-            let io = TokioIo::new(LateFramesIo::new(
-                counted,
-                goaway.clone(),
-                frame_start.clone(),
-                dropped,
-            ));
-            // Boxed: an HTTP/1.1 connection's task keeps no room for it.
-            Box::pin(async { drive!(b.serve_connection(io, svc), frame_start) }).await
-        }
-    };
-    let result = match result {
-        Ok(r) => r,
         Err(reason) => {
             debug!(reason, "slow app connection: closed");
-            ctx.l7().errors.count(version.label(), reason);
-            return;
+            st.ctx.l7().errors.count(version.label(), reason);
+        }
+    }
+}
+
+/// Run an HTTP/2 connection; after the idle timeout ask it to finish gracefully and keep
+/// driving it until it does.
+async fn serve_h2(counted: Counted) {
+    let st = counted.st.clone();
+    let ctx = &st.ctx;
+    let limits = &ctx.shared.limits;
+    // Set just before the session asks hyper to shut down gracefully.
+    let goaway = Arc::new(AtomicBool::new(false));
+    let mut b = hs::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_header_list_size(MAX_HTTP2_HEADER_LIST_BYTES)
+        .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
+        .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT);
+    // The app's frames pass LateFramesIo (h2 must not see a WINDOW_UPDATE of a stream it
+    // ignored after its final GOAWAY).
+    let c = ctx.clone();
+    let dropped = Box::new(move || c.l7().errors.count("http2", "window_update_after_goaway"));
+    // When the app's frame (or header block) in progress began (see late_frames).
+    let frame_start = FrameStart::new();
+    let io = TokioIo::new(LateFramesIo::new(
+        counted,
+        goaway.clone(),
+        frame_start.clone(),
+        dropped,
+    ));
+    let svc_st = st.clone();
+    let conn = b.serve_connection(io, service_fn(move |req| respond(req, svc_st.clone())));
+    tokio::pin!(conn);
+    let clock = frame_clock();
+    tokio::pin!(clock);
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            // The connection first: its reads move `frame_start` (see frame_expired).
+            biased;
+            r = conn.as_mut() => break Ok(r),
+            // Also while closing: a trickled frame holds the connection just the same.
+            _ = frame_expired(&frame_start, clock.as_mut(), limits.request_head_timeout) => {
+                break Err("frame_timeout");
+            }
+            _ = st.inflight.idle_for(limits.client_idle_timeout), if !closing => {
+                debug!("idle app connection: closing");
+                ctx.l7().errors.count("http2", "idle_timeout");
+                goaway.store(true, Relaxed);
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = st.head.expired(limits.request_head_timeout), if !closing => {
+                break Err("preface_timeout");
+            }
+            _ = crate::upgrade::drain_close(true), if !closing => {
+                debug!("upgrade: draining app connection");
+                goaway.store(true, Relaxed);
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
         }
     };
-    if let Err(e) = result {
-        let reason = conn_error_reason(&e, version);
-        debug!(reason, "app connection ended: {e}");
-        ctx.l7().errors.count(version.label(), reason);
-    }
+    finish(&st, result);
 }
 
 /// An idle HTTP/1.1 keep-alive connection gives back hyper's session (its 8 KiB read and write
@@ -501,85 +506,79 @@ pub(super) async fn serve_with(client: TcpStream, prefix: Bytes, version: HttpVe
 pub const H1_PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Drive an HTTP/1.1 app connection: hyper sessions on the socket, parked while idle (see
-/// [`H1_PARK_AFTER`]), with the idle and head time-outs. `None`: a head took too long (408).
-async fn serve_h1<S>(
-    b: &hs::http1::Builder,
-    mut io: TokioIo<Counted>,
-    mut svc: S,
-    ctx: &ConnCtx,
-    inflight: &Inflight,
-    head: &HeadClock,
-    fd: std::os::fd::RawFd,
-) -> Option<Result<(), hyper::Error>>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = RespBody> + Unpin,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let limits = &ctx.shared.limits;
-    loop {
-        // Parked (also before the first request): only the socket and this task until the
-        // client sends or closes; hyper's session starts with the first byte.
-        if io.inner().prefix.is_empty() {
-            tokio::select! {
-                r = io.inner().inner.readable() => {
-                    if r.is_err() {
-                        return Some(Ok(()));
+/// [`H1_PARK_AFTER`]), with the idle and head time-outs. While parked (also before the first
+/// request) the connection holds only `io` (the socket and its [`ConnState`]) and the three
+/// futures it waits on: a session and everything it needs are made with the next byte.
+///
+/// (A function returning a block rather than an `async fn`: the block keeps `io` where it was
+/// captured, an `async fn` would keep a second copy of its argument.)
+#[allow(clippy::manual_async_fn)]
+fn serve_h1(mut io: TokioIo<Counted>) -> impl Future<Output = ()> + Send {
+    async move {
+        let st = io.inner().st.clone();
+        let limits = &st.ctx.shared.limits;
+        let result = loop {
+            if io.inner().prefix.is_empty() {
+                tokio::select! {
+                    // Readiness through the socket's own reader slot (no waiter of its own to
+                    // keep: nothing else reads while parked).
+                    r = std::future::poll_fn(|cx| io.inner().inner.poll_read_ready(cx)) => {
+                        if r.is_err() {
+                            break Some(Ok(()));
+                        }
+                    }
+                    _ = st.inflight.idle_for(limits.client_idle_timeout) => {
+                        debug!("idle app connection: closing");
+                        st.ctx.l7().errors.count("http1", "idle_timeout");
+                        break Some(Ok(()));
+                    }
+                    // An upgrade drains this generation: a parked connection is between requests.
+                    hand = crate::upgrade::drain_http1(std::future::ready(())) => {
+                        debug!(hand, "upgrade: draining a parked app connection");
+                        if hand {
+                            let counted = io.into_inner();
+                            let read = counted.prefix.to_vec();
+                            crate::upgrade::hand_over_http1(counted.inner, read, &st.ctx);
+                        }
+                        break Some(Ok(()));
                     }
                 }
-                _ = inflight.idle_for(limits.client_idle_timeout) => {
-                    debug!("idle app connection: closing");
-                    ctx.l7().errors.count("http1", "idle_timeout");
-                    return Some(Ok(()));
-                }
-                // An upgrade drains this generation: a parked connection is between requests.
-                hand = crate::upgrade::drain_http1(std::future::ready(())) => {
-                    debug!(hand, "upgrade: draining a parked app connection");
-                    if hand {
-                        let counted = io.into_inner();
-                        let read = counted.prefix.to_vec();
-                        crate::upgrade::hand_over_http1(counted.inner, read, ctx);
-                    }
-                    return Some(Ok(()));
+            }
+            // Boxed: a parked connection keeps no room for hyper's session state.
+            match Box::pin(h1_session(io)).await {
+                H1Session::Done(r) => break r,
+                H1Session::Parked(i) => {
+                    io = i;
+                    st.ctx.shared.memory.freed();
                 }
             }
-        }
-        // Boxed: a parked connection keeps no room for hyper's session state.
-        match Box::pin(h1_session(b, io, svc, ctx, inflight, head, fd)).await {
-            H1Session::Done(r) => return r,
-            H1Session::Parked(i, s) => {
-                (io, svc) = (i, s);
-                ctx.shared.memory.freed();
-            }
-        }
+        };
+        finish(&st, result.ok_or("header_timeout"));
     }
 }
 
 /// How one hyper session on an HTTP/1.1 app connection ended.
-enum H1Session<S> {
+enum H1Session {
     /// The connection is done; `None`: a head took too long (408 sent).
     Done(Option<Result<(), hyper::Error>>),
-    /// Idle: hyper's state is dropped, the socket (with any unparsed bytes) and the service
-    /// are back.
-    Parked(TokioIo<Counted>, S),
+    /// Idle: hyper's state is dropped, the socket (with any unparsed bytes) is back.
+    Parked(TokioIo<Counted>),
 }
 
 /// One hyper session: until the connection ends, or is idle long enough to park.
-async fn h1_session<S>(
-    b: &hs::http1::Builder,
-    io: TokioIo<Counted>,
-    svc: S,
-    ctx: &ConnCtx,
-    inflight: &Inflight,
-    head: &HeadClock,
-    fd: std::os::fd::RawFd,
-) -> H1Session<S>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = RespBody> + Unpin,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let limits = &ctx.shared.limits;
+async fn h1_session(io: TokioIo<Counted>) -> H1Session {
+    let st = io.inner().st.clone();
+    let (inflight, head) = (&st.inflight, &st.head);
+    let limits = &st.ctx.shared.limits;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&io.inner().inner);
+    let mut b = hs::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_request_head_bytes)
+        .keep_alive(true);
     head.parking.store(false, Relaxed);
-    let keep_open = io.inner().keep_open.clone();
+    let svc_st = st.clone();
+    let svc = service_fn(move |req| respond(req, svc_st.clone()));
     let mut conn = b.serve_connection(io, svc).with_upgrades();
     let (mut closing, mut parking, mut handing) = (false, false, false);
     let park = parkable(inflight, head, head.served.load(Relaxed));
@@ -589,7 +588,7 @@ where
             r = &mut conn => break r,
             _ = inflight.idle_for(limits.client_idle_timeout), if !closing => {
                 debug!("idle app connection: closing");
-                ctx.l7().errors.count("http1", "idle_timeout");
+                st.ctx.l7().errors.count("http1", "idle_timeout");
                 Pin::new(&mut conn).graceful_shutdown();
                 closing = true;
             }
@@ -618,7 +617,7 @@ where
                 debug!(hand, "upgrade: draining app connection");
                 closing = true;
                 if hand {
-                    keep_open.store(true, Relaxed);
+                    st.keep_open.store(true, Relaxed);
                     handing = true;
                 }
                 Pin::new(&mut conn).graceful_shutdown();
@@ -630,7 +629,7 @@ where
             let counted = parts.io.into_inner();
             let mut read = parts.read_buf.to_vec();
             read.extend_from_slice(&counted.prefix);
-            crate::upgrade::hand_over_http1(counted.inner, read, ctx);
+            crate::upgrade::hand_over_http1(counted.inner, read, &st.ctx);
             return H1Session::Done(Some(Ok(())));
         }
         return H1Session::Done(Some(r));
@@ -646,7 +645,7 @@ where
     if !parts.read_buf.is_empty() {
         io.inner_mut().prefix = parts.read_buf;
     }
-    H1Session::Parked(io, parts.service)
+    H1Session::Parked(io)
 }
 
 /// Resolves when an HTTP/1.1 session can be parked: it served a request (so hyper is between
