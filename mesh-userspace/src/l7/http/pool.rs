@@ -115,6 +115,14 @@ impl LastPool {
             old.h1_users.fetch_sub(1, Relaxed);
         }
     }
+
+    /// The connection stops sending requests through the pools (an `Upgrade`: it becomes a
+    /// spliced stream, which may outlive this state's use by far).
+    pub(super) fn forget(&self) {
+        if let Some(old) = self.0.lock().expect("last pool lock").take() {
+            old.h1_users.fetch_sub(1, Relaxed);
+        }
+    }
 }
 
 impl Drop for LastPool {

@@ -1445,6 +1445,22 @@ async fn http1_upgrade_is_spliced_after_101() {
         let (v2, _) = upstream("v2").await;
         let p = proxy(two_versions(v1, v2, "", CANARY_90_10), HttpVersion::Http1, VIP).await;
         let mut raw = TcpStream::connect(p.addr).await.unwrap();
+        // A plain request first, then another app connection's: two app connections send to
+        // v2, one upstream connection serves both in turn.
+        raw.write_all(b"GET /a HTTP/1.1\r\nHost: web.test\r\nx-canary: true\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains("\r\n\r\nv2") {
+            let mut b = [0u8; 512];
+            let n = raw.read(&mut b).await.unwrap();
+            assert!(n > 0, "{:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&b[..n]);
+        }
+        let mut other = h1_client(p.addr).await;
+        let canary = get("/b").header("x-canary", "true").body(empty()).unwrap();
+        assert_eq!(send1(&mut other, canary).await.0, StatusCode::OK);
+        assert_eq!(p.shared.l7.http.h1_demand(&[v2])[0].2, 2);
         let req = "GET /ws HTTP/1.1\r\nHost: web.test\r\nx-canary: true\r\n\
                        Connection: Upgrade\r\nUpgrade: echo\r\n\r\n";
         raw.write_all(req.as_bytes()).await.unwrap();
@@ -1466,6 +1482,8 @@ async fn http1_upgrade_is_spliced_after_101() {
             raw.read_exact(&mut back).await.unwrap();
             assert_eq!(back, msg);
         }
+        // The spliced connection sends no more requests: a switch does not size for it.
+        assert_eq!(p.shared.l7.http.h1_demand(&[v2])[0].2, 1);
     })
     .await
     .unwrap();

@@ -26,6 +26,9 @@ pub(super) async fn forward_upgrade(
     d: &Decision,
     started: Instant,
 ) -> Result<Response<Incoming>, Failure> {
+    // A spliced connection sends no more requests through the pools (and a refused upgrade's
+    // next request counts it again).
+    st.last_pool.forget();
     let on_client = hyper::upgrade::on(&mut req);
     let upgrade = req.headers().get(header::UPGRADE).cloned();
     let (mut parts, body) = req.into_parts();
