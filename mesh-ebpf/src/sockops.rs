@@ -101,7 +101,11 @@ fn handle(ctx: &SockOpsContext) -> Option<()> {
                     count(reason::LEDGER_MAP_FULL);
                 }
             }
-            if cfg.accelerate() || propagate {
+            // A connection routed in the kernel has no proxy side to short-circuit to: in the
+            // sockhash it would only take tcp_bpf's send and receive paths on every call (and,
+            // where acceleration is forced on, their EAGAIN to blocking readers).
+            let kernel_routed = orig.flags & ORIG_FLAG_KERNEL != 0;
+            if (cfg.accelerate() && !kernel_routed) || propagate {
                 add_to_sockhash(ctx, t);
             }
         }

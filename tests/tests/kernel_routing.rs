@@ -149,9 +149,12 @@ fn a_90_10_split_is_done_in_the_kernel_without_the_proxy() {
     if !require_privileged() {
         return;
     }
-    let s = setup(90, 10);
+    // Acceleration forced on (its self-test fails on some kernels): kernel-routed sockets must
+    // stay out of the sockhash all the same.
+    let s = setup_with(|node| format!("{}\n[acceleration]\nenabled = true\n", policy(node, 90, 10)));
     let captured_before = s.daemon.counter("connect_captured").unwrap();
     let routed_before = s.daemon.counter("kroute_routed").unwrap();
+    let sockhash_before = s.daemon.counter("sockops_sockhash_added").unwrap();
     let started = Instant::now();
     let (out, v) = finish(start_conns(&s, &["--count", &CONNECTIONS.to_string()]));
     let secs = started.elapsed().as_secs_f64();
@@ -184,6 +187,15 @@ fn a_90_10_split_is_done_in_the_kernel_without_the_proxy() {
         CONNECTIONS
     );
     assert_eq!(s.daemon.counter("connect_captured").unwrap(), captured_before);
+    // Acceleration is on, yet a kernel-routed socket has no proxy side to short-circuit to:
+    // it stays out of the sockhash (tcp_bpf's paths would slow its every send and receive).
+    let st = s.daemon.status().unwrap();
+    assert_eq!(st["acceleration"]["enabled"], true, "{}", st["acceleration"]);
+    assert_eq!(
+        s.daemon.counter("sockops_sockhash_added").unwrap(),
+        sockhash_before,
+        "kernel-routed sockets joined the sockhash"
+    );
     assert_eq!(routes["services"][0]["mode"], "kernel");
     assert!(routes["kernel"]["generation"].as_u64().unwrap() >= 1);
     let text = String::from_utf8_lossy(&s.daemon.cli(&["routes"]).unwrap().stdout).into_owned();
