@@ -464,10 +464,10 @@ fn session(ctx: &Ctx, rt: &tokio::runtime::Handle, s: UnixStream) -> Result<(), 
 /// bytes each, well inside [`wire::MAX_FRAME`]; the others open on first use as before.
 const MAX_COMMIT_POOLS: usize = 4096;
 
-/// The HTTP/1.1 upstream connections this generation has per (pod, endpoint), pooled or busy
-/// (see [`wire::Commit::pools`]), the [`MAX_COMMIT_POOLS`] largest.
+/// The HTTP/1.1 upstream demand of this generation per (pod, endpoint) (see
+/// [`wire::Commit::pools`]), the [`MAX_COMMIT_POOLS`] largest.
 fn pool_sizes(daemon: &Daemon) -> Vec<wire::PoolSize> {
-    let mut v = daemon.l7().http.h1_counts_all();
+    let mut v = daemon.l7().http.h1_demand_all();
     if v.len() > MAX_COMMIT_POOLS {
         v.sort_by_key(|p| std::cmp::Reverse(p.2));
         v.truncate(MAX_COMMIT_POOLS);

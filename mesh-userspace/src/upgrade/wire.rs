@@ -233,7 +233,8 @@ pub struct Ready {
 /// N → N+1: go (start accepting on the shared listeners, serve admin and metrics).
 #[derive(Clone, PartialEq, Message)]
 pub struct Commit {
-    /// The HTTP/1.1 upstream connections N has pooled or busy now, per (pod, endpoint): the
+    /// The HTTP/1.1 upstream connections N's pools may need at once now, per (pod, endpoint):
+    /// the larger of those pooled or busy and the app connections sending there. The
     /// successor opens as many before it says `Started`, so that the connections that move to
     /// it find warm upstreams. Optional (empty from a binary before it was added, and ignored
     /// by one that does not know it): any protocol version.

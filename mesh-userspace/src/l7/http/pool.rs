@@ -295,10 +295,11 @@ impl HttpPools {
         self.h1_counts_where(|ep| endpoints.contains(ep), EndpointPool::h1_demand)
     }
 
-    /// [`Self::h1_counts`] to every endpoint (what a successor pre-connects before it takes
-    /// over, [`crate::upgrade`]); pools without a connection are left out.
-    pub fn h1_counts_all(&self) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
-        let mut v = self.h1_counts_where(|_| true, EndpointPool::h1_held);
+    /// [`Self::h1_demand`] to every endpoint (what a successor pre-connects before it takes
+    /// over, [`crate::upgrade`]: the app connections move to it and each may send at once);
+    /// pools with no demand are left out.
+    pub fn h1_demand_all(&self) -> Vec<(Arc<PodCtx>, SocketAddr, usize)> {
+        let mut v = self.h1_counts_where(|_| true, EndpointPool::h1_demand);
         v.retain(|(_, _, n)| *n > 0);
         v
     }

@@ -1564,7 +1564,7 @@ async fn preconnected_connections_are_pooled_and_reused() {
                 .is_err());
             assert_eq!(pools.h1_counts(&[dead])[0].2, 0);
             // What an upgrade's Commit names: the pools with connections, the dead one left out.
-            let all = pools.h1_counts_all();
+            let all = pools.h1_demand_all();
             assert_eq!(all.len(), 1, "{:?}", all.iter().map(|(_, e, n)| (e, n)).collect::<Vec<_>>());
             assert_eq!((all[0].1, all[0].2), (ep, 4));
         })
